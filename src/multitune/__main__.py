@@ -1,0 +1,5 @@
+"""`python -m multitune` runs the command line."""
+
+from multitune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Task balancing: loss weighting (and, later, gradient aggregation); backward.py is the one writer of .grad."""

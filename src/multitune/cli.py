@@ -1,0 +1,79 @@
+"""`multitune train|evaluate|predict|list`: parse arguments, then call run.py. User errors exit 2 in one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from multitune.errors import MultitunError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multitune", description="Fine-tune one pretrained model on several tasks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a multi-task model from a YAML config")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+
+    evaluate = commands.add_parser("evaluate", help="score a finished run on a split")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
+
+    predict = commands.add_parser("predict", help="predict one task: JSONL in, JSONL out")
+    predict.add_argument("run_dir")
+    predict.add_argument("--task", required=True)
+    predict.add_argument("--input", default="-", help="JSONL file, or - for stdin")
+    predict.add_argument("--output", default="-", help="JSONL file, or - for stdout")
+
+    commands.add_parser("list", help="list the registered samplers, loss weightings, heads and metrics")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        return _dispatch(args)
+    except MultitunError as error:
+        print(f"multitune: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("multitune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from multitune import run
+
+    if args.command == "train":
+        from multitune.config import load_config
+
+        run.train_run(load_config(args.config, args.overrides))
+    elif args.command == "evaluate":
+        run.evaluate_run(args.run_dir, args.split)
+    elif args.command == "predict":
+        name = "<stdin>" if args.input == "-" else args.input
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run.predict_run(args.run_dir, args.task, sys.stdin, name))
+        if args.output == "-":
+            sys.stdout.write(lines)
+        else:
+            from pathlib import Path
+
+            from multitune.training.checkpoint import write_text
+
+            write_text(Path(args.output), lines)
+    elif args.command == "list":
+        for kind, name, summary in run.describe_methods():
+            print(f"{kind:15} {name:22} {summary}")
+    return 0

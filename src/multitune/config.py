@@ -1,0 +1,354 @@
+"""Typed config groups; `load_config(path, overrides)` turns YAML plus `key.sub=value` overrides into a Config.
+
+Every group forbids unknown keys; an error names the key, the file and, where the YAML has it, the line.
+Method groups (`sampling`, `loss_weighting`) take a registry name plus that method's own parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from multitune.errors import ConfigError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PACKAGE_PREFIX = "multitune:"
+SPLITS = ("train", "validation", "test")
+
+TaskType = Literal["classification", "pair_classification", "regression", "token_classification"]
+DataFormat = Literal["jsonl", "csv", "tsv", "conll", "hf", "unified"]
+
+
+def _check_name(value: str, what: str) -> str:
+    if not NAME_PATTERN.match(value) or value in (".", ".."):
+        raise ValueError(f"{what} '{value}' must be 1-64 letters, digits, '_', '.' or '-', starting alphanumeric")
+    return value
+
+
+class Group(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(Group):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 13
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value, "run name")
+
+
+class ModelConfig(Group):
+    backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
+    revision: str | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(128, ge=8, le=8192)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    random_init: bool = False  # build the backbone from its config with random weights (speed tests)
+    trust_remote_code: bool = False
+
+
+class MethodConfig(BaseModel):
+    """A registry name plus that method's parameters, e.g. `{name: temperature, temperature: 2.0}`."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainingConfig(Group):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    head_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(200, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    mixed_batches: bool = False  # one batch mixes examples of several tasks, drawn by the sampler
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = Field(10, ge=1)
+    progress: bool = True
+
+
+class SourceConfig(Group):
+    """Where a task's rows come from. Paths are relative to the config file; `multitune:` is the package."""
+
+    format: DataFormat
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    encoding: str = "utf-8-sig"  # utf-8 that also drops a byte-order mark
+    # csv / tsv
+    delimiter: str | None = None  # default: ',' for csv, tab for tsv
+    quoting: Literal["minimal", "none", "all"] = "minimal"
+    header: bool = True
+    columns: list[str] | None = None  # names for a file without a header
+    # conll
+    token_column: int = 0
+    tag_column: int = -1
+    # hf: a hub id or a builder ("json", "csv", "parquet") with data_files
+    dataset: str | None = None
+    subset: str | None = None
+    data_files: dict[str, str | list[str]] | None = None
+    split_names: dict[str, str] = Field(default_factory=dict)  # our split -> the dataset's split
+    # unified: records {"task", "instruction", "input", "output"}
+    task_key: str | None = None  # the value of "task" routed here; default: the task's name
+
+    @model_validator(mode="after")
+    def _complete(self) -> SourceConfig:
+        if self.format == "hf":
+            if not self.dataset:
+                raise ValueError("format 'hf' needs 'dataset' (a hub id, or a builder such as 'json' with data_files)")
+        elif not self.train:
+            raise ValueError(f"format '{self.format}' needs a 'train' file")
+        if self.delimiter is not None and len(self.delimiter) != 1:
+            raise ValueError("delimiter must be one character")
+        return self
+
+
+class SplitRows(Group):
+    train: int | None = Field(None, ge=1)
+    validation: int | None = Field(None, ge=1)
+    test: int | None = Field(None, ge=1)
+
+
+DEFAULT_METRICS: dict[str, list[str]] = {
+    "classification": ["accuracy", "macro_f1"],
+    "pair_classification": ["accuracy", "macro_f1"],
+    "regression": ["pearson", "spearman"],
+    "token_classification": ["entity_f1"],
+}
+
+DEFAULT_TEXT_FIELDS: dict[str, list[str | int]] = {
+    "classification": ["text"],
+    "pair_classification": ["text", "text_pair"],
+    "regression": ["text"],
+    "token_classification": ["tokens"],
+}
+
+
+class TaskConfig(Group):
+    type: TaskType
+    source: SourceConfig
+    text_fields: list[str | int] | None = None  # default by type; pair tasks name two
+    label_field: str | int = "label"
+    labels: list[str] | None = None  # given order; default: sorted labels seen in train
+    positive_label: str | None = None  # for the `f1` metric
+    tag_scheme: Literal["iob1", "iob2"] = "iob2"  # token tasks; IOB1 is normalised to IOB2
+    metrics: list[str] | None = None  # default by type; the first is the main metric
+    main_metric: str | None = None
+    normalize_targets: bool = True  # regression: train on standardised targets
+    sampling_weight: float = Field(1.0, gt=0)  # multiplies the sampler's probability
+    loss_weight: float = Field(1.0, ge=0)  # used by the `static` loss weighting
+    max_rows: SplitRows = Field(default_factory=SplitRows)
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _complete(self) -> TaskConfig:
+        if self.text_fields is None:
+            self.text_fields = list(DEFAULT_TEXT_FIELDS[self.type])
+        want = 2 if self.type == "pair_classification" else (1, 2)
+        n = len(self.text_fields)
+        if (isinstance(want, int) and n != want) or (isinstance(want, tuple) and n not in want):
+            raise ValueError(f"text_fields: a {self.type} task takes {want} field(s), got {n}")
+        if self.type == "token_classification" and n != 1:
+            raise ValueError("text_fields: a token_classification task takes one field (the token list)")
+        if self.metrics is None:
+            self.metrics = list(DEFAULT_METRICS[self.type])
+        if not self.metrics:
+            raise ValueError("metrics: name at least one metric")
+        if self.main_metric is None:
+            self.main_metric = self.metrics[0]
+        elif self.main_metric not in self.metrics:
+            raise ValueError(f"main_metric '{self.main_metric}' is not in metrics {self.metrics}")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: a label is listed twice")
+        return self
+
+
+class Config(Group):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    sampling: MethodConfig = Field(default_factory=lambda: MethodConfig(name="temperature", temperature=2.0))
+    loss_weighting: MethodConfig = Field(default_factory=lambda: MethodConfig(name="equal"))
+    tasks: dict[str, TaskConfig]
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, tasks: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        if not tasks:
+            raise ValueError("name at least one task")
+        for name in tasks:
+            _check_name(name, "task name")
+        return tasks
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _key_lines(node: yaml.Node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML mapping to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, str(key.value))
+            lines[path] = key.start_mark.line + 1
+            lines.update(_key_lines(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = (*prefix, str(i))
+            lines[path] = item.start_mark.line + 1
+            lines.update(_key_lines(item, path))
+    return lines
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.steps=100` -> (["training", "steps"], 100); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"'{'.'.join(path[: i + 1])}' is not a group", field=".".join(path))
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", file=file) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config: {error}", file=file) from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"invalid YAML: {problem}", file=file, line=mark.line + 1 if mark else None) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a mapping of groups (run, model, training, tasks, ...)", file=file)
+    lines = _key_lines(node) if node is not None else {}
+    overridden: set[tuple[str, ...]] = set()
+    for text_override in overrides:
+        key_path, value = parse_override(text_override)
+        apply_override(data, key_path, value)
+        overridden.add(tuple(key_path))
+    config = validate_config(data, file=file, lines=lines, overridden=overridden)
+    resolve_paths(config, path.parent)
+    return config
+
+
+def validate_config(
+    data: dict[str, Any],
+    file: str | None = None,
+    lines: dict[tuple[str, ...], int] | None = None,
+    overridden: set[tuple[str, ...]] = frozenset(),  # type: ignore[assignment]
+) -> Config:
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        loc = tuple(str(part) for part in first["loc"] if not str(part).startswith("function-"))
+        loc = tuple(p for p in loc if p not in ("str", "int", "list[union[str,int]]"))
+        key = ".".join(loc)
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif first["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = f"{message} (got {first.get('input')!r})" if "input" in first and first["type"] != "value_error" else message
+        line = None
+        if lines:
+            for n in range(len(loc), 0, -1):
+                if loc[:n] in lines and loc[:n] not in overridden:
+                    line = lines[loc[:n]]
+                    break
+        source = "override" if any(loc[: len(o)] == o for o in overridden) else file
+        raise ConfigError(message, file=source, line=line if source == file else None, field=key or None) from None
+    check_methods(config)
+    return config
+
+
+def check_methods(config: Config) -> None:
+    """Method names and parameters exist in their registries (imported here to keep config.py the root)."""
+    from multitune.balancing.weighting import LOSS_WEIGHTINGS, WEIGHTING_INJECTED
+    from multitune.data.samplers import SAMPLER_INJECTED, SAMPLERS
+    from multitune.evaluation.metrics import METRICS
+
+    SAMPLERS.get(config.sampling.name, field="sampling.name")
+    SAMPLERS.check_params(config.sampling.name, config.sampling.params, SAMPLER_INJECTED, field="sampling")
+    LOSS_WEIGHTINGS.get(config.loss_weighting.name, field="loss_weighting.name")
+    LOSS_WEIGHTINGS.check_params(
+        config.loss_weighting.name, config.loss_weighting.params, WEIGHTING_INJECTED, field="loss_weighting"
+    )
+    for name, task in config.tasks.items():
+        for metric in task.metrics or []:
+            METRICS.get(metric, field=f"tasks.{name}.metrics")
+            if metric == "f1" and task.positive_label is None:
+                raise ConfigError("metric 'f1' needs positive_label", field=f"tasks.{name}.positive_label")
+
+
+def package_path(relative: str) -> Path:
+    return Path(str(resources.files("multitune") / "assets")) / relative
+
+
+def resolve_path(value: str, base: Path) -> str:
+    if value.startswith(PACKAGE_PREFIX):
+        return str(package_path(value[len(PACKAGE_PREFIX) :]))
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def resolve_paths(config: Config, base: Path) -> None:
+    """Make data paths absolute so a saved config runs from anywhere."""
+    for task in config.tasks.values():
+        source = task.source
+        for split in SPLITS:
+            value = getattr(source, split)
+            if value:
+                setattr(source, split, resolve_path(value, base))
+        if source.data_files:
+            source.data_files = {
+                split: [resolve_path(v, base) for v in files] if isinstance(files, list) else resolve_path(files, base)
+                for split, files in source.data_files.items()
+            }
+    backbone = config.model.backbone
+    if backbone.startswith((".", "/", "~", PACKAGE_PREFIX)):
+        config.model.backbone = resolve_path(backbone, base)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Task data: readers, unified records, splits, label vocabularies, tokenization, streams and samplers."""

@@ -1,0 +1,290 @@
+"""From a task's config to its examples: read the source, extract fields, split, subsample, build labels."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from multitune.config import SPLITS, SourceConfig, TaskConfig
+from multitune.data.readers import Row, read_conll, read_delimited, read_hf, read_jsonl, read_unified
+from multitune.errors import DataError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input of a task: one or two texts, or a token list; its label when known; where it came from."""
+
+    texts: tuple[str, ...]  # one text, a pair, or the tokens of a token task
+    label: str | float | tuple[str, ...] | None
+    file: str = ""
+    line: int = 0
+
+    def error(self, message: str, field_name: str) -> DataError:
+        return DataError(message, file=self.file or None, line=self.line or None, field=field_name)
+
+
+@dataclass
+class TaskData:
+    """A task's examples per split and the vocabulary its head predicts."""
+
+    name: str
+    config: TaskConfig
+    splits: dict[str, list[Example]]
+    labels: list[str] | None = None  # classes or tags; None for regression
+    target_mean: float = 0.0  # regression: targets are standardised with these
+    target_std: float = 1.0
+    notes: list[str] = field(default_factory=list)
+
+
+# --- value extraction ---------------------------------------------------------------------------
+
+
+def _text(row: Row, value: Any, name: str | int) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise row.error(f"expected text, got {type(value).__name__}", name)
+
+
+def _tokens(row: Row, value: Any, name: str | int) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split()
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise row.error("expected a list of token strings", name)
+    if not value:
+        raise row.error("empty token list", name)
+    return tuple(value)
+
+
+def _label(row: Row, value: Any, name: str | int, task: TaskConfig) -> str | float | tuple[str, ...]:
+    if task.type == "regression":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise row.error(f"expected a number, got {value!r}", name) from None
+        if not math.isfinite(number):
+            raise row.error(f"expected a finite number, got {value!r}", name)
+        return number
+    if task.type == "token_classification":
+        if not isinstance(value, list) or not all(isinstance(t, (str, int)) for t in value):
+            raise row.error("expected a list of tags", name)
+        return tuple(_class_name(row, t, name, task) for t in value)
+    if isinstance(value, (list, dict)) or value is None or isinstance(value, float) and not value.is_integer():
+        raise row.error(f"expected a class label, got {value!r}", name)
+    return _class_name(row, value, name, task)
+
+
+def _class_name(row: Row, value: Any, name: str | int, task: TaskConfig) -> str:
+    """A label as text; an integer indexes the configured `labels` when it is not itself one of them."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        value = int(value)
+    text = str(value).strip()
+    if task.labels and text not in task.labels and isinstance(value, int) and 0 <= value < len(task.labels):
+        return task.labels[value]
+    if not text:
+        raise row.error("empty label", name)
+    return text
+
+
+def example_from_fields(row: Row, task: TaskConfig) -> Example:
+    fields = task.text_fields or []
+    if task.type == "token_classification":
+        tokens = _tokens(row, row.get(fields[0]), fields[0])
+        label = _label(row, row.get(task.label_field), task.label_field, task)
+        return _checked_tags(row, Example(tokens, label, row.file, row.line), task.label_field)
+    texts = tuple(_text(row, row.get(f), f) for f in fields)
+    return Example(texts, _label(row, row.get(task.label_field), task.label_field, task), row.file, row.line)
+
+
+def example_from_record(row: Row, task: TaskConfig) -> Example:
+    """A unified record: `input` is a text, a pair of texts or a token list; `output` the label."""
+    value = row.get("input")
+    if task.type == "token_classification":
+        tokens = _tokens(row, value, "input")
+        return _checked_tags(row, Example(tokens, _label(row, row.get("output"), "output", task), row.file, row.line), "output")
+    if isinstance(value, dict):
+        value = list(value.values())
+    texts = tuple(_text(row, v, "input") for v in value) if isinstance(value, list) else (_text(row, value, "input"),)
+    want = 2 if task.type == "pair_classification" else len(task.text_fields or [1])
+    if len(texts) != want and not (task.type in ("classification", "regression") and len(texts) in (1, 2)):
+        raise row.error(f"expected {want} text(s) for a {task.type} task, got {len(texts)}", "input")
+    return Example(texts, _label(row, row.get("output"), "output", task), row.file, row.line)
+
+
+def _checked_tags(row: Row, example: Example, name: str | int) -> Example:
+    tags = example.label
+    assert isinstance(tags, tuple)
+    if len(tags) != len(example.texts):
+        raise row.error(f"{len(tags)} tags for {len(example.texts)} tokens", name)
+    return example
+
+
+def to_iob2(tags: tuple[str, ...]) -> tuple[str, ...]:
+    """IOB1 -> IOB2: an `I-X` that opens an entity (after `O` or another type) becomes `B-X`."""
+    out: list[str] = []
+    previous = "O"
+    for tag in tags:
+        if tag.startswith("I-") and (previous == "O" or previous[2:] != tag[2:]):
+            tag = "B-" + tag[2:]
+        out.append(tag)
+        previous = tag
+    return tuple(out)
+
+
+# --- reading a source ---------------------------------------------------------------------------
+
+
+class UnifiedFiles:
+    """Reads each unified file once and routes its records by `task`; a record for no task is an error."""
+
+    def __init__(self, routes: dict[str, set[str]]) -> None:
+        self._routes = routes  # path -> the task keys configured on it
+        self._cache: dict[str, dict[str, list[Row]]] = {}
+
+    def rows(self, path: str, key: str, encoding: str) -> list[Row]:
+        if path not in self._cache:
+            grouped: dict[str, list[Row]] = {}
+            known = self._routes.get(path, {key})
+            for row in read_unified(path, encoding):
+                task = row.get("task")
+                if task not in known:
+                    raise row.error(f"no configured task '{task}' (this file feeds: {', '.join(sorted(known))})", "task")
+                grouped.setdefault(task, []).append(row)
+            self._cache[path] = grouped
+        return self._cache[path].get(key, [])
+
+
+def unified_routes(tasks: dict[str, TaskConfig]) -> dict[str, set[str]]:
+    routes: dict[str, set[str]] = {}
+    for name, task in tasks.items():
+        if task.source.format == "unified":
+            for split in SPLITS:
+                path = getattr(task.source, split)
+                if path:
+                    routes.setdefault(path, set()).add(task.source.task_key or name)
+    return routes
+
+
+def read_split(name: str, task: TaskConfig, split: str, unified: UnifiedFiles, trust_remote_code: bool = False) -> list[Example] | None:
+    """The examples of one split, or None when the source has no such split."""
+    source: SourceConfig = task.source
+    if source.format == "hf":
+        hf_split = source.split_names.get(split, split)
+        if source.data_files is not None and hf_split not in source.data_files:
+            return None
+        if source.data_files is None and split != "train" and split not in source.split_names and not _hf_has_split(source, hf_split):
+            return None
+        rows: Iterator[Row] | list[Row] = read_hf(source.dataset or "", hf_split, source.subset, source.data_files, trust_remote_code)
+        return [example_from_fields(row, task) for row in rows]
+    path = getattr(source, split)
+    if not path:
+        return None
+    extract: Callable[[Row, TaskConfig], Example] = example_from_fields
+    if source.format == "jsonl":
+        rows = read_jsonl(path, source.encoding)
+    elif source.format in ("csv", "tsv"):
+        delimiter = source.delimiter or ("," if source.format == "csv" else "\t")
+        rows = read_delimited(path, delimiter, source.quoting, source.header, source.columns, source.encoding)
+    elif source.format == "conll":
+        rows = read_conll(path, source.token_column, source.tag_column, source.encoding)
+        return [Example(tuple(r.values["tokens"]), tuple(r.values["tags"]), r.file, r.line) for r in rows]  # type: ignore[call-overload]
+    else:
+        rows = unified.rows(path, source.task_key or name, source.encoding)
+        extract = example_from_record
+    return [extract(row, task) for row in rows]
+
+
+def _hf_has_split(source: SourceConfig, split: str) -> bool:
+    import datasets
+
+    try:
+        return split in datasets.get_dataset_split_names(source.dataset or "", source.subset)
+    except Exception:  # offline or unknown: let the load itself report
+        return split == "train"
+
+
+def seeded_subsample(examples: list[Example], k: int | None, seed: str) -> list[Example]:
+    if k is None or len(examples) <= k:
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), k))
+    return [examples[i] for i in keep]
+
+
+def load_task(name: str, task: TaskConfig, seed: int, unified: UnifiedFiles, trust_remote_code: bool = False) -> TaskData:
+    splits: dict[str, list[Example]] = {}
+    notes = []
+    for split in SPLITS:
+        examples = read_split(name, task, split, unified, trust_remote_code)
+        if examples is not None:
+            splits[split] = examples
+    train_file = task.source.train or task.source.dataset
+    if not splits.get("train"):
+        raise DataError(f"task '{name}' has no training rows", file=train_file)
+    if task.type == "token_classification" and task.tag_scheme == "iob1":
+        splits = {s: [Example(e.texts, to_iob2(e.label), e.file, e.line) for e in xs] for s, xs in splits.items()}  # type: ignore[arg-type]
+    if "validation" not in splits:
+        splits["train"], splits["validation"] = carve(splits["train"], task.validation_fraction, f"{seed}:{name}:carve")
+        notes.append(f"validation: {len(splits['validation'])} rows carved from train")
+        if not splits["train"] or not splits["validation"]:
+            raise DataError(f"task '{name}' has too few training rows to carve a validation split", file=train_file)
+    for split in list(splits):
+        limit = getattr(task.max_rows, split)
+        splits[split] = seeded_subsample(splits[split], limit, f"{seed}:{name}:{split}")
+    data = TaskData(name, task, splits, notes=notes)
+    if task.type == "regression":
+        targets = [float(e.label) for e in splits["train"]]  # type: ignore[arg-type]
+        data.target_mean = sum(targets) / len(targets)
+        variance = sum((t - data.target_mean) ** 2 for t in targets) / len(targets)
+        data.target_std = math.sqrt(variance) if variance > 0 else 1.0
+        if not task.normalize_targets:
+            data.target_mean, data.target_std = 0.0, 1.0
+    else:
+        data.labels = label_vocabulary(data)
+    return data
+
+
+def carve(examples: list[Example], fraction: float, seed: str) -> tuple[list[Example], list[Example]]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_validation = max(1, round(fraction * len(examples))) if len(examples) > 1 else 0
+    held = set(order[:n_validation])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def label_vocabulary(data: TaskData) -> list[str]:
+    """The configured labels, or those seen in train (sorted; `O` first for tags); others are errors."""
+    task = data.config
+    field_name = "output" if task.source.format == "unified" else str(task.label_field)
+
+    def labels_of(example: Example) -> tuple[str, ...]:
+        return example.label if isinstance(example.label, tuple) else (str(example.label),)
+
+    if task.labels is not None:
+        vocabulary = list(task.labels)
+        check = list(data.splits)
+    else:
+        seen = {label for example in data.splits["train"] for label in labels_of(example)}
+        vocabulary = sorted(seen, key=lambda tag: (tag != "O", tag[2:], tag) if task.type == "token_classification" else tag)
+        check = [s for s in data.splits if s != "train"]
+        if task.type != "token_classification" and len(vocabulary) < 2:
+            raise DataError(f"task '{data.name}' has only one label in train: {vocabulary}", file=task.source.train)
+    known = set(vocabulary)
+    if task.positive_label is not None and task.positive_label not in known:
+        raise DataError(f"positive_label '{task.positive_label}' is not a label of task '{data.name}' ({', '.join(vocabulary)})")
+    for split in check:
+        for example in data.splits[split]:
+            for label in labels_of(example):
+                if label not in known:
+                    raise example.error(f"unknown label '{label}' in {split} (task '{data.name}' knows: {', '.join(vocabulary)})", field_name)
+    return vocabulary
+
+
+def load_tasks(tasks: dict[str, TaskConfig], seed: int, trust_remote_code: bool = False) -> dict[str, TaskData]:
+    unified = UnifiedFiles(unified_routes(tasks))
+    return {name: load_task(name, task, seed, unified, trust_remote_code) for name, task in tasks.items()}

@@ -1,0 +1,1 @@
+"""Per-task metrics, evaluation of a model on a split, and the metrics table."""

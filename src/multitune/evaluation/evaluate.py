@@ -1,0 +1,121 @@
+"""Predict a task's rows in length-sorted batches, decode outputs, and score them with the task's metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from multitune.data.collate import collate
+from multitune.data.encoding import Encoded
+from multitune.data.tasks import TaskData
+from multitune.evaluation.metrics import build_metrics
+from multitune.models.multitask import MultiTaskModel
+
+
+@torch.no_grad()
+def predict(
+    model: MultiTaskModel, task: TaskData, rows: Sequence[Encoded], batch_size: int, device: torch.device, pad_id: int
+) -> list[dict[str, Any]]:
+    """One dict per row: {"prediction": ...} plus class probabilities for classification tasks."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # less padding per batch
+    results: list[dict[str, Any]] = [{} for _ in rows]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = collate({task.name: [rows[i] for i in chunk]}, pad_id).to(device)
+        outputs = model(batch)[task.name].float().cpu()
+        for j, i in enumerate(chunk):
+            results[i] = decode(task, outputs[j], rows[i])
+    model.train(was_training)
+    return results
+
+
+def decode(task: TaskData, output: torch.Tensor, row: Encoded) -> dict[str, Any]:
+    kind = task.config.type
+    labels = task.labels or []
+    if kind == "regression":
+        return {"prediction": float(output) * task.target_std + task.target_mean}
+    if kind == "token_classification":
+        ids = output.argmax(-1).tolist()  # [L]
+        return {"prediction": ["O" if s < 0 else labels[ids[s]] for s in row.word_starts or []]}
+    probabilities = output.softmax(-1).tolist()
+    return {
+        "prediction": labels[int(output.argmax())],
+        "probabilities": {label: round(p, 6) for label, p in zip(labels, probabilities, strict=True)},
+    }
+
+
+def references(task: TaskData, split: str) -> list[Any]:
+    kind = task.config.type
+    examples = task.splits[split]
+    if kind == "regression":
+        return [float(e.label) for e in examples]  # type: ignore[arg-type]
+    if kind == "token_classification":
+        return [list(e.label) for e in examples]  # type: ignore[arg-type]
+    return [str(e.label) for e in examples]
+
+
+def score(task: TaskData, predictions: Sequence[Any], refs: Sequence[Any], split: str) -> dict[str, Any]:
+    """The metrics.json entry of one task."""
+    config = task.config
+    metrics = build_metrics(config.metrics or [], config.positive_label)
+    values = {metric.name: round(metric(predictions, refs), 6) for metric in metrics}
+    main = config.main_metric or metrics[0].name
+    higher = next(m.higher_is_better for m in metrics if m.name == main)
+    return {
+        "split": split,
+        "n": len(refs),
+        "metrics": values,
+        "main_metric": main,
+        "main_score": values[main],
+        "higher_is_better": higher,
+    }
+
+
+def evaluate(
+    model: MultiTaskModel,
+    tasks: dict[str, TaskData],
+    encoded: dict[str, dict[str, list[Encoded]]],
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+) -> dict[str, dict[str, Any]]:
+    """{task: metrics entry} on `split`; a task without that split is scored on validation instead."""
+    out = {}
+    for name, task in tasks.items():
+        use = split if split in task.splits else "validation"
+        rows = encoded[name][use]
+        predictions = [r["prediction"] for r in predict(model, task, rows, batch_size, device, pad_id)]
+        out[name] = score(task, predictions, references(task, use), use)
+    return out
+
+
+def average_main_score(results: dict[str, dict[str, Any]]) -> float:
+    """Mean over tasks of the main score, negated where lower is better: the one number to select on."""
+    signed = [r["main_score"] if r["higher_is_better"] else -r["main_score"] for r in results.values()]
+    return round(sum(signed) / len(signed), 6)
+
+
+def format_table(results: dict[str, dict[str, Any]], average: float | None = None) -> str:
+    header = ["task", "split", "n", "main metric", "score", "all metrics"]
+    rows = [
+        [
+            name,
+            r["split"],
+            str(r["n"]),
+            r["main_metric"],
+            f"{r['main_score']:.4f}",
+            "  ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items()),
+        ]
+        for name, r in results.items()
+    ]
+    if average is not None:
+        rows.append(["average", "", "", "main score", f"{average:.4f}", ""])
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""Registry[T]: short config name -> factory, with parameter checks and a clear error on a typo."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
+
+from multitune.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Names the implementations of one extension point (samplers, loss weightings, metrics, heads)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._factories: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def add(factory: Callable[..., T]) -> Callable[..., T]:
+            if name in self._factories:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            self._factories[name] = factory
+            return factory
+
+        return add
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
+
+    def get(self, name: str, *, field: str | None = None) -> Callable[..., T]:
+        if name not in self._factories:
+            close = difflib.get_close_matches(name, self.names(), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown {self.kind} '{name}'{hint}; choose from: {', '.join(self.names())}", field=field
+            )
+        return self._factories[name]
+
+    def parameters(self, name: str, injected: Iterable[str] = ()) -> dict[str, inspect.Parameter]:
+        """The parameters a config may set for `name`: the factory's keyword arguments minus the injected."""
+        skip = set(injected)
+        signature = inspect.signature(self.get(name))
+        return {
+            p.name: p
+            for p in signature.parameters.values()
+            if p.name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+
+    def check_params(
+        self, name: str, params: dict[str, Any], injected: Iterable[str] = (), field: str | None = None
+    ) -> None:
+        accepted = self.parameters(name, injected)
+        for key in params:
+            if key not in accepted:
+                listed = ", ".join(accepted) or "none"
+                where = f"{field}.{key}" if field else key
+                raise ConfigError(f"unknown parameter for {self.kind} '{name}' (accepted: {listed})", field=where)
+
+    def build(self, name: str, /, *, injected: dict[str, Any] | None = None, **params: Any) -> T:
+        injected = injected or {}
+        self.check_params(name, params, injected)
+        try:
+            return self.get(name)(**injected, **params)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{self.kind} '{name}': {error}") from None
+
+    def summaries(self) -> list[tuple[str, str]]:
+        """(name, first docstring line) for `multitune list` and the README methods table."""
+        out = []
+        for name in self.names():
+            doc = inspect.getdoc(self._factories[name]) or ""
+            out.append((name, doc.splitlines()[0] if doc else ""))
+        return out
