@@ -19,11 +19,11 @@ import torch
 from multitune.balancing.weighting import LOSS_WEIGHTINGS, LossWeighting
 from multitune.config import Config, TaskConfig, dump_config, validate_config
 from multitune.data.encoding import Encoded, encode
-from multitune.data.readers import Row, read_jsonl
+from multitune.data.readers import Row, json_rows, read_jsonl
 from multitune.data.samplers import SAMPLERS
 from multitune.data.streams import TaskStream
 from multitune.data.tasks import Example, TaskData, example_from_fields, load_tasks
-from multitune.errors import ConfigError, DataError, MultitunError
+from multitune.errors import ConfigError, MultitunError
 from multitune.evaluation.evaluate import average_main_score, evaluate, format_table, predict
 from multitune.models.backbone import Backbone, backbone_from_run, load_backbone
 from multitune.models.heads import HEADS
@@ -310,18 +310,8 @@ def predict_run(run_dir: str | Path, task_name: str, source: TextIO, name: str =
 
 def _rows(source: TextIO, name: str) -> Iterator[Row]:
     if name != "<stdin>":
-        yield from read_jsonl(name)
-        return
-    for number, text in enumerate(source, start=1):
-        if not text.strip():
-            continue
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"invalid JSON: {error.msg} at column {error.colno}", file=name, line=number) from None
-        if not isinstance(value, dict):
-            raise DataError("expected a JSON object", file=name, line=number)
-        yield Row(value, name, number)
+        return read_jsonl(name)
+    return json_rows(enumerate(source, start=1), name)
 
 
 def describe_methods() -> Iterable[tuple[str, str, str]]:

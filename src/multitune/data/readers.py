@@ -10,7 +10,7 @@ import codecs
 import csv
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,17 +73,22 @@ def decoded_lines(path: str, encoding: str) -> Iterator[tuple[int, str]]:
             yield number, text
 
 
-def read_jsonl(path: str, encoding: str = "utf-8-sig") -> Iterator[Row]:
-    for number, text in decoded_lines(path, encoding):
+def json_rows(lines: Iterable[tuple[int, str]], path: str) -> Iterator[Row]:
+    """One JSON object per non-blank line."""
+    for number, text in lines:
         if BLANK.match(text):
             continue
         try:
-            value = json.loads(text)
+            value = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as error:
             raise DataError(f"invalid JSON: {error.msg} at column {error.colno}", file=path, line=number) from None
         if not isinstance(value, dict):
             raise DataError(f"expected a JSON object, got {type(value).__name__}", file=path, line=number)
         yield Row(value, path, number)
+
+
+def read_jsonl(path: str, encoding: str = "utf-8-sig") -> Iterator[Row]:
+    return json_rows(decoded_lines(path, encoding), path)
 
 
 def read_delimited(

@@ -1,0 +1,105 @@
+"""Shared fixtures: offline mode, a tiny randomly initialised BERT built from a config, data file helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MULTITUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+WORDS = (
+    "the a an is are was what who where when how why which of in on to for and or not no yes good bad great "
+    "terrible movie film book song free win call now text prize ok fine love hate city river paris london "
+    "john mary google apple red blue one two three man woman dog cat plays runs sits likes"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and a small WordPiece vocabulary, saved as a folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz0123456789.,?!'"]
+    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def write_jsonl(tmp_path: Path) -> Callable[[str, list[Any]], Path]:
+    def write(name: str, records: list[Any]) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        return path
+
+    return write
+
+
+def classification_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """A learnable toy task: sentiment decided by the words 'good'/'bad'."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        filler = " ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(2, 8)))
+        rows.append({"text": f"{filler} {'good' if label == 'pos' else 'bad'} movie", "label": label})
+    return rows
+
+
+def token_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Toy NER: city names are B-loc, person names B-per."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        tokens, tags = [], []
+        for _ in range(rng.randint(3, 9)):
+            word = rng.choice(WORDS)
+            tokens.append(word)
+            tags.append("B-loc" if word in ("paris", "london") else "B-per" if word in ("john", "mary") else "O")
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def tiny_config(backbone: Path, train_a: Path, train_b: Path, out: Path, **training: Any) -> dict[str, Any]:
+    """A two-task config (classification + token tagging) on the tiny backbone."""
+    return {
+        "run": {"name": "tiny", "output_dir": str(out), "seed": 3},
+        "model": {"backbone": str(backbone), "max_length": 32},
+        "training": {"steps": 6, "batch_size": 4, "lr": 1e-3, "eval_every": 3, "progress": False, **training},
+        "tasks": {
+            "sentiment": {"type": "classification", "source": {"format": "jsonl", "train": str(train_a)}},
+            "ner": {
+                "type": "token_classification",
+                "source": {"format": "jsonl", "train": str(train_b)},
+                "text_fields": ["tokens"],
+                "label_field": "tags",
+                "metrics": ["entity_f1", "token_accuracy"],
+            },
+        },
+    }

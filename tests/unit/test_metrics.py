@@ -1,0 +1,46 @@
+import pytest
+
+from multitune.evaluation.evaluate import average_main_score, format_table
+from multitune.evaluation.metrics import METRICS, build_metrics
+
+
+def metric(name, **kw):
+    return METRICS.build(name, injected={"positive_label": kw.get("positive_label")})
+
+
+def test_classification_metrics_known_values():
+    refs = ["spam", "ham", "ham", "spam", "ham"]
+    preds = ["spam", "spam", "ham", "ham", "ham"]
+    assert metric("accuracy")(preds, refs) == pytest.approx(0.6)
+    assert metric("f1", positive_label="spam")(preds, refs) == pytest.approx(0.5)  # P = R = 1/2
+    assert metric("macro_f1")(preds, refs) == pytest.approx((0.5 + 2 / 3) / 2)
+    assert metric("mcc")(preds, refs) == pytest.approx(1 / 6)
+
+
+def test_regression_metrics():
+    assert metric("pearson")([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
+    assert metric("spearman")([1.0, 5.0, 3.0], [1.0, 3.0, 2.0]) == pytest.approx(1.0)
+    assert metric("pearson")([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0  # constant prediction
+    assert metric("mse")([1.0, 2.0], [1.0, 4.0]) == pytest.approx(2.0)
+
+
+def test_entity_f1_counts_whole_entities():
+    refs = [["B-per", "I-per", "O", "B-loc"]]
+    preds = [["B-per", "O", "O", "B-loc"]]  # the person span is cut short: wrong entity
+    assert metric("entity_f1")(preds, refs) == pytest.approx(0.5)
+    assert metric("token_accuracy")(preds, refs) == pytest.approx(0.75)
+
+
+def test_average_negates_lower_is_better_and_table_lists_tasks():
+    results = {
+        "a": {"split": "test", "n": 3, "metrics": {"accuracy": 0.8}, "main_metric": "accuracy", "main_score": 0.8, "higher_is_better": True},
+        "b": {"split": "test", "n": 3, "metrics": {"mse": 0.4}, "main_metric": "mse", "main_score": 0.4, "higher_is_better": False},
+    }
+    assert average_main_score(results) == pytest.approx(0.2)
+    table = format_table(results, 0.2)
+    assert "accuracy=0.8000" in table and table.splitlines()[-1].startswith("average")
+
+
+def test_build_metrics_passes_the_positive_label():
+    (f1,) = build_metrics(["f1"], positive_label="yes")
+    assert f1(["yes", "no"], ["yes", "yes"]) == pytest.approx(2 / 3)
