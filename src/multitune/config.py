@@ -86,9 +86,9 @@ class SourceConfig(Group):
     """Where a task's rows come from. Paths are relative to the config file; `multitune:` is the package."""
 
     format: DataFormat
-    train: str | None = None
-    validation: str | None = None
-    test: str | None = None
+    train: str | list[str] | None = None  # one file, or several read one after another
+    validation: str | list[str] | None = None
+    test: str | list[str] | None = None
     encoding: str = "utf-8-sig"  # utf-8 that also drops a byte-order mark
     # csv / tsv
     delimiter: str | None = None  # default: ',' for csv, tab for tsv
@@ -338,7 +338,9 @@ def resolve_paths(config: Config, base: Path) -> None:
         source = task.source
         for split in SPLITS:
             value = getattr(source, split)
-            if value:
+            if isinstance(value, list):
+                setattr(source, split, [resolve_path(v, base) for v in value])
+            elif value:
                 setattr(source, split, resolve_path(value, base))
         if source.data_files:
             source.data_files = {

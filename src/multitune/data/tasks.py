@@ -79,14 +79,15 @@ def _label(row: Row, value: Any, name: str | int, task: TaskConfig) -> str | flo
 
 
 def _class_name(row: Row, value: Any, name: str | int, task: TaskConfig) -> str:
-    """A label as text; an integer indexes the configured `labels` when it is not itself one of them."""
+    """A label as text; an integer (or a string of digits, as in GLUE files) indexes the configured
+    `labels` when it is not itself one of them."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
         value = int(value)
     text = str(value).strip()
-    if task.labels and text not in task.labels and isinstance(value, int) and 0 <= value < len(task.labels):
-        return task.labels[value]
+    if task.labels and text not in task.labels and text.isdigit() and int(text) < len(task.labels):
+        return task.labels[int(text)]
     if not text:
         raise row.error("empty label", name)
     return text
@@ -165,8 +166,8 @@ def unified_routes(tasks: dict[str, TaskConfig]) -> dict[str, set[str]]:
     for name, task in tasks.items():
         if task.source.format == "unified":
             for split in SPLITS:
-                path = getattr(task.source, split)
-                if path:
+                paths = getattr(task.source, split) or []
+                for path in [paths] if isinstance(paths, str) else paths:
                     routes.setdefault(path, set()).add(task.source.task_key or name)
     return routes
 
@@ -180,11 +181,20 @@ def read_split(name: str, task: TaskConfig, split: str, unified: UnifiedFiles, t
             return None
         if source.data_files is None and split != "train" and split not in source.split_names and not _hf_has_split(source, hf_split):
             return None
-        rows: Iterator[Row] | list[Row] = read_hf(source.dataset or "", hf_split, source.subset, source.data_files, trust_remote_code)
-        return [example_from_fields(row, task) for row in rows]
-    path = getattr(source, split)
-    if not path:
+        hf_rows = read_hf(source.dataset or "", hf_split, source.subset, source.data_files, trust_remote_code)
+        return [example_from_fields(row, task) for row in hf_rows]
+    paths = getattr(source, split)
+    if not paths:
         return None
+    examples: list[Example] = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        examples += _read_file(name, task, path, unified)
+    return examples
+
+
+def _read_file(name: str, task: TaskConfig, path: str, unified: UnifiedFiles) -> list[Example]:
+    source = task.source
+    rows: Iterator[Row] | list[Row]
     extract: Callable[[Row, TaskConfig], Example] = example_from_fields
     if source.format == "jsonl":
         rows = read_jsonl(path, source.encoding)
@@ -223,7 +233,8 @@ def load_task(name: str, task: TaskConfig, seed: int, unified: UnifiedFiles, tru
         examples = read_split(name, task, split, unified, trust_remote_code)
         if examples is not None:
             splits[split] = examples
-    train_file = task.source.train or task.source.dataset
+    train = task.source.train
+    train_file = (train if isinstance(train, str) else ", ".join(train)) if train else task.source.dataset
     if not splits.get("train"):
         raise DataError(f"task '{name}' has no training rows", file=train_file)
     if task.type == "token_classification" and task.tag_scheme == "iob1":
@@ -273,7 +284,7 @@ def label_vocabulary(data: TaskData) -> list[str]:
         vocabulary = sorted(seen, key=lambda tag: (tag != "O", tag[2:], tag) if task.type == "token_classification" else tag)
         check = [s for s in data.splits if s != "train"]
         if task.type != "token_classification" and len(vocabulary) < 2:
-            raise DataError(f"task '{data.name}' has only one label in train: {vocabulary}", file=task.source.train)
+            raise DataError(f"task '{data.name}' has only one label in train: {vocabulary}", file=str(task.source.train))
     known = set(vocabulary)
     if task.positive_label is not None and task.positive_label not in known:
         raise DataError(f"positive_label '{task.positive_label}' is not a label of task '{data.name}' ({', '.join(vocabulary)})")
