@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", default="-", help="JSONL file, or - for stdin")
     predict.add_argument("--output", default="-", help="JSONL file, or - for stdout")
 
-    commands.add_parser("list", help="list the registered samplers, loss weightings, heads and metrics")
+    listing = commands.add_parser("list", help="list the registered samplers, loss weightings, heads and metrics")
+    listing.add_argument("--markdown", action="store_true", help="print the README's methods table")
     return parser
 
 
@@ -64,7 +65,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         run.evaluate_run(args.run_dir, args.split)
     elif args.command == "predict":
         name = "<stdin>" if args.input == "-" else args.input
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run.predict_run(args.run_dir, args.task, sys.stdin, name))
+        lines = "".join(
+            json.dumps(r, ensure_ascii=False) + "\n" for r in run.predict_run(args.run_dir, args.task, sys.stdin, name)
+        )
         if args.output == "-":
             sys.stdout.write(lines)
         else:
@@ -74,6 +77,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             write_text(Path(args.output), lines)
     elif args.command == "list":
-        for kind, name, summary in run.describe_methods():
-            print(f"{kind:15} {name:22} {summary}")
+        if args.markdown:
+            print(run.methods_markdown())
+        else:
+            for kind, name, summary in run.describe_methods():
+                print(f"{kind:15} {name:22} {summary}")
     return 0

@@ -289,7 +289,11 @@ def validate_config(
         elif first["type"] == "missing":
             message = "required key is missing"
         else:
-            message = f"{message} (got {first.get('input')!r})" if "input" in first and first["type"] != "value_error" else message
+            message = (
+                f"{message} (got {first.get('input')!r})"
+                if "input" in first and first["type"] != "value_error"
+                else message
+            )
         line = None
         if lines:
             for n in range(len(loc), 0, -1):

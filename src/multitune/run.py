@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -95,7 +95,9 @@ def create_run_dir(output_dir: str, name: str) -> Path:
             except FileExistsError:
                 continue
     except OSError as error:
-        raise ConfigError(f"cannot create the run directory: {error.strerror or error}", file=str(root), field="run.output_dir") from None
+        raise ConfigError(
+            f"cannot create the run directory: {error.strerror or error}", file=str(root), field="run.output_dir"
+        ) from None
     raise ConfigError("too many runs with this name", file=str(root), field="run.name")
 
 
@@ -153,15 +155,14 @@ def train_run(config: Config) -> Path:
         injected={"task_names": list(tasks), "loss_weights": {n: t.config.loss_weight for n, t in tasks.items()}},
         **config.loss_weighting.params,
     )
-    streams = {
-        name: TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:stream") for name in tasks
-    }
+    streams = {name: TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:stream") for name in tasks}
 
     run_dir = create_run_dir(config.run.output_dir, config.run.name)
     print(f"run directory: {run_dir}", file=sys.stderr)
     write_text(run_dir / "config.yaml", dump_config(config))
     write_json(run_dir / "tasks.json", task_manifest(tasks))
-    prepared.backbone.model.config.save_pretrained(run_dir / "backbone")
+    backbone_config: Any = prepared.backbone.model.config
+    backbone_config.save_pretrained(run_dir / "backbone")
     prepared.backbone.tokenizer.save_pretrained(run_dir / "backbone")
 
     accelerator = Accelerator(mixed_precision=training.mixed_precision)
@@ -178,7 +179,9 @@ def train_run(config: Config) -> Path:
         history.flush()
 
     def validate(step: int) -> float:
-        results = evaluate(model, tasks, prepared.encoded, "validation", training.eval_batch_size, accelerator.device, prepared.pad_id)
+        results = evaluate(
+            model, tasks, prepared.encoded, "validation", training.eval_batch_size, accelerator.device, prepared.pad_id
+        )
         score = average_main_score(results)
         record({"step": step, "validation": {n: r["metrics"] for n, r in results.items()}, "average_main_score": score})
         log.info("step %d: validation average main score %.4f", step, score)
@@ -211,10 +214,13 @@ def train_run(config: Config) -> Path:
     history.close()
 
     load_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE)
-    results = evaluate(model, tasks, prepared.encoded, "test", training.eval_batch_size, accelerator.device, prepared.pad_id)
+    results = evaluate(
+        model, tasks, prepared.encoded, "test", training.eval_batch_size, accelerator.device, prepared.pad_id
+    )
+    average = average_main_score(results)
     metrics = {
         "tasks": results,
-        "average_main_score": average_main_score(results),
+        "average_main_score": average,
         "train_seconds": round(state.seconds, 2),
         "steps": state.step,
         "best_step": state.best_step,
@@ -222,8 +228,9 @@ def train_run(config: Config) -> Path:
         "task_steps": state.task_steps,
     }
     write_json(run_dir / "metrics.json", metrics)
-    print(format_table(results, metrics["average_main_score"]))
-    print(f"trained {state.step} steps in {state.seconds:.1f} s; best validation at step {state.best_step}; saved to {run_dir}")
+    print(format_table(results, average))
+    print(f"trained {state.step} steps in {state.seconds:.1f} s; best validation at step {state.best_step}")
+    print(f"saved to {run_dir}")
     return run_dir
 
 
@@ -237,7 +244,9 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any], MultiTaskMode
             raise MultitunError(f"not a finished multitune run: {required} is missing", file=str(run))
     import yaml
 
-    config = validate_config(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), file=str(run / "config.yaml"))
+    config = validate_config(
+        yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), file=str(run / "config.yaml")
+    )
     manifest = json.loads((run / "tasks.json").read_text(encoding="utf-8"))
     backbone = backbone_from_run(run / "backbone")
     tasks = {name: task_from_manifest(name, config.tasks[name], manifest[name]) for name in config.tasks}
@@ -266,9 +275,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     device = torch.device("cpu")
     pad = backbone.tokenizer.pad_token_id or 0
     results = evaluate(model, tasks, encoded, split, config.training.eval_batch_size, device, pad)
-    out = {"tasks": results, "average_main_score": average_main_score(results)}
+    average = average_main_score(results)
+    out = {"tasks": results, "average_main_score": average}
     write_json(Path(run_dir) / f"evaluation_{split}.json", out)
-    print(format_table(results, out["average_main_score"]))
+    print(format_table(results, average))
     return out
 
 
@@ -282,15 +292,19 @@ def example_for_prediction(row: Row, task: TaskConfig) -> Example:
         generic = {"token_classification": ["tokens"], "pair_classification": ["text", "text_pair"]}
         fields = generic.get(task.type, ["text", "text_pair"] if "text_pair" in values else ["text"])
     probe = task.model_copy(update={"text_fields": fields, "label_field": "__no_label__"})
-    return example_from_fields(Row({**values, "__no_label__": _placeholder(task, values, fields)}, row.file, row.line), probe)
+    return example_from_fields(
+        Row({**values, "__no_label__": _placeholder(task, values, fields)}, row.file, row.line), probe
+    )
 
 
-def _placeholder(task: TaskConfig, values: dict[str, Any], fields: list[str | int]) -> Any:
+def _placeholder(task: TaskConfig, values: dict[str, Any], fields: Sequence[str | int]) -> Any:
     if task.type == "regression":
         return 0.0
     if task.type == "token_classification":
         tokens = values.get(str(fields[0]))
-        return ["O"] * (len(tokens.split() if isinstance(tokens, str) else tokens) if isinstance(tokens, (str, list)) else 0)
+        return ["O"] * (
+            len(tokens.split() if isinstance(tokens, str) else tokens) if isinstance(tokens, (str, list)) else 0
+        )
     return "?"
 
 
@@ -318,6 +332,18 @@ def describe_methods() -> Iterable[tuple[str, str, str]]:
     """(kind, name, summary) of every registered method, for `multitune list` and the README."""
     from multitune.evaluation.metrics import METRICS
 
-    for kind, registry in (("sampler", SAMPLERS), ("loss weighting", LOSS_WEIGHTINGS), ("head", HEADS), ("metric", METRICS)):
+    for kind, registry in (
+        ("sampler", SAMPLERS),
+        ("loss weighting", LOSS_WEIGHTINGS),
+        ("head", HEADS),
+        ("metric", METRICS),
+    ):
         for name, summary in registry.summaries():
             yield kind, name, summary
+
+
+def methods_markdown() -> str:
+    """The README's methods table, generated from the registries."""
+    lines = ["| kind | config name | what it does |", "|---|---|---|"]
+    lines += [f"| {kind} | `{name}` | {summary.replace('|', '/')} |" for kind, name, summary in describe_methods()]
+    return "\n".join(lines)

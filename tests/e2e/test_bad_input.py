@@ -77,7 +77,13 @@ def test_empty_task(setup, capsys):
 
 def test_unified_record_for_no_task(setup, capsys, write_jsonl):
     tmp_path, config = setup
-    mix = write_jsonl("mix.jsonl", [{"task": "sentiment", "input": "good", "output": "pos"}, {"task": "nli", "input": ["a", "b"], "output": "yes"}])
+    mix = write_jsonl(
+        "mix.jsonl",
+        [
+            {"task": "sentiment", "input": "good", "output": "pos"},
+            {"task": "nli", "input": ["a", "b"], "output": "yes"},
+        ],
+    )
     config["tasks"]["sentiment"]["source"] = {"format": "unified", "train": str(mix)}
     err = run_bad(tmp_path, config, capsys)
     assert err.endswith(f"{mix}:2: field 'task': no configured task 'nli' (this file feeds: sentiment)")

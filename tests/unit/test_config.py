@@ -52,7 +52,9 @@ def test_unknown_key_names_key_file_and_line(tmp_path):
 
 def test_bad_value_names_the_key(tmp_path):
     path = write(tmp_path, MINIMAL.replace("steps: 10", "steps: -3"))
-    with pytest.raises(ConfigError, match=r"config.yaml:4: field 'training.steps': Input should be greater than or equal to 1"):
+    with pytest.raises(
+        ConfigError, match=r"config.yaml:4: field 'training.steps': Input should be greater than or equal to 1"
+    ):
         load_config(path)
 
 
@@ -64,7 +66,9 @@ def test_bad_override_names_the_override(tmp_path):
 
 
 def test_unknown_method_and_parameter(tmp_path):
-    with pytest.raises(ConfigError, match=r"field 'sampling.name': unknown sampler 'temprature' \(did you mean 'temperature'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"field 'sampling.name': unknown sampler 'temprature' \(did you mean 'temperature'\?\)"
+    ):
         load_config(write(tmp_path, MINIMAL), ["sampling.name=temprature"])
     with pytest.raises(ConfigError, match=r"field 'sampling.tau': unknown parameter for sampler 'temperature'"):
         load_config(write(tmp_path, MINIMAL), ["sampling={name: temperature, tau: 2}"])

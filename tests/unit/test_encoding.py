@@ -39,8 +39,12 @@ def test_pairs_get_segment_ids_and_regression_targets_are_standardised(tiny_back
 
 def test_collate_pads_tasks_together_and_keeps_their_rows(tiny_backbone):
     tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
-    cls = encode([Example(("good",), "a"), Example(("a bad movie",), "b")], data("classification", ["a", "b"]), tokenizer, 32)
-    tok = encode([Example(("john", "runs"), ("B-per", "O"))], data("token_classification", ["O", "B-per"]), tokenizer, 32)
+    cls = encode(
+        [Example(("good",), "a"), Example(("a bad movie",), "b")], data("classification", ["a", "b"]), tokenizer, 32
+    )
+    tok = encode(
+        [Example(("john", "runs"), ("B-per", "O"))], data("token_classification", ["O", "B-per"]), tokenizer, 32
+    )
     batch = collate({"c": cls, "t": tok}, pad_id=0)
     assert batch.inputs["input_ids"].shape == (3, 5) and batch.size == 3
     assert batch.inputs["attention_mask"][0].tolist() == [1, 1, 1, 0, 0]

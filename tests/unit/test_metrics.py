@@ -33,8 +33,22 @@ def test_entity_f1_counts_whole_entities():
 
 def test_average_negates_lower_is_better_and_table_lists_tasks():
     results = {
-        "a": {"split": "test", "n": 3, "metrics": {"accuracy": 0.8}, "main_metric": "accuracy", "main_score": 0.8, "higher_is_better": True},
-        "b": {"split": "test", "n": 3, "metrics": {"mse": 0.4}, "main_metric": "mse", "main_score": 0.4, "higher_is_better": False},
+        "a": {
+            "split": "test",
+            "n": 3,
+            "metrics": {"accuracy": 0.8},
+            "main_metric": "accuracy",
+            "main_score": 0.8,
+            "higher_is_better": True,
+        },
+        "b": {
+            "split": "test",
+            "n": 3,
+            "metrics": {"mse": 0.4},
+            "main_metric": "mse",
+            "main_score": 0.4,
+            "higher_is_better": False,
+        },
     }
     assert average_main_score(results) == pytest.approx(0.2)
     table = format_table(results, 0.2)

@@ -82,7 +82,9 @@ def test_conll_sentences_split_on_whitespace_only_lines(tmp_path):
 
 def test_hf_datasets_local_files(tmp_path):
     path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps({"sentence": f"s{i}", "label": i % 2}) + "\n" for i in range(4)), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"sentence": f"s{i}", "label": i % 2}) + "\n" for i in range(4)), encoding="utf-8"
+    )
     rows = list(read_hf("json", "train", data_files={"train": str(path)}))
     assert [r.get("sentence") for r in rows] == ["s0", "s1", "s2", "s3"] and rows[0].line == 1
 
@@ -91,7 +93,9 @@ def test_hf_class_labels_become_names(tmp_path):
     import datasets
 
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
-    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]}, features=features).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]}, features=features).save_to_disk(
+        str(tmp_path / "ds")
+    )
     rows = list(read_hf("arrow", "train", data_files={"train": str(tmp_path / "ds" / "data-00000-of-00001.arrow")}))
     assert [r.get("label") for r in rows] == ["pos", "neg"]
 

@@ -19,7 +19,9 @@ def test_temperature_convention_and_exponent_form():
     assert p == pytest.approx({k: n**0.5 / total for k, n in SIZES.items()})
     assert build("temperature", alpha=0.5).probabilities() == pytest.approx(p)
     assert build("temperature", temperature=1.0).probabilities() == pytest.approx(build("proportional").probabilities())
-    assert build("temperature", temperature=1e6).probabilities() == pytest.approx(build("uniform").probabilities(), abs=1e-4)
+    assert build("temperature", temperature=1e6).probabilities() == pytest.approx(
+        build("uniform").probabilities(), abs=1e-4
+    )
     assert build("temperature", alpha=0.0).probabilities() == pytest.approx(build("uniform").probabilities())
 
 

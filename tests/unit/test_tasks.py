@@ -32,7 +32,9 @@ def test_validation_is_carved_from_train_with_a_seed(tmp_path):
 
 def test_max_rows_is_a_seeded_subsample_in_original_order(tmp_path):
     train = jsonl(tmp_path / "t.jsonl", [{"text": str(i), "label": "ab"[i % 2]} for i in range(100)])
-    config = task(type="classification", source={"format": "jsonl", "train": train, "validation": train}, max_rows={"train": 10})
+    config = task(
+        type="classification", source={"format": "jsonl", "train": train, "validation": train}, max_rows={"train": 10}
+    )
     rows = load("t", config).splits["train"]
     assert len(rows) == 10 and [r.line for r in rows] == sorted(r.line for r in rows)
     assert len(load("t", config).splits["validation"]) == 100
@@ -47,8 +49,12 @@ def test_unknown_label_in_test_names_file_line_and_field(tmp_path):
 
 
 def test_given_labels_fix_the_order_and_map_integer_ids(tmp_path):
-    train = jsonl(tmp_path / "t.jsonl", [{"text": "x", "label": 1}, {"text": "y", "label": 0}, {"text": "z", "label": "neg"}])
-    config = task(type="classification", source={"format": "jsonl", "train": train, "validation": train}, labels=["neg", "pos"])
+    train = jsonl(
+        tmp_path / "t.jsonl", [{"text": "x", "label": 1}, {"text": "y", "label": 0}, {"text": "z", "label": "neg"}]
+    )
+    config = task(
+        type="classification", source={"format": "jsonl", "train": train, "validation": train}, labels=["neg", "pos"]
+    )
     data = load("t", config)
     assert data.labels == ["neg", "pos"] and [e.label for e in data.splits["train"]] == ["pos", "neg", "neg"]
 
@@ -57,7 +63,11 @@ def test_regression_targets_and_their_statistics(tmp_path):
     train = jsonl(tmp_path / "t.jsonl", [{"text": "x", "label": v} for v in (1, "3", 5.0)])
     config = task(type="regression", source={"format": "jsonl", "train": train, "validation": train})
     data = load("t", config)
-    assert data.labels is None and data.target_mean == pytest.approx(3.0) and data.target_std == pytest.approx((8 / 3) ** 0.5)
+    assert (
+        data.labels is None
+        and data.target_mean == pytest.approx(3.0)
+        and data.target_std == pytest.approx((8 / 3) ** 0.5)
+    )
     bad = jsonl(tmp_path / "bad.jsonl", [{"text": "x", "label": "high"}])
     with pytest.raises(DataError, match=r":1: field 'label': expected a number, got 'high'"):
         load("t", task(type="regression", source={"format": "jsonl", "train": bad}))
@@ -65,7 +75,11 @@ def test_regression_targets_and_their_statistics(tmp_path):
 
 def test_pair_task_reads_two_fields(tmp_path):
     train = jsonl(tmp_path / "t.jsonl", [{"a": "x", "b": "y", "label": "same"}, {"a": "p", "b": "q", "label": "diff"}])
-    config = task(type="pair_classification", source={"format": "jsonl", "train": train, "validation": train}, text_fields=["a", "b"])
+    config = task(
+        type="pair_classification",
+        source={"format": "jsonl", "train": train, "validation": train},
+        text_fields=["a", "b"],
+    )
     assert load("t", config).splits["train"][0].texts == ("x", "y")
 
 
@@ -83,14 +97,25 @@ def test_token_task_checks_tag_counts_and_normalises_iob1(tmp_path):
     good = [{"tokens": ["New", "York", "is", "big"], "tags": ["I-loc", "I-loc", "O", "O"]}] * 3
     train = jsonl(tmp_path / "t.jsonl", good)
     config = task(
-        type="token_classification", source={"format": "jsonl", "train": train, "validation": train},
-        text_fields=["tokens"], label_field="tags", tag_scheme="iob1",
+        type="token_classification",
+        source={"format": "jsonl", "train": train, "validation": train},
+        text_fields=["tokens"],
+        label_field="tags",
+        tag_scheme="iob1",
     )
     data = load("t", config)
     assert data.splits["train"][0].label == ("B-loc", "I-loc", "O", "O") and data.labels == ["O", "B-loc", "I-loc"]
     bad = jsonl(tmp_path / "bad.jsonl", [{"tokens": ["a", "b"], "tags": ["O"]}])
     with pytest.raises(DataError, match=r"bad.jsonl:1: field 'tags': 1 tags for 2 tokens"):
-        load("t", task(type="token_classification", source={"format": "jsonl", "train": bad}, text_fields=["tokens"], label_field="tags"))
+        load(
+            "t",
+            task(
+                type="token_classification",
+                source={"format": "jsonl", "train": bad},
+                text_fields=["tokens"],
+                label_field="tags",
+            ),
+        )
 
 
 @pytest.mark.parametrize(
@@ -129,11 +154,20 @@ def test_unified_file_routes_records_by_task(tmp_path):
     assert data["sim"].splits["train"][1].texts == ("x", "y")
     assert data["ner"].splits["train"][0].label == ("B-per", "O")
     del tasks["ner"]
-    with pytest.raises(DataError, match=r"mix.jsonl:4: field 'task': no configured task 'ner' \(this file feeds: sent, sim\)"):
+    with pytest.raises(
+        DataError, match=r"mix.jsonl:4: field 'task': no configured task 'ner' \(this file feeds: sent, sim\)"
+    ):
         load_tasks(tasks, seed=0)
 
 
 def test_unified_task_key_renames_the_route(tmp_path):
-    mix = jsonl(tmp_path / "mix.jsonl", [{"task": "sst2", "input": "good", "output": "pos"}, {"task": "sst2", "input": "bad", "output": "neg"}])
-    tasks = {"sentiment": task(type="classification", source={"format": "unified", "train": mix, "validation": mix, "task_key": "sst2"})}
+    mix = jsonl(
+        tmp_path / "mix.jsonl",
+        [{"task": "sst2", "input": "good", "output": "pos"}, {"task": "sst2", "input": "bad", "output": "neg"}],
+    )
+    tasks = {
+        "sentiment": task(
+            type="classification", source={"format": "unified", "train": mix, "validation": mix, "task_key": "sst2"}
+        )
+    }
     assert len(load_tasks(tasks, seed=0)["sentiment"].splits["train"]) == 2

@@ -32,6 +32,8 @@ WEIGHTING_INJECTED = ("task_names", "loss_weights")  # filled in by the wiring
 class StaticWeighting(nn.Module):
     """Fixed per-task weights from each task's `loss_weight`: mean over present tasks of w_i · L_i."""
 
+    task_weights: Tensor  # [T], a buffer
+
     def __init__(self, task_names: Sequence[str], loss_weights: dict[str, float] | None = None) -> None:
         super().__init__()
         given = loss_weights or {}

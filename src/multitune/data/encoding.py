@@ -54,7 +54,9 @@ def encode(
 def _encode_tokens(
     examples: Sequence[Example], data: TaskData, tokenizer: Any, max_length: int, with_labels: bool
 ) -> list[Encoded]:
-    batch = tokenizer([list(e.texts) for e in examples], is_split_into_words=True, truncation=True, max_length=max_length)
+    batch = tokenizer(
+        [list(e.texts) for e in examples], is_split_into_words=True, truncation=True, max_length=max_length
+    )
     type_ids = batch.get("token_type_ids")
     index = {tag: i for i, tag in enumerate(data.labels or [])}
     out = []

@@ -16,7 +16,7 @@ from typing import Any
 
 from multitune.errors import DataError
 
-QUOTING = {"minimal": csv.QUOTE_MINIMAL, "none": csv.QUOTE_NONE, "all": csv.QUOTE_ALL}
+QUOTING: dict[str, Any] = {"minimal": csv.QUOTE_MINIMAL, "none": csv.QUOTE_NONE, "all": csv.QUOTE_ALL}
 MAX_LINE_CHARS = 1_000_000
 BLANK = re.compile(r"^\s*$")
 
@@ -116,7 +116,9 @@ def read_delimited(
         except StopIteration:
             return
         except csv.Error as error:
-            raise DataError(f"malformed {delimiter!r}-separated row: {error}", file=path, line=position["line"]) from None
+            raise DataError(
+                f"malformed {delimiter!r}-separated row: {error}", file=path, line=position["line"]
+            ) from None
         if not cells or all(not c.strip() for c in cells):
             continue
         if header and names is None:

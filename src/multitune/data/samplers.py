@@ -69,7 +69,7 @@ class ProportionalSampler(_FixedProbabilities):
 
 @SAMPLERS.register("temperature")
 class TemperatureSampler(_FixedProbabilities):
-    """p_i ∝ n_i^(1/T) (T=1 proportional, large T uniform); or give `alpha`, p_i ∝ n_i^alpha."""
+    """p_i ∝ n_i^(1/T), T=1 proportional, large T uniform (Arivazhagan et al. 2019; T5); or `alpha`: p_i ∝ n_i^alpha."""
 
     def __init__(
         self,

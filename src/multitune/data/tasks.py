@@ -73,7 +73,7 @@ def _label(row: Row, value: Any, name: str | int, task: TaskConfig) -> str | flo
         if not isinstance(value, list) or not all(isinstance(t, (str, int)) for t in value):
             raise row.error("expected a list of tags", name)
         return tuple(_class_name(row, t, name, task) for t in value)
-    if isinstance(value, (list, dict)) or value is None or isinstance(value, float) and not value.is_integer():
+    if isinstance(value, (list, dict)) or value is None or (isinstance(value, float) and not value.is_integer()):
         raise row.error(f"expected a class label, got {value!r}", name)
     return _class_name(row, value, name, task)
 
@@ -108,7 +108,9 @@ def example_from_record(row: Row, task: TaskConfig) -> Example:
     value = row.get("input")
     if task.type == "token_classification":
         tokens = _tokens(row, value, "input")
-        return _checked_tags(row, Example(tokens, _label(row, row.get("output"), "output", task), row.file, row.line), "output")
+        return _checked_tags(
+            row, Example(tokens, _label(row, row.get("output"), "output", task), row.file, row.line), "output"
+        )
     if isinstance(value, dict):
         value = list(value.values())
     texts = tuple(_text(row, v, "input") for v in value) if isinstance(value, list) else (_text(row, value, "input"),)
@@ -155,7 +157,9 @@ class UnifiedFiles:
             for row in read_unified(path, encoding):
                 task = row.get("task")
                 if task not in known:
-                    raise row.error(f"no configured task '{task}' (this file feeds: {', '.join(sorted(known))})", "task")
+                    raise row.error(
+                        f"no configured task '{task}' (this file feeds: {', '.join(sorted(known))})", "task"
+                    )
                 grouped.setdefault(task, []).append(row)
             self._cache[path] = grouped
         return self._cache[path].get(key, [])
@@ -172,14 +176,21 @@ def unified_routes(tasks: dict[str, TaskConfig]) -> dict[str, set[str]]:
     return routes
 
 
-def read_split(name: str, task: TaskConfig, split: str, unified: UnifiedFiles, trust_remote_code: bool = False) -> list[Example] | None:
+def read_split(
+    name: str, task: TaskConfig, split: str, unified: UnifiedFiles, trust_remote_code: bool = False
+) -> list[Example] | None:
     """The examples of one split, or None when the source has no such split."""
     source: SourceConfig = task.source
     if source.format == "hf":
         hf_split = source.split_names.get(split, split)
         if source.data_files is not None and hf_split not in source.data_files:
             return None
-        if source.data_files is None and split != "train" and split not in source.split_names and not _hf_has_split(source, hf_split):
+        if (
+            source.data_files is None
+            and split != "train"
+            and split not in source.split_names
+            and not _hf_has_split(source, hf_split)
+        ):
             return None
         hf_rows = read_hf(source.dataset or "", hf_split, source.subset, source.data_files, trust_remote_code)
         return [example_from_fields(row, task) for row in hf_rows]
@@ -226,7 +237,9 @@ def seeded_subsample(examples: list[Example], k: int | None, seed: str) -> list[
     return [examples[i] for i in keep]
 
 
-def load_task(name: str, task: TaskConfig, seed: int, unified: UnifiedFiles, trust_remote_code: bool = False) -> TaskData:
+def load_task(
+    name: str, task: TaskConfig, seed: int, unified: UnifiedFiles, trust_remote_code: bool = False
+) -> TaskData:
     splits: dict[str, list[Example]] = {}
     notes = []
     for split in SPLITS:
@@ -281,18 +294,27 @@ def label_vocabulary(data: TaskData) -> list[str]:
         check = list(data.splits)
     else:
         seen = {label for example in data.splits["train"] for label in labels_of(example)}
-        vocabulary = sorted(seen, key=lambda tag: (tag != "O", tag[2:], tag) if task.type == "token_classification" else tag)
+        vocabulary = sorted(
+            seen, key=lambda tag: (tag != "O", tag[2:], tag) if task.type == "token_classification" else tag
+        )
         check = [s for s in data.splits if s != "train"]
         if task.type != "token_classification" and len(vocabulary) < 2:
-            raise DataError(f"task '{data.name}' has only one label in train: {vocabulary}", file=str(task.source.train))
+            raise DataError(
+                f"task '{data.name}' has only one label in train: {vocabulary}", file=str(task.source.train)
+            )
     known = set(vocabulary)
     if task.positive_label is not None and task.positive_label not in known:
-        raise DataError(f"positive_label '{task.positive_label}' is not a label of task '{data.name}' ({', '.join(vocabulary)})")
+        raise DataError(
+            f"positive_label '{task.positive_label}' is not a label of task '{data.name}' ({', '.join(vocabulary)})"
+        )
     for split in check:
         for example in data.splits[split]:
             for label in labels_of(example):
                 if label not in known:
-                    raise example.error(f"unknown label '{label}' in {split} (task '{data.name}' knows: {', '.join(vocabulary)})", field_name)
+                    raise example.error(
+                        f"unknown label '{label}' in {split} (task '{data.name}' knows: {', '.join(vocabulary)})",
+                        field_name,
+                    )
     return vocabulary
 
 

@@ -116,6 +116,8 @@ def format_table(results: dict[str, dict[str, Any]], average: float | None = Non
     if average is not None:
         rows.append(["average", "", "", "main score", f"{average:.4f}", ""])
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

