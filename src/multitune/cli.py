@@ -80,6 +80,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.markdown:
             print(run.methods_markdown())
         else:
-            for kind, name, summary in run.describe_methods():
-                print(f"{kind:15} {name:22} {summary}")
+            for method in run.describe_methods():
+                print(f"{method['kind']:20} {method['name']:22} {method['summary']}")
     return 0

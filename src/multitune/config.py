@@ -66,6 +66,13 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class GradientConfig(MethodConfig):
+    """A gradient aggregator, e.g. `{name: pcgrad, source: representation}`; see balancing/backward.py."""
+
+    source: Literal["representation", "parameters"] = "representation"
+    buffer_dtype: Literal["float32", "bfloat16"] = "float32"  # the [T, P] buffer of the parameters source
+
+
 class TrainingConfig(Group):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -184,6 +191,7 @@ class Config(Group):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     sampling: MethodConfig = Field(default_factory=lambda: MethodConfig(name="temperature", temperature=2.0))
     loss_weighting: MethodConfig = Field(default_factory=lambda: MethodConfig(name="equal"))
+    gradient_aggregation: GradientConfig | None = None
     tasks: dict[str, TaskConfig]
 
     @field_validator("tasks")
@@ -308,7 +316,8 @@ def validate_config(
 
 def check_methods(config: Config) -> None:
     """Method names and parameters exist in their registries (imported here to keep config.py the root)."""
-    from multitune.balancing.weighting import LOSS_WEIGHTINGS, WEIGHTING_INJECTED
+    from multitune.balancing.gradients import AGGREGATOR_INJECTED, GRADIENT_AGGREGATORS
+    from multitune.balancing.losses import LOSS_WEIGHTINGS, WEIGHTING_INJECTED
     from multitune.data.samplers import SAMPLER_INJECTED, SAMPLERS
     from multitune.evaluation.metrics import METRICS
 
@@ -318,6 +327,28 @@ def check_methods(config: Config) -> None:
     LOSS_WEIGHTINGS.check_params(
         config.loss_weighting.name, config.loss_weighting.params, WEIGHTING_INJECTED, field="loss_weighting"
     )
+    gradient = config.gradient_aggregation
+    if gradient is not None:
+        field = "gradient_aggregation"
+        factory = GRADIENT_AGGREGATORS.get(gradient.name, field=f"{field}.name")
+        GRADIENT_AGGREGATORS.check_params(gradient.name, gradient.params, AGGREGATOR_INJECTED, field=field)
+        sources = getattr(factory, "sources", ())
+        if gradient.source not in sources:
+            raise ConfigError(
+                f"'{gradient.name}' is defined only for the {' and '.join(sources)} source", field=f"{field}.source"
+            )
+        all_tasks = getattr(SAMPLERS.get(config.sampling.name), "tasks_per_step", "one") == "all"
+        if len(config.tasks) > 1 and not (all_tasks or config.training.mixed_batches):
+            raise ConfigError(
+                f"'{gradient.name}' combines the gradients of several tasks, but sampler '{config.sampling.name}' "
+                "feeds one task per step: use sampling.name=all_tasks or training.mixed_batches=true",
+                field=f"{field}.name",
+            )
+        if config.training.mixed_precision == "fp16":
+            raise ConfigError(
+                "gradient aggregation needs bf16 or no mixed precision (fp16 loss scaling would be bypassed)",
+                field="training.mixed_precision",
+            )
     for name, task in config.tasks.items():
         for metric in task.metrics or []:
             METRICS.get(metric, field=f"tasks.{name}.metrics")

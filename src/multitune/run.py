@@ -16,11 +16,13 @@ from typing import Any, TextIO
 
 import torch
 
-from multitune.balancing.weighting import LOSS_WEIGHTINGS, LossWeighting
+from multitune.balancing.backward import Balancer
+from multitune.balancing.gradients import GRADIENT_AGGREGATORS
+from multitune.balancing.losses import LOSS_WEIGHTINGS, LossWeighting
 from multitune.config import Config, TaskConfig, dump_config, validate_config
 from multitune.data.encoding import Encoded, encode
 from multitune.data.readers import Row, json_rows, read_jsonl
-from multitune.data.samplers import SAMPLERS
+from multitune.data.samplers import SAMPLERS, TaskSampler
 from multitune.data.streams import TaskStream
 from multitune.data.tasks import Example, TaskData, example_from_fields, load_tasks
 from multitune.errors import ConfigError, MultitunError
@@ -80,6 +82,38 @@ def prepare(config: Config) -> Prepared:
     torch.manual_seed(config.run.seed)  # heads start the same whatever loading consumed
     model = build_model(config, tasks, backbone)
     return Prepared(config, tasks, backbone, model, encode_splits(tasks, backbone.tokenizer, model_config.max_length))
+
+
+def build_sampler(config: Config, tasks: dict[str, TaskData]) -> TaskSampler:
+    return SAMPLERS.build(
+        config.sampling.name,
+        injected={
+            "sizes": {name: len(task.splits["train"]) for name, task in tasks.items()},
+            "weights": {name: task.config.sampling_weight for name, task in tasks.items()},
+            "total_steps": config.training.steps,
+        },
+        **config.sampling.params,
+    )
+
+
+def build_balancer(config: Config, task_names: list[str]) -> Balancer:
+    weighting = LOSS_WEIGHTINGS.build(
+        config.loss_weighting.name,
+        injected={
+            "task_names": task_names,
+            "loss_weights": {n: t.loss_weight for n, t in config.tasks.items()},
+            "seed": config.run.seed,
+        },
+        **config.loss_weighting.params,
+    )
+    gradient = config.gradient_aggregation
+    if gradient is None:
+        return Balancer(weighting)
+    aggregator = GRADIENT_AGGREGATORS.build(
+        gradient.name, injected={"task_names": task_names, "seed": config.run.seed}, **gradient.params
+    )
+    dtype = torch.bfloat16 if gradient.buffer_dtype == "bfloat16" else torch.float32
+    return Balancer(weighting, aggregator, gradient.source, dtype)
 
 
 def create_run_dir(output_dir: str, name: str) -> Path:
@@ -142,19 +176,8 @@ def train_run(config: Config) -> Path:
 
     prepared = prepare(config)
     tasks, model, training = prepared.tasks, prepared.model, config.training
-    sampler = SAMPLERS.build(
-        config.sampling.name,
-        injected={
-            "sizes": {name: len(task.splits["train"]) for name, task in tasks.items()},
-            "weights": {name: task.config.sampling_weight for name, task in tasks.items()},
-        },
-        **config.sampling.params,
-    )
-    weighting = LOSS_WEIGHTINGS.build(
-        config.loss_weighting.name,
-        injected={"task_names": list(tasks), "loss_weights": {n: t.config.loss_weight for n, t in tasks.items()}},
-        **config.loss_weighting.params,
-    )
+    sampler = build_sampler(config, tasks)
+    balancer = build_balancer(config, list(tasks))
     streams = {name: TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:stream") for name in tasks}
 
     run_dir = create_run_dir(config.run.output_dir, config.run.name)
@@ -166,26 +189,26 @@ def train_run(config: Config) -> Path:
     prepared.backbone.tokenizer.save_pretrained(run_dir / "backbone")
 
     accelerator = Accelerator(mixed_precision=training.mixed_precision)
-    optimizer = optimizer_for(model, weighting, config)
+    optimizer = optimizer_for(model, balancer.weighting, config)
     warmup = int(training.warmup_ratio * training.steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, training.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if isinstance(weighting, torch.nn.Module):
-        weighting.to(accelerator.device)
+    if isinstance(balancer.weighting, torch.nn.Module):
+        balancer.weighting.to(accelerator.device)
     history = (run_dir / "history.jsonl").open("a", encoding="utf-8")
 
     def record(entry: dict[str, Any]) -> None:
         history.write(json.dumps(entry) + "\n")
         history.flush()
 
-    def validate(step: int) -> float:
+    def validate(step: int) -> tuple[float, dict[str, float]]:
         results = evaluate(
             model, tasks, prepared.encoded, "validation", training.eval_batch_size, accelerator.device, prepared.pad_id
         )
         score = average_main_score(results)
         record({"step": step, "validation": {n: r["metrics"] for n, r in results.items()}, "average_main_score": score})
         log.info("step %d: validation average main score %.4f", step, score)
-        return score
+        return score, {name: r["main_score"] for name, r in results.items()}
 
     settings = LoopSettings(
         steps=training.steps,
@@ -202,7 +225,7 @@ def train_run(config: Config) -> Path:
         model,
         streams,
         sampler,
-        weighting,
+        balancer,
         optimizer,
         scheduler,
         accelerator,
@@ -328,22 +351,34 @@ def _rows(source: TextIO, name: str) -> Iterator[Row]:
     return json_rows(enumerate(source, start=1), name)
 
 
-def describe_methods() -> Iterable[tuple[str, str, str]]:
-    """(kind, name, summary) of every registered method, for `multitune list` and the README."""
+def describe_methods() -> Iterable[dict[str, str]]:
+    """Every registered method with its summary, paper, gradient sources and cost (from the classes)."""
     from multitune.evaluation.metrics import METRICS
 
-    for kind, registry in (
+    registries = (
         ("sampler", SAMPLERS),
         ("loss weighting", LOSS_WEIGHTINGS),
+        ("gradient aggregator", GRADIENT_AGGREGATORS),
         ("head", HEADS),
         ("metric", METRICS),
-    ):
+    )
+    for kind, registry in registries:
         for name, summary in registry.summaries():
-            yield kind, name, summary
+            factory = registry.get(name)
+            yield {
+                "kind": kind,
+                "name": name,
+                "summary": summary,
+                "paper": getattr(factory, "paper", ""),
+                "sources": ", ".join(getattr(factory, "sources", ())),
+                "cost": getattr(factory, "cost", ""),
+            }
 
 
 def methods_markdown() -> str:
     """The README's methods table, generated from the registries."""
-    lines = ["| kind | config name | what it does |", "|---|---|---|"]
-    lines += [f"| {kind} | `{name}` | {summary.replace('|', '/')} |" for kind, name, summary in describe_methods()]
+    lines = ["| kind | config name | what it does | paper | gradient source | extra cost |", "|---|---|---|---|---|---|"]
+    for m in describe_methods():
+        cells = [m["kind"], f"`{m['name']}`", m["summary"], m["paper"], m["sources"], m["cost"]]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)

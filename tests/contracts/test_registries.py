@@ -1,60 +1,63 @@
 """Every registered sampler, loss weighting, head and metric runs through the same checks."""
 
+import copy
 import random
+from collections import Counter
 
 import pytest
 import torch
 
-from multitune.balancing.backward import balanced_backward
-from multitune.balancing.weighting import LOSS_WEIGHTINGS
 from multitune.data.encoding import IGNORE_INDEX
-from multitune.data.samplers import SAMPLERS, TaskSampler
+from multitune.data.samplers import SAMPLERS, ObservesTraining, TaskSampler
 from multitune.evaluation.metrics import METRICS, Metric
 from multitune.models.heads import HEADS, Head
 
-TASKS = ["a", "b", "c"]
 SIZES = {"a": 500, "b": 50, "c": 5}
+
+
+EXAMPLE_PARAMS = {"manual": {"probabilities": {"a": 0.5, "b": 0.3, "c": 0.2}}}
+
+
+def build_sampler(name):
+    injected = {"sizes": SIZES, "weights": {"b": 3.0}, "total_steps": 100}
+    return SAMPLERS.build(name, injected=injected, **EXAMPLE_PARAMS.get(name, {}))
 
 
 @pytest.mark.parametrize("name", SAMPLERS.names())
 def test_sampler_contract(name):
-    sampler = SAMPLERS.build(name, injected={"sizes": SIZES, "weights": {"b": 3.0}})
+    sampler = build_sampler(name)
     assert isinstance(sampler, TaskSampler)
-    probabilities = sampler.probabilities()
-    assert set(probabilities) == set(SIZES) and sum(probabilities.values()) == pytest.approx(1.0)
-    assert all(p > 0 for p in probabilities.values())
+    for step in (0, 50, 99):
+        probabilities = sampler.probabilities(step)
+        assert set(probabilities) == set(SIZES) and sum(probabilities.values()) == pytest.approx(1.0)
+        assert all(p > 0 for p in probabilities.values())
     for step in range(50):
         chosen = sampler.tasks_for_step(step, random.Random(step))
         assert chosen and set(chosen) <= set(SIZES)
-        assert chosen == sampler.tasks_for_step(step, random.Random(step))  # a pure function of (step, rng)
+        assert chosen == sampler.tasks_for_step(step, random.Random(step))  # a pure function of (step, rng, state)
 
 
-@pytest.mark.parametrize("name", LOSS_WEIGHTINGS.names())
-def test_loss_weighting_contract(name):
-    weighting = LOSS_WEIGHTINGS.build(name, injected={"task_names": TASKS, "loss_weights": {"a": 2.0}})
-    losses = torch.tensor([0.5, 1.5, 3.0], requires_grad=True)
-    total = weighting.combine(losses, TASKS, step=0)
-    assert total.ndim == 0 and torch.isfinite(total)
-    total.backward()
-    assert losses.grad is not None and torch.all(losses.grad >= 0) and torch.any(losses.grad > 0)
-    # a subset of tasks in any order gives the same value as the same tasks in canonical order
-    subset = weighting.combine(torch.tensor([3.0, 0.5]), ["c", "a"], step=1)
-    assert subset == pytest.approx(float(weighting.combine(torch.tensor([0.5, 3.0]), ["a", "c"], step=1)))
-    assert set(weighting.weights()) == set(TASKS)
-    if isinstance(weighting, torch.nn.Module):
-        again = LOSS_WEIGHTINGS.build(name, injected={"task_names": TASKS, "loss_weights": {"a": 2.0}})
-        again.load_state_dict(weighting.state_dict())
-        assert again.weights() == weighting.weights()
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_sampler_frequencies_match_probabilities(name):
+    sampler = build_sampler(name)
+    steps = 20_000
+    counts = Counter(t for step in range(steps) for t in sampler.tasks_for_step(step % 100, random.Random(f"7:{step}")))
+    expected = {t: sum(sampler.probabilities(s)[t] for s in range(100)) / 100 for t in SIZES}
+    total = sum(counts.values())
+    for task, p in expected.items():
+        assert counts[task] / total == pytest.approx(p, abs=0.015), task
 
 
-@pytest.mark.parametrize("name", LOSS_WEIGHTINGS.names())
-def test_balanced_backward_writes_gradients_through_the_weighting(name):
-    weighting = LOSS_WEIGHTINGS.build(name, injected={"task_names": TASKS, "loss_weights": None})
-    parameter = torch.nn.Parameter(torch.ones(3))
-    losses = {task: (parameter[i] * (i + 1)) ** 2 for i, task in enumerate(TASKS)}
-    total = balanced_backward(losses, weighting, step=0)
-    assert parameter.grad is not None and torch.isfinite(total)
-    assert torch.all(parameter.grad > 0)
+@pytest.mark.parametrize("name", [n for n in SAMPLERS.names() if isinstance(build_sampler(n), ObservesTraining)])
+def test_stateful_sampler_resumes_the_same_sequence(name):
+    sampler = build_sampler(name)
+    for step in range(30):
+        sampler.observe_losses({t: 1.0 / (step + 1) if t == "a" else 1.0 for t in SIZES}, step)
+    sampler.observe_validation({"a": 0.9, "b": 0.4, "c": 0.7}, 30)
+    restored = build_sampler(name)
+    restored.load_state_dict(copy.deepcopy(sampler.state_dict()))
+    first = [sampler.tasks_for_step(s, random.Random(s)) for s in range(30, 80)]
+    assert first == [restored.tasks_for_step(s, random.Random(s)) for s in range(30, 80)]
 
 
 @pytest.mark.parametrize("name", HEADS.names())

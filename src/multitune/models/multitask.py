@@ -25,9 +25,12 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.pooling = pooling
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
+    def encode(self, batch: Batch) -> Tensor:
+        """The shared representation of every row: [B, L, H]."""
+        return self.backbone(**batch.inputs).last_hidden_state
+
+    def head_outputs(self, hidden: Tensor, batch: Batch) -> dict[str, Tensor]:
         """Each task's head outputs for its rows of the batch."""
-        hidden = self.backbone(**batch.inputs).last_hidden_state  # [B, L, H]
         pooled: Tensor | None = None
         outputs = {}
         for name, part in batch.tasks.items():
@@ -40,15 +43,21 @@ class MultiTaskModel(nn.Module):
                 outputs[name] = head(pooled[part.rows])
         return outputs
 
-    def losses(self, batch: Batch) -> dict[str, Tensor]:
+    def head_losses(self, hidden: Tensor, batch: Batch) -> dict[str, Tensor]:
         """{task: scalar loss} for the tasks in the batch."""
-        outputs = self(batch)
+        outputs = self.head_outputs(hidden, batch)
         losses = {}
         for name, part in batch.tasks.items():
             assert part.labels is not None, f"batch for task '{name}' has no labels"
             head: Head = self.heads[name]  # type: ignore[assignment]
             losses[name] = head.loss(outputs[name], part.labels)
         return losses
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        return self.head_outputs(self.encode(batch), batch)
+
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        return self.head_losses(self.encode(batch), batch)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return self.backbone.parameters()
