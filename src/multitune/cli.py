@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", default="-", help="JSONL file, or - for stdin")
     predict.add_argument("--output", default="-", help="JSONL file, or - for stdout")
 
+    sweep = commands.add_parser("sweep", help="train one config under several settings and compare them")
+    sweep.add_argument("config", help="YAML config file")
+    sweep.add_argument(
+        "assignments", nargs="+", metavar="key=a,b,c", help="an axis (several values) or a fixed override"
+    )
+
     listing = commands.add_parser("list", help="list the registered samplers, loss weightings, heads and metrics")
     listing.add_argument("--markdown", action="store_true", help="print the README's methods table")
     return parser
@@ -61,6 +67,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from multitune.config import load_config
 
         run.train_run(load_config(args.config, args.overrides))
+    elif args.command == "sweep":
+        from multitune.sweep import sweep
+
+        sweep(args.config, args.assignments, run.train_run)
     elif args.command == "evaluate":
         run.evaluate_run(args.run_dir, args.split)
     elif args.command == "predict":

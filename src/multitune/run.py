@@ -377,7 +377,10 @@ def describe_methods() -> Iterable[dict[str, str]]:
 
 def methods_markdown() -> str:
     """The README's methods table, generated from the registries."""
-    lines = ["| kind | config name | what it does | paper | gradient source | extra cost |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| kind | config name | what it does | paper | gradient source | extra cost |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in describe_methods():
         cells = [m["kind"], f"`{m['name']}`", m["summary"], m["paper"], m["sources"], m["cost"]]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")

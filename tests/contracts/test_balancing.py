@@ -9,6 +9,8 @@ import torch
 from multitune.balancing.backward import Balancer, balanced_backward
 from multitune.balancing.gradients import GRADIENT_AGGREGATORS, GramianAggregator, gramian
 from multitune.balancing.losses import LOSS_WEIGHTINGS
+from multitune.data.collate import collate
+from multitune.data.encoding import Encoded
 
 TASKS = ["a", "b", "c", "d", "e"]
 NON_CONFLICTING = {"mgda", "upgrad", "nash_mtl"}
@@ -212,32 +214,36 @@ def test_geometric_and_log_are_scale_invariant():
 
 
 class TwoHeadModel(torch.nn.Module):
-    """A linear 'backbone' and two linear heads, with per-task rows like MultiTaskModel."""
+    """A tiny embedding + linear 'backbone' and two regression heads, fed real `Batch`es like MultiTaskModel."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.backbone = torch.nn.Linear(4, 3)
+        self.backbone = torch.nn.Sequential(torch.nn.Embedding(12, 4), torch.nn.Linear(4, 3))
         self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 1), "b": torch.nn.Linear(3, 1)})
 
     def encode(self, batch):
-        return self.backbone(batch["x"])
+        return self.backbone(batch.inputs["input_ids"])  # [B, L, 3]
 
     def head_losses(self, hidden, batch):
+        mask = batch.inputs["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
         return {
-            name: (self.heads[name](hidden[rows]).squeeze(-1) - batch["y"][rows]).pow(2).mean()
-            for name, rows in batch["rows"].items()
+            name: (self.heads[name](pooled[part.rows]).squeeze(-1) - part.labels).pow(2).mean()
+            for name, part in batch.tasks.items()
         }
 
     def shared_parameters(self):
         return self.backbone.parameters()
 
 
-BATCH = {
-    "x": torch.randn(6, 4, generator=torch.Generator().manual_seed(1)),
-    "y": torch.arange(6.0),
-    "rows": {"a": slice(0, 3), "b": slice(3, 6)},
-}
+BATCH = collate(
+    {
+        "a": [Encoded([1, 2, 3], None, 0.5), Encoded([4, 5], None, -1.0), Encoded([6], None, 2.0)],
+        "b": [Encoded([7, 8, 9, 10, 11], None, 1.0), Encoded([2, 2], None, 0.0), Encoded([3], None, -0.5)],
+    },
+    pad_id=0,
+)
 
 
 def gradients_after(balancer):
@@ -259,14 +265,8 @@ def test_sum_aggregation_reproduces_the_plain_backward(source):
 @pytest.mark.parametrize("source", ["representation", "parameters"])
 def test_gradient_methods_write_shared_and_head_gradients(source):
     grads_by_name = gradients_after(Balancer(weighting("uncertainty"), build("mgda"), source))
-    assert set(grads_by_name) == {
-        "backbone.weight",
-        "backbone.bias",
-        "heads.a.weight",
-        "heads.a.bias",
-        "heads.b.weight",
-        "heads.b.bias",
-    }
+    expected = {"backbone.0.weight", "backbone.1.weight", "backbone.1.bias"}
+    assert set(grads_by_name) == expected | {f"heads.{t}.{p}" for t in "ab" for p in ("weight", "bias")}
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads_by_name.values())
 
 
@@ -276,4 +276,12 @@ def test_parameter_buffer_is_allocated_once():
     balanced_backward(model, BATCH, balancer, step=0)
     first = balancer._buffer
     balanced_backward(model, BATCH, balancer, step=1)
-    assert balancer._buffer is first and first.shape == (2, 4 * 3 + 3)
+    assert balancer._buffer is first and first.shape == (2, 12 * 4 + 4 * 3 + 3)
+
+
+@pytest.mark.parametrize("name", ["gradnorm", "uncertainty"])
+def test_parameter_source_matches_the_plain_backward_for_any_weighting(name):
+    plain = gradients_after(Balancer(weighting(name)))
+    summed = gradients_after(Balancer(weighting(name), build("sum"), "parameters"))
+    for key in plain:
+        assert torch.allclose(plain[key], summed[key], atol=1e-5), key

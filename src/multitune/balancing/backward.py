@@ -7,9 +7,10 @@ sum, or per-task gradients combined by a gradient aggregator:
   through the heads per task), aggregated, then a single backward through the backbone with that
   aggregate (the MGDA-UB trick). Tasks that feed different rows of the batch have gradients on disjoint
   rows of Z, so there the aggregators act as per-task gradient scalings.
-- source `parameters`: exact per-task gradients of every shared parameter (T backward passes), kept on
-  the device in one preallocated [T, P] buffer (float32, or bfloat16 to halve it), aggregated, and
-  written into the shared parameters' `.grad`. Heads and learnable weightings get their ordinary gradients.
+- source `parameters`: exact per-task gradients of every shared parameter, kept on the device in one
+  preallocated [T, P] buffer (float32, or bfloat16 to halve it), aggregated, and written into the shared
+  parameters' `.grad`. Each task runs its own forward on its own rows, so the T backward passes together
+  cost about one backward of the joint batch. Heads and learnable weightings get their ordinary gradients.
 """
 
 from __future__ import annotations
@@ -75,32 +76,51 @@ def balanced_backward(
     step: int,
     backward: Callable[[Tensor], None] = Tensor.backward,
 ) -> StepLosses:
-    hidden = model.encode(batch)  # [B, L, H]: the shared representation
-    losses = model.head_losses(hidden, batch)
+    weighting = balancer.weighting
+    per_task_forward = balancer.aggregator is not None and balancer.source == "parameters" and len(batch.tasks) > 1
+    if per_task_forward:  # separate graphs: task i's backward then touches only task i's rows
+        losses = {}
+        for name in batch.tasks:
+            part = batch.only(name)
+            losses.update(model.head_losses(model.encode(part), part))
+        hidden = None
+    else:
+        hidden = model.encode(batch)  # [B, L, H]: the shared representation
+        losses = model.head_losses(hidden, batch)
     names = list(losses)
     stacked = torch.stack([losses[n] for n in names])  # [T]
-    terms = balancer.weighting.combine(stacked, names, step)  # [T], objective = terms.sum()
-    weighting = balancer.weighting
+    terms = weighting.combine(stacked, names, step)  # [T], objective = terms.sum()
     aggregator = balancer.aggregator if len(names) > 1 else None
-    if isinstance(weighting, ObservesTaskGradients) or (aggregator and balancer.source == "representation"):
+    total = terms.sum()
+    needs_representation = isinstance(weighting, ObservesTaskGradients) or (
+        aggregator is not None and balancer.source == "representation"
+    )
+    coefficients = torch.ones(len(names), device=stacked.device)
+    if needs_representation or aggregator is not None:
+        # c_i = d(Σ terms)/dL_i: task i's gradient is c_i·∇L_i, taken from task i's own graph only
+        # (differentiating terms[i] directly would push zeros through every other task's graph).
+        coefficients = torch.autograd.grad(total, stacked, retain_graph=True)[0].detach()  # [T]
+    task_grads = torch.empty(0)
+    if needs_representation and hidden is not None:
         task_grads = torch.stack(
-            [torch.autograd.grad(terms[i], hidden, retain_graph=True)[0].flatten() for i in range(len(names))]
+            [
+                torch.autograd.grad(losses[n], hidden, grad_outputs=coefficients[i], retain_graph=True)[0].flatten()
+                for i, n in enumerate(names)
+            ]
         )  # [T, B*L*H]
         if isinstance(weighting, ObservesTaskGradients):
-            scale = torch.stack([terms[i].detach() / stacked[i].detach().clamp_min(1e-12) for i in range(len(names))])
-            norms = task_grads.norm(dim=1) / scale.abs().clamp_min(1e-12)  # ‖∇_Z L_i‖ of the raw loss
+            norms = task_grads.norm(dim=1) / coefficients.abs().clamp_min(1e-12)  # ‖∇_Z L_i‖ of the raw loss
             weighting.observe_gradient_norms(norms, stacked.detach(), names, step)
-    total = terms.sum()
     if aggregator is None:
         backward(total)
-    elif balancer.source == "representation":
+    elif balancer.source == "representation" and hidden is not None:
         update = aggregate(aggregator, task_grads, names).view_as(hidden)
         head_side = _unshared_parameters(model, weighting)
         if head_side:
             torch.autograd.backward(total, inputs=head_side, retain_graph=True)
         torch.autograd.backward(hidden, grad_tensors=update.to(hidden.dtype))
     else:
-        _parameter_source_backward(model, balancer, aggregator, terms, names, total)
+        _parameter_source_backward(model, balancer, aggregator, losses, coefficients, total, step)
     return StepLosses({n: losses[n].detach() for n in names}, total.detach())
 
 
@@ -108,15 +128,19 @@ def _parameter_source_backward(
     model: BalancedModel,
     balancer: Balancer,
     aggregator: GradientAggregator,
-    terms: Tensor,
-    names: list[str],
+    losses: dict[str, Tensor],
+    coefficients: Tensor,
     total: Tensor,
+    step: int,
 ) -> None:
+    names = list(losses)
     shared = [p for p in model.shared_parameters() if p.requires_grad]
     sizes = [p.numel() for p in shared]
-    buffer = balancer.gradient_buffer(len(names), sum(sizes), terms.device)
-    for i in range(len(names)):
-        grads = torch.autograd.grad(terms[i], shared, retain_graph=True, allow_unused=True)
+    buffer = balancer.gradient_buffer(len(names), sum(sizes), coefficients.device)
+    for i, name in enumerate(names):
+        grads = torch.autograd.grad(
+            losses[name], shared, grad_outputs=coefficients[i], retain_graph=True, allow_unused=True
+        )
         offset = 0
         for g, n in zip(grads, sizes, strict=True):
             target = buffer[i, offset : offset + n]
@@ -125,8 +149,13 @@ def _parameter_source_backward(
             else:
                 target.copy_(g.flatten())
             offset += n
+    weighting = balancer.weighting
+    if isinstance(weighting, ObservesTaskGradients):
+        raw = torch.stack([losses[n].detach() for n in names])
+        norms = buffer.float().norm(dim=1) / coefficients.abs().clamp_min(1e-12)
+        weighting.observe_gradient_norms(norms, raw, names, step)
     update = aggregate(aggregator, buffer, names)  # [P]
-    others = _unshared_parameters(model, balancer.weighting)
+    others = _unshared_parameters(model, weighting)
     if others:
         torch.autograd.backward(total, inputs=others)
     offset = 0

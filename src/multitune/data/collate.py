@@ -32,6 +32,17 @@ class Batch:
             },
         )
 
+    def only(self, name: str) -> Batch:
+        """The rows of one task, trimmed to their own longest row (less padding than the joint batch)."""
+        part = self.tasks[name]
+        mask = self.inputs["attention_mask"][part.rows]
+        length = max(int(mask.sum(1).max()), 1)
+        inputs = {k: v[part.rows, :length] for k, v in self.inputs.items()}
+        labels = part.labels
+        if labels is not None and labels.ndim == 2:
+            labels = labels[:, :length]
+        return Batch(inputs, {name: TaskRows(slice(0, mask.shape[0]), labels)})
+
     @property
     def size(self) -> int:
         return int(self.inputs["input_ids"].shape[0])
