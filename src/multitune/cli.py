@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
 
+    resume = commands.add_parser("resume", help="continue a run from its newest loadable checkpoint")
+    resume.add_argument("run_dir")
+
     predict = commands.add_parser("predict", help="predict one task: JSONL in, JSONL out")
     predict.add_argument("run_dir")
     predict.add_argument("--task", required=True)
@@ -54,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except MultitunError as error:
         print(f"multitune: error: {error}", file=sys.stderr)
-        return 2
+        return int(getattr(error, "exit_code", 2))
     except KeyboardInterrupt:
         print("multitune: interrupted", file=sys.stderr)
         return 130
@@ -67,6 +70,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from multitune.config import load_config
 
         run.train_run(load_config(args.config, args.overrides))
+    elif args.command == "resume":
+        run.resume_run(args.run_dir)
     elif args.command == "sweep":
         from multitune.sweep import sweep
 

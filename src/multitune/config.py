@@ -38,6 +38,7 @@ class RunConfig(Group):
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 13
+    resume: str | None = None  # "auto": continue output_dir/name from its newest checkpoint; or a run dir
 
     @field_validator("name")
     @classmethod
@@ -86,6 +87,9 @@ class TrainingConfig(Group):
     mixed_batches: bool = False  # one batch mixes examples of several tasks, drawn by the sampler
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = Field(10, ge=1)
+    checkpoint_every: int | None = Field(500, ge=1)  # also at the end and on SIGTERM / SIGINT
+    keep_checkpoints: int = Field(2, ge=1)
+    max_nonfinite_steps: int = Field(5, ge=1)  # skipped updates in a row before the run stops
     progress: bool = True
 
 

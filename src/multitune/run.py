@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,7 +22,7 @@ from multitune.balancing.losses import LOSS_WEIGHTINGS, LossWeighting
 from multitune.config import Config, TaskConfig, dump_config, validate_config
 from multitune.data.encoding import Encoded, encode
 from multitune.data.readers import Row, json_rows, read_jsonl
-from multitune.data.samplers import SAMPLERS, TaskSampler
+from multitune.data.samplers import SAMPLERS, ObservesTraining, TaskSampler
 from multitune.data.streams import TaskStream
 from multitune.data.tasks import Example, TaskData, example_from_fields, load_tasks
 from multitune.errors import ConfigError, MultitunError
@@ -30,8 +30,18 @@ from multitune.evaluation.evaluate import average_main_score, evaluate, format_t
 from multitune.models.backbone import Backbone, backbone_from_run, load_backbone
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
-from multitune.training.checkpoint import WEIGHTS_FILE, load_weights, save_weights, write_json, write_text
-from multitune.training.loop import LoopSettings, train
+from multitune.training.checkpoint import (
+    WEIGHTS_FILE,
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights,
+    remove_leftovers,
+    save_checkpoint,
+    save_weights,
+    write_json,
+    write_text,
+)
+from multitune.training.loop import LoopSettings, StopSignal, TrainState, train
 
 log = logging.getLogger(__name__)
 
@@ -174,19 +184,24 @@ def train_run(config: Config) -> Path:
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
 
+    resume_dir, checkpoint = find_resume(config)  # before any work: a config mismatch fails fast
     prepared = prepare(config)
     tasks, model, training = prepared.tasks, prepared.model, config.training
     sampler = build_sampler(config, tasks)
     balancer = build_balancer(config, list(tasks))
     streams = {name: TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:stream") for name in tasks}
 
-    run_dir = create_run_dir(config.run.output_dir, config.run.name)
-    print(f"run directory: {run_dir}", file=sys.stderr)
-    write_text(run_dir / "config.yaml", dump_config(config))
-    write_json(run_dir / "tasks.json", task_manifest(tasks))
-    backbone_config: Any = prepared.backbone.model.config
-    backbone_config.save_pretrained(run_dir / "backbone")
-    prepared.backbone.tokenizer.save_pretrained(run_dir / "backbone")
+    if resume_dir is not None:
+        run_dir = resume_dir
+        print(f"resuming {run_dir} from {checkpoint}", file=sys.stderr)
+    else:
+        run_dir = create_run_dir(config.run.output_dir, config.run.name)
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        write_text(run_dir / "config.yaml", dump_config(config))
+        write_json(run_dir / "tasks.json", task_manifest(tasks))
+        backbone_config: Any = prepared.backbone.model.config
+        backbone_config.save_pretrained(run_dir / "backbone")
+        prepared.backbone.tokenizer.save_pretrained(run_dir / "backbone")
 
     accelerator = Accelerator(mixed_precision=training.mixed_precision)
     optimizer = optimizer_for(model, balancer.weighting, config)
@@ -195,6 +210,12 @@ def train_run(config: Config) -> Path:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if isinstance(balancer.weighting, torch.nn.Module):
         balancer.weighting.to(accelerator.device)
+    parts = TrainingParts(accelerator.unwrap_model(model), optimizer, scheduler, sampler, balancer, streams)
+    state = TrainState()
+    if checkpoint is not None:
+        remove_leftovers(run_dir)
+        state = parts.restore(checkpoint)
+        keep_history_until(run_dir / "history.jsonl", state.step)
     history = (run_dir / "history.jsonl").open("a", encoding="utf-8")
 
     def record(entry: dict[str, Any]) -> None:
@@ -219,22 +240,30 @@ def train_run(config: Config) -> Path:
         max_grad_norm=training.max_grad_norm,
         eval_every=training.eval_every,
         log_every=training.log_every,
+        checkpoint_every=training.checkpoint_every,
+        max_nonfinite_steps=training.max_nonfinite_steps,
         progress=training.progress,
     )
-    state = train(
-        model,
-        streams,
-        sampler,
-        balancer,
-        optimizer,
-        scheduler,
-        accelerator,
-        settings,
-        validate,
-        lambda step: save_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE),
-        record,
-    )
-    history.close()
+    try:
+        with StopSignal() as stop:
+            state = train(
+                model,
+                streams,
+                sampler,
+                balancer,
+                optimizer,
+                scheduler,
+                accelerator,
+                settings,
+                state,
+                validate,
+                lambda step: save_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE),
+                lambda s: save_checkpoint(run_dir, s.step, parts.model, parts.snapshot(s), training.keep_checkpoints),
+                record,
+                stop,
+            )
+    finally:
+        history.close()
 
     load_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE)
     results = evaluate(
@@ -249,12 +278,119 @@ def train_run(config: Config) -> Path:
         "best_step": state.best_step,
         "validation_average_main_score": round(state.best_score, 6),
         "task_steps": state.task_steps,
+        "skipped_steps": state.skipped_steps,
     }
     write_json(run_dir / "metrics.json", metrics)
     print(format_table(results, average))
     print(f"trained {state.step} steps in {state.seconds:.1f} s; best validation at step {state.best_step}")
     print(f"saved to {run_dir}")
     return run_dir
+
+
+@dataclass
+class TrainingParts:
+    """The stateful pieces of a run, saved into and restored from a checkpoint together."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    sampler: TaskSampler
+    balancer: Balancer
+    streams: dict[str, TaskStream[Encoded]]
+
+    def snapshot(self, state: TrainState) -> dict[str, Any]:
+        weighting, aggregator = self.balancer.weighting, self.balancer.aggregator
+        return {
+            "loop": asdict(state),
+            "streams": {name: stream.state_dict() for name, stream in self.streams.items()},
+            "sampler": self.sampler.state_dict() if isinstance(self.sampler, ObservesTraining) else None,
+            "weighting": weighting.state_dict() if isinstance(weighting, torch.nn.Module) else None,
+            "aggregator": aggregator.state_dict() if hasattr(aggregator, "state_dict") else None,  # type: ignore[union-attr]
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+
+    def restore(self, checkpoint: Path) -> TrainState:
+        saved = load_trainer_state(checkpoint)
+        load_weights(self.model, checkpoint / WEIGHTS_FILE)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        for name, stream in self.streams.items():
+            stream.load_state_dict(saved["streams"][name])
+        if isinstance(self.sampler, ObservesTraining) and saved["sampler"] is not None:
+            self.sampler.load_state_dict(saved["sampler"])
+        weighting, aggregator = self.balancer.weighting, self.balancer.aggregator
+        if isinstance(weighting, torch.nn.Module) and saved["weighting"] is not None:
+            weighting.load_state_dict(saved["weighting"])
+        if aggregator is not None and saved["aggregator"] is not None:
+            aggregator.load_state_dict(saved["aggregator"])  # type: ignore[attr-defined]
+        torch.set_rng_state(saved["rng"]["torch"])
+        if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        return TrainState(**saved["loop"])
+
+
+def find_resume(config: Config) -> tuple[Path | None, Path | None]:
+    """(run dir, checkpoint) to continue, or (None, None) for a fresh run. `auto` resumes output_dir/name
+    when it has a loadable checkpoint; a path names a run dir. The config must match the saved one."""
+    resume = config.run.resume
+    if resume is None:
+        return None, None
+    run_dir = Path(config.run.output_dir) / config.run.name if resume == "auto" else Path(resume)
+    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if checkpoint is None:
+        if resume != "auto":
+            raise ConfigError("no loadable checkpoint to resume from", file=str(run_dir), field="run.resume")
+        print(f"nothing to resume in {run_dir}: starting a new run", file=sys.stderr)
+        return None, None
+    import yaml
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    current = yaml.safe_load(dump_config(config))
+    for values in (saved, current):
+        values["run"].pop("resume", None)
+        values["run"]["output_dir"] = values["run"]["name"] = ""  # a renamed or moved run dir is fine
+    difference = first_difference(saved, current)
+    if difference is not None:
+        raise ConfigError(
+            f"the config differs from the run being resumed ({run_dir / 'config.yaml'})", field=difference
+        )
+    return run_dir, checkpoint
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first value that differs between two nested dicts, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            found = first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (prefix or "<root>")
+
+
+def keep_history_until(path: Path, step: int) -> None:
+    """Drop history lines after the checkpoint's step: the resumed run writes them again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+def resume_run(run_dir: str | Path) -> Path:
+    """`multitune resume RUN_DIR`: the saved config, continued from the newest loadable checkpoint."""
+    import yaml
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise MultitunError("not a multitune run: config.yaml is missing", file=str(run))
+    data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    data["run"].update({"resume": str(run), "output_dir": str(run.parent), "name": run.name})
+    return train_run(validate_config(data, file=str(run / "config.yaml")))
 
 
 # --- using a finished run -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Atomic file writes (write, fsync, rename) and model weights as safetensors."""
+"""Atomic file writes (write, fsync, rename), model weights as safetensors, and training checkpoints."""
 
 from __future__ import annotations
 
@@ -69,3 +69,98 @@ def load_weights(model: nn.Module, path: Path) -> None:
             f"weights do not match the model (missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})",
             file=str(path),
         )
+
+
+# --- training checkpoints -----------------------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as stream:
+        os.fsync(stream.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: dict[str, Any], keep: int) -> Path:
+    """checkpoints/step-NNNNNNN/{model.safetensors, trainer.pt}: written into a hidden folder, fsynced,
+    then renamed into place, so a checkpoint either exists whole or not at all. Keeps the newest `keep`."""
+    import torch
+    from safetensors.torch import save_model
+
+    root = run_dir / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    partial = root / f".{final.name}.partial"
+    try:
+        if partial.exists():
+            _remove_checkpoint(partial)
+        partial.mkdir()
+        save_model(model, str(partial / WEIGHTS_FILE))
+        torch.save(trainer_state, partial / "trainer.pt")
+        for file in partial.iterdir():
+            _fsync_file(file)
+        _fsync_dir(partial)
+        if final.exists():  # the same step saved again (e.g. on a signal right after a periodic save)
+            _remove_checkpoint(final)
+        os.replace(partial, final)
+        _fsync_dir(root)
+    except OSError as error:
+        raise MultitunError(f"cannot write checkpoint: {error.strerror or error}", file=str(final)) from None
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        _remove_checkpoint(old)
+    return final
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a partial one is hidden and never listed)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(checkpoint / "trainer.pt", weights_only=True, map_location="cpu")  # type: ignore[no-any-return]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose files load; a damaged one is skipped."""
+    from safetensors import safe_open
+
+    for checkpoint in reversed(checkpoint_dirs(run_dir)):
+        try:
+            load_trainer_state(checkpoint)
+            with safe_open(str(checkpoint / WEIGHTS_FILE), framework="pt") as weights:
+                weights.keys()
+        except Exception:  # any failure to read means "not loadable": try the next older one
+            continue
+        return checkpoint
+    return None
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete one checkpoint folder of ours (its files are flat; nothing else is ever deleted)."""
+    for file in path.iterdir():
+        file.unlink()
+    path.rmdir()
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """After a crash: drop our half-written temporary files and partial checkpoints (names we made)."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    root = run_dir / CHECKPOINTS
+    if root.is_dir():
+        for partial in root.glob(f".{PREFIX}*.partial"):
+            _remove_checkpoint(partial)

@@ -1,9 +1,11 @@
-"""The training loop, top to bottom: sample tasks, one forward, balanced backward, step, validate."""
+"""The training loop, top to bottom: sample tasks, one forward, balanced backward, step, validate, checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +19,14 @@ from multitune.data.collate import collate
 from multitune.data.encoding import Encoded
 from multitune.data.samplers import ObservesTraining, TaskSampler, examples_per_task
 from multitune.data.streams import TaskStream
+from multitune.errors import MultitunError
 from multitune.models.multitask import MultiTaskModel
+
+
+class TrainingStopped(MultitunError):
+    """Training ended early: interrupted by a signal, or diverged (too many non-finite steps in a row)."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -30,16 +39,43 @@ class LoopSettings:
     max_grad_norm: float | None = 1.0
     eval_every: int = 200
     log_every: int = 10
+    checkpoint_every: int | None = None
+    max_nonfinite_steps: int = 5
     progress: bool = True
 
 
 @dataclass
 class TrainState:
+    """Everything about the loop's progress that a checkpoint must carry (besides weights and streams)."""
+
     step: int = 0
     best_score: float = -math.inf
     best_step: int = 0
     seconds: float = 0.0
     task_steps: dict[str, int] = field(default_factory=dict)
+    nonfinite_in_a_row: int = 0
+    skipped_steps: int = 0
+
+
+class StopSignal:
+    """Turns SIGTERM / SIGINT into a request the loop honours after the current step (then checkpoints)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame: object) -> None:
+        self.received = number
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 def train(
@@ -51,14 +87,16 @@ def train(
     scheduler: Any,
     accelerator: Any,
     settings: LoopSettings,
+    state: TrainState,
     validate: Callable[[int], tuple[float, dict[str, float]]],
     save_best: Callable[[int], None],
+    checkpoint: Callable[[TrainState], object],
     log: Callable[[dict[str, Any]], None],
+    stop: StopSignal | None = None,
 ) -> TrainState:
-    """Run `settings.steps` optimizer steps. `validate` returns the score that picks the best weights and
-    each task's main score (for samplers that adapt to validation)."""
+    """Run optimizer steps from `state.step` to `settings.steps`. `validate` returns the score that picks
+    the best weights and each task's main score (for samplers that adapt to validation)."""
     adaptive = sampler if isinstance(sampler, ObservesTraining) else None
-    state = TrainState()
     running: dict[str, float] = {}  # exponential moving average of each task's loss, for the progress bar
     model.train()
     bar = tqdm(range(state.step, settings.steps), disable=not settings.progress, desc="train", dynamic_ncols=True)
@@ -71,17 +109,30 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         with accelerator.autocast():
             result = balanced_backward(model, batch, balancer, step, accelerator.backward)
-        if settings.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-        optimizer.step()
+        norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm or math.inf)
+        step_losses = {name: float(loss) for name, loss in result.losses.items()}
+        problem = _nonfinite(step_losses, float(norm))
+        if problem is None:
+            optimizer.step()
+            state.nonfinite_in_a_row = 0
+        else:  # skip the update, keep the weights: one bad batch must not poison the run
+            optimizer.zero_grad(set_to_none=True)
+            state.nonfinite_in_a_row += 1
+            state.skipped_steps += 1
+            log({"step": step + 1, "skipped": problem})
         scheduler.step()
         state.step = step + 1
+        if state.nonfinite_in_a_row >= settings.max_nonfinite_steps:
+            raise TrainingStopped(
+                f"training stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite steps in a row "
+                f"(last: {problem}); the last good checkpoint is intact"
+            )
 
-        step_losses = {name: float(loss) for name, loss in result.losses.items()}
         for name, value in step_losses.items():
-            running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
+            if math.isfinite(value):
+                running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
             state.task_steps[name] = state.task_steps.get(name, 0) + 1
-        if adaptive is not None:
+        if adaptive is not None and problem is None:
             adaptive.observe_losses(step_losses, step)
         bar.set_postfix({name: f"{v:.3f}" for name, v in running.items()}, refresh=False)
         if state.step % settings.log_every == 0:
@@ -104,5 +155,23 @@ def train(
                 state.best_score, state.best_step = score, state.step
                 save_best(state.step)
             started = time.perf_counter()
+        every = settings.checkpoint_every
+        stopping = stop is not None and stop.received is not None
+        if stopping or state.step == settings.steps or (every and state.step % every == 0):
+            state.seconds += time.perf_counter() - started
+            checkpoint(state)
+            started = time.perf_counter()
+        if stopping:
+            raise TrainingStopped(f"interrupted at step {state.step}; checkpoint saved; resume with run.resume=auto")
     bar.close()
     return state
+
+
+def _nonfinite(losses: dict[str, float], grad_norm: float) -> str | None:
+    """What is non-finite in this step, named by task where it can be, or None."""
+    bad = [name for name, value in losses.items() if not math.isfinite(value)]
+    if bad:
+        return f"non-finite loss in task {', '.join(bad)}"
+    if not math.isfinite(grad_norm):
+        return f"non-finite gradient (tasks in the step: {', '.join(losses)})"
+    return None

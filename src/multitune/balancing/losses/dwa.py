@@ -63,8 +63,10 @@ class DynamicWeightAverage(nn.Module):
             self._roll()
             self.window += 1
         index = task_index(self.task_names, tasks)
-        self.sums[index] += losses.detach().double().cpu()
-        self.counts[index] += 1
+        observed = losses.detach().double().cpu()
+        finite = torch.isfinite(observed)  # a skipped (non-finite) step must not poison the averages
+        self.sums[index] += torch.where(finite, observed, torch.zeros_like(observed))
+        self.counts[index] += finite.double()
         return self.task_weights.to(losses.device)[index] * losses / len(tasks)
 
     def weights(self) -> dict[str, float]:

@@ -70,7 +70,9 @@ class FAMOWeighting(nn.Module):
     def combine(self, losses: Tensor, tasks: Sequence[str], step: int) -> Tensor:
         index = task_index(self.task_names, tasks)
         clamped = losses.clamp_min(EPSILON)
-        self._update(torch.log(clamped.detach().float().cpu()), index)
+        log_losses = torch.log(clamped.detach().float().cpu())
+        if torch.isfinite(log_losses).all():  # a non-finite step is skipped by the loop
+            self._update(log_losses, index)
         z = torch.softmax(self.logits[index], dim=0).to(losses.device)  # [T]
         c = (z / clamped.detach()).sum()
         return z * torch.log(clamped) / c
