@@ -64,10 +64,14 @@ class Registry(Generic[T]):
                 raise ConfigError(f"unknown parameter for {self.kind} '{name}' (accepted: {listed})", field=where)
 
     def build(self, name: str, /, *, injected: dict[str, Any] | None = None, **params: Any) -> T:
+        """Call the factory with the config's `params` and those `injected` values it declares."""
         injected = injected or {}
         self.check_params(name, params, injected)
+        factory = self.get(name)
+        accepted = inspect.signature(factory).parameters
+        wanted = {key: value for key, value in injected.items() if key in accepted}
         try:
-            return self.get(name)(**injected, **params)
+            return factory(**wanted, **params)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{self.kind} '{name}': {error}") from None
 

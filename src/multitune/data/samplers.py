@@ -174,8 +174,7 @@ class AnnealedSampler:
         return _normalised({name: float(n) ** exponent for name, n in self.sizes.items()}, self.weights)
 
     def tasks_for_step(self, step: int, rng: random.Random) -> list[str]:
-        p = self.probabilities(step)
-        return rng.choices(self.names, weights=[p[n] for n in self.names], k=1)
+        return draw_one(self.probabilities(step), rng)
 
 
 @SAMPLERS.register("round_robin")
@@ -250,8 +249,7 @@ class DynamicSampler:
         return _normalised(mixed, self.weights)
 
     def tasks_for_step(self, step: int, rng: random.Random) -> list[str]:
-        p = self.probabilities(step)
-        return rng.choices(self.names, weights=[p[n] for n in self.names], k=1)
+        return draw_one(self.probabilities(step), rng)
 
     def observe_losses(self, losses: dict[str, float], step: int) -> None:
         for name, value in losses.items():
@@ -271,6 +269,11 @@ class DynamicSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.first, self.running, self.lag = dict(state["first"]), dict(state["running"]), dict(state["lag"])
+
+
+def draw_one(probabilities: dict[str, float], rng: random.Random) -> list[str]:
+    names = list(probabilities)
+    return rng.choices(names, weights=[probabilities[n] for n in names], k=1)
 
 
 def examples_per_task(

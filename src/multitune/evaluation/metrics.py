@@ -34,9 +34,6 @@ class Accuracy:
     name = "accuracy"
     higher_is_better = True
 
-    def __init__(self, positive_label: str | None = None) -> None:
-        pass
-
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         from sklearn.metrics import accuracy_score
 
@@ -49,9 +46,6 @@ class MacroF1:
 
     name = "macro_f1"
     higher_is_better = True
-
-    def __init__(self, positive_label: str | None = None) -> None:
-        pass
 
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         from sklearn.metrics import f1_score
@@ -87,9 +81,6 @@ class MatthewsCorrelation:
     name = "mcc"
     higher_is_better = True
 
-    def __init__(self, positive_label: str | None = None) -> None:
-        pass
-
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         from sklearn.metrics import matthews_corrcoef
 
@@ -102,9 +93,6 @@ class Pearson:
 
     name = "pearson"
     higher_is_better = True
-
-    def __init__(self, positive_label: str | None = None) -> None:
-        pass
 
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         from scipy.stats import pearsonr
@@ -121,9 +109,6 @@ class Spearman:
     name = "spearman"
     higher_is_better = True
 
-    def __init__(self, positive_label: str | None = None) -> None:
-        pass
-
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         from scipy.stats import spearmanr
 
@@ -139,9 +124,6 @@ class MeanSquaredError:
     name = "mse"
     higher_is_better = False
 
-    def __init__(self, positive_label: str | None = None) -> None:
-        pass
-
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         from sklearn.metrics import mean_squared_error
 
@@ -154,9 +136,6 @@ class EntityF1:
 
     name = "entity_f1"
     higher_is_better = True
-
-    def __init__(self, positive_label: str | None = None) -> None:
-        pass
 
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         from seqeval.metrics import f1_score
@@ -172,9 +151,6 @@ class TokenAccuracy:
 
     name = "token_accuracy"
     higher_is_better = True
-
-    def __init__(self, positive_label: str | None = None) -> None:
-        pass
 
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         pairs = [(p, r) for ps, rs in zip(predictions, references, strict=True) for p, r in zip(ps, rs, strict=True)]

@@ -24,9 +24,6 @@ class AlignedMTL:
     paper = "Senushkin et al. 2023"
     cost = "Gramian [T, T] + a T x T solve"
 
-    def __init__(self, task_names: Sequence[str] = (), seed: int = 0) -> None:
-        pass
-
     def weights(self, gramian: Tensor, tasks: Sequence[str]) -> Tensor:
         g = to_numpy(gramian)
         values, vectors = np.linalg.eigh(g)

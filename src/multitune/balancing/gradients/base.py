@@ -9,7 +9,7 @@ they are tiny, and moving a T x T matrix costs nothing next to moving the gradie
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -79,43 +79,54 @@ def project_simplex(v: np.ndarray) -> np.ndarray:
     return np.maximum(v - cumulative[rho] / (rho + 1), 0)
 
 
-def min_norm_on_simplex(g: np.ndarray, iterations: int = 1000, tolerance: float = 1e-12) -> np.ndarray:
-    """argmin over the simplex of αᵀGα: accelerated projected gradient (FISTA) on a scaled G."""
-    t = g.shape[0]
-    scale = np.trace(g) / t
-    if scale <= 0:
-        return np.full(t, 1.0 / t)
-    g = g / scale
-    step = 1.0 / max(np.linalg.eigvalsh(g)[-1], 1e-12)
-    alpha = np.full(t, 1.0 / t)
-    y, momentum = alpha.copy(), 1.0
+def accelerated_projected_gradient(
+    gradient: Callable[[np.ndarray], np.ndarray],
+    project: Callable[[np.ndarray], np.ndarray],
+    start: np.ndarray,
+    step: float,
+    iterations: int,
+    tolerance: float,
+) -> np.ndarray:
+    """FISTA: minimise a smooth convex function over a convex set, given its gradient and the projection."""
+    x = start
+    y, momentum = x.copy(), 1.0
     for _ in range(iterations):
-        new = project_simplex(y - step * (g @ y))
+        new = project(y - step * gradient(y))
         next_momentum = (1 + np.sqrt(1 + 4 * momentum**2)) / 2
-        y = new + (momentum - 1) / next_momentum * (new - alpha)
-        if np.abs(new - alpha).max() < tolerance:
-            alpha = new
-            break
-        alpha, momentum = new, next_momentum
-    return alpha
+        y = new + (momentum - 1) / next_momentum * (new - x)
+        if np.abs(new - x).max() < tolerance:
+            return new
+        x, momentum = new, next_momentum
+    return x
+
+
+def _scaled(g: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """G divided by its mean eigenvalue (the solutions are scale-free), and the step 1/λ_max; None if G = 0."""
+    scale = np.trace(g) / g.shape[0]
+    if scale <= 0:
+        return None
+    g = g / scale
+    return g, 1.0 / max(np.linalg.eigvalsh(g)[-1], 1e-12)
+
+
+def min_norm_on_simplex(g: np.ndarray, iterations: int = 1000, tolerance: float = 1e-12) -> np.ndarray:
+    """argmin over the simplex of αᵀGα."""
+    t = g.shape[0]
+    scaled = _scaled(g)
+    if scaled is None:
+        return np.full(t, 1.0 / t)
+    g, step = scaled
+    return accelerated_projected_gradient(
+        lambda a: g @ a, project_simplex, np.full(t, 1.0 / t), step, iterations, tolerance
+    )
 
 
 def nonnegative_quadratic(g: np.ndarray, w: np.ndarray, iterations: int = 2000, tolerance: float = 1e-12) -> np.ndarray:
-    """For each column w_k of W [T, K]: argmin over λ >= 0 of ½(w_k+λ)ᵀG(w_k+λ), by projected gradient."""
-    t = g.shape[0]
-    scale = np.trace(g) / t
-    if scale <= 0:
+    """For each column w_k of W [T, K]: argmin over λ >= 0 of ½(w_k+λ)ᵀG(w_k+λ)."""
+    scaled = _scaled(g)
+    if scaled is None:
         return np.zeros_like(w)
-    g = g / scale
-    step = 1.0 / max(np.linalg.eigvalsh(g)[-1], 1e-12)
-    lam = np.zeros_like(w)
-    y, momentum = lam.copy(), 1.0
-    for _ in range(iterations):
-        new = np.maximum(y - step * (g @ (w + y)), 0)
-        next_momentum = (1 + np.sqrt(1 + 4 * momentum**2)) / 2
-        y = new + (momentum - 1) / next_momentum * (new - lam)
-        if np.abs(new - lam).max() < tolerance:
-            lam = new
-            break
-        lam, momentum = new, next_momentum
-    return lam
+    g, step = scaled
+    return accelerated_projected_gradient(
+        lambda lam: g @ (w + lam), lambda x: np.maximum(x, 0), np.zeros_like(w), step, iterations, tolerance
+    )

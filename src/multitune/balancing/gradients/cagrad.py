@@ -31,7 +31,7 @@ class CAGrad:
     paper = "Liu et al. 2021 (CAGrad)"
     cost = "Gramian [T, T] + a T x T solve"
 
-    def __init__(self, task_names: Sequence[str] = (), seed: int = 0, c: float = 0.4, iterations: int = 300) -> None:
+    def __init__(self, c: float = 0.4, iterations: int = 300) -> None:
         if c < 0:
             raise ValueError("c must be >= 0")
         self.c, self.iterations = c, iterations

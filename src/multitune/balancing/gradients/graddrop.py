@@ -25,7 +25,7 @@ class GradDrop:
     cost = "elementwise over [T, P]"
     randomized = True
 
-    def __init__(self, task_names: Sequence[str] = (), seed: int = 0, leak: float = 0.0) -> None:
+    def __init__(self, seed: int = 0, leak: float = 0.0) -> None:
         self.leak = leak
         self.generator = torch.Generator().manual_seed(seed)
 

@@ -24,9 +24,6 @@ class IMTLG:
     paper = "Liu et al. 2021 (IMTL)"
     cost = "Gramian [T, T] + a T x T solve"
 
-    def __init__(self, task_names: Sequence[str] = (), seed: int = 0) -> None:
-        pass
-
     def weights(self, gramian: Tensor, tasks: Sequence[str]) -> Tensor:
         g = to_numpy(gramian)
         t = g.shape[0]

@@ -29,9 +29,6 @@ class MGDA:
     paper = "Sener & Koltun 2018"
     cost = "Gramian [T, T] + a T x T solve"
 
-    def __init__(self, task_names: Sequence[str] = (), seed: int = 0) -> None:
-        pass
-
     def weights(self, gramian: Tensor, tasks: Sequence[str]) -> Tensor:
         return to_tensor(min_norm_on_simplex(to_numpy(gramian)))
 

@@ -27,9 +27,7 @@ class NashMTL:
     paper = "Navon et al. 2022"
     cost = "Gramian [T, T] + a T x T solve"
 
-    def __init__(
-        self, task_names: Sequence[str] = (), seed: int = 0, iterations: int = 50, tolerance: float = 1e-10
-    ) -> None:
+    def __init__(self, iterations: int = 50, tolerance: float = 1e-10) -> None:
         self.iterations, self.tolerance = iterations, tolerance
         self.previous: np.ndarray | None = None  # warm start (scale-free α of the last step)
 

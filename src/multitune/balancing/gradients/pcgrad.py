@@ -25,7 +25,7 @@ class PCGrad:
     cost = "Gramian [T, T] + a T x T solve"
     randomized = True
 
-    def __init__(self, task_names: Sequence[str] = (), seed: int = 0) -> None:
+    def __init__(self, seed: int = 0) -> None:
         self.rng = np.random.default_rng(seed)
 
     def weights(self, gramian: Tensor, tasks: Sequence[str]) -> Tensor:

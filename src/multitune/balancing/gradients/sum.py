@@ -18,9 +18,6 @@ class SumAggregator:
     paper = "baseline"
     cost = "the gradient source only"
 
-    def __init__(self, task_names: Sequence[str] = (), seed: int = 0) -> None:
-        pass
-
     def weights(self, gramian: Tensor, tasks: Sequence[str]) -> Tensor:
         return torch.ones(gramian.shape[0])
 

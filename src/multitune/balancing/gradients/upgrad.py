@@ -30,9 +30,6 @@ class UPGrad:
     paper = "Quinton & Rey 2024"
     cost = "Gramian [T, T] + a T x T solve"
 
-    def __init__(self, task_names: Sequence[str] = (), seed: int = 0) -> None:
-        pass
-
     def weights(self, gramian: Tensor, tasks: Sequence[str]) -> Tensor:
         g = to_numpy(gramian)
         identity = np.eye(g.shape[0])

@@ -30,8 +30,6 @@ class DynamicWeightAverage(nn.Module):
     def __init__(
         self,
         task_names: Sequence[str],
-        loss_weights: dict[str, float] | None = None,
-        seed: int = 0,
         temperature: float = 2.0,
         period: int = 50,
     ) -> None:

@@ -16,7 +16,7 @@ class EqualWeighting(nn.Module):
     paper = "baseline"
     cost = "O(T)"
 
-    def __init__(self, task_names: Sequence[str], loss_weights: dict[str, float] | None = None, seed: int = 0) -> None:
+    def __init__(self, task_names: Sequence[str]) -> None:
         super().__init__()
         self.task_names = list(task_names)
 

@@ -35,8 +35,6 @@ class FAMOWeighting(nn.Module):
     def __init__(
         self,
         task_names: Sequence[str],
-        loss_weights: dict[str, float] | None = None,
-        seed: int = 0,
         lr: float = 0.025,
         weight_decay: float = 0.001,
     ) -> None:

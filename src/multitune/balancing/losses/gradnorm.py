@@ -30,8 +30,6 @@ class GradNormWeighting(nn.Module):
     def __init__(
         self,
         task_names: Sequence[str],
-        loss_weights: dict[str, float] | None = None,
-        seed: int = 0,
         alpha: float = 1.5,
         lr: float = 0.025,
     ) -> None:

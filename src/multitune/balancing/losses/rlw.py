@@ -22,7 +22,7 @@ class RandomLossWeighting(nn.Module):
     paper = "Lin et al. 2022"
     cost = "O(T)"
 
-    def __init__(self, task_names: Sequence[str], loss_weights: dict[str, float] | None = None, seed: int = 0) -> None:
+    def __init__(self, task_names: Sequence[str], seed: int = 0) -> None:
         super().__init__()
         self.task_names = list(task_names)
         self.seed = seed

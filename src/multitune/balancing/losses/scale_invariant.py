@@ -24,7 +24,7 @@ class GeometricMeanWeighting(nn.Module):
     paper = "Chennupati et al. 2019"
     cost = "O(T)"
 
-    def __init__(self, task_names: Sequence[str], loss_weights: dict[str, float] | None = None, seed: int = 0) -> None:
+    def __init__(self, task_names: Sequence[str]) -> None:
         super().__init__()
         self.task_names = list(task_names)
         self._last: dict[str, float] = dict.fromkeys(self.task_names, 1.0)
@@ -47,7 +47,7 @@ class LogLossWeighting(nn.Module):
     paper = "Liu et al. 2023 (SI baseline)"
     cost = "O(T)"
 
-    def __init__(self, task_names: Sequence[str], loss_weights: dict[str, float] | None = None, seed: int = 0) -> None:
+    def __init__(self, task_names: Sequence[str]) -> None:
         super().__init__()
         self.task_names = list(task_names)
         self._last: dict[str, float] = dict.fromkeys(self.task_names, 1.0)

@@ -18,7 +18,7 @@ class StaticWeighting(nn.Module):
     cost = "O(T)"
     task_weights: Tensor  # [T], a buffer
 
-    def __init__(self, task_names: Sequence[str], loss_weights: dict[str, float] | None = None, seed: int = 0) -> None:
+    def __init__(self, task_names: Sequence[str], loss_weights: dict[str, float] | None = None) -> None:
         super().__init__()
         given = loss_weights or {}
         self.task_names = list(task_names)

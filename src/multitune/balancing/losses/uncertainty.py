@@ -22,7 +22,7 @@ class UncertaintyWeighting(nn.Module):
     paper = "Kendall et al. 2018"
     cost = "O(T)"
 
-    def __init__(self, task_names: Sequence[str], loss_weights: dict[str, float] | None = None, seed: int = 0) -> None:
+    def __init__(self, task_names: Sequence[str]) -> None:
         super().__init__()
         self.task_names = list(task_names)
         self.log_variance = nn.Parameter(torch.zeros(len(self.task_names)))  # s_i, learned with the model
