@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import balancing_overhead as overhead  # noqa: E402
+import balancing_overhead as overhead
 
-from multitune.balancing.backward import Balancer, balanced_backward  # noqa: E402
-from multitune.balancing.gradients import GRADIENT_AGGREGATORS  # noqa: E402
-from multitune.balancing.losses import LOSS_WEIGHTINGS  # noqa: E402
+from multitune.balancing.backward import Balancer, balanced_backward
+from multitune.balancing.gradients import GRADIENT_AGGREGATORS
+from multitune.balancing.losses import LOSS_WEIGHTINGS
 
 # ours -> (LibMTL class, its keyword arguments)
 PAIRS = {
@@ -40,7 +40,7 @@ PAIRS = {
 
 
 def load_libmtl(root: Path) -> dict[str, type]:
-    """Import LibMTL's weighting modules without running its package __init__ (which imports every optional dependency)."""
+X
     for name, folder in (("LibMTL", root / "LibMTL"), ("LibMTL.weighting", root / "LibMTL" / "weighting")):
         module = types.ModuleType(name)
         module.__path__ = [str(folder)]
