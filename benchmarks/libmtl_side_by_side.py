@@ -40,7 +40,7 @@ PAIRS = {
 
 
 def load_libmtl(root: Path) -> dict[str, type]:
-X
+    """Import LibMTL's weighting modules without its package __init__ (it imports every optional dependency)."""
     for name, folder in (("LibMTL", root / "LibMTL"), ("LibMTL.weighting", root / "LibMTL" / "weighting")):
         module = types.ModuleType(name)
         module.__path__ = [str(folder)]
@@ -117,7 +117,9 @@ def main() -> None:
             if round_ > 0:
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["multitune: equal"])
-    print(f"| method | s/step | vs multitune equal | (T={args.tasks}, {args.rows} rows x {args.length} tokens, {device.type}) |")
+    print(
+        f"| method | s/step | vs multitune equal | (T={args.tasks}, {args.rows} rows x {args.length} tokens, {device.type}) |"
+    )
     print("|---|---|---|---|")
     for name, ts in times.items():
         median = statistics.median(ts)
