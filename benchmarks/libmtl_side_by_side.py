@@ -117,9 +117,8 @@ def main() -> None:
             if round_ > 0:
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["multitune: equal"])
-    print(
-        f"| method | s/step | vs multitune equal | (T={args.tasks}, {args.rows} rows x {args.length} tokens, {device.type}) |"
-    )
+    setting = f"T={args.tasks}, {args.rows} rows x {args.length} tokens, {device.type}"
+    print(f"| method | s/step | vs multitune equal | ({setting}) |")
     print("|---|---|---|---|")
     for name, ts in times.items():
         median = statistics.median(ts)
