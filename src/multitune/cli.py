@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
 
+    compare = commands.add_parser("compare", help="multi-task against one model per task, on the same budget")
+    compare.add_argument("config", help="YAML config file")
+    compare.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+
     resume = commands.add_parser("resume", help="continue a run from its newest loadable checkpoint")
     resume.add_argument("run_dir")
 
@@ -73,6 +77,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from multitune.config import load_config
 
         run.train_run(load_config(args.config, args.overrides))
+    elif args.command == "compare":
+        from multitune.compare import compare
+
+        compare(args.config, args.overrides)
     elif args.command == "resume":
         run.resume_run(args.run_dir)
     elif args.command == "sweep":

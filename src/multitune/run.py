@@ -278,13 +278,28 @@ def train_run(config: Config) -> Path:
         "best_step": state.best_step,
         "validation_average_main_score": round(state.best_score, 6),
         "task_steps": state.task_steps,
+        "task_rows": state.task_rows,
         "skipped_steps": state.skipped_steps,
+        "peak_memory_bytes": peak_memory_bytes(accelerator.device),
+        "parameters": {
+            "shared": sum(p.numel() for p in prepared.model.shared_parameters()),
+            "heads": {name: sum(p.numel() for p in prepared.model.task_parameters(name)) for name in tasks},
+        },
     }
     write_json(run_dir / "metrics.json", metrics)
     print(format_table(results, average))
     print(f"trained {state.step} steps in {state.seconds:.1f} s; best validation at step {state.best_step}")
     print(f"saved to {run_dir}")
     return run_dir
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory of this process, or on the CPU its peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 @dataclass

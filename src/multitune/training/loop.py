@@ -53,6 +53,7 @@ class TrainState:
     best_step: int = 0
     seconds: float = 0.0
     task_steps: dict[str, int] = field(default_factory=dict)
+    task_rows: dict[str, int] = field(default_factory=dict)  # training rows seen per task
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
 
@@ -128,6 +129,8 @@ def train(
                 f"(last: {problem}); the last good checkpoint is intact"
             )
 
+        for name, rows in counts.items():
+            state.task_rows[name] = state.task_rows.get(name, 0) + rows
         for name, value in step_losses.items():
             if math.isfinite(value):
                 running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value

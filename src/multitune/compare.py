@@ -1,0 +1,194 @@
+"""`multitune compare CONFIG`: the multi-task model against one model per task, on the same budget.
+
+The multi-task run trains first; each single-task baseline then trains on exactly as many rows of its task
+as the multi-task run saw (the same batch size, ceil(rows / batch_size) steps). Every training runs in its
+own process, so its wall time and peak memory are its own. Baselines are cached under
+`output_dir/.baselines/` by a hash of the task's data files, its config, the model and the budget, and
+reused while those are unchanged. Writes `comparison.json` and `comparison.md` into the multi-task run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from multitune.config import SPLITS, Config, dump_config, load_config
+from multitune.errors import MultitunError
+from multitune.training.checkpoint import write_json, write_text
+
+BASELINES = ".baselines"
+
+
+def delta_m(tasks: dict[str, dict[str, Any]]) -> float:
+    """Δm in percent (Maninis et al. 2019): mean over tasks of the relative change of the main metric,
+    signed so that positive is better."""
+    changes = []
+    for entry in tasks.values():
+        single, multi = entry["single"], entry["multi"]
+        sign = 1.0 if entry["higher_is_better"] else -1.0
+        changes.append(sign * (multi - single) / max(abs(single), 1e-12))
+    return 100.0 * sum(changes) / len(changes)
+
+
+def _train_subprocess(config: Config, folder: Path) -> tuple[Path, float]:
+    """Train `config` in a fresh process; (its run dir, wall seconds)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{config.run.name}.yaml"
+    write_text(path, dump_config(config))
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "multitune", "train", str(path), "training.progress=false"],
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise MultitunError(f"training '{config.run.name}' failed: {last}")
+    run_dir = next(
+        Path(line[len("saved to ") :]) for line in result.stdout.splitlines() if line.startswith("saved to ")
+    )
+    return run_dir, seconds
+
+
+def _fingerprint(config: Config, task: str) -> str:
+    """Hash of what decides a baseline: the task's config and data files, the model, training and seed."""
+    digest = hashlib.sha256()
+    task_config = config.tasks[task]
+    digest.update(json.dumps(task_config.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(json.dumps(config.model.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(json.dumps(config.training.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(str(config.run.seed).encode())
+    for split in SPLITS:
+        paths = getattr(task_config.source, split) or []
+        for path in [paths] if isinstance(paths, str) else paths:
+            try:
+                digest.update(Path(path).read_bytes())
+            except OSError:
+                digest.update(path.encode())
+    return digest.hexdigest()[:16]
+
+
+def single_task_config(config: Config, task: str, rows: int) -> Config:
+    """The baseline of one task: the same model and training settings, as many rows as multi-task gave it."""
+    data = json.loads(json.dumps(config.model_dump(mode="json")))
+    steps = max(1, math.ceil(rows / config.training.batch_size))
+    data["tasks"] = {task: data["tasks"][task]}
+    data["training"].update(
+        steps=steps,
+        eval_every=max(1, min(config.training.eval_every, steps)),
+        mixed_batches=False,
+        checkpoint_every=None,
+    )
+    data["sampling"], data["loss_weighting"], data["gradient_aggregation"] = (
+        {"name": "uniform"},
+        {"name": "equal"},
+        None,
+    )
+    data["run"].update(name=f"single-{task}", resume=None)
+    return Config.model_validate(data)
+
+
+def compare(config_path: str, overrides: list[str]) -> dict[str, Any]:
+    config = load_config(config_path, overrides)
+    root = Path(config.run.output_dir)
+    multi_dir, multi_seconds = _train_subprocess(config, root / ".configs")
+    multi = json.loads((multi_dir / "metrics.json").read_text(encoding="utf-8"))
+    tasks: dict[str, dict[str, Any]] = {}
+    single_seconds: dict[str, float] = {}
+    single_wall: dict[str, float] = {}
+    single_params: dict[str, int] = {}
+    single_memory: dict[str, int] = {}
+    for task in config.tasks:
+        baseline = single_task_config(config, task, int(multi["task_rows"].get(task, 0)))
+        key = _fingerprint(baseline, task)
+        cache = root / BASELINES / f"{task}-{key}"
+        record = cache / "baseline.json"
+        was_cached = record.is_file()
+        if was_cached:
+            cached = json.loads(record.read_text(encoding="utf-8"))
+        else:
+            baseline.run.output_dir = str(cache)
+            run_dir, seconds = _train_subprocess(baseline, cache)
+            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+            cached = {"metrics": metrics, "wall_seconds": seconds, "run_dir": str(run_dir)}
+            write_json(record, cached)
+        entry = cached["metrics"]["tasks"][task]
+        mine = multi["tasks"][task]
+        tasks[task] = {
+            "single": entry["main_score"],
+            "multi": mine["main_score"],
+            "metric": mine["main_metric"],
+            "higher_is_better": mine["higher_is_better"],
+            "split": mine["split"],
+            "rows_seen": int(multi["task_rows"].get(task, 0)),
+            "cached_baseline": was_cached,
+        }
+        single_seconds[task] = float(cached["metrics"]["train_seconds"])
+        single_wall[task] = float(cached["wall_seconds"])
+        params = cached["metrics"]["parameters"]
+        single_params[task] = params["shared"] + sum(params["heads"].values())
+        single_memory[task] = int(cached["metrics"]["peak_memory_bytes"])
+    params = multi["parameters"]
+    result = {
+        "tasks": tasks,
+        "delta_m_percent": round(delta_m(tasks), 3),
+        "params": {
+            "single_total": sum(single_params.values()),
+            "multi_total": params["shared"] + sum(params["heads"].values()),
+            "adapters_total": None,  # base model + T adapters: with per-task PEFT
+        },
+        "train_seconds": {"single_total": round(sum(single_seconds.values()), 2), "multi": multi["train_seconds"]},
+        "wall_seconds": {"single_total": round(sum(single_wall.values()), 2), "multi": round(multi_seconds, 2)},
+        "peak_memory_bytes": {"single_max": max(single_memory.values()), "multi": multi["peak_memory_bytes"]},
+        "budget": {
+            "batch_size": config.training.batch_size,
+            "rows_per_task": {t: e["rows_seen"] for t, e in tasks.items()},
+            "rule": "each baseline trains on as many rows of its task as the multi-task run saw",
+        },
+        "multi_run": str(multi_dir),
+    }
+    result["verdict"] = verdict(result)
+    write_json(multi_dir / "comparison.json", result)
+    write_text(multi_dir / "comparison.md", format_comparison(result) + "\n")
+    print(format_comparison(result))
+    return result
+
+
+def verdict(result: dict[str, Any]) -> str:
+    dm = result["delta_m_percent"]
+    size = result["params"]["multi_total"] / max(result["params"]["single_total"], 1)
+    time_ratio = result["train_seconds"]["multi"] / max(result["train_seconds"]["single_total"], 1e-9)
+    worse = [
+        t for t, e in result["tasks"].items() if (e["multi"] - e["single"]) * (1 if e["higher_is_better"] else -1) < 0
+    ]
+    outcome = "better" if dm > 0 else "worse"
+    hurt = f"; worse on {', '.join(worse)}" if worse else ""
+    return (
+        f"multi-task is {outcome} on average (Δm {dm:+.2f}%) with {size:.0%} of the parameters "
+        f"in {time_ratio:.2f}x the training time{hurt}"
+    )
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    lines = ["| task | metric | single-task | multi-task | change |", "|---|---|---|---|---|"]
+    for task, e in result["tasks"].items():
+        sign = 1 if e["higher_is_better"] else -1
+        change = sign * (e["multi"] - e["single"]) / max(abs(e["single"]), 1e-12) * 100
+        lines.append(f"| {task} | {e['metric']} | {e['single']:.4f} | {e['multi']:.4f} | {change:+.1f}% |")
+    p, t = result["params"], result["train_seconds"]
+    lines += [
+        "",
+        f"Δm: {result['delta_m_percent']:+.2f}%",
+        f"stored parameters: {p['single_total']:,} (one model per task) vs {p['multi_total']:,} (one shared model)",
+        f"training time: {t['single_total']:.1f} s (all single-task runs) vs {t['multi']:.1f} s",
+        "",
+        result["verdict"],
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""`multitune compare` on the tiny BERT: baselines on the same budget, Δm, sizes, times, cache reuse."""
+
+import json
+
+import pytest
+import yaml
+
+from multitune.cli import main
+from multitune.compare import delta_m, single_task_config
+from multitune.config import validate_config
+from tests.conftest import classification_rows, tiny_config, token_rows
+
+
+def test_delta_m_signs_by_direction():
+    tasks = {
+        "a": {"single": 0.80, "multi": 0.88, "higher_is_better": True},  # +10%
+        "b": {"single": 2.0, "multi": 2.5, "higher_is_better": False},  # error up 25%: -25%
+    }
+    assert delta_m(tasks) == pytest.approx((10 - 25) / 2)
+
+
+def test_single_task_budget_matches_rows_seen(tiny_backbone):
+    config = validate_config(tiny_config(tiny_backbone, "a.jsonl", "b.jsonl", "runs", batch_size=4, steps=10))
+    baseline = single_task_config(config, "ner", rows=18)
+    assert list(baseline.tasks) == ["ner"] and baseline.training.steps == 5  # ceil(18 / 4)
+    assert baseline.gradient_aggregation is None and baseline.run.name == "single-ner"
+
+
+@pytest.mark.slow
+def test_compare_writes_the_table_and_reuses_cached_baselines(tmp_path, tiny_backbone, write_jsonl, capsys):
+    a, b = write_jsonl("a.jsonl", classification_rows(40)), write_jsonl("b.jsonl", token_rows(40))
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=6, eval_every=3)), encoding="utf-8"
+    )
+    assert main(["compare", str(path)]) == 0
+    result = json.loads((tmp_path / "runs" / "tiny" / "comparison.json").read_text())
+    assert set(result["tasks"]) == {"sentiment", "ner"}
+    for entry in result["tasks"].values():
+        assert {"single", "multi", "metric", "higher_is_better"} <= set(entry) and not entry["cached_baseline"]
+    assert result["params"]["multi_total"] < result["params"]["single_total"]
+    assert set(result["train_seconds"]) == {"single_total", "multi"}
+    assert isinstance(result["delta_m_percent"], float)
+    rows = result["budget"]["rows_per_task"]
+    assert sum(rows.values()) == 6 * 4  # 6 steps of 4 rows, split between the tasks
+    assert "Δm" in (tmp_path / "runs" / "tiny" / "comparison.md").read_text()
+    assert main(["compare", str(path)]) == 0  # the multi-task run again (tiny-2); baselines from the cache
+    again = json.loads((tmp_path / "runs" / "tiny-2" / "comparison.json").read_text())
+    assert all(entry["cached_baseline"] for entry in again["tasks"].values())
+    assert [e["single"] for e in again["tasks"].values()] == [e["single"] for e in result["tasks"].values()]
