@@ -30,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("config", help="YAML config file")
     compare.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
+    affinity = commands.add_parser("affinity", help="train and measure which tasks help or hurt each other")
+    affinity.add_argument("config", help="YAML config file")
+    affinity.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+
+    report = commands.add_parser("report", help="(re)write RUN_DIR/report.html")
+    report.add_argument("run_dir")
+
     resume = commands.add_parser("resume", help="continue a run from its newest loadable checkpoint")
     resume.add_argument("run_dir")
 
@@ -81,6 +88,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         from multitune.compare import compare
 
         compare(args.config, args.overrides)
+    elif args.command == "affinity":
+        from multitune.config import load_config
+
+        run.train_run(load_config(args.config, [*args.overrides, "analysis.task_affinity=true"]))
+    elif args.command == "report":
+        from pathlib import Path
+
+        from multitune.evaluation.report import write_report
+
+        if not (Path(args.run_dir) / "metrics.json").is_file():
+            raise MultitunError("not a finished multitune run: metrics.json is missing", file=args.run_dir)
+        print(write_report(Path(args.run_dir)))
     elif args.command == "resume":
         run.resume_run(args.run_dir)
     elif args.command == "sweep":

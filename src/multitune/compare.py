@@ -20,6 +20,7 @@ from typing import Any
 
 from multitune.config import SPLITS, Config, dump_config, load_config
 from multitune.errors import MultitunError
+from multitune.evaluation.report import write_report
 from multitune.training.checkpoint import write_json, write_text
 
 BASELINES = ".baselines"
@@ -157,6 +158,7 @@ def compare(config_path: str, overrides: list[str]) -> dict[str, Any]:
     result["verdict"] = verdict(result)
     write_json(multi_dir / "comparison.json", result)
     write_text(multi_dir / "comparison.md", format_comparison(result) + "\n")
+    write_report(multi_dir)
     print(format_comparison(result))
     return result
 

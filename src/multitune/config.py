@@ -93,6 +93,14 @@ class TrainingConfig(Group):
     progress: bool = True
 
 
+class AnalysisConfig(Group):
+    """Task relations measured during training (see analysis/affinity.py)."""
+
+    task_affinity: bool = False  # at every validation: gradient cosines and lookahead affinity
+    lookahead_lr: float = Field(0.01, gt=0)  # step length of the lookahead along one task's gradient
+    groups: int = Field(2, ge=1)  # how many groups to recommend
+
+
 class SourceConfig(Group):
     """Where a task's rows come from. Paths are relative to the config file; `multitune:` is the package."""
 
@@ -196,6 +204,7 @@ class Config(Group):
     sampling: MethodConfig = Field(default_factory=lambda: MethodConfig(name="temperature", temperature=2.0))
     loss_weighting: MethodConfig = Field(default_factory=lambda: MethodConfig(name="equal"))
     gradient_aggregation: GradientConfig | None = None
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     tasks: dict[str, TaskConfig]
 
     @field_validator("tasks")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -16,10 +17,12 @@ from typing import Any, TextIO
 
 import torch
 
+from multitune.analysis.affinity import AffinityTracker, cosine_matrix, lookahead_affinity
 from multitune.balancing.backward import Balancer
-from multitune.balancing.gradients import GRADIENT_AGGREGATORS
+from multitune.balancing.gradients import GRADIENT_AGGREGATORS, gramian
 from multitune.balancing.losses import LOSS_WEIGHTINGS, LossWeighting
 from multitune.config import Config, TaskConfig, dump_config, validate_config
+from multitune.data.collate import Batch, collate
 from multitune.data.encoding import Encoded, encode
 from multitune.data.readers import Row, json_rows, read_jsonl
 from multitune.data.samplers import SAMPLERS, ObservesTraining, TaskSampler
@@ -27,6 +30,7 @@ from multitune.data.streams import TaskStream
 from multitune.data.tasks import Example, TaskData, example_from_fields, load_tasks
 from multitune.errors import ConfigError, MultitunError
 from multitune.evaluation.evaluate import average_main_score, evaluate, format_table, predict
+from multitune.evaluation.report import write_report
 from multitune.models.backbone import Backbone, backbone_from_run, load_backbone
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
@@ -222,7 +226,15 @@ def train_run(config: Config) -> Path:
         history.write(json.dumps(entry) + "\n")
         history.flush()
 
+    tracker = AffinityTracker(list(tasks)) if config.analysis.task_affinity else None
+    probes = probe_batches(prepared, config) if tracker is not None else {}
+
     def validate(step: int) -> tuple[float, dict[str, float]]:
+        if tracker is not None:
+            cosine, lookahead = measure_relations(
+                prepared.model, probes, accelerator.device, config.analysis.lookahead_lr
+            )
+            tracker.add(step, cosine, lookahead)
         results = evaluate(
             model, tasks, prepared.encoded, "validation", training.eval_batch_size, accelerator.device, prepared.pad_id
         )
@@ -287,10 +299,71 @@ def train_run(config: Config) -> Path:
         },
     }
     write_json(run_dir / "metrics.json", metrics)
+    if tracker is not None:
+        relations = tracker.summary(config.analysis.groups)
+        write_json(run_dir / "affinity.json", relations)
+        print(format_relations(relations))
+    write_report(run_dir)
     print(format_table(results, average))
     print(f"trained {state.step} steps in {state.seconds:.1f} s; best validation at step {state.best_step}")
     print(f"saved to {run_dir}")
     return run_dir
+
+
+def probe_batches(prepared: Prepared, config: Config) -> dict[str, Batch]:
+    """A fixed, seeded batch of training rows per task, on which task relations are measured."""
+    out = {}
+    for name in prepared.tasks:
+        rows = prepared.encoded[name]["train"]
+        picks = random.Random(f"{config.run.seed}:{name}:probe").sample(
+            range(len(rows)), min(len(rows), config.training.batch_size)
+        )
+        out[name] = collate({name: [rows[i] for i in picks]}, prepared.pad_id)
+    return out
+
+
+def measure_relations(
+    model: MultiTaskModel, probes: dict[str, Batch], device: torch.device, lookahead_lr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient cosines and lookahead affinity [T, T] on the probe batches (dropout off, weights untouched)."""
+    was_training = model.training
+    model.eval()
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
+    batches = {name: batch.to(device) for name, batch in probes.items()}
+    grads = []
+    for name, batch in batches.items():
+        loss = model.head_losses(model.encode(batch), batch)[name]
+        pieces = torch.autograd.grad(loss, shared, allow_unused=True)
+        grads.append(
+            torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(pieces, shared, strict=True)]
+            )
+        )
+    matrix = torch.stack(grads)  # [T, P]
+
+    def losses() -> torch.Tensor:
+        return torch.stack([model.head_losses(model.encode(b), b)[n] for n, b in batches.items()]).float()
+
+    cosine = cosine_matrix(gramian(matrix))
+    lookahead = lookahead_affinity(shared, matrix, losses, lookahead_lr)
+    model.train(was_training)
+    return cosine, lookahead
+
+
+def format_relations(relations: dict[str, Any]) -> str:
+    names = relations["tasks"]
+    width = max(len(n) for n in names) + 2
+    lines = [f"task relations over {relations['samples']} samples (rows: from, columns: to)"]
+    for title, key, fmt in (
+        ("gradient cosine", "gradient_cosine", "{:+.3f}"),
+        ("lookahead affinity", "lookahead_affinity", "{:+.2e}"),
+    ):
+        lines.append(title)
+        lines.append(" " * width + "".join(n[:10].rjust(11) for n in names))
+        for name, row in zip(names, relations[key], strict=True):
+            lines.append(name.ljust(width) + "".join(fmt.format(v).rjust(11) for v in row))
+    lines.append("suggested groups: " + "; ".join(" + ".join(g) for g in relations["groups"]))
+    return "\n".join(lines)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

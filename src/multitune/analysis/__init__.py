@@ -1,0 +1,1 @@
+"""Task relations: gradient conflict, lookahead affinity, and task grouping."""
