@@ -101,6 +101,16 @@ class AnalysisConfig(Group):
     groups: int = Field(2, ge=1)  # how many groups to recommend
 
 
+class GuardConfig(Group):
+    """Negative-transfer guard (see analysis/guard.py); turning it on also measures task relations."""
+
+    enabled: bool = False
+    action: Literal["downweight", "drop"] = "downweight"
+    patience: int = Field(2, ge=1)  # validations in a row before acting
+    min_gain: float = 0.0  # a task gaining more than this on its best validation score is left alone
+    factor: float = Field(0.5, gt=0, lt=1)  # downweight: loss multiplier per action
+
+
 class SourceConfig(Group):
     """Where a task's rows come from. Paths are relative to the config file; `multitune:` is the package."""
 
@@ -205,6 +215,7 @@ class Config(Group):
     loss_weighting: MethodConfig = Field(default_factory=lambda: MethodConfig(name="equal"))
     gradient_aggregation: GradientConfig | None = None
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     tasks: dict[str, TaskConfig]
 
     @field_validator("tasks")

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import torch
 
 from multitune.analysis.affinity import AffinityTracker, cosine_matrix, lookahead_affinity
+from multitune.analysis.guard import NegativeTransferGuard
 from multitune.balancing.backward import Balancer
 from multitune.balancing.gradients import GRADIENT_AGGREGATORS, gramian
 from multitune.balancing.losses import LOSS_WEIGHTINGS, LossWeighting
@@ -214,7 +215,8 @@ def train_run(config: Config) -> Path:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if isinstance(balancer.weighting, torch.nn.Module):
         balancer.weighting.to(accelerator.device)
-    parts = TrainingParts(accelerator.unwrap_model(model), optimizer, scheduler, sampler, balancer, streams)
+    guard = build_guard(config, list(tasks), balancer)
+    parts = TrainingParts(accelerator.unwrap_model(model), optimizer, scheduler, sampler, balancer, streams, guard)
     state = TrainState()
     if checkpoint is not None:
         remove_leftovers(run_dir)
@@ -226,10 +228,12 @@ def train_run(config: Config) -> Path:
         history.write(json.dumps(entry) + "\n")
         history.flush()
 
-    tracker = AffinityTracker(list(tasks)) if config.analysis.task_affinity else None
+    measure = config.analysis.task_affinity or guard is not None
+    tracker = AffinityTracker(list(tasks)) if measure else None
     probes = probe_batches(prepared, config) if tracker is not None else {}
 
     def validate(step: int) -> tuple[float, dict[str, float]]:
+        lookahead = None
         if tracker is not None:
             cosine, lookahead = measure_relations(
                 prepared.model, probes, accelerator.device, config.analysis.lookahead_lr
@@ -241,6 +245,14 @@ def train_run(config: Config) -> Path:
         score = average_main_score(results)
         record({"step": step, "validation": {n: r["metrics"] for n, r in results.items()}, "average_main_score": score})
         log.info("step %d: validation average main score %.4f", step, score)
+        scores = {name: r["main_score"] if r["higher_is_better"] else -r["main_score"] for name, r in results.items()}
+        if guard is not None and lookahead is not None:
+            for action in guard.observe(step, scores, lookahead):
+                record({"step": step, "guard": action.as_dict()})
+                print(
+                    f"guard, step {step}: {action.action} task '{action.task}' (scale {action.scale:g}): {action.why}",
+                    file=sys.stderr,
+                )
         return score, {name: r["main_score"] for name, r in results.items()}
 
     settings = LoopSettings(
@@ -292,6 +304,7 @@ def train_run(config: Config) -> Path:
         "task_steps": state.task_steps,
         "task_rows": state.task_rows,
         "skipped_steps": state.skipped_steps,
+        "task_scale": dict(balancer.task_scale),
         "peak_memory_bytes": peak_memory_bytes(accelerator.device),
         "parameters": {
             "shared": sum(p.numel() for p in prepared.model.shared_parameters()),
@@ -308,6 +321,15 @@ def train_run(config: Config) -> Path:
     print(f"trained {state.step} steps in {state.seconds:.1f} s; best validation at step {state.best_step}")
     print(f"saved to {run_dir}")
     return run_dir
+
+
+def build_guard(config: Config, names: list[str], balancer: Balancer) -> NegativeTransferGuard | None:
+    settings = config.guard
+    if not settings.enabled:
+        return None
+    guard = NegativeTransferGuard(names, settings.action, settings.patience, settings.min_gain, settings.factor)
+    balancer.task_scale = guard.scale  # the guard's multipliers are what balanced_backward applies
+    return guard
 
 
 def probe_batches(prepared: Prepared, config: Config) -> dict[str, Batch]:
@@ -385,6 +407,7 @@ class TrainingParts:
     sampler: TaskSampler
     balancer: Balancer
     streams: dict[str, TaskStream[Encoded]]
+    guard: NegativeTransferGuard | None = None
 
     def snapshot(self, state: TrainState) -> dict[str, Any]:
         weighting, aggregator = self.balancer.weighting, self.balancer.aggregator
@@ -394,6 +417,7 @@ class TrainingParts:
             "sampler": self.sampler.state_dict() if isinstance(self.sampler, ObservesTraining) else None,
             "weighting": weighting.state_dict() if isinstance(weighting, torch.nn.Module) else None,
             "aggregator": aggregator.state_dict() if hasattr(aggregator, "state_dict") else None,  # type: ignore[union-attr]
+            "guard": self.guard.state_dict() if self.guard is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": {
@@ -416,6 +440,9 @@ class TrainingParts:
             weighting.load_state_dict(saved["weighting"])
         if aggregator is not None and saved["aggregator"] is not None:
             aggregator.load_state_dict(saved["aggregator"])  # type: ignore[attr-defined]
+        if self.guard is not None and saved.get("guard") is not None:
+            self.guard.load_state_dict(saved["guard"])
+            self.balancer.task_scale = self.guard.scale
         torch.set_rng_state(saved["rng"]["torch"])
         if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])

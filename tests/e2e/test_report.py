@@ -61,3 +61,34 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(affinity_ru
     )
     assert 'data-images="6"' in result.stdout, result.stderr[-2000:]
     assert 'data-images-loaded="6"' in result.stdout
+
+
+def test_guard_drops_a_task_that_hurts_the_others(tmp_path, tiny_backbone, write_jsonl, monkeypatch):
+    import torch
+
+    import multitune.run
+
+    def synthetic(shared, grads, losses, lr):  # tasks in order ner, noise, sentiment: "noise" hurts the others
+        z = torch.full((grads.shape[0], grads.shape[0]), 0.01)
+        z[1, [0, 2]] = -0.05
+        return z
+
+    monkeypatch.setattr(multitune.run, "lookahead_affinity", synthetic)
+    a, b = write_jsonl("a.jsonl", classification_rows(40)), write_jsonl("b.jsonl", token_rows(40))
+    shuffled = write_jsonl("noise.jsonl", classification_rows(40, seed=5))
+    config = tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=12, eval_every=3, log_every=1)
+    config["tasks"]["noise"] = {"type": "classification", "source": {"format": "jsonl", "train": str(shuffled)}}
+    config["guard"] = {"enabled": True, "action": "drop", "patience": 1, "min_gain": 1.0}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    actions = [h for h in history if "guard" in h]
+    assert [(h["step"], h["guard"]["task"], h["guard"]["action"]) for h in actions] == [(6, "noise", "drop")]
+    assert "mean lookahead affinity -5.000e-02" in actions[0]["guard"]["why"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task_scale"]["noise"] == 0.0
+    sampled_after = [h for h in history if h.get("losses") and h["step"] > 7 and "noise" in h.get("probabilities", {})]
+    assert sampled_after  # logging continues; the dropped task's running loss no longer moves:
+    assert len({h["losses"]["noise"] for h in sampled_after}) == 1

@@ -47,6 +47,7 @@ class Balancer:
     aggregator: GradientAggregator | None = None
     source: str = "representation"
     buffer_dtype: torch.dtype = torch.float32
+    task_scale: dict[str, float] = field(default_factory=dict)  # extra per-task loss multipliers (the guard's)
     _buffer: Tensor | None = field(default=None, repr=False)
 
     def gradient_buffer(self, tasks: int, size: int, device: torch.device) -> Tensor:
@@ -90,6 +91,8 @@ def balanced_backward(
     names = list(losses)
     stacked = torch.stack([losses[n] for n in names])  # [T]
     terms = weighting.combine(stacked, names, step)  # [T], objective = terms.sum()
+    if any(balancer.task_scale.get(n, 1.0) != 1.0 for n in names):
+        terms = terms * torch.tensor([balancer.task_scale.get(n, 1.0) for n in names], device=terms.device)
     aggregator = balancer.aggregator if len(names) > 1 else None
     total = terms.sum()
     needs_representation = isinstance(weighting, ObservesTaskGradients) or (

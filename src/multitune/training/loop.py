@@ -104,7 +104,7 @@ def train(
     started = time.perf_counter()
     for step in bar:
         rng = random.Random(f"{settings.seed}:{step}")
-        counts = examples_per_task(sampler, step, rng, settings.batch_size, settings.mixed_batches)
+        counts = active_counts(sampler, balancer, step, rng, settings)
         batch = collate({name: streams[name].take(n) for name, n in counts.items()}, settings.pad_id)
         batch = batch.to(accelerator.device)
         optimizer.zero_grad(set_to_none=True)
@@ -168,6 +168,18 @@ def train(
             raise TrainingStopped(f"interrupted at step {state.step}; checkpoint saved; resume with run.resume=auto")
     bar.close()
     return state
+
+
+def active_counts(
+    sampler: TaskSampler, balancer: Balancer, step: int, rng: random.Random, settings: LoopSettings
+) -> dict[str, int]:
+    """Rows per task for this step, leaving out tasks the guard dropped (redrawn from the same rng)."""
+    for _ in range(1000):
+        counts = examples_per_task(sampler, step, rng, settings.batch_size, settings.mixed_batches)
+        counts = {name: n for name, n in counts.items() if balancer.task_scale.get(name, 1.0) > 0}
+        if counts:
+            return counts
+    raise TrainingStopped(f"no task left to train at step {step + 1}: every drawn task was dropped")
 
 
 def _nonfinite(losses: dict[str, float], grad_norm: float) -> str | None:

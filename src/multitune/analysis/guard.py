@@ -1,0 +1,80 @@
+"""Negative-transfer guard: down-weight or drop a task that hurts the others without gaining itself.
+
+At every validation, with the task relations of analysis/affinity.py measured on the probe batches:
+task i's harm is the mean lookahead affinity Z_ij from i to the other active tasks (negative: a step along
+i's gradient raises their losses), and its gain is how much its own validation main score improved on its
+best earlier one. A task whose harm is negative while its gain is at most `min_gain` for `patience`
+validations in a row is acted on: `downweight` multiplies its loss by `factor` (again at each further
+flag), `drop` stops sampling it. Every action is logged with the numbers behind it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class GuardAction:
+    step: int
+    task: str
+    action: str
+    scale: float
+    why: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "action": self.action, "scale": self.scale, "why": self.why}
+
+
+@dataclass
+class NegativeTransferGuard:
+    names: list[str]
+    action: str = "downweight"
+    patience: int = 2
+    min_gain: float = 0.0
+    factor: float = 0.5
+    scale: dict[str, float] = field(default_factory=dict)  # per-task loss multiplier; 0 = dropped
+    best: dict[str, float] = field(default_factory=dict)
+    strikes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.action not in ("downweight", "drop"):
+            raise ValueError(f"action must be 'downweight' or 'drop', got {self.action!r}")
+        for name in self.names:
+            self.scale.setdefault(name, 1.0)
+
+    def active(self, name: str) -> bool:
+        return self.scale.get(name, 1.0) > 0
+
+    def observe(self, step: int, scores: dict[str, float], affinity: torch.Tensor) -> list[GuardAction]:
+        """Update with one validation's main scores and lookahead affinity [T, T] (rows: from, in `names` order)."""
+        actions = []
+        active = [i for i, n in enumerate(self.names) if self.active(n)]
+        for i in active:
+            name = self.names[i]
+            others = [j for j in active if j != i]
+            harm = float(affinity[i, others].mean()) if others else 0.0
+            previous = self.best.get(name)
+            gain = None if previous is None else scores[name] - previous
+            self.best[name] = scores[name] if previous is None else max(previous, scores[name])
+            if gain is not None and harm < 0 and gain <= self.min_gain:
+                self.strikes[name] = self.strikes.get(name, 0) + 1
+            else:
+                self.strikes[name] = 0
+            if self.strikes[name] >= self.patience and len(active) > 1:
+                self.scale[name] = 0.0 if self.action == "drop" else self.scale[name] * self.factor
+                self.strikes[name] = 0
+                why = (
+                    f"its steps raised the other tasks' losses (mean lookahead affinity {harm:+.3e}) while its own "
+                    f"validation score gained {gain:+.4f} (best {previous:.4f}) for {self.patience} validations"
+                )
+                actions.append(GuardAction(step, name, self.action, self.scale[name], why))
+        return actions
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": dict(self.scale), "best": dict(self.best), "strikes": dict(self.strikes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale, self.best, self.strikes = dict(state["scale"]), dict(state["best"]), dict(state["strikes"])

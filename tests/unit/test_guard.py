@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from multitune.analysis.guard import NegativeTransferGuard
+
+NAMES = ["good", "noise", "other"]
+# row "noise" hurts the others; the others help each other
+AFFINITY = torch.tensor([[0.1, 0.0, 0.05], [-0.2, 0.01, -0.1], [0.04, 0.0, 0.1]])
+
+
+def test_a_harmful_task_that_does_not_improve_is_downweighted_after_patience():
+    guard = NegativeTransferGuard(NAMES, patience=2, factor=0.5)
+    assert guard.observe(1, {"good": 0.6, "noise": 0.50, "other": 0.5}, AFFINITY) == []  # first: no gain yet
+    assert guard.observe(2, {"good": 0.7, "noise": 0.49, "other": 0.6}, AFFINITY) == []  # strike 1
+    (action,) = guard.observe(3, {"good": 0.8, "noise": 0.50, "other": 0.7}, AFFINITY)  # strike 2
+    assert (action.task, action.action, action.scale) == ("noise", "downweight", 0.5)
+    assert "mean lookahead affinity -1.500e-01" in action.why
+    assert guard.scale == {"good": 1.0, "noise": 0.5, "other": 1.0}
+
+
+def test_drop_removes_the_task_and_an_improving_task_is_spared():
+    guard = NegativeTransferGuard(NAMES, action="drop", patience=1)
+    guard.observe(1, {"good": 0.6, "noise": 0.5, "other": 0.5}, AFFINITY)
+    actions = guard.observe(2, {"good": 0.7, "noise": 0.6, "other": 0.6}, AFFINITY)  # noise improved by 0.1
+    assert actions == []
+    (action,) = guard.observe(3, {"good": 0.8, "noise": 0.55, "other": 0.7}, AFFINITY)
+    assert action.task == "noise" and not guard.active("noise")
+    assert guard.observe(4, {"good": 0.8, "noise": 0.5, "other": 0.7}, AFFINITY) == []  # dropped: not judged
+
+
+def test_state_round_trip_and_bad_action():
+    guard = NegativeTransferGuard(NAMES, patience=2)
+    guard.observe(1, {"good": 0.6, "noise": 0.5, "other": 0.5}, AFFINITY)
+    guard.observe(2, {"good": 0.6, "noise": 0.5, "other": 0.5}, AFFINITY)
+    restored = NegativeTransferGuard(NAMES, patience=2)
+    restored.load_state_dict(guard.state_dict())
+    scores = {"good": 0.6, "noise": 0.5, "other": 0.5}
+    assert [a.task for a in guard.observe(3, scores, AFFINITY)] == [
+        a.task for a in restored.observe(3, scores, AFFINITY)
+    ]
+    with pytest.raises(ValueError, match="action"):
+        NegativeTransferGuard(NAMES, action="delete")
