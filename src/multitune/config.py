@@ -183,6 +183,7 @@ class TaskConfig(Group):
     loss_weight: float = Field(1.0, ge=0)  # used by the `static` loss weighting
     max_rows: SplitRows = Field(default_factory=SplitRows)
     validation_fraction: float = Field(0.1, gt=0, lt=1)
+    shuffle_labels: bool = False  # a control task: training labels permuted (seeded); evaluation keeps the truth
 
     @model_validator(mode="after")
     def _complete(self) -> TaskConfig:

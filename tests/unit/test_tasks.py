@@ -171,3 +171,16 @@ def test_unified_task_key_renames_the_route(tmp_path):
         )
     }
     assert len(load_tasks(tasks, seed=0)["sentiment"].splits["train"]) == 2
+
+
+def test_shuffled_labels_keep_the_label_counts_and_leave_evaluation_alone(tmp_path):
+    rows = [{"text": str(i), "label": "ab"[i % 3 == 0]} for i in range(60)]
+    train = jsonl(tmp_path / "t.jsonl", rows)
+    config = task(
+        type="classification", source={"format": "jsonl", "train": train, "validation": train}, shuffle_labels=True
+    )
+    data = load("t", config)
+    shuffled = [e.label for e in data.splits["train"]]
+    truth = [r["label"] for r in rows]
+    assert sorted(shuffled) == sorted(truth) and shuffled != truth
+    assert [e.label for e in data.splits["validation"]] == truth

@@ -260,6 +260,13 @@ def load_task(
     for split in list(splits):
         limit = getattr(task.max_rows, split)
         splits[split] = seeded_subsample(splits[split], limit, f"{seed}:{name}:{split}")
+    if task.shuffle_labels:
+        labels = [e.label for e in splits["train"]]
+        random.Random(f"{seed}:{name}:shuffle").shuffle(labels)
+        splits["train"] = [
+            Example(e.texts, label, e.file, e.line) for e, label in zip(splits["train"], labels, strict=True)
+        ]
+        notes.append("training labels shuffled (a control task)")
     data = TaskData(name, task, splits, notes=notes)
     if task.type == "regression":
         targets = [float(e.label) for e in splits["train"]]  # type: ignore[arg-type]
