@@ -39,7 +39,7 @@ def test_config_builds_its_model(path):
         pytest.skip("the shared data folder is not beside the project")
     if packaged_copy("sentence-transformers/all-MiniLM-L6-v2") is None:
         pytest.skip("the offline MiniLM package is not installed")
-    config = load_config(path, ["tasks.trec.max_rows.train=50"] if "trec" in load_config(path).tasks else [])
+    config = load_config(path)
     prepared = prepare(config)
     assert set(prepared.model.heads) == set(config.tasks)
     assert all(prepared.encoded[name]["train"] for name in config.tasks)

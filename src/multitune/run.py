@@ -186,6 +186,12 @@ def optimizer_for(model: MultiTaskModel, weighting: LossWeighting, config: Confi
 
 
 def train_run(config: Config) -> Path:
+    """Train a run from its config (or resume one); SIGTERM/SIGINT from here on end in a checkpoint."""
+    with StopSignal() as stop:
+        return _train_run(config, stop)
+
+
+def _train_run(config: Config, stop: StopSignal) -> Path:
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
 
@@ -269,23 +275,22 @@ def train_run(config: Config) -> Path:
         progress=training.progress,
     )
     try:
-        with StopSignal() as stop:
-            state = train(
-                model,
-                streams,
-                sampler,
-                balancer,
-                optimizer,
-                scheduler,
-                accelerator,
-                settings,
-                state,
-                validate,
-                lambda step: save_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE),
-                lambda s: save_checkpoint(run_dir, s.step, parts.model, parts.snapshot(s), training.keep_checkpoints),
-                record,
-                stop,
-            )
+        state = train(
+            model,
+            streams,
+            sampler,
+            balancer,
+            optimizer,
+            scheduler,
+            accelerator,
+            settings,
+            state,
+            validate,
+            lambda step: save_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE),
+            lambda s: save_checkpoint(run_dir, s.step, parts.model, parts.snapshot(s), training.keep_checkpoints),
+            record,
+            stop,
+        )
     finally:
         history.close()
 
