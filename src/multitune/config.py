@@ -352,6 +352,17 @@ def check_methods(config: Config) -> None:
     LOSS_WEIGHTINGS.check_params(
         config.loss_weighting.name, config.loss_weighting.params, WEIGHTING_INJECTED, field="loss_weighting"
     )
+    one_task_steps = getattr(SAMPLERS.get(config.sampling.name), "tasks_per_step", "one") == "one"
+    weighting = LOSS_WEIGHTINGS.get(config.loss_weighting.name)
+    if getattr(weighting, "needs_several_tasks", False) and one_task_steps and not config.training.mixed_batches:
+        import logging
+
+        logging.getLogger("multitune").warning(
+            "loss weighting '%s' balances the tasks of a step, but sampler '%s' feeds one task per step, where it "
+            "equals 'equal': use sampling.name=all_tasks or training.mixed_batches=true",
+            config.loss_weighting.name,
+            config.sampling.name,
+        )
     gradient = config.gradient_aggregation
     if gradient is not None:
         field = "gradient_aggregation"

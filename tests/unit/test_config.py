@@ -102,3 +102,11 @@ def test_package_paths_resolve_to_bundled_data():
     config = load_config(REPO / "configs" / "quickstart.yaml")
     train = Path(config.tasks["trec"].source.train or "")
     assert train == package_path("quickstart/trec/train.jsonl") and train.is_file()
+
+
+def test_a_per_step_weighting_with_one_task_per_step_warns(tmp_path, caplog):
+    load_config(write(tmp_path, MINIMAL), ["loss_weighting.name=famo"])
+    assert "equals 'equal'" in caplog.text
+    caplog.clear()
+    load_config(write(tmp_path, MINIMAL), ["loss_weighting.name=famo", "sampling={name: all_tasks}"])
+    assert caplog.text == ""

@@ -25,6 +25,7 @@ class FAMOWeighting(nn.Module):
     """Balanced log-loss decrease, weights softmax(ξ) learned from observed decreases (Liu et al. 2023)."""
 
     paper = "Liu et al. 2023"
+    needs_several_tasks = True  # with one task per step it reduces exactly to equal weighting
     cost = "O(T)"
     logits: Tensor
     first_moment: Tensor

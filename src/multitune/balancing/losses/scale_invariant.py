@@ -22,6 +22,7 @@ class GeometricMeanWeighting(nn.Module):
     """Minimise (Π L_i)^(1/T): task i's gradient is scaled by G / (T·L_i) (Chennupati et al. 2019)."""
 
     paper = "Chennupati et al. 2019"
+    needs_several_tasks = True  # with one task per step it reduces exactly to equal weighting
     cost = "O(T)"
 
     def __init__(self, task_names: Sequence[str]) -> None:
