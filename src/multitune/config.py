@@ -90,6 +90,7 @@ class TrainingConfig(Group):
     checkpoint_every: int | None = Field(500, ge=1)  # also at the end and on SIGTERM / SIGINT
     keep_checkpoints: int = Field(2, ge=1)
     max_nonfinite_steps: int = Field(5, ge=1)  # skipped updates in a row before the run stops
+    tensorboard: bool = False  # also write the history as TensorBoard scalars to RUN_DIR/tensorboard
     progress: bool = True
 
 

@@ -229,10 +229,13 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         state = parts.restore(checkpoint)
         keep_history_until(run_dir / "history.jsonl", state.step)
     history = (run_dir / "history.jsonl").open("a", encoding="utf-8")
+    scalars = tensorboard_writer(run_dir) if training.tensorboard else None
 
     def record(entry: dict[str, Any]) -> None:
         history.write(json.dumps(entry) + "\n")
         history.flush()
+        if scalars is not None:
+            write_scalars(scalars, entry)
 
     measure = config.analysis.task_affinity or guard is not None
     tracker = AffinityTracker(list(tasks)) if measure else None
@@ -293,6 +296,8 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         )
     finally:
         history.close()
+        if scalars is not None:
+            scalars.close()
 
     load_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE)
     results = evaluate(
@@ -326,6 +331,31 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     print(f"trained {state.step} steps in {state.seconds:.1f} s; best validation at step {state.best_step}")
     print(f"saved to {run_dir}")
     return run_dir
+
+
+def tensorboard_writer(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "needs the tensorboard package (pip install tensorboard)", field="training.tensorboard"
+        ) from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def write_scalars(writer: Any, entry: dict[str, Any]) -> None:
+    """One history entry as TensorBoard scalars: loss/TASK, weight/TASK, probability/TASK, validation/TASK/METRIC."""
+    step = entry["step"]
+    for key, prefix in (("losses", "loss"), ("weights", "weight"), ("probabilities", "probability")):
+        for name, value in (entry.get(key) or {}).items():
+            writer.add_scalar(f"{prefix}/{name}", value, step)
+    for name, metrics in (entry.get("validation") or {}).items():
+        for metric, value in metrics.items():
+            writer.add_scalar(f"validation/{name}/{metric}", value, step)
+    if "average_main_score" in entry:
+        writer.add_scalar("validation/average_main_score", entry["average_main_score"], step)
+    if "lr" in entry:
+        writer.add_scalar("lr", entry["lr"], step)
 
 
 def build_guard(config: Config, names: list[str], balancer: Balancer) -> NegativeTransferGuard | None:

@@ -92,3 +92,20 @@ def test_guard_drops_a_task_that_hurts_the_others(tmp_path, tiny_backbone, write
     sampled_after = [h for h in history if h.get("losses") and h["step"] > 7 and "noise" in h.get("probabilities", {})]
     assert sampled_after  # logging continues; the dropped task's running loss no longer moves:
     assert len({h["losses"]["noise"] for h in sampled_after}) == 1
+
+
+def test_tensorboard_scalars(tmp_path, tiny_backbone, write_jsonl):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    a, b = write_jsonl("a.jsonl", classification_rows(20)), write_jsonl("b.jsonl", token_rows(20))
+    path = tmp_path / "c.yaml"
+    config = tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=4, eval_every=2, log_every=1, tensorboard=True)
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    events = EventAccumulator(str(tmp_path / "runs" / "tiny" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"validation/average_main_score", "validation/sentiment/accuracy", "lr"} <= tags
+    assert any(tag.startswith("loss/") for tag in tags)
+    assert [e.step for e in events.Scalars("validation/average_main_score")] == [2, 4]
