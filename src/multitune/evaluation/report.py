@@ -31,9 +31,11 @@ def _figure_png(draw: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _lines(axes: Any, series: dict[str, tuple[list[int], list[float]]], ylabel: str) -> None:
-    for name, (xs, ys) in series.items():
-        axes.plot(xs, ys, label=name, marker="." if len(xs) < 30 else None)
+def _lines(axes: Any, series: dict[str, tuple[list[int], list[float]]], ylabel: str, colors: dict[str, Any]) -> None:
+    for name in sorted(series):
+        xs, ys = series[name]
+        color = colors.get(name.split(" (")[0])
+        axes.plot(xs, ys, label=name, color=color, marker="." if len(xs) < 30 else None)
     axes.set_xlabel("step")
     axes.set_ylabel(ylabel)
     if series:
@@ -80,6 +82,20 @@ def build_report(run_dir: Path) -> str:
         else []
     )
     metrics, comparison, affinity = read("metrics.json"), read("comparison.json"), read("affinity.json")
+    task_names = sorted((metrics or {}).get("tasks", {}) or {n for h in history for n in (h.get("losses") or {})})
+    palette = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(task_names)}  # one color per task
     sections: list[str] = []
     figures: list[tuple[str, str]] = []
 
@@ -88,7 +104,7 @@ def build_report(run_dir: Path) -> str:
         figures.append(
             (
                 "Training loss per task (running mean)",
-                _figure_png(lambda ax: _lines(ax, _series(train_entries, "losses"), "loss")),
+                _figure_png(lambda ax: _lines(ax, _series(train_entries, "losses"), "loss", colors)),
             )
         )
     validation = [h for h in history if "validation" in h]
@@ -101,16 +117,19 @@ def build_report(run_dir: Path) -> str:
                 xs, ys = curves.setdefault(f"{name} ({metric})", ([], []))
                 xs.append(entry["step"])
                 ys.append(values[metric])
-        figures.append(("Validation main metric per task", _figure_png(lambda ax: _lines(ax, curves, "score"))))
+        figures.append(("Validation main metric per task", _figure_png(lambda ax: _lines(ax, curves, "score", colors))))
     if any("weights" in h for h in train_entries):
         figures.append(
-            ("Loss weights over time", _figure_png(lambda ax: _lines(ax, _series(train_entries, "weights"), "weight")))
+            (
+                "Loss weights over time",
+                _figure_png(lambda ax: _lines(ax, _series(train_entries, "weights"), "weight", colors)),
+            )
         )
     if any("probabilities" in h for h in train_entries):
         figures.append(
             (
                 "Sampling probabilities over time",
-                _figure_png(lambda ax: _lines(ax, _series(train_entries, "probabilities"), "probability")),
+                _figure_png(lambda ax: _lines(ax, _series(train_entries, "probabilities"), "probability", colors)),
             )
         )
     if affinity:
