@@ -28,13 +28,19 @@ BASELINES = ".baselines"
 
 def delta_m(tasks: dict[str, dict[str, Any]]) -> float:
     """Δm in percent (Maninis et al. 2019): mean over tasks of the relative change of the main metric,
-    signed so that positive is better."""
+    signed so that positive is better. A task whose single-task score is 0 (e.g. an MCC of a constant
+    predictor) has no relative change and is left out; `delta_m_excluded` names such tasks."""
     changes = []
-    for entry in tasks.values():
+    for name in delta_m_tasks(tasks):
+        entry = tasks[name]
         single, multi = entry["single"], entry["multi"]
         sign = 1.0 if entry["higher_is_better"] else -1.0
-        changes.append(sign * (multi - single) / max(abs(single), 1e-12))
-    return 100.0 * sum(changes) / len(changes)
+        changes.append(sign * (multi - single) / abs(single))
+    return 100.0 * sum(changes) / len(changes) if changes else 0.0
+
+
+def delta_m_tasks(tasks: dict[str, dict[str, Any]]) -> list[str]:
+    return [name for name, entry in tasks.items() if abs(entry["single"]) > 1e-9]
 
 
 def _train_subprocess(config: Config, folder: Path) -> tuple[Path, float]:
@@ -140,6 +146,7 @@ def compare(config_path: str, overrides: list[str]) -> dict[str, Any]:
     result = {
         "tasks": tasks,
         "delta_m_percent": round(delta_m(tasks), 3),
+        "delta_m_excluded": [t for t in tasks if t not in delta_m_tasks(tasks)],
         "params": {
             "single_total": sum(single_params.values()),
             "multi_total": params["shared"] + sum(params["heads"].values()),
@@ -182,8 +189,11 @@ def format_comparison(result: dict[str, Any]) -> str:
     lines = ["| task | metric | single-task | multi-task | change |", "|---|---|---|---|---|"]
     for task, e in result["tasks"].items():
         sign = 1 if e["higher_is_better"] else -1
-        change = sign * (e["multi"] - e["single"]) / max(abs(e["single"]), 1e-12) * 100
-        lines.append(f"| {task} | {e['metric']} | {e['single']:.4f} | {e['multi']:.4f} | {change:+.1f}% |")
+        if abs(e["single"]) > 1e-9:
+            change = f"{sign * (e['multi'] - e['single']) / abs(e['single']) * 100:+.1f}%"
+        else:
+            change = "n/a (single-task score 0)"
+        lines.append(f"| {task} | {e['metric']} | {e['single']:.4f} | {e['multi']:.4f} | {change} |")
     p, t = result["params"], result["train_seconds"]
     lines += [
         "",

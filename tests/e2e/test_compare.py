@@ -17,6 +17,8 @@ def test_delta_m_signs_by_direction():
         "b": {"single": 2.0, "multi": 2.5, "higher_is_better": False},  # error up 25%: -25%
     }
     assert delta_m(tasks) == pytest.approx((10 - 25) / 2)
+    tasks["c"] = {"single": 0.0, "multi": 0.3, "higher_is_better": True}  # an MCC of 0: no relative change
+    assert delta_m(tasks) == pytest.approx((10 - 25) / 2)
 
 
 def test_single_task_budget_matches_rows_seen(tiny_backbone):
