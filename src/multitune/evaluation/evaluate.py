@@ -100,9 +100,12 @@ def average_main_score(results: dict[str, dict[str, Any]]) -> float:
     return round(sum(signed) / len(signed), 6)
 
 
-def format_table(results: dict[str, dict[str, Any]], average: float | None = None) -> str:
-    header = ["task", "split", "n", "main metric", "score", "all metrics"]
-    rows = [
+TABLE_HEADER = ["task", "split", "n", "main metric", "score", "all metrics"]
+
+
+def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row of text cells per task, for the printed table and the report."""
+    return [
         [
             name,
             r["split"],
@@ -113,6 +116,11 @@ def format_table(results: dict[str, dict[str, Any]], average: float | None = Non
         ]
         for name, r in results.items()
     ]
+
+
+def format_table(results: dict[str, dict[str, Any]], average: float | None = None) -> str:
+    header = TABLE_HEADER
+    rows = table_rows(results)
     if average is not None:
         rows.append(["average", "", "", "main score", f"{average:.4f}", ""])
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]

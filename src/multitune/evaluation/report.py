@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from multitune.evaluation.evaluate import TABLE_HEADER, table_rows
 from multitune.training.checkpoint import write_text
 
 
@@ -148,18 +149,8 @@ def build_report(run_dir: Path) -> str:
         )
 
     if metrics:
-        rows = [
-            [
-                name,
-                e["split"],
-                str(e["n"]),
-                e["main_metric"],
-                f"{e['main_score']:.4f}",
-                "  ".join(f"{k}={v:.4f}" for k, v in e["metrics"].items()),
-            ]
-            for name, e in metrics["tasks"].items()
-        ]
-        sections.append("<h2>Scores</h2>" + _table(["task", "split", "n", "main metric", "score", "all metrics"], rows))
+        rows = table_rows(metrics["tasks"])
+        sections.append("<h2>Scores</h2>" + _table(TABLE_HEADER, rows))
         sections.append(
             f"<p>Average main score {metrics['average_main_score']:.4f}; {metrics['steps']} steps, "
             f"{metrics['train_seconds']:.1f} s of training; "
