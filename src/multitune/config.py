@@ -110,6 +110,8 @@ class GuardConfig(Group):
     patience: int = Field(2, ge=1)  # validations in a row before acting
     min_gain: float = 0.0  # a task gaining more than this on its best validation score is left alone
     factor: float = Field(0.5, gt=0, lt=1)  # downweight: loss multiplier per action
+    baselines: dict[str, float] | None = None  # single-task main scores per task
+    baselines_from: str | None = None  # or a comparison.json written by `multitune compare`
 
 
 class SourceConfig(Group):
@@ -419,6 +421,8 @@ def resolve_paths(config: Config, base: Path) -> None:
                 split: [resolve_path(v, base) for v in files] if isinstance(files, list) else resolve_path(files, base)
                 for split, files in source.data_files.items()
             }
+    if config.guard.baselines_from:
+        config.guard.baselines_from = resolve_path(config.guard.baselines_from, base)
     backbone = config.model.backbone
     if backbone.startswith((".", "/", "~", PACKAGE_PREFIX)):
         config.model.backbone = resolve_path(backbone, base)

@@ -358,11 +358,31 @@ def write_scalars(writer: Any, entry: dict[str, Any]) -> None:
         writer.add_scalar("lr", entry["lr"], step)
 
 
+def guard_baselines(config: Config) -> dict[str, float]:
+    """Single-task main scores for the guard, signed like validation scores (negated where lower is better)."""
+    settings = config.guard
+    baselines = dict(settings.baselines or {})
+    if settings.baselines_from:
+        path = Path(settings.baselines_from)
+        try:
+            compared = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError("not a readable comparison.json", file=str(path), field="guard.baselines_from") from None
+        for name, entry in compared.items():
+            baselines.setdefault(name, entry["single"] if entry.get("higher_is_better", True) else -entry["single"])
+    unknown = sorted(set(baselines) - set(config.tasks))
+    if unknown:
+        raise ConfigError(f"baselines for unknown tasks: {', '.join(unknown)}", field="guard.baselines")
+    return baselines
+
+
 def build_guard(config: Config, names: list[str], balancer: Balancer) -> NegativeTransferGuard | None:
     settings = config.guard
     if not settings.enabled:
         return None
-    guard = NegativeTransferGuard(names, settings.action, settings.patience, settings.min_gain, settings.factor)
+    guard = NegativeTransferGuard(
+        names, settings.action, settings.patience, settings.min_gain, settings.factor, guard_baselines(config)
+    )
     balancer.task_scale = guard.scale  # the guard's multipliers are what balanced_backward applies
     return guard
 

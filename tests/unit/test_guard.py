@@ -40,3 +40,14 @@ def test_state_round_trip_and_bad_action():
     ]
     with pytest.raises(ValueError, match="action"):
         NegativeTransferGuard(NAMES, action="delete")
+
+
+def test_with_a_baseline_a_converged_task_at_its_baseline_is_spared():
+    baselines = {"good": 0.6, "noise": 0.8, "other": 0.5}
+    guard = NegativeTransferGuard(NAMES, patience=1, baselines=baselines)
+    converged = {"good": 0.7, "noise": 0.3, "other": 0.55}
+    harmful = -AFFINITY.abs() - 0.01  # every task's steps hurt the others; only "noise" is below its baseline
+    (first,) = guard.observe(1, converged, harmful)  # with a baseline the first validation can already judge
+    (second,) = guard.observe(2, converged, harmful)
+    assert first.task == second.task == "noise" and (first.scale, second.scale) == (0.5, 0.25)
+    assert "below its single-task baseline 0.8000" in second.why

@@ -2,9 +2,10 @@
 
 At every validation, with the task relations of analysis/affinity.py measured on the probe batches:
 task i's harm is the mean lookahead affinity Z_ij from i to the other active tasks (negative: a step along
-i's gradient raises their losses), and its gain is how much its own validation main score improved on its
-best earlier one. A task whose harm is negative while its gain is at most `min_gain` for `patience`
-validations in a row is acted on: `downweight` multiplies its loss by `factor` (again at each further
+i's gradient raises their losses). A task lags when its validation main score is below its single-task
+baseline by more than `min_gain` (when a baseline is given, e.g. from `multitune compare`), or else when
+it improved by at most `min_gain` on its best earlier score. A task that harms while lagging for
+`patience` validations in a row is acted on: `downweight` multiplies its loss by `factor` (again at each further
 flag), `drop` stops sampling it. Every action is logged with the numbers behind it.
 """
 
@@ -35,6 +36,7 @@ class NegativeTransferGuard:
     patience: int = 2
     min_gain: float = 0.0
     factor: float = 0.5
+    baselines: dict[str, float] = field(default_factory=dict)  # single-task main scores, signed like `scores`
     scale: dict[str, float] = field(default_factory=dict)  # per-task loss multiplier; 0 = dropped
     best: dict[str, float] = field(default_factory=dict)
     strikes: dict[str, int] = field(default_factory=dict)
@@ -59,7 +61,14 @@ class NegativeTransferGuard:
             previous = self.best.get(name)
             gain = None if previous is None else scores[name] - previous
             self.best[name] = scores[name] if previous is None else max(previous, scores[name])
-            if gain is not None and harm < 0 and gain <= self.min_gain:
+            baseline = self.baselines.get(name)
+            if baseline is not None:
+                lagging = scores[name] < baseline - self.min_gain
+                standing = f"its validation score {scores[name]:.4f} is below its single-task baseline {baseline:.4f}"
+            else:
+                lagging = gain is not None and gain <= self.min_gain
+                standing = f"its own validation score gained {gain or 0.0:+.4f} (best {previous or 0.0:.4f})"
+            if harm < 0 and lagging:
                 self.strikes[name] = self.strikes.get(name, 0) + 1
             else:
                 self.strikes[name] = 0
@@ -67,8 +76,8 @@ class NegativeTransferGuard:
                 self.scale[name] = 0.0 if self.action == "drop" else self.scale[name] * self.factor
                 self.strikes[name] = 0
                 why = (
-                    f"its steps raised the other tasks' losses (mean lookahead affinity {harm:+.3e}) while its own "
-                    f"validation score gained {gain:+.4f} (best {previous:.4f}) for {self.patience} validations"
+                    f"its steps raised the other tasks' losses (mean lookahead affinity {harm:+.3e}) while "
+                    f"{standing}, for {self.patience} validations"
                 )
                 actions.append(GuardAction(step, name, self.action, self.scale[name], why))
         return actions
