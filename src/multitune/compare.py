@@ -98,6 +98,7 @@ def single_task_config(config: Config, task: str, rows: int) -> Config:
         {"name": "equal"},
         None,
     )
+    data["analysis"], data["guard"] = {}, {}  # a plain baseline: no relation measurements, no guard
     data["run"].update(name=f"single-{task}", resume=None)
     return Config.model_validate(data)
 

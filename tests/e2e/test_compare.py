@@ -22,10 +22,13 @@ def test_delta_m_signs_by_direction():
 
 
 def test_single_task_budget_matches_rows_seen(tiny_backbone):
-    config = validate_config(tiny_config(tiny_backbone, "a.jsonl", "b.jsonl", "runs", batch_size=4, steps=10))
+    data = tiny_config(tiny_backbone, "a.jsonl", "b.jsonl", "runs", batch_size=4, steps=10)
+    data.update(guard={"enabled": True}, analysis={"task_affinity": True})
+    config = validate_config(data)
     baseline = single_task_config(config, "ner", rows=18)
     assert list(baseline.tasks) == ["ner"] and baseline.training.steps == 5  # ceil(18 / 4)
     assert baseline.gradient_aggregation is None and baseline.run.name == "single-ner"
+    assert not baseline.guard.enabled and not baseline.analysis.task_affinity
 
 
 @pytest.mark.slow
