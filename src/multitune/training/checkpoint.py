@@ -24,8 +24,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(temporary)
     try:
         write(tmp)
-        with open(tmp, "rb") as stream:
-            os.fsync(stream.fileno())
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
@@ -33,11 +32,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    _fsync_dir(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:
