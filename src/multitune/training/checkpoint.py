@@ -70,6 +70,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
+PARTIAL = ".partial"
+DISCARDED = ".discarded"
 
 
 def _fsync_file(path: Path) -> None:
@@ -94,7 +96,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: d
     root = run_dir / CHECKPOINTS
     root.mkdir(exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    partial = root / f".{final.name}.partial"
+    partial = root / f".{final.name}{PARTIAL}"
     try:
         if partial.exists():
             _remove_checkpoint(partial)
@@ -105,13 +107,13 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: d
             _fsync_file(file)
         _fsync_dir(partial)
         if final.exists():  # the same step saved again (e.g. on a signal right after a periodic save)
-            _remove_checkpoint(final)
+            _discard_checkpoint(final)
         os.replace(partial, final)
         _fsync_dir(root)
     except OSError as error:
         raise MultitunError(f"cannot write checkpoint: {error.strerror or error}", file=str(final)) from None
     for old in checkpoint_dirs(run_dir)[:-keep]:
-        _remove_checkpoint(old)
+        _discard_checkpoint(old)
     return final
 
 
@@ -151,11 +153,22 @@ def _remove_checkpoint(path: Path) -> None:
     path.rmdir()
 
 
+def _discard_checkpoint(path: Path) -> None:
+    """Retire a complete checkpoint atomically: rename it to a hidden name first, so a crash while its
+    files are being deleted never leaves a listed checkpoint with files missing."""
+    doomed = path.with_name(f".{path.name}{DISCARDED}")
+    if doomed.exists():
+        _remove_checkpoint(doomed)
+    os.replace(path, doomed)
+    _fsync_dir(path.parent)
+    _remove_checkpoint(doomed)
+
+
 def remove_leftovers(run_dir: Path) -> None:
     """After a crash: drop our half-written temporary files and partial checkpoints (names we made)."""
     for tmp in run_dir.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
     root = run_dir / CHECKPOINTS
     if root.is_dir():
-        for partial in root.glob(f".{PREFIX}*.partial"):
-            _remove_checkpoint(partial)
+        for leftover in [*root.glob(f".{PREFIX}*{PARTIAL}"), *root.glob(f".{PREFIX}*{DISCARDED}")]:
+            _remove_checkpoint(leftover)
