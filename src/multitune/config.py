@@ -46,16 +46,6 @@ class RunConfig(Group):
         return _check_name(value, "run name")
 
 
-class ModelConfig(Group):
-    backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
-    revision: str | None = None
-    pooling: Literal["mean", "cls"] = "mean"
-    max_length: int = Field(128, ge=8, le=8192)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    random_init: bool = False  # build the backbone from its config with random weights (speed tests)
-    trust_remote_code: bool = False
-
-
 class MethodConfig(BaseModel):
     """A registry name plus that method's parameters, e.g. `{name: temperature, temperature: 2.0}`."""
 
@@ -67,11 +57,32 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class ModelConfig(Group):
+    backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
+    revision: str | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(128, ge=8, le=8192)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    random_init: bool = False  # build the backbone from its config with random weights (speed tests)
+    trust_remote_code: bool = False
+    # how tasks share the backbone: hard, hybrid, soft, cross_stitch, mmoe, ple (models/architectures.py)
+    architecture: MethodConfig = Field(default_factory=lambda: MethodConfig(name="hard"))
+
+
 class GradientConfig(MethodConfig):
     """A gradient aggregator, e.g. `{name: pcgrad, source: representation}`; see balancing/backward.py."""
 
     source: Literal["representation", "parameters"] = "representation"
     buffer_dtype: Literal["float32", "bfloat16"] = "float32"  # the [T, P] buffer of the parameters source
+
+
+class EarlyStoppingConfig(Group):
+    """Stop when validation stops improving: the whole run on the average main score, or (per_task) each
+    task on its own main score (a stopped task is no longer sampled; the run ends when all have stopped)."""
+
+    patience: int = Field(3, ge=1)  # validations without improvement
+    min_delta: float = Field(0.0, ge=0)  # an improvement must exceed this
+    per_task: bool = False
 
 
 class TrainingConfig(Group):
@@ -92,6 +103,14 @@ class TrainingConfig(Group):
     max_nonfinite_steps: int = Field(5, ge=1)  # skipped updates in a row before the run stops
     tensorboard: bool = False  # also write the history as TensorBoard scalars to RUN_DIR/tensorboard
     progress: bool = True
+    early_stopping: EarlyStoppingConfig | None = None
+
+
+class RegularizationConfig(Group):
+    """L2-SP (Li et al. 2018): alpha/2·‖θ−θ⁰‖² on the pretrained weights, beta/2·‖θ‖² on new ones (heads)."""
+
+    l2_sp_alpha: float = Field(0.0, ge=0)
+    l2_sp_beta: float = Field(0.0, ge=0)
 
 
 class AnalysisConfig(Group):
@@ -184,6 +203,7 @@ class TaskConfig(Group):
     normalize_targets: bool = True  # regression: train on standardised targets
     sampling_weight: float = Field(1.0, gt=0)  # multiplies the sampler's probability
     loss_weight: float = Field(1.0, ge=0)  # used by the `static` loss weighting
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)  # this task's head dropout (default: model.dropout)
     max_rows: SplitRows = Field(default_factory=SplitRows)
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     shuffle_labels: bool = False  # a control task: training labels permuted (seeded); evaluation keeps the truth
@@ -218,6 +238,7 @@ class Config(Group):
     sampling: MethodConfig = Field(default_factory=lambda: MethodConfig(name="temperature", temperature=2.0))
     loss_weighting: MethodConfig = Field(default_factory=lambda: MethodConfig(name="equal"))
     gradient_aggregation: GradientConfig | None = None
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     tasks: dict[str, TaskConfig]
@@ -348,7 +369,24 @@ def check_methods(config: Config) -> None:
     from multitune.balancing.losses import LOSS_WEIGHTINGS, WEIGHTING_INJECTED
     from multitune.data.samplers import SAMPLER_INJECTED, SAMPLERS
     from multitune.evaluation.metrics import METRICS
+    from multitune.models.architectures import ARCHITECTURE_INJECTED, ARCHITECTURES
 
+    architecture = config.model.architecture
+    ARCHITECTURES.get(architecture.name, field="model.architecture.name")
+    ARCHITECTURES.check_params(
+        architecture.name, architecture.params, ARCHITECTURE_INJECTED, field="model.architecture"
+    )
+    gradient_source = config.gradient_aggregation.source if config.gradient_aggregation else None
+    if architecture.name == "soft" and gradient_source == "parameters":
+        raise ConfigError(
+            "soft sharing shares no parameters: gradient aggregation needs source 'representation'",
+            field="gradient_aggregation.source",
+        )
+    if architecture.name == "soft" and (config.analysis.task_affinity or config.guard.enabled):
+        raise ConfigError(
+            "task affinity is measured on shared parameters, and soft sharing has none",
+            field="analysis.task_affinity" if config.analysis.task_affinity else "guard.enabled",
+        )
     SAMPLERS.get(config.sampling.name, field="sampling.name")
     SAMPLERS.check_params(config.sampling.name, config.sampling.params, SAMPLER_INJECTED, field="sampling")
     LOSS_WEIGHTINGS.get(config.loss_weighting.name, field="loss_weighting.name")

@@ -32,9 +32,11 @@ from multitune.data.tasks import Example, TaskData, example_from_fields, load_ta
 from multitune.errors import ConfigError, MultitunError
 from multitune.evaluation.evaluate import average_main_score, evaluate, format_table, predict
 from multitune.evaluation.report import write_report
+from multitune.models.architectures import ARCHITECTURES
 from multitune.models.backbone import Backbone, backbone_from_run, load_backbone
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
+from multitune.models.regularization import L2SP, Regularizer
 from multitune.training.checkpoint import (
     WEIGHTS_FILE,
     latest_checkpoint,
@@ -46,7 +48,7 @@ from multitune.training.checkpoint import (
     write_json,
     write_text,
 )
-from multitune.training.loop import LoopSettings, StopSignal, TrainState, train
+from multitune.training.loop import EarlyStopping, LoopSettings, StopSignal, TrainState, Validation, train
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +75,33 @@ def build_model(config: Config, tasks: dict[str, TaskData], backbone: Backbone) 
             task.config.type,
             hidden_size=backbone.hidden_size,
             num_labels=len(task.labels or [None]),
-            dropout=config.model.dropout,
+            dropout=config.model.dropout if task.config.dropout is None else task.config.dropout,
         )
         for name, task in tasks.items()
     }
-    return MultiTaskModel(backbone.model, heads, config.model.pooling)
+    architecture = config.model.architecture
+    return ARCHITECTURES.build(
+        architecture.name,
+        injected={
+            "backbone": backbone.model,
+            "heads": heads,
+            "pooling": config.model.pooling,
+            "hidden_size": backbone.hidden_size,
+        },
+        **architecture.params,
+    )
+
+
+def build_regularizers(config: Config, model: MultiTaskModel) -> list[Regularizer]:
+    """The architecture's own penalties plus L2-SP toward the weights the model starts from."""
+    out = model.regularizers()
+    settings = config.regularization
+    if settings.l2_sp_alpha or settings.l2_sp_beta:
+        pretrained = list(model.pretrained_parameters())
+        known = {id(p) for p in pretrained}
+        new = [p for p in model.parameters() if id(p) not in known]
+        out.append(L2SP(pretrained, new, settings.l2_sp_alpha, settings.l2_sp_beta))
+    return out
 
 
 def encode_splits(tasks: dict[str, TaskData], tokenizer: Any, max_length: int) -> dict[str, dict[str, list[Encoded]]]:
@@ -222,6 +246,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     if isinstance(balancer.weighting, torch.nn.Module):
         balancer.weighting.to(accelerator.device)
     guard = build_guard(config, list(tasks), balancer)
+    regularizers = build_regularizers(config, accelerator.unwrap_model(model))  # before restore: θ⁰ = the start
     parts = TrainingParts(accelerator.unwrap_model(model), optimizer, scheduler, sampler, balancer, streams, guard)
     state = TrainState()
     if checkpoint is not None:
@@ -241,7 +266,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     tracker = AffinityTracker(list(tasks)) if measure else None
     probes = probe_batches(prepared, config) if tracker is not None else {}
 
-    def validate(step: int) -> tuple[float, dict[str, float]]:
+    def validate(step: int) -> Validation:
         lookahead = None
         if tracker is not None:
             cosine, lookahead = measure_relations(
@@ -262,7 +287,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
                     f"guard, step {step}: {action.action} task '{action.task}' (scale {action.scale:g}): {action.why}",
                     file=sys.stderr,
                 )
-        return score, {name: r["main_score"] for name, r in results.items()}
+        return Validation(score, {name: r["main_score"] for name, r in results.items()}, scores)
 
     settings = LoopSettings(
         steps=training.steps,
@@ -276,6 +301,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         checkpoint_every=training.checkpoint_every,
         max_nonfinite_steps=training.max_nonfinite_steps,
         progress=training.progress,
+        early_stopping=EarlyStopping(**training.early_stopping.model_dump()) if training.early_stopping else None,
     )
     try:
         state = train(
@@ -293,6 +319,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
             lambda s: save_checkpoint(run_dir, s.step, parts.model, parts.snapshot(s), training.keep_checkpoints),
             record,
             stop,
+            regularizers,
         )
     finally:
         history.close()
@@ -314,6 +341,8 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         "task_steps": state.task_steps,
         "task_rows": state.task_rows,
         "skipped_steps": state.skipped_steps,
+        "stopped_early": state.stopped_early,
+        "stopped_tasks": state.stopped_tasks,
         "task_scale": dict(balancer.task_scale),
         "peak_memory_bytes": peak_memory_bytes(accelerator.device),
         "parameters": {
@@ -328,7 +357,8 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         print(format_relations(relations))
     write_report(run_dir)
     print(format_table(results, average))
-    print(f"trained {state.step} steps in {state.seconds:.1f} s; best validation at step {state.best_step}")
+    ended = " (stopped early)" if state.stopped_early else ""
+    print(f"trained {state.step} steps{ended} in {state.seconds:.1f} s; best validation at step {state.best_step}")
     print(f"saved to {run_dir}")
     return run_dir
 
@@ -665,6 +695,7 @@ def describe_methods() -> Iterable[dict[str, str]]:
         ("sampler", SAMPLERS),
         ("loss weighting", LOSS_WEIGHTINGS),
         ("gradient aggregator", GRADIENT_AGGREGATORS),
+        ("architecture", ARCHITECTURES),
         ("head", HEADS),
         ("metric", METRICS),
     )

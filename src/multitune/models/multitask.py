@@ -1,4 +1,9 @@
-"""MultiTaskModel: hard parameter sharing, one backbone forward for every task's rows, one head per task."""
+"""MultiTaskModel: one backbone forward for every task's rows, an optional per-task stage, one head per task.
+
+Hard parameter sharing is this class as is. The other architectures (models/architectures.py) change one
+of three hooks: `encode` (what the shared representation is), `task_features` (what each task does with
+its rows of it before its head), `regularizers` (penalties on the weights, e.g. soft sharing's pull).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from torch import Tensor, nn
 
 from multitune.data.collate import Batch
 from multitune.models.heads import Head
+from multitune.models.regularization import Regularizer
 
 
 def pool(hidden: Tensor, mask: Tensor, how: str) -> Tensor:
@@ -19,6 +25,8 @@ def pool(hidden: Tensor, mask: Tensor, how: str) -> Tensor:
 
 
 class MultiTaskModel(nn.Module):
+    architecture = "hard"
+
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], pooling: str = "mean") -> None:
         super().__init__()
         self.backbone = backbone
@@ -29,18 +37,19 @@ class MultiTaskModel(nn.Module):
         """The shared representation of every row: [B, L, H]."""
         return self.backbone(**batch.inputs).last_hidden_state
 
+    def task_features(self, name: str, hidden: Tensor, mask: Tensor) -> Tensor:
+        """Task `name`'s features [b, L, H] from its rows of the shared representation (identity here)."""
+        return hidden
+
     def head_outputs(self, hidden: Tensor, batch: Batch) -> dict[str, Tensor]:
         """Each task's head outputs for its rows of the batch."""
-        pooled: Tensor | None = None
         outputs = {}
+        mask = batch.inputs["attention_mask"]
         for name, part in batch.tasks.items():
             head = self.heads[name]
-            if head.level == "token":
-                outputs[name] = head(hidden[part.rows])
-            else:
-                if pooled is None:
-                    pooled = pool(hidden, batch.inputs["attention_mask"], self.pooling)
-                outputs[name] = head(pooled[part.rows])
+            rows_mask = mask[part.rows]
+            features = self.task_features(name, hidden[part.rows], rows_mask)
+            outputs[name] = head(features if head.level == "token" else pool(features, rows_mask, self.pooling))
         return outputs
 
     def head_losses(self, hidden: Tensor, batch: Batch) -> dict[str, Tensor]:
@@ -59,8 +68,18 @@ class MultiTaskModel(nn.Module):
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         return self.head_losses(self.encode(batch), batch)
 
+    def regularizers(self) -> list[Regularizer]:
+        """Penalties the architecture itself adds to every step (soft sharing's pull between backbones)."""
+        return []
+
     def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters every task's loss depends on: what gradient aggregation balances."""
+        return self.backbone.parameters()
+
+    def pretrained_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters that start from the pretrained checkpoint (what L2-SP pulls back toward)."""
         return self.backbone.parameters()
 
     def task_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """Parameters only task `name` uses."""
         return self.heads[name].parameters()

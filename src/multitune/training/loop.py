@@ -7,7 +7,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from multitune.data.samplers import ObservesTraining, TaskSampler, examples_per_
 from multitune.data.streams import TaskStream
 from multitune.errors import MultitunError
 from multitune.models.multitask import MultiTaskModel
+from multitune.models.regularization import Regularizer
 
 
 class TrainingStopped(MultitunError):
@@ -42,6 +43,17 @@ class LoopSettings:
     checkpoint_every: int | None = None
     max_nonfinite_steps: int = 5
     progress: bool = True
+    early_stopping: EarlyStopping | None = None
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` validations without a gain above `min_delta`: of the average main score, or
+    (per_task) of each task's own score, a stopped task leaving the mix and the run ending with the last."""
+
+    patience: int
+    min_delta: float = 0.0
+    per_task: bool = False
 
 
 @dataclass
@@ -56,6 +68,11 @@ class TrainState:
     task_rows: dict[str, int] = field(default_factory=dict)  # training rows seen per task
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
+    stale_validations: int = 0  # early stopping on the average: validations since the last gain
+    task_best: dict[str, float] = field(default_factory=dict)  # early stopping per task
+    task_stale: dict[str, int] = field(default_factory=dict)
+    stopped_tasks: list[str] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 class StopSignal:
@@ -89,14 +106,19 @@ def train(
     accelerator: Any,
     settings: LoopSettings,
     state: TrainState,
-    validate: Callable[[int], tuple[float, dict[str, float]]],
+    validate: Callable[[int], Validation],
     save_best: Callable[[int], None],
     checkpoint: Callable[[TrainState], object],
     log: Callable[[dict[str, Any]], None],
     stop: StopSignal | None = None,
+    regularizers: Sequence[Regularizer] = (),
 ) -> TrainState:
-    """Run optimizer steps from `state.step` to `settings.steps`. `validate` returns the score that picks
-    the best weights and each task's main score (for samplers that adapt to validation)."""
+    """Run optimizer steps from `state.step` to `settings.steps` (or until early stopping ends the run).
+    `validate` returns the score that picks the best weights and each task's scores."""
+    if state.stopped_early:
+        return state
+    for name in state.stopped_tasks:
+        balancer.task_scale[name] = 0.0
     adaptive = sampler if isinstance(sampler, ObservesTraining) else None
     running: dict[str, float] = {}  # exponential moving average of each task's loss, for the progress bar
     model.train()
@@ -110,6 +132,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         with accelerator.autocast():
             result = balanced_backward(model, batch, balancer, step, accelerator.backward)
+        penalty = sum(r.apply_() for r in regularizers)
         norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm or math.inf)
         step_losses = {name: float(loss) for name, loss in result.losses.items()}
         problem = _nonfinite(step_losses, float(norm))
@@ -147,27 +170,71 @@ def train(
                     "weights": balancer.weighting.weights(),
                     "probabilities": sampler.probabilities(state.step),
                     "lr": scheduler.get_last_lr()[0],
+                    **({"penalty": penalty} if regularizers else {}),
                 }
             )
         if state.step % settings.eval_every == 0 or state.step == settings.steps:
             state.seconds += time.perf_counter() - started
-            score, task_scores = validate(state.step)
+            result_v = validate(state.step)
             if adaptive is not None:
-                adaptive.observe_validation(task_scores, state.step)
-            if score > state.best_score:
-                state.best_score, state.best_step = score, state.step
+                adaptive.observe_validation(result_v.task_scores, state.step)
+            if result_v.score > state.best_score:
+                state.best_score, state.best_step = result_v.score, state.step
                 save_best(state.step)
+            if settings.early_stopping is not None:
+                for event in early_stop(settings.early_stopping, state, result_v, balancer):
+                    log({"step": state.step, "early_stopping": event})
             started = time.perf_counter()
         every = settings.checkpoint_every
         stopping = stop is not None and stop.received is not None
-        if stopping or state.step == settings.steps or (every and state.step % every == 0):
+        last = state.step == settings.steps or state.stopped_early
+        if stopping or last or (every and state.step % every == 0):
             state.seconds += time.perf_counter() - started
             checkpoint(state)
             started = time.perf_counter()
         if stopping:
             raise TrainingStopped(f"interrupted at step {state.step}; checkpoint saved; resume with run.resume=auto")
+        if state.stopped_early:
+            break
     bar.close()
     return state
+
+
+@dataclass
+class Validation:
+    score: float  # what picks the best weights: the average main score
+    task_scores: dict[str, float]  # each task's main score, as the metric reports it
+    signed_scores: dict[str, float]  # the same, negated where lower is better (so higher is always better)
+
+
+def early_stop(rule: EarlyStopping, state: TrainState, result: Validation, balancer: Balancer) -> list[str]:
+    """Update the early-stopping counters after a validation; returns what it decided, for the log."""
+    events = []
+    if not rule.per_task:
+        if result.score > state.task_best.get("", -math.inf) + rule.min_delta:
+            state.task_best[""] = result.score
+            state.stale_validations = 0
+        else:
+            state.stale_validations += 1
+        if state.stale_validations >= rule.patience:
+            state.stopped_early = True
+            events.append(f"average main score did not improve in {rule.patience} validations: run ends")
+        return events
+    for name, value in result.signed_scores.items():
+        if name in state.stopped_tasks:
+            continue
+        if value > state.task_best.get(name, -math.inf) + rule.min_delta:
+            state.task_best[name], state.task_stale[name] = value, 0
+            continue
+        state.task_stale[name] = state.task_stale.get(name, 0) + 1
+        if state.task_stale[name] >= rule.patience:
+            state.stopped_tasks.append(name)
+            balancer.task_scale[name] = 0.0
+            events.append(f"task '{name}' did not improve in {rule.patience} validations: no longer trained")
+    if set(state.stopped_tasks) >= set(result.signed_scores):
+        state.stopped_early = True
+        events.append("every task has stopped: run ends")
+    return events
 
 
 def active_counts(
