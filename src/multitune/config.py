@@ -57,6 +57,19 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class AdapterConfig(Group):
+    """Per-task parameter-efficient adapters on a frozen backbone (models/peft_tasks.py)."""
+
+    method: Literal["lora", "bottleneck"] = "lora"
+    r: int = Field(8, ge=1)  # LoRA rank
+    alpha: int = Field(16, ge=1)  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None  # LoRA: module names to adapt (default: peft's for the model type)
+    shared: bool = False  # also one adapter that every task trains
+    train_backbone: bool = False  # also fine-tune the backbone's own weights
+    bottleneck_size: int = Field(64, ge=1)
+
+
 class ModelConfig(Group):
     backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
     revision: str | None = None
@@ -67,6 +80,7 @@ class ModelConfig(Group):
     trust_remote_code: bool = False
     # how tasks share the backbone: hard, hybrid, soft, cross_stitch, mmoe, ple (models/architectures.py)
     architecture: MethodConfig = Field(default_factory=lambda: MethodConfig(name="hard"))
+    peft: AdapterConfig | None = None  # one adapter per task (and optionally a shared one)
 
 
 class GradientConfig(MethodConfig):
@@ -381,6 +395,12 @@ def check_methods(config: Config) -> None:
         raise ConfigError(
             "soft sharing shares no parameters: gradient aggregation needs source 'representation'",
             field="gradient_aggregation.source",
+        )
+    if config.model.peft is not None and architecture.name in ("soft", "cross_stitch"):
+        raise ConfigError(
+            f"per-task adapters already give every task its own weights; use them with hard, hybrid, mmoe or ple, "
+            f"not {architecture.name}",
+            field="model.peft",
         )
     if architecture.name == "soft" and (config.analysis.task_affinity or config.guard.enabled):
         raise ConfigError(

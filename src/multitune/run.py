@@ -36,6 +36,7 @@ from multitune.models.architectures import ARCHITECTURES
 from multitune.models.backbone import Backbone, backbone_from_run, load_backbone
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
+from multitune.models.peft_tasks import TaskAdapters
 from multitune.models.regularization import L2SP, Regularizer
 from multitune.training.checkpoint import (
     WEIGHTS_FILE,
@@ -80,7 +81,7 @@ def build_model(config: Config, tasks: dict[str, TaskData], backbone: Backbone) 
         for name, task in tasks.items()
     }
     architecture = config.model.architecture
-    return ARCHITECTURES.build(
+    model = ARCHITECTURES.build(
         architecture.name,
         injected={
             "backbone": backbone.model,
@@ -90,6 +91,9 @@ def build_model(config: Config, tasks: dict[str, TaskData], backbone: Backbone) 
         },
         **architecture.params,
     )
+    if config.model.peft is not None:
+        model.attach_adapters(TaskAdapters(model.backbone, list(tasks), **config.model.peft.model_dump()))
+    return model
 
 
 def build_regularizers(config: Config, model: MultiTaskModel) -> list[Regularizer]:
@@ -224,6 +228,12 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     tasks, model, training = prepared.tasks, prepared.model, config.training
     sampler = build_sampler(config, tasks)
     balancer = build_balancer(config, list(tasks))
+    if balancer.source == "parameters" and not any(p.requires_grad for p in model.shared_parameters()):
+        raise ConfigError(
+            "gradient source 'parameters' needs trainable shared parameters, and this model has none "
+            "(per-task adapters on a frozen backbone): use source 'representation' or peft.shared=true",
+            field="gradient_aggregation.source",
+        )
     streams = {name: TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:stream") for name in tasks}
 
     if resume_dir is not None:
@@ -327,6 +337,8 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
             scalars.close()
 
     load_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE)
+    if prepared.model.task_adapters is not None:
+        prepared.model.task_adapters.save(prepared.model.backbone, run_dir / "adapters")
     results = evaluate(
         model, tasks, prepared.encoded, "test", training.eval_batch_size, accelerator.device, prepared.pad_id
     )

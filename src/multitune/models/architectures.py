@@ -98,12 +98,11 @@ class HybridSharing(MultiTaskModel):
         return run_layers(self.towers[name], hidden, layer_mask(self.backbone, hidden, mask))  # type: ignore[arg-type]
 
     def pretrained_parameters(self) -> Iterator[nn.Parameter]:
-        yield from self.backbone.parameters()
+        yield from super().pretrained_parameters()
         yield from self.towers.parameters()
 
-    def task_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from self.heads[name].parameters()
-        yield from self.towers[name].parameters()
+    def extra_task_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        return self.towers[name].parameters()
 
 
 @ARCHITECTURES.register("hybrid")
@@ -234,13 +233,11 @@ class MixtureOfExperts(MultiTaskModel):
         mixed = mix(self.gates[name](hidden), [e(hidden) for e in self.experts])
         return hidden + mixed if self.residual else mixed
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        yield from self.backbone.parameters()
-        yield from self.experts.parameters()
+    def extra_shared_parameters(self) -> Iterator[nn.Parameter]:
+        return self.experts.parameters()
 
-    def task_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from self.heads[name].parameters()
-        yield from self.gates[name].parameters()
+    def extra_task_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        return self.gates[name].parameters()
 
 
 def _positive(value: int, key: str) -> int:
@@ -322,10 +319,9 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
             inputs = new
         return hidden + inputs[name] if self.residual else inputs[name]
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """The backbone, shared experts and gates, and below the top level every task's experts too (they
-        feed the shared gate, so every task depends on them)."""
-        yield from self.backbone.parameters()
+    def extra_shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Shared experts and gates, and below the top level every task's experts too (they feed the shared
+        gate, so every task depends on them)."""
         for i, level in enumerate(self.levels):
             yield from level["shared"].parameters()  # type: ignore[index]
             if "shared_gate" in level:  # type: ignore[operator]
@@ -333,8 +329,7 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
             if i < len(self.levels) - 1:
                 yield from level["task"].parameters()  # type: ignore[index]
 
-    def task_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from self.heads[name].parameters()
+    def extra_task_parameters(self, name: str) -> Iterator[nn.Parameter]:
         yield from self.levels[-1]["task"][name].parameters()  # type: ignore[index]
         for level in self.levels:
             yield from level["gates"][name].parameters()  # type: ignore[index]

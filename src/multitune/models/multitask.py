@@ -7,12 +7,15 @@ its rows of it before its head), `regularizers` (penalties on the weights, e.g. 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 from torch import Tensor, nn
 
 from multitune.data.collate import Batch
 from multitune.models.heads import Head
+from multitune.models.peft_tasks import SHARED, TaskAdapters
 from multitune.models.regularization import Regularizer
 
 
@@ -32,10 +35,21 @@ class MultiTaskModel(nn.Module):
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
         self.pooling = pooling
+        self.task_adapters: TaskAdapters | None = None
+
+    def attach_adapters(self, adapters: TaskAdapters) -> None:
+        """Per-task adapters inside the backbone (models/peft_tasks.py): every forward routes rows to them."""
+        self.task_adapters = adapters
 
     def encode(self, batch: Batch) -> Tensor:
         """The shared representation of every row: [B, L, H]."""
-        return self.backbone(**batch.inputs).last_hidden_state
+        with self.routed(batch):
+            return self.backbone(**batch.inputs).last_hidden_state
+
+    def routed(self, batch: Batch) -> AbstractContextManager[None]:
+        if self.task_adapters is None:
+            return contextlib.nullcontext()
+        return self.task_adapters.route([name for name, part in batch.tasks.items() for _ in _range(part.rows)])
 
     def task_features(self, name: str, hidden: Tensor, mask: Tensor) -> Tensor:
         """Task `name`'s features [b, L, H] from its rows of the shared representation (identity here)."""
@@ -74,12 +88,37 @@ class MultiTaskModel(nn.Module):
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters every task's loss depends on: what gradient aggregation balances."""
-        return self.backbone.parameters()
+        adapters = self.task_adapters
+        own = {id(p) for name in adapters.tasks for p in adapters.adapter_parameters(name)} if adapters else set()
+        yield from (p for p in self.backbone.parameters() if id(p) not in own)
+        if adapters is not None and adapters.shared and adapters.method != "lora":
+            yield from adapters.adapter_parameters(SHARED)
+        yield from self.extra_shared_parameters()
 
     def pretrained_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that start from the pretrained checkpoint (what L2-SP pulls back toward)."""
-        return self.backbone.parameters()
+        adapters = self.task_adapters
+        new = {id(p) for p in adapters.parameters()} if adapters else set()
+        if adapters is not None and adapters.method == "lora":
+            names = [*adapters.tasks, *([SHARED] if adapters.shared else [])]
+            new |= {id(p) for name in names for p in adapters.adapter_parameters(name)}
+        return (p for p in self.backbone.parameters() if id(p) not in new)
 
     def task_parameters(self, name: str) -> Iterator[nn.Parameter]:
         """Parameters only task `name` uses."""
-        return self.heads[name].parameters()
+        yield from self.heads[name].parameters()
+        if self.task_adapters is not None:
+            yield from self.task_adapters.adapter_parameters(name)
+        yield from self.extra_task_parameters(name)
+
+    def extra_shared_parameters(self) -> Iterator[nn.Parameter]:
+        """An architecture's shared parameters outside the backbone (experts, gates of shared paths)."""
+        return iter(())
+
+    def extra_task_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """An architecture's parameters of task `name` outside its head (towers, gates)."""
+        return iter(())
+
+
+def _range(rows: slice) -> range:
+    return range(rows.start or 0, rows.stop)

@@ -1,0 +1,207 @@
+"""One parameter-efficient adapter per task on a frozen backbone, trained jointly, mixed batches included.
+
+- `lora`: peft's LoRA, one adapter per task (plus an optional `shared` one that every row uses). peft can
+  route each row of a batch to its own adapter only at inference (its `adapter_names` argument is refused
+  in training mode); the routing itself, LoRA's `_mixed_batch_forward`, is plain differentiable indexing.
+  So we hand each LoRA layer the per-row adapter names through a forward pre-hook, in training as in
+  evaluation, and a shared adapter is added on top by a forward hook.
+- `bottleneck`: a Houlsby-style bottleneck adapter (Houlsby et al., ICML 2019, "Parameter-efficient
+  transfer learning for NLP") after every transformer layer, h + W_up·GELU(W_down·h), one per task (peft
+  has no bottleneck adapter); rows are routed the same way.
+
+Each task's LoRA adapter is saved in peft's own format (`adapter_config.json` + `adapter_model.safetensors`)
+so `PeftModel.from_pretrained(base_model, RUN_DIR/adapters/TASK)` loads it with plain peft.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from multitune.errors import ConfigError
+
+SHARED = "shared"
+FIELD = "model.peft"
+
+
+class TaskAdapters(nn.Module):
+    """Per-task adapters inside `backbone`, and the routing of batch rows to them."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tasks: Sequence[str],
+        method: str,
+        r: int,
+        alpha: int,
+        dropout: float,
+        target_modules: list[str] | None,
+        shared: bool,
+        train_backbone: bool,
+        bottleneck_size: int,
+    ) -> None:
+        super().__init__()
+        if SHARED in tasks:
+            raise ConfigError(f"a task may not be called '{SHARED}' when per-task adapters are on", field=FIELD)
+        self.method, self.tasks, self.shared = method, list(tasks), shared
+        self.routing: list[str] | None = None  # the adapter of each row of the current batch
+        self.lora_config: Any = None
+        self.bottlenecks = nn.ModuleDict()
+        for p in backbone.parameters():
+            p.requires_grad_(train_backbone)
+        names = self.tasks + ([SHARED] if shared else [])
+        if method == "lora":
+            self._add_lora(backbone, names, r, alpha, dropout, target_modules)
+        elif method == "bottleneck":
+            self._add_bottlenecks(backbone, names, bottleneck_size)
+        else:
+            raise ConfigError(
+                f"unknown adapter method '{method}'; choose from: bottleneck, lora", field=f"{FIELD}.method"
+            )
+
+    # --- LoRA through peft ----------------------------------------------------------------------
+
+    def _add_lora(
+        self,
+        backbone: nn.Module,
+        names: list[str],
+        r: int,
+        alpha: int,
+        dropout: float,
+        target_modules: list[str] | None,
+    ) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+
+        self.lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+        try:
+            for name in names:
+                with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    inject_adapter_in_model(self.lora_config, backbone, adapter_name=name)
+        except ValueError as error:
+            raise ConfigError(f"cannot add LoRA adapters: {error}", field=f"{FIELD}.target_modules") from None
+        self.lora_layers = [m for m in backbone.modules() if isinstance(m, LoraLayer)]
+        for layer in self.lora_layers:
+            for name in names:
+                for module in (layer.lora_A[name], layer.lora_B[name]):
+                    module.requires_grad_(True)
+            layer.register_forward_pre_hook(self._route_lora, with_kwargs=True)
+            if self.shared:
+                layer.register_forward_hook(self._add_shared_lora)
+
+    def _route_lora(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.routing is not None:
+            kwargs["adapter_names"] = self.routing
+        return args, kwargs
+
+    def _add_shared_lora(self, module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        if self.routing is None:
+            return output
+        x = args[0]
+        a, b = module.lora_A[SHARED], module.lora_B[SHARED]
+        update = b(a(module.lora_dropout[SHARED](x.to(a.weight.dtype)))) * module.scaling[SHARED]
+        return output + update.to(output.dtype)
+
+    # --- bottleneck adapters (ours) -------------------------------------------------------------
+
+    def _add_bottlenecks(self, backbone: nn.Module, names: list[str], size: int) -> None:
+        layers = getattr(getattr(backbone, "encoder", None), "layer", None) or getattr(backbone, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ConfigError(
+                "bottleneck adapters need a backbone with encoder.layer or layers", field=f"{FIELD}.method"
+            )
+        hidden = int(backbone.config.hidden_size)  # type: ignore[union-attr,arg-type]
+        for name in names:
+            self.bottlenecks[name] = nn.ModuleList(Bottleneck(hidden, size) for _ in layers)
+        for index, layer in enumerate(layers):
+            layer.register_forward_hook(self._bottleneck_hook(index))
+
+    def _bottleneck_hook(self, index: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if self.routing is None:
+                return output
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = self._apply_bottlenecks(index, hidden)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    def _apply_bottlenecks(self, index: int, hidden: Tensor) -> Tensor:
+        assert self.routing is not None
+        if self.shared:
+            hidden = self.bottlenecks[SHARED][index](hidden)  # type: ignore[index]
+        pieces = []
+        for name, rows in _runs(self.routing):
+            pieces.append(self.bottlenecks[name][index](hidden[rows]))  # type: ignore[index]
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    # --- routing, parameters, saving ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def route(self, row_tasks: list[str]) -> Iterator[None]:
+        """Within this block, row i of every backbone forward uses task row_tasks[i]'s adapter."""
+        previous, self.routing = self.routing, row_tasks
+        try:
+            yield
+        finally:
+            self.routing = previous
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        if self.method == "lora":
+            for layer in self.lora_layers:
+                yield from layer.lora_A[name].parameters()  # type: ignore[index]
+                yield from layer.lora_B[name].parameters()  # type: ignore[index]
+        else:
+            yield from self.bottlenecks[name].parameters()
+
+    def save(self, backbone: nn.Module, folder: Path) -> list[Path]:
+        """Each adapter in peft's format under folder/NAME (LoRA only; bottlenecks live in the run's weights)."""
+        if self.method != "lora":
+            return []
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        from multitune.training.checkpoint import atomic_write
+
+        out = []
+        for name in self.tasks + ([SHARED] if self.shared else []):
+            state = get_peft_model_state_dict(backbone, adapter_name=name)
+            state = {f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()}
+            target = folder / name
+            target.mkdir(parents=True, exist_ok=True)
+            atomic_write(target / "adapter_model.safetensors", lambda tmp, s=state: save_file(s, str(tmp)))  # type: ignore[misc]
+            self.lora_config.save_pretrained(str(target))
+            out.append(target)
+        return out
+
+
+class Bottleneck(nn.Module):
+    """h + up(GELU(down(h))); `up` starts at zero, so the adapter starts as the identity."""
+
+    def __init__(self, hidden: int, size: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, size)
+        self.up = nn.Linear(size, hidden)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden + self.up(torch.nn.functional.gelu(self.down(hidden)))
+
+
+def _runs(names: list[str]) -> list[tuple[str, slice]]:
+    """Consecutive rows of the same task: [("a", 0:3), ("b", 3:5)] (batches group rows by task)."""
+    out: list[tuple[str, slice]] = []
+    start = 0
+    for i in range(1, len(names) + 1):
+        if i == len(names) or names[i] != names[start]:
+            out.append((names[start], slice(start, i)))
+            start = i
+    return out
