@@ -20,8 +20,11 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PACKAGE_PREFIX = "multitune:"
 SPLITS = ("train", "validation", "test")
 
-TaskType = Literal["classification", "pair_classification", "regression", "token_classification"]
-DataFormat = Literal["jsonl", "csv", "tsv", "conll", "hf", "unified"]
+TaskType = Literal["classification", "pair_classification", "regression", "token_classification", "generation"]
+DataFormat = Literal["jsonl", "csv", "tsv", "conll", "hf", "unified", "parallel"]
+# what the backbone is: an encoder with task heads, or a causal LM that also generates (models/causal_lm.py);
+# "auto": causal_lm when any task is a generation task, else encoder
+ModelKind = Literal["auto", "encoder", "causal_lm"]
 
 
 def _check_name(value: str, what: str) -> str:
@@ -78,6 +81,7 @@ class ModelConfig(Group):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     random_init: bool = False  # build the backbone from its config with random weights (speed tests)
     trust_remote_code: bool = False
+    kind: ModelKind = "auto"
     # how tasks share the backbone: hard, hybrid, soft, cross_stitch, mmoe, ple (models/architectures.py)
     architecture: MethodConfig = Field(default_factory=lambda: MethodConfig(name="hard"))
     peft: AdapterConfig | None = None  # one adapter per task (and optionally a shared one)
@@ -99,6 +103,20 @@ class EarlyStoppingConfig(Group):
     per_task: bool = False
 
 
+class ScheduleConfig(Group):
+    """joint: every step draws from the sampler. sequential: tasks one after another (order, fractions).
+    two_stage: joint training, then a copy of the model fine-tuned per task (MT-DNN). reptile: blocks of
+    inner_steps steps on one task, each followed by the Reptile meta-update with step size meta_lr."""
+
+    name: Literal["joint", "sequential", "two_stage", "reptile"] = "joint"
+    order: list[str] | None = None  # sequential: the task order (default: the config's)
+    fractions: list[float] | None = None  # sequential: each stage's share of the steps (default: equal)
+    finetune_steps: int = Field(200, ge=1)  # two_stage: steps of each per-task copy
+    finetune_lr: float | None = Field(None, gt=0)  # two_stage: default training.lr
+    inner_steps: int = Field(5, ge=1)  # reptile
+    meta_lr: float = Field(0.5, gt=0, le=1)  # reptile: ε in θ ← θ + ε(θ' − θ)
+
+
 class TrainingConfig(Group):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -118,6 +136,7 @@ class TrainingConfig(Group):
     tensorboard: bool = False  # also write the history as TensorBoard scalars to RUN_DIR/tensorboard
     progress: bool = True
     early_stopping: EarlyStoppingConfig | None = None
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
 
 class RegularizationConfig(Group):
@@ -170,6 +189,7 @@ class SourceConfig(Group):
     split_names: dict[str, str] = Field(default_factory=dict)  # our split -> the dataset's split
     # unified: records {"task", "instruction", "input", "output"}
     task_key: str | None = None  # the value of "task" routed here; default: the task's name
+    # parallel: each split is [source_file, target_file], two line-aligned plain-text files (Moses style)
 
     @model_validator(mode="after")
     def _complete(self) -> SourceConfig:
@@ -180,6 +200,11 @@ class SourceConfig(Group):
             raise ValueError(f"format '{self.format}' needs a 'train' file")
         if self.delimiter is not None and len(self.delimiter) != 1:
             raise ValueError("delimiter must be one character")
+        if self.format == "parallel":
+            for split in SPLITS:
+                files = getattr(self, split)
+                if files is not None and not (isinstance(files, list) and len(files) == 2):
+                    raise ValueError(f"format 'parallel' takes {split}: [source_file, target_file], got {files!r}")
         return self
 
 
@@ -194,6 +219,7 @@ DEFAULT_METRICS: dict[str, list[str]] = {
     "pair_classification": ["accuracy", "macro_f1"],
     "regression": ["pearson", "spearman"],
     "token_classification": ["entity_f1"],
+    "generation": ["exact_match"],
 }
 
 DEFAULT_TEXT_FIELDS: dict[str, list[str | int]] = {
@@ -201,6 +227,7 @@ DEFAULT_TEXT_FIELDS: dict[str, list[str | int]] = {
     "pair_classification": ["text", "text_pair"],
     "regression": ["text"],
     "token_classification": ["tokens"],
+    "generation": ["text"],
 }
 
 
@@ -221,6 +248,11 @@ class TaskConfig(Group):
     max_rows: SplitRows = Field(default_factory=SplitRows)
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     shuffle_labels: bool = False  # a control task: training labels permuted (seeded); evaluation keeps the truth
+    # generation tasks (data/generative.py): the prompt is instruction + "\n\n" + input, the target a text
+    instruction: str | None = None  # the same instruction for every row (a unified record's own one wins)
+    verbalizer: dict[str, str] | None = None  # raw label value -> target text, e.g. {"0": negative}
+    target_format: str | None = None  # a number as target text, e.g. "{:.1f}" (3.8 -> "3.8")
+    max_new_tokens: int = Field(32, ge=1, le=4096)  # greedy generation length at evaluation
 
     @model_validator(mode="after")
     def _complete(self) -> TaskConfig:
@@ -242,7 +274,28 @@ class TaskConfig(Group):
             raise ValueError(f"main_metric '{self.main_metric}' is not in metrics {self.metrics}")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError("labels: a label is listed twice")
+        self._check_generation()
         return self
+
+    def _check_generation(self) -> None:
+        if self.type != "generation":
+            for key in ("instruction", "verbalizer", "target_format"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only generation tasks take it (this task is {self.type})")
+            if self.source.format == "parallel":
+                raise ValueError("source format 'parallel' feeds generation tasks only")
+            return
+        if self.verbalizer is not None and self.target_format is not None:
+            raise ValueError("verbalizer and target_format: give one, not both")
+        if self.verbalizer is not None and not all(v.strip() for v in self.verbalizer.values()):
+            raise ValueError("verbalizer: a target text is empty")
+        if self.target_format is not None:
+            try:
+                self.target_format.format(1.5)
+            except (ValueError, IndexError, KeyError) as error:
+                raise ValueError(f"target_format '{self.target_format}' does not format a number: {error}") from None
+        if self.source.format == "conll":
+            raise ValueError("a generation task reads text sources (jsonl, csv, tsv, hf, unified, parallel), not conll")
 
 
 class Config(Group):
@@ -265,6 +318,15 @@ class Config(Group):
         for name in tasks:
             _check_name(name, "task name")
         return tasks
+
+    @model_validator(mode="after")
+    def _kind(self) -> Config:
+        generative = [name for name, task in self.tasks.items() if task.type == "generation"]
+        if self.model.kind == "auto":
+            self.model.kind = "causal_lm" if generative else "encoder"
+        elif self.model.kind == "encoder" and generative:
+            raise ValueError(f"model.kind: generation task '{generative[0]}' needs a causal_lm backbone")
+        return self
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -390,6 +452,11 @@ def check_methods(config: Config) -> None:
     ARCHITECTURES.check_params(
         architecture.name, architecture.params, ARCHITECTURE_INJECTED, field="model.architecture"
     )
+    if config.model.kind == "causal_lm" and architecture.name != "hard":
+        raise ConfigError(
+            "a causal LM (model.kind causal_lm, or any generation task) is shared by hard sharing only",
+            field="model.architecture.name",
+        )
     gradient_source = config.gradient_aggregation.source if config.gradient_aggregation else None
     if architecture.name == "soft" and gradient_source == "parameters":
         raise ConfigError(
@@ -406,6 +473,24 @@ def check_methods(config: Config) -> None:
         raise ConfigError(
             "task affinity is measured on shared parameters, and soft sharing has none",
             field="analysis.task_affinity" if config.analysis.task_affinity else "guard.enabled",
+        )
+    schedule = config.training.schedule
+    if schedule.name == "sequential":
+        try:  # checks order and fractions now, not after the data is read
+            SAMPLERS.build(
+                "sequential",
+                injected={"sizes": dict.fromkeys(config.tasks, 1), "total_steps": config.training.steps},
+                order=schedule.order,
+                fractions=schedule.fractions,
+            )
+        except ConfigError as error:
+            raise ConfigError(error.message, field="training.schedule") from None
+    if schedule.name in ("sequential", "reptile") and (
+        config.training.mixed_batches or config.gradient_aggregation is not None
+    ):
+        raise ConfigError(
+            f"the {schedule.name} schedule trains one task at a time: no mixed_batches, no gradient_aggregation",
+            field="training.schedule.name",
         )
     SAMPLERS.get(config.sampling.name, field="sampling.name")
     SAMPLERS.check_params(config.sampling.name, config.sampling.params, SAMPLER_INJECTED, field="sampling")

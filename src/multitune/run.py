@@ -10,7 +10,7 @@ import json
 import logging
 import random
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,6 +34,7 @@ from multitune.evaluation.evaluate import average_main_score, evaluate, format_t
 from multitune.evaluation.report import write_report
 from multitune.models.architectures import ARCHITECTURES
 from multitune.models.backbone import Backbone, backbone_from_run, load_backbone
+from multitune.models.causal_lm import build_causal_model, causal_lm_from_run, load_causal_lm
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.peft_tasks import TaskAdapters
@@ -50,6 +51,7 @@ from multitune.training.checkpoint import (
     write_text,
 )
 from multitune.training.loop import EarlyStopping, LoopSettings, StopSignal, TrainState, Validation, train
+from multitune.training.schedules import Reptile
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +81,24 @@ def build_model(config: Config, tasks: dict[str, TaskData], backbone: Backbone) 
             dropout=config.model.dropout if task.config.dropout is None else task.config.dropout,
         )
         for name, task in tasks.items()
+        if task.config.type != "generation"  # a generation task trains the causal LM's own head
     }
     architecture = config.model.architecture
-    model = ARCHITECTURES.build(
-        architecture.name,
-        injected={
-            "backbone": backbone.model,
-            "heads": heads,
-            "pooling": config.model.pooling,
-            "hidden_size": backbone.hidden_size,
-        },
-        **architecture.params,
-    )
+    model: MultiTaskModel
+    if config.model.kind == "causal_lm":  # generation tasks: the LM is shared, other tasks get heads on it
+        generative = [name for name, task in tasks.items() if task.config.type == "generation"]
+        model = build_causal_model(backbone, heads, generative, config.model.pooling)
+    else:
+        model = ARCHITECTURES.build(
+            architecture.name,
+            injected={
+                "backbone": backbone.model,
+                "heads": heads,
+                "pooling": config.model.pooling,
+                "hidden_size": backbone.hidden_size,
+            },
+            **architecture.params,
+        )
     if config.model.peft is not None:
         model.attach_adapters(TaskAdapters(model.backbone, list(tasks), **config.model.peft.model_dump()))
     return model
@@ -119,7 +127,8 @@ def prepare(config: Config) -> Prepared:
     torch.manual_seed(config.run.seed)
     tasks = load_tasks(config.tasks, config.run.seed, config.model.trust_remote_code)
     model_config = config.model
-    backbone = load_backbone(
+    loader = load_causal_lm if model_config.kind == "causal_lm" else load_backbone
+    backbone = loader(
         model_config.backbone, model_config.revision, model_config.trust_remote_code, model_config.random_init
     )
     torch.manual_seed(config.run.seed)  # heads start the same whatever loading consumed
@@ -128,15 +137,16 @@ def prepare(config: Config) -> Prepared:
 
 
 def build_sampler(config: Config, tasks: dict[str, TaskData]) -> TaskSampler:
-    return SAMPLERS.build(
-        config.sampling.name,
-        injected={
-            "sizes": {name: len(task.splits["train"]) for name, task in tasks.items()},
-            "weights": {name: task.config.sampling_weight for name, task in tasks.items()},
-            "total_steps": config.training.steps,
-        },
-        **config.sampling.params,
-    )
+    """The config's sampler; the sequential schedule replaces it with its curriculum."""
+    injected = {
+        "sizes": {name: len(task.splits["train"]) for name, task in tasks.items()},
+        "weights": {name: task.config.sampling_weight for name, task in tasks.items()},
+        "total_steps": config.training.steps,
+    }
+    schedule = config.training.schedule
+    if schedule.name == "sequential":
+        return SAMPLERS.build("sequential", injected=injected, order=schedule.order, fractions=schedule.fractions)
+    return SAMPLERS.build(config.sampling.name, injected=injected, **config.sampling.params)
 
 
 def build_balancer(config: Config, task_names: list[str]) -> Balancer:
@@ -257,7 +267,15 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         balancer.weighting.to(accelerator.device)
     guard = build_guard(config, list(tasks), balancer)
     regularizers = build_regularizers(config, accelerator.unwrap_model(model))  # before restore: θ⁰ = the start
-    parts = TrainingParts(accelerator.unwrap_model(model), optimizer, scheduler, sampler, balancer, streams, guard)
+    schedule = training.schedule
+    reptile = (
+        Reptile(accelerator.unwrap_model(model), schedule.inner_steps, schedule.meta_lr)
+        if schedule.name == "reptile"
+        else None
+    )
+    parts = TrainingParts(
+        accelerator.unwrap_model(model), optimizer, scheduler, sampler, balancer, streams, guard, reptile
+    )
     state = TrainState()
     if checkpoint is not None:
         remove_leftovers(run_dir)
@@ -312,6 +330,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         max_nonfinite_steps=training.max_nonfinite_steps,
         progress=training.progress,
         early_stopping=EarlyStopping(**training.early_stopping.model_dump()) if training.early_stopping else None,
+        reptile=reptile,
     )
     try:
         state = train(
@@ -342,10 +361,16 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     results = evaluate(
         model, tasks, prepared.encoded, "test", training.eval_batch_size, accelerator.device, prepared.pad_id
     )
+    stages: dict[str, Any] = {}
+    if schedule.name == "two_stage":  # the deployment is one fine-tuned copy per task
+        stages = {"multi_task_stage": {"tasks": results, "average_main_score": average_main_score(results)}}
+        results, seconds = finetune_per_task(config, prepared, accelerator, run_dir, record_finetune(run_dir))
+        stages["finetune_seconds"] = round(seconds, 2)
     average = average_main_score(results)
     metrics = {
         "tasks": results,
         "average_main_score": average,
+        **stages,
         "train_seconds": round(state.seconds, 2),
         "steps": state.step,
         "best_step": state.best_step,
@@ -373,6 +398,94 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     print(f"trained {state.step} steps{ended} in {state.seconds:.1f} s; best validation at step {state.best_step}")
     print(f"saved to {run_dir}")
     return run_dir
+
+
+FINETUNED = "finetuned"
+
+
+def record_finetune(run_dir: Path) -> Callable[[dict[str, Any]], None]:
+    def record(entry: dict[str, Any]) -> None:
+        with (run_dir / "history.jsonl").open("a", encoding="utf-8") as history:
+            history.write(json.dumps({"stage": "finetune", **entry}) + "\n")
+
+    return record
+
+
+def finetune_per_task(
+    config: Config, prepared: Prepared, accelerator: Any, run_dir: Path, record: Callable[[dict[str, Any]], None]
+) -> tuple[dict[str, Any], float]:
+    """The second stage of `two_stage` (as MT-DNN): from the multi-task weights, a copy fine-tuned on each
+    task alone, best on its own validation score, saved to RUN_DIR/finetuned/TASK; returns the copies'
+    test results and their training seconds. The multi-task weights are back in place afterwards."""
+    from transformers import get_linear_schedule_with_warmup
+
+    model = prepared.model
+    schedule, training = config.training.schedule, config.training
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    results: dict[str, Any] = {}
+    seconds = 0.0
+    for name, task in prepared.tasks.items():
+        model.load_state_dict(start)
+        folder = run_dir / FINETUNED / name
+        stage = config.model_copy(deep=True)
+        stage.training.lr = schedule.finetune_lr or training.lr
+        balancer = build_balancer(stage.model_copy(update={"gradient_aggregation": None}), [name])
+        optimizer = optimizer_for(model, balancer.weighting, stage)
+        warmup = int(training.warmup_ratio * schedule.finetune_steps)
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, schedule.finetune_steps)
+        sampler = SAMPLERS.build("round_robin", injected={"sizes": {name: 1}})
+        streams = {name: TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:finetune")}
+        only = {name: task}
+
+        def validate(step: int, only: dict[str, TaskData] = only, name: str = name) -> Validation:
+            result = evaluate(
+                model,
+                only,
+                prepared.encoded,
+                "validation",
+                training.eval_batch_size,
+                accelerator.device,
+                prepared.pad_id,
+            )[name]
+            signed = result["main_score"] if result["higher_is_better"] else -result["main_score"]
+            record({"task": name, "step": step, "validation": {name: result["metrics"]}})
+            return Validation(signed, {name: result["main_score"]}, {name: signed})
+
+        settings = LoopSettings(
+            steps=schedule.finetune_steps,
+            batch_size=training.batch_size,
+            seed=config.run.seed,
+            pad_id=prepared.pad_id,
+            max_grad_norm=training.max_grad_norm,
+            eval_every=min(training.eval_every, schedule.finetune_steps),
+            log_every=training.log_every,
+            max_nonfinite_steps=training.max_nonfinite_steps,
+            progress=training.progress,
+        )
+        state = train(
+            model,
+            streams,
+            sampler,
+            balancer,
+            optimizer,
+            scheduler,
+            accelerator,
+            settings,
+            TrainState(),
+            validate,
+            lambda step, folder=folder: save_weights(model, folder / WEIGHTS_FILE),  # type: ignore[misc]
+            lambda s: None,
+            lambda entry, name=name: record({"task": name, **entry}),  # type: ignore[misc]
+        )
+        seconds += state.seconds
+        load_weights(model, folder / WEIGHTS_FILE)
+        results.update(
+            evaluate(
+                model, only, prepared.encoded, "test", training.eval_batch_size, accelerator.device, prepared.pad_id
+            )
+        )
+    model.load_state_dict(start)
+    return results, seconds
 
 
 def tensorboard_writer(run_dir: Path) -> Any:
@@ -505,6 +618,7 @@ class TrainingParts:
     balancer: Balancer
     streams: dict[str, TaskStream[Encoded]]
     guard: NegativeTransferGuard | None = None
+    reptile: Reptile | None = None
 
     def snapshot(self, state: TrainState) -> dict[str, Any]:
         weighting, aggregator = self.balancer.weighting, self.balancer.aggregator
@@ -515,6 +629,8 @@ class TrainingParts:
             "weighting": weighting.state_dict() if isinstance(weighting, torch.nn.Module) else None,
             "aggregator": aggregator.state_dict() if hasattr(aggregator, "state_dict") else None,  # type: ignore[union-attr]
             "guard": self.guard.state_dict() if self.guard is not None else None,
+            "reptile": self.reptile.state_dict() if self.reptile is not None else None,
+            "task_scale": dict(self.balancer.task_scale),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": {
@@ -540,6 +656,8 @@ class TrainingParts:
         if self.guard is not None and saved.get("guard") is not None:
             self.guard.load_state_dict(saved["guard"])
             self.balancer.task_scale = self.guard.scale
+        if self.reptile is not None and saved.get("reptile") is not None:
+            self.reptile.load_state_dict(saved["reptile"])
         torch.set_rng_state(saved["rng"]["torch"])
         if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
@@ -619,7 +737,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any], MultiTaskMode
         yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), file=str(run / "config.yaml")
     )
     manifest = json.loads((run / "tasks.json").read_text(encoding="utf-8"))
-    backbone = backbone_from_run(run / "backbone")
+    backbone = (causal_lm_from_run if config.model.kind == "causal_lm" else backbone_from_run)(run / "backbone")
     tasks = {name: task_from_manifest(name, config.tasks[name], manifest[name]) for name in config.tasks}
     model = build_model(config, tasks, backbone)
     load_weights(model, run / WEIGHTS_FILE)
@@ -645,7 +763,16 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     encoded = encode_splits(tasks, backbone.tokenizer, config.model.max_length)
     device = torch.device("cpu")
     pad = backbone.tokenizer.pad_token_id or 0
-    results = evaluate(model, tasks, encoded, split, config.training.eval_batch_size, device, pad)
+    finetuned = Path(run_dir) / FINETUNED
+    if finetuned.is_dir():  # a two-stage run: each task is answered by its own fine-tuned copy
+        results = {}
+        for name in tasks:
+            load_weights(model, finetuned / name / WEIGHTS_FILE)
+            results.update(
+                evaluate(model, {name: tasks[name]}, encoded, split, config.training.eval_batch_size, device, pad)
+            )
+    else:
+        results = evaluate(model, tasks, encoded, split, config.training.eval_batch_size, device, pad)
     average = average_main_score(results)
     out = {"tasks": results, "average_main_score": average}
     write_json(Path(run_dir) / f"evaluation_{split}.json", out)
@@ -662,7 +789,15 @@ def example_for_prediction(row: Row, task: TaskConfig) -> Example:
     if fields is None:
         generic = {"token_classification": ["tokens"], "pair_classification": ["text", "text_pair"]}
         fields = generic.get(task.type, ["text", "text_pair"] if "text_pair" in values else ["text"])
-    probe = task.model_copy(update={"text_fields": fields, "label_field": "__no_label__"})
+        if task.type == "generation" and "text" not in values and "input" in values:
+            fields = ["input"]  # a unified-style record
+    update: dict[str, Any] = {"text_fields": fields, "label_field": "__no_label__"}
+    if task.type == "generation":  # the input's own instruction wins; the target is not read
+        instruction = values.get("instruction")
+        update.update(verbalizer=None, target_format=None)
+        if isinstance(instruction, str) and instruction.strip():
+            update["instruction"] = instruction
+    probe = task.model_copy(update=update)
     return example_from_fields(
         Row({**values, "__no_label__": _placeholder(task, values, fields)}, row.file, row.line), probe
     )
@@ -685,6 +820,9 @@ def predict_run(run_dir: str | Path, task_name: str, source: TextIO, name: str =
     if task_name not in config.tasks:
         raise ConfigError(f"no task '{task_name}' in this run (tasks: {', '.join(config.tasks)})", field="--task")
     task = task_from_manifest(task_name, config.tasks[task_name], manifest[task_name])
+    own = Path(run_dir) / FINETUNED / task_name / WEIGHTS_FILE
+    if own.exists():  # a two-stage run: this task's fine-tuned copy
+        load_weights(model, own)
     rows = list(_rows(source, name))
     examples = [example_for_prediction(row, task.config) for row in rows]
     encoded = encode(examples, task, backbone.tokenizer, config.model.max_length, with_labels=False)

@@ -92,3 +92,19 @@ def test_dynamic_sampler_favours_the_lagging_task():
     by_validation = build("dynamic", signal="validation", targets={"big": 0.9, "mid": 0.9, "small": 0.9})
     by_validation.observe_validation({"big": 0.9, "mid": 0.85, "small": 0.3}, 100)
     assert max(by_validation.probabilities(), key=by_validation.probabilities().get) == "small"
+
+
+def test_sequential_sampler_trains_tasks_in_stages():
+    from multitune.data.samplers import SAMPLERS
+
+    sampler = SAMPLERS.build(
+        "sequential",
+        injected={"sizes": {"a": 10, "b": 10, "c": 10}, "weights": None, "total_steps": 100},
+        order=["c", "a", "b"],
+        fractions=[2, 1, 1],
+    )
+    drawn = [sampler.tasks_for_step(step, random.Random(step))[0] for step in range(100)]
+    assert drawn == ["c"] * 50 + ["a"] * 25 + ["b"] * 25
+    assert sampler.probabilities(60) == {"c": 0.0, "a": 1.0, "b": 0.0}
+    with pytest.raises(ConfigError, match="order must name every task"):
+        SAMPLERS.build("sequential", injected={"sizes": {"a": 1, "b": 1}, "total_steps": 10}, order=["a"])

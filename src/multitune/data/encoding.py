@@ -17,6 +17,7 @@ class Encoded:
     token_type_ids: list[int] | None
     label: int | float | list[int] | None  # class id, standardised target, or per-token tag ids
     word_starts: list[int] | None = None  # token tasks: each word's first sub-token, or -1
+    prompt_length: int | None = None  # generation tasks: input_ids[:prompt_length] is the prompt
 
 
 def encode(
@@ -26,6 +27,10 @@ def encode(
     if not examples:
         return []
     kind = data.config.type
+    if kind == "generation":
+        from multitune.data.prompts import encode_generation  # imports this module
+
+        return encode_generation(examples, data, tokenizer, max_length, with_labels)
     if kind == "token_classification":
         return _encode_tokens(examples, data, tokenizer, max_length, with_labels)
     firsts = [e.texts[0] for e in examples]

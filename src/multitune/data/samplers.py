@@ -191,6 +191,46 @@ class RoundRobinSampler:
         return dict.fromkeys(self.names, 1.0 / len(self.names))
 
 
+@SAMPLERS.register("sequential")
+class SequentialSampler:
+    """Tasks one after another (a curriculum): task k of `order` owns the k-th stage of training, stage
+    lengths proportional to `fractions` (default: equal). One task per step, no mixing."""
+
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        weights: dict[str, float] | None = None,
+        total_steps: int = 0,
+        order: list[str] | None = None,
+        fractions: list[float] | None = None,
+    ) -> None:
+        self.order = list(order) if order is not None else list(sizes)
+        if sorted(self.order) != sorted(sizes):
+            raise ValueError(f"order must name every task once: {', '.join(sizes)}")
+        shares = fractions if fractions is not None else [1.0] * len(self.order)
+        if len(shares) != len(self.order) or any(f <= 0 for f in shares):
+            raise ValueError("fractions: one positive number per task in order")
+        self.total_steps = max(total_steps, 1)
+        cumulative, running = [], 0.0
+        for share in shares:
+            running += share / sum(shares)
+            cumulative.append(running)
+        self.ends = [round(c * self.total_steps) for c in cumulative]  # stage k covers steps < ends[k]
+
+    def stage(self, step: int) -> str:
+        for name, end in zip(self.order, self.ends, strict=True):
+            if step < end:
+                return name
+        return self.order[-1]
+
+    def tasks_for_step(self, step: int, rng: random.Random) -> list[str]:
+        return [self.stage(step)]
+
+    def probabilities(self, step: int = 0) -> dict[str, float]:
+        current = self.stage(step)
+        return {name: float(name == current) for name in self.order}
+
+
 @SAMPLERS.register("all_tasks")
 class AllTasksSampler:
     """One batch of every task each step (what gradient aggregation needs); batch_size is per task."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from multitune.config import SPLITS, SourceConfig, TaskConfig
+from multitune.data.generative import input_texts, instruction_of, read_parallel, target_text
 from multitune.data.readers import Row, read_conll, read_delimited, read_hf, read_jsonl, read_unified
 from multitune.errors import DataError
 
@@ -18,9 +19,10 @@ class Example:
     """One input of a task: one or two texts, or a token list; its label when known; where it came from."""
 
     texts: tuple[str, ...]  # one text, a pair, or the tokens of a token task
-    label: str | float | tuple[str, ...] | None
+    label: str | float | tuple[str, ...] | None  # generation tasks: the target text
     file: str = ""
     line: int = 0
+    instruction: str | None = None  # generation tasks: what the prompt asks for
 
     def error(self, message: str, field_name: str) -> DataError:
         return DataError(message, file=self.file or None, line=self.line or None, field=field_name)
@@ -61,6 +63,8 @@ def _tokens(row: Row, value: Any, name: str | int) -> tuple[str, ...]:
 
 
 def _label(row: Row, value: Any, name: str | int, task: TaskConfig) -> str | float | tuple[str, ...]:
+    if task.type == "generation":
+        return target_text(row, value, name, task)
     if task.type == "regression":
         try:
             number = float(value)
@@ -100,12 +104,18 @@ def example_from_fields(row: Row, task: TaskConfig) -> Example:
         label = _label(row, row.get(task.label_field), task.label_field, task)
         return _checked_tags(row, Example(tokens, label, row.file, row.line), task.label_field)
     texts = tuple(_text(row, row.get(f), f) for f in fields)
-    return Example(texts, _label(row, row.get(task.label_field), task.label_field, task), row.file, row.line)
+    label = _label(row, row.get(task.label_field), task.label_field, task)
+    return Example(texts, label, row.file, row.line, task.instruction if task.type == "generation" else None)
 
 
 def example_from_record(row: Row, task: TaskConfig) -> Example:
     """A unified record: `input` is a text, a pair of texts or a token list; `output` the label."""
     value = row.get("input")
+    if task.type == "generation":
+        texts = input_texts(row, value, "input")
+        return Example(
+            texts, _label(row, row.get("output"), "output", task), row.file, row.line, instruction_of(row, task)
+        )
     if task.type == "token_classification":
         tokens = _tokens(row, value, "input")
         return _checked_tags(
@@ -197,6 +207,8 @@ def read_split(
     paths = getattr(source, split)
     if not paths:
         return None
+    if source.format == "parallel":
+        return _parallel_examples(task, paths[0], paths[1])
     examples: list[Example] = []
     for path in [paths] if isinstance(paths, str) else paths:
         examples += _read_file(name, task, path, unified)
@@ -219,6 +231,17 @@ def _read_file(name: str, task: TaskConfig, path: str, unified: UnifiedFiles) ->
         rows = unified.rows(path, source.task_key or name, source.encoding)
         extract = example_from_record
     return [extract(row, task) for row in rows]
+
+
+def _parallel_examples(task: TaskConfig, source_file: str, target_file: str) -> list[Example]:
+    """A generation task's examples from a source file and its line-aligned target file."""
+    examples = []
+    for row in read_parallel(source_file, target_file, task.source.encoding):
+        values = row.values
+        assert isinstance(values, dict)
+        target = target_text(Row(values, target_file, row.line), values["target"], "target", task)
+        examples.append(Example((values["source"],), target, row.file, row.line, task.instruction))
+    return examples
 
 
 def _hf_has_split(source: SourceConfig, split: str) -> bool:
@@ -263,9 +286,7 @@ def load_task(
     if task.shuffle_labels:
         labels = [e.label for e in splits["train"]]
         random.Random(f"{seed}:{name}:shuffle").shuffle(labels)
-        splits["train"] = [
-            Example(e.texts, label, e.file, e.line) for e, label in zip(splits["train"], labels, strict=True)
-        ]
+        splits["train"] = [replace(e, label=label) for e, label in zip(splits["train"], labels, strict=True)]
         notes.append("training labels shuffled (a control task)")
     data = TaskData(name, task, splits, notes=notes)
     if task.type == "regression":
@@ -275,7 +296,7 @@ def load_task(
         data.target_std = math.sqrt(variance) if variance > 0 else 1.0
         if not task.normalize_targets:
             data.target_mean, data.target_std = 0.0, 1.0
-    else:
+    elif task.type != "generation":  # a generation task's targets are free text
         data.labels = label_vocabulary(data)
     return data
 

@@ -10,6 +10,7 @@ import torch
 from multitune.data.collate import collate
 from multitune.data.encoding import Encoded
 from multitune.data.tasks import TaskData
+from multitune.evaluation.generation import generate_predictions
 from multitune.evaluation.metrics import build_metrics
 from multitune.models.multitask import MultiTaskModel
 
@@ -18,9 +19,14 @@ from multitune.models.multitask import MultiTaskModel
 def predict(
     model: MultiTaskModel, task: TaskData, rows: Sequence[Encoded], batch_size: int, device: torch.device, pad_id: int
 ) -> list[dict[str, Any]]:
-    """One dict per row: {"prediction": ...} plus class probabilities for classification tasks."""
+    """One dict per row: {"prediction": ...} plus class probabilities for classification tasks; generation
+    tasks generate their text greedily."""
     was_training = model.training
     model.eval()
+    if task.config.type == "generation":
+        generated = generate_predictions(model, task, rows, batch_size, pad_id)
+        model.train(was_training)
+        return generated
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # less padding per batch
     results: list[dict[str, Any]] = [{} for _ in rows]
     for start in range(0, len(order), batch_size):

@@ -1,8 +1,13 @@
-"""Metrics from scikit-learn, scipy and seqeval, behind one small protocol and one registry."""
+"""Metrics from scikit-learn, scipy, seqeval, sacrebleu and rouge-score, behind one small protocol and one registry.
+
+Generated text is scored as text: `exact_match`, `accuracy` (verbalized labels), `bleu`, `chrf`, `rouge_l`;
+`pearson` / `spearman` read the first number of each generated text (see `numbers`).
+"""
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -25,6 +30,35 @@ METRIC_INJECTED = ("positive_label",)
 def _finite(value: float) -> float:
     value = float(value)
     return value if math.isfinite(value) else 0.0  # a constant prediction has no correlation: report 0
+
+
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def first_number(value: Any) -> float | None:
+    """A number as is; a text's first number (e.g. a generated "3.8 out of 5" -> 3.8); else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if math.isfinite(value) else None
+    match = NUMBER.search(str(value))
+    if match is None:
+        return None
+    number = float(match.group())
+    return number if math.isfinite(number) else None
+
+
+def numbers(predictions: Sequence[Any], references: Sequence[Any]) -> tuple[list[float], list[float]]:
+    """Predictions and references as numbers. A prediction with no number (generated text that is not a
+    rating) counts as the mean of the references: it earns no correlation, but does not drop out of the set."""
+    refs = [first_number(r) for r in references]
+    known = [r for r in refs if r is not None]
+    mean = sum(known) / len(known) if known else 0.0
+    preds = [first_number(p) for p in predictions]
+    return [mean if p is None else p for p in preds], [mean if r is None else r for r in refs]
+
+
+def normalize_text(text: Any) -> str:
+    """Lower case, whitespace runs collapsed to one space, ends stripped."""
+    return " ".join(str(text).split()).lower()
 
 
 @METRICS.register("accuracy")
@@ -97,6 +131,7 @@ class Pearson:
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         from scipy.stats import pearsonr
 
+        predictions, references = numbers(predictions, references)
         if len(set(predictions)) < 2 or len(set(references)) < 2:
             return 0.0
         return _finite(pearsonr(predictions, references)[0])
@@ -112,6 +147,7 @@ class Spearman:
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         from scipy.stats import spearmanr
 
+        predictions, references = numbers(predictions, references)
         if len(set(predictions)) < 2 or len(set(references)) < 2:
             return 0.0
         return _finite(spearmanr(predictions, references)[0])
@@ -155,6 +191,63 @@ class TokenAccuracy:
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         pairs = [(p, r) for ps, rs in zip(predictions, references, strict=True) for p, r in zip(ps, rs, strict=True)]
         return sum(p == r for p, r in pairs) / len(pairs) if pairs else 0.0
+
+
+@METRICS.register("exact_match")
+class ExactMatch:
+    """Share of generated texts equal to the reference, ignoring case and runs of whitespace."""
+
+    name = "exact_match"
+    higher_is_better = True
+
+    def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
+        pairs = list(zip(predictions, references, strict=True))
+        return sum(normalize_text(p) == normalize_text(r) for p, r in pairs) / len(pairs) if pairs else 0.0
+
+
+@METRICS.register("bleu")
+class Bleu:
+    """Corpus BLEU of generated texts, one reference each (sacrebleu), scaled to 0-1."""
+
+    name = "bleu"
+    higher_is_better = True
+
+    def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
+        from sacrebleu.metrics import BLEU
+
+        # effective order: n-gram orders absent from the whole corpus (only when every text is under 4
+        # tokens) are left out instead of zeroing the score; otherwise this is the standard corpus BLEU
+        bleu = BLEU(effective_order=True)
+        return float(bleu.corpus_score([str(p) for p in predictions], [[str(r) for r in references]]).score) / 100
+
+
+@METRICS.register("chrf")
+class ChrF:
+    """Corpus chrF of generated texts (sacrebleu.corpus_chrf), scaled to 0-1."""
+
+    name = "chrf"
+    higher_is_better = True
+
+    def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
+        import sacrebleu
+
+        return float(sacrebleu.corpus_chrf([str(p) for p in predictions], [[str(r) for r in references]]).score) / 100
+
+
+@METRICS.register("rouge_l")
+class RougeL:
+    """Mean ROUGE-L F-measure of generated texts (rouge-score, no stemming)."""
+
+    name = "rouge_l"
+    higher_is_better = True
+
+    def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        pairs = list(zip(predictions, references, strict=True))
+        scores = [scorer.score(str(r), str(p))["rougeL"].fmeasure for p, r in pairs]
+        return float(sum(scores) / len(scores)) if scores else 0.0
 
 
 def build_metrics(names: Sequence[str], positive_label: str | None = None) -> list[Metric]:

@@ -1,10 +1,11 @@
 """One parameter-efficient adapter per task on a frozen backbone, trained jointly, mixed batches included.
 
-- `lora`: peft's LoRA, one adapter per task (plus an optional `shared` one that every row uses). peft can
-  route each row of a batch to its own adapter only at inference (its `adapter_names` argument is refused
-  in training mode); the routing itself, LoRA's `_mixed_batch_forward`, is plain differentiable indexing.
-  So we hand each LoRA layer the per-row adapter names through a forward pre-hook, in training as in
-  evaluation, and a shared adapter is added on top by a forward hook.
+- `lora`: peft's LoRA layers and weights, one adapter per task (plus an optional `shared` one that every
+  row uses). peft routes each row of a batch to its own adapter only at inference (its `adapter_names`
+  argument is refused in training mode), one small matmul pair per adapter. We route in training and in
+  evaluation alike: a forward pre-hook tells each LoRA layer to compute only its frozen base projection,
+  and a forward hook adds every row's own adapter update, gathered from the stacked task adapters and
+  applied with two batched matmuls, so a step costs about the same whatever the number of tasks in it.
 - `bottleneck`: a Houlsby-style bottleneck adapter (Houlsby et al., ICML 2019, "Parameter-efficient
   transfer learning for NLP") after every transformer layer, h + W_up·GELU(W_down·h), one per task (peft
   has no bottleneck adapter); rows are routed the same way.
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from multitune.errors import ConfigError
 
 SHARED = "shared"
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 FIELD = "model.peft"
 
 
@@ -57,7 +59,7 @@ class TaskAdapters(nn.Module):
             p.requires_grad_(train_backbone)
         names = self.tasks + ([SHARED] if shared else [])
         if method == "lora":
-            self._add_lora(backbone, names, r, alpha, dropout, target_modules)
+            self._inject_lora(backbone, names, r, alpha, dropout, target_modules)
         elif method == "bottleneck":
             self._add_bottlenecks(backbone, names, bottleneck_size)
         else:
@@ -67,7 +69,7 @@ class TaskAdapters(nn.Module):
 
     # --- LoRA through peft ----------------------------------------------------------------------
 
-    def _add_lora(
+    def _inject_lora(
         self,
         backbone: nn.Module,
         names: list[str],
@@ -93,26 +95,44 @@ class TaskAdapters(nn.Module):
                 for module in (layer.lora_A[name], layer.lora_B[name]):
                     module.requires_grad_(True)
             layer.register_forward_pre_hook(self._route_lora, with_kwargs=True)
-            if self.shared:
-                layer.register_forward_hook(self._add_shared_lora)
+            layer.register_forward_hook(self._lora_hook)
 
     def _route_lora(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # peft's layer computes only the frozen base projection ("__base__" rows); _lora_hook adds the adapters
         if self.routing is not None:
-            kwargs["adapter_names"] = self.routing
+            kwargs["adapter_names"] = [BASE] * len(self.routing)
         return args, kwargs
 
-    def _add_shared_lora(self, module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    def _lora_hook(self, module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        """output + scaling_t · B_t A_t x for each row's task t, batched over rows: the per-row adapter
+        matrices are gathered from the stacked task adapters, then two batched matmuls (as S-LoRA and
+        Punica serve many LoRAs), so the cost does not grow with the number of tasks in the batch."""
         if self.routing is None:
             return output
         x = args[0]
-        a, b = module.lora_A[SHARED], module.lora_B[SHARED]
-        update = b(a(module.lora_dropout[SHARED](x.to(a.weight.dtype)))) * module.scaling[SHARED]
-        return output + update.to(output.dtype)
+        runs = _runs(self.routing)
+        if self.shared:
+            output = output + _lora_update(module, SHARED, x)
+        if len(runs) == 1:
+            return output + _lora_update(module, runs[0][0], x).to(output.dtype)
+        names = [name for name, _ in runs]
+        a = torch.stack([module.lora_A[n].weight for n in names])  # [R, r, in]
+        b = torch.stack([module.lora_B[n].weight for n in names])  # [R, out, r]
+        scale = torch.tensor([module.scaling[n] for n in names], dtype=a.dtype, device=a.device)
+        run_of_row = torch.repeat_interleave(
+            torch.arange(len(runs), device=x.device),
+            torch.tensor([r.stop - r.start for _, r in runs], device=x.device),
+        )  # [B]
+        flat = module.lora_dropout[names[0]](x.to(a.dtype)).reshape(x.shape[0], -1, x.shape[-1])  # [B, L, in]
+        down = torch.bmm(flat, a[run_of_row].transpose(1, 2))  # [B, L, r]
+        up = torch.bmm(down, b[run_of_row].transpose(1, 2)) * scale[run_of_row, None, None]  # [B, L, out]
+        return output + up.reshape(output.shape).to(output.dtype)
 
     # --- bottleneck adapters (ours) -------------------------------------------------------------
 
     def _add_bottlenecks(self, backbone: nn.Module, names: list[str], size: int) -> None:
-        layers = getattr(getattr(backbone, "encoder", None), "layer", None) or getattr(backbone, "layers", None)
+        body = getattr(backbone, "base_model", backbone)  # a causal LM keeps its layers in its body
+        layers = getattr(getattr(body, "encoder", None), "layer", None) or getattr(body, "layers", None)
         if not isinstance(layers, nn.ModuleList):
             raise ConfigError(
                 "bottleneck adapters need a backbone with encoder.layer or layers", field=f"{FIELD}.method"
@@ -180,6 +200,11 @@ class TaskAdapters(nn.Module):
             self.lora_config.save_pretrained(str(target))
             out.append(target)
         return out
+
+
+def _lora_update(module: Any, name: str, x: Tensor) -> Tensor:
+    a, b = module.lora_A[name], module.lora_B[name]
+    return b(a(module.lora_dropout[name](x.to(a.weight.dtype)))) * module.scaling[name]  # type: ignore[no-any-return]
 
 
 class Bottleneck(nn.Module):

@@ -22,6 +22,7 @@ from multitune.data.streams import TaskStream
 from multitune.errors import MultitunError
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.regularization import Regularizer
+from multitune.training.schedules import Reptile
 
 
 class TrainingStopped(MultitunError):
@@ -44,6 +45,7 @@ class LoopSettings:
     max_nonfinite_steps: int = 5
     progress: bool = True
     early_stopping: EarlyStopping | None = None
+    reptile: Reptile | None = None  # the Reptile schedule: blocks of steps on one task, then a meta-update
 
 
 @dataclass
@@ -125,8 +127,10 @@ def train(
     bar = tqdm(range(state.step, settings.steps), disable=not settings.progress, desc="train", dynamic_ncols=True)
     started = time.perf_counter()
     for step in bar:
-        rng = random.Random(f"{settings.seed}:{step}")
-        counts = active_counts(sampler, balancer, step, rng, settings)
+        draw = settings.reptile.block_start(step) if settings.reptile is not None else step
+        counts = active_counts(sampler, balancer, draw, random.Random(f"{settings.seed}:{draw}"), settings)
+        if settings.reptile is not None:
+            settings.reptile.before_step(step)
         batch = collate({name: streams[name].take(n) for name, n in counts.items()}, settings.pad_id)
         batch = batch.to(accelerator.device)
         optimizer.zero_grad(set_to_none=True)
@@ -139,6 +143,8 @@ def train(
         if problem is None:
             optimizer.step()
             state.nonfinite_in_a_row = 0
+            if settings.reptile is not None:
+                settings.reptile.after_step(step)
         else:  # skip the update, keep the weights: one bad batch must not poison the run
             optimizer.zero_grad(set_to_none=True)
             state.nonfinite_in_a_row += 1

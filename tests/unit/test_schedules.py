@@ -1,0 +1,112 @@
+"""Schedules (sequential, two-stage, Reptile) and early stopping, on the tiny backbone."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from multitune.cli import main
+from multitune.config import validate_config
+from multitune.errors import ConfigError
+from multitune.training.schedules import Reptile
+from tests.conftest import classification_rows, tiny_config, token_rows
+
+
+@pytest.fixture
+def run_with(tmp_path, tiny_backbone, write_jsonl):
+    def run(training=None, **top):
+        a, b = write_jsonl("a.jsonl", classification_rows(40)), write_jsonl("b.jsonl", token_rows(40))
+        data = tiny_config(tiny_backbone, a, b, tmp_path / "runs", log_every=1, **(training or {}))
+        data.update(top)
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        assert main(["train", str(path)]) == 0
+        run_dir = tmp_path / "runs" / "tiny"
+        history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+        return run_dir, json.loads((run_dir / "metrics.json").read_text()), history
+
+    return run
+
+
+def test_sequential_trains_the_tasks_in_the_given_order(run_with):
+    _, metrics, history = run_with({"steps": 8, "schedule": {"name": "sequential", "order": ["ner", "sentiment"]}})
+    assert metrics["task_steps"] == {"ner": 4, "sentiment": 4}
+    current = [max(h["probabilities"], key=h["probabilities"].get) for h in history if "probabilities" in h]
+    assert current == ["ner"] * 3 + ["sentiment"] * 5  # logged after steps 1..8; stage 2 starts at step 5
+
+
+def test_reptile_trains_blocks_of_one_task(run_with):
+    _, metrics, _ = run_with({"steps": 12, "schedule": {"name": "reptile", "inner_steps": 3, "meta_lr": 0.5}})
+    assert all(n % 3 == 0 for n in metrics["task_steps"].values())
+    assert sum(metrics["task_steps"].values()) == 12
+
+
+def test_reptile_meta_update_interpolates_between_start_and_inner_weights():
+    model = torch.nn.Linear(3, 1)
+    reptile = Reptile(model, inner_steps=2, meta_lr=0.25)
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        reptile.before_step(step)
+        optimizer.zero_grad()
+        model(torch.ones(4, 3)).sum().backward()
+        optimizer.step()
+        if step == 0:
+            saved = reptile.state_dict()
+            assert torch.equal(saved["start"][0], start[0])
+        inner = [p.detach().clone() for p in model.parameters()]
+        reptile.after_step(step)
+    for p, p0, p1 in zip(model.parameters(), start, inner, strict=True):
+        assert torch.allclose(p, p0 + 0.25 * (p1 - p0))
+
+
+def test_two_stage_fine_tunes_a_copy_per_task_and_evaluates_with_it(run_with, capsys):
+    run_dir, metrics, history = run_with(
+        {"steps": 6, "schedule": {"name": "two_stage", "finetune_steps": 4, "finetune_lr": 5e-3}}
+    )
+    assert set(metrics["multi_task_stage"]["tasks"]) == {"sentiment", "ner"}
+    assert metrics["finetune_seconds"] > 0
+    for name in ("sentiment", "ner"):
+        assert (run_dir / "finetuned" / name / "model.safetensors").exists()
+    assert {h["task"] for h in history if h.get("stage") == "finetune"} == {"sentiment", "ner"}
+    assert main(["evaluate", str(run_dir), "--split", "test"]) == 0
+    again = json.loads((run_dir / "evaluation_test.json").read_text())
+    for name in ("sentiment", "ner"):
+        assert again["tasks"][name]["metrics"] == metrics["tasks"][name]["metrics"]
+
+
+def test_early_stopping_on_the_average_ends_the_run(run_with):
+    _, metrics, history = run_with(
+        {"steps": 60, "eval_every": 1, "lr": 1e-6, "early_stopping": {"patience": 2, "min_delta": 0.5}}
+    )
+    assert metrics["stopped_early"] and metrics["steps"] == 3  # a gain of 0.5 never comes: stop after 1 + 2
+    assert any("early_stopping" in h for h in history)
+
+
+def test_early_stopping_per_task_drops_a_stalled_task(run_with):
+    _, metrics, _ = run_with(
+        {
+            "steps": 40,
+            "eval_every": 2,
+            "lr": 1e-6,
+            "early_stopping": {"patience": 1, "min_delta": 0.5, "per_task": True},
+        }
+    )
+    assert metrics["stopped_early"] and set(metrics["stopped_tasks"]) == {"sentiment", "ner"}
+    assert metrics["steps"] == 4
+
+
+@pytest.mark.parametrize(
+    "schedule,extra,match",
+    [
+        ({"name": "sequential", "order": ["ner"]}, {}, "order must name every task"),
+        ({"name": "reptile"}, {"mixed_batches": True}, "one task at a time"),
+    ],
+)
+def test_bad_schedules_are_config_errors(tmp_path, tiny_backbone, write_jsonl, schedule, extra, match):
+    a, b = write_jsonl("a.jsonl", classification_rows(4)), write_jsonl("b.jsonl", token_rows(4))
+    data = tiny_config(tiny_backbone, a, b, tmp_path / "runs", schedule=schedule, **extra)
+    with pytest.raises(ConfigError, match=match) as error:
+        validate_config(data)
+    assert error.value.field.startswith("training.schedule")
