@@ -29,3 +29,18 @@ def test_makefile_and_ci_use_the_readme_commands():
     assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "torch==2.13.0" in makefile
     assert "make test" in (REPO / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_any_backbone_snippet_runs(capsys):
+    import torch
+
+    section = README.split("## Any PyTorch backbone\n", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert re.search(r"digit\s+test\s+397\s+accuracy\s+0\.[3-9]", out) and "'prediction'" in out

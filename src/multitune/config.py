@@ -22,9 +22,9 @@ SPLITS = ("train", "validation", "test")
 
 TaskType = Literal["classification", "pair_classification", "regression", "token_classification", "generation"]
 DataFormat = Literal["jsonl", "csv", "tsv", "conll", "hf", "unified", "parallel"]
-# what the backbone is: an encoder with task heads, or a causal LM that also generates (models/causal_lm.py);
-# "auto": causal_lm when any task is a generation task, else encoder
-ModelKind = Literal["auto", "encoder", "causal_lm"]
+# what the backbone is: an encoder with task heads, or a causal or encoder-decoder (seq2seq) LM that also
+# generates (models/causal_lm.py); "auto": causal_lm when any task is a generation task, else encoder
+ModelKind = Literal["auto", "encoder", "causal_lm", "seq2seq"]
 
 
 def _check_name(value: str, what: str) -> str:
@@ -63,7 +63,7 @@ class MethodConfig(BaseModel):
 class AdapterConfig(Group):
     """Per-task parameter-efficient adapters on a frozen backbone (models/peft_tasks.py)."""
 
-    method: Literal["lora", "bottleneck"] = "lora"
+    method: Literal["lora", "prompt", "bottleneck"] = "lora"
     r: int = Field(8, ge=1)  # LoRA rank
     alpha: int = Field(16, ge=1)  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -71,6 +71,7 @@ class AdapterConfig(Group):
     shared: bool = False  # also one adapter that every task trains
     train_backbone: bool = False  # also fine-tune the backbone's own weights
     bottleneck_size: int = Field(64, ge=1)
+    virtual_tokens: int = Field(20, ge=1)  # prompt: learned input vectors per task
 
 
 class ModelConfig(Group):
@@ -82,6 +83,7 @@ class ModelConfig(Group):
     random_init: bool = False  # build the backbone from its config with random weights (speed tests)
     trust_remote_code: bool = False
     kind: ModelKind = "auto"
+    init_from: str | None = None  # a finished run whose backbone weights this run starts from
     # how tasks share the backbone: hard, hybrid, soft, cross_stitch, mmoe, ple (models/architectures.py)
     architecture: MethodConfig = Field(default_factory=lambda: MethodConfig(name="hard"))
     peft: AdapterConfig | None = None  # one adapter per task (and optionally a shared one)
@@ -325,7 +327,7 @@ class Config(Group):
         if self.model.kind == "auto":
             self.model.kind = "causal_lm" if generative else "encoder"
         elif self.model.kind == "encoder" and generative:
-            raise ValueError(f"model.kind: generation task '{generative[0]}' needs a causal_lm backbone")
+            raise ValueError(f"model.kind: generation task '{generative[0]}' needs a causal_lm or seq2seq backbone")
         return self
 
 
@@ -441,9 +443,7 @@ def validate_config(
 
 def check_methods(config: Config) -> None:
     """Method names and parameters exist in their registries (imported here to keep config.py the root)."""
-    from multitune.balancing.gradients import AGGREGATOR_INJECTED, GRADIENT_AGGREGATORS
-    from multitune.balancing.losses import LOSS_WEIGHTINGS, WEIGHTING_INJECTED
-    from multitune.data.samplers import SAMPLER_INJECTED, SAMPLERS
+    from multitune.data.samplers import SAMPLERS
     from multitune.evaluation.metrics import METRICS
     from multitune.models.architectures import ARCHITECTURE_INJECTED, ARCHITECTURES
 
@@ -452,9 +452,9 @@ def check_methods(config: Config) -> None:
     ARCHITECTURES.check_params(
         architecture.name, architecture.params, ARCHITECTURE_INJECTED, field="model.architecture"
     )
-    if config.model.kind == "causal_lm" and architecture.name != "hard":
+    if config.model.kind in ("causal_lm", "seq2seq") and architecture.name != "hard":
         raise ConfigError(
-            "a causal LM (model.kind causal_lm, or any generation task) is shared by hard sharing only",
+            f"a {config.model.kind} LM (or any generation task) is shared by hard sharing only",
             field="model.architecture.name",
         )
     gradient_source = config.gradient_aggregation.source if config.gradient_aggregation else None
@@ -462,6 +462,13 @@ def check_methods(config: Config) -> None:
         raise ConfigError(
             "soft sharing shares no parameters: gradient aggregation needs source 'representation'",
             field="gradient_aggregation.source",
+        )
+    generative_lm = config.model.kind in ("causal_lm", "seq2seq")
+    method = config.model.peft.method if config.model.peft is not None else None
+    if (generative_lm and method == "prompt") or (config.model.kind == "seq2seq" and method == "bottleneck"):
+        raise ConfigError(
+            f"per-task {method} adapters are not available for a {config.model.kind} LM; use lora",
+            field="model.peft.method",
         )
     if config.model.peft is not None and architecture.name in ("soft", "cross_stitch"):
         raise ConfigError(
@@ -492,24 +499,50 @@ def check_methods(config: Config) -> None:
             f"the {schedule.name} schedule trains one task at a time: no mixed_batches, no gradient_aggregation",
             field="training.schedule.name",
         )
-    SAMPLERS.get(config.sampling.name, field="sampling.name")
-    SAMPLERS.check_params(config.sampling.name, config.sampling.params, SAMPLER_INJECTED, field="sampling")
-    LOSS_WEIGHTINGS.get(config.loss_weighting.name, field="loss_weighting.name")
-    LOSS_WEIGHTINGS.check_params(
-        config.loss_weighting.name, config.loss_weighting.params, WEIGHTING_INJECTED, field="loss_weighting"
+    check_balancing(
+        config.sampling,
+        config.loss_weighting,
+        config.gradient_aggregation,
+        len(config.tasks),
+        config.training.mixed_batches,
+        config.training.mixed_precision,
     )
-    one_task_steps = getattr(SAMPLERS.get(config.sampling.name), "tasks_per_step", "one") == "one"
-    weighting = LOSS_WEIGHTINGS.get(config.loss_weighting.name)
-    if getattr(weighting, "needs_several_tasks", False) and one_task_steps and not config.training.mixed_batches:
+    for name, task in config.tasks.items():
+        for metric in task.metrics or []:
+            METRICS.get(metric, field=f"tasks.{name}.metrics")
+            if metric == "f1" and task.positive_label is None:
+                raise ConfigError("metric 'f1' needs positive_label", field=f"tasks.{name}.positive_label")
+
+
+def check_balancing(
+    sampling: MethodConfig,
+    loss_weighting: MethodConfig,
+    gradient: GradientConfig | None,
+    tasks: int,
+    mixed_batches: bool,
+    mixed_precision: str = "no",
+) -> None:
+    """The sampler, loss weighting and gradient aggregator exist, take their parameters, and fit together
+    (shared by the config check and the Python API, api.py)."""
+    from multitune.balancing.gradients import AGGREGATOR_INJECTED, GRADIENT_AGGREGATORS
+    from multitune.balancing.losses import LOSS_WEIGHTINGS, WEIGHTING_INJECTED
+    from multitune.data.samplers import SAMPLER_INJECTED, SAMPLERS
+
+    SAMPLERS.get(sampling.name, field="sampling.name")
+    SAMPLERS.check_params(sampling.name, sampling.params, SAMPLER_INJECTED, field="sampling")
+    LOSS_WEIGHTINGS.get(loss_weighting.name, field="loss_weighting.name")
+    LOSS_WEIGHTINGS.check_params(loss_weighting.name, loss_weighting.params, WEIGHTING_INJECTED, field="loss_weighting")
+    one_task_steps = getattr(SAMPLERS.get(sampling.name), "tasks_per_step", "one") == "one"
+    weighting = LOSS_WEIGHTINGS.get(loss_weighting.name)
+    if getattr(weighting, "needs_several_tasks", False) and one_task_steps and not mixed_batches:
         import logging
 
         logging.getLogger("multitune").warning(
             "loss weighting '%s' balances the tasks of a step, but sampler '%s' feeds one task per step, where it "
             "equals 'equal': use sampling.name=all_tasks or training.mixed_batches=true",
-            config.loss_weighting.name,
-            config.sampling.name,
+            loss_weighting.name,
+            sampling.name,
         )
-    gradient = config.gradient_aggregation
     if gradient is not None:
         field = "gradient_aggregation"
         factory = GRADIENT_AGGREGATORS.get(gradient.name, field=f"{field}.name")
@@ -519,23 +552,18 @@ def check_methods(config: Config) -> None:
             raise ConfigError(
                 f"'{gradient.name}' is defined only for the {' and '.join(sources)} source", field=f"{field}.source"
             )
-        all_tasks = getattr(SAMPLERS.get(config.sampling.name), "tasks_per_step", "one") == "all"
-        if len(config.tasks) > 1 and not (all_tasks or config.training.mixed_batches):
+        all_tasks = getattr(SAMPLERS.get(sampling.name), "tasks_per_step", "one") == "all"
+        if tasks > 1 and not (all_tasks or mixed_batches):
             raise ConfigError(
-                f"'{gradient.name}' combines the gradients of several tasks, but sampler '{config.sampling.name}' "
+                f"'{gradient.name}' combines the gradients of several tasks, but sampler '{sampling.name}' "
                 "feeds one task per step: use sampling.name=all_tasks or training.mixed_batches=true",
                 field=f"{field}.name",
             )
-        if config.training.mixed_precision == "fp16":
+        if mixed_precision == "fp16":
             raise ConfigError(
                 "gradient aggregation needs bf16 or no mixed precision (fp16 loss scaling would be bypassed)",
                 field="training.mixed_precision",
             )
-    for name, task in config.tasks.items():
-        for metric in task.metrics or []:
-            METRICS.get(metric, field=f"tasks.{name}.metrics")
-            if metric == "f1" and task.positive_label is None:
-                raise ConfigError("metric 'f1' needs positive_label", field=f"tasks.{name}.positive_label")
 
 
 def package_path(relative: str) -> Path:
@@ -566,6 +594,8 @@ def resolve_paths(config: Config, base: Path) -> None:
             }
     if config.guard.baselines_from:
         config.guard.baselines_from = resolve_path(config.guard.baselines_from, base)
+    if config.model.init_from:
+        config.model.init_from = resolve_path(config.model.init_from, base)
     backbone = config.model.backbone
     if backbone.startswith((".", "/", "~", PACKAGE_PREFIX)):
         config.model.backbone = resolve_path(backbone, base)

@@ -22,7 +22,7 @@ from multitune.analysis.guard import NegativeTransferGuard
 from multitune.balancing.backward import Balancer
 from multitune.balancing.gradients import GRADIENT_AGGREGATORS, gramian
 from multitune.balancing.losses import LOSS_WEIGHTINGS, LossWeighting
-from multitune.config import Config, TaskConfig, dump_config, validate_config
+from multitune.config import Config, GradientConfig, MethodConfig, TaskConfig, dump_config, validate_config
 from multitune.data.collate import Batch, collate
 from multitune.data.encoding import Encoded, encode
 from multitune.data.readers import Row, json_rows, read_jsonl
@@ -34,7 +34,14 @@ from multitune.evaluation.evaluate import average_main_score, evaluate, format_t
 from multitune.evaluation.report import write_report
 from multitune.models.architectures import ARCHITECTURES
 from multitune.models.backbone import Backbone, backbone_from_run, load_backbone
-from multitune.models.causal_lm import build_causal_model, causal_lm_from_run, load_causal_lm
+from multitune.models.causal_lm import (
+    build_causal_model,
+    build_seq2seq_model,
+    causal_lm_from_run,
+    load_causal_lm,
+    load_seq2seq_lm,
+    seq2seq_lm_from_run,
+)
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.peft_tasks import TaskAdapters
@@ -85,9 +92,10 @@ def build_model(config: Config, tasks: dict[str, TaskData], backbone: Backbone) 
     }
     architecture = config.model.architecture
     model: MultiTaskModel
-    if config.model.kind == "causal_lm":  # generation tasks: the LM is shared, other tasks get heads on it
+    if config.model.kind in ("causal_lm", "seq2seq"):  # the LM is shared, tasks other than generation get heads
         generative = [name for name, task in tasks.items() if task.config.type == "generation"]
-        model = build_causal_model(backbone, heads, generative, config.model.pooling)
+        build = build_causal_model if config.model.kind == "causal_lm" else build_seq2seq_model
+        model = build(backbone, heads, generative, config.model.pooling)
     else:
         model = ARCHITECTURES.build(
             architecture.name,
@@ -116,57 +124,112 @@ def build_regularizers(config: Config, model: MultiTaskModel) -> list[Regularize
     return out
 
 
-def encode_splits(tasks: dict[str, TaskData], tokenizer: Any, max_length: int) -> dict[str, dict[str, list[Encoded]]]:
+def encode_splits(
+    tasks: dict[str, TaskData], tokenizer: Any, max_length: int, decoder_targets: bool = False
+) -> dict[str, dict[str, list[Encoded]]]:
     return {
-        name: {split: encode(examples, task, tokenizer, max_length) for split, examples in task.splits.items()}
+        name: {
+            split: encode(examples, task, tokenizer, max_length, decoder_targets=decoder_targets)
+            for split, examples in task.splits.items()
+        }
         for name, task in tasks.items()
     }
+
+
+LOADERS = {"causal_lm": load_causal_lm, "seq2seq": load_seq2seq_lm}
+FROM_RUN = {"causal_lm": causal_lm_from_run, "seq2seq": seq2seq_lm_from_run}
 
 
 def prepare(config: Config) -> Prepared:
     torch.manual_seed(config.run.seed)
     tasks = load_tasks(config.tasks, config.run.seed, config.model.trust_remote_code)
     model_config = config.model
-    loader = load_causal_lm if model_config.kind == "causal_lm" else load_backbone
+    loader = LOADERS.get(model_config.kind, load_backbone)
     backbone = loader(
         model_config.backbone, model_config.revision, model_config.trust_remote_code, model_config.random_init
     )
     torch.manual_seed(config.run.seed)  # heads start the same whatever loading consumed
     model = build_model(config, tasks, backbone)
-    return Prepared(config, tasks, backbone, model, encode_splits(tasks, backbone.tokenizer, model_config.max_length))
+    if model_config.init_from:
+        load_backbone_weights(model, Path(model_config.init_from))
+    encoded = encode_splits(tasks, backbone.tokenizer, model_config.max_length, model_config.kind == "seq2seq")
+    return Prepared(config, tasks, backbone, model, encoded)
+
+
+def load_backbone_weights(model: MultiTaskModel, run_dir: Path) -> None:
+    """Start the backbone from a finished run's backbone (e.g. a multi-task model, for a new task)."""
+    from safetensors import safe_open
+
+    path = run_dir / WEIGHTS_FILE
+    if not path.is_file():
+        raise MultitunError("not a finished multitune run: model.safetensors is missing", file=str(run_dir))
+    prefix = "backbone."
+    with safe_open(str(path), framework="pt") as weights:
+        state = {key[len(prefix) :]: weights.get_tensor(key) for key in weights.keys() if key.startswith(prefix)}  # noqa: SIM118
+    try:
+        model.backbone.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise ConfigError(
+            f"the backbone of {run_dir} does not fit this model: {first}", field="model.init_from"
+        ) from None
 
 
 def build_sampler(config: Config, tasks: dict[str, TaskData]) -> TaskSampler:
     """The config's sampler; the sequential schedule replaces it with its curriculum."""
-    injected = {
-        "sizes": {name: len(task.splits["train"]) for name, task in tasks.items()},
-        "weights": {name: task.config.sampling_weight for name, task in tasks.items()},
-        "total_steps": config.training.steps,
-    }
+    sizes = {name: len(task.splits["train"]) for name, task in tasks.items()}
+    weights = {name: task.config.sampling_weight for name, task in tasks.items()}
     schedule = config.training.schedule
     if schedule.name == "sequential":
+        injected = {"sizes": sizes, "weights": weights, "total_steps": config.training.steps}
         return SAMPLERS.build("sequential", injected=injected, order=schedule.order, fractions=schedule.fractions)
-    return SAMPLERS.build(config.sampling.name, injected=injected, **config.sampling.params)
+    return make_sampler(config.sampling, sizes, weights, config.training.steps)
+
+
+def make_sampler(
+    sampling: MethodConfig, sizes: dict[str, int], weights: dict[str, float], total_steps: int
+) -> TaskSampler:
+    """A sampler from its registry: the method's own parameters plus the task sizes, weights and steps."""
+    injected = {"sizes": sizes, "weights": weights, "total_steps": total_steps}
+    return SAMPLERS.build(sampling.name, injected=injected, **sampling.params)
 
 
 def build_balancer(config: Config, task_names: list[str]) -> Balancer:
+    loss_weights = {n: t.loss_weight for n, t in config.tasks.items()}
+    return make_balancer(config.loss_weighting, config.gradient_aggregation, task_names, loss_weights, config.run.seed)
+
+
+def make_balancer(
+    loss_weighting: MethodConfig,
+    gradient: GradientConfig | None,
+    task_names: list[str],
+    loss_weights: dict[str, float],
+    seed: int,
+) -> Balancer:
+    """A loss weighting and, optionally, a gradient aggregator with its source, built from their registries."""
     weighting = LOSS_WEIGHTINGS.build(
-        config.loss_weighting.name,
-        injected={
-            "task_names": task_names,
-            "loss_weights": {n: t.loss_weight for n, t in config.tasks.items()},
-            "seed": config.run.seed,
-        },
-        **config.loss_weighting.params,
+        loss_weighting.name,
+        injected={"task_names": task_names, "loss_weights": loss_weights, "seed": seed},
+        **loss_weighting.params,
     )
-    gradient = config.gradient_aggregation
     if gradient is None:
         return Balancer(weighting)
     aggregator = GRADIENT_AGGREGATORS.build(
-        gradient.name, injected={"task_names": task_names, "seed": config.run.seed}, **gradient.params
+        gradient.name, injected={"task_names": task_names, "seed": seed}, **gradient.params
     )
     dtype = torch.bfloat16 if gradient.buffer_dtype == "bfloat16" else torch.float32
     return Balancer(weighting, aggregator, gradient.source, dtype)
+
+
+def require_shared_parameters(model: MultiTaskModel, balancer: Balancer) -> None:
+    """The `parameters` gradient source needs trainable shared parameters to take per-task gradients of."""
+    if balancer.source == "parameters" and not any(p.requires_grad for p in model.shared_parameters()):
+        raise ConfigError(
+            "gradient source 'parameters' needs trainable shared parameters, and this model has none "
+            "(per-task adapters on a frozen backbone, or soft sharing): use source 'representation' or "
+            "peft.shared=true",
+            field="gradient_aggregation.source",
+        )
 
 
 def create_run_dir(output_dir: str, name: str) -> Path:
@@ -203,19 +266,25 @@ def task_manifest(tasks: dict[str, TaskData]) -> dict[str, Any]:
 
 
 def optimizer_for(model: MultiTaskModel, weighting: LossWeighting, config: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms; heads (and learnable loss weights) may take their own rate."""
     training = config.training
+    return make_optimizer(model, weighting, training.lr, training.head_lr, training.weight_decay)
+
+
+def make_optimizer(
+    model: torch.nn.Module, weighting: LossWeighting, lr: float, head_lr: float | None, weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norms; heads (and learnable loss weights) may take their own rate."""
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        decay = 0.0 if parameter.ndim < 2 else training.weight_decay
-        lr = training.head_lr if name.startswith("heads.") and training.head_lr else training.lr
-        groups.setdefault((lr, decay), []).append(parameter)
+        decay = 0.0 if parameter.ndim < 2 else weight_decay
+        rate = head_lr if name.startswith("heads.") and head_lr else lr
+        groups.setdefault((rate, decay), []).append(parameter)
     if isinstance(weighting, torch.nn.Module):  # learnable loss weights learn at the heads' rate
         learnable = [p for p in weighting.parameters() if p.requires_grad]
         if learnable:
-            groups.setdefault((training.head_lr or training.lr, 0.0), []).extend(learnable)
+            groups.setdefault((head_lr or lr, 0.0), []).extend(learnable)
     param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
     try:  # the fused kernel: on 2 CPU cores it takes the optimizer step of MiniLM from ~0.16 s to ~0.02 s
         return torch.optim.AdamW(param_groups, fused=True)
@@ -238,12 +307,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     tasks, model, training = prepared.tasks, prepared.model, config.training
     sampler = build_sampler(config, tasks)
     balancer = build_balancer(config, list(tasks))
-    if balancer.source == "parameters" and not any(p.requires_grad for p in model.shared_parameters()):
-        raise ConfigError(
-            "gradient source 'parameters' needs trainable shared parameters, and this model has none "
-            "(per-task adapters on a frozen backbone): use source 'representation' or peft.shared=true",
-            field="gradient_aggregation.source",
-        )
+    require_shared_parameters(model, balancer)
     streams = {name: TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:stream") for name in tasks}
 
     if resume_dir is not None:
@@ -737,7 +801,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any], MultiTaskMode
         yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), file=str(run / "config.yaml")
     )
     manifest = json.loads((run / "tasks.json").read_text(encoding="utf-8"))
-    backbone = (causal_lm_from_run if config.model.kind == "causal_lm" else backbone_from_run)(run / "backbone")
+    backbone = FROM_RUN.get(config.model.kind, backbone_from_run)(run / "backbone")
     tasks = {name: task_from_manifest(name, config.tasks[name], manifest[name]) for name in config.tasks}
     model = build_model(config, tasks, backbone)
     load_weights(model, run / WEIGHTS_FILE)
@@ -760,7 +824,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
             for label in example.label if isinstance(example.label, tuple) else (example.label,):
                 if task.labels is not None and str(label) not in known:
                     raise example.error(f"unknown label '{label}' for task '{name}' as trained", "label")
-    encoded = encode_splits(tasks, backbone.tokenizer, config.model.max_length)
+    encoded = encode_splits(tasks, backbone.tokenizer, config.model.max_length, config.model.kind == "seq2seq")
     device = torch.device("cpu")
     pad = backbone.tokenizer.pad_token_id or 0
     finetuned = Path(run_dir) / FINETUNED
@@ -814,6 +878,13 @@ def _placeholder(task: TaskConfig, values: dict[str, Any], fields: Sequence[str 
     return "?"
 
 
+def encode_for_prediction(config: Config, task: TaskData, tokenizer: Any, rows: Sequence[Row]) -> list[Encoded]:
+    """Prediction inputs (records naming the task's fields) tokenized as `predict` takes them; `multitune
+    predict` and `multitune serve` share this path, so they answer alike."""
+    examples = [example_for_prediction(row, task.config) for row in rows]
+    return encode(examples, task, tokenizer, config.model.max_length, False, config.model.kind == "seq2seq")
+
+
 def predict_run(run_dir: str | Path, task_name: str, source: TextIO, name: str = "<stdin>") -> list[dict[str, Any]]:
     """Each input record with its prediction added; all inputs are checked before anything is returned."""
     config, manifest, model, backbone = load_run(run_dir)
@@ -824,8 +895,7 @@ def predict_run(run_dir: str | Path, task_name: str, source: TextIO, name: str =
     if own.exists():  # a two-stage run: this task's fine-tuned copy
         load_weights(model, own)
     rows = list(_rows(source, name))
-    examples = [example_for_prediction(row, task.config) for row in rows]
-    encoded = encode(examples, task, backbone.tokenizer, config.model.max_length, with_labels=False)
+    encoded = encode_for_prediction(config, task, backbone.tokenizer, rows)
     pad = backbone.tokenizer.pad_token_id or 0
     results = predict(model, task, encoded, config.training.eval_batch_size, torch.device("cpu"), pad)
     return [{**row.values, **result} for row, result in zip(rows, results, strict=True)]  # type: ignore[dict-item]

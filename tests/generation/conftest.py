@@ -51,6 +51,44 @@ def build_tiny_causal_lm(folder: Path, **config: Any) -> Path:
     return folder
 
 
+def build_tiny_t5(folder: Path) -> Path:
+    """Save a 2+2-layer, 32-wide T5 and a word-level tokenizer (no chat template) into `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(["<pad>", "</s>", "<unk>", *WORDS, *EXTRA]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(folder)
+    config = T5Config(
+        vocab_size=len(vocab),
+        d_model=32,
+        d_ff=64,
+        d_kv=16,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))
+
+
 @pytest.fixture(scope="session")
 def tiny_causal_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch

@@ -128,7 +128,7 @@ def test_generation_only_keys_and_parallel_shape_are_config_errors():
         )
     with pytest.raises(ConfigError, match="does not format a number"):
         validate_config({"tasks": {"a": generation_task({"format": "jsonl", "train": "x"}, target_format="{:d}")}})
-    with pytest.raises(ConfigError, match="needs a causal_lm backbone"):
+    with pytest.raises(ConfigError, match="needs a causal_lm or seq2seq backbone"):
         validate_config(
             {"model": {"kind": "encoder"}, "tasks": {"a": generation_task({"format": "jsonl", "train": "x"})}}
         )

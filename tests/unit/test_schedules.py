@@ -110,3 +110,23 @@ def test_bad_schedules_are_config_errors(tmp_path, tiny_backbone, write_jsonl, s
     with pytest.raises(ConfigError, match=match) as error:
         validate_config(data)
     assert error.value.field.startswith("training.schedule")
+
+
+def test_a_new_run_starts_from_a_finished_runs_backbone(run_with, tmp_path, tiny_backbone, write_jsonl):
+    from safetensors.torch import load_file
+
+    from multitune.run import prepare
+
+    run_dir, _, _ = run_with({"steps": 4})
+    saved = {k[len("backbone.") :]: v for k, v in load_file(str(run_dir / "model.safetensors")).items()}
+    a = write_jsonl("new.jsonl", classification_rows(20, seed=5))
+    data = tiny_config(tiny_backbone, a, a, tmp_path / "runs2")
+    del data["tasks"]["ner"]
+    data["model"]["init_from"] = str(run_dir)
+    model = prepare(validate_config(data)).model
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    data["model"]["architecture"] = {"name": "hybrid", "task_layers": 1}
+    with pytest.raises(ConfigError, match="does not fit") as error:
+        prepare(validate_config(data))
+    assert error.value.field == "model.init_from"

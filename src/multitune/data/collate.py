@@ -13,7 +13,8 @@ from multitune.data.encoding import IGNORE_INDEX, Encoded
 @dataclass
 class TaskRows:
     rows: slice  # this task's rows in the batch
-    labels: Tensor | None  # [n] class ids or targets, or [n, L] tag ids
+    labels: Tensor | None  # [n] class ids or targets, [n, L] tag ids, or [n, T] a decoder's target ids
+    aligned: bool = True  # [n, L] labels sit on the input's positions (False: decoder targets of their own length)
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Batch:
         return Batch(
             {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()},
             {
-                name: TaskRows(t.rows, None if t.labels is None else t.labels.to(device, non_blocking=True))
+                name: TaskRows(t.rows, None if t.labels is None else t.labels.to(device, non_blocking=True), t.aligned)
                 for name, t in self.tasks.items()
             },
         )
@@ -39,9 +40,9 @@ class Batch:
         length = max(int(mask.sum(1).max()), 1)
         inputs = {k: v[part.rows, :length] for k, v in self.inputs.items()}
         labels = part.labels
-        if labels is not None and labels.ndim == 2:
+        if labels is not None and labels.ndim == 2 and part.aligned:
             labels = labels[:, :length]
-        return Batch(inputs, {name: TaskRows(slice(0, mask.shape[0]), labels)})
+        return Batch(inputs, {name: TaskRows(slice(0, mask.shape[0]), labels, part.aligned)})
 
     @property
     def size(self) -> int:
@@ -68,16 +69,19 @@ def collate(rows_by_task: dict[str, list[Encoded]], pad_id: int) -> Batch:
     tasks: dict[str, TaskRows] = {}
     start = 0
     for name, rows in rows_by_task.items():
-        tasks[name] = TaskRows(slice(start, start + len(rows)), _labels(rows, length))
+        aligned = all(row.aligned for row in rows)
+        tasks[name] = TaskRows(slice(start, start + len(rows)), _labels(rows, length, aligned), aligned)
         start += len(rows)
     return Batch(inputs, tasks)
 
 
-def _labels(rows: list[Encoded], length: int) -> Tensor | None:
+def _labels(rows: list[Encoded], length: int, aligned: bool = True) -> Tensor | None:
     if not rows or rows[0].label is None:
         return None
     first = rows[0].label
     if isinstance(first, list):
+        if not aligned:  # decoder targets: padded to the longest target, not to the input
+            length = max(len(row.label) for row in rows)  # type: ignore[arg-type]
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         for i, row in enumerate(rows):
             tags = row.label

@@ -18,18 +18,27 @@ class Encoded:
     label: int | float | list[int] | None  # class id, standardised target, or per-token tag ids
     word_starts: list[int] | None = None  # token tasks: each word's first sub-token, or -1
     prompt_length: int | None = None  # generation tasks: input_ids[:prompt_length] is the prompt
+    aligned: bool = True  # list labels align with input_ids (tags, causal LM); False: a decoder's target ids
 
 
 def encode(
-    examples: Sequence[Example], data: TaskData, tokenizer: Any, max_length: int, with_labels: bool = True
+    examples: Sequence[Example],
+    data: TaskData,
+    tokenizer: Any,
+    max_length: int,
+    with_labels: bool = True,
+    decoder_targets: bool = False,
 ) -> list[Encoded]:
-    """Tokenize examples of one task; labels become ids (classes, tags) or standardised floats."""
+    """Tokenize examples of one task; labels become ids (classes, tags) or standardised floats. Generation
+    targets follow the prompt for a causal LM, or go to the decoder (`decoder_targets`) for a seq2seq LM."""
     if not examples:
         return []
     kind = data.config.type
     if kind == "generation":
-        from multitune.data.prompts import encode_generation  # imports this module
+        from multitune.data.prompts import encode_generation, encode_seq2seq  # they import this module
 
+        if decoder_targets:
+            return encode_seq2seq(examples, data, tokenizer, max_length, with_labels)
         return encode_generation(examples, data, tokenizer, max_length, with_labels)
     if kind == "token_classification":
         return _encode_tokens(examples, data, tokenizer, max_length, with_labels)

@@ -1,4 +1,5 @@
-"""Encode generation examples for a causal LM: chat-formatted prompt + target + eos, loss on the target only.
+"""Encode generation examples for a causal LM: chat-formatted prompt + target + eos, loss on the target only;
+or for an encoder-decoder (seq2seq) LM: the prompt to the encoder, target + eos to the decoder.
 
 `input_ids` = prompt ids + target ids; `label[i]` is the token to predict from position i (the targets
 shifted by one for next-token prediction), IGNORE_INDEX on the prompt (and, after collation, on padding).
@@ -70,4 +71,19 @@ def encode_generation(
             label = [IGNORE_INDEX] * len(ids)
             label[len(prompt) - 1 : len(ids) - 1] = target  # position i predicts token i + 1
         out.append(Encoded(ids, None, label, prompt_length=len(prompt)))
+    return out
+
+
+def encode_seq2seq(
+    examples: Sequence[Example], data: TaskData, tokenizer: Any, max_length: int, with_labels: bool = True
+) -> list[Encoded]:
+    """The prompt (cut from its left when too long) as encoder input; target ids + eos as decoder labels,
+    at most `max_length` of them."""
+    out = []
+    for example in examples:
+        prompt = prompt_ids(tokenizer, example, max_length)
+        label = None
+        if with_labels and example.label is not None:
+            label = target_ids(tokenizer, str(example.label))[:max_length]
+        out.append(Encoded(prompt, None, label, prompt_length=len(prompt), aligned=False))
     return out

@@ -47,9 +47,14 @@ def decode(task: TaskData, output: torch.Tensor, row: Encoded) -> dict[str, Any]
     if kind == "token_classification":
         ids = output.argmax(-1).tolist()  # [L]
         return {"prediction": ["O" if s < 0 else labels[ids[s]] for s in row.word_starts or []]}
-    probabilities = output.softmax(-1).tolist()
+    return class_prediction(labels, output)
+
+
+def class_prediction(labels: Sequence[str], logits: torch.Tensor) -> dict[str, Any]:
+    """One row's class logits [C] -> its predicted label and each label's probability."""
+    probabilities = logits.softmax(-1).tolist()
     return {
-        "prediction": labels[int(output.argmax())],
+        "prediction": labels[int(logits.argmax())],
         "probabilities": {label: round(p, 6) for label, p in zip(labels, probabilities, strict=True)},
     }
 
@@ -67,9 +72,21 @@ def references(task: TaskData, split: str) -> list[Any]:
 def score(task: TaskData, predictions: Sequence[Any], refs: Sequence[Any], split: str) -> dict[str, Any]:
     """The metrics.json entry of one task."""
     config = task.config
-    metrics = build_metrics(config.metrics or [], config.positive_label)
+    return score_with(config.metrics or [], config.main_metric, config.positive_label, predictions, refs, split)
+
+
+def score_with(
+    metric_names: Sequence[str],
+    main_metric: str | None,
+    positive_label: str | None,
+    predictions: Sequence[Any],
+    refs: Sequence[Any],
+    split: str,
+) -> dict[str, Any]:
+    """The metrics.json entry of one task from its metric names: every metric, and the main one's score."""
+    metrics = build_metrics(metric_names, positive_label)
     values = {metric.name: round(metric(predictions, refs), 6) for metric in metrics}
-    main = config.main_metric or metrics[0].name
+    main = main_metric or metrics[0].name
     higher = next(m.higher_is_better for m in metrics if m.name == main)
     return {
         "split": split,

@@ -158,6 +158,7 @@ class CausalLMMultiTask(MultiTaskModel):
     """A causal LM shared by all tasks: generation tasks use its LM head, other tasks their own heads."""
 
     architecture = "causal_lm"
+    left_padded = True  # generation prompts are left-padded (decoder-only)
 
     def __init__(
         self,
@@ -193,16 +194,20 @@ class CausalLMMultiTask(MultiTaskModel):
         for name, part in batch.tasks.items():
             rows, rows_mask = hidden[part.rows], mask[part.rows]
             if name in self.generation_tasks:
-                if part.labels is not None:
-                    picked = rows[part.labels != IGNORE_INDEX]  # [N, H]: gather first, then project
-                else:
-                    picked = rows[torch.arange(rows.shape[0], device=rows.device), rows_mask.sum(1) - 1]
-                outputs[name] = self.lm_head(picked)
+                outputs[name] = self.generation_logits(rows, rows_mask, part.labels)
                 continue
             head = self.heads[name]
             features = self.task_features(name, rows, rows_mask)
             outputs[name] = head(features if head.level == "token" else pool(features, rows_mask, self.pooling))
         return outputs
+
+    def generation_logits(self, rows: Tensor, rows_mask: Tensor, labels: Tensor | None) -> Tensor:
+        """LM logits [N, V] at the N labelled positions (without labels: at each row's last real token)."""
+        if labels is not None:
+            picked = rows[labels != IGNORE_INDEX]  # [N, H]: gather first, then project
+        else:
+            picked = rows[torch.arange(rows.shape[0], device=rows.device), rows_mask.sum(1) - 1]
+        return self.lm_head(picked)  # type: ignore[no-any-return]
 
     def head_losses(self, hidden: Tensor, batch: Batch) -> dict[str, Tensor]:
         outputs = self.head_outputs(hidden, batch)
@@ -220,10 +225,15 @@ class CausalLMMultiTask(MultiTaskModel):
 
     @torch.no_grad()
     def generate_texts(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, task: str | None = None
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        pad_id: int,
+        task: str | None = None,
+        streamer: Any = None,
     ) -> list[str]:
         """Greedy continuations of left-padded prompts (through `task`'s adapter when adapters are attached),
-        decoded without special tokens and stripped."""
+        decoded without special tokens and stripped; a transformers streamer (one prompt) sees each new token."""
         from transformers import GenerationConfig
 
         device = next(self.backbone.parameters()).device
@@ -231,8 +241,9 @@ class CausalLMMultiTask(MultiTaskModel):
         input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), length), dtype=torch.long)
         for i, prompt in enumerate(prompts):
-            input_ids[i, length - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-            attention[i, length - len(prompt) :] = 1
+            start = length - len(prompt) if self.left_padded else 0  # a decoder-only LM continues the last token
+            input_ids[i, start : start + len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+            attention[i, start : start + len(prompt)] = 1
         eos = self.tokenizer.eos_token_id
         settings = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos
@@ -241,9 +252,13 @@ class CausalLMMultiTask(MultiTaskModel):
         routing = adapters.route([task] * len(prompts)) if adapters is not None and task else contextlib.nullcontext()
         with routing:
             generated = self.backbone.generate(  # type: ignore[operator]
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=settings
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=settings,
+                streamer=streamer,
             )
-        texts = self.tokenizer.batch_decode(generated[:, length:].tolist(), skip_special_tokens=True)
+        new = generated[:, length:] if self.left_padded else generated  # an encoder-decoder returns only new tokens
+        texts = self.tokenizer.batch_decode(new.tolist(), skip_special_tokens=True)
         return [str(text).strip() for text in texts]
 
 
@@ -251,3 +266,68 @@ def build_causal_model(
     backbone: Backbone, heads: dict[str, nn.Module], generation_tasks: Sequence[str], pooling: str
 ) -> CausalLMMultiTask:
     return CausalLMMultiTask(backbone.model, backbone.tokenizer, heads, generation_tasks, pooling)
+
+
+class Seq2SeqMultiTask(CausalLMMultiTask):
+    """An encoder-decoder LM (T5-style) shared by all tasks: the encoder's states are the shared
+    representation; a generation task runs the decoder on its rows' states with its targets (teacher
+    forcing) and takes the loss on the target tokens; other tasks put heads on the encoder's states."""
+
+    architecture = "seq2seq"
+    left_padded = False
+
+    @property
+    def body(self) -> nn.Module:
+        return self.backbone.get_encoder()  # type: ignore[operator,no-any-return]
+
+    def generation_logits(self, rows: Tensor, rows_mask: Tensor, labels: Tensor | None) -> Tensor:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if labels is None:  # the first decoder step
+            config: Any = self.backbone.config
+            decoder_inputs = torch.full((rows.shape[0], 1), int(config.decoder_start_token_id), device=rows.device)
+        else:
+            decoder_inputs = self.backbone.prepare_decoder_input_ids_from_labels(labels=labels)  # type: ignore[operator]
+        logits = self.backbone(  # the model's own decoder and head (with e.g. T5's output scaling)
+            encoder_outputs=BaseModelOutput(last_hidden_state=rows),
+            attention_mask=rows_mask,
+            decoder_input_ids=decoder_inputs,
+        ).logits  # [n, T, V]: targets are short, so full logits over them are cheap
+        return logits[labels != IGNORE_INDEX] if labels is not None else logits[:, -1]
+
+
+def build_seq2seq_model(
+    backbone: Backbone, heads: dict[str, nn.Module], generation_tasks: Sequence[str], pooling: str
+) -> Seq2SeqMultiTask:
+    return Seq2SeqMultiTask(backbone.model, backbone.tokenizer, heads, generation_tasks, pooling)
+
+
+def load_seq2seq_lm(
+    name: str, revision: str | None = None, trust_remote_code: bool = False, random_init: bool = False
+) -> Backbone:
+    """An encoder-decoder LM (AutoModelForSeq2SeqLM) by hub id or folder."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        if random_init:
+            config = AutoConfig.from_pretrained(name, **kwargs)
+            model = AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"cannot load seq2seq LM '{name}': {reason}", field="model.backbone") from None
+    return causal_backbone(model, tokenizer, name)
+
+
+def seq2seq_lm_from_run(folder: Path) -> Backbone:
+    """Rebuild a saved run's seq2seq LM architecture and tokenizer (weights come from the run's safetensors)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    return causal_backbone(model, tokenizer, str(folder))

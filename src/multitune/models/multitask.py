@@ -43,8 +43,17 @@ class MultiTaskModel(nn.Module):
 
     def encode(self, batch: Batch) -> Tensor:
         """The shared representation of every row: [B, L, H]."""
+        return self.run_backbone(self.backbone, batch)
+
+    def run_backbone(self, module: nn.Module, batch: Batch) -> Tensor:
+        """`module`'s last hidden states for the batch, with per-task adapters routed (and per-task prompts
+        put in front of the tokens, their positions dropped again from the output)."""
+        adapters = self.task_adapters
         with self.routed(batch):
-            return self.backbone(**batch.inputs).last_hidden_state
+            if adapters is not None and adapters.method == "prompt":
+                prompted = adapters.prompted_inputs(module, batch.inputs)
+                return module(**prompted).last_hidden_state[:, adapters.prompt_length() :]  # type: ignore[no-any-return]
+            return module(**batch.inputs).last_hidden_state  # type: ignore[no-any-return]
 
     def routed(self, batch: Batch) -> AbstractContextManager[None]:
         if self.task_adapters is None:

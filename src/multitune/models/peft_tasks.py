@@ -6,6 +6,11 @@
   evaluation alike: a forward pre-hook tells each LoRA layer to compute only its frozen base projection,
   and a forward hook adds every row's own adapter update, gathered from the stacked task adapters and
   applied with two batched matmuls, so a step costs about the same whatever the number of tasks in it.
+- `prompt`: prompt tuning (Lester et al., EMNLP 2021, "The power of scale for parameter-efficient prompt
+  tuning") with peft's PromptEmbedding, `virtual_tokens` learned input vectors per task (initialised from
+  sampled vocabulary embeddings) put in front of each row's own tokens; with a shared prompt, the shared
+  vectors come first. The features of the virtual positions are dropped, so heads see the real tokens.
+  As in peft, token type ids are not passed with prompts.
 - `bottleneck`: a Houlsby-style bottleneck adapter (Houlsby et al., ICML 2019, "Parameter-efficient
   transfer learning for NLP") after every transformer layer, h + W_up·GELU(W_down·h), one per task (peft
   has no bottleneck adapter); rows are routed the same way.
@@ -47,6 +52,7 @@ class TaskAdapters(nn.Module):
         shared: bool,
         train_backbone: bool,
         bottleneck_size: int,
+        virtual_tokens: int = 20,
     ) -> None:
         super().__init__()
         if SHARED in tasks:
@@ -62,9 +68,11 @@ class TaskAdapters(nn.Module):
             self._inject_lora(backbone, names, r, alpha, dropout, target_modules)
         elif method == "bottleneck":
             self._add_bottlenecks(backbone, names, bottleneck_size)
+        elif method == "prompt":
+            self._add_prompts(backbone, names, virtual_tokens)
         else:
             raise ConfigError(
-                f"unknown adapter method '{method}'; choose from: bottleneck, lora", field=f"{FIELD}.method"
+                f"unknown adapter method '{method}'; choose: bottleneck, lora, prompt", field=f"{FIELD}.method"
             )
 
     # --- LoRA through peft ----------------------------------------------------------------------
@@ -162,6 +170,44 @@ class TaskAdapters(nn.Module):
             pieces.append(self.bottlenecks[name][index](hidden[rows]))  # type: ignore[index]
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
+    # --- prompt tuning through peft's PromptEmbedding --------------------------------------------
+
+    def _add_prompts(self, backbone: nn.Module, names: list[str], virtual_tokens: int) -> None:
+        from peft import PromptEmbedding, PromptTuningConfig
+
+        config: Any = backbone.config
+        self.virtual_tokens = virtual_tokens
+        self.prompt_config = PromptTuningConfig(
+            task_type="FEATURE_EXTRACTION",
+            num_virtual_tokens=virtual_tokens,
+            token_dim=int(config.hidden_size),
+            num_transformer_submodules=1,
+            num_attention_heads=int(config.num_attention_heads),
+            num_layers=int(config.num_hidden_layers),
+            prompt_tuning_init="SAMPLE_VOCAB",
+        )
+        words = backbone.get_input_embeddings()  # type: ignore[operator]
+        self.prompts = nn.ModuleDict({name: PromptEmbedding(self.prompt_config, words) for name in names})
+
+    def prompt_length(self) -> int:
+        return self.virtual_tokens * (2 if self.shared else 1) if self.method == "prompt" else 0
+
+    def prompted_inputs(self, backbone: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The backbone's keyword arguments with each row's prompt in front of its token embeddings."""
+        assert self.routing is not None
+        ids = torch.arange(self.virtual_tokens, device=inputs["input_ids"].device)
+        embeds = backbone.get_input_embeddings()(inputs["input_ids"])  # type: ignore[operator]
+        pieces = [self.prompts[name](ids).expand(r.stop - r.start, -1, -1) for name, r in _runs(self.routing)]
+        prompt = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [B, n, H]
+        if self.shared:
+            prompt = torch.cat([self.prompts[SHARED](ids).expand(prompt.shape[0], -1, -1), prompt], dim=1)
+        mask = inputs["attention_mask"]
+        prefix = torch.ones(mask.shape[0], prompt.shape[1], dtype=mask.dtype, device=mask.device)
+        return {
+            "inputs_embeds": torch.cat([prompt.to(embeds.dtype), embeds], dim=1),
+            "attention_mask": torch.cat([prefix, mask], dim=1),
+        }
+
     # --- routing, parameters, saving ------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -178,26 +224,42 @@ class TaskAdapters(nn.Module):
             for layer in self.lora_layers:
                 yield from layer.lora_A[name].parameters()  # type: ignore[index]
                 yield from layer.lora_B[name].parameters()  # type: ignore[index]
+        elif self.method == "prompt":
+            yield from self.prompts[name].parameters()
         else:
             yield from self.bottlenecks[name].parameters()
 
     def save(self, backbone: nn.Module, folder: Path) -> list[Path]:
-        """Each adapter in peft's format under folder/NAME (LoRA only; bottlenecks live in the run's weights)."""
-        if self.method != "lora":
-            return []
-        from peft.utils import get_peft_model_state_dict
+        """Each adapter in peft's format under folder/NAME, loadable with `PeftModel.from_pretrained` (LoRA
+        and prompts; bottleneck adapters are not a peft method and live in the run's weights only). A task's
+        saved prompt includes the shared prompt in front, so plain peft reproduces it exactly."""
         from safetensors.torch import save_file
 
         from multitune.training.checkpoint import atomic_write
 
+        states: dict[str, dict[str, Tensor]] = {}
+        if self.method == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            for name in self.tasks + ([SHARED] if self.shared else []):
+                state = get_peft_model_state_dict(backbone, adapter_name=name)
+                states[name] = {f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()}
+            config = self.lora_config
+        elif self.method == "prompt":
+            import copy
+
+            ids = torch.arange(self.virtual_tokens, device=next(self.prompts.parameters()).device)
+            shared = [self.prompts[SHARED](ids)] if self.shared else []
+            for name in self.tasks:
+                states[name] = {"prompt_embeddings": torch.cat([*shared, self.prompts[name](ids)]).detach()}
+            config = copy.deepcopy(self.prompt_config)
+            config.num_virtual_tokens = self.prompt_length()
         out = []
-        for name in self.tasks + ([SHARED] if self.shared else []):
-            state = get_peft_model_state_dict(backbone, adapter_name=name)
-            state = {f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()}
+        for name, state in states.items():
             target = folder / name
             target.mkdir(parents=True, exist_ok=True)
             atomic_write(target / "adapter_model.safetensors", lambda tmp, s=state: save_file(s, str(tmp)))  # type: ignore[misc]
-            self.lora_config.save_pretrained(str(target))
+            config.save_pretrained(str(target))
             out.append(target)
         return out
 

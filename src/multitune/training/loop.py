@@ -15,8 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from multitune.balancing.backward import Balancer, balanced_backward
-from multitune.data.collate import collate
-from multitune.data.encoding import Encoded
+from multitune.data.collate import Batch, collate
 from multitune.data.samplers import ObservesTraining, TaskSampler, examples_per_task
 from multitune.data.streams import TaskStream
 from multitune.errors import MultitunError
@@ -100,7 +99,7 @@ class StopSignal:
 
 def train(
     model: MultiTaskModel,
-    streams: dict[str, TaskStream[Encoded]],
+    streams: dict[str, TaskStream[Any]],
     sampler: TaskSampler,
     balancer: Balancer,
     optimizer: torch.optim.Optimizer,
@@ -114,9 +113,11 @@ def train(
     log: Callable[[dict[str, Any]], None],
     stop: StopSignal | None = None,
     regularizers: Sequence[Regularizer] = (),
+    collate_rows: Callable[[dict[str, list[Any]], int], Batch] = collate,
 ) -> TrainState:
     """Run optimizer steps from `state.step` to `settings.steps` (or until early stopping ends the run).
-    `validate` returns the score that picks the best weights and each task's scores."""
+    `validate` returns the score that picks the best weights and each task's scores. `collate_rows` turns
+    the rows the streams yield into a Batch: padded token rows by default, in-memory tensors in api.py."""
     if state.stopped_early:
         return state
     for name in state.stopped_tasks:
@@ -131,7 +132,7 @@ def train(
         counts = active_counts(sampler, balancer, draw, random.Random(f"{settings.seed}:{draw}"), settings)
         if settings.reptile is not None:
             settings.reptile.before_step(step)
-        batch = collate({name: streams[name].take(n) for name, n in counts.items()}, settings.pad_id)
+        batch = collate_rows({name: streams[name].take(n) for name, n in counts.items()}, settings.pad_id)
         batch = batch.to(accelerator.device)
         optimizer.zero_grad(set_to_none=True)
         with accelerator.autocast():

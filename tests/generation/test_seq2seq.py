@@ -1,0 +1,77 @@
+"""Encoder-decoder (seq2seq) LMs: targets go to the decoder, the loss is HF's own, and a run trains,
+evaluates and predicts through the CLI on a tiny random T5."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from multitune.cli import main
+from multitune.config import validate_config
+from multitune.data.collate import collate
+from multitune.data.encoding import IGNORE_INDEX, encode
+from multitune.data.tasks import Example, TaskData
+from multitune.models.causal_lm import Seq2SeqMultiTask, load_seq2seq_lm
+from tests.generation.test_generation_train import generation_config
+
+
+@pytest.fixture
+def model_and_batch(tiny_t5):
+    backbone = load_seq2seq_lm(str(tiny_t5))
+    config = validate_config(
+        {
+            "model": {"kind": "seq2seq"},
+            "tasks": {name: {"type": "generation", "source": {"format": "jsonl", "train": "x"}} for name in "ab"},
+        }
+    )
+    data = {name: TaskData(name, config.tasks[name], {}) for name in "ab"}
+    examples = {
+        "a": [Example(("good",), "positive", instruction="sentiment ?"), Example(("bad movie",), "negative")],
+        "b": [Example(("one",), "one two three four five six seven eight", instruction="translate")],
+    }
+    rows = {name: encode(examples[name], data[name], backbone.tokenizer, 64, decoder_targets=True) for name in "ab"}
+    model = Seq2SeqMultiTask(backbone.model, backbone.tokenizer, {}, ["a", "b"])
+    return model, collate(rows, backbone.tokenizer.pad_token_id)
+
+
+def test_targets_are_padded_to_their_own_length_and_survive_trimming(model_and_batch):
+    _, batch = model_and_batch
+    part = batch.tasks["b"]
+    assert part.labels is not None and not part.aligned
+    assert part.labels.shape[1] > batch.inputs["input_ids"].shape[1]  # a target longer than every input
+    assert torch.equal(batch.only("b").tasks["b"].labels, part.labels)
+
+
+def test_loss_equals_the_hf_loss(model_and_batch):
+    model, batch = model_and_batch
+    model.eval()
+    losses = model.losses(batch)
+    for name, part in batch.tasks.items():
+        alone = batch.only(name)
+        expected = model.backbone(**alone.inputs, labels=alone.tasks[name].labels).loss
+        assert losses[name].item() == pytest.approx(expected.item(), rel=1e-5)
+        assert int((part.labels != IGNORE_INDEX).sum()) == model.head_outputs(model.encode(batch), batch)[name].shape[0]
+
+
+def test_a_seq2seq_run_trains_evaluates_and_predicts(tiny_t5, tmp_path, write_jsonl, capsys):
+    config = generation_config(tiny_t5, tmp_path, write_jsonl)
+    config["model"]["kind"] = "seq2seq"
+    config["training"]["mixed_batches"] = True
+    config["gradient_aggregation"] = {"name": "pcgrad", "source": "representation"}
+    path = tmp_path / "t5.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "runs" / "gen"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"sentiment", "copy"} and metrics["steps"] == 6
+    assert main(["evaluate", str(run), "--split", "validation"]) == 0
+    evaluated = json.loads((run / "evaluation_validation.json").read_text())
+    assert evaluated["tasks"]["copy"]["metrics"] == metrics["tasks"]["copy"]["metrics"]
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a good movie"}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", str(run), "--task", "sentiment", "--input", str(inputs), "--output", str(out)]) == 0
+    assert isinstance(json.loads(out.read_text())["prediction"], str)

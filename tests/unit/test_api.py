@@ -1,0 +1,254 @@
+"""The Python API (api.py): your own nn.Module backbone, in-memory tasks, multitune's loop and balancers."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from multitune import EarlyStopping, Task, fit
+from multitune.data.samplers import SAMPLERS
+from multitune.errors import ConfigError, DataError
+from tests.conftest import REPO
+
+QUIET: dict[str, Any] = {"progress": False, "eval_every": 5, "batch_size": 8}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and spares a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic(n: int = 60, seed: int = 0, width: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs [n, width]; an easy class (sign of the first feature) and an easy target (twice the second)."""
+    x = np.random.default_rng(seed).normal(size=(n, width)).astype(np.float32)
+    return x, np.where(x[:, 0] > 0, "pos", "neg"), 2.0 * x[:, 1]
+
+
+def synthetic_tasks(n: int = 60) -> list[Task]:
+    x, sign, target = synthetic(n)
+    xt, sign_t, target_t = synthetic(30, seed=1)
+    return [
+        Task("sign", "classification", (x, sign), test=(xt, sign_t)),
+        Task("target", "regression", (x, target), test=(xt, target_t)),
+    ]
+
+
+def mlp(width: int = 6, hidden: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU())
+
+
+def test_digits_three_tasks_learn_and_evaluate_predict_have_the_metrics_shape() -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, target = digits.images[:, None] / 16.0, digits.target  # float64 [N, 1, 8, 8]: converted
+    train, validation, test = slice(0, 900), slice(900, 1100), slice(1100, 1400)
+
+    def split(rows: slice, labels: Any) -> tuple[Any, Any]:
+        return images[rows], labels[rows]
+
+    parity = np.where(target % 2 == 0, "even", "odd")
+    tasks = [
+        Task("digit", "classification", split(train, target), split(validation, target), split(test, target)),
+        Task("parity", "classification", split(train, parity), split(validation, parity), split(test, parity)),
+        Task("value", "regression", split(train, target * 1.0), split(validation, target * 1.0)),  # no test
+    ]
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU())
+    fitted = fit(backbone, tasks, steps=300, batch_size=32, lr=3e-3, eval_every=100, progress=False)
+    result = fitted.evaluate("test")
+    assert set(result) == {"tasks", "average_main_score"}
+    digit = result["tasks"]["digit"]
+    assert set(digit) == {"split", "n", "metrics", "main_metric", "main_score", "higher_is_better"}
+    assert digit["split"] == "test" and digit["n"] == 300 and digit["main_metric"] == "accuracy"
+    assert digit["main_score"] > 0.6  # chance is 0.1
+    assert result["tasks"]["parity"]["main_score"] > 0.7
+    assert result["tasks"]["value"]["split"] == "validation"  # no test split: scored on validation
+    assert fitted.metrics["tasks"] == result["tasks"] and fitted.metrics["steps"] == 300
+    assert sum(fitted.metrics["task_rows"].values()) == 300 * 32
+    assert [h["step"] for h in fitted.history if "validation" in h] == [100, 200, 300]
+
+    predictions = fitted.predict("digit", images[:5])
+    assert len(predictions) == 5 and all(p["prediction"] in [str(i) for i in range(10)] for p in predictions)
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions)
+    assert {p["prediction"] for p in fitted.predict("parity", images[:5])} <= {"even", "odd"}
+    values = fitted.predict("value", torch.tensor(images[:3], dtype=torch.float32))
+    assert len(values) == 3 and all(isinstance(v["prediction"], float) for v in values)
+    assert "digit" in fitted.table("test")
+
+
+def sampler_params(name: str) -> dict[str, Any]:
+    return {"manual": {"probabilities": {"sign": 0.3, "target": 0.7}}, "temperature": {"temperature": 3.0}}.get(
+        name, {}
+    )
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_every_sampler_trains(name: str) -> None:
+    fitted = fit(mlp(), synthetic_tasks(), steps=6, sampling={"name": name, **sampler_params(name)}, **QUIET)
+    assert fitted.metrics["steps"] == 6 and set(fitted.metrics["tasks"]) == {"sign", "target"}
+
+
+@pytest.mark.parametrize("source", ["representation", "parameters"])
+@pytest.mark.parametrize("method", ["pcgrad", "mgda"])
+def test_gradient_aggregation_from_either_source(method: str, source: str) -> None:
+    fitted = fit(
+        mlp(),
+        synthetic_tasks(),
+        steps=6,
+        sampling="all_tasks",
+        loss_weighting="uncertainty",  # a weighting with learnable parameters of its own
+        gradient_aggregation={"name": method, "source": source},
+        **QUIET,
+    )
+    assert fitted.metrics["skipped_steps"] == 0 and fitted.metrics["task_steps"] == {"sign": 6, "target": 6}
+
+
+def test_an_easy_synthetic_task_is_learned_with_mixed_batches_and_early_stopping() -> None:
+    fitted = fit(
+        mlp(),
+        synthetic_tasks(200),
+        steps=200,
+        lr=1e-2,
+        mixed_batches=True,
+        early_stopping=EarlyStopping(patience=20),
+        **{**QUIET, "eval_every": 20},
+    )
+    scores = fitted.evaluate("test")["tasks"]
+    assert scores["sign"]["main_score"] > 0.85 and scores["target"]["main_score"] > 0.8
+
+
+def test_mmoe_architecture_and_a_dict_input_with_its_own_mask() -> None:
+    class Tokens(nn.Module):
+        """Token ids [B, L] (+ mask) -> token features [B, L, 8]."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(12, 8)
+
+        def forward(self, ids: Tensor, attention_mask: Tensor) -> Tensor:
+            return self.embed(ids) * attention_mask.unsqueeze(-1)
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 12, size=(40, 5))
+    mask = np.ones((40, 5), dtype=np.int64)
+    mask[:, 4] = 0
+    tags = np.where(ids > 6, 1, 0)
+    tags[:, 4] = -100  # an unlabelled (padding) position
+    inputs = {"ids": ids, "attention_mask": mask}
+    tasks = [
+        Task("tagging", "token_classification", (inputs, tags), labels=["low", "high"], metrics=["token_accuracy"]),
+        Task("any_high", "classification", (inputs, (tags == 1).any(1).astype(int))),
+    ]
+    fitted = fit(Tokens(), tasks, steps=8, architecture={"name": "mmoe", "experts": 2}, **QUIET)
+    tagged = fitted.predict("tagging", {"ids": ids[:2], "attention_mask": mask[:2]})
+    assert [len(p["prediction"]) for p in tagged] == [4, 4]  # the masked position is left out
+    assert set(fitted.evaluate("validation")["tasks"]) == {"tagging", "any_high"}
+
+
+def test_output_dir_holds_weights_and_metrics(tmp_path) -> None:
+    fitted = fit(mlp(), synthetic_tasks(), steps=5, output_dir=tmp_path, name="api", **QUIET)
+    run = tmp_path / "api"
+    assert fitted.run_dir == run
+    for name in ("model.safetensors", "metrics.json", "tasks.json", "history.jsonl"):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tasks"] == fitted.metrics["tasks"]
+    assert (
+        fit(mlp(), synthetic_tasks(), steps=1, output_dir=tmp_path, name="api", **QUIET).run_dir == tmp_path / "api-2"
+    )
+
+
+def test_no_run_directory_by_default(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    fit(mlp(), synthetic_tasks(), steps=2, **QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
+x, sign, target = synthetic()
+
+
+class Wrong(nn.Module):
+    """Returns feature maps [B, 2, 3, 1] instead of vectors."""
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return inputs.view(-1, 2, 3, 1)
+
+
+BAD: list[tuple[str, Any, Any, type[Exception], str]] = [
+    ("length", mlp, [Task("a", "classification", (x, sign[:-1]))], DataError, "60 inputs but 59 labels"),
+    ("type", mlp, [Task("a", "classifier", (x, sign))], ConfigError, "unknown type 'classifier'"),
+    ("range", mlp, [Task("a", "classification", (x, np.arange(60) % 3), labels=2)], DataError, "out of range"),
+    ("label", mlp, [Task("a", "classification", (x, sign), labels=["pos", "other"])], DataError, "unknown label"),
+    ("nan", mlp, [Task("a", "regression", (x, target * np.nan))], DataError, "finite numbers"),
+    ("features", Wrong, [Task("a", "classification", (x, sign))], DataError, "features of shape [2, 2, 3, 1]"),
+    ("backbone", lambda: nn.Linear(5, 4), [Task("a", "classification", (x, sign))], DataError, "backbone failed"),
+    ("not a module", lambda: "resnet", [Task("a", "classification", (x, sign))], ConfigError, "torch.nn.Module"),
+    (
+        "shapes",
+        mlp,
+        [Task("a", "classification", (x, sign)), Task("b", "classification", (x[:, :4], sign))],
+        DataError,
+        "one backbone reads every task's rows",
+    ),
+    ("duplicate", mlp, [Task("a", "regression", (x, target))] * 2, ConfigError, "unique"),
+    ("metric", mlp, [Task("a", "classification", (x, sign), metrics=["acc"])], ConfigError, "did you mean"),
+    ("f1", mlp, [Task("a", "classification", (x, sign), metrics=["f1"])], ConfigError, "positive_label"),
+    ("name", mlp, [Task("a b", "regression", (x, target))], ConfigError, "task name"),
+    ("token", mlp, [Task("a", "token_classification", (x, np.zeros((60, 6), int)))], DataError, "token-level"),
+]
+
+
+@pytest.mark.parametrize(("case", "backbone", "tasks", "error", "text"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_multitune_error(case, backbone, tasks, error, text) -> None:
+    with pytest.raises(error, match=re.escape(text)):
+        fit(backbone(), tasks, steps=2, **QUIET)
+
+
+@pytest.mark.parametrize(
+    ("settings", "text"),
+    [
+        ({"sampling": "temprature"}, "did you mean 'temperature'"),
+        ({"sampling": {"name": "temperature", "tau": 2}}, "unknown parameter"),
+        ({"gradient_aggregation": "pcgrad"}, "feeds one task per step"),
+        ({"gradient_aggregation": {"name": "graddrop", "source": "parameters"}}, "only for the representation"),
+        ({"steps": 0}, "greater than or equal to 1"),
+        ({"architecture": "hybrid"}, "BERT-style encoder"),
+    ],
+)
+def test_bad_settings_are_config_errors(settings: dict[str, Any], text: str) -> None:
+    with pytest.raises(ConfigError, match=text):
+        fit(mlp(), synthetic_tasks(), **{**QUIET, "steps": 2, **settings})
+
+
+def test_predict_checks_the_task_and_the_inputs() -> None:
+    fitted = fit(mlp(), synthetic_tasks(), steps=2, **QUIET)
+    with pytest.raises(ConfigError, match="no task 'nope'"):
+        fitted.predict("nope", x)
+    with pytest.raises(DataError, match="trained on inputs \\[6\\] float32"):
+        fitted.predict("sign", x[:, :3])
+
+
+@pytest.mark.slow
+def test_the_digits_example_runs_offline() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "digits_multitask.py")], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:4] == ["task", "train", "rows", "seen"]
+    scores = {line.split()[0]: float(line.split()[4]) for line in lines[1:4]}
+    assert scores["digit"] > 0.8 and scores["parity"] > 0.9 and scores["value"] > 0.8
