@@ -82,6 +82,21 @@ def _fingerprint(config: Config, task: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def validation_trajectory(run_dir: Path, task: str, batch_size: int) -> list[list[float]]:
+    """[[rows seen, main score], ...] at each validation of a single-task run (batch_size rows per step)."""
+    history = run_dir / "history.jsonl"
+    if not history.is_file():
+        return []
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    main = metrics["tasks"][task]["main_metric"]
+    out = []
+    for line in history.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        if "validation" in entry and task in entry["validation"]:
+            out.append([entry["step"] * batch_size, entry["validation"][task][main]])
+    return out
+
+
 def single_task_config(config: Config, task: str, rows: int) -> Config:
     """The baseline of one task: the same model and training settings, as many rows as multi-task gave it."""
     data = json.loads(json.dumps(config.model_dump(mode="json")))
@@ -131,6 +146,7 @@ def compare(config_path: str, overrides: list[str]) -> dict[str, Any]:
         mine = multi["tasks"][task]
         tasks[task] = {
             "single": entry["main_score"],
+            "single_trajectory": validation_trajectory(Path(cached["run_dir"]), task, baseline.training.batch_size),
             "multi": mine["main_score"],
             "metric": mine["main_metric"],
             "higher_is_better": mine["higher_is_better"],
@@ -151,7 +167,8 @@ def compare(config_path: str, overrides: list[str]) -> dict[str, Any]:
         "params": {
             "single_total": sum(single_params.values()),
             "multi_total": params["shared"] + sum(params["heads"].values()),
-            "adapters_total": None,  # base model + T adapters: with per-task PEFT
+            # base model + T adapters (+ heads): with per-task PEFT this is the multi-task deployment itself
+            "adapters_total": params["shared"] + sum(params["heads"].values()) if config.model.peft else None,
         },
         "train_seconds": {"single_total": round(sum(single_seconds.values()), 2), "multi": multi["train_seconds"]},
         "wall_seconds": {"single_total": round(sum(single_wall.values()), 2), "multi": round(multi_seconds, 2)},

@@ -373,7 +373,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         log.info("step %d: validation average main score %.4f", step, score)
         scores = {name: r["main_score"] if r["higher_is_better"] else -r["main_score"] for name, r in results.items()}
         if guard is not None and lookahead is not None:
-            for action in guard.observe(step, scores, lookahead):
+            for action in guard.observe(step, scores, lookahead, dict(state.task_rows)):
                 record({"step": step, "guard": action.as_dict()})
                 print(
                     f"guard, step {step}: {action.action} task '{action.task}' (scale {action.scale:g}): {action.why}",
@@ -577,30 +577,37 @@ def write_scalars(writer: Any, entry: dict[str, Any]) -> None:
         writer.add_scalar("lr", entry["lr"], step)
 
 
-def guard_baselines(config: Config) -> dict[str, float]:
-    """Single-task main scores for the guard, signed like validation scores (negated where lower is better)."""
+def guard_baselines(config: Config) -> tuple[dict[str, float], dict[str, list[tuple[int, float]]]]:
+    """Single-task main scores for the guard, and their trajectories by rows seen where a comparison.json
+    recorded them; signed like validation scores (negated where lower is better)."""
     settings = config.guard
     baselines = dict(settings.baselines or {})
+    trajectories: dict[str, list[tuple[int, float]]] = {}
     if settings.baselines_from:
         path = Path(settings.baselines_from)
         try:
             compared = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+            for name, entry in compared.items():
+                sign = 1.0 if entry.get("higher_is_better", True) else -1.0
+                baselines.setdefault(name, sign * entry["single"])
+                points = [(int(rows), sign * float(score)) for rows, score in entry.get("single_trajectory") or []]
+                if points and name not in (settings.baselines or {}):
+                    trajectories[name] = points
         except (OSError, ValueError, KeyError, TypeError):
             raise ConfigError("not a readable comparison.json", file=str(path), field="guard.baselines_from") from None
-        for name, entry in compared.items():
-            baselines.setdefault(name, entry["single"] if entry.get("higher_is_better", True) else -entry["single"])
     unknown = sorted(set(baselines) - set(config.tasks))
     if unknown:
         raise ConfigError(f"baselines for unknown tasks: {', '.join(unknown)}", field="guard.baselines")
-    return baselines
+    return baselines, trajectories
 
 
 def build_guard(config: Config, names: list[str], balancer: Balancer) -> NegativeTransferGuard | None:
     settings = config.guard
     if not settings.enabled:
         return None
+    baselines, trajectories = guard_baselines(config)
     guard = NegativeTransferGuard(
-        names, settings.action, settings.patience, settings.min_gain, settings.factor, guard_baselines(config)
+        names, settings.action, settings.patience, settings.min_gain, settings.factor, baselines, trajectories
     )
     balancer.task_scale = guard.scale  # the guard's multipliers are what balanced_backward applies
     return guard

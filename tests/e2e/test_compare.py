@@ -43,6 +43,8 @@ def test_compare_writes_the_table_and_reuses_cached_baselines(tmp_path, tiny_bac
     assert set(result["tasks"]) == {"sentiment", "ner"}
     for entry in result["tasks"].values():
         assert {"single", "multi", "metric", "higher_is_better"} <= set(entry) and not entry["cached_baseline"]
+        trajectory = entry["single_trajectory"]  # validation by rows seen, for the guard
+        assert trajectory and trajectory[-1][0] >= entry["rows_seen"] and all(len(p) == 2 for p in trajectory)
     assert result["params"]["multi_total"] < result["params"]["single_total"]
     assert set(result["train_seconds"]) == {"single_total", "multi"}
     assert isinstance(result["delta_m_percent"], float)

@@ -51,3 +51,40 @@ def test_with_a_baseline_a_converged_task_at_its_baseline_is_spared():
     (second,) = guard.observe(2, converged, harmful)
     assert first.task == second.task == "noise" and (first.scale, second.scale) == (0.5, 0.25)
     assert "below its single-task baseline 0.8000" in second.why
+
+
+def test_a_baseline_trajectory_is_compared_at_the_same_rows_seen():
+    from multitune.analysis.guard import interpolate
+
+    assert interpolate([(100, 0.2), (300, 0.6)], 200) == pytest.approx(0.4)
+    assert interpolate([(100, 0.2), (300, 0.6)], 50) == 0.2 and interpolate([(100, 0.2), (300, 0.6)], 900) == 0.6
+    # "noise" ends far above where the multi-task run is, but at 200 rows the baseline was only at 0.4:
+    # a task still learning on schedule is not flagged against the baseline's final score
+    trajectories = {"noise": [(100, 0.2), (300, 0.6), (1000, 0.9)]}
+    guard = NegativeTransferGuard(NAMES, patience=1, baselines={"noise": 0.9}, trajectories=trajectories)
+    harmful = -AFFINITY.abs() - 0.01
+    scores = {"good": 0.7, "noise": 0.45, "other": 0.55}
+    rows = {"good": 200, "noise": 200, "other": 200}
+    assert [a.task for a in guard.observe(1, scores, harmful, rows)] != ["noise"]
+    late = guard.observe(2, {**scores, "noise": 0.46}, harmful, {**rows, "noise": 1000})  # now behind schedule
+    assert "noise" in [a.task for a in late]
+    assert "single-task baseline 0.9000 (at 1000 rows seen)" in next(a.why for a in late if a.task == "noise")
+
+
+def test_compare_records_trajectories_the_guard_reads(tmp_path):
+    import json
+
+    from multitune.config import validate_config
+    from multitune.run import guard_baselines
+
+    comparison = tmp_path / "comparison.json"
+    entry = {"single": 0.5, "higher_is_better": False, "single_trajectory": [[32, 0.9], [64, 0.5]]}
+    comparison.write_text(json.dumps({"tasks": {"a": entry}}), encoding="utf-8")
+    config = validate_config(
+        {
+            "guard": {"enabled": True, "baselines_from": str(comparison)},
+            "tasks": {"a": {"type": "regression", "source": {"format": "jsonl", "train": "x"}}},
+        }
+    )
+    baselines, trajectories = guard_baselines(config)
+    assert baselines == {"a": -0.5} and trajectories == {"a": [(32, -0.9), (64, -0.5)]}

@@ -4,13 +4,17 @@ At every validation, with the task relations of analysis/affinity.py measured on
 task i's harm is the mean lookahead affinity Z_ij from i to the other active tasks (negative: a step along
 i's gradient raises their losses). A task lags when its validation main score is below its single-task
 baseline by more than `min_gain` (when a baseline is given, e.g. from `multitune compare`), or else when
-it improved by at most `min_gain` on its best earlier score. A task that harms while lagging for
+it improved by at most `min_gain` on its best earlier score. A baseline trajectory (the single-task run's
+validation scores by rows seen, which `multitune compare` records) is compared at the rows the task has
+seen so far, so a task still learning is measured against the baseline at the same point of learning,
+not against the baseline's final score. A task that harms while lagging for
 `patience` validations in a row is acted on: `downweight` multiplies its loss by `factor` (again at each further
 flag), `drop` stops sampling it. Every action is logged with the numbers behind it.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +41,7 @@ class NegativeTransferGuard:
     min_gain: float = 0.0
     factor: float = 0.5
     baselines: dict[str, float] = field(default_factory=dict)  # single-task main scores, signed like `scores`
+    trajectories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # (rows seen, signed score)
     scale: dict[str, float] = field(default_factory=dict)  # per-task loss multiplier; 0 = dropped
     best: dict[str, float] = field(default_factory=dict)
     strikes: dict[str, int] = field(default_factory=dict)
@@ -50,8 +55,18 @@ class NegativeTransferGuard:
     def active(self, name: str) -> bool:
         return self.scale.get(name, 1.0) > 0
 
-    def observe(self, step: int, scores: dict[str, float], affinity: torch.Tensor) -> list[GuardAction]:
-        """Update with one validation's main scores and lookahead affinity [T, T] (rows: from, in `names` order)."""
+    def baseline_at(self, name: str, rows: int | None) -> tuple[float | None, str]:
+        """The single-task score to compare with (at `rows` rows seen when a trajectory is known)."""
+        trajectory = self.trajectories.get(name)
+        if trajectory and rows is not None:
+            return interpolate(trajectory, rows), f"at {rows} rows seen"
+        return self.baselines.get(name), "final"
+
+    def observe(
+        self, step: int, scores: dict[str, float], affinity: torch.Tensor, rows: dict[str, int] | None = None
+    ) -> list[GuardAction]:
+        """Update with one validation's main scores and lookahead affinity [T, T] (rows: from, in `names`
+        order), and the training rows each task has seen (for baseline trajectories)."""
         actions = []
         active = [i for i, n in enumerate(self.names) if self.active(n)]
         for i in active:
@@ -61,10 +76,12 @@ class NegativeTransferGuard:
             previous = self.best.get(name)
             gain = None if previous is None else scores[name] - previous
             self.best[name] = scores[name] if previous is None else max(previous, scores[name])
-            baseline = self.baselines.get(name)
+            baseline, when = self.baseline_at(name, None if rows is None else rows.get(name, 0))
             if baseline is not None:
                 lagging = scores[name] < baseline - self.min_gain
-                standing = f"its validation score {scores[name]:.4f} is below its single-task baseline {baseline:.4f}"
+                standing = (
+                    f"its validation score {scores[name]:.4f} is below its single-task baseline {baseline:.4f} ({when})"
+                )
             else:
                 lagging = gain is not None and gain <= self.min_gain
                 standing = f"its own validation score gained {gain or 0.0:+.4f} (best {previous or 0.0:.4f})"
@@ -87,3 +104,14 @@ class NegativeTransferGuard:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale, self.best, self.strikes = dict(state["scale"]), dict(state["best"]), dict(state["strikes"])
+
+
+def interpolate(points: list[tuple[int, float]], x: int) -> float:
+    """Piecewise-linear value at x of (x, y) points sorted by x; the end values outside their range."""
+    ordered = sorted(points)
+    if x <= ordered[0][0]:
+        return float(ordered[0][1])
+    for (x0, y0), (x1, y1) in itertools.pairwise(ordered):
+        if x <= x1:
+            return float(y0 + (y1 - y0) * (x - x0) / (x1 - x0)) if x1 > x0 else float(y1)
+    return float(ordered[-1][1])
