@@ -39,7 +39,6 @@ def source_run(config: Path, schedule: dict[str, Any], steps: int, out: Path) ->
         f"run.name={name}",
         f"run.output_dir={out}",
         f"training.steps={steps}",
-        f"training.eval_every={steps}",
         f"training.schedule={json.dumps(schedule)}",
     ]
     run = out / name
@@ -84,10 +83,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[13, 14, 15])
     parser.add_argument("--out", type=Path, default=Path("runs/meta_adaptation"))
+    parser.add_argument("--joint-run", type=Path, help="reuse a finished joint run of the same config and steps")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "meta_adaptation.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    joint = source_run(args.config, {"name": "joint"}, args.source_steps, args.out)
+    joint = args.joint_run or source_run(args.config, {"name": "joint"}, args.source_steps, args.out)
     reptile = source_run(
         args.config,
         {"name": "reptile", "inner_steps": args.inner_steps, "meta_lr": args.meta_lr},

@@ -20,7 +20,7 @@ import torch
 from multitune.analysis.affinity import AffinityTracker, cosine_matrix, lookahead_affinity
 from multitune.analysis.guard import NegativeTransferGuard
 from multitune.balancing.backward import Balancer
-from multitune.balancing.gradients import GRADIENT_AGGREGATORS, gramian
+from multitune.balancing.gradients import GRADIENT_AGGREGATORS, GramianAggregator, gramian
 from multitune.balancing.losses import LOSS_WEIGHTINGS, LossWeighting
 from multitune.config import Config, GradientConfig, MethodConfig, TaskConfig, dump_config, validate_config
 from multitune.data.collate import Batch, collate
@@ -57,6 +57,7 @@ from multitune.training.checkpoint import (
     write_json,
     write_text,
 )
+from multitune.training.distributed import Processes, from_accelerator
 from multitune.training.loop import EarlyStopping, LoopSettings, StopSignal, TrainState, Validation, train
 from multitune.training.schedules import Reptile
 
@@ -173,6 +174,33 @@ def load_backbone_weights(model: MultiTaskModel, run_dir: Path) -> None:
         raise ConfigError(
             f"the backbone of {run_dir} does not fit this model: {first}", field="model.init_from"
         ) from None
+
+
+def make_accelerator(mixed_precision: str) -> Any:
+    """accelerate's Accelerator; launched as several processes without a GPU, they train on CPUs (gloo)."""
+    import os
+
+    from accelerate import Accelerator
+
+    several_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, cpu=several_cpus)
+
+
+def check_distributed(config: Config, balancer: Balancer, batch_size: int, group: Processes) -> None:
+    """What training on several processes needs (training/distributed.py)."""
+    if batch_size < group.world:
+        raise ConfigError(
+            f"batch_size {batch_size} is the global batch: it needs at least one row per process ({group.world})",
+            field="training.batch_size",
+        )
+    aggregator = balancer.aggregator
+    if balancer.source == "representation" and aggregator is not None and not isinstance(aggregator, GramianAggregator):
+        name = config.gradient_aggregation.name if config.gradient_aggregation else ""
+        raise ConfigError(
+            f"with several processes, '{name}' needs the parameters source (on the representation source only"
+            " the Gramian-based methods are exact)",
+            field="gradient_aggregation.source",
+        )
 
 
 def build_sampler(config: Config, tasks: dict[str, TaskData]) -> TaskSampler:
@@ -299,7 +327,6 @@ def train_run(config: Config) -> Path:
 
 
 def _train_run(config: Config, stop: StopSignal) -> Path:
-    from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
 
     resume_dir, checkpoint = find_resume(config)  # before any work: a config mismatch fails fast
@@ -310,10 +337,15 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     require_shared_parameters(model, balancer)
     streams = {name: TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:stream") for name in tasks}
 
+    accelerator = make_accelerator(training.mixed_precision)
+    group = from_accelerator(accelerator)
+    if group.several:
+        check_distributed(config, balancer, training.batch_size, group)
     if resume_dir is not None:
         run_dir = resume_dir
-        print(f"resuming {run_dir} from {checkpoint}", file=sys.stderr)
-    else:
+        if group.main:
+            print(f"resuming {run_dir} from {checkpoint}", file=sys.stderr)
+    elif group.main:
         run_dir = create_run_dir(config.run.output_dir, config.run.name)
         print(f"run directory: {run_dir}", file=sys.stderr)
         write_text(run_dir / "config.yaml", dump_config(config))
@@ -321,12 +353,15 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         backbone_config: Any = prepared.backbone.model.config
         backbone_config.save_pretrained(run_dir / "backbone")
         prepared.backbone.tokenizer.save_pretrained(run_dir / "backbone")
+    run_dir = Path(group.broadcast(str(run_dir) if group.main or resume_dir is not None else None))
 
-    accelerator = Accelerator(mixed_precision=training.mixed_precision)
     optimizer = optimizer_for(model, balancer.weighting, config)
     warmup = int(training.warmup_ratio * training.steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, training.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if group.several:  # gradients are summed by balanced_backward (training/distributed.py), not by DDP;
+        model = model.to(accelerator.device)  # and the scheduler steps once per global step (not once per process)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if isinstance(balancer.weighting, torch.nn.Module):
         balancer.weighting.to(accelerator.device)
     guard = build_guard(config, list(tasks), balancer)
@@ -342,13 +377,17 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     )
     state = TrainState()
     if checkpoint is not None:
-        remove_leftovers(run_dir)
+        if group.main:
+            remove_leftovers(run_dir)
         state = parts.restore(checkpoint)
-        keep_history_until(run_dir / "history.jsonl", state.step)
-    history = (run_dir / "history.jsonl").open("a", encoding="utf-8")
-    scalars = tensorboard_writer(run_dir) if training.tensorboard else None
+        if group.main:
+            keep_history_until(run_dir / "history.jsonl", state.step)
+    history = (run_dir / "history.jsonl").open("a", encoding="utf-8") if group.main else None
+    scalars = tensorboard_writer(run_dir) if training.tensorboard and group.main else None
 
     def record(entry: dict[str, Any]) -> None:
+        if history is None:  # only the main process writes
+            return
         history.write(json.dumps(entry) + "\n")
         history.flush()
         if scalars is not None:
@@ -395,6 +434,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         progress=training.progress,
         early_stopping=EarlyStopping(**training.early_stopping.model_dump()) if training.early_stopping else None,
         reptile=reptile,
+        processes=group,
     )
     try:
         state = train(
@@ -408,17 +448,25 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
             settings,
             state,
             validate,
-            lambda step: save_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE),
-            lambda s: save_checkpoint(run_dir, s.step, parts.model, parts.snapshot(s), training.keep_checkpoints),
+            lambda step: save_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE) if group.main else None,
+            lambda s: (
+                save_checkpoint(run_dir, s.step, parts.model, parts.snapshot(s), training.keep_checkpoints)
+                if group.main
+                else None
+            ),
             record,
             stop,
             regularizers,
         )
     finally:
-        history.close()
+        if history is not None:
+            history.close()
         if scalars is not None:
             scalars.close()
 
+    group.barrier()
+    if not group.main:  # the main process evaluates and writes the results
+        return run_dir
     load_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE)
     if prepared.model.task_adapters is not None:
         prepared.model.task_adapters.save(prepared.model.backbone, run_dir / "adapters")

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from multitune.balancing.gradients import GradientAggregator, GramianAggregator, gramian
 from multitune.balancing.gradients.base import combine_rows
 from multitune.balancing.losses import LossWeighting, ObservesTaskGradients
+from multitune.training.distributed import ALONE, Processes
 
 
 class BalancedModel(Protocol):
@@ -76,7 +77,12 @@ def balanced_backward(
     balancer: Balancer,
     step: int,
     backward: Callable[[Tensor], None] = Tensor.backward,
+    group: Processes = ALONE,
+    shares: dict[str, float] | None = None,
 ) -> StepLosses:
+    """With several processes (training/distributed.py), `shares` gives each task of the global step its
+    local share of rows (n_local / n_global, 0 for a task without rows here); every process then balances
+    the same tasks with the global loss values and global task gradients, and sums its gradients."""
     weighting = balancer.weighting
     per_task_forward = balancer.aggregator is not None and balancer.source == "parameters" and len(batch.tasks) > 1
     if per_task_forward:  # separate graphs: task i's backward then touches only task i's rows
@@ -88,8 +94,18 @@ def balanced_backward(
     else:
         hidden = model.encode(batch)  # [B, L, H]: the shared representation
         losses = model.head_losses(hidden, batch)
-    names = list(losses)
-    stacked = torch.stack([losses[n] for n in names])  # [T]
+    if group.several:
+        assert shares is not None, "several processes need each task's share of the rows"
+        names = list(shares)  # the global step's tasks, in the same order on every process
+        device = next(iter(losses.values())).device if losses else batch.inputs["input_ids"].device
+        local = torch.stack([losses[n] if n in losses else torch.zeros((), device=device) for n in names])
+        scaled = local * torch.tensor([shares[n] for n in names], device=device, dtype=local.dtype)
+        global_values = group.sum_(scaled.detach().clone())
+        stacked = scaled + (global_values - scaled.detach())  # the global values; gradients of this share
+    else:
+        names = list(losses)
+        stacked = torch.stack([losses[n] for n in names])  # [T]
+    parts = {n: stacked[i] for i, n in enumerate(names)}  # what each task's gradient is taken of
     terms = weighting.combine(stacked, names, step)  # [T], objective = terms.sum()
     if any(balancer.task_scale.get(n, 1.0) != 1.0 for n in names):
         terms = terms * torch.tensor([balancer.task_scale.get(n, 1.0) for n in names], device=terms.device)
@@ -106,25 +122,39 @@ def balanced_backward(
     task_grads = torch.empty(0)
     if needs_representation and hidden is not None:
         task_grads = torch.stack(
-            [
-                torch.autograd.grad(losses[n], hidden, grad_outputs=coefficients[i], retain_graph=True)[0].flatten()
-                for i, n in enumerate(names)
-            ]
+            [_grad_or_zeros(parts[n], hidden, coefficients[i]).flatten() for i, n in enumerate(names)]
         )  # [T, B*L*H]
         if isinstance(weighting, ObservesTaskGradients):
-            norms = task_grads.norm(dim=1) / coefficients.abs().clamp_min(1e-12)  # ‖∇_Z L_i‖ of the raw loss
+            squares = group.sum_(task_grads.float().pow(2).sum(1))  # rows are disjoint across processes
+            norms = squares.sqrt() / coefficients.abs().clamp_min(1e-12)  # ‖∇_Z L_i‖ of the raw loss
             weighting.observe_gradient_norms(norms, stacked.detach(), names, step)
+    model_parameters = [p for p in model.parameters() if p.requires_grad]
     if aggregator is None:
         backward(total)
+        group.sum_grads_(model_parameters)
     elif balancer.source == "representation" and hidden is not None:
-        update = aggregate(aggregator, task_grads, names).view_as(hidden)
+        if group.several:
+            assert isinstance(aggregator, GramianAggregator), "checked when the run is built"
+            weights = aggregator.weights(group.sum_(gramian(task_grads)), names)  # the global Gramian
+            update = combine_rows(weights, task_grads).view_as(hidden)
+        else:
+            update = aggregate(aggregator, task_grads, names).view_as(hidden)
         head_side = _unshared_parameters(model, weighting)
         if head_side:
             torch.autograd.backward(total, inputs=head_side, retain_graph=True)
         torch.autograd.backward(hidden, grad_tensors=update.to(hidden.dtype))
+        group.sum_grads_(model_parameters)
     else:
-        _parameter_source_backward(model, balancer, aggregator, losses, coefficients, total, step)
-    return StepLosses({n: losses[n].detach() for n in names}, total.detach())
+        _parameter_source_backward(model, balancer, aggregator, parts, stacked, coefficients, total, step, group)
+    return StepLosses({n: stacked[i].detach() for i, n in enumerate(names)}, total.detach())
+
+
+def _grad_or_zeros(loss: Tensor, wrt: Tensor, scale: Tensor) -> Tensor:
+    """d(scale·loss)/d(wrt), zeros where the loss does not depend on it (a task without rows here)."""
+    if not loss.requires_grad:
+        return torch.zeros_like(wrt)
+    (grad,) = torch.autograd.grad(loss, wrt, grad_outputs=scale, retain_graph=True, allow_unused=True)
+    return grad if grad is not None else torch.zeros_like(wrt)
 
 
 def _parameter_source_backward(
@@ -132,15 +162,20 @@ def _parameter_source_backward(
     balancer: Balancer,
     aggregator: GradientAggregator,
     losses: dict[str, Tensor],
+    stacked: Tensor,
     coefficients: Tensor,
     total: Tensor,
     step: int,
+    group: Processes = ALONE,
 ) -> None:
     names = list(losses)
     shared = [p for p in model.shared_parameters() if p.requires_grad]
     sizes = [p.numel() for p in shared]
     buffer = balancer.gradient_buffer(len(names), sum(sizes), coefficients.device)
     for i, name in enumerate(names):
+        if not losses[name].requires_grad:  # a task without rows on this process
+            buffer[i].zero_()
+            continue
         grads = torch.autograd.grad(
             losses[name], shared, grad_outputs=coefficients[i], retain_graph=True, allow_unused=True
         )
@@ -152,15 +187,19 @@ def _parameter_source_backward(
             else:
                 target.copy_(g.flatten())
             offset += n
+    if group.several:  # the global per-task gradients (summed in float32: not every backend sums bf16)
+        buffer.copy_(group.sum_(buffer.float()))
     weighting = balancer.weighting
     if isinstance(weighting, ObservesTaskGradients):
-        raw = torch.stack([losses[n].detach() for n in names])
         norms = buffer.float().norm(dim=1) / coefficients.abs().clamp_min(1e-12)
-        weighting.observe_gradient_norms(norms, raw, names, step)
+        weighting.observe_gradient_norms(norms, stacked.detach(), names, step)
     update = aggregate(aggregator, buffer, names)  # [P]
     others = _unshared_parameters(model, weighting)
     if others:
         torch.autograd.backward(total, inputs=others)
+        shared_ids = {id(p) for p in shared}
+        own = {id(p) for p in others}
+        group.sum_grads_(p for p in model.parameters() if p.requires_grad and id(p) in own and id(p) not in shared_ids)
     offset = 0
     for p, n in zip(shared, sizes, strict=True):
         piece = update[offset : offset + n].view_as(p).to(p.dtype)

@@ -21,6 +21,7 @@ from multitune.data.streams import TaskStream
 from multitune.errors import MultitunError
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.regularization import Regularizer
+from multitune.training.distributed import ALONE, Processes
 from multitune.training.schedules import Reptile
 
 
@@ -45,6 +46,7 @@ class LoopSettings:
     progress: bool = True
     early_stopping: EarlyStopping | None = None
     reptile: Reptile | None = None  # the Reptile schedule: blocks of steps on one task, then a meta-update
+    processes: Processes = ALONE  # data parallelism: this process trains its share of each global batch
 
 
 @dataclass
@@ -125,18 +127,24 @@ def train(
     adaptive = sampler if isinstance(sampler, ObservesTraining) else None
     running: dict[str, float] = {}  # exponential moving average of each task's loss, for the progress bar
     model.train()
-    bar = tqdm(range(state.step, settings.steps), disable=not settings.progress, desc="train", dynamic_ncols=True)
+    quiet = not settings.progress or not settings.processes.main
+    bar = tqdm(range(state.step, settings.steps), disable=quiet, desc="train", dynamic_ncols=True)
     started = time.perf_counter()
     for step in bar:
         draw = settings.reptile.block_start(step) if settings.reptile is not None else step
         counts = active_counts(sampler, balancer, draw, random.Random(f"{settings.seed}:{draw}"), settings)
         if settings.reptile is not None:
             settings.reptile.before_step(step)
-        batch = collate_rows({name: streams[name].take(n) for name, n in counts.items()}, settings.pad_id)
-        batch = batch.to(accelerator.device)
+        drawn = {name: streams[name].take(n) for name, n in counts.items()}  # the global batch
+        group, shares = settings.processes, None
+        if group.several:  # this process's rows of every task, and its share of each task's loss
+            mine = {name: group.shard(task_rows) for name, task_rows in drawn.items()}
+            shares = {name: len(mine[name]) / len(drawn[name]) for name in drawn}
+            drawn = {name: task_rows for name, task_rows in mine.items() if task_rows}
+        batch = collate_rows(drawn, settings.pad_id).to(accelerator.device)
         optimizer.zero_grad(set_to_none=True)
         with accelerator.autocast():
-            result = balanced_backward(model, batch, balancer, step, accelerator.backward)
+            result = balanced_backward(model, batch, balancer, step, accelerator.backward, group, shares)
         penalty = sum(r.apply_() for r in regularizers)
         norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm or math.inf)
         step_losses = {name: float(loss) for name, loss in result.losses.items()}

@@ -1,0 +1,88 @@
+"""Data parallelism: two CPU processes (gloo) reach the weights one process reaches with the same global
+batch, for plain equal weighting and for a gradient method on the parameters source."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from multitune.training.checkpoint import checkpoint_dirs
+from tests.conftest import classification_rows, tiny_config
+
+
+@pytest.fixture(scope="module")
+def still_backbone(tiny_backbone, tmp_path_factory):
+    """The tiny BERT without dropout: one process and two must draw no different random masks."""
+    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    for file in tiny_backbone.iterdir():
+        shutil.copy(file, folder / file.name)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(config_path, processes: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if processes == 1:
+        command = [sys.executable, "-m", "multitune", "train", str(config_path)]
+    else:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+            f"--master_port={free_port()}", "-m", "multitune", "train", str(config_path),
+        ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+SETTINGS = {
+    "equal": {},
+    "pcgrad-parameters": {
+        "sampling": {"name": "all_tasks"},
+        "loss_weighting": {"name": "dwa"},
+        "gradient_aggregation": {"name": "pcgrad", "source": "parameters"},
+    },
+    "mgda-representation": {
+        "sampling": {"name": "all_tasks"},
+        "gradient_aggregation": {"name": "mgda", "source": "representation"},
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_two_processes_reach_the_weights_of_one(tmp_path, still_backbone, write_jsonl, name):
+    a = write_jsonl("a.jsonl", classification_rows(40))
+    b = write_jsonl("b.jsonl", classification_rows(40, seed=7))
+    weights = {}
+    for processes in (1, 2):
+        data = tiny_config(still_backbone, a, b, tmp_path / f"runs{processes}", steps=6, eval_every=3)
+        data["tasks"]["ner"] = {"type": "classification", "source": {"format": "jsonl", "train": str(b)}}
+        data["model"]["dropout"] = 0.0
+        data["training"].update(batch_size=4, checkpoint_every=6)
+        data.update(SETTINGS[name])
+        path = tmp_path / f"{processes}.yaml"
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        run(path, processes)
+        [run_dir] = (tmp_path / f"runs{processes}").iterdir()
+        weights[processes] = load_file(str(checkpoint_dirs(run_dir)[-1] / "model.safetensors"))
+        assert (run_dir / "metrics.json").exists()
+    assert weights[1].keys() == weights[2].keys()
+    start = load_file(str(still_backbone / "model.safetensors"))
+    moved = [k for k in weights[1] if k.startswith("backbone.") and not torch.equal(weights[1][k], start[k[9:]])]
+    assert moved, "training changed the backbone"
+    for key, one in weights[1].items():
+        assert torch.allclose(one, weights[2][key], atol=2e-5, rtol=1e-4), key
