@@ -131,6 +131,7 @@ class TrainingConfig(Group):
     eval_batch_size: int = Field(64, ge=1)
     mixed_batches: bool = False  # one batch mixes examples of several tasks, drawn by the sampler
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward: less memory
     log_every: int = Field(10, ge=1)
     checkpoint_every: int | None = Field(500, ge=1)  # also at the end and on SIGTERM / SIGINT
     keep_checkpoints: int = Field(2, ge=1)

@@ -153,8 +153,28 @@ def prepare(config: Config) -> Prepared:
     model = build_model(config, tasks, backbone)
     if model_config.init_from:
         load_backbone_weights(model, Path(model_config.init_from))
+    if config.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     encoded = encode_splits(tasks, backbone.tokenizer, model_config.max_length, model_config.kind == "seq2seq")
     return Prepared(config, tasks, backbone, model, encoded)
+
+
+def enable_gradient_checkpointing(model: MultiTaskModel) -> None:
+    """Activation checkpointing in every Hugging Face backbone of the model (non-reentrant, so the
+    per-task backward passes of gradient aggregation can reuse the graph)."""
+    backbones = list(model.backbone.values()) if isinstance(model.backbone, torch.nn.ModuleDict) else [model.backbone]
+    for module in backbones:
+        backbone: Any = module
+        if not getattr(backbone, "supports_gradient_checkpointing", False):
+            raise ConfigError(
+                f"{type(backbone).__name__} does not support gradient checkpointing",
+                field="training.gradient_checkpointing",
+            )
+        options = {"use_reentrant": False}
+        if hasattr(backbone, "activation_checkpointing_enable"):  # the name from transformers 5 on
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def load_backbone_weights(model: MultiTaskModel, run_dir: Path) -> None:

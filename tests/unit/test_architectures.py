@@ -171,3 +171,29 @@ def test_a_run_trains_saves_and_evaluates_identically(make_config, tmp_path, nam
     again = json.loads((run / "evaluation_test.json").read_text())
     for task in ("sentiment", "ner"):
         assert again["tasks"][task]["metrics"] == metrics["tasks"][task]["metrics"]
+
+
+@pytest.mark.parametrize("source", ["representation", "parameters"])
+def test_gradient_checkpointing_gives_the_same_gradients(make_config, source):
+    from multitune.balancing.backward import balanced_backward
+    from multitune.run import build_balancer
+
+    grads = []
+    for checkpointing in (False, True):
+        data = make_config("hard")
+        data["training"].update(gradient_checkpointing=checkpointing, mixed_batches=True)
+        data["gradient_aggregation"] = {"name": "pcgrad", "source": source}
+        config = validate_config(data)
+        prepared = prepare(config)
+        model = prepared.model.train()
+        for module in model.modules():  # the tiny backbone's own dropout: off, so both passes see one function
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.backbone.modules()) == checkpointing
+        balanced_backward(
+            model, batch_of(prepared, "sentiment", "ner"), build_balancer(config, ["sentiment", "ner"]), 0
+        )
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    for plain, recomputed in zip(*grads, strict=True):
+        assert torch.allclose(plain, recomputed, atol=1e-6)
