@@ -1,4 +1,4 @@
-"""`multitune train|evaluate|predict|list`: parse arguments, then call run.py. User errors exit 2 in one line."""
+"""`multitune train|evaluate|predict|serve|export|...`: parse arguments, then call run.py. User errors exit 2."""
 
 from __future__ import annotations
 
@@ -45,6 +45,24 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--task", required=True)
     predict.add_argument("--input", default="-", help="JSONL file, or - for stdin")
     predict.add_argument("--output", default="-", help="JSONL file, or - for stdout")
+
+    serve = commands.add_parser("serve", help="serve every task of a run over HTTP (JSON API, micro-batched)")
+    serve.add_argument("run_dir")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1 (default: $MULTITUNE_SERVE_TOKEN)")
+    serve.add_argument("--max-inputs", type=int, default=64, help="records per request")
+    serve.add_argument("--max-chars", type=int, default=10_000, help="characters of text per record")
+    serve.add_argument("--max-batch-rows", type=int, default=64, help="rows gathered into one model call")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a lone request waits for company")
+    serve.add_argument("--max-queue", type=int, default=512, help="queued requests before 503")
+    serve.add_argument("--threads", type=int, help="torch CPU threads for inference (default: torch's choice)")
+
+    export = commands.add_parser("export", help="write one task as a standalone Hugging Face model folder")
+    export.add_argument("run_dir")
+    export.add_argument("--task", required=True)
+    export.add_argument("out", help="new folder to write")
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx (encoder tasks; needs onnx)")
 
     sweep = commands.add_parser("sweep", help="train one config under several settings and compare them")
     sweep.add_argument("config", help="YAML config file")
@@ -121,6 +139,23 @@ def _dispatch(args: argparse.Namespace) -> int:
             from multitune.training.checkpoint import write_text
 
             write_text(Path(args.output), lines)
+    elif args.command == "serve":
+        from multitune.serving.app import TOKEN_VARIABLE, ServeSettings, serve
+
+        settings = ServeSettings(
+            token=args.token or os.environ.get(TOKEN_VARIABLE) or None,
+            max_inputs=args.max_inputs,
+            max_chars=args.max_chars,
+            max_batch_rows=args.max_batch_rows,
+            max_wait_ms=args.max_wait_ms,
+            max_queue=args.max_queue,
+            threads=args.threads,
+        )
+        serve(args.run_dir, args.host, args.port, settings)
+    elif args.command == "export":
+        from multitune.export import export_task
+
+        print(export_task(args.run_dir, args.task, args.out, onnx=args.onnx))
     elif args.command == "list":
         if args.markdown:
             print(run.methods_markdown())

@@ -1,0 +1,472 @@
+"""`multitune export RUN_DIR --task NAME OUT`: one task of a run as a standalone Hugging Face model folder.
+
+What plain transformers (and torch, safetensors) load from OUT, without multitune:
+- every task: the fine-tuned backbone (`AutoModel.from_pretrained(OUT)`), per-task LoRA merged into its
+  weights with peft's `merge_and_unload` (the task's adapter plus the shared one, when there is one), and
+  the tokenizer;
+- classification, pair classification, regression: `multitune_head.safetensors` and `multitune_head.json`
+  (pooling, labels, target scaling). No transformers class pools the way multitune does (mean or first
+  token, then one linear layer; BERT's sequence classifier adds a tanh pooler), so the model card gives
+  the ten lines that apply the head;
+- token classification: a genuine `AutoModelForTokenClassification` (backbone, dropout, linear: exactly
+  multitune's head), with its labels;
+- generation: the causal or seq2seq LM itself (`AutoModelForCausalLM`/`AutoModelForSeq2SeqLM`), greedy
+  decoding and the task's `max_new_tokens` in its generation config.
+Before writing the card, the export loads OUT back with plain transformers and checks it reproduces
+multitune's outputs on probe inputs. `README.md` is the model card: task, data sources, metrics, licenses.
+With `--onnx`, the encoder and head are also exported to `model.onnx` (needs the `onnx` package).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from multitune.config import Config
+from multitune.data.tasks import TaskData
+from multitune.errors import ConfigError, MultitunError
+from multitune.models.backbone import PACKAGED_MODELS, packaged_copy
+from multitune.models.multitask import MultiTaskModel, pool
+from multitune.models.peft_tasks import SHARED
+from multitune.run import FINETUNED, FROM_RUN, encode_for_prediction, load_run, task_from_manifest
+from multitune.training.checkpoint import WEIGHTS_FILE, load_weights
+
+HEAD_WEIGHTS = "multitune_head.safetensors"
+HEAD_CONFIG = "multitune_head.json"
+EXPORTABLE_ARCHITECTURES = ("hard", "causal_lm", "seq2seq")  # the task's features are the backbone's own
+KNOWN_LICENSES = {
+    "sentence-transformers/all-MiniLM-L6-v2": "apache-2.0",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0",
+}
+PROBE_TEXTS = ["Who wrote Hamlet?", "free prize call now", "a good movie about a dog in Paris"]
+PROBE_TOKENS = [["John", "lives", "in", "Paris"], ["I", "love", "London"]]
+
+HEAD_LOADER = """import json, torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+folder = "{folder}"
+tokenizer = AutoTokenizer.from_pretrained(folder)
+encoder = AutoModel.from_pretrained(folder).eval()
+head = json.load(open(f"{{folder}}/multitune_head.json"))
+weights = load_file(f"{{folder}}/multitune_head.safetensors")
+
+
+def predict(texts, pairs=None):
+    batch = tokenizer(texts, pairs, truncation=True, max_length=head["max_length"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = hidden[:, 0] if head["pooling"] == "cls" else (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+    outputs = pooled @ weights["weight"].T + weights["bias"]
+    if head["type"] == "regression":
+        return (outputs[:, 0] * head["target_std"] + head["target_mean"]).tolist()
+    return [head["labels"][i] for i in outputs.argmax(-1).tolist()]
+
+
+print(predict(["{example}"]))
+"""
+
+TOKEN_LOADER = """import torch
+from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+folder = "{folder}"
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForTokenClassification.from_pretrained(folder).eval()
+
+
+def predict(words):  # one tag per word, read at its first sub-token
+    batch = tokenizer(words, is_split_into_words=True, truncation=True, max_length={max_length}, return_tensors="pt")
+    with torch.no_grad():
+        ids = model(**batch).logits[0].argmax(-1).tolist()
+    firsts = {{}}
+    for position, word in enumerate(batch.word_ids(0)):
+        if word is not None and word not in firsts:
+            firsts[word] = position
+    return [model.config.id2label[ids[firsts[w]]] if w in firsts else "O" for w in range(len(words))]
+
+
+print(predict({example}))
+"""
+
+GENERATION_LOADER = """from transformers import {auto_class}, AutoTokenizer
+
+folder = "{folder}"
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = {auto_class}.from_pretrained(folder).eval()
+# build the prompt as multitune does (the task's instruction, through the chat template when there is one)
+inputs = tokenizer("...", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs)[0], skip_special_tokens=True))
+"""
+
+
+def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool = False) -> Path:
+    """Write task `task_name` of a finished run into the new folder `out`; returns it."""
+    run, target = Path(run_dir), Path(out).resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError("the output folder exists and is not empty: choose a new one", file=str(target))
+    config, manifest, model, backbone = load_run(run)
+    if task_name not in config.tasks:
+        raise ConfigError(f"no task '{task_name}' in this run (tasks: {', '.join(config.tasks)})", field="--task")
+    task = task_from_manifest(task_name, config.tasks[task_name], manifest[task_name])
+    if model.architecture not in EXPORTABLE_ARCHITECTURES:
+        raise ConfigError(
+            f"a '{model.architecture}' model gives each task features of its own, which no plain transformers "
+            "model reproduces: only hard parameter sharing (and LMs) can be exported",
+            field="model.architecture",
+        )
+    own = run / FINETUNED / task_name / WEIGHTS_FILE
+    if own.exists():  # a two-stage run: this task's fine-tuned copy
+        load_weights(model, own)
+        model.eval()
+    plain = merged_backbone(model, run, config, task_name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        loader, checked = _write_model(model, plain, backbone.tokenizer, config, task, staging)
+        loader = loader.replace(staging.name, target.name)  # the card names the final folder
+        if onnx:
+            export_onnx(model, backbone.tokenizer, config, task, staging / "model.onnx")
+        (staging / "README.md").write_text(model_card(run, config, task, loader, checked, onnx), encoding="utf-8")
+        if target.exists():
+            target.rmdir()
+        shutil.move(str(staging), str(target))
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    target.chmod(0o755)
+    return target
+
+
+def merged_backbone(model: MultiTaskModel, run: Path, config: Config, task: str) -> nn.Module:
+    """A fresh transformers backbone with the run's weights; per-task LoRA merged in with peft."""
+    adapters = model.task_adapters
+    if adapters is not None and adapters.method != "lora":
+        raise ConfigError(
+            f"'{adapters.method}' adapters cannot be merged into the backbone's weights: only LoRA exports",
+            field="model.peft.method",
+        )
+    plain: nn.Module = FROM_RUN.get(config.model.kind, _encoder_from_run)(run / "backbone").model
+    state = {
+        key.replace(".base_layer.", "."): value
+        for key, value in model.backbone.state_dict().items()
+        if "lora_" not in key
+    }
+    plain.load_state_dict(state, strict=True)
+    if adapters is None:
+        return plain.eval()
+    from peft import PeftModel
+
+    folder = run / "adapters"
+    if not (folder / task / "adapter_config.json").is_file():
+        raise MultitunError(f"this run has no saved LoRA adapter for task '{task}'", file=str(folder / task))
+    peft_model = PeftModel.from_pretrained(plain, str(folder / task), adapter_name=task)
+    names = [task]
+    if adapters.shared:
+        peft_model.load_adapter(str(folder / SHARED), adapter_name=SHARED)
+        names.append(SHARED)
+    return peft_model.merge_and_unload(adapter_names=names).eval()  # type: ignore[no-any-return,operator]
+
+
+def _encoder_from_run(folder: Path) -> Any:
+    from multitune.models.backbone import backbone_from_run
+
+    return backbone_from_run(folder)
+
+
+def _write_model(
+    model: MultiTaskModel, plain: nn.Module, tokenizer: Any, config: Config, task: TaskData, folder: Path
+) -> tuple[str, float]:
+    """Save the task's model into `folder`; returns the model card's loading code and the largest difference
+    between the reloaded folder's outputs and multitune's on probe inputs."""
+    from safetensors.torch import save_file
+
+    kind = task.config.type
+    tokenizer.save_pretrained(folder)
+    if kind == "generation":
+        generation: Any = plain.generation_config  # type: ignore[union-attr]
+        generation.max_new_tokens = task.config.max_new_tokens
+        generation.do_sample = False
+        plain.save_pretrained(folder)  # type: ignore[operator]
+        auto = "AutoModelForSeq2SeqLM" if config.model.kind == "seq2seq" else "AutoModelForCausalLM"
+        return GENERATION_LOADER.format(auto_class=auto, folder=folder.name), 0.0
+    head: Any = model.heads[task.name]
+    linear = head.out
+    if kind == "token_classification":
+        difference = _write_token_model(model, plain, linear, tokenizer, config, task, folder)
+        example = json.dumps(PROBE_TOKENS[0])
+        return TOKEN_LOADER.format(folder=folder.name, max_length=config.model.max_length, example=example), difference
+    plain.save_pretrained(folder)  # type: ignore[operator]
+    save_file(
+        {"weight": linear.weight.detach().contiguous(), "bias": linear.bias.detach().contiguous()},
+        str(folder / HEAD_WEIGHTS),
+    )
+    settings = {
+        "task": task.name,
+        "type": kind,
+        "pooling": model.pooling,
+        "labels": task.labels if kind != "regression" else None,
+        "target_mean": task.target_mean,
+        "target_std": task.target_std,
+        "max_length": config.model.max_length,
+    }
+    (folder / HEAD_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    return HEAD_LOADER.format(folder=folder.name, example=PROBE_TEXTS[0]), _check_sequence(
+        model, tokenizer, config, task, folder, settings
+    )
+
+
+def _write_token_model(
+    model: MultiTaskModel,
+    plain: nn.Module,
+    linear: nn.Linear,
+    tokenizer: Any,
+    config: Config,
+    task: TaskData,
+    folder: Path,
+) -> float:
+    from transformers import AutoModelForTokenClassification
+
+    labels = task.labels or []
+    base_config: Any = plain.config  # type: ignore[union-attr]
+    base_config.num_labels = len(labels)
+    base_config.id2label = dict(enumerate(labels))
+    base_config.label2id = {label: i for i, label in enumerate(labels)}
+    tagger: Any = AutoModelForTokenClassification.from_config(base_config)
+    body = getattr(tagger, tagger.base_model_prefix)
+    missing, _ = body.load_state_dict(plain.state_dict(), strict=False)  # the tagger's body has no pooler
+    classifier = getattr(tagger, "classifier", None)
+    if missing or not isinstance(classifier, nn.Linear):
+        raise ConfigError(f"cannot map this backbone onto {type(tagger).__name__}", field="model.backbone")
+    classifier.load_state_dict(linear.state_dict())
+    tagger.save_pretrained(folder)
+    reloaded = AutoModelForTokenClassification.from_pretrained(folder).eval()
+    rows = _probe_rows(config, task, tokenizer, [{"tokens": t} for t in PROBE_TOKENS])
+    difference = 0.0
+    with torch.no_grad():
+        for row in rows:
+            ours = _our_outputs(model, task, row)
+            ids = torch.tensor([row.input_ids])
+            theirs = reloaded(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+            difference = max(difference, float((ours - theirs).abs().max()))
+    return difference
+
+
+def _check_sequence(
+    model: MultiTaskModel, tokenizer: Any, config: Config, task: TaskData, folder: Path, settings: dict[str, Any]
+) -> float:
+    """Largest difference of the head's outputs: the folder reloaded with plain transformers against ours."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(folder).eval()
+    weights = load_file(str(folder / HEAD_WEIGHTS))
+    pair = task.config.type == "pair_classification"
+    records = [{"text": t, **({"text_pair": t} if pair else {})} for t in PROBE_TEXTS]
+    difference = 0.0
+    with torch.no_grad():
+        for row in _probe_rows(config, task, tokenizer, records):
+            inputs = {"input_ids": torch.tensor([row.input_ids])}
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+            if row.token_type_ids is not None:
+                inputs["token_type_ids"] = torch.tensor([row.token_type_ids])
+            hidden = encoder(**inputs).last_hidden_state
+            pooled = pool(hidden, inputs["attention_mask"], settings["pooling"])
+            theirs = (pooled @ weights["weight"].T + weights["bias"])[0]
+            ours = _our_outputs(model, task, row).reshape(theirs.shape)
+            difference = max(difference, float((ours - theirs).abs().max()))
+    return difference
+
+
+def _probe_rows(config: Config, task: TaskData, tokenizer: Any, records: list[dict[str, Any]]) -> Any:
+    from multitune.data.readers import Row
+
+    return encode_for_prediction(config, task, tokenizer, [Row(r, "probe", i) for i, r in enumerate(records)])
+
+
+def _our_outputs(model: MultiTaskModel, task: TaskData, row: Any) -> torch.Tensor:
+    from multitune.data.collate import collate
+
+    with torch.no_grad():
+        return model(collate({task.name: [row]}, 0))[task.name][0].float()
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+
+
+class _EncoderWithHead(nn.Module):
+    """input_ids, attention_mask -> the task's head outputs (logits, tag logits or standardised score)."""
+
+    def __init__(self, model: MultiTaskModel, task: str) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from multitune.data.collate import Batch, TaskRows
+
+        batch = Batch(
+            {"input_ids": input_ids, "attention_mask": attention_mask}, {self.task: TaskRows(slice(0, None), None)}
+        )
+        return self.model(batch)[self.task]
+
+
+def export_onnx(model: MultiTaskModel, tokenizer: Any, config: Config, task: TaskData, path: Path) -> None:
+    """The encoder path (backbone, pooling, head) as ONNX with dynamic batch and length; needs `onnx`."""
+    import importlib.util
+
+    if task.config.type == "generation":
+        raise ConfigError("ONNX export covers encoder tasks only, not generation", field="--onnx")
+    if importlib.util.find_spec("onnx") is None:
+        raise ConfigError("ONNX export needs the onnx package: pip install onnx", field="--onnx")
+    ids = torch.tensor([tokenizer("a short example")["input_ids"]])
+    wrapper = _EncoderWithHead(model, task.name).eval()
+    torch.onnx.export(
+        wrapper,
+        (ids, torch.ones_like(ids)),
+        str(path),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["outputs"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}},
+        dynamo=False,
+    )
+
+
+# --- the model card ---------------------------------------------------------------------------------
+
+
+def model_card(run: Path, config: Config, task: TaskData, loader: str, difference: float, onnx: bool) -> str:
+    """README.md: what the model does, what it was trained on, how well it does, how to load it, licenses."""
+    metrics = _json(run / "metrics.json")
+    entry = metrics.get("tasks", {}).get(task.name)
+    tested = _json(run / "evaluation_test.json").get("tasks", {}).get(task.name)
+    base = config.model.backbone
+    license_id = base_license(base)
+    kind = task.config.type
+    others = [name for name in config.tasks if name != task.name]
+    lines = [
+        "---",
+        f"license: {license_id if license_id != 'unknown' else 'other'}",
+        f"base_model: {base}" if not Path(base).exists() else "base_model: local",
+        "library_name: transformers",
+        "tags: [multitune, multi-task]",
+        "---",
+        "",
+        f"# {task.name}",
+        "",
+        f"A {kind.replace('_', ' ')} model exported by multitune from run `{run.name}`: one task of a multi-task",
+        f"model whose backbone `{base}` was fine-tuned jointly on {len(config.tasks)} tasks"
+        + (f" ({', '.join(others)} besides this one)." if others else "."),
+        "",
+    ]
+    if task.labels and kind != "regression":
+        lines += [f"Labels ({len(task.labels)}): {', '.join(f'`{label}`' for label in task.labels)}", ""]
+    if kind == "regression":
+        lines += [f"Predicts a score (trained targets: mean {task.target_mean:.4g}, std {task.target_std:.4g}).", ""]
+    lines += ["## Data", "", *data_lines(run, task), "", "## Metrics", ""]
+    for title, result in (("validation (model selection)", entry), ("test", tested)):
+        if result:
+            values = ", ".join(f"{name} {value:.4f}" for name, value in result["metrics"].items())
+            lines.append(f"- {title}, {result['split']} split, n={result['n']}: {values}")
+    if not entry and not tested:
+        lines.append("- no metrics recorded in the run")
+    lines += [
+        f"- training: {metrics.get('steps', '?')} steps in {metrics.get('train_seconds', '?')} s",
+        "",
+        "## How to use",
+        "",
+        "With transformers, torch and safetensors only (no multitune):",
+        "",
+        "```python",
+        loader.rstrip(),
+        "```",
+        "",
+    ]
+    if kind != "generation":
+        lines += [
+            f"Reloaded with plain transformers, this folder reproduced multitune's outputs on probe inputs to "
+            f"{difference:.1e} (largest absolute difference).",
+            "",
+        ]
+    if onnx:
+        lines += ["`model.onnx`: the encoder and head; inputs `input_ids`, `attention_mask`; output `outputs`.", ""]
+    lines += [
+        "## Licenses",
+        "",
+        f"- base model `{base}`: {license_id}",
+        *(f"- {line}" for line in data_licenses(config, task)),
+        "",
+        "Check each license before using or redistributing the model.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def data_lines(run: Path, task: TaskData) -> list[str]:
+    source = task.config.source
+    lines = [f"- format: {source.format}"]
+    if source.dataset:
+        lines.append(f"- dataset: `{source.dataset}`" + (f" ({source.subset})" if source.subset else ""))
+    for split in ("train", "validation", "test"):
+        files = getattr(source, split)
+        for file in [files] if isinstance(files, str) else files or []:
+            lines.append(f"- {split}: `{_shown(file)}`")
+    rows = _json(run / "tasks.json").get(task.name, {}).get("rows")
+    if rows:
+        lines.append("- rows: " + ", ".join(f"{split} {n}" for split, n in rows.items()))
+    return lines
+
+
+def data_licenses(config: Config, task: TaskData) -> list[str]:
+    """The data's license as its folder states it (ATTRIBUTION.md, LICENSE), else a pointer to its card."""
+    source = task.config.source
+    if source.dataset:
+        return [f"data `{source.dataset}`: see its dataset card"]
+    files = [f for split in ("train", "validation", "test") for f in _as_list(getattr(source, split))]
+    folders = list(dict.fromkeys(Path(f).parent for f in files))
+    out = []
+    for folder in folders:
+        notes = [p for p in (folder / "ATTRIBUTION.md", folder / "LICENSE.txt", folder / "LICENSE") if p.is_file()]
+        if not notes:
+            out.append(f"data in `{_shown(str(folder))}`: unknown (no ATTRIBUTION.md or LICENSE beside it)")
+            continue
+        text = notes[0].read_text(encoding="utf-8", errors="replace")
+        stated = [line.strip() for line in text.splitlines() if re.search(r"licen[cs]e|source:", line, re.I)]
+        summary = " ".join(stated[:3]) if stated else f"see {notes[0].name}"
+        out.append(f"data `{_shown(str(folder))}`: {summary}")
+    return out
+
+
+def base_license(name: str) -> str:
+    """The base model's license from its model card's front matter (a folder or a packaged copy)."""
+    folders = [Path(name)] if Path(name).exists() else []
+    packaged = packaged_copy(name) if name in PACKAGED_MODELS else None
+    if packaged is not None:
+        folders.append(packaged)
+    for folder in folders:
+        card = folder / "README.md"
+        if card.is_file():
+            found = re.search(r"^license:\s*(\S+)", card.read_text(encoding="utf-8", errors="replace"), re.M)
+            if found:
+                return found.group(1)
+    return KNOWN_LICENSES.get(name, "unknown")
+
+
+def _shown(path: str) -> str:
+    """A data path as the card shows it: inside the multitune package as `multitune:...`."""
+    marker = "/multitune/assets/"
+    return "multitune:" + path.split(marker, 1)[1] if marker in path else path
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

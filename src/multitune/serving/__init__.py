@@ -1,0 +1,1 @@
+"""Serving a finished run over HTTP (`multitune serve`): one backbone, every task, one endpoint."""

@@ -1,0 +1,382 @@
+"""`multitune serve RUN_DIR`: one HTTP JSON API for every task of a run, on one shared backbone.
+
+Routes (all JSON; the OpenAPI schema is at /openapi.json, interactive docs at /docs):
+- GET  /healthz                        liveness, queue depth and batching counters (never needs a token)
+- GET  /v1/tasks                       each task's name, type, labels, input fields and metrics
+- POST /v1/tasks/{task}/predict        {"inputs": [record, ...]} or {"input": record}
+- POST /v1/predict                     {"inputs": [{"task": name, "input": record}, ...]}: several tasks at once
+- POST /v1/tasks/{task}/generate       {"input": record, "stream": true} streams server-sent events
+
+A record names the task's own text fields or the generic `text`/`text_pair`/`tokens`, as in `multitune
+predict`, and gets the same answer. Errors are {"detail": "one line"}: 401 without the bearer token (when one
+is set), 404 for an unknown task in the path, 413 for a body over the limit, 422 for a bad body or record,
+503 when the queue is full.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the request models defined in create_app at runtime
+import hmac
+import json
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from multitune.errors import MultitunError
+from multitune.serving.batcher import Busy, MicroBatcher
+from multitune.serving.engine import Engine
+
+TOKEN_VARIABLE = "MULTITUNE_SERVE_TOKEN"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005)
+
+Record = dict[str, str | int | float | bool | list[str] | None]  # one input, as `multitune predict` reads it
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclass
+class ServeSettings:
+    """Limits and batching of the server (the `multitune serve` options)."""
+
+    token: str | None = None  # when set, every /v1 route needs `Authorization: Bearer <token>`
+    max_inputs: int = 64  # records per request
+    max_chars: int = 10_000  # characters of text per record
+    max_body_bytes: int = 2_000_000
+    max_batch_rows: int = 64  # rows the batcher gathers for one Engine.run
+    max_wait_ms: float = 5.0  # how long a lone request waits for company
+    max_queue: int = 512  # requests waiting; more are refused with 503
+    threads: int | None = None  # torch's CPU threads for inference (default: torch's own choice)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 before anything parses it."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(send)
+                return
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request body over {self.limit} bytes"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
+    """The FastAPI app answering `engine`'s tasks through a micro-batcher."""
+    from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+    settings = settings or ServeSettings()
+    limits = settings
+    batcher = MicroBatcher(engine, settings.max_batch_rows, settings.max_wait_ms, settings.max_queue)
+
+    def checked(record: dict[str, Any]) -> dict[str, Any]:
+        size = sum(
+            len(v) if isinstance(v, str) else sum(map(len, v)) for v in record.values() if isinstance(v, str | list)
+        )
+        if size > limits.max_chars:
+            raise ValueError(f"an input holds {size} characters of text; at most {limits.max_chars} are allowed")
+        return record
+
+    class TaskPredictRequest(BaseModel):
+        """Inputs of one task: a list of records, or one record."""
+
+        model_config = ConfigDict(extra="forbid")
+        inputs: list[Record] | None = Field(None, min_length=1, max_length=limits.max_inputs)
+        input: Record | None = None
+
+        @field_validator("inputs")
+        @classmethod
+        def _sizes(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+            return None if value is None else [checked(v) for v in value]
+
+        @field_validator("input")
+        @classmethod
+        def _size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+            return None if value is None else checked(value)
+
+        @model_validator(mode="after")
+        def _one_of(self) -> "TaskPredictRequest":
+            if (self.inputs is None) == (self.input is None):
+                raise ValueError("give either 'inputs' (a list of records) or 'input' (one record)")
+            return self
+
+        def records(self) -> list[dict[str, Any]]:
+            return self.inputs if self.inputs is not None else [self.input or {}]
+
+    class TaskInput(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        task: str
+        input: Record
+
+        @field_validator("input")
+        @classmethod
+        def _size(cls, value: dict[str, Any]) -> dict[str, Any]:
+            return checked(value)
+
+    class MixedPredictRequest(BaseModel):
+        """Inputs of several tasks, each naming its task; answered in the same order."""
+
+        model_config = ConfigDict(extra="forbid")
+        inputs: list[TaskInput] = Field(min_length=1, max_length=limits.max_inputs)
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        input: Record
+        stream: bool = False
+
+        @field_validator("input")
+        @classmethod
+        def _size(cls, value: dict[str, Any]) -> dict[str, Any]:
+            return checked(value)
+
+    class Prediction(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        prediction: Any
+        probabilities: dict[str, float] | None = None
+
+    class TaskPredictResponse(BaseModel):
+        task: str
+        predictions: list[Prediction]
+
+    class MixedPrediction(Prediction):
+        task: str
+
+    class MixedPredictResponse(BaseModel):
+        predictions: list[MixedPrediction]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(
+        title="multitune",
+        summary=f"Every task of {engine.run_dir.name} on one shared backbone",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.engine, app.state.batcher = engine, batcher
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if settings.token is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), settings.token.encode()):
+            detail = "missing bearer token" if credentials is None else "wrong bearer token"
+            raise HTTPException(401, f"{detail}: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = error.errors()
+        first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        return JSONResponse({"detail": f"{where}: {message}{more}"}, status_code=422)
+
+    def task_or_404(task: str) -> str:
+        if task not in engine.tasks:
+            raise HTTPException(404, str(_unknown(task, engine)))
+        return task
+
+    def encode(task: str, records: list[dict[str, Any]], where: str = "inputs") -> Any:
+        try:
+            return engine.encode(task, records)
+        except MultitunError as error:
+            raise HTTPException(422, _one_line(error, where)) from None
+
+    async def answer(parts: list[Any]) -> list[list[dict[str, Any]]]:
+        try:
+            return await batcher.submit(parts)
+        except Busy as error:
+            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        """Liveness: the server is up and its model loaded; queue depth and batching counters."""
+        stats = engine.stats
+        return {
+            "status": "ok",
+            "tasks": len(engine.tasks),
+            "queue": batcher.depth,
+            "batches": stats.batches,
+            "rows": stats.rows,
+            "tasks_per_batch": stats.tasks_per_batch,
+        }
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @v1.get("/tasks")
+    async def tasks() -> dict[str, Any]:
+        """Every task of the run: name, type, labels, accepted input fields, metrics."""
+        config = engine.config
+        return {
+            "run": engine.run_dir.name,
+            "backbone": config.model.backbone,
+            "kind": config.model.kind,
+            "tasks": [engine.describe(name) for name in engine.tasks],
+        }
+
+    @v1.post("/tasks/{task}/predict", response_model=TaskPredictResponse, response_model_exclude_none=True)
+    async def predict_task(task: str, request: TaskPredictRequest) -> dict[str, Any]:
+        """Predictions for one task's inputs, as `multitune predict` gives them."""
+        task = task_or_404(task)
+        rows = encode(task, request.records(), "inputs" if request.inputs is not None else "input")
+        [predictions] = await answer([(task, rows)])
+        return {"task": task, "predictions": predictions}
+
+    @v1.post("/predict", response_model=MixedPredictResponse, response_model_exclude_none=True)
+    async def predict_mixed(request: MixedPredictRequest) -> dict[str, Any]:
+        """Predictions for inputs of several tasks, batched together through the shared backbone."""
+        by_task: dict[str, list[int]] = {}
+        for i, item in enumerate(request.inputs):
+            if item.task not in engine.tasks:
+                raise HTTPException(422, f"inputs.{i}.task: {_unknown(item.task, engine)}")
+            by_task.setdefault(item.task, []).append(i)
+        parts = []
+        for task, indices in by_task.items():
+            try:
+                parts.append((task, engine.encode(task, [request.inputs[i].input for i in indices])))
+            except MultitunError as error:  # name the input by its place in the request
+                message = _one_line(error, "inputs")
+                for j, i in enumerate(indices):
+                    message = message.replace(f"inputs[{j}]", f"inputs.{i}.input", 1)
+                raise HTTPException(422, message) from None
+        answers = await answer(parts)
+        out: list[dict[str, Any]] = [{} for _ in request.inputs]
+        for (task, indices), predictions in zip(by_task.items(), answers, strict=True):
+            for i, prediction in zip(indices, predictions, strict=True):
+                out[i] = {"task": task, **prediction}
+        return {"predictions": out}
+
+    @v1.post("/tasks/{task}/generate", response_model=None)
+    async def generate(task: str, request: GenerateRequest) -> Any:
+        """A generation task's text for one input; with `stream: true`, server-sent events: `token` events
+        with each new piece of text, then one `done` event with the whole prediction."""
+        task = task_or_404(task)
+        if not engine.is_generative(task):
+            kind = engine.tasks[task].config.type
+            raise HTTPException(
+                422, f"task '{task}' is a {kind} task, not a generation task: use /v1/tasks/{task}/predict"
+            )
+        rows = encode(task, [request.input], "input")
+        if not request.stream:
+            [[prediction]] = await answer([(task, rows)])
+            return {"task": task, **prediction}
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(engine.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        try:
+            done = batcher.call(engine.generate_one, task, rows[0], streamer)
+        except Busy as error:
+            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+        return StreamingResponse(_events(streamer, done), media_type="text/event-stream")
+
+    app.include_router(v1)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+async def _events(streamer: Any, done: Any) -> AsyncIterator[str]:
+    """Server-sent events from a TextIteratorStreamer fed on the inference thread."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    while True:
+        piece = await loop.run_in_executor(None, next, streamer, None)
+        if piece is None:
+            break
+        if piece:
+            yield f"event: token\ndata: {json.dumps({'token': piece}, ensure_ascii=False)}\n\n"
+    try:
+        text = await done
+    except Exception as error:  # the headers are sent: report it in the stream
+        yield f"event: error\ndata: {json.dumps({'detail': str(error) or type(error).__name__})}\n\n"
+        return
+    yield f"event: done\ndata: {json.dumps({'prediction': text}, ensure_ascii=False)}\n\n"
+
+
+def _unknown(task: str, engine: Engine) -> str:
+    return f"no task '{task}' in this run (tasks: {', '.join(engine.tasks)})"
+
+
+def _one_line(error: MultitunError, where: str) -> str:
+    """A record's error as one line: `inputs[2]: field 'text': missing` (no line numbers: it is a request)."""
+    origin = error.file if error.file and error.file.startswith("inputs[") else where
+    if where == "input":
+        origin = "input"
+    field = f" field '{error.field}':" if error.field else ""
+    return f"{origin}:{field} {' '.join(error.message.split())}"
+
+
+def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None) -> None:
+    """Load the run, then serve it with uvicorn until interrupted."""
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MultitunError(f"multitune serve needs {' and '.join(missing)}: pip install 'multitune[serve]'")
+    import uvicorn
+
+    settings = settings or ServeSettings()
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)  # on a busy CPU, fewer threads than cores can be much faster
+    engine = Engine(run_dir)
+    if host not in LOOPBACK and settings.token is None:
+        print(
+            f"multitune: warning: serving on {host} without a token: anyone who can reach it may call it",
+            file=sys.stderr,
+        )
+    app = create_app(engine, settings)
+    print(
+        f"multitune: serving {len(engine.tasks)} tasks ({', '.join(engine.tasks)}) of {run_dir} on http://{host}:{port}"
+        f" (docs: /docs{', bearer token required' if settings.token else ''})",
+        file=sys.stderr,
+        flush=True,
+    )
+    # the inference thread runs Python between torch ops: a short GIL switch interval keeps the event loop
+    # (parsing, validating, queueing the next requests) responsive while a batch runs
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=30)

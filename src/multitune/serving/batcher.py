@@ -1,0 +1,117 @@
+"""Dynamic micro-batching: requests of any task wait in one bounded queue; a worker takes what is there (up to
+`max_rows` rows, waiting at most `max_wait_ms` for more when the queue runs dry) and answers it with one
+`Engine.run` call on the inference thread, so concurrent requests of different tasks share backbone forwards.
+
+The model runs on one dedicated thread: the event loop keeps accepting (and refusing) requests meanwhile,
+and per-task adapter routing, which is state on the model, is never used by two calls at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from multitune.serving.engine import Engine, Part
+
+T = TypeVar("T")
+
+
+class Busy(Exception):
+    """The queue is full: the client should retry later (HTTP 503)."""
+
+
+@dataclass
+class Job:
+    parts: Sequence[Part]
+    future: asyncio.Future[list[list[dict[str, Any]]]]
+
+    @property
+    def rows(self) -> int:
+        return sum(len(rows) for _, rows in self.parts)
+
+
+class MicroBatcher:
+    """One queue, one worker, one inference thread. Start it inside the server's event loop."""
+
+    def __init__(self, engine: Engine, max_rows: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256) -> None:
+        self.engine = engine
+        self.max_rows, self.max_wait, self.max_queue = max_rows, max_wait_ms / 1000, max_queue
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multitune-inference")
+        self.queue: asyncio.Queue[Job] | None = None
+        self.worker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.queue = asyncio.Queue(self.max_queue)
+        self.worker = asyncio.create_task(self._work())
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.worker
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize() if self.queue is not None else 0
+
+    async def submit(self, parts: Sequence[Part]) -> list[list[dict[str, Any]]]:
+        """Each part's predictions, once a batch that holds them has run; Busy when the queue is full."""
+        assert self.queue is not None, "MicroBatcher.start() was not called"
+        job = Job(parts, asyncio.get_running_loop().create_future())
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise Busy(self.busy_message()) from None
+        return await job.future
+
+    def call(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run `function` on the inference thread, between batches (streaming generation)."""
+        if self.depth >= self.max_queue:
+            raise Busy(self.busy_message())
+        return asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    def busy_message(self) -> str:
+        return f"the server is busy: {self.max_queue} requests are already queued; retry shortly"
+
+    async def _work(self) -> None:
+        assert self.queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            rows = jobs[0].rows
+            deadline = loop.time() + self.max_wait
+            while rows < self.max_rows:
+                if self.queue.empty():  # wait a little for company, not past the deadline
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        job = await asyncio.wait_for(self.queue.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                else:
+                    job = self.queue.get_nowait()
+                jobs.append(job)
+                rows += job.rows
+            live = [job for job in jobs if not job.future.done()]  # a client that left was cancelled
+            if not live:
+                continue
+            try:
+                answers = await loop.run_in_executor(
+                    self.executor, self.engine.run, [part for job in live for part in job.parts]
+                )
+            except Exception as error:  # a bug, not bad input (that is refused before queueing): 500s
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+                continue
+            start = 0
+            for job in live:
+                if not job.future.done():
+                    job.future.set_result(answers[start : start + len(job.parts)])
+                start += len(job.parts)

@@ -1,0 +1,189 @@
+"""A finished run, ready to answer: its tasks, its model(s), and one inference call over rows of several tasks.
+
+Rows of every task that one model answers are padded into one `collate` batch, so a single backbone
+forward serves several tasks: the model routes each row to its task's head (and, with per-task adapters,
+to its task's adapter). Generation tasks go through the model's `generate_texts`, per task. A two-stage run
+(`finetuned/TASK`) answers each task with its own fine-tuned copy, so its tasks cannot share a forward.
+The encoding and decoding are those of `multitune predict` (run.encode_for_prediction, evaluate.decode).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from multitune.config import Config
+from multitune.data.collate import collate
+from multitune.data.encoding import Encoded
+from multitune.data.readers import Row
+from multitune.data.tasks import TaskData
+from multitune.errors import MultitunError
+from multitune.evaluation.evaluate import decode
+from multitune.evaluation.generation import generate_predictions
+from multitune.models.backbone import Backbone
+from multitune.models.multitask import MultiTaskModel
+from multitune.run import FINETUNED, encode_for_prediction, load_run, task_from_manifest
+from multitune.training.checkpoint import WEIGHTS_FILE, load_weights
+
+T = TypeVar("T")
+PADDING_SLACK = 64  # padded positions a batch may add rather than run one more forward
+Part = tuple[str, Sequence[Encoded]]  # one task's encoded rows, as one request sent them
+
+
+@dataclass
+class Stats:
+    """What the inference thread has done so far (for /healthz and the load test)."""
+
+    batches: int = 0
+    rows: int = 0
+    tasks_per_batch: dict[int, int] = field(default_factory=dict)  # number of tasks -> batches with that many
+
+
+class Engine:
+    """A run's models and tasks; `run` and `generate_one` must be called from one thread at a time."""
+
+    def __init__(self, run_dir: str | Path, one_model_per_task: bool = False, batch_size: int | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        config, manifest, model, backbone = load_run(run_dir)
+        self.config: Config = config
+        self.backbone: Backbone = backbone
+        # requests are tokenized on the event loop while the inference thread may decode: a fast tokenizer
+        # must not be used from two threads at once ("Already borrowed"), so requests get their own copy
+        self.request_tokenizer = copy.deepcopy(backbone.tokenizer)
+        self.tasks: dict[str, TaskData] = {
+            name: task_from_manifest(name, config.tasks[name], manifest[name]) for name in config.tasks
+        }
+        self.batch_size = batch_size or config.training.eval_batch_size
+        pad = backbone.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        self.models: list[MultiTaskModel] = []
+        self.model_of: dict[str, int] = {}
+        finetuned = self.run_dir / FINETUNED
+        if one_model_per_task or finetuned.is_dir():  # a full copy per task
+            for name in self.tasks:
+                own = model if not self.models else copy.deepcopy(model)
+                weights = finetuned / name / WEIGHTS_FILE
+                if weights.exists():
+                    load_weights(own, weights)
+                    own.eval()
+                self.model_of[name] = len(self.models)
+                self.models.append(own)
+        else:
+            self.models.append(model)
+            self.model_of = dict.fromkeys(self.tasks, 0)
+        metrics = self.run_dir / "metrics.json"
+        self.metrics: dict[str, Any] = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else {}
+        self.stats = Stats()
+
+    # --- requests -> rows -----------------------------------------------------------------------
+
+    def encode(self, task: str, records: Sequence[dict[str, Any]]) -> list[Encoded]:
+        """Request records of `task` as model rows; a bad record raises MultitunError naming its index."""
+        data = self.tasks[task]
+        rows = [Row(dict(record), f"inputs[{i}]", 0) for i, record in enumerate(records)]
+        return encode_for_prediction(self.config, data, self.request_tokenizer, rows)
+
+    def is_generative(self, task: str) -> bool:
+        return self.tasks[task].config.type == "generation"
+
+    # --- inference (one thread) -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, parts: Sequence[Part]) -> list[list[dict[str, Any]]]:
+        """Each part's predictions, as `multitune predict` gives them; rows of all tasks that share a model
+        go through the backbone together, in length-sorted batches of at most `batch_size` rows."""
+        results: list[list[dict[str, Any]]] = [[{} for _ in rows] for _, rows in parts]
+        for index, model in enumerate(self.models):
+            mine = [(p, task, rows) for p, (task, rows) in enumerate(parts) if self.model_of[task] == index]
+            heads = [
+                (p, i, task, row)
+                for p, task, rows in mine
+                if not self.is_generative(task)
+                for i, row in enumerate(rows)
+            ]
+            heads.sort(key=lambda item: len(item[3].input_ids))  # less padding per batch
+            for chunk in padded_chunks(heads, [len(item[3].input_ids) for item in heads], self.batch_size):
+                self._forward(model, chunk, results)
+            for task in dict.fromkeys(task for _, task, _ in mine if self.is_generative(task)):
+                flat = [(p, i, row) for p, name, rows in mine if name == task for i, row in enumerate(rows)]
+                texts = generate_predictions(
+                    model, self.tasks[task], [r for *_, r in flat], self.batch_size, self.pad_id
+                )
+                for (p, i, _), text in zip(flat, texts, strict=True):
+                    results[p][i] = text
+                self._count(len(flat), 1)
+        return results
+
+    def _forward(
+        self, model: MultiTaskModel, chunk: list[tuple[int, int, str, Encoded]], results: list[list[dict[str, Any]]]
+    ) -> None:
+        by_task: dict[str, list[tuple[int, int, Encoded]]] = {}
+        for p, i, task, row in chunk:
+            by_task.setdefault(task, []).append((p, i, row))
+        batch = collate({task: [row for *_, row in items] for task, items in by_task.items()}, self.pad_id)
+        outputs = model(batch)
+        for task, items in by_task.items():
+            out = outputs[task].float().cpu()
+            for j, (p, i, row) in enumerate(items):
+                results[p][i] = decode(self.tasks[task], out[j], row)
+        self._count(len(chunk), len(by_task))
+
+    def _count(self, rows: int, tasks: int) -> None:
+        self.stats.batches += 1
+        self.stats.rows += rows
+        self.stats.tasks_per_batch[tasks] = self.stats.tasks_per_batch.get(tasks, 0) + 1
+
+    @torch.inference_mode()
+    def generate_one(self, task: str, row: Encoded, streamer: Any) -> str:
+        """One greedy generation for `task`, each new piece of text handed to `streamer` as it comes."""
+        model: Any = self.models[self.model_of[task]]
+        prompt = row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
+        try:
+            texts = model.generate_texts([prompt], self.tasks[task].config.max_new_tokens, self.pad_id, task, streamer)
+        except BaseException:
+            streamer.end()  # a reader waiting for the next piece is released
+            raise
+        self._count(1, 1)
+        return str(texts[0])
+
+    # --- describing the run ---------------------------------------------------------------------
+
+    def describe(self, task: str) -> dict[str, Any]:
+        """A task's name, type, labels, accepted input fields and validation/test metrics."""
+        data = self.tasks[task]
+        kind = data.config.type
+        named = [f for f in data.config.text_fields or [] if isinstance(f, str)]
+        generic = {"token_classification": ["tokens"], "pair_classification": ["text", "text_pair"]}
+        return {
+            "name": task,
+            "type": kind,
+            "labels": data.labels if kind != "regression" else None,
+            "input_fields": named or generic.get(kind, ["text"]),
+            "generic_input_fields": generic.get(kind, ["text"]),
+            "streaming": kind == "generation",
+            "metrics": self.metrics.get("tasks", {}).get(task),
+        }
+
+
+def padded_chunks(items: list[T], lengths: list[int], batch_size: int, slack: int = PADDING_SLACK) -> list[list[T]]:
+    """Length-sorted items in batches of at most `batch_size`; a longer item starts a new batch when padding
+    the batch up to it would add more than `slack` positions (one short and one long row: two forwards)."""
+    chunks: list[list[T]] = []
+    longest = 0
+    for item, length in zip(items, lengths, strict=True):
+        if chunks and len(chunks[-1]) < batch_size and len(chunks[-1]) * (length - longest) <= slack:
+            chunks[-1].append(item)
+        else:
+            chunks.append([item])
+        longest = length
+    return chunks
+
+
+def unknown_task(task: str, tasks: Sequence[str]) -> MultitunError:
+    return MultitunError(f"no task '{task}' in this run (tasks: {', '.join(tasks)})")

@@ -1,0 +1,71 @@
+"""The micro-batcher without a model: requests of several tasks share calls; a full queue refuses at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from multitune.serving.batcher import Busy, MicroBatcher
+from multitune.serving.engine import padded_chunks
+
+
+class FakeEngine:
+    """Answers each row with its task and value; remembers the parts of every call."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls: list[list[Any]] = []
+        self.delay = delay
+        self.release = threading.Event()
+
+    def run(self, parts: list[Any]) -> list[list[dict[str, Any]]]:
+        self.calls.append(list(parts))
+        time.sleep(self.delay)
+        return [[{"prediction": f"{task}:{row}"} for row in rows] for task, rows in parts]
+
+
+def test_concurrent_requests_of_several_tasks_share_a_call():
+    engine = FakeEngine(delay=0.05)
+
+    async def scenario() -> list[Any]:
+        batcher = MicroBatcher(engine, max_rows=64, max_wait_ms=20)  # type: ignore[arg-type]
+        await batcher.start()
+        try:
+            calls = [batcher.submit([(task, [i])]) for i in range(12) for task in ("a", "b")]
+            return list(await asyncio.gather(*calls))
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(scenario())
+    assert [a[0][0]["prediction"] for a in answers] == [f"{t}:{i}" for i in range(12) for t in ("a", "b")]
+    assert len(engine.calls) < 24 and any({task for task, _ in call} == {"a", "b"} for call in engine.calls)
+
+
+def test_a_full_queue_refuses_with_busy():
+    engine = FakeEngine(delay=0.3)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(engine, max_rows=1, max_wait_ms=0, max_queue=2)  # type: ignore[arg-type]
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit([("a", [0])]))
+            await asyncio.sleep(0.05)  # the worker took it: the model is busy
+            waiting = [asyncio.ensure_future(batcher.submit([("a", [i])])) for i in (1, 2)]
+            await asyncio.sleep(0)
+            with pytest.raises(Busy, match="busy"):
+                await batcher.submit([("a", [3])])
+            await asyncio.gather(first, *waiting)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_padded_chunks_split_where_padding_would_cost_more_than_a_forward():
+    lengths = [5, 6, 8, 10, 120, 125]
+    chunks = padded_chunks(list(range(6)), lengths, batch_size=3, slack=64)
+    assert chunks == [[0, 1, 2], [3], [4, 5]]
+    assert padded_chunks([0, 1], [5, 5], batch_size=8) == [[0, 1]]

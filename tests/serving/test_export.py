@@ -1,0 +1,101 @@
+"""`multitune export`: the folder loads with plain transformers (and the card's code) and predicts as multitune."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from multitune.cli import main
+from tests.conftest import classification_rows, tiny_config, token_rows
+from tests.serving.conftest import train, write_rows
+
+TEXTS = ["a good movie", "bad", "the film was great and good", "terrible book"]
+WORDS = [["john", "runs", "in", "paris"], ["mary", "likes", "london"]]
+
+
+def cli_predict(run: Path, task: str, records: list[dict[str, Any]], tmp_path: Path) -> list[dict[str, Any]]:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert main(["predict", str(run), "--task", task, "--input", str(source), "--output", str(out)]) == 0
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def card_code(folder: Path) -> dict[str, Any]:
+    """Run the model card's Python block (plain transformers) from the folder's parent; its namespace."""
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", card, re.S)
+    assert code is not None
+    namespace: dict[str, Any] = {}
+    exec(compile(code.group(1), "card", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("lora-run")
+    a = write_rows(folder / "sentiment.jsonl", classification_rows(60))
+    b = write_rows(folder / "ner.jsonl", token_rows(60))
+    config = tiny_config(tiny_backbone, a, b, folder / "runs")
+    config["model"]["peft"] = {"method": "lora", "r": 4, "shared": True}
+    config["training"]["lr"] = 5e-2  # LoRA's B starts at zero: give the adapters a visible value
+    return train(folder, config)
+
+
+@pytest.mark.parametrize("which", ["tiny_run", "lora_run"])
+def test_exported_tasks_predict_like_multitune(which, request, tmp_path, monkeypatch):
+    run: Path = request.getfixturevalue(which)
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(run), "--task", "sentiment", "sentiment-model"]) == 0
+    folder = tmp_path / "sentiment-model"
+    head = json.loads((folder / "multitune_head.json").read_text())
+    assert head["type"] == "classification" and head["pooling"] == "mean"
+    card = (folder / "README.md").read_text()
+    assert "## Metrics" in card and "accuracy" in card and "## Licenses" in card and "## Data" in card
+    assert "reproduced multitune's outputs" in card
+    namespace = card_code(folder)
+    expected = [p["prediction"] for p in cli_predict(run, "sentiment", [{"text": t} for t in TEXTS], tmp_path)]
+    assert namespace["predict"](TEXTS) == expected
+
+    assert main(["export", str(run), "--task", "ner", "ner-model"]) == 0
+    from transformers import AutoModelForTokenClassification
+
+    tagger = AutoModelForTokenClassification.from_pretrained(tmp_path / "ner-model")
+    assert set(tagger.config.id2label.values()) >= {"O", "B-loc", "B-per"}
+    predict = card_code(tmp_path / "ner-model")["predict"]
+    expected_tags = cli_predict(run, "ner", [{"tokens": w} for w in WORDS], tmp_path)
+    assert [predict(w) for w in WORDS] == [p["prediction"] for p in expected_tags]
+
+
+def test_lora_export_merges_the_adapters(lora_run, tmp_path):
+    from safetensors.torch import load_file
+
+    assert main(["export", str(lora_run), "--task", "sentiment", str(tmp_path / "out")]) == 0
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert not any("lora" in key for key in weights)
+    base = load_file(str(lora_run / "model.safetensors"))
+    merged = next(k for k in weights if k.endswith("attention.self.query.weight"))
+    original = next(
+        v for k, v in base.items() if k.endswith(merged.split(".", 1)[-1].replace(".weight", ".base_layer.weight"))
+    )
+    assert not (weights[merged] == original).all()  # the LoRA update is in the weights
+
+
+def test_export_refuses_a_taken_folder_and_an_unknown_task(tiny_run, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "file").write_text("x")
+    assert main(["export", str(tiny_run), "--task", "sentiment", str(taken)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", str(tiny_run), "--task", "nope", str(tmp_path / "new")]) == 2
+    assert "no task 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_onnx_export(tiny_run, tmp_path):
+    pytest.importorskip("onnx")
+    assert main(["export", str(tiny_run), "--task", "sentiment", str(tmp_path / "out"), "--onnx"]) == 0
+    assert (tmp_path / "out" / "model.onnx").stat().st_size > 0

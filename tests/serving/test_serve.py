@@ -1,0 +1,141 @@
+"""The real server process over loopback HTTP: answers equal `multitune predict`, bad input is a 4xx, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from multitune.cli import main
+from tests.serving.conftest import TOKEN, running_server
+
+httpx = pytest.importorskip("httpx")
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TEXTS = [{"text": "a good movie"}, {"text": "bad"}, {"text": "the film was great and good"}, {"text": "terrible"}]
+TOKENS = [{"tokens": ["john", "runs", "in", "paris"]}, {"tokens": ["mary", "likes", "london", "a", "lot"]}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run: Path) -> Iterator[str]:
+    with running_server(
+        tiny_run, "--max-inputs", "8", "--max-chars", "200", env={"MULTITUNE_SERVE_TOKEN": TOKEN}
+    ) as url:
+        yield url
+
+
+def cli_predict(run: Path, task: str, records: list[dict[str, Any]], tmp_path: Path) -> list[dict[str, Any]]:
+    source, out = tmp_path / f"{task}-in.jsonl", tmp_path / f"{task}-out.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert main(["predict", str(run), "--task", task, "--input", str(source), "--output", str(out)]) == 0
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def same(served: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert served["prediction"] == expected["prediction"]
+    if "probabilities" in expected:
+        assert served["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
+
+
+def test_predictions_equal_multitune_predict(server, tiny_run, tmp_path):
+    expected = {"sentiment": cli_predict(tiny_run, "sentiment", TEXTS, tmp_path)}
+    expected["ner"] = cli_predict(tiny_run, "ner", TOKENS, tmp_path)
+    for task, records in (("sentiment", TEXTS), ("ner", TOKENS)):
+        response = httpx.post(f"{server}/v1/tasks/{task}/predict", json={"inputs": records}, headers=AUTH)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["task"] == task and len(body["predictions"]) == len(records)
+        for served, want in zip(body["predictions"], expected[task], strict=True):
+            same(served, want)
+    one = httpx.post(f"{server}/v1/tasks/sentiment/predict", json={"input": TEXTS[0]}, headers=AUTH).json()
+    same(one["predictions"][0], expected["sentiment"][0])
+
+    # several tasks in one request: one backbone forward serves both, answers in request order
+    mixed = [
+        {"task": "ner", "input": TOKENS[0]},
+        {"task": "sentiment", "input": TEXTS[1]},
+        {"task": "ner", "input": TOKENS[1]},
+    ]
+    body = httpx.post(f"{server}/v1/predict", json={"inputs": mixed}, headers=AUTH).json()
+    assert [p["task"] for p in body["predictions"]] == ["ner", "sentiment", "ner"]
+    same(body["predictions"][0], expected["ner"][0])
+    same(body["predictions"][1], expected["sentiment"][1])
+    same(body["predictions"][2], expected["ner"][1])
+    health = httpx.get(f"{server}/healthz").json()
+    assert health["tasks_per_batch"].get("2", 0) >= 1  # a batch held rows of both tasks
+
+
+def test_concurrent_requests_of_both_tasks_are_batched_and_answered_alike(server):
+    async def fire() -> list[Any]:
+        async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=30) as client:
+            calls = [
+                client.post(f"/v1/tasks/{task}/predict", json={"input": record})
+                for _ in range(10)
+                for task, record in (("sentiment", TEXTS[0]), ("ner", TOKENS[0]), ("sentiment", TEXTS[3]))
+            ]
+            return list(await asyncio.gather(*calls))
+
+    responses = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in responses)
+    answers = [r.json()["predictions"][0]["prediction"] for r in responses]
+    assert answers[0::3] == [answers[0]] * 10 and answers[1::3] == [answers[1]] * 10
+    health = httpx.get(f"{server}/healthz").json()
+    assert health["rows"] >= 30 and health["batches"] < health["rows"]  # requests shared model calls
+
+
+def test_tasks_and_openapi(server):
+    tasks = httpx.get(f"{server}/v1/tasks", headers=AUTH).json()
+    described = {t["name"]: t for t in tasks["tasks"]}
+    assert described["sentiment"]["type"] == "classification"
+    assert set(described["sentiment"]["labels"]) == {"pos", "neg"}
+    assert described["ner"]["input_fields"] == ["tokens"] and "O" in described["ner"]["labels"]
+    assert described["sentiment"]["metrics"]["main_metric"] == "accuracy"
+    schema = httpx.get(f"{server}/openapi.json").json()
+    assert {"/v1/tasks/{task}/predict", "/v1/predict", "/v1/tasks", "/healthz"} <= set(schema["paths"])
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "words"),
+    [
+        ("/v1/tasks/nope/predict", {"input": {"text": "a"}}, 404, "no task 'nope'"),
+        ("/v1/tasks/sentiment/predict", {"inputs": []}, 422, "inputs"),
+        ("/v1/tasks/sentiment/predict", {"inputs": [{"text": "a"}] * 9}, 422, "at most 8"),
+        ("/v1/tasks/sentiment/predict", {"input": {"text": "x" * 201}}, 422, "at most 200 are allowed"),
+        ("/v1/tasks/sentiment/predict", {"input": {"txt": "a"}}, 422, "input: field 'text': missing"),
+        ("/v1/tasks/sentiment/predict", {"input": {"text": "a"}, "inputs": [{"text": "b"}]}, 422, "either"),
+        ("/v1/tasks/sentiment/predict", {"input": {"text": "a"}, "extra": 1}, 422, "extra"),
+        ("/v1/tasks/ner/predict", {"input": {"tokens": 3}}, 422, "tokens"),
+        ("/v1/predict", {"inputs": [{"task": "nope", "input": {"text": "a"}}]}, 422, "inputs.0.task: no task 'nope'"),
+        ("/v1/tasks/sentiment/generate", {"input": {"text": "a"}}, 422, "not a generation task"),
+    ],
+)
+def test_bad_input_is_a_4xx_with_one_line(server, path, body, status, words):
+    response = httpx.post(f"{server}{path}", json=body, headers=AUTH)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and words in detail
+
+
+def test_malformed_and_oversized_bodies(server):
+    bad = httpx.post(
+        f"{server}/v1/tasks/sentiment/predict",
+        content=b"{not json",
+        headers={**AUTH, "content-type": "application/json"},
+    )
+    assert bad.status_code == 422 and "JSON" in bad.json()["detail"]
+    huge = httpx.post(f"{server}/v1/tasks/sentiment/predict", content=b"x" * 3_000_000, headers=AUTH)
+    assert huge.status_code == 413
+
+
+def test_auth_is_required_on_v1_only(server):
+    assert httpx.get(f"{server}/healthz").status_code == 200
+    missing = httpx.post(f"{server}/v1/tasks/sentiment/predict", json={"input": {"text": "a"}})
+    assert missing.status_code == 401 and "bearer token" in missing.json()["detail"]
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = httpx.get(f"{server}/v1/tasks", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert httpx.get(f"{server}/v1/tasks", headers=AUTH).status_code == 200
