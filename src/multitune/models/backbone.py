@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,30 +69,50 @@ def load_backbone(
 ) -> Backbone:
     """A folder loads as is; a hub id loads from the hub, or from its packaged copy when offline or unreachable."""
     packaged = packaged_copy(name)
+    backbone = load_with_fallback(
+        name,
+        revision,
+        lambda source, rev: _from(source, rev, trust_remote_code, random_init),
+        (lambda: str(packaged)) if packaged is not None else None,
+        "backbone",
+        PACKAGED_MODELS[name][0].replace("_", "-") if name in PACKAGED_MODELS else None,
+    )
+    if not getattr(backbone.tokenizer, "is_fast", False):
+        raise ConfigError(f"backbone '{name}' has no fast tokenizer, which multitune needs", field="model.backbone")
+    return backbone
+
+
+def load_with_fallback(
+    name: str,
+    revision: str | None,
+    load: Callable[[str, str | None], Backbone],
+    packaged: Callable[[], str] | None,
+    kind: str,
+    package: str | None,
+) -> Backbone:
+    """Load `name` (a folder, or a hub id), falling back to its packaged copy (`packaged()` gives its folder;
+    tried first when offline). A failure names every source tried, and the package to install if any."""
+    copy = "<packaged copy>"
     if Path(name).exists():
         candidates = [name]
     elif offline_mode() and packaged is not None:
-        candidates = [str(packaged)]
+        candidates = [copy]
     else:
-        candidates = [name] + ([str(packaged)] if packaged is not None else [])
+        candidates = [name] + ([copy] if packaged is not None else [])
     errors = []
     for source in candidates:
         try:
-            backbone = _from(source, revision if source == name else None, trust_remote_code, random_init)
+            if source == copy and packaged is not None:
+                backbone = load(packaged(), None)
+                log.info("%s %s: loaded its packaged copy", kind, name)
+            else:
+                backbone = load(source, revision)
         except (OSError, ValueError) as error:
             errors.append(f"{source}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
             continue
-        if source != name:
-            log.info("backbone %s: loaded its packaged copy from %s", name, source)
-        if not getattr(backbone.tokenizer, "is_fast", False):
-            raise ConfigError(f"backbone '{name}' has no fast tokenizer, which multitune needs", field="model.backbone")
         return backbone
-    hint = (
-        ""
-        if packaged is not None or name not in PACKAGED_MODELS
-        else f" (install {PACKAGED_MODELS[name][0].replace('_', '-')} for an offline copy)"
-    )
-    raise ConfigError(f"cannot load backbone '{name}'{hint}: {'; '.join(errors)}", field="model.backbone")
+    hint = f" (install {package} for an offline copy)" if package and packaged is None else ""
+    raise ConfigError(f"cannot load {kind} '{name}'{hint}: {'; '.join(errors)}", field="model.backbone")
 
 
 def backbone_from_run(folder: Path) -> Backbone:

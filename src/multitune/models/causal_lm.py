@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from multitune.data.collate import Batch
 from multitune.data.encoding import IGNORE_INDEX
 from multitune.errors import ConfigError
-from multitune.models.backbone import Backbone, offline_mode
+from multitune.models.backbone import Backbone, load_with_fallback
 from multitune.models.multitask import MultiTaskModel, pool
 
 log = logging.getLogger(__name__)
@@ -120,29 +120,14 @@ def load_causal_lm(
 ) -> Backbone:
     """A folder loads as is; a hub id loads from the hub, or from its packaged (converted) copy offline."""
     gguf = packaged_gguf(name)
-    if Path(name).exists():
-        candidates = [name]
-    elif offline_mode() and gguf is not None:
-        candidates = [""]  # "" stands for the packaged copy, converted on first use
-    else:
-        candidates = [name] + ([""] if gguf is not None else [])
-    errors = []
-    for source in candidates:
-        try:
-            folder = str(converted_copy(name, gguf)) if not source and gguf is not None else source
-            backbone = _from(folder, revision if source == name else None, trust_remote_code, random_init)
-        except (OSError, ValueError) as error:
-            errors.append(f"{source or gguf}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
-            continue
-        if source != name:
-            log.info("causal LM %s: loaded its packaged copy (%s)", name, gguf)
-        return backbone
-    hint = (
-        f" (install {PACKAGED_CAUSAL_LMS[name][0].replace('_', '-')} for an offline copy)"
-        if name in PACKAGED_CAUSAL_LMS and gguf is None
-        else ""
+    return load_with_fallback(
+        name,
+        revision,
+        lambda source, rev: _from(source, rev, trust_remote_code, random_init),
+        (lambda: str(converted_copy(name, gguf))) if gguf is not None else None,
+        "causal LM",
+        PACKAGED_CAUSAL_LMS[name][0].replace("_", "-") if name in PACKAGED_CAUSAL_LMS else None,
     )
-    raise ConfigError(f"cannot load causal LM '{name}'{hint}: {'; '.join(errors)}", field="model.backbone")
 
 
 def causal_lm_from_run(folder: Path) -> Backbone:
