@@ -20,8 +20,8 @@ With `--onnx`, the encoder and head are also exported to `model.onnx` (needs the
 from __future__ import annotations
 
 import json
+import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from multitune.models.backbone import PACKAGED_MODELS, packaged_copy
 from multitune.models.multitask import MultiTaskModel, pool
 from multitune.models.peft_tasks import SHARED
 from multitune.run import FINETUNED, FROM_RUN, encode_for_prediction, load_run, task_from_manifest
-from multitune.training.checkpoint import WEIGHTS_FILE, load_weights
+from multitune.training.checkpoint import WEIGHTS_FILE, discard_staging, load_weights
 
 HEAD_WEIGHTS = "multitune_head.safetensors"
 HEAD_CONFIG = "multitune_head.json"
@@ -135,12 +135,9 @@ def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool
         if onnx:
             export_onnx(model, backbone.tokenizer, config, task, staging / "model.onnx")
         (staging / "README.md").write_text(model_card(run, config, task, loader, checked, onnx), encoding="utf-8")
-        if target.exists():
-            target.rmdir()
-        shutil.move(str(staging), str(target))
+        os.replace(staging, target)  # atomic; replaces an empty target folder
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
     target.chmod(0o755)
     return target
 
@@ -175,6 +172,18 @@ def merged_backbone(model: MultiTaskModel, run: Path, config: Config, task: str)
     return peft_model.merge_and_unload(adapter_names=names).eval()  # type: ignore[no-any-return,operator]
 
 
+def save_hf_model(model: Any, folder: Path) -> None:
+    """A folder plain transformers loads: the config (and generation settings) through transformers, the
+    weights through safetensors (multitune writes weights only as safetensors, by its own code)."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(folder)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and model.can_generate():
+        generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))
+
+
 def _encoder_from_run(folder: Path) -> Any:
     from multitune.models.backbone import backbone_from_run
 
@@ -194,7 +203,7 @@ def _write_model(
         generation: Any = plain.generation_config  # type: ignore[union-attr]
         generation.max_new_tokens = task.config.max_new_tokens
         generation.do_sample = False
-        plain.save_pretrained(folder)  # type: ignore[operator]
+        save_hf_model(plain, folder)
         auto = "AutoModelForSeq2SeqLM" if config.model.kind == "seq2seq" else "AutoModelForCausalLM"
         return GENERATION_LOADER.format(auto_class=auto, folder=folder.name), 0.0
     head: Any = model.heads[task.name]
@@ -203,7 +212,7 @@ def _write_model(
         difference = _write_token_model(model, plain, linear, tokenizer, config, task, folder)
         example = json.dumps(PROBE_TOKENS[0])
         return TOKEN_LOADER.format(folder=folder.name, max_length=config.model.max_length, example=example), difference
-    plain.save_pretrained(folder)  # type: ignore[operator]
+    save_hf_model(plain, folder)
     save_file(
         {"weight": linear.weight.detach().contiguous(), "bias": linear.bias.detach().contiguous()},
         str(folder / HEAD_WEIGHTS),
@@ -246,7 +255,7 @@ def _write_token_model(
     if missing or not isinstance(classifier, nn.Linear):
         raise ConfigError(f"cannot map this backbone onto {type(tagger).__name__}", field="model.backbone")
     classifier.load_state_dict(linear.state_dict())
-    tagger.save_pretrained(folder)
+    save_hf_model(tagger, folder)
     reloaded = AutoModelForTokenClassification.from_pretrained(folder).eval()
     rows = _probe_rows(config, task, tokenizer, [{"tokens": t} for t in PROBE_TOKENS])
     difference = 0.0

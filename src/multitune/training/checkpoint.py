@@ -172,3 +172,11 @@ def remove_leftovers(run_dir: Path) -> None:
     if root.is_dir():
         for leftover in [*root.glob(f".{PREFIX}*{PARTIAL}"), *root.glob(f".{PREFIX}*{DISCARDED}")]:
             _remove_checkpoint(leftover)
+
+
+def discard_staging(path: Path) -> None:
+    """Delete a hidden staging folder of ours (made with tempfile next to its target and never renamed)."""
+    import shutil
+
+    if path.name.startswith(".") and path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
