@@ -128,7 +128,7 @@ def balanced_backward(
             squares = group.sum_(task_grads.float().pow(2).sum(1))  # rows are disjoint across processes
             norms = squares.sqrt() / coefficients.abs().clamp_min(1e-12)  # ‖∇_Z L_i‖ of the raw loss
             weighting.observe_gradient_norms(norms, stacked.detach(), names, step)
-    model_parameters = [p for p in model.parameters() if p.requires_grad]
+    model_parameters = [p for p in model.parameters() if p.requires_grad] if group.several else []
     if aggregator is None:
         backward(total)
         group.sum_grads_(model_parameters)

@@ -59,6 +59,9 @@ class TaskAdapters(nn.Module):
             raise ConfigError(f"a task may not be called '{SHARED}' when per-task adapters are on", field=FIELD)
         self.method, self.tasks, self.shared = method, list(tasks), shared
         self.routing: list[str] | None = None  # the adapter of each row of the current batch
+        self.runs: list[tuple[str, slice]] = []  # the same as runs of consecutive rows, derived once per batch
+        self.run_of_row = torch.empty(0, dtype=torch.long)  # [B]: each row's index into `runs`
+        self.base_names: list[str] = []  # what peft's LoRA layers are told: base projection only, per row
         self.lora_config: Any = None
         self.bottlenecks = nn.ModuleDict()
         for p in backbone.parameters():
@@ -108,7 +111,7 @@ class TaskAdapters(nn.Module):
     def _route_lora(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # peft's layer computes only the frozen base projection ("__base__" rows); _lora_hook adds the adapters
         if self.routing is not None:
-            kwargs["adapter_names"] = [BASE] * len(self.routing)
+            kwargs["adapter_names"] = self.base_names
         return args, kwargs
 
     def _lora_hook(self, module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor:
@@ -118,7 +121,7 @@ class TaskAdapters(nn.Module):
         if self.routing is None:
             return output
         x = args[0]
-        runs = _runs(self.routing)
+        runs = self.runs
         if self.shared:
             output = output + _lora_update(module, SHARED, x)
         if len(runs) == 1:
@@ -127,10 +130,7 @@ class TaskAdapters(nn.Module):
         a = torch.stack([module.lora_A[n].weight for n in names])  # [R, r, in]
         b = torch.stack([module.lora_B[n].weight for n in names])  # [R, out, r]
         scale = torch.tensor([module.scaling[n] for n in names], dtype=a.dtype, device=a.device)
-        run_of_row = torch.repeat_interleave(
-            torch.arange(len(runs), device=x.device),
-            torch.tensor([r.stop - r.start for _, r in runs], device=x.device),
-        )  # [B]
+        run_of_row = self.run_of_row.to(x.device)
         flat = module.lora_dropout[names[0]](x.to(a.dtype)).reshape(x.shape[0], -1, x.shape[-1])  # [B, L, in]
         down = torch.bmm(flat, a[run_of_row].transpose(1, 2))  # [B, L, r]
         up = torch.bmm(down, b[run_of_row].transpose(1, 2)) * scale[run_of_row, None, None]  # [B, L, out]
@@ -166,7 +166,7 @@ class TaskAdapters(nn.Module):
         if self.shared:
             hidden = self.bottlenecks[SHARED][index](hidden)  # type: ignore[index]
         pieces = []
-        for name, rows in _runs(self.routing):
+        for name, rows in self.runs:
             pieces.append(self.bottlenecks[name][index](hidden[rows]))  # type: ignore[index]
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
@@ -197,7 +197,7 @@ class TaskAdapters(nn.Module):
         assert self.routing is not None
         ids = torch.arange(self.virtual_tokens, device=inputs["input_ids"].device)
         embeds = backbone.get_input_embeddings()(inputs["input_ids"])  # type: ignore[operator]
-        pieces = [self.prompts[name](ids).expand(r.stop - r.start, -1, -1) for name, r in _runs(self.routing)]
+        pieces = [self.prompts[name](ids).expand(r.stop - r.start, -1, -1) for name, r in self.runs]
         prompt = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [B, n, H]
         if self.shared:
             prompt = torch.cat([self.prompts[SHARED](ids).expand(prompt.shape[0], -1, -1), prompt], dim=1)
@@ -213,11 +213,15 @@ class TaskAdapters(nn.Module):
     @contextlib.contextmanager
     def route(self, row_tasks: list[str]) -> Iterator[None]:
         """Within this block, row i of every backbone forward uses task row_tasks[i]'s adapter."""
-        previous, self.routing = self.routing, row_tasks
+        previous = self.routing, self.runs, self.run_of_row, self.base_names
+        self.routing, self.runs = row_tasks, _runs(row_tasks)
+        sizes = torch.tensor([rows.stop - rows.start for _, rows in self.runs])
+        self.run_of_row = torch.repeat_interleave(torch.arange(len(self.runs)), sizes)
+        self.base_names = [BASE] * len(row_tasks)
         try:
             yield
         finally:
-            self.routing = previous
+            self.routing, self.runs, self.run_of_row, self.base_names = previous
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         if self.method == "lora":
