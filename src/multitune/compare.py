@@ -65,12 +65,12 @@ def _train_subprocess(config: Config, folder: Path) -> tuple[Path, float]:
 
 
 def _fingerprint(config: Config, task: str) -> str:
-    """Hash of what decides a baseline: the task's config and data files, the model, training and seed."""
+    """Hash of what decides a baseline: the task's config and data files, the model, training and seed.
+    Only settings that differ from their defaults enter it, so a newly added option leaves caches valid."""
     digest = hashlib.sha256()
     task_config = config.tasks[task]
-    digest.update(json.dumps(task_config.model_dump(mode="json"), sort_keys=True).encode())
-    digest.update(json.dumps(config.model.model_dump(mode="json"), sort_keys=True).encode())
-    digest.update(json.dumps(config.training.model_dump(mode="json"), sort_keys=True).encode())
+    for group in (task_config, config.model, config.training, config.regularization):
+        digest.update(json.dumps(group.model_dump(mode="json", exclude_defaults=True), sort_keys=True).encode())
     digest.update(str(config.run.seed).encode())
     for split in SPLITS:
         paths = getattr(task_config.source, split) or []
@@ -98,8 +98,10 @@ def validation_trajectory(run_dir: Path, task: str, batch_size: int) -> list[lis
 
 
 def single_task_config(config: Config, task: str, rows: int) -> Config:
-    """The baseline of one task: the same model and training settings, as many rows as multi-task gave it."""
+    """The baseline of one task: the same backbone and training settings, as many rows as multi-task gave
+    it, fully fine-tuned (one model per task: no sharing architecture, no adapters)."""
     data = json.loads(json.dumps(config.model_dump(mode="json")))
+    data["model"].update(architecture={"name": "hard"}, peft=None)
     steps = max(1, math.ceil(rows / config.training.batch_size))
     data["tasks"] = {task: data["tasks"][task]}
     data["training"].update(

@@ -87,6 +87,9 @@ class ModelConfig(Group):
     # how tasks share the backbone: hard, hybrid, soft, cross_stitch, mmoe, ple (models/architectures.py)
     architecture: MethodConfig = Field(default_factory=lambda: MethodConfig(name="hard"))
     peft: AdapterConfig | None = None  # one adapter per task (and optionally a shared one)
+    # the backbone's attention kernel (transformers' names); default: the model's own choice (usually sdpa)
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] | None = None
+    lm_loss_chunk: int = Field(4096, ge=0)  # causal LMs: target tokens per chunk of the fused LM-head loss; 0: off
 
 
 class GradientConfig(MethodConfig):
@@ -132,6 +135,11 @@ class TrainingConfig(Group):
     mixed_batches: bool = False  # one batch mixes examples of several tasks, drawn by the sampler
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False  # recompute the backbone's activations in backward: less memory
+    gradient_accumulation: int = Field(1, ge=1)  # split each step's batch into this many backbone passes
+    group_by_length: bool = False  # draw each task's rows in length-grouped order: less padding per batch
+    packing: bool = False  # causal LMs: pack generation examples into rows of pack_length, no padding between
+    pack_length: int | None = Field(None, ge=8)  # default: model.max_length
+    compile: bool = False  # torch.compile the backbone (dynamic shapes)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int | None = Field(500, ge=1)  # also at the end and on SIGTERM / SIGINT
     keep_checkpoints: int = Field(2, ge=1)
@@ -442,6 +450,46 @@ def validate_config(
     return config
 
 
+def check_speed_options(config: Config) -> None:
+    """Packing and gradient accumulation: where they apply."""
+    training = config.training
+    if training.packing:
+        not_generation = [name for name, task in config.tasks.items() if task.type != "generation"]
+        if config.model.kind != "causal_lm" or not_generation:
+            raise ConfigError(
+                "packing puts several generation examples in one row of a causal LM; "
+                + (
+                    f"task '{not_generation[0]}' is a {config.tasks[not_generation[0]].type} task"
+                    if not_generation
+                    else f"this model is a {config.model.kind}"
+                ),
+                field="training.packing",
+            )
+        if config.model.peft is not None and not config.model.peft.shared:
+            raise ConfigError(
+                "per-task adapters route whole rows to one task; a packed row holds several tasks' examples",
+                field="training.packing",
+            )
+        if training.pack_length is not None and training.pack_length < config.model.max_length:
+            raise ConfigError(
+                f"pack_length {training.pack_length} is shorter than model.max_length {config.model.max_length}",
+                field="training.pack_length",
+            )
+    if training.gradient_accumulation > training.batch_size:
+        raise ConfigError(
+            f"gradient_accumulation {training.gradient_accumulation} splits a batch of {training.batch_size} rows "
+            "into more parts than it has rows",
+            field="training.gradient_accumulation",
+        )
+    gradient = config.gradient_aggregation
+    if training.gradient_accumulation > 1 and gradient is not None and gradient.source == "parameters":
+        raise ConfigError(
+            "gradient accumulation splits the shared representation's backward; with the parameters source use "
+            "a smaller batch, several processes, or the representation source",
+            field="training.gradient_accumulation",
+        )
+
+
 def check_methods(config: Config) -> None:
     """Method names and parameters exist in their registries (imported here to keep config.py the root)."""
     from multitune.data.samplers import SAMPLERS
@@ -482,6 +530,7 @@ def check_methods(config: Config) -> None:
             "task affinity is measured on shared parameters, and soft sharing has none",
             field="analysis.task_affinity" if config.analysis.task_affinity else "guard.enabled",
         )
+    check_speed_options(config)
     schedule = config.training.schedule
     if schedule.name == "sequential":
         try:  # checks order and fractions now, not after the data is read

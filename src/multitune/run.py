@@ -23,7 +23,7 @@ from multitune.balancing.backward import Balancer
 from multitune.balancing.gradients import GRADIENT_AGGREGATORS, GramianAggregator, gramian
 from multitune.balancing.losses import LOSS_WEIGHTINGS, LossWeighting
 from multitune.config import Config, GradientConfig, MethodConfig, TaskConfig, dump_config, validate_config
-from multitune.data.collate import Batch, collate
+from multitune.data.collate import Batch, collate, pack
 from multitune.data.encoding import Encoded, encode
 from multitune.data.readers import Row, json_rows, read_jsonl
 from multitune.data.samplers import SAMPLERS, ObservesTraining, TaskSampler
@@ -35,6 +35,7 @@ from multitune.evaluation.report import write_report
 from multitune.models.architectures import ARCHITECTURES
 from multitune.models.backbone import Backbone, backbone_from_run, load_backbone
 from multitune.models.causal_lm import (
+    CausalLMMultiTask,
     build_causal_model,
     build_seq2seq_model,
     causal_lm_from_run,
@@ -155,15 +156,49 @@ def prepare(config: Config) -> Prepared:
         load_backbone_weights(model, Path(model_config.init_from))
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if model_config.attn_implementation is not None:
+        for module in backbone_modules(model):
+            module.set_attn_implementation(model_config.attn_implementation)  # type: ignore[operator]
+    if isinstance(model, CausalLMMultiTask):
+        model.loss_chunk = model_config.lm_loss_chunk
+    if config.training.compile:
+        compile_backbone(model)
     encoded = encode_splits(tasks, backbone.tokenizer, model_config.max_length, model_config.kind == "seq2seq")
     return Prepared(config, tasks, backbone, model, encoded)
+
+
+def backbone_modules(model: MultiTaskModel) -> list[torch.nn.Module]:
+    """The Hugging Face model(s) of a multi-task model (one per task under soft sharing)."""
+    return list(model.backbone.values()) if isinstance(model.backbone, torch.nn.ModuleDict) else [model.backbone]
+
+
+def compile_backbone(model: MultiTaskModel) -> None:
+    """torch.compile, in place, the module(s) each forward runs: the backbone(s), or a causal LM's body
+    (its LM head runs separately, only at labelled positions). Dynamic shapes: batches vary in length."""
+    modules = [model.body] if isinstance(model, CausalLMMultiTask) else backbone_modules(model)
+    for module in modules:
+        module.compile(dynamic=True)
+
+
+def task_stream(rows: list[Encoded], seed: str, training: Any) -> TaskStream[Encoded]:
+    """One task's training stream; length-grouped in groups of a batch when asked."""
+    if not training.group_by_length:
+        return TaskStream(rows, seed)
+    return TaskStream(rows, seed, training.batch_size, [len(row.input_ids) for row in rows])
+
+
+def batch_collate(config: Config) -> Callable[[dict[str, list[Encoded]], int], Batch]:
+    """Padded batches, or (training.packing) packed rows of pack_length tokens."""
+    if not config.training.packing:
+        return collate
+    length = config.training.pack_length or config.model.max_length
+    return lambda rows, pad_id: pack(rows, pad_id, length)
 
 
 def enable_gradient_checkpointing(model: MultiTaskModel) -> None:
     """Activation checkpointing in every Hugging Face backbone of the model (non-reentrant, so the
     per-task backward passes of gradient aggregation can reuse the graph)."""
-    backbones = list(model.backbone.values()) if isinstance(model.backbone, torch.nn.ModuleDict) else [model.backbone]
-    for module in backbones:
+    for module in backbone_modules(model):
         backbone: Any = module
         if not getattr(backbone, "supports_gradient_checkpointing", False):
             raise ConfigError(
@@ -355,7 +390,10 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     sampler = build_sampler(config, tasks)
     balancer = build_balancer(config, list(tasks))
     require_shared_parameters(model, balancer)
-    streams = {name: TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:stream") for name in tasks}
+    streams = {
+        name: task_stream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:stream", training)
+        for name in tasks
+    }
 
     accelerator = make_accelerator(training.mixed_precision)
     group = from_accelerator(accelerator)
@@ -455,6 +493,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         early_stopping=EarlyStopping(**training.early_stopping.model_dump()) if training.early_stopping else None,
         reptile=reptile,
         processes=group,
+        gradient_accumulation=training.gradient_accumulation,
     )
     try:
         state = train(
@@ -477,6 +516,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
             record,
             stop,
             regularizers,
+            batch_collate(config),
         )
     finally:
         if history is not None:

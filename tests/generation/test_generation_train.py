@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from multitune.cli import main
@@ -172,3 +173,23 @@ def test_verbalizer_on_a_classification_task(bad_setup, capsys):
     del config["tasks"]["copy"]["instruction"]
     err = run_bad(tmp_path, config, capsys)
     assert "field 'tasks.copy': verbalizer: only generation tasks take it (this task is classification)" in err
+
+
+def test_packed_training_reaches_the_padded_weights(tiny_causal_lm, tmp_path, write_jsonl):
+    """Mixed batches packed into rows train to the same weights as the same batches padded."""
+    from safetensors.torch import load_file
+
+    data = generation_config(tiny_causal_lm, tmp_path, write_jsonl)
+    data["training"].update(mixed_batches=True, eval_every=6, checkpoint_every=None)
+    data["model"]["dropout"] = 0.0
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main(["train", str(path), "run.name=padded"]) == 0
+    assert main(["train", str(path), "run.name=packed", "training.packing=true", "training.pack_length=64"]) == 0
+    padded = load_file(str(tmp_path / "runs" / "padded" / "model.safetensors"))
+    packed = load_file(str(tmp_path / "runs" / "packed" / "model.safetensors"))
+    assert padded.keys() == packed.keys()
+    for name, tensor in padded.items():
+        torch.testing.assert_close(packed[name], tensor, rtol=1e-4, atol=1e-5)
+    history = [json.loads(line) for line in (tmp_path / "runs" / "packed" / "history.jsonl").read_text().splitlines()]
+    assert {name for h in history if "losses" in h for name in h["losses"]} == {"sentiment", "copy"}

@@ -11,6 +11,15 @@ sum, or per-task gradients combined by a gradient aggregator:
   preallocated [T, P] buffer (float32, or bfloat16 to halve it), aggregated, and written into the shared
   parameters' `.grad`. Each task runs its own forward on its own rows, so the T backward passes together
   cost about one backward of the joint batch. Heads and learnable weightings get their ordinary gradients.
+
+Gradient accumulation (`micro_batches` > 1, representation source or a plain backward) splits only the
+backbone's work, and stays exact for every loss weighting and aggregator: the backbone first runs on each
+micro-batch without a graph, giving the whole batch's representation Z as a leaf; the heads, the
+weighting and the aggregator then see the whole batch exactly as without accumulation; finally the
+backbone runs again on each micro-batch, with the random state it had the first time (dropout masks
+repeat), and back-propagates its slice of dL/dZ (Gao et al. 2021, "Scaling Deep Contrastive Learning
+Batch Size under Memory Limited Setup"). Peak activation memory is one micro-batch's; the price is one
+more forward pass of the backbone.
 """
 
 from __future__ import annotations
@@ -79,12 +88,15 @@ def balanced_backward(
     backward: Callable[[Tensor], None] = Tensor.backward,
     group: Processes = ALONE,
     shares: dict[str, float] | None = None,
+    micro_batches: int = 1,
 ) -> StepLosses:
     """With several processes (training/distributed.py), `shares` gives each task of the global step its
     local share of rows (n_local / n_global, 0 for a task without rows here); every process then balances
-    the same tasks with the global loss values and global task gradients, and sums its gradients."""
+    the same tasks with the global loss values and global task gradients, and sums its gradients.
+    `micro_batches` > 1: gradient accumulation, exact (see the module's docstring)."""
     weighting = balancer.weighting
     per_task_forward = balancer.aggregator is not None and balancer.source == "parameters" and len(batch.tasks) > 1
+    replay: Callable[[Tensor], None] | None = None
     if per_task_forward:  # separate graphs: task i's backward then touches only task i's rows
         losses = {}
         for name in batch.tasks:
@@ -92,7 +104,10 @@ def balanced_backward(
             losses.update(model.head_losses(model.encode(part), part))
         hidden = None
     else:
-        hidden = model.encode(batch)  # [B, L, H]: the shared representation
+        if micro_batches > 1 and batch.size > 1:
+            hidden, replay = encode_in_parts(model, batch, micro_batches)
+        else:
+            hidden = model.encode(batch)  # [B, L, H]: the shared representation
         losses = model.head_losses(hidden, batch)
     if group.several:
         assert shares is not None, "several processes need each task's share of the rows"
@@ -131,6 +146,8 @@ def balanced_backward(
     model_parameters = [p for p in model.parameters() if p.requires_grad] if group.several else []
     if aggregator is None:
         backward(total)
+        if replay is not None and hidden is not None:
+            replay(hidden.grad if hidden.grad is not None else torch.zeros_like(hidden))
         group.sum_grads_(model_parameters)
     elif balancer.source == "representation" and hidden is not None:
         if group.several:
@@ -142,11 +159,55 @@ def balanced_backward(
         head_side = _unshared_parameters(model, weighting)
         if head_side:
             torch.autograd.backward(total, inputs=head_side, retain_graph=True)
-        torch.autograd.backward(hidden, grad_tensors=update.to(hidden.dtype))
+        if replay is not None:
+            replay(update.to(hidden.dtype))
+        else:
+            torch.autograd.backward(hidden, grad_tensors=update.to(hidden.dtype))
         group.sum_grads_(model_parameters)
     else:
         _parameter_source_backward(model, balancer, aggregator, parts, stacked, coefficients, total, step, group)
     return StepLosses({n: stacked[i].detach() for i, n in enumerate(names)}, total.detach())
+
+
+def encode_in_parts(model: BalancedModel, batch: Any, parts: int) -> tuple[Tensor, Callable[[Tensor], None]]:
+    """The whole batch's representation, computed `parts` rows at a time without a graph, as a leaf that
+    requires grad; and `replay(dZ)`, which re-runs each part with its first random state and
+    back-propagates dZ's slice of it into the backbone."""
+    size = batch.size
+    bounds = [(size * k // parts, size * (k + 1) // parts) for k in range(parts)]
+    bounds = [(a, b) for a, b in bounds if b > a]
+    states: list[tuple[Tensor, list[Tensor]]] = []
+    pieces = []
+    with torch.no_grad():
+        for a, b in bounds:
+            states.append(_rng_state())
+            pieces.append(model.encode(batch.rows(a, b)))
+    after = _rng_state()
+    first = pieces[0]
+    hidden = first.new_zeros((size, *batch.inputs["input_ids"].shape[1:], *first.shape[2:]))
+    for (a, b), piece in zip(bounds, pieces, strict=True):
+        hidden[a:b, : piece.shape[1]] = piece
+    del pieces
+    hidden.requires_grad_(True)
+
+    def replay(grad: Tensor) -> None:
+        for (a, b), state in zip(bounds, states, strict=True):
+            _set_rng_state(state)
+            piece = model.encode(batch.rows(a, b))
+            torch.autograd.backward(piece, grad_tensors=grad[a:b, : piece.shape[1]].to(piece.dtype))
+        _set_rng_state(after)
+
+    return hidden, replay
+
+
+def _rng_state() -> tuple[Tensor, list[Tensor]]:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1]:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def _grad_or_zeros(loss: Tensor, wrt: Tensor, scale: Tensor) -> Tensor:

@@ -1,4 +1,12 @@
-"""Pad encoded rows of one or several tasks into one backbone batch, remembering which rows are whose."""
+"""Pad encoded rows of one or several tasks into one backbone batch, remembering which rows are whose;
+or pack them (causal LMs): several examples share a row, each with its own positions, no padding between.
+
+Packing: rows are placed first-fit by decreasing length into rows of at most `length` tokens; every
+example's position ids restart at 0, so a model that reads packed sequences from position ids
+(transformers' sdpa/eager/flex masks, flash-attention's variable-length kernels) lets no token attend
+across examples. Each task's labels cover only its own tokens, so its loss (the mean over its target
+tokens) is the same as in a padded batch.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +29,9 @@ class TaskRows:
 class Batch:
     """One backbone forward: inputs of all tasks padded together, plus each task's rows and labels."""
 
-    inputs: dict[str, Tensor]  # input_ids, attention_mask[, token_type_ids]: [B, L]
+    inputs: dict[str, Tensor]  # input_ids, attention_mask[, token_type_ids | position_ids]: [B, L]
     tasks: dict[str, TaskRows]
+    packed: bool = False  # rows hold several examples (position_ids restart per example; see pack())
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -31,11 +40,19 @@ class Batch:
                 name: TaskRows(t.rows, None if t.labels is None else t.labels.to(device, non_blocking=True), t.aligned)
                 for name, t in self.tasks.items()
             },
+            self.packed,
         )
 
     def only(self, name: str) -> Batch:
-        """The rows of one task, trimmed to their own longest row (less padding than the joint batch)."""
+        """The rows of one task, trimmed to their own longest row (less padding than the joint batch).
+        Packed: the rows holding any of its tokens (other examples in them take part, without loss)."""
         part = self.tasks[name]
+        if self.packed:
+            assert part.labels is not None
+            keep = (part.labels != IGNORE_INDEX).any(1)
+            inputs = {k: v[keep] for k, v in self.inputs.items()}
+            rows = int(keep.sum())
+            return Batch(inputs, {name: TaskRows(slice(0, rows), part.labels[keep], True)}, packed=True)
         mask = self.inputs["attention_mask"][part.rows]
         length = max(int(mask.sum(1).max()), 1)
         inputs = {k: v[part.rows, :length] for k, v in self.inputs.items()}
@@ -47,6 +64,24 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.inputs["input_ids"].shape[0])
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows [start, stop) as a batch of their own (tasks cut to their rows there, padding trimmed)."""
+        mask = self.inputs["attention_mask"][start:stop]
+        length = self.inputs["input_ids"].shape[1] if self.packed else max(int(mask.sum(1).max()), 1)
+        inputs = {k: v[start:stop, :length] for k, v in self.inputs.items()}
+        tasks = {}
+        for name, part in self.tasks.items():
+            first, last = max(part.rows.start, start), min(part.rows.stop, stop)
+            if first >= last:
+                continue
+            labels = part.labels
+            if labels is not None:
+                labels = labels[first - part.rows.start : last - part.rows.start]
+                if labels.ndim == 2 and part.aligned:
+                    labels = labels[:, :length]
+            tasks[name] = TaskRows(slice(first - start, last - start), labels, part.aligned)
+        return Batch(inputs, tasks, self.packed)
 
 
 def collate(rows_by_task: dict[str, list[Encoded]], pad_id: int) -> Batch:
@@ -91,3 +126,42 @@ def _labels(rows: list[Encoded], length: int, aligned: bool = True) -> Tensor | 
     if isinstance(first, float):
         return torch.tensor([row.label for row in rows], dtype=torch.float32)
     return torch.tensor([row.label for row in rows], dtype=torch.long)
+
+
+def pack(rows_by_task: dict[str, list[Encoded]], pad_id: int, length: int) -> Batch:
+    """Pack examples (prompt and target tokens, labels aligned) into rows of at most `length` tokens."""
+    examples = [(name, row) for name, rows in rows_by_task.items() for row in rows]
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][1].input_ids))
+    bins: list[list[int]] = []  # example indices per packed row
+    room: list[int] = []
+    for i in order:
+        size = len(examples[i][1].input_ids)
+        if size > length:
+            raise ValueError(f"an example of {size} tokens does not fit a packed row of {length}")
+        slot = next((b for b, free in enumerate(room) if free >= size), None)
+        if slot is None:
+            bins.append([])
+            room.append(length)
+            slot = len(bins) - 1
+        bins[slot].append(i)
+        room[slot] -= size
+    width = max(length - free for free in room)
+    input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    attention = torch.zeros((len(bins), width), dtype=torch.long)
+    labels = {name: torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long) for name in rows_by_task}
+    for r, members in enumerate(bins):
+        at = 0
+        for i in members:
+            name, row = examples[i]
+            n = len(row.input_ids)
+            input_ids[r, at : at + n] = torch.tensor(row.input_ids)
+            positions[r, at : at + n] = torch.arange(n)
+            attention[r, at : at + n] = 1
+            if isinstance(row.label, list):
+                labels[name][r, at : at + len(row.label)] = torch.tensor(row.label)
+            at += n
+        positions[r, at:] = torch.arange(width - at)  # the tail is one more (label-free) sequence
+    inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions}
+    tasks = {name: TaskRows(slice(0, len(bins)), labels[name], True) for name in rows_by_task}
+    return Batch(inputs, tasks, packed=True)

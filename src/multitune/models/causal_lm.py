@@ -30,6 +30,7 @@ from multitune.data.collate import Batch
 from multitune.data.encoding import IGNORE_INDEX
 from multitune.errors import ConfigError
 from multitune.models.backbone import Backbone, load_with_fallback
+from multitune.models.lm_loss import linear_cross_entropy
 from multitune.models.multitask import MultiTaskModel, pool
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ class CausalLMMultiTask(MultiTaskModel):
 
     architecture = "causal_lm"
     left_padded = True  # generation prompts are left-padded (decoder-only)
+    fused_loss = True  # generation losses through the LM head fused with cross-entropy (models/lm_loss.py)
+    loss_chunk = 4096  # target tokens per chunk of that fused loss (0: plain logits and cross-entropy)
 
     def __init__(
         self,
@@ -168,8 +171,14 @@ class CausalLMMultiTask(MultiTaskModel):
 
     def encode(self, batch: Batch) -> Tensor:
         inputs = batch.inputs
+        if batch.packed:  # no 2-D mask: the model isolates the examples by their restarting position ids
+            return self.body(
+                input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False
+            ).last_hidden_state
         with self.routed(batch):  # per-task adapters, when attached, see each row's task
-            return self.body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+            return self.body(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            ).last_hidden_state
 
     def head_outputs(self, hidden: Tensor, batch: Batch) -> dict[str, Tensor]:
         """Heads' outputs; a generation task's are LM logits [N, V] at its N labelled positions (or, without
@@ -195,18 +204,29 @@ class CausalLMMultiTask(MultiTaskModel):
         return self.lm_head(picked)  # type: ignore[no-any-return]
 
     def head_losses(self, hidden: Tensor, batch: Batch) -> dict[str, Tensor]:
-        outputs = self.head_outputs(hidden, batch)
+        generation = {name: part for name, part in batch.tasks.items() if name in self.generation_tasks}
+        others = Batch(batch.inputs, {n: p for n, p in batch.tasks.items() if n not in generation}, batch.packed)
+        outputs = self.head_outputs(hidden, others) if others.tasks else {}
+        mask = batch.inputs["attention_mask"]
         losses = {}
         for name, part in batch.tasks.items():
             assert part.labels is not None, f"batch for task '{name}' has no labels"
-            if name in self.generation_tasks:
-                targets = part.labels[part.labels != IGNORE_INDEX]
-                logits = outputs[name]
-                # every target truncated away: no signal, zero loss (still connected to the graph)
-                losses[name] = F.cross_entropy(logits.float(), targets) if targets.numel() else hidden.sum() * 0.0
+            if name in generation:
+                losses[name] = self.generation_loss(hidden[part.rows], mask[part.rows], part.labels)
             else:
                 losses[name] = self.heads[name].loss(outputs[name], part.labels)  # type: ignore[operator]
         return losses
+
+    def generation_loss(self, rows: Tensor, rows_mask: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over the labelled positions; all targets truncated away: a zero loss that is
+        still connected to the graph."""
+        targets = labels[labels != IGNORE_INDEX]
+        if not targets.numel():
+            return rows.sum() * 0.0
+        head = self.lm_head
+        if self.fused_loss and self.loss_chunk > 0 and type(head) is nn.Linear:
+            return linear_cross_entropy(rows[labels != IGNORE_INDEX], head.weight, head.bias, targets, self.loss_chunk)
+        return F.cross_entropy(self.generation_logits(rows, rows_mask, labels).float(), targets)
 
     @torch.no_grad()
     def generate_texts(
@@ -260,6 +280,7 @@ class Seq2SeqMultiTask(CausalLMMultiTask):
 
     architecture = "seq2seq"
     left_padded = False
+    fused_loss = False  # the decoder runs per task on the encoder's states: its logits are small
 
     @property
     def body(self) -> nn.Module:

@@ -47,6 +47,7 @@ class LoopSettings:
     early_stopping: EarlyStopping | None = None
     reptile: Reptile | None = None  # the Reptile schedule: blocks of steps on one task, then a meta-update
     processes: Processes = ALONE  # data parallelism: this process trains its share of each global batch
+    gradient_accumulation: int = 1  # backbone passes per step (balanced_backward's micro_batches)
 
 
 @dataclass
@@ -144,7 +145,9 @@ def train(
         batch = collate_rows(drawn, settings.pad_id).to(accelerator.device)
         optimizer.zero_grad(set_to_none=True)
         with accelerator.autocast():
-            result = balanced_backward(model, batch, balancer, step, accelerator.backward, group, shares)
+            result = balanced_backward(
+                model, batch, balancer, step, accelerator.backward, group, shares, settings.gradient_accumulation
+            )
         penalty = sum(r.apply_() for r in regularizers)
         norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm or math.inf)
         step_losses = {name: float(loss) for name, loss in result.losses.items()}

@@ -1,0 +1,124 @@
+"""Packing: examples of several tasks share rows, yet every task's loss and every gradient equal the padded
+batch's (no token attends across examples); the fused chunked LM loss equals plain cross-entropy."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multitune.config import validate_config
+from multitune.data.collate import collate, pack
+from multitune.data.encoding import IGNORE_INDEX, encode
+from multitune.data.tasks import Example, TaskData
+from multitune.models.causal_lm import CausalLMMultiTask, load_causal_lm
+from multitune.models.lm_loss import linear_cross_entropy
+from tests.conftest import WORDS
+
+
+@pytest.fixture
+def model_and_rows(tiny_causal_lm):
+    backbone = load_causal_lm(str(tiny_causal_lm))
+    config = validate_config(
+        {"tasks": {name: {"type": "generation", "source": {"format": "jsonl", "train": "x"}} for name in "abc"}}
+    )
+    rng = random.Random(0)
+
+    def sentence(low: int, high: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+    rows = {}
+    for name, (low, high) in zip("abc", [(1, 4), (3, 12), (8, 20)], strict=True):
+        examples = [Example((sentence(low, high),), sentence(1, high), instruction="translate") for _ in range(5)]
+        rows[name] = encode(examples, TaskData(name, config.tasks[name], {}), backbone.tokenizer, 64)
+    model = CausalLMMultiTask(backbone.model, backbone.tokenizer, {}, list("abc"))
+    model.eval()
+    return model, rows, backbone.tokenizer.pad_token_id
+
+
+def _grads(model, losses):
+    model.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_packed_losses_and_gradients_equal_the_padded_ones(model_and_rows):
+    model, rows, pad = model_and_rows
+    padded = collate(rows, pad)
+    packed = pack(rows, pad, 48)
+    examples = sum(len(r) for r in rows.values())
+    assert packed.packed and packed.size < examples  # several examples per row
+    real = int(packed.inputs["attention_mask"].sum())
+    assert real == sum(len(row.input_ids) for r in rows.values() for row in r)
+    assert real / packed.inputs["input_ids"].numel() > real / padded.inputs["input_ids"].numel()
+    want, got = model.losses(padded), model.losses(packed)
+    assert set(want) == set(got) == set("abc")
+    for name in want:
+        assert got[name].item() == pytest.approx(want[name].item(), rel=1e-5)
+    grads_padded, grads_packed = _grads(model, model.losses(padded)), _grads(model, model.losses(packed))
+    assert grads_padded.keys() == grads_packed.keys()
+    for name, grad in grads_padded.items():
+        torch.testing.assert_close(grads_packed[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_packed_example_does_not_see_its_neighbours(model_and_rows):
+    model, rows, pad = model_and_rows
+    batch = pack(rows, pad, 64)
+    first = model.losses(batch)
+    changed = {name: list(r) for name, r in rows.items()}
+    other = changed["c"][0]
+    changed["c"][0] = type(other)(list(reversed(other.input_ids)), None, other.label, prompt_length=other.prompt_length)
+    second = model.losses(pack(changed, pad, 64))
+    assert second["a"].item() == pytest.approx(first["a"].item(), rel=1e-6)
+    assert second["b"].item() == pytest.approx(first["b"].item(), rel=1e-6)
+    assert second["c"].item() != pytest.approx(first["c"].item(), rel=1e-6)
+
+
+def test_only_one_task_of_a_packed_batch_keeps_its_loss(model_and_rows):
+    model, rows, pad = model_and_rows
+    batch = pack(rows, pad, 48)
+    for name in "abc":
+        part = batch.only(name)
+        assert list(part.tasks) == [name]
+        assert model.losses(part)[name].item() == pytest.approx(model.losses(batch)[name].item(), rel=1e-5)
+
+
+def test_an_example_longer_than_the_pack_is_refused(model_and_rows):
+    _, rows, pad = model_and_rows
+    with pytest.raises(ValueError, match="does not fit"):
+        pack(rows, pad, 8)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_fused_linear_cross_entropy_equals_plain_cross_entropy(bias, chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(50, dtype=torch.float64, requires_grad=True) if bias else None
+    targets = torch.randint(0, 50, (23,))
+    fused = linear_cross_entropy(hidden, weight, b, targets, chunk)
+    (3.0 * fused).backward()
+    got = [hidden.grad.clone(), weight.grad.clone(), *([b.grad.clone()] if b is not None else [])]
+    for t in [hidden, weight, *([b] if b is not None else [])]:
+        t.grad = None
+    plain = F.cross_entropy(F.linear(hidden, weight, b), targets)
+    (3.0 * plain).backward()
+    want = [hidden.grad, weight.grad, *([b.grad] if b is not None else [])]
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_loss_is_what_the_model_trains_on(model_and_rows):
+    model, rows, pad = model_and_rows
+    batch = collate(rows, pad)
+    model.loss_chunk = 5
+    fused = model.losses(batch)
+    model.loss_chunk = 0
+    plain = model.losses(batch)
+    for name in plain:
+        assert fused[name].item() == pytest.approx(plain[name].item(), rel=1e-5)
+    assert all((part.labels != IGNORE_INDEX).any() for part in batch.tasks.values())
