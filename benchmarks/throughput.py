@@ -112,26 +112,14 @@ def write_lengths(config_path: str, translation_dir: Path, per_task: int, seed: 
                 target = f"{example.label:.1f}"
             else:
                 target = str(example.label)
-            prompt = smol.apply_chat_template(
-                [{"role": "user", "content": f"{INSTRUCTIONS[name]}\n{text}"}],
-                add_generation_prompt=True,
-                tokenize=True,
-            )
-            prompt = prompt["input_ids"] if isinstance(prompt, dict) else prompt
-            pairs.append([len(prompt), len(smol(target, add_special_tokens=False)["input_ids"]) + 1])
+            pairs.append(chat_lengths(smol, f"{INSTRUCTIONS[name]}\n{text}", target))
         causal[name] = pairs
     english = (translation_dir / "train.en").read_text(encoding="utf-8").splitlines()
     german = (translation_dir / "train.de").read_text(encoding="utf-8").splitlines()
     picks = rng.sample(range(len(english)), per_task)
     causal["multi30k"] = []
     for i in picks:
-        prompt = smol.apply_chat_template(
-            [{"role": "user", "content": f"Translate to German:\n{english[i]}"}],
-            add_generation_prompt=True,
-            tokenize=True,
-        )
-        prompt = prompt["input_ids"] if isinstance(prompt, dict) else prompt
-        causal["multi30k"].append([len(prompt), len(smol(german[i], add_special_tokens=False)["input_ids"]) + 1])
+        causal["multi30k"].append(chat_lengths(smol, f"Translate to German:\n{english[i]}", german[i]))
     LENGTHS.parent.mkdir(parents=True, exist_ok=True)
     LENGTHS.write_text(
         json.dumps(
@@ -152,7 +140,7 @@ def write_lengths(config_path: str, translation_dir: Path, per_task: int, seed: 
 def chat_lengths(tokenizer: Any, message: str, target: str) -> list[int]:
     """[prompt tokens (chat template, generation prompt), target tokens + eos]."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True)
-    prompt = prompt["input_ids"] if isinstance(prompt, dict) else prompt
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     return [len(prompt), len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 1]
 
 

@@ -238,7 +238,15 @@ def make_accelerator(mixed_precision: str) -> Any:
     from accelerate import Accelerator
 
     several_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, cpu=several_cpus)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several_cpus)
+    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(
+            f"accelerate is configured for {engine}: multitune's data parallelism keeps a whole model on every "
+            "process (DDP-equivalent, exact for every balancer; training/distributed.py); sharded engines are not "
+            "supported yet: launch with a multi-GPU or multi-CPU accelerate config"
+        )
+    return accelerator
 
 
 def check_distributed(config: Config, balancer: Balancer, batch_size: int, group: Processes) -> None:
