@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="multi-task against one model per task, on the same budget")
     compare.add_argument("config", help="YAML config file")
     compare.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    compare.add_argument(
+        "--baseline-budget",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="each baseline trains on F times the rows the multi-task model saw of its task (default 1: equal)",
+    )
 
     affinity = commands.add_parser("affinity", help="train and measure which tasks help or hurt each other")
     affinity.add_argument("config", help="YAML config file")
@@ -105,7 +112,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "compare":
         from multitune.compare import compare
 
-        compare(args.config, args.overrides)
+        compare(args.config, args.overrides, args.baseline_budget)
     elif args.command == "affinity":
         from multitune.config import load_config
 

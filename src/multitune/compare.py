@@ -120,7 +120,11 @@ def single_task_config(config: Config, task: str, rows: int) -> Config:
     return Config.model_validate(data)
 
 
-def compare(config_path: str, overrides: list[str]) -> dict[str, Any]:
+def compare(config_path: str, overrides: list[str], baseline_budget: float = 1.0) -> dict[str, Any]:
+    """`baseline_budget` F: each baseline trains on F times the rows the multi-task run saw of its task
+    (1: the equal budget; 2: multi-task with half the baselines' rows, about half their training time)."""
+    if not baseline_budget > 0:
+        raise MultitunError(f"--baseline-budget must be positive, not {baseline_budget}")
     config = load_config(config_path, overrides)
     root = Path(config.run.output_dir)
     multi_dir, multi_seconds = _train_subprocess(config, root / ".configs")
@@ -131,7 +135,7 @@ def compare(config_path: str, overrides: list[str]) -> dict[str, Any]:
     single_params: dict[str, int] = {}
     single_memory: dict[str, int] = {}
     for task in config.tasks:
-        baseline = single_task_config(config, task, int(multi["task_rows"].get(task, 0)))
+        baseline = single_task_config(config, task, round(baseline_budget * int(multi["task_rows"].get(task, 0))))
         key = _fingerprint(baseline, task)
         cache = root / BASELINES / f"{task}-{key}"
         record = cache / "baseline.json"
@@ -154,6 +158,7 @@ def compare(config_path: str, overrides: list[str]) -> dict[str, Any]:
             "higher_is_better": mine["higher_is_better"],
             "split": mine["split"],
             "rows_seen": int(multi["task_rows"].get(task, 0)),
+            "single_rows": baseline.training.steps * baseline.training.batch_size,
             "cached_baseline": was_cached,
         }
         single_seconds[task] = float(cached["metrics"]["train_seconds"])
@@ -178,7 +183,12 @@ def compare(config_path: str, overrides: list[str]) -> dict[str, Any]:
         "budget": {
             "batch_size": config.training.batch_size,
             "rows_per_task": {t: e["rows_seen"] for t, e in tasks.items()},
-            "rule": "each baseline trains on as many rows of its task as the multi-task run saw",
+            "baseline_factor": baseline_budget,
+            "rule": (
+                "each baseline trains on as many rows of its task as the multi-task run saw"
+                if baseline_budget == 1.0
+                else f"each baseline trains on {baseline_budget:g}x the rows of its task the multi-task run saw"
+            ),
         },
         "multi_run": str(multi_dir),
     }

@@ -55,3 +55,21 @@ def test_compare_writes_the_table_and_reuses_cached_baselines(tmp_path, tiny_bac
     again = json.loads((tmp_path / "runs" / "tiny-2" / "comparison.json").read_text())
     assert all(entry["cached_baseline"] for entry in again["tasks"].values())
     assert [e["single"] for e in again["tasks"].values()] == [e["single"] for e in result["tasks"].values()]
+    assert main(["compare", str(path), "--baseline-budget", "2"]) == 0  # baselines on twice the rows
+    double = json.loads((tmp_path / "runs" / "tiny-3" / "comparison.json").read_text())
+    assert double["budget"]["baseline_factor"] == 2.0
+    for entry in double["tasks"].values():
+        assert not entry["cached_baseline"]
+        assert entry["single_rows"] >= 2 * entry["rows_seen"] and entry["single_rows"] < 2 * entry["rows_seen"] + 4
+
+
+def test_baselines_are_plain_full_fine_tuning(tiny_backbone):
+    data = tiny_config(tiny_backbone, "a.jsonl", "b.jsonl", "runs", batch_size=4)
+    data["model"].update(architecture={"name": "mmoe", "experts": 2}, peft={"method": "lora", "train_backbone": True})
+    baseline = single_task_config(validate_config(data), "ner", rows=8)
+    assert baseline.model.architecture.name == "hard" and baseline.model.peft is None
+
+
+def test_a_bad_baseline_budget_is_one_line(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "missing.yaml"), "--baseline-budget", "0"]) == 2
+    assert "--baseline-budget must be positive" in capsys.readouterr().err
