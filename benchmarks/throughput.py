@@ -36,9 +36,11 @@ import os
 import platform
 import random
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -332,56 +334,63 @@ def peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def run_variant(
-    model: nn.Module,
-    step: Callable[[list], None],
-    batches: list[list],
-    real_tokens: Callable[[list], int],
-    warmup: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    fused: bool,
-) -> dict[str, Any]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused)
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    step: Callable[[list], None]
+    batches: list[list]
+
+
+def train_step(variant: Variant, optimizer: torch.optim.Optimizer, rows: list, autocast: Any) -> None:
+    with autocast:
+        variant.step(rows)
+    torch.nn.utils.clip_grad_norm_([p for p in variant.model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def interleaved(
+    variants: list[Variant], tokens: Callable[[list], int], warmup: int, device: torch.device, dtype: torch.dtype
+) -> list[dict[str, Any]]:
+    """Every variant takes its step i in turn (i = 0, 1, ...), each step timed on its own: a slow moment of
+    the machine hits all variants alike. Then each variant alone for two steps, for its peak memory."""
+    fused = device.type == "cuda"
+    optimizers = [
+        torch.optim.AdamW([p for p in v.model.parameters() if p.requires_grad], lr=1e-5, fused=fused) for v in variants
+    ]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def one(rows: list) -> None:
-        with autocast:
-            step(rows)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for rows in batches[:warmup]:
-        one(rows)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    timed = batches[warmup:]
-    started = time.perf_counter()
-    for rows in timed:
-        one(rows)
-    sync(device)
-    seconds = time.perf_counter() - started
-    tokens = sum(real_tokens(rows) for rows in timed)
-    samples = sum(len(rows) for rows in timed)
-    return {
-        "steps": len(timed),
-        "seconds": round(seconds, 3),
-        "samples_per_s": samples / seconds,
-        "tokens_per_s": tokens / seconds,
-        "peak_memory_bytes": peak_memory(device),
-    }
-
-
-def variant_runner(
-    tokens: Callable[[list], int], warmup: int, device: torch.device, dtype: torch.dtype
-) -> Callable[[nn.Module, Callable[[list], None], list[list]], Callable[[], dict[str, Any]]]:
-    def measure(model: nn.Module, step: Callable[[list], None], batches: list[list]) -> Callable[[], dict[str, Any]]:
-        return lambda: run_variant(model, step, batches, tokens, warmup, device, dtype, device.type == "cuda")
-
-    return measure
+    times: list[list[float]] = [[] for _ in variants]
+    for i in range(len(variants[0].batches)):
+        for k, (variant, optimizer) in enumerate(zip(variants, optimizers, strict=True)):
+            sync(device)
+            started = time.perf_counter()
+            train_step(variant, optimizer, variant.batches[i], autocast)
+            sync(device)
+            if i >= warmup:
+                times[k].append(time.perf_counter() - started)
+    results = []
+    for k, (variant, optimizer) in enumerate(zip(variants, optimizers, strict=True)):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        for rows in variant.batches[:2]:
+            train_step(variant, optimizer, rows, autocast)
+        timed = variant.batches[warmup:]
+        seconds = sum(times[k])
+        results.append(
+            {
+                "variant": variant.name,
+                "steps": len(timed),
+                "seconds": round(seconds, 3),
+                "median_step_seconds": round(statistics.median(times[k]), 4),
+                "samples_per_s": sum(len(rows) for rows in timed) / seconds,
+                "tokens_per_s": sum(tokens(rows) for rows in timed) / seconds,
+                "peak_memory_bytes": peak_memory(device),
+            }
+        )
+        print(f"  {variant.name}: {results[-1]['samples_per_s']:.2f} samples/s", flush=True)
+    return results
 
 
 def finish(title: str, model: nn.Module, results: list[dict[str, Any]], peak: float) -> dict[str, Any]:
@@ -389,20 +398,6 @@ def finish(title: str, model: nn.Module, results: list[dict[str, Any]], peak: fl
     for r in results:
         r["mfu"] = 6 * n * r["tokens_per_s"] / peak
     return {"model": title, "matmul_parameters": n, "results": results}
-
-
-def rounds(variants: list[tuple[str, Callable[[], dict[str, Any]]]], repeats: int) -> list[dict[str, Any]]:
-    """Run every variant `repeats` times in turn (drift hits them alike); keep each one's best round."""
-    best: dict[str, dict[str, Any]] = {}
-    for _ in range(repeats):
-        for name, run in variants:
-            result = {"variant": name, **run()}
-            if name not in best or result["tokens_per_s"] > best[name]["tokens_per_s"]:
-                best[name] = result
-            print(
-                f"  {name}: {result['samples_per_s']:.2f} samples/s, {result['tokens_per_s']:.0f} tokens/s", flush=True
-            )
-    return [best[name] for name, _ in variants]
 
 
 def bench_causal(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, peak: float) -> dict[str, Any]:
@@ -436,15 +431,14 @@ def bench_causal(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     def plain_step(rows: list) -> None:
         plain_causal_step(model, rows, device)
 
-    measure = variant_runner(tokens, args.warmup, device, dtype)
     variants = [
-        ("plain padded", measure(model, plain_step, padded)),
-        ("plain bucketed", measure(model, plain_step, grouped)),
-        ("multitune padded", measure(multi, multitune_padded_step, padded)),
-        ("multitune packed", measure(multi, multitune_step, padded)),
+        Variant("plain padded", model, plain_step, padded),
+        Variant("plain bucketed", model, plain_step, grouped),
+        Variant("multitune padded", multi, multitune_padded_step, padded),
+        Variant("multitune packed", multi, multitune_step, padded),
     ]
     title = f"Qwen2-0.5B shape, {model.config.num_hidden_layers} layers"
-    return finish(title, model, rounds(variants, args.repeats), peak)
+    return finish(title, model, interleaved(variants, tokens, args.warmup, device, dtype), peak)
 
 
 def bench_encoder(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, peak: float) -> dict[str, Any]:
@@ -479,15 +473,14 @@ def bench_encoder(args: argparse.Namespace, device: torch.device, dtype: torch.d
     def plain_step(rows: list) -> None:
         plain.step(rows, device)
 
-    measure = variant_runner(tokens, args.warmup, device, dtype)
     variants = [
-        ("plain padded", measure(plain, plain_step, padded)),
-        ("plain bucketed", measure(plain, plain_step, grouped)),
-        ("multitune", measure(multi, multitune_step, padded)),
-        ("multitune grouped", measure(multi, multitune_step, grouped)),
+        Variant("plain padded", plain, plain_step, padded),
+        Variant("plain bucketed", plain, plain_step, grouped),
+        Variant("multitune", multi, multitune_step, padded),
+        Variant("multitune grouped", multi, multitune_step, grouped),
     ]
     title = f"BERT-base shape, {backbone.config.num_hidden_layers} layers, 5 heads"
-    return finish(title, plain, rounds(variants, args.repeats), peak)
+    return finish(title, plain, interleaved(variants, tokens, args.warmup, device, dtype), peak)
 
 
 def table(title: str, bench: dict[str, Any]) -> str:
@@ -515,7 +508,6 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the real shape (CPU runs)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--batch-size", type=int, default=None, help="default: 32 causal / 32 encoder on CUDA, 8 / 16 on CPU"
     )

@@ -122,3 +122,19 @@ def test_fused_loss_is_what_the_model_trains_on(model_and_rows):
     for name in plain:
         assert fused[name].item() == pytest.approx(plain[name].item(), rel=1e-5)
     assert all((part.labels != IGNORE_INDEX).any() for part in batch.tasks.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention", "eager"])
+def test_packing_isolates_examples_on_a_gpu(model_and_rows, attention):
+    """Opt-in (pytest -m gpu): the packed losses equal the padded ones under bf16 autocast on CUDA."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model, rows, pad = model_and_rows
+    model = model.cuda()
+    model.backbone.set_attn_implementation(attention)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = model.losses(collate(rows, pad).to("cuda"))
+        got = model.losses(pack(rows, pad, 48).to("cuda"))
+    for name in want:
+        assert got[name].item() == pytest.approx(want[name].item(), rel=2e-2)
