@@ -53,8 +53,10 @@ from multitune.training.checkpoint import (
     load_trainer_state,
     load_weights,
     remove_leftovers,
+    rng_state,
     save_checkpoint,
     save_weights,
+    set_rng_state,
     write_json,
     write_text,
 )
@@ -820,10 +822,7 @@ class TrainingParts:
             "task_scale": dict(self.balancer.task_scale),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": rng_state(),
         }
 
     def restore(self, checkpoint: Path) -> TrainState:
@@ -845,9 +844,7 @@ class TrainingParts:
             self.balancer.task_scale = self.guard.scale
         if self.reptile is not None and saved.get("reptile") is not None:
             self.reptile.load_state_dict(saved["reptile"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        set_rng_state(saved["rng"])
         return TrainState(**saved["loop"])
 
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from multitune.balancing.gradients import GradientAggregator, GramianAggregator, gramian
 from multitune.balancing.gradients.base import combine_rows
 from multitune.balancing.losses import LossWeighting, ObservesTaskGradients
+from multitune.training.checkpoint import rng_state, set_rng_state
 from multitune.training.distributed import ALONE, Processes
 
 
@@ -176,13 +177,13 @@ def encode_in_parts(model: BalancedModel, batch: Any, parts: int) -> tuple[Tenso
     size = batch.size
     bounds = [(size * k // parts, size * (k + 1) // parts) for k in range(parts)]
     bounds = [(a, b) for a, b in bounds if b > a]
-    states: list[tuple[Tensor, list[Tensor]]] = []
+    states: list[dict[str, Any]] = []
     pieces = []
     with torch.no_grad():
         for a, b in bounds:
-            states.append(_rng_state())
+            states.append(rng_state())
             pieces.append(model.encode(batch.rows(a, b)))
-    after = _rng_state()
+    after = rng_state()
     first = pieces[0]
     hidden = first.new_zeros((size, *batch.inputs["input_ids"].shape[1:], *first.shape[2:]))
     for (a, b), piece in zip(bounds, pieces, strict=True):
@@ -192,22 +193,12 @@ def encode_in_parts(model: BalancedModel, batch: Any, parts: int) -> tuple[Tenso
 
     def replay(grad: Tensor) -> None:
         for (a, b), state in zip(bounds, states, strict=True):
-            _set_rng_state(state)
+            set_rng_state(state)
             piece = model.encode(batch.rows(a, b))
             torch.autograd.backward(piece, grad_tensors=grad[a:b, : piece.shape[1]].to(piece.dtype))
-        _set_rng_state(after)
+        set_rng_state(after)
 
     return hidden, replay
-
-
-def _rng_state() -> tuple[Tensor, list[Tensor]]:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
-
-
-def _set_rng_state(state: tuple[Tensor, list[Tensor]]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1]:
-        torch.cuda.set_rng_state_all(state[1])
 
 
 def _grad_or_zeros(loss: Tensor, wrt: Tensor, scale: Tensor) -> Tensor:

@@ -31,7 +31,6 @@ class Batch:
 
     inputs: dict[str, Tensor]  # input_ids, attention_mask[, token_type_ids | position_ids]: [B, L]
     tasks: dict[str, TaskRows]
-    packed: bool = False  # rows hold several examples (position_ids restart per example; see pack())
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -40,8 +39,12 @@ class Batch:
                 name: TaskRows(t.rows, None if t.labels is None else t.labels.to(device, non_blocking=True), t.aligned)
                 for name, t in self.tasks.items()
             },
-            self.packed,
         )
+
+    @property
+    def packed(self) -> bool:
+        """Rows hold several examples: pack() gives every example position ids that restart at 0."""
+        return "position_ids" in self.inputs
 
     def only(self, name: str) -> Batch:
         """The rows of one task, trimmed to their own longest row (less padding than the joint batch).
@@ -51,15 +54,8 @@ class Batch:
             assert part.labels is not None
             keep = (part.labels != IGNORE_INDEX).any(1)
             inputs = {k: v[keep] for k, v in self.inputs.items()}
-            rows = int(keep.sum())
-            return Batch(inputs, {name: TaskRows(slice(0, rows), part.labels[keep], True)}, packed=True)
-        mask = self.inputs["attention_mask"][part.rows]
-        length = max(int(mask.sum(1).max()), 1)
-        inputs = {k: v[part.rows, :length] for k, v in self.inputs.items()}
-        labels = part.labels
-        if labels is not None and labels.ndim == 2 and part.aligned:
-            labels = labels[:, :length]
-        return Batch(inputs, {name: TaskRows(slice(0, mask.shape[0]), labels, part.aligned)})
+            return Batch(inputs, {name: TaskRows(slice(0, int(keep.sum())), part.labels[keep], True)})
+        return self.rows(part.rows.start, part.rows.stop)  # the task's rows are contiguous
 
     @property
     def size(self) -> int:
@@ -81,7 +77,7 @@ class Batch:
                 if labels.ndim == 2 and part.aligned:
                     labels = labels[:, :length]
             tasks[name] = TaskRows(slice(first - start, last - start), labels, part.aligned)
-        return Batch(inputs, tasks, self.packed)
+        return Batch(inputs, tasks)
 
 
 def collate(rows_by_task: dict[str, list[Encoded]], pad_id: int) -> Batch:
@@ -164,4 +160,4 @@ def pack(rows_by_task: dict[str, list[Encoded]], pad_id: int, length: int) -> Ba
         positions[r, at:] = torch.arange(width - at)  # the tail is one more (label-free) sequence
     inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions}
     tasks = {name: TaskRows(slice(0, len(bins)), labels[name], True) for name in rows_by_task}
-    return Batch(inputs, tasks, packed=True)
+    return Batch(inputs, tasks)

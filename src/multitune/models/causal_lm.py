@@ -205,7 +205,7 @@ class CausalLMMultiTask(MultiTaskModel):
 
     def head_losses(self, hidden: Tensor, batch: Batch) -> dict[str, Tensor]:
         generation = {name: part for name, part in batch.tasks.items() if name in self.generation_tasks}
-        others = Batch(batch.inputs, {n: p for n, p in batch.tasks.items() if n not in generation}, batch.packed)
+        others = Batch(batch.inputs, {n: p for n, p in batch.tasks.items() if n not in generation})
         outputs = self.head_outputs(hidden, others) if others.tasks else {}
         mask = batch.inputs["attention_mask"]
         losses = {}
