@@ -95,6 +95,24 @@ def test_training_on_one_task_moves_only_its_adapter_and_head(make_config, metho
     assert not shared_ids & {id(p) for p in groups["a"] + groups["b"]}
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt", "bottleneck"])
+@pytest.mark.parametrize("train_backbone", [False, True])
+def test_train_backbone_decides_whether_the_backbone_weights_learn(make_config, method, train_backbone):
+    prepared = prepared_model(make_config(method=method, train_backbone=train_backbone))
+    model = prepared.model.train()
+    adapter_ids = {id(p) for p in model.task_adapters.parameters()}
+    adapter_ids |= {id(p) for n, p in model.backbone.named_parameters() if "lora_" in n}
+    own = [p for p in model.backbone.parameters() if id(p) not in adapter_ids]
+    assert own and all(p.requires_grad == train_backbone for p in own)
+    before = [p.detach().clone() for p in own]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+    batch = collate({"sentiment": prepared.encoded["sentiment"]["train"][:4]}, prepared.pad_id)
+    model.losses(batch)["sentiment"].backward()
+    optimizer.step()
+    moved = [not torch.equal(b, p.detach()) for b, p in zip(before, own, strict=True)]
+    assert any(moved) == train_backbone
+
+
 def test_a_mixed_batch_gradient_is_the_sum_of_the_single_task_gradients(make_config):
     prepared = prepared_model(make_config(method="lora", shared=True))
     model = prepared.model.eval()

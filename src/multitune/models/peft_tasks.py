@@ -68,7 +68,7 @@ class TaskAdapters(nn.Module):
             p.requires_grad_(train_backbone)
         names = self.tasks + ([SHARED] if shared else [])
         if method == "lora":
-            self._inject_lora(backbone, names, r, alpha, dropout, target_modules)
+            self._inject_lora(backbone, names, r, alpha, dropout, target_modules, train_backbone)
         elif method == "bottleneck":
             self._add_bottlenecks(backbone, names, bottleneck_size)
         elif method == "prompt":
@@ -88,6 +88,7 @@ class TaskAdapters(nn.Module):
         alpha: int,
         dropout: float,
         target_modules: list[str] | None,
+        train_backbone: bool,
     ) -> None:
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
@@ -101,6 +102,8 @@ class TaskAdapters(nn.Module):
         except ValueError as error:
             raise ConfigError(f"cannot add LoRA adapters: {error}", field=f"{FIELD}.target_modules") from None
         self.lora_layers = [m for m in backbone.modules() if isinstance(m, LoraLayer)]
+        for p in backbone.parameters():  # peft leaves only its adapters trainable; the backbone follows the config
+            p.requires_grad_(train_backbone)
         for layer in self.lora_layers:
             for name in names:
                 for module in (layer.lora_A[name], layer.lora_B[name]):
