@@ -464,12 +464,13 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     measure = config.analysis.task_affinity or guard is not None
     tracker = AffinityTracker(list(tasks)) if measure else None
     probes = probe_batches(prepared, config) if tracker is not None else {}
+    held_out = probe_batches(prepared, config, "validation") if tracker is not None else {}
 
     def validate(step: int) -> Validation:
         lookahead = None
         if tracker is not None:
             cosine, lookahead = measure_relations(
-                prepared.model, probes, accelerator.device, config.analysis.lookahead_lr
+                prepared.model, probes, held_out, accelerator.device, config.analysis.lookahead_lr
             )
             tracker.add(step, cosine, lookahead)
         results = evaluate(
@@ -731,12 +732,12 @@ def build_guard(config: Config, names: list[str], balancer: Balancer) -> Negativ
     return guard
 
 
-def probe_batches(prepared: Prepared, config: Config) -> dict[str, Batch]:
-    """A fixed, seeded batch of training rows per task, on which task relations are measured."""
+def probe_batches(prepared: Prepared, config: Config, split: str = "train") -> dict[str, Batch]:
+    """A fixed, seeded batch of one split's rows per task, on which task relations are measured."""
     out = {}
     for name in prepared.tasks:
-        rows = prepared.encoded[name]["train"]
-        picks = random.Random(f"{config.run.seed}:{name}:probe").sample(
+        rows = prepared.encoded[name][split]
+        picks = random.Random(f"{config.run.seed}:{name}:probe:{split}").sample(
             range(len(rows)), min(len(rows), config.training.batch_size)
         )
         out[name] = collate({name: [rows[i] for i in picks]}, prepared.pad_id)
@@ -744,15 +745,22 @@ def probe_batches(prepared: Prepared, config: Config) -> dict[str, Batch]:
 
 
 def measure_relations(
-    model: MultiTaskModel, probes: dict[str, Batch], device: torch.device, lookahead_lr: float
+    model: MultiTaskModel,
+    probes: dict[str, Batch],
+    held_out: dict[str, Batch],
+    device: torch.device,
+    lookahead_lr: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient cosines and lookahead affinity [T, T] on the probe batches (dropout off, weights untouched)."""
+    """Gradient cosines [T, T] of the task gradients on the training probe batches, and lookahead affinity
+    [T, T]: a step along each task's training gradient, judged by every task's loss on its held-out probe
+    batch (validation rows), so that Z_ii says whether what task i learns generalizes even to itself.
+    Dropout off, weights untouched."""
     was_training = model.training
     model.eval()
     shared = [p for p in model.shared_parameters() if p.requires_grad]
-    batches = {name: batch.to(device) for name, batch in probes.items()}
     grads = []
-    for name, batch in batches.items():
+    for name, batch in probes.items():
+        batch = batch.to(device)
         loss = model.head_losses(model.encode(batch), batch)[name]
         pieces = torch.autograd.grad(loss, shared, allow_unused=True)
         grads.append(
@@ -761,9 +769,10 @@ def measure_relations(
             )
         )
     matrix = torch.stack(grads)  # [T, P]
+    judged = {name: batch.to(device) for name, batch in held_out.items()}
 
     def losses() -> torch.Tensor:
-        return torch.stack([model.head_losses(model.encode(b), b)[n] for n, b in batches.items()]).float()
+        return torch.stack([model.head_losses(model.encode(b), b)[n] for n, b in judged.items()]).float()
 
     cosine = cosine_matrix(gramian(matrix))
     lookahead = lookahead_affinity(shared, matrix, losses, lookahead_lr)
@@ -784,6 +793,11 @@ def format_relations(relations: dict[str, Any]) -> str:
         for name, row in zip(names, relations[key], strict=True):
             lines.append(name.ljust(width) + "".join(fmt.format(v).rjust(11) for v in row))
     lines.append("suggested groups: " + "; ".join(" + ".join(g) for g in relations["groups"]))
+    if relations.get("no_self_transfer"):
+        lines.append(
+            "flagged, as their own steps did not lower their own held-out loss (nothing they learn generalizes): "
+            + ", ".join(relations["no_self_transfer"])
+        )
     return "\n".join(lines)
 
 

@@ -39,3 +39,14 @@ def test_lookahead_affinity_on_two_quadratics():
     assert z[0, 0] > 0 and z[1, 1] > 0  # each task's own step helps it
     assert z[0, 1] < 0 and z[1, 0] < 0  # and hurts the other
     assert torch.equal(theta.detach(), torch.tensor([1.0, 1.0]))  # parameters restored
+
+
+def test_a_task_whose_own_steps_do_not_lower_its_held_out_loss_is_flagged():
+    from multitune.analysis.affinity import AffinityTracker
+
+    tracker = AffinityTracker(["a", "noise", "b"])
+    assert tracker.summary(2)["no_self_transfer"] == []  # nothing measured: nothing flagged
+    cosine = torch.eye(3)
+    tracker.add(1, cosine, torch.tensor([[0.2, 0.0, 0.1], [-0.01, 0.01, 0.0], [0.1, 0.0, 0.3]]))
+    tracker.add(2, cosine, torch.tensor([[0.2, 0.0, 0.1], [-0.01, -0.03, 0.0], [0.1, 0.0, 0.3]]))
+    assert tracker.summary(2)["no_self_transfer"] == ["noise"]  # mean own affinity -0.01

@@ -47,6 +47,7 @@ def test_with_a_baseline_a_converged_task_at_its_baseline_is_spared():
     guard = NegativeTransferGuard(NAMES, patience=1, baselines=baselines)
     converged = {"good": 0.7, "noise": 0.3, "other": 0.55}
     harmful = -AFFINITY.abs() - 0.01  # every task's steps hurt the others; only "noise" is below its baseline
+    harmful.fill_diagonal_(0.1)  # (each task's own step helps itself: none is learning noise)
     (first,) = guard.observe(1, converged, harmful)  # with a baseline the first validation can already judge
     (second,) = guard.observe(2, converged, harmful)
     assert first.task == second.task == "noise" and (first.scale, second.scale) == (0.5, 0.25)
@@ -62,13 +63,33 @@ def test_a_baseline_trajectory_is_compared_at_the_same_rows_seen():
     # a task still learning on schedule is not flagged against the baseline's final score
     trajectories = {"noise": [(100, 0.2), (300, 0.6), (1000, 0.9)]}
     guard = NegativeTransferGuard(NAMES, patience=1, baselines={"noise": 0.9}, trajectories=trajectories)
-    harmful = -AFFINITY.abs() - 0.01
+    harmful = (-AFFINITY.abs() - 0.01).fill_diagonal_(0.1)
     scores = {"good": 0.7, "noise": 0.45, "other": 0.55}
     rows = {"good": 200, "noise": 200, "other": 200}
     assert [a.task for a in guard.observe(1, scores, harmful, rows)] != ["noise"]
     late = guard.observe(2, {**scores, "noise": 0.46}, harmful, {**rows, "noise": 1000})  # now behind schedule
     assert "noise" in [a.task for a in late]
     assert "single-task baseline 0.9000 (at 1000 rows seen)" in next(a.why for a in late if a.task == "noise")
+
+
+def test_a_task_whose_own_steps_do_not_generalize_is_caught_even_above_its_baseline():
+    # "noise" gains and sits above its (chance-level) baseline, so it never lags; but its own step raises its
+    # own held-out loss and raises "good"'s: the affinity on held-out rows gives it away
+    affinity = torch.tensor([[0.1, 0.0, 0.05], [-0.02, -0.001, 0.03], [0.04, 0.0, 0.1]])
+    guard = NegativeTransferGuard(NAMES, patience=2, baselines={"good": 0.5, "noise": 0.2, "other": 0.4})
+    assert guard.observe(1, {"good": 0.6, "noise": 0.25, "other": 0.5}, affinity) == []
+    (action,) = guard.observe(2, {"good": 0.7, "noise": 0.30, "other": 0.6}, affinity)
+    assert action.task == "noise" and action.scale == 0.5
+    assert "own held-out loss (lookahead affinity -1.000e-03)" in action.why and "'good'" in action.why
+    # the same task is spared when it helps every other task, or when its own step helps itself
+    spared = affinity.clone()
+    spared[1, 0] = 0.01
+    assert NegativeTransferGuard(NAMES, patience=1).observe(1, {"good": 0.6, "noise": 0.3, "other": 0.5}, spared) == []
+    learning = affinity.clone()
+    learning[1, 1] = 0.02
+    assert (
+        NegativeTransferGuard(NAMES, patience=1).observe(1, {"good": 0.6, "noise": 0.3, "other": 0.5}, learning) == []
+    )
 
 
 def test_compare_records_trajectories_the_guard_reads(tmp_path):

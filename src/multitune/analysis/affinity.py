@@ -4,8 +4,12 @@
   rows), averaged over the sampled steps. Negative values are conflicts.
 - Lookahead affinity (Fifty, Amid, Zhao, Yu, Anil & Finn, "Efficiently Identifying Task Groupings for
   Multi-Task Learning", NeurIPS 2021): take a step of the shared parameters along task i's gradient
-  alone and measure how task j's loss on its own batch changes, Z_ij = 1 − L_j(θ − η·g_i) / L_j(θ).
-  Positive: i's update helps j.
+  alone and measure how task j's loss changes, Z_ij = 1 − L_j(θ − η·g_i) / L_j(θ). Positive: i's update
+  helps j. Unlike TAG, which measures on the training batch itself, g_i comes from a training batch and
+  L_j from a held-out (validation) batch: then the diagonal Z_ii says whether task i's own update
+  generalizes to its own unseen rows. A task whose Z_ii is not positive on average is flagged: what it
+  learns is noise or memorisation (a task with corrupted labels is the textbook case), so it can only
+  move the shared weights at the others' expense.
 - Grouping: the partition of the tasks into k groups that maximises the mean within-group affinity
   (symmetrised), by exhaustive search (fine up to about 10 tasks).
 """
@@ -99,6 +103,7 @@ class AffinityTracker:
         n = max(self.samples, 1)
         cosine, lookahead = self.cosine / n, self.lookahead / n
         grouping, score = best_grouping(self.names, lookahead, groups) if self.samples else ([], 0.0)
+        own = lookahead.diagonal().tolist()
         return {
             "tasks": self.names,
             "samples": self.samples,
@@ -107,4 +112,6 @@ class AffinityTracker:
             "lookahead_affinity": [[round(v, 8) for v in row] for row in lookahead.tolist()],
             "groups": grouping,
             "group_score": round(score, 8),
+            # tasks whose own steps did not lower their own held-out loss on average: nothing they learn generalizes
+            "no_self_transfer": [n for n, z in zip(self.names, own, strict=True) if self.samples and z <= 0],
         }

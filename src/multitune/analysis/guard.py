@@ -7,9 +7,13 @@ baseline by more than `min_gain` (when a baseline is given, e.g. from `multitune
 it improved by at most `min_gain` on its best earlier score. A baseline trajectory (the single-task run's
 validation scores by rows seen, which `multitune compare` records) is compared at the rows the task has
 seen so far, so a task still learning is measured against the baseline at the same point of learning,
-not against the baseline's final score. A task that harms while lagging for
-`patience` validations in a row is acted on: `downweight` multiplies its loss by `factor` (again at each further
-flag), `drop` stops sampling it. Every action is logged with the numbers behind it.
+not against the baseline's final score. A task that harms while lagging for `patience` validations in a
+row is acted on. So is a task that learns nothing that generalizes while it harms another task: its own
+step does not lower its own held-out loss (Z_ii <= 0, the affinity being measured on held-out rows) and
+raises some other task's (min_j Z_ij < 0). A task with corrupted labels is the case in point, caught
+whatever its validation score or baseline says: a control task at chance is never "below" a baseline that
+is at chance too. An action: `downweight` multiplies its loss by `factor` (again at each further flag),
+`drop` stops sampling it. Every action is logged with the numbers behind it.
 """
 
 from __future__ import annotations
@@ -85,17 +89,28 @@ class NegativeTransferGuard:
             else:
                 lagging = gain is not None and gain <= self.min_gain
                 standing = f"its own validation score gained {gain or 0.0:+.4f} (best {previous or 0.0:.4f})"
-            if harm < 0 and lagging:
+            own = float(affinity[i, i])
+            worst = min(float(affinity[i, j]) for j in others) if others else 0.0
+            noise = own <= 0 and worst < 0
+            if (harm < 0 and lagging) or noise:
                 self.strikes[name] = self.strikes.get(name, 0) + 1
             else:
                 self.strikes[name] = 0
             if self.strikes[name] >= self.patience and len(active) > 1:
                 self.scale[name] = 0.0 if self.action == "drop" else self.scale[name] * self.factor
                 self.strikes[name] = 0
-                why = (
-                    f"its steps raised the other tasks' losses (mean lookahead affinity {harm:+.3e}) while "
-                    f"{standing}, for {self.patience} validations"
-                )
+                if noise:
+                    victim = self.names[min(others, key=lambda j: float(affinity[i, j]))]
+                    why = (
+                        f"its own steps did not lower its own held-out loss (lookahead affinity {own:+.3e}) and "
+                        f"raised '{victim}''s ({worst:+.3e}): nothing it learns generalizes, "
+                        f"for {self.patience} validations"
+                    )
+                else:
+                    why = (
+                        f"its steps raised the other tasks' losses (mean lookahead affinity {harm:+.3e}) while "
+                        f"{standing}, for {self.patience} validations"
+                    )
                 actions.append(GuardAction(step, name, self.action, self.scale[name], why))
         return actions
 

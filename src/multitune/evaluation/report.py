@@ -166,6 +166,12 @@ def build_report(run_dir: Path) -> str:
     if affinity and affinity.get("groups"):
         groups = "; ".join(" + ".join(g) for g in affinity["groups"])
         sections.append(f"<h2>Suggested task groups</h2><p>{html.escape(groups)}</p>")
+    if affinity and affinity.get("no_self_transfer"):
+        flagged = ", ".join(affinity["no_self_transfer"])
+        sections.append(
+            "<p>Flagged, as their own steps did not lower their own held-out loss on average (nothing they "
+            f"learn generalizes): {html.escape(flagged)}</p>"
+        )
     for title, png in figures:
         sections.append(
             f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'
