@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import torch
 
-from multitune.analysis.affinity import AffinityTracker, cosine_matrix, lookahead_affinity
+from multitune.analysis.affinity import NO_SELF_TRANSFER, AffinityTracker, cosine_matrix, lookahead_affinity
 from multitune.analysis.guard import NegativeTransferGuard
 from multitune.balancing.backward import Balancer
 from multitune.balancing.gradients import GRADIENT_AGGREGATORS, GramianAggregator, gramian
@@ -794,10 +794,7 @@ def format_relations(relations: dict[str, Any]) -> str:
             lines.append(name.ljust(width) + "".join(fmt.format(v).rjust(11) for v in row))
     lines.append("suggested groups: " + "; ".join(" + ".join(g) for g in relations["groups"]))
     if relations.get("no_self_transfer"):
-        lines.append(
-            "flagged, as their own steps did not lower their own held-out loss (nothing they learn generalizes): "
-            + ", ".join(relations["no_self_transfer"])
-        )
+        lines.append(f"flagged, as {NO_SELF_TRANSFER}: " + ", ".join(relations["no_self_transfer"]))
     return "\n".join(lines)
 
 

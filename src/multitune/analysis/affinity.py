@@ -83,6 +83,9 @@ def best_grouping(names: Sequence[str], affinity: Tensor, k: int) -> tuple[list[
     return [[names[i] for i in group] for group in best[1]], best[0]
 
 
+NO_SELF_TRANSFER = "their own steps did not lower their own held-out loss on average (nothing they learn generalizes)"
+
+
 class AffinityTracker:
     """Averages the gradient cosines and lookahead affinities measured during a run."""
 

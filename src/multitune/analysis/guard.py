@@ -90,7 +90,8 @@ class NegativeTransferGuard:
                 lagging = gain is not None and gain <= self.min_gain
                 standing = f"its own validation score gained {gain or 0.0:+.4f} (best {previous or 0.0:.4f})"
             own = float(affinity[i, i])
-            worst = min(float(affinity[i, j]) for j in others) if others else 0.0
+            victim = min(others, key=lambda j: float(affinity[i, j])) if others else i  # the task i hurts most
+            worst = float(affinity[i, victim]) if others else 0.0
             noise = own <= 0 and worst < 0
             if (harm < 0 and lagging) or noise:
                 self.strikes[name] = self.strikes.get(name, 0) + 1
@@ -100,10 +101,9 @@ class NegativeTransferGuard:
                 self.scale[name] = 0.0 if self.action == "drop" else self.scale[name] * self.factor
                 self.strikes[name] = 0
                 if noise:
-                    victim = self.names[min(others, key=lambda j: float(affinity[i, j]))]
                     why = (
                         f"its own steps did not lower its own held-out loss (lookahead affinity {own:+.3e}) and "
-                        f"raised '{victim}''s ({worst:+.3e}): nothing it learns generalizes, "
+                        f"raised '{self.names[victim]}''s ({worst:+.3e}): nothing it learns generalizes, "
                         f"for {self.patience} validations"
                     )
                 else:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from multitune.analysis.affinity import NO_SELF_TRANSFER
 from multitune.evaluation.evaluate import TABLE_HEADER, table_rows
 from multitune.training.checkpoint import write_text
 
@@ -168,10 +169,7 @@ def build_report(run_dir: Path) -> str:
         sections.append(f"<h2>Suggested task groups</h2><p>{html.escape(groups)}</p>")
     if affinity and affinity.get("no_self_transfer"):
         flagged = ", ".join(affinity["no_self_transfer"])
-        sections.append(
-            "<p>Flagged, as their own steps did not lower their own held-out loss on average (nothing they "
-            f"learn generalizes): {html.escape(flagged)}</p>"
-        )
+        sections.append(f"<p>Flagged, as {html.escape(NO_SELF_TRANSFER)}: {html.escape(flagged)}</p>")
     for title, png in figures:
         sections.append(
             f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'

@@ -64,11 +64,9 @@ class TaskAdapters(nn.Module):
         self.base_names: list[str] = []  # what peft's LoRA layers are told: base projection only, per row
         self.lora_config: Any = None
         self.bottlenecks = nn.ModuleDict()
-        for p in backbone.parameters():
-            p.requires_grad_(train_backbone)
         names = self.tasks + ([SHARED] if shared else [])
         if method == "lora":
-            self._inject_lora(backbone, names, r, alpha, dropout, target_modules, train_backbone)
+            self._inject_lora(backbone, names, r, alpha, dropout, target_modules)
         elif method == "bottleneck":
             self._add_bottlenecks(backbone, names, bottleneck_size)
         elif method == "prompt":
@@ -77,6 +75,11 @@ class TaskAdapters(nn.Module):
             raise ConfigError(
                 f"unknown adapter method '{method}'; choose: bottleneck, lora, prompt", field=f"{FIELD}.method"
             )
+        for p in backbone.parameters():  # after the adapters: peft's injection leaves only its own trainable
+            p.requires_grad_(train_backbone)
+        for name in names:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(True)
 
     # --- LoRA through peft ----------------------------------------------------------------------
 
@@ -88,7 +91,6 @@ class TaskAdapters(nn.Module):
         alpha: int,
         dropout: float,
         target_modules: list[str] | None,
-        train_backbone: bool,
     ) -> None:
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
@@ -102,12 +104,7 @@ class TaskAdapters(nn.Module):
         except ValueError as error:
             raise ConfigError(f"cannot add LoRA adapters: {error}", field=f"{FIELD}.target_modules") from None
         self.lora_layers = [m for m in backbone.modules() if isinstance(m, LoraLayer)]
-        for p in backbone.parameters():  # peft leaves only its adapters trainable; the backbone follows the config
-            p.requires_grad_(train_backbone)
         for layer in self.lora_layers:
-            for name in names:
-                for module in (layer.lora_A[name], layer.lora_B[name]):
-                    module.requires_grad_(True)
             layer.register_forward_pre_hook(self._route_lora, with_kwargs=True)
             layer.register_forward_hook(self._lora_hook)
 
