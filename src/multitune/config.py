@@ -135,6 +135,7 @@ class TrainingConfig(Group):
     mixed_batches: bool = False  # one batch mixes examples of several tasks, drawn by the sampler
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False  # recompute the backbone's activations in backward: less memory
+    fsdp: bool = False  # several processes: shard the backbone's weights, gradients, optimizer state (FSDP2)
     gradient_accumulation: int = Field(1, ge=1)  # split each step's batch into this many backbone passes
     group_by_length: bool = False  # draw each task's rows in length-grouped order: less padding per batch
     packing: bool = False  # causal LMs: pack generation examples into rows of pack_length, no padding between

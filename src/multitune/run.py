@@ -60,7 +60,14 @@ from multitune.training.checkpoint import (
     write_json,
     write_text,
 )
-from multitune.training.distributed import Processes, from_accelerator
+from multitune.training.distributed import (
+    Processes,
+    from_accelerator,
+    full_optimizer_state,
+    full_state_dict,
+    shard_backbone,
+    shard_optimizer_state_,
+)
 from multitune.training.loop import EarlyStopping, LoopSettings, StopSignal, TrainState, Validation, train
 from multitune.training.schedules import Reptile
 
@@ -233,8 +240,9 @@ def load_backbone_weights(model: MultiTaskModel, run_dir: Path) -> None:
         ) from None
 
 
-def make_accelerator(mixed_precision: str) -> Any:
-    """accelerate's Accelerator; launched as several processes without a GPU, they train on CPUs (gloo)."""
+def make_accelerator(mixed_precision: str) -> tuple[Any, bool]:
+    """accelerate's Accelerator (launched as several processes without a GPU, they train on CPUs, gloo),
+    and whether its config asks for FSDP: multitune then shards the backbone itself (training/distributed.py)."""
     import os
 
     from accelerate import Accelerator
@@ -242,13 +250,12 @@ def make_accelerator(mixed_precision: str) -> Any:
     several_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several_cpus)
     engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if engine in ("DEEPSPEED", "MEGATRON_LM"):
         raise ConfigError(
-            f"accelerate is configured for {engine}: multitune's data parallelism keeps a whole model on every "
-            "process (DDP-equivalent, exact for every balancer; training/distributed.py); sharded engines are not "
-            "supported yet: launch with a multi-GPU or multi-CPU accelerate config"
+            f"accelerate is configured for {engine}, which multitune does not drive yet: use a multi-GPU or "
+            "multi-CPU accelerate config (data parallel), with training.fsdp=true to shard a large backbone"
         )
-    return accelerator
+    return accelerator, engine == "FSDP"
 
 
 def check_distributed(config: Config, balancer: Balancer, batch_size: int, group: Processes) -> None:
@@ -259,6 +266,8 @@ def check_distributed(config: Config, balancer: Balancer, batch_size: int, group
             field="training.batch_size",
         )
     aggregator = balancer.aggregator
+    if group.sharded:
+        check_sharded(config, balancer)
     if balancer.source == "representation" and aggregator is not None and not isinstance(aggregator, GramianAggregator):
         name = config.gradient_aggregation.name if config.gradient_aggregation else ""
         raise ConfigError(
@@ -266,6 +275,25 @@ def check_distributed(config: Config, balancer: Balancer, batch_size: int, group
             " the Gramian-based methods are exact)",
             field="gradient_aggregation.source",
         )
+
+
+def check_sharded(config: Config, balancer: Balancer) -> None:
+    """What a sharded backbone (FSDP) does not support: anything needing whole per-task gradients of the
+    shared weights, or copies of them."""
+    training = config.training
+    refused = {
+        "gradient_aggregation.source": balancer.aggregator is not None and balancer.source == "parameters",
+        "analysis.task_affinity": config.analysis.task_affinity,
+        "guard.enabled": config.guard.enabled,
+        "training.schedule.name": training.schedule.name in ("reptile", "two_stage"),
+        "regularization": bool(config.regularization.l2_sp_alpha or config.regularization.l2_sp_beta),
+        "model.peft": config.model.peft is not None,
+        "training.gradient_accumulation": training.gradient_accumulation > 1,
+        "training.compile": training.compile,
+    }
+    for field, on in refused.items():
+        if on:
+            raise ConfigError("not available with a sharded backbone (FSDP) yet", field=field)
 
 
 def build_sampler(config: Config, tasks: dict[str, TaskData]) -> TaskSampler:
@@ -366,19 +394,21 @@ def optimizer_for(model: MultiTaskModel, weighting: LossWeighting, config: Confi
 def make_optimizer(
     model: torch.nn.Module, weighting: LossWeighting, lr: float, head_lr: float | None, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms; heads (and learnable loss weights) may take their own rate."""
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    """AdamW; no weight decay on biases and norms; heads (and learnable loss weights) may take their own rate.
+    The backbone's parameters get groups of their own: sharded (FSDP) they cannot share a fused step with whole
+    tensors, and keeping the groups the same sharded or not lets a sharded run resume on one process."""
+    groups: dict[tuple[float, float, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         decay = 0.0 if parameter.ndim < 2 else weight_decay
         rate = head_lr if name.startswith("heads.") and head_lr else lr
-        groups.setdefault((rate, decay), []).append(parameter)
+        groups.setdefault((rate, decay, name.startswith("backbone.")), []).append(parameter)
     if isinstance(weighting, torch.nn.Module):  # learnable loss weights learn at the heads' rate
         learnable = [p for p in weighting.parameters() if p.requires_grad]
         if learnable:
-            groups.setdefault((head_lr or lr, 0.0), []).extend(learnable)
-    param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+            groups.setdefault((head_lr or lr, 0.0, False), []).extend(learnable)
+    param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd, _), ps in groups.items()]
     try:  # the fused kernel: on 2 CPU cores it takes the optimizer step of MiniLM from ~0.16 s to ~0.02 s
         return torch.optim.AdamW(param_groups, fused=True)
     except (RuntimeError, ValueError):
@@ -405,8 +435,8 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         for name in tasks
     }
 
-    accelerator = make_accelerator(training.mixed_precision)
-    group = from_accelerator(accelerator)
+    accelerator, fsdp = make_accelerator(training.mixed_precision)
+    group = from_accelerator(accelerator, sharded=training.fsdp or fsdp)
     if group.several:
         check_distributed(config, balancer, training.batch_size, group)
     if resume_dir is not None:
@@ -423,12 +453,14 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         prepared.backbone.tokenizer.save_pretrained(run_dir / "backbone")
     run_dir = Path(group.broadcast(str(run_dir) if group.main or resume_dir is not None else None))
 
+    if group.several:  # gradients are summed by balanced_backward (training/distributed.py), not by DDP,
+        model = model.to(accelerator.device)  # and the scheduler steps once per global step (not once per process)
+        if group.sharded:  # before the optimizer: sharding replaces the backbone's parameters
+            shard_backbone(model.backbone)
     optimizer = optimizer_for(model, balancer.weighting, config)
     warmup = int(training.warmup_ratio * training.steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, training.steps)
-    if group.several:  # gradients are summed by balanced_backward (training/distributed.py), not by DDP;
-        model = model.to(accelerator.device)  # and the scheduler steps once per global step (not once per process)
-    else:
+    if not group.several:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if isinstance(balancer.weighting, torch.nn.Module):
         balancer.weighting.to(accelerator.device)
@@ -441,7 +473,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         else None
     )
     parts = TrainingParts(
-        accelerator.unwrap_model(model), optimizer, scheduler, sampler, balancer, streams, guard, reptile
+        accelerator.unwrap_model(model), optimizer, scheduler, sampler, balancer, streams, guard, reptile, group.sharded
     )
     state = TrainState()
     if checkpoint is not None:
@@ -518,12 +550,8 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
             settings,
             state,
             validate,
-            lambda step: save_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE) if group.main else None,
-            lambda s: (
-                save_checkpoint(run_dir, s.step, parts.model, parts.snapshot(s), training.keep_checkpoints)
-                if group.main
-                else None
-            ),
+            lambda step: parts.save_weights(run_dir / WEIGHTS_FILE, group),
+            lambda s: parts.save_checkpoint(run_dir, s, training.keep_checkpoints, group),
             record,
             stop,
             regularizers,
@@ -536,14 +564,16 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
             scalars.close()
 
     group.barrier()
-    if not group.main:  # the main process evaluates and writes the results
+    if not group.main and not group.sharded:  # the main process evaluates and writes the results
         return run_dir
-    load_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE)
+    load_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE, group.sharded)
     if prepared.model.task_adapters is not None:
         prepared.model.task_adapters.save(prepared.model.backbone, run_dir / "adapters")
-    results = evaluate(
+    results = evaluate(  # a sharded model needs every process in each forward
         model, tasks, prepared.encoded, "test", training.eval_batch_size, accelerator.device, prepared.pad_id
     )
+    if not group.main:
+        return run_dir
     stages: dict[str, Any] = {}
     if schedule.name == "two_stage":  # the deployment is one fine-tuned copy per task
         stages = {"multi_task_stage": {"tasks": results, "average_main_score": average_main_score(results)}}
@@ -819,6 +849,19 @@ class TrainingParts:
     streams: dict[str, TaskStream[Encoded]]
     guard: NegativeTransferGuard | None = None
     reptile: Reptile | None = None
+    sharded: bool = False  # the backbone is sharded across processes: whole tensors are gathered to save
+
+    def save_weights(self, path: Path, group: Processes) -> None:
+        """The model's weights, written by the main process (every process gathers a sharded model's)."""
+        weights = full_state_dict(self.model) if self.sharded else self.model
+        if group.main:
+            save_weights(weights, path)
+
+    def save_checkpoint(self, run_dir: Path, state: TrainState, keep: int, group: Processes) -> None:
+        weights = full_state_dict(self.model) if self.sharded else self.model
+        snapshot = self.snapshot(state)
+        if group.main:
+            save_checkpoint(run_dir, state.step, weights, snapshot, keep)
 
     def snapshot(self, state: TrainState) -> dict[str, Any]:
         weighting, aggregator = self.balancer.weighting, self.balancer.aggregator
@@ -831,15 +874,17 @@ class TrainingParts:
             "guard": self.guard.state_dict() if self.guard is not None else None,
             "reptile": self.reptile.state_dict() if self.reptile is not None else None,
             "task_scale": dict(self.balancer.task_scale),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
         }
 
     def restore(self, checkpoint: Path) -> TrainState:
         saved = load_trainer_state(checkpoint)
-        load_weights(self.model, checkpoint / WEIGHTS_FILE)
+        load_weights(self.model, checkpoint / WEIGHTS_FILE, self.sharded)
         self.optimizer.load_state_dict(saved["optimizer"])
+        if self.sharded:
+            shard_optimizer_state_(self.optimizer)
         self.scheduler.load_state_dict(saved["scheduler"])
         for name, stream in self.streams.items():
             stream.load_state_dict(saved["streams"][name])

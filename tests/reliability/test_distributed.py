@@ -1,5 +1,6 @@
 """Data parallelism: two CPU processes (gloo) reach the weights one process reaches with the same global
-batch, for plain equal weighting and for a gradient method on the parameters source."""
+batch, for plain equal weighting and for gradient methods, with the backbone whole on every process or
+sharded across them (FSDP); a sharded run resumes from its checkpoint on two processes or on one."""
 
 import json
 import os
@@ -35,14 +36,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(config_path, processes: int) -> None:
+def run(config_path, processes: int, *args: str, command_name: str = "train") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    multitune = ["-m", "multitune", command_name, str(config_path), *args]
     if processes == 1:
-        command = [sys.executable, "-m", "multitune", "train", str(config_path)]
+        command = [sys.executable, *multitune]
     else:
         command = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-            f"--master_port={free_port()}", "-m", "multitune", "train", str(config_path),
+            f"--master_port={free_port()}", *multitune,
         ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -59,6 +61,14 @@ SETTINGS = {
         "sampling": {"name": "all_tasks"},
         "gradient_aggregation": {"name": "mgda", "source": "representation"},
     },
+    # the backbone sharded across the two processes (FSDP2); one process trains it whole
+    "fsdp-equal": {"training": {"fsdp": True}},
+    "fsdp-uncertainty-mgda": {
+        "training": {"fsdp": True},
+        "sampling": {"name": "all_tasks"},
+        "loss_weighting": {"name": "uncertainty"},
+        "gradient_aggregation": {"name": "mgda", "source": "representation"},
+    },
 }
 
 
@@ -73,7 +83,9 @@ def test_two_processes_reach_the_weights_of_one(tmp_path, still_backbone, write_
         data["tasks"]["ner"] = {"type": "classification", "source": {"format": "jsonl", "train": str(b)}}
         data["model"]["dropout"] = 0.0
         data["training"].update(batch_size=4, checkpoint_every=6)
-        data.update(SETTINGS[name])
+        settings = dict(SETTINGS[name])
+        data["training"].update(settings.pop("training", {}))
+        data.update(settings)
         path = tmp_path / f"{processes}.yaml"
         path.write_text(yaml.safe_dump(data), encoding="utf-8")
         run(path, processes)
@@ -86,3 +98,53 @@ def test_two_processes_reach_the_weights_of_one(tmp_path, still_backbone, write_
     assert moved, "training changed the backbone"
     for key, one in weights[1].items():
         assert torch.allclose(one, weights[2][key], atol=2e-5, rtol=1e-4), key
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_on_two_processes_or_one(tmp_path, still_backbone, write_jsonl):
+    a = write_jsonl("a.jsonl", classification_rows(40))
+    b = write_jsonl("b.jsonl", classification_rows(40, seed=7))
+    data = tiny_config(still_backbone, a, b, tmp_path / "runs", steps=6, eval_every=3)
+    data["tasks"]["ner"] = {"type": "classification", "source": {"format": "jsonl", "train": str(b)}}
+    data["model"]["dropout"] = 0.0
+    data["training"].update(batch_size=4, checkpoint_every=3, keep_checkpoints=5, fsdp=True)
+    path = tmp_path / "sharded.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    run(path, 2)
+    [run_dir] = (tmp_path / "runs").iterdir()
+    first, last = checkpoint_dirs(run_dir)
+    expected = load_file(str(last / "model.safetensors"))
+    for processes in (2, 1):
+        shutil.rmtree(last)  # as if killed between the two checkpoints
+        run(run_dir, processes, command_name="resume")
+        got = load_file(str(checkpoint_dirs(run_dir)[-1] / "model.safetensors"))
+        assert checkpoint_dirs(run_dir)[0] == first
+        for key, value in expected.items():
+            assert torch.allclose(value, got[key], atol=2e-5, rtol=1e-4), (processes, key)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"guard": {"enabled": True}}, "guard.enabled"),
+        ({"analysis": {"task_affinity": True}}, "analysis.task_affinity"),
+        (
+            {"sampling": {"name": "all_tasks"}, "gradient_aggregation": {"name": "pcgrad", "source": "parameters"}},
+            "gradient_aggregation.source",
+        ),
+        ({"training": {"gradient_accumulation": 2}}, "training.gradient_accumulation"),
+    ],
+)
+def test_a_sharded_backbone_refuses_what_needs_whole_shared_gradients(tmp_path, write_jsonl, change, field):
+    from multitune.config import validate_config
+    from multitune.errors import ConfigError
+    from multitune.run import build_balancer, check_sharded
+
+    a = write_jsonl("a.jsonl", classification_rows(8))
+    data = tiny_config(tmp_path, a, a, tmp_path / "runs")
+    for key, value in change.items():
+        data.setdefault(key, {}).update(value)
+    config = validate_config(data)
+    with pytest.raises(ConfigError, match="sharded backbone") as error:
+        check_sharded(config, build_balancer(config, list(config.tasks)))
+    assert field in str(error.value)

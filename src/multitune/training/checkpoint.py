@@ -47,17 +47,32 @@ def write_json(path: Path, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_model
+def save_weights(weights: nn.Module | dict[str, Any], path: Path) -> None:
+    """A model's weights, or a state dict of whole tensors (a sharded model's, gathered), as safetensors."""
+    atomic_write(path, lambda tmp: _write_weights(weights, tmp))
 
-    atomic_write(path, lambda tmp: save_model(model, str(tmp)))
+
+def _write_weights(weights: nn.Module | dict[str, Any], path: Path) -> None:
+    from safetensors.torch import save_file, save_model
+
+    if isinstance(weights, nn.Module):
+        save_model(weights, str(path))
+    else:
+        save_file(weights, str(path))
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_model
+def load_weights(model: nn.Module, path: Path, sharded: bool = False) -> None:
+    """Weights saved by save_weights into `model`; `sharded`: its backbone is sharded across processes, each
+    keeping its shard of the whole tensors."""
+    from safetensors.torch import load_file, load_model
+
+    from multitune.training.distributed import load_full_state_dict
 
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
+        if sharded:
+            missing, unexpected = load_full_state_dict(model, load_file(str(path)))
+        else:
+            missing, unexpected = load_model(model, str(path), strict=False)
     except FileNotFoundError:
         raise MultitunError("weights file not found", file=str(path)) from None
     if missing or unexpected:
@@ -88,11 +103,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(directory)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, weights: nn.Module | dict[str, Any], trainer_state: dict[str, Any], keep: int
+) -> Path:
     """checkpoints/step-NNNNNNN/{model.safetensors, trainer.pt}: written into a hidden folder, fsynced,
     then renamed into place, so a checkpoint either exists whole or not at all. Keeps the newest `keep`."""
     import torch
-    from safetensors.torch import save_model
 
     root = run_dir / CHECKPOINTS
     root.mkdir(exist_ok=True)
@@ -102,7 +118,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: d
         if partial.exists():
             _remove_checkpoint(partial)
         partial.mkdir()
-        save_model(model, str(partial / WEIGHTS_FILE))
+        _write_weights(weights, partial / WEIGHTS_FILE)
         torch.save(trainer_state, partial / "trainer.pt")
         for file in partial.iterdir():
             _fsync_file(file)

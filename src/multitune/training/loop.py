@@ -21,7 +21,7 @@ from multitune.data.streams import TaskStream
 from multitune.errors import MultitunError
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.regularization import Regularizer
-from multitune.training.distributed import ALONE, Processes
+from multitune.training.distributed import ALONE, Processes, clip_grad_norm_
 from multitune.training.schedules import Reptile
 
 
@@ -149,7 +149,10 @@ def train(
                 model, batch, balancer, step, accelerator.backward, group, shares, settings.gradient_accumulation
             )
         penalty = sum(r.apply_() for r in regularizers)
-        norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm or math.inf)
+        if group.sharded:
+            norm = clip_grad_norm_(model.parameters(), settings.max_grad_norm or math.inf, group)
+        else:
+            norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm or math.inf)
         step_losses = {name: float(loss) for name, loss in result.losses.items()}
         problem = _nonfinite(step_losses, float(norm))
         if problem is None:
