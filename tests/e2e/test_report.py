@@ -86,7 +86,7 @@ def test_guard_drops_a_task_that_hurts_the_others(tmp_path, tiny_backbone, write
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     actions = [h for h in history if "guard" in h]
     assert [(h["step"], h["guard"]["task"], h["guard"]["action"]) for h in actions] == [(6, "noise", "drop")]
-    assert "mean lookahead affinity -5.000e-02" in actions[0]["guard"]["why"]
+    assert "lookahead affinity -5.000e-02, mean over 2 validations" in actions[0]["guard"]["why"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task_scale"]["noise"] == 0.0
     sampled_after = [h for h in history if h.get("losses") and h["step"] > 7 and "noise" in h.get("probabilities", {})]

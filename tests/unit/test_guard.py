@@ -14,7 +14,7 @@ def test_a_harmful_task_that_does_not_improve_is_downweighted_after_patience():
     assert guard.observe(2, {"good": 0.7, "noise": 0.49, "other": 0.6}, AFFINITY) == []  # strike 1
     (action,) = guard.observe(3, {"good": 0.8, "noise": 0.50, "other": 0.7}, AFFINITY)  # strike 2
     assert (action.task, action.action, action.scale) == ("noise", "downweight", 0.5)
-    assert "mean lookahead affinity -1.500e-01" in action.why
+    assert "lookahead affinity -1.500e-01, mean over 3 validations" in action.why
     assert guard.scale == {"good": 1.0, "noise": 0.5, "other": 1.0}
 
 
@@ -80,7 +80,7 @@ def test_a_task_whose_own_steps_do_not_generalize_is_caught_even_above_its_basel
     assert guard.observe(1, {"good": 0.6, "noise": 0.25, "other": 0.5}, affinity) == []
     (action,) = guard.observe(2, {"good": 0.7, "noise": 0.30, "other": 0.6}, affinity)
     assert action.task == "noise" and action.scale == 0.5
-    assert "own held-out loss (lookahead affinity -1.000e-03)" in action.why and "'good'" in action.why
+    assert "own held-out loss (lookahead affinity -1.000e-03, mean over 2 validations)" in action.why and "'good'" in action.why
     # the same task is spared when it helps every other task, or when its own step helps itself
     spared = affinity.clone()
     spared[1, 0] = 0.01
@@ -90,6 +90,23 @@ def test_a_task_whose_own_steps_do_not_generalize_is_caught_even_above_its_basel
     assert (
         NegativeTransferGuard(NAMES, patience=1).observe(1, {"good": 0.6, "noise": 0.3, "other": 0.5}, learning) == []
     )
+
+
+def test_the_guard_judges_the_running_mean_of_the_affinity_not_one_noisy_validation():
+    scores = {"good": 0.6, "noise": 0.3, "other": 0.5}
+    steady = AFFINITY.clone()
+    steady[1, 1] = -0.001  # "noise" never helps its own held-out loss and always raises "good"'s
+    guard = NegativeTransferGuard(NAMES, patience=1, baselines={"good": 0.5, "noise": 0.2, "other": 0.4})
+    assert [a.task for a in guard.observe(1, scores, steady)] == ["noise"]
+    # one validation where "good"'s own step happened to raise its held-out loss and "other"'s: on that
+    # validation alone it looks like noise, but over the run its own-affinity is clearly positive
+    unlucky = steady.clone()
+    unlucky[0, 0], unlucky[0, 2] = -0.05, -0.01
+    assert "good" not in [a.task for a in guard.observe(2, scores, unlucky)]
+    assert guard.validations == 2
+    assert torch.allclose(guard.affinity_sum, (steady + unlucky).double())
+    alone = NegativeTransferGuard(NAMES, patience=1, baselines={"good": 0.5, "noise": 0.2, "other": 0.4})
+    assert "good" in [a.task for a in alone.observe(1, scores, unlucky)]  # that validation alone would act
 
 
 def test_compare_records_trajectories_the_guard_reads(tmp_path):

@@ -1,7 +1,9 @@
 """Negative-transfer guard: down-weight or drop a task that hurts the others without gaining itself.
 
-At every validation, with the task relations of analysis/affinity.py measured on the probe batches:
-task i's harm is the mean lookahead affinity Z_ij from i to the other active tasks (negative: a step along
+At every validation, with the task relations of analysis/affinity.py measured on the probe batches, the
+guard judges the running mean of the lookahead affinity over all validations so far (one validation's
+probe batches are noisy: a task's own-affinity can be negative once by chance; its mean over the run is
+not). Task i's harm is the mean affinity Z_ij from i to the other active tasks (negative: a step along
 i's gradient raises their losses). A task lags when its validation main score is below its single-task
 baseline by more than `min_gain` (when a baseline is given, e.g. from `multitune compare`), or else when
 it improved by at most `min_gain` on its best earlier score. A baseline trajectory (the single-task run's
@@ -49,6 +51,8 @@ class NegativeTransferGuard:
     scale: dict[str, float] = field(default_factory=dict)  # per-task loss multiplier; 0 = dropped
     best: dict[str, float] = field(default_factory=dict)
     strikes: dict[str, int] = field(default_factory=dict)
+    affinity_sum: torch.Tensor | None = None  # [T, T]: the lookahead affinities summed over validations
+    validations: int = 0
 
     def __post_init__(self) -> None:
         if self.action not in ("downweight", "drop"):
@@ -71,6 +75,10 @@ class NegativeTransferGuard:
     ) -> list[GuardAction]:
         """Update with one validation's main scores and lookahead affinity [T, T] (rows: from, in `names`
         order), and the training rows each task has seen (for baseline trajectories)."""
+        current = affinity.detach().double().cpu()
+        self.affinity_sum = current if self.affinity_sum is None else self.affinity_sum + current
+        self.validations += 1
+        affinity = self.affinity_sum / self.validations
         actions = []
         active = [i for i, n in enumerate(self.names) if self.active(n)]
         for i in active:
@@ -100,25 +108,35 @@ class NegativeTransferGuard:
             if self.strikes[name] >= self.patience and len(active) > 1:
                 self.scale[name] = 0.0 if self.action == "drop" else self.scale[name] * self.factor
                 self.strikes[name] = 0
+                over = f"mean over {self.validations} validations"
                 if noise:
                     why = (
-                        f"its own steps did not lower its own held-out loss (lookahead affinity {own:+.3e}) and "
-                        f"raised '{self.names[victim]}''s ({worst:+.3e}): nothing it learns generalizes, "
+                        f"its own steps did not lower its own held-out loss (lookahead affinity {own:+.3e}, {over}) "
+                        f"and raised '{self.names[victim]}''s ({worst:+.3e}): nothing it learns generalizes, "
                         f"for {self.patience} validations"
                     )
                 else:
                     why = (
-                        f"its steps raised the other tasks' losses (mean lookahead affinity {harm:+.3e}) while "
+                        f"its steps raised the other tasks' losses (lookahead affinity {harm:+.3e}, {over}) while "
                         f"{standing}, for {self.patience} validations"
                     )
                 actions.append(GuardAction(step, name, self.action, self.scale[name], why))
         return actions
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": dict(self.scale), "best": dict(self.best), "strikes": dict(self.strikes)}
+        return {
+            "scale": dict(self.scale),
+            "best": dict(self.best),
+            "strikes": dict(self.strikes),
+            "affinity_sum": None if self.affinity_sum is None else self.affinity_sum.tolist(),
+            "validations": self.validations,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale, self.best, self.strikes = dict(state["scale"]), dict(state["best"]), dict(state["strikes"])
+        total = state.get("affinity_sum")
+        self.affinity_sum = None if total is None else torch.tensor(total, dtype=torch.float64)
+        self.validations = int(state.get("validations", 0))
 
 
 def interpolate(points: list[tuple[int, float]], x: int) -> float:
