@@ -288,7 +288,6 @@ def check_sharded(config: Config, balancer: Balancer) -> None:
         "training.schedule.name": training.schedule.name in ("reptile", "two_stage"),
         "regularization": bool(config.regularization.l2_sp_alpha or config.regularization.l2_sp_beta),
         "model.peft": config.model.peft is not None,
-        "training.gradient_accumulation": training.gradient_accumulation > 1,
         "training.compile": training.compile,
     }
     for field, on in refused.items():

@@ -63,8 +63,8 @@ SETTINGS = {
     },
     # the backbone sharded across the two processes (FSDP2); one process trains it whole
     "fsdp-equal": {"training": {"fsdp": True}},
-    "fsdp-uncertainty-mgda": {
-        "training": {"fsdp": True},
+    "fsdp-uncertainty-mgda-accumulation": {
+        "training": {"fsdp": True, "gradient_accumulation": 2},
         "sampling": {"name": "all_tasks"},
         "loss_weighting": {"name": "uncertainty"},
         "gradient_aggregation": {"name": "mgda", "source": "representation"},
@@ -132,7 +132,7 @@ def test_a_sharded_run_resumes_on_two_processes_or_one(tmp_path, still_backbone,
             {"sampling": {"name": "all_tasks"}, "gradient_aggregation": {"name": "pcgrad", "source": "parameters"}},
             "gradient_aggregation.source",
         ),
-        ({"training": {"gradient_accumulation": 2}}, "training.gradient_accumulation"),
+        ({"regularization": {"l2_sp_alpha": 0.01}}, "regularization"),
     ],
 )
 def test_a_sharded_backbone_refuses_what_needs_whole_shared_gradients(tmp_path, write_jsonl, change, field):
