@@ -174,6 +174,7 @@ class GuardConfig(Group):
     patience: int = Field(2, ge=1)  # validations in a row before acting
     min_gain: float = 0.0  # a task gaining more than this on its best validation score is left alone
     factor: float = Field(0.5, gt=0, lt=1)  # downweight: loss multiplier per action
+    start: float = Field(0.25, ge=0, lt=1)  # judge only validations after this fraction of the steps
     baselines: dict[str, float] | None = None  # single-task main scores per task
     baselines_from: str | None = None  # or a comparison.json written by `multitune compare`
 

@@ -755,7 +755,14 @@ def build_guard(config: Config, names: list[str], balancer: Balancer) -> Negativ
         return None
     baselines, trajectories = guard_baselines(config)
     guard = NegativeTransferGuard(
-        names, settings.action, settings.patience, settings.min_gain, settings.factor, baselines, trajectories
+        names,
+        settings.action,
+        settings.patience,
+        settings.min_gain,
+        settings.factor,
+        baselines,
+        trajectories,
+        start_step=int(settings.start * config.training.steps),
     )
     balancer.task_scale = guard.scale  # the guard's multipliers are what balanced_backward applies
     return guard

@@ -78,7 +78,7 @@ def test_guard_drops_a_task_that_hurts_the_others(tmp_path, tiny_backbone, write
     shuffled = write_jsonl("noise.jsonl", classification_rows(40, seed=5))
     config = tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=12, eval_every=3, log_every=1)
     config["tasks"]["noise"] = {"type": "classification", "source": {"format": "jsonl", "train": str(shuffled)}}
-    config["guard"] = {"enabled": True, "action": "drop", "patience": 1, "min_gain": 1.0}
+    config["guard"] = {"enabled": True, "action": "drop", "patience": 1, "min_gain": 1.0, "start": 0.0}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     assert main(["train", str(path)]) == 0

@@ -80,7 +80,10 @@ def test_a_task_whose_own_steps_do_not_generalize_is_caught_even_above_its_basel
     assert guard.observe(1, {"good": 0.6, "noise": 0.25, "other": 0.5}, affinity) == []
     (action,) = guard.observe(2, {"good": 0.7, "noise": 0.30, "other": 0.6}, affinity)
     assert action.task == "noise" and action.scale == 0.5
-    assert "own held-out loss (lookahead affinity -1.000e-03, mean over 2 validations)" in action.why and "'good'" in action.why
+    assert (
+        "own held-out loss (lookahead affinity -1.000e-03, mean over 2 validations)" in action.why
+        and "'good'" in action.why
+    )
     # the same task is spared when it helps every other task, or when its own step helps itself
     spared = affinity.clone()
     spared[1, 0] = 0.01
@@ -107,6 +110,20 @@ def test_the_guard_judges_the_running_mean_of_the_affinity_not_one_noisy_validat
     assert torch.allclose(guard.affinity_sum, (steady + unlucky).double())
     alone = NegativeTransferGuard(NAMES, patience=1, baselines={"good": 0.5, "noise": 0.2, "other": 0.4})
     assert "good" in [a.task for a in alone.observe(1, scores, unlucky)]  # that validation alone would act
+
+
+def test_validations_before_the_start_step_are_not_judged():
+    scores = {"good": 0.6, "noise": 0.3, "other": 0.5}
+    early = AFFINITY.clone()
+    early[0, 0], early[0, 2] = -0.05, -0.01  # "good" looks like noise while the run is settling
+    guard = NegativeTransferGuard(
+        NAMES, patience=1, baselines={"good": 0.5, "noise": 0.2, "other": 0.4}, start_step=100
+    )
+    assert guard.observe(50, scores, early) == [] and guard.observe(100, scores, early) == []
+    assert guard.validations == 0 and guard.affinity_sum is None
+    assert "good" not in [a.task for a in guard.observe(150, scores, AFFINITY)]
+    eager = NegativeTransferGuard(NAMES, patience=1, baselines={"good": 0.5, "noise": 0.2, "other": 0.4})
+    assert "good" in [a.task for a in eager.observe(50, scores, early)]
 
 
 def test_compare_records_trajectories_the_guard_reads(tmp_path):

@@ -3,19 +3,22 @@
 At every validation, with the task relations of analysis/affinity.py measured on the probe batches, the
 guard judges the running mean of the lookahead affinity over all validations so far (one validation's
 probe batches are noisy: a task's own-affinity can be negative once by chance; its mean over the run is
-not). Task i's harm is the mean affinity Z_ij from i to the other active tasks (negative: a step along
-i's gradient raises their losses). A task lags when its validation main score is below its single-task
-baseline by more than `min_gain` (when a baseline is given, e.g. from `multitune compare`), or else when
-it improved by at most `min_gain` on its best earlier score. A baseline trajectory (the single-task run's
-validation scores by rows seen, which `multitune compare` records) is compared at the rows the task has
-seen so far, so a task still learning is measured against the baseline at the same point of learning,
-not against the baseline's final score. A task that harms while lagging for `patience` validations in a
-row is acted on. So is a task that learns nothing that generalizes while it harms another task: its own
-step does not lower its own held-out loss (Z_ii <= 0, the affinity being measured on held-out rows) and
-raises some other task's (min_j Z_ij < 0). A task with corrupted labels is the case in point, caught
-whatever its validation score or baseline says: a control task at chance is never "below" a baseline that
-is at chance too. An action: `downweight` multiplies its loss by `factor` (again at each further flag),
-`drop` stops sampling it. Every action is logged with the numbers behind it.
+not). Validations up to `start_step` are not judged: early in training a single lookahead step along a
+task's gradient of a small probe batch can raise even that task's own held-out loss (real tasks did, in
+the shuffled-label demo), so the guard waits for the run to settle. Task i's harm is the mean affinity
+Z_ij from i to the other active tasks (negative: a step along i's gradient raises their losses). A task
+lags when its validation main score is below its single-task baseline by more than `min_gain` (when a
+baseline is given, e.g. from `multitune compare`), or else when it improved by at most `min_gain` on its
+best earlier score. A baseline trajectory (the single-task run's validation scores by rows seen, which
+`multitune compare` records) is compared at the rows the task has seen so far, so a task still learning
+is measured against the baseline at the same point of learning, not against the baseline's final score. A
+task that harms while lagging for `patience` validations in a row is acted on. So is a task that learns
+nothing that generalizes while it harms another task: its own step does not lower its own held-out loss
+(Z_ii <= 0, the affinity being measured on held-out rows) and raises some other task's (min_j Z_ij < 0).
+A task with corrupted labels is the case in point, caught whatever its validation score or baseline says:
+a control task at chance is never "below" a baseline that is at chance too. An action: `downweight`
+multiplies its loss by `factor` (again at each further flag), `drop` stops sampling it. Every action is
+logged with the numbers behind it.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class NegativeTransferGuard:
     scale: dict[str, float] = field(default_factory=dict)  # per-task loss multiplier; 0 = dropped
     best: dict[str, float] = field(default_factory=dict)
     strikes: dict[str, int] = field(default_factory=dict)
+    start_step: int = 0  # validations at or before this step are not judged
     affinity_sum: torch.Tensor | None = None  # [T, T]: the lookahead affinities summed over validations
     validations: int = 0
 
@@ -75,6 +79,8 @@ class NegativeTransferGuard:
     ) -> list[GuardAction]:
         """Update with one validation's main scores and lookahead affinity [T, T] (rows: from, in `names`
         order), and the training rows each task has seen (for baseline trajectories)."""
+        if step <= self.start_step:
+            return []
         current = affinity.detach().double().cpu()
         self.affinity_sum = current if self.affinity_sum is None else self.affinity_sum + current
         self.validations += 1
