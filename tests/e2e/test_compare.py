@@ -73,3 +73,12 @@ def test_baselines_are_plain_full_fine_tuning(tiny_backbone):
 def test_a_bad_baseline_budget_is_one_line(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "missing.yaml"), "--baseline-budget", "0"]) == 2
     assert "--baseline-budget must be positive" in capsys.readouterr().err
+
+
+def test_the_budget_option_may_come_before_the_config_and_its_overrides(tmp_path, capsys):
+    # argparse alone leaves the overrides unmatched when an option precedes the positionals
+    command = ["compare", "--baseline-budget", "0", str(tmp_path / "missing.yaml"), "training.steps=3"]
+    assert main(command) == 2
+    assert "--baseline-budget must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", str(tmp_path / "missing.yaml"), "--no-such-option"])
