@@ -857,17 +857,23 @@ class TrainingParts:
     reptile: Reptile | None = None
     sharded: bool = False  # the backbone is sharded across processes: whole tensors are gathered to save
 
+    def _weights(self) -> torch.nn.Module | dict[str, torch.Tensor]:
+        """What to write: the model, or a sharded model's whole tensors (a collective: every process calls)."""
+        return full_state_dict(self.model) if self.sharded else self.model
+
     def save_weights(self, path: Path, group: Processes) -> None:
-        """The model's weights, written by the main process (every process gathers a sharded model's)."""
-        weights = full_state_dict(self.model) if self.sharded else self.model
-        if group.main:
-            save_weights(weights, path)
+        """The model's weights, written by the main process."""
+        if group.main or self.sharded:
+            weights = self._weights()
+            if group.main:
+                save_weights(weights, path)
 
     def save_checkpoint(self, run_dir: Path, state: TrainState, keep: int, group: Processes) -> None:
-        weights = full_state_dict(self.model) if self.sharded else self.model
-        snapshot = self.snapshot(state)
-        if group.main:
-            save_checkpoint(run_dir, state.step, weights, snapshot, keep)
+        """A training checkpoint, written by the main process (gathering a sharded one takes every process)."""
+        if group.main or self.sharded:
+            weights, snapshot = self._weights(), self.snapshot(state)
+            if group.main:
+                save_checkpoint(run_dir, state.step, weights, snapshot, keep)
 
     def snapshot(self, state: TrainState) -> dict[str, Any]:
         weighting, aggregator = self.balancer.weighting, self.balancer.aggregator
