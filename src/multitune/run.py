@@ -283,6 +283,9 @@ def check_sharded(config: Config, balancer: Balancer) -> None:
     training = config.training
     refused = {
         "gradient_aggregation.source": balancer.aggregator is not None and balancer.source == "parameters",
+        # the others run the backbone layer by layer or keep one per task: FSDP2 gathers a unit's weights
+        # only when that unit's own forward runs
+        "model.architecture.name": config.model.architecture.name != "hard",
         "analysis.task_affinity": config.analysis.task_affinity,
         "guard.enabled": config.guard.enabled,
         "training.schedule.name": training.schedule.name in ("reptile", "two_stage"),

@@ -133,6 +133,7 @@ def test_a_sharded_run_resumes_on_two_processes_or_one(tmp_path, still_backbone,
             "gradient_aggregation.source",
         ),
         ({"regularization": {"l2_sp_alpha": 0.01}}, "regularization"),
+        ({"model": {"architecture": {"name": "mmoe"}}}, "model.architecture.name"),
     ],
 )
 def test_a_sharded_backbone_refuses_what_needs_whole_shared_gradients(tmp_path, write_jsonl, change, field):
