@@ -588,7 +588,9 @@ def fit(
         None if gradient_aggregation is None else _method(gradient_aggregation, GradientConfig, "gradient_aggregation")
     )
     assert gradient is None or isinstance(gradient, GradientConfig)
-    check_balancing(sampling_method, weighting_method, gradient, len(tasks), mixed_batches)
+    check_balancing(
+        sampling_method, weighting_method, gradient, [t.name for t in tasks], mixed_batches, total_steps=steps
+    )
     shape = _method(architecture, MethodConfig, "architecture")
     ARCHITECTURES.get(shape.name, field="architecture.name")
     ARCHITECTURES.check_params(shape.name, shape.params, ARCHITECTURE_INJECTED, field="architecture")

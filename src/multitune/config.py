@@ -440,16 +440,29 @@ def validate_config(
                 if "input" in first and first["type"] != "value_error"
                 else message
             )
-        line = None
-        if lines:
-            for n in range(len(loc), 0, -1):
-                if loc[:n] in lines and loc[:n] not in overridden:
-                    line = lines[loc[:n]]
-                    break
-        source = "override" if any(loc[: len(o)] == o for o in overridden) else file
-        raise ConfigError(message, file=source, line=line if source == file else None, field=key or None) from None
-    check_methods(config)
+        source, line = _locate(loc, file, lines or {}, overridden)
+        raise ConfigError(message, file=source, line=line, field=key or None) from None
+    try:
+        check_methods(config)
+    except ConfigError as error:
+        if error.file is None and error.field:
+            error.file, error.line = _locate(tuple(error.field.split(".")), file, lines or {}, overridden)
+        raise
     return config
+
+
+def _locate(
+    key: tuple[str, ...], file: str | None, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]
+) -> tuple[str | None, int | None]:
+    """Where a key's value came from: (the config file, the line of its nearest written key) or ("override", None)."""
+    if any(key[: len(o)] == o for o in overridden):
+        return "override", None
+    for n in range(len(key), 0, -1):
+        if key[:n] in lines:
+            return file, lines[key[:n]]
+    if any(o[: len(key)] == key for o in overridden):  # a group the file never wrote, set by overrides
+        return "override", None
+    return file, None
 
 
 def check_speed_options(config: Config) -> None:
@@ -555,9 +568,10 @@ def check_methods(config: Config) -> None:
         config.sampling,
         config.loss_weighting,
         config.gradient_aggregation,
-        len(config.tasks),
+        list(config.tasks),
         config.training.mixed_batches,
         config.training.mixed_precision,
+        config.training.steps,
     )
     for name, task in config.tasks.items():
         for metric in task.metrics or []:
@@ -570,20 +584,34 @@ def check_balancing(
     sampling: MethodConfig,
     loss_weighting: MethodConfig,
     gradient: GradientConfig | None,
-    tasks: int,
+    task_names: list[str],
     mixed_batches: bool,
     mixed_precision: str = "no",
+    total_steps: int = 1,
 ) -> None:
-    """The sampler, loss weighting and gradient aggregator exist, take their parameters, and fit together
-    (shared by the config check and the Python API, api.py)."""
+    """The sampler, loss weighting and gradient aggregator exist, accept their parameters' values, and fit
+    together (shared by the config check and the Python API, api.py). Each is built once here on stand-in
+    task sizes, so a bad value fails before any data is read, naming its config group."""
     from multitune.balancing.gradients import AGGREGATOR_INJECTED, GRADIENT_AGGREGATORS
     from multitune.balancing.losses import LOSS_WEIGHTINGS, WEIGHTING_INJECTED
     from multitune.data.samplers import SAMPLER_INJECTED, SAMPLERS
 
+    tasks = len(task_names)
     SAMPLERS.get(sampling.name, field="sampling.name")
     SAMPLERS.check_params(sampling.name, sampling.params, SAMPLER_INJECTED, field="sampling")
+    stand_in = {"sizes": dict.fromkeys(task_names, 1), "weights": dict.fromkeys(task_names, 1.0)}
+    SAMPLERS.build(
+        sampling.name, injected={**stand_in, "total_steps": total_steps}, field="sampling", **sampling.params
+    )
     LOSS_WEIGHTINGS.get(loss_weighting.name, field="loss_weighting.name")
     LOSS_WEIGHTINGS.check_params(loss_weighting.name, loss_weighting.params, WEIGHTING_INJECTED, field="loss_weighting")
+    names = {"task_names": list(task_names), "seed": 0}
+    LOSS_WEIGHTINGS.build(
+        loss_weighting.name,
+        injected={**names, "loss_weights": dict.fromkeys(task_names, 1.0)},
+        field="loss_weighting",
+        **loss_weighting.params,
+    )
     one_task_steps = getattr(SAMPLERS.get(sampling.name), "tasks_per_step", "one") == "one"
     weighting = LOSS_WEIGHTINGS.get(loss_weighting.name)
     if getattr(weighting, "needs_several_tasks", False) and one_task_steps and not mixed_batches:
@@ -599,6 +627,7 @@ def check_balancing(
         field = "gradient_aggregation"
         factory = GRADIENT_AGGREGATORS.get(gradient.name, field=f"{field}.name")
         GRADIENT_AGGREGATORS.check_params(gradient.name, gradient.params, AGGREGATOR_INJECTED, field=field)
+        GRADIENT_AGGREGATORS.build(gradient.name, injected=names, field=field, **gradient.params)
         sources = getattr(factory, "sources", ())
         if gradient.source not in sources:
             raise ConfigError(

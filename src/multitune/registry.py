@@ -63,17 +63,20 @@ class Registry(Generic[T]):
                 where = f"{field}.{key}" if field else key
                 raise ConfigError(f"unknown parameter for {self.kind} '{name}' (accepted: {listed})", field=where)
 
-    def build(self, name: str, /, *, injected: dict[str, Any] | None = None, **params: Any) -> T:
-        """Call the factory with the config's `params` and those `injected` values it declares."""
+    def build(
+        self, name: str, /, *, injected: dict[str, Any] | None = None, field: str | None = None, **params: Any
+    ) -> T:
+        """Call the factory with the config's `params` and those `injected` values it declares; a value the
+        factory rejects is a ConfigError naming `field` (the config group the parameters came from)."""
         injected = injected or {}
-        self.check_params(name, params, injected)
+        self.check_params(name, params, injected, field=field)
         factory = self.get(name)
         accepted = inspect.signature(factory).parameters
         wanted = {key: value for key, value in injected.items() if key in accepted}
         try:
             return factory(**wanted, **params)
         except (TypeError, ValueError) as error:
-            raise ConfigError(f"{self.kind} '{name}': {error}") from None
+            raise ConfigError(f"{self.kind} '{name}': {error}", field=field) from None
 
     def summaries(self) -> list[tuple[str, str]]:
         """(name, first docstring line) for `multitune list` and the README methods table."""

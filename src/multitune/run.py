@@ -28,7 +28,7 @@ from multitune.data.encoding import Encoded, encode
 from multitune.data.readers import Row, json_rows, read_jsonl
 from multitune.data.samplers import SAMPLERS, ObservesTraining, TaskSampler
 from multitune.data.streams import TaskStream
-from multitune.data.tasks import Example, TaskData, example_from_fields, load_tasks
+from multitune.data.tasks import Example, TaskData, example_from_fields, label_field_name, load_tasks
 from multitune.errors import ConfigError, MultitunError
 from multitune.evaluation.evaluate import average_main_score, evaluate, format_table, predict
 from multitune.evaluation.report import write_report
@@ -1014,7 +1014,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
         for example in task.splits.get(split, task.splits["validation"]):
             for label in example.label if isinstance(example.label, tuple) else (example.label,):
                 if task.labels is not None and str(label) not in known:
-                    raise example.error(f"unknown label '{label}' for task '{name}' as trained", "label")
+                    raise example.error(
+                        f"unknown label '{label}' for task '{name}' as trained", label_field_name(task.config)
+                    )
     encoded = encode_splits(tasks, backbone.tokenizer, config.model.max_length, config.model.kind == "seq2seq")
     device = torch.device("cpu")
     pad = backbone.tokenizer.pad_token_id or 0

@@ -95,11 +95,48 @@ def test_missing_file(setup, capsys):
     assert run_bad(tmp_path, config, capsys) == f"multitune: error: {tmp_path / 'nowhere.jsonl'}: file not found"
 
 
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_empty_validation_or_test_file(setup, capsys, split):
+    tmp_path, config = setup
+    empty = tmp_path / f"{split}.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    config["tasks"]["sentiment"]["source"][split] = str(empty)
+    assert run_bad(tmp_path, config, capsys) == f"multitune: error: {empty}: task 'sentiment' has no {split} rows"
+
+
 def test_unknown_method_name(setup, capsys):
     tmp_path, config = setup
     config["loss_weighting"] = {"name": "eqaul"}
     err = run_bad(tmp_path, config, capsys)
-    assert "field 'loss_weighting.name': unknown loss weighting 'eqaul' (did you mean 'equal'?)" in err
+    assert re.fullmatch(
+        rf"multitune: error: {re.escape(str(tmp_path / 'bad.yaml'))}:\d+: field 'loss_weighting.name': "
+        r"unknown loss weighting 'eqaul' \(did you mean 'equal'\?\); choose from: .*",
+        err,
+    )
+
+
+def test_bad_method_parameter_value_names_its_group_and_line(setup, capsys):
+    tmp_path, config = setup
+    config["sampling"] = {"name": "temperature", "temperature": -1}
+    err = run_bad(tmp_path, config, capsys)
+    assert re.fullmatch(
+        rf"multitune: error: {re.escape(str(tmp_path / 'bad.yaml'))}:\d+: field 'sampling': "
+        r"sampler 'temperature': .*temperature.*",
+        err,
+    )
+
+
+def test_bad_method_parameter_in_an_override(setup, capsys):
+    tmp_path, config = setup
+    err = run_bad(
+        tmp_path,
+        config,
+        capsys,
+        "gradient_aggregation.name=cagrad",
+        "gradient_aggregation.c=-2",
+        "sampling.name=all_tasks",
+    )
+    assert err.startswith("multitune: error: override: field 'gradient_aggregation': gradient aggregator 'cagrad'")
 
 
 def test_unknown_key(setup, capsys):
@@ -121,20 +158,21 @@ def test_missing_backbone(setup, capsys):
     assert "field 'model.backbone'" in run_bad(tmp_path, config, capsys, f"model.backbone={tmp_path}/no-such-model")
 
 
-def test_read_only_output_directory(setup, capsys):
+def test_read_only_output_directory(setup, capsys, small_filesystem):
     tmp_path, config = setup
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
-    config["run"]["output_dir"] = str(locked / "runs")
     try:
         import os
 
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere")
-        assert "cannot create the run directory" in run_bad(tmp_path, config, capsys)
+        if os.access(locked, os.W_OK):  # root writes through permissions: a read-only filesystem stops it
+            locked = small_filesystem("read-only", 64, read_only=True)
+        config["run"]["output_dir"] = str(locked / "runs")
+        err = run_bad(tmp_path, config, capsys)
+        assert f"{locked / 'runs'}: field 'run.output_dir': cannot create the run directory" in err
     finally:
-        locked.chmod(0o700)
+        (tmp_path / "locked").chmod(0o700)
 
 
 def test_real_process_exit_code_and_stderr(tmp_path):

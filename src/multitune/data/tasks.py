@@ -273,6 +273,11 @@ def load_task(
     train_file = (train if isinstance(train, str) else ", ".join(train)) if train else task.source.dataset
     if not splits.get("train"):
         raise DataError(f"task '{name}' has no training rows", file=train_file)
+    for split, examples in splits.items():  # a named but empty split would fail only at its first evaluation
+        if not examples:
+            given = getattr(task.source, split, None)
+            where = (given if isinstance(given, str) else ", ".join(given)) if given else task.source.dataset
+            raise DataError(f"task '{name}' has no {split} rows", file=where)
     if task.type == "token_classification" and task.tag_scheme == "iob1":
         splits = {s: [Example(e.texts, to_iob2(e.label), e.file, e.line) for e in xs] for s, xs in splits.items()}  # type: ignore[arg-type]
     if "validation" not in splits:
@@ -309,10 +314,15 @@ def carve(examples: list[Example], fraction: float, seed: str) -> tuple[list[Exa
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+def label_field_name(task: TaskConfig) -> str:
+    """The field an error about a row's label names: the unified format's `output`, else the label field."""
+    return "output" if task.source.format == "unified" else str(task.label_field)
+
+
 def label_vocabulary(data: TaskData) -> list[str]:
     """The configured labels, or those seen in train (sorted; `O` first for tags); others are errors."""
     task = data.config
-    field_name = "output" if task.source.format == "unified" else str(task.label_field)
+    field_name = label_field_name(task)
 
     def labels_of(example: Example) -> tuple[str, ...]:
         return example.label if isinstance(example.label, tuple) else (str(example.label),)
