@@ -193,8 +193,9 @@ class RoundRobinSampler:
 
 @SAMPLERS.register("sequential")
 class SequentialSampler:
-    """Tasks one after another (a curriculum): task k of `order` owns the k-th stage of training, stage
-    lengths proportional to `fractions` (default: equal). One task per step, no mixing."""
+    """Tasks one after another (a curriculum): task k of `order` owns the k-th stage of training.
+
+    Stage lengths are proportional to `fractions` (default: equal). One task per step, no mixing."""
 
     def __init__(
         self,

@@ -44,7 +44,7 @@ class GradVac:
         for i in range(t):
             for j in self.rng.permutation([k for k in range(t) if k != i]):
                 norm_i = np.sqrt(max(coefficients[i] @ g @ coefficients[i], 1e-30))
-                cosine = (coefficients[i] @ g[:, j]) / (norm_i * norms[j])
+                cosine = np.clip((coefficients[i] @ g[:, j]) / (norm_i * norms[j]), -1.0, 1.0)  # rounding
                 a, b = index[i], index[j]
                 target = self.targets[a, b] if a is not None and b is not None else 0.0
                 if cosine < target:

@@ -5,7 +5,9 @@ The Nash bargaining solution: weights α > 0 with Gα = 1/α, so that every task
 is αᵢ·gᵢᵀd = 1. The reference code approximates it with a sequence of convex programs (cvxpy) every step.
 Here: α minimises the strictly convex ½αᵀGα − Σ log αᵢ, whose stationarity condition is exactly
 Gα = 1/α; a damped Newton method on the T x T problem converges in a handful of iterations, warm-started
-from the previous step's α.
+from the previous step's α. Where the gradients are linearly dependent with a positive combination summing to
+zero (e.g. two opposite gradients) no bargaining solution exists and the objective is unbounded below; a ridge
+of 1e-6 of the mean squared norm on G keeps α finite, and the update tends to that zero combination.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from torch import Tensor
 
 from multitune.balancing.gradients.base import GRADIENT_AGGREGATORS, SOURCES, to_numpy, to_tensor, via_gramian
+
+RIDGE = 1e-6  # relative to the mean squared gradient norm: bounds α where G is singular
 
 
 @GRADIENT_AGGREGATORS.register("nash_mtl")
@@ -37,7 +41,7 @@ class NashMTL:
         scale = np.trace(g) / t
         if scale <= 0:
             return to_tensor(np.ones(t))
-        g = g / scale  # solve for G/s; then α = α̃ / √s
+        g = g / scale + RIDGE * np.eye(t)  # solve for G/s; then α = α̃ / √s
         alpha = self.previous if self.previous is not None and len(self.previous) == t else np.ones(t)
 
         def objective(a: np.ndarray) -> float:
