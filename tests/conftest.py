@@ -57,6 +57,29 @@ def write_jsonl(tmp_path: Path) -> Callable[[str, list[Any]], Path]:
     return write
 
 
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Any:
+    """mount(name, size_kib, read_only=False): a real tmpfs of that size (a disk that fills up, or a read-only
+    one, even for root); the test is skipped where mounting is not allowed."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(name: str, size_kib: int, read_only: bool = False) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        options = f"size={size_kib}k" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode(errors='replace').strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
 def classification_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """A learnable toy task: sentiment decided by the words 'good'/'bad'."""
     import random

@@ -1,9 +1,11 @@
 """End to end on a tiny randomly initialised BERT: train two tasks, then evaluate and predict from the run."""
 
+import io
 import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from multitune.cli import main
@@ -24,7 +26,7 @@ def config_file(tmp_path, tiny_backbone, write_jsonl):
     return make
 
 
-def test_train_writes_metrics_and_a_loadable_run(config_file, tmp_path, capsys):
+def test_train_writes_metrics_and_a_loadable_run(config_file, tmp_path, capsys, monkeypatch):
     assert main(["train", str(config_file())]) == 0
     run = tmp_path / "runs" / "tiny"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -63,6 +65,16 @@ def test_train_writes_metrics_and_a_loadable_run(config_file, tmp_path, capsys):
     assert main(["predict", str(run), "--task", "ner", "--input", str(inputs), "--output", str(out)]) == 0
     assert len(json.loads(out.read_text())["prediction"]) == 4
 
+    # JSONL from stdin to stdout, the default; the same predictions as from a file
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "a good movie"}\n{"text": "bad"}\n'))
+    capsys.readouterr()
+    assert main(["predict", str(run), "--task", "sentiment"]) == 0
+    from_stdin = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert from_stdin == predictions
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "fine"}\n{"text": \n'))
+    assert main(["predict", str(run), "--task", "sentiment"]) == 2
+    assert capsys.readouterr().err.strip().startswith("multitune: error: <stdin>:2: invalid JSON")
+
 
 def test_a_second_run_never_touches_the_first(config_file, tmp_path):
     path = config_file()
@@ -74,12 +86,28 @@ def test_a_second_run_never_touches_the_first(config_file, tmp_path):
 
 
 def test_same_config_and_seed_give_the_same_metrics(config_file, tmp_path):
-    path = config_file(steps=4, eval_every=4)
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    path = config_file(steps=6, eval_every=2)
     assert main(["train", str(path)]) == 0
-    assert main(["train", str(path)]) == 0
-    first = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["tasks"]
-    second = json.loads((tmp_path / "runs" / "tiny-2" / "metrics.json").read_text())["tasks"]
-    assert first == second
+    # the second run in a fresh process: nothing carried over in memory can make them agree
+    subprocess.run([sys.executable, "-m", "multitune", "train", str(path)], check=True, capture_output=True)
+    first, second = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny-2"
+    assert (
+        json.loads((first / "metrics.json").read_text())["tasks"]
+        == json.loads((second / "metrics.json").read_text())["tasks"]
+    )
+
+    def validations(run):
+        lines = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        return [(h["step"], h["validation"]) for h in lines if "validation" in h]
+
+    assert len(validations(first)) == 3 and validations(first) == validations(second)
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_mixed_batches_train_every_task_each_step(config_file, tmp_path):

@@ -1,8 +1,9 @@
 """Property-based tests: malformed data files and configs always give one clear line, never a traceback.
 
 Several hundred generated cases per run: broken JSON, wrong types, missing fields, non-UTF-8 bytes, long
-lines, empty files, unknown labels, token/tag count mismatches, over every reader; and random edits of a
-valid config. Through the CLI: exit code 2, and an earlier run directory is never touched.
+lines, empty files, unknown labels, token/tag count mismatches, over every reader (a line that is certainly
+malformed must fail at that file and line); random edits of a valid config, as data and as YAML text.
+Through the CLI: exit code 2, and an earlier run directory is never touched.
 """
 
 import contextlib
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from multitune.cli import main
-from multitune.config import validate_config
+from multitune.config import load_config, validate_config
 from multitune.data.tasks import load_tasks
 from multitune.errors import MultitunError
 
@@ -30,6 +31,9 @@ json_values = st.recursive(
 )
 
 
+# A generated line is (bad, bytes): bad is True for a line no reader may accept, False for a valid one, None
+# where it depends on the drawn value (a wrong type may still be a string). A file with a bad line must fail
+# at that line or earlier: a reader that skipped broken lines silently would fail these tests.
 @st.composite
 def classification_line(draw):
     kind = draw(
@@ -37,20 +41,24 @@ def classification_line(draw):
     )
     record = {"text": draw(texts), "label": draw(labels)}
     if kind == "broken":
-        return json.dumps(record)[: draw(st.integers(0, 10))].encode()
+        return True, json.dumps(record)[: draw(st.integers(1, 10))].encode()
     if kind == "type":
         record[draw(st.sampled_from(["text", "label"]))] = draw(json_values)
+        return None, json.dumps(record).encode()
     if kind == "missing":
         del record[draw(st.sampled_from(["text", "label"]))]
+        return True, json.dumps(record).encode()
     if kind == "bytes":
-        return json.dumps(record).encode()[:5] + draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\x80\x80"])) + b'"}'
+        return True, json.dumps(record).encode()[:5] + draw(
+            st.sampled_from([b"\xff", b"\xc3\x28", b"\x80\x80"])
+        ) + b'"}'
     if kind == "long":
         record["text"] = "x" * draw(st.integers(10_000, 200_000))
     if kind == "blank":
-        return b"   "
+        return False, b"   "
     if kind == "array":
-        return json.dumps([record]).encode()
-    return json.dumps(record).encode()
+        return True, json.dumps([record]).encode()
+    return False, json.dumps(record).encode()
 
 
 @st.composite
@@ -67,7 +75,8 @@ def token_line(draw):
         tokens = draw(json_values)
     if kind == "tags-type":
         tags = draw(json_values)
-    return json.dumps({"tokens": tokens, "tags": tags}).encode()
+    bad = {"valid": False, "mismatch": True}.get(kind)
+    return bad, json.dumps({"tokens": tokens, "tags": tags}).encode()
 
 
 @st.composite
@@ -96,12 +105,22 @@ def conll_file(draw):
 
 
 def assert_clean(call):
-    """`call()` succeeds, or fails with a MultitunError that prints as one line."""
+    """`call()` succeeds, or fails with a MultitunError that prints as one line (returned)."""
     try:
         call()
     except MultitunError as error:
         text = str(error)
         assert text and "\n" not in text and "Traceback" not in text, text
+        return error
+    return None
+
+
+def assert_fails_at_first_bad_line(error, lines, path):
+    """Where a line no reader may accept is present, the error names this file and that line or an earlier one."""
+    first_bad = next((number for number, (bad, _) in enumerate(lines, start=1) if bad), None)
+    if first_bad is not None:
+        assert error is not None, f"line {first_bad} is malformed but the file loaded"
+        assert error.file == str(path) and error.line is not None and error.line <= first_bad, str(error)
 
 
 def task_config(kind, fmt, train, test=None, **extra):
@@ -123,10 +142,13 @@ def load(tasks):
 def test_jsonl_classification_files(train, test, given_labels):
     with tempfile.TemporaryDirectory() as folder:
         train_path, test_path = Path(folder) / "train.jsonl", Path(folder) / "test.jsonl"
-        train_path.write_bytes(b"\n".join(train))
-        test_path.write_bytes(b"\n".join(test))
+        train_path.write_bytes(b"\n".join(line for _, line in train))
+        test_path.write_bytes(b"\n".join(line for _, line in test))
         extra = {"labels": ["pos", "neg"]} if given_labels else {}
-        assert_clean(lambda: load({"t": task_config("classification", "jsonl", train_path, test_path, **extra)}))
+        error = assert_clean(
+            lambda: load({"t": task_config("classification", "jsonl", train_path, test_path, **extra)})
+        )
+        assert_fails_at_first_bad_line(error, train, train_path)
 
 
 @FUZZ
@@ -134,11 +156,11 @@ def test_jsonl_classification_files(train, test, given_labels):
 def test_jsonl_token_files(train, scheme):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "train.jsonl"
-        path.write_bytes(b"\n".join(train))
+        path.write_bytes(b"\n".join(line for _, line in train))
         config = task_config(
             "token_classification", "jsonl", path, text_fields=["tokens"], label_field="tags", tag_scheme=scheme
         )
-        assert_clean(lambda: load({"t": config}))
+        assert_fails_at_first_bad_line(assert_clean(lambda: load({"t": config})), train, path)
 
 
 @FUZZ
@@ -236,6 +258,54 @@ def test_config_edits(edits):
     assert_clean(lambda: validate_config(config, file="fuzz.yaml"))
 
 
+@st.composite
+def mutated_yaml(draw):
+    """The valid config as YAML text with random byte edits: stray colons, tabs, brackets, quotes, bad
+    indentation, non-UTF-8 bytes, duplicated or cut lines."""
+    text = bytearray(yaml.safe_dump({**VALID, "tasks": {"a": {**VALID["tasks"]["a"]}}}).encode())
+    pieces = [
+        b":",
+        b"\t",
+        b"[",
+        b"{",
+        b"'",
+        b'"',
+        b"  ",
+        b"\n  - ",
+        b"&a",
+        b"*a",
+        b"!!python/object:os.system",
+        b"\xff",
+        b"%",
+    ]
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(text)))
+        action = draw(st.sampled_from(["insert", "delete", "cut-line", "repeat-line"]))
+        if action == "insert":
+            text[at:at] = draw(st.sampled_from(pieces))
+        elif action == "delete":
+            del text[at : at + draw(st.integers(1, 8))]
+        else:
+            lines = bytes(text).split(b"\n")
+            i = draw(st.integers(0, len(lines) - 1))
+            lines[i : i + 1] = [] if action == "cut-line" else [lines[i], lines[i]]
+            text = bytearray(b"\n".join(lines))
+    return bytes(text)
+
+
+@FUZZ
+@given(content=mutated_yaml())
+def test_config_files_as_text(content):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "c.yaml"
+        path.write_bytes(content)
+        error = assert_clean(lambda: load_config(path))
+        if error is not None:
+            assert error.file == str(path), str(error)
+            if "invalid YAML" in error.message:
+                assert error.line is not None, str(error)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(train=st.lists(classification_line(), max_size=5), edit=st.sampled_from([None, "steps", "name", "bogus"]))
 def test_cli_exit_code_and_earlier_run_untouched(train, edit):
@@ -244,7 +314,7 @@ def test_cli_exit_code_and_earlier_run_untouched(train, edit):
         earlier = root / "runs" / "fuzz"
         earlier.mkdir(parents=True)
         (earlier / "metrics.json").write_text('{"earlier": true}', encoding="utf-8")
-        (root / "train.jsonl").write_bytes(b"\n".join(train))
+        (root / "train.jsonl").write_bytes(b"\n".join(line for _, line in train))
         config = json.loads(json.dumps(VALID))
         config["run"]["output_dir"] = str(root / "runs")
         config["model"]["backbone"] = str(root / "no-model")  # valid data still ends in a clean error

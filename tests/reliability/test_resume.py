@@ -91,7 +91,8 @@ def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path, tiny_bac
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_resume_finishes(tmp_path, tiny_backbone, write_jsonl):
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_and_resume_finishes(tmp_path, tiny_backbone, write_jsonl, signal_number):
     path = write_config(tmp_path, tiny_backbone, write_jsonl, "term")
     run_dir = tmp_path / "runs" / "term"
     process = subprocess.Popen(
@@ -103,7 +104,7 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path, tiny_backbone, write_
     deadline = time.time() + 120
     while not (run_dir / "history.jsonl").exists() and time.time() < deadline:
         time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal_number)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1, err
     assert "interrupted at step" in err and "Traceback" not in err
@@ -121,3 +122,19 @@ def test_keep_last_k_and_resume_rejects_a_changed_config(tmp_path, tiny_backbone
     assert main(["train", str(path), "training.steps=6", "run.resume=auto", "training.lr=0.5"]) == 2
     err = capsys.readouterr().err
     assert "field 'training.lr': the config differs from the run being resumed" in err
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_reaches_the_same_weights(tmp_path, tiny_backbone, write_jsonl):
+    reference = write_config(tmp_path, tiny_backbone, write_jsonl, "whole")
+    assert main(["train", str(reference), "training.steps=6", "training.keep_checkpoints=3"]) == 0
+    damaged = write_config(tmp_path, tiny_backbone, write_jsonl, "damaged")
+    assert main(["train", str(damaged), "training.steps=6", "training.keep_checkpoints=3"]) == 0
+    run_dir = tmp_path / "runs" / "damaged"
+    newest = checkpoint_dirs(run_dir)[-1]
+    weights = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a torn write on a crashing disk
+    assert latest_checkpoint(run_dir) == checkpoint_dirs(run_dir)[-2]
+    assert main(["train", str(damaged), "training.steps=6", "training.keep_checkpoints=3", "run.resume=auto"]) == 0
+    assert_every_checkpoint_loads(run_dir)
+    expected, got = final_weights(tmp_path / "runs" / "whole"), final_weights(run_dir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -7,11 +7,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from torch import nn
 
 from multitune.cli import main
 from multitune.config import Config
 from multitune.errors import MultitunError
-from multitune.training.checkpoint import write_json
+from multitune.training.checkpoint import (
+    CHECKPOINTS,
+    checkpoint_dirs,
+    latest_checkpoint,
+    save_checkpoint,
+    save_weights,
+    write_json,
+)
 from tests.conftest import REPO, classification_rows, tiny_config, token_rows
 
 SOURCES = sorted((REPO / "src" / "multitune").rglob("*.py"))
@@ -93,7 +101,81 @@ def test_full_disk_is_a_clear_error(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())  # the temporary file is gone, nothing half-written
 
 
+def test_a_really_full_disk_is_a_clear_error_and_keeps_the_earlier_checkpoint(small_filesystem):
+    disk = small_filesystem("disk", 64)
+    with pytest.raises(MultitunError, match=r"model.safetensors: cannot write: .*"):
+        save_weights(nn.Linear(200, 200), disk / "model.safetensors")  # 160 KB on a 64 KiB disk
+    assert not list(disk.iterdir())
+    run = disk / "run"
+    run.mkdir()
+    save_checkpoint(run, 1, nn.Linear(3, 2), {"step": 1}, keep=2)
+    with pytest.raises(MultitunError, match=r"step-00000002: cannot write checkpoint: .*"):
+        save_checkpoint(run, 2, nn.Linear(200, 200), {"step": 2}, keep=2)
+    assert [c.name for c in checkpoint_dirs(run)] == ["step-00000001"]
+    assert latest_checkpoint(run) == run / CHECKPOINTS / "step-00000001"
+    assert sorted(p.name for p in (run / CHECKPOINTS).iterdir()) == ["step-00000001"]  # no partial folder left
+
+
+@pytest.mark.parametrize("library", ["safetensors", "torch.save"])
+def test_a_serializer_failing_its_own_way_is_a_clear_error(monkeypatch, tmp_path, library):
+    import safetensors.torch
+    import torch
+
+    def fail(*args, **kwargs):  # what each library raises on a full disk: not an OSError
+        if library == "safetensors":
+            raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device)")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file")
+
+    save_checkpoint(tmp_path, 1, nn.Linear(3, 2), {"step": 1}, keep=1)
+    if library == "safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_model", fail)
+        with pytest.raises(MultitunError, match=r"model.safetensors: cannot write: Error while serializing"):
+            save_weights(nn.Linear(3, 2), tmp_path / "model.safetensors")
+    else:
+        monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(MultitunError, match=r"cannot write checkpoint: (Error while serializing|\[enforce fail)"):
+        save_checkpoint(tmp_path, 2, nn.Linear(3, 2), {"step": 2}, keep=1)
+    assert latest_checkpoint(tmp_path) == tmp_path / CHECKPOINTS / "step-00000001"
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporary or partial leftovers
+
+
+def test_a_full_disk_during_training_stops_with_one_line_and_a_loadable_checkpoint(
+    config_path, tmp_path, capsys, monkeypatch
+):
+    import torch
+
+    original, calls = torch.save, {"n": 0}
+
+    def second_save_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", second_save_fails)
+    path = config_path(tmp_path / "runs")
+    assert main(["train", str(path), "training.checkpoint_every=2", "training.eval_every=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("multitune: error: ") and "step-00000004: cannot write checkpoint" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    run = tmp_path / "runs" / "tiny"
+    assert latest_checkpoint(run) == run / CHECKPOINTS / "step-00000002"
+
+
 def test_a_name_cannot_escape_the_output_directory(config_path, tmp_path, capsys):
     assert main(["train", str(config_path(tmp_path / "runs")), "run.name=../../etc"]) == 2
     assert "run name '../../etc' must be" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "x\\y", ""])
+def test_a_task_name_cannot_become_a_path(config_path, tmp_path, capsys, name):
+    """Task names become file names (per-task fine-tuned copies, adapters, exports): no separators or dots."""
+    path = config_path(tmp_path / "runs")
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config["tasks"][name] = config["tasks"].pop("a" if "a" in config["tasks"] else next(iter(config["tasks"])))
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "task name" in err and "must be" in err, err
     assert not (tmp_path / "runs").exists()

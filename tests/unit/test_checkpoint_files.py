@@ -52,3 +52,16 @@ def test_saving_the_same_step_again_replaces_it_whole(tmp_path):
     [only] = ckpt.checkpoint_dirs(tmp_path)
     assert ckpt.load_trainer_state(only)["tag"] == "second"
     assert sorted(os.listdir(tmp_path / ckpt.CHECKPOINTS)) == [only.name]
+
+
+def test_a_later_damaged_checkpoint_never_outlives_the_good_ones(tmp_path):
+    """Resume skipped a damaged step-10 and went on from step 8: saving step 9 must retire step 10 (another
+    timeline), not prune the good checkpoints in its favour."""
+    model = nn.Linear(3, 2)
+    for step in (8, 10):
+        ckpt.save_checkpoint(tmp_path, step, model, {"step": step}, keep=2)
+    (ckpt.checkpoint_dirs(tmp_path)[-1] / "trainer.pt").write_bytes(b"torn")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000008"
+    ckpt.save_checkpoint(tmp_path, 9, model, {"step": 9}, keep=1)
+    assert [c.name for c in ckpt.checkpoint_dirs(tmp_path)] == ["step-00000009"]
+    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(tmp_path)) == {"step": 9}

@@ -17,23 +17,36 @@ from multitune.errors import MultitunError
 WEIGHTS_FILE = "model.safetensors"
 
 
+def write_failure(error: Exception) -> str:
+    """One line saying why a write failed. safetensors and torch.save report a full disk or an I/O error as
+    their own exception types (SafetensorError, RuntimeError), not OSError, so every exception raised while
+    writing counts as a failed write."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return first[:300]
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, fsync it, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp = Path(temporary)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        tmp = Path(temporary)
         write(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise MultitunError(f"cannot write: {error.strerror or error}", file=str(path)) from None
+        _fsync_dir(path.parent)
+    except Exception as error:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise MultitunError(f"cannot write: {write_failure(error)}", file=str(path)) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -111,10 +124,10 @@ def save_checkpoint(
     import torch
 
     root = run_dir / CHECKPOINTS
-    root.mkdir(exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     partial = root / f".{final.name}{PARTIAL}"
     try:
+        root.mkdir(exist_ok=True)
         if partial.exists():
             _remove_checkpoint(partial)
         partial.mkdir()
@@ -127,9 +140,18 @@ def save_checkpoint(
             _discard_checkpoint(final)
         os.replace(partial, final)
         _fsync_dir(root)
-    except OSError as error:
-        raise MultitunError(f"cannot write checkpoint: {error.strerror or error}", file=str(final)) from None
-    for old in checkpoint_dirs(run_dir)[:-keep]:
+    except Exception as error:
+        try:  # a full disk: give the space back, keep the earlier checkpoints
+            if partial.exists():
+                _remove_checkpoint(partial)
+        except OSError:
+            pass  # a leftover partial folder is hidden, and the next run's start removes it
+        raise MultitunError(f"cannot write checkpoint: {write_failure(error)}", file=str(final)) from None
+    done = checkpoint_dirs(run_dir)
+    # A checkpoint after this step belongs to an abandoned timeline (resume skipped it as unloadable): were it
+    # kept, pruning would delete the newer good ones in its place and a later resume could pick it up.
+    later = [c for c in done if c.name > final.name]
+    for old in later + [c for c in done if c.name <= final.name][:-keep]:
         _discard_checkpoint(old)
     return final
 
