@@ -122,6 +122,14 @@ class ScheduleConfig(Group):
     meta_lr: float = Field(0.5, gt=0, le=1)  # reptile: ε in θ ← θ + ε(θ' − θ)
 
 
+class DeepSpeedConfig(Group):
+    """DeepSpeed ZeRO on several processes (training/zero.py): stage 1 partitions the AdamW state, stage 2
+    the gradients too; offload_optimizer: cpu keeps the partition in host memory."""
+
+    stage: int = 2
+    offload_optimizer: Literal["none", "cpu"] = "none"
+
+
 class TrainingConfig(Group):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -136,6 +144,7 @@ class TrainingConfig(Group):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False  # recompute the backbone's activations in backward: less memory
     fsdp: bool = False  # several processes: shard the backbone's weights, gradients, optimizer state (FSDP2)
+    deepspeed: DeepSpeedConfig | None = None  # several processes: DeepSpeed ZeRO stage 1 or 2
     gradient_accumulation: int = Field(1, ge=1)  # split each step's batch into this many backbone passes
     group_by_length: bool = False  # draw each task's rows in length-grouped order: less padding per batch
     packing: bool = False  # causal LMs: pack generation examples into rows of pack_length, no padding between

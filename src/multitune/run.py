@@ -22,7 +22,15 @@ from multitune.analysis.guard import NegativeTransferGuard
 from multitune.balancing.backward import Balancer
 from multitune.balancing.gradients import GRADIENT_AGGREGATORS, GramianAggregator, gramian
 from multitune.balancing.losses import LOSS_WEIGHTINGS, LossWeighting
-from multitune.config import Config, GradientConfig, MethodConfig, TaskConfig, dump_config, validate_config
+from multitune.config import (
+    Config,
+    GradientConfig,
+    MethodConfig,
+    TaskConfig,
+    TrainingConfig,
+    dump_config,
+    validate_config,
+)
 from multitune.data.collate import Batch, collate, pack
 from multitune.data.encoding import Encoded, encode
 from multitune.data.readers import Row, json_rows, read_jsonl
@@ -70,6 +78,18 @@ from multitune.training.distributed import (
 )
 from multitune.training.loop import EarlyStopping, LoopSettings, StopSignal, TrainState, Validation, train
 from multitune.training.schedules import Reptile
+from multitune.training.zero import (
+    ZeroAccelerator,
+    ZeroOptimizer,
+    ZeroSettings,
+    import_deepspeed,
+)
+from multitune.training.zero import (
+    check_settings as check_zero,
+)
+from multitune.training.zero import (
+    from_accelerate_environment as zero_from_accelerate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -240,22 +260,37 @@ def load_backbone_weights(model: MultiTaskModel, run_dir: Path) -> None:
         ) from None
 
 
-def make_accelerator(mixed_precision: str) -> tuple[Any, bool]:
-    """accelerate's Accelerator (launched as several processes without a GPU, they train on CPUs, gloo),
-    and whether its config asks for FSDP: multitune then shards the backbone itself (training/distributed.py)."""
+def make_accelerator(training: TrainingConfig) -> tuple[Any, bool, ZeroSettings | None]:
+    """accelerate's Accelerator (launched as several processes without a GPU, they train on CPUs, gloo);
+    whether the backbone is to be sharded (training.fsdp, or an accelerate config asking for FSDP: multitune
+    shards it itself, training/distributed.py); and the DeepSpeed ZeRO settings (training.deepspeed, or an
+    accelerate DeepSpeed config: multitune drives the engine itself, training/zero.py)."""
     import os
 
     from accelerate import Accelerator
 
     several_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=several_cpus)
+    zero, field = zero_from_accelerate(), "accelerate config (deepspeed_config)"
+    if training.deepspeed is not None:  # the run's own config wins
+        zero, field = ZeroSettings(training.deepspeed.stage, training.deepspeed.offload_optimizer), "training.deepspeed"
+    if zero is not None:
+        import_deepspeed()  # accelerate's DeepSpeed state needs it, and its CPU accelerator without a GPU
+    accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=several_cpus)
     engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if engine in ("DEEPSPEED", "MEGATRON_LM"):
+    if engine == "DEEPSPEED":  # with a GPU: accelerate would drive an engine of its own
+        accelerator = ZeroAccelerator(accelerator, training.mixed_precision)
+    elif engine == "MEGATRON_LM":
         raise ConfigError(
-            f"accelerate is configured for {engine}, which multitune does not drive yet: use a multi-GPU or "
-            "multi-CPU accelerate config (data parallel), with training.fsdp=true to shard a large backbone"
+            "accelerate is configured for MEGATRON_LM, which multitune does not drive: use data parallel, "
+            "training.fsdp=true or DeepSpeed ZeRO"
         )
-    return accelerator, engine == "FSDP"
+    if zero is not None:
+        check_zero(zero, field)
+        if training.fsdp or engine == "FSDP":
+            raise ConfigError("choose one of FSDP and DeepSpeed ZeRO", field="training.deepspeed")
+        if training.mixed_precision == "fp16":
+            raise ConfigError("DeepSpeed ZeRO here trains in fp32 or bf16 autocast", field="training.mixed_precision")
+    return accelerator, engine == "FSDP", zero
 
 
 def check_distributed(config: Config, balancer: Balancer, batch_size: int, group: Processes) -> None:
@@ -274,6 +309,17 @@ def check_distributed(config: Config, balancer: Balancer, batch_size: int, group
             f"with several processes, '{name}' needs the parameters source (on the representation source only"
             " the Gramian-based methods are exact)",
             field="gradient_aggregation.source",
+        )
+
+
+def check_zero_run(config: Config) -> None:
+    """What DeepSpeed ZeRO does not support here: anything writing the weights outside the optimizer step
+    (DeepSpeed's fp32 master copy would not see it)."""
+    schedule = config.training.schedule.name
+    if schedule in ("reptile", "two_stage"):
+        raise ConfigError(
+            f"the {schedule} schedule writes the weights outside the optimizer step; not available with DeepSpeed ZeRO",
+            field="training.schedule.name",
         )
 
 
@@ -437,10 +483,15 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         for name in tasks
     }
 
-    accelerator, fsdp = make_accelerator(training.mixed_precision)
+    accelerator, fsdp, zero = make_accelerator(training)
     group = from_accelerator(accelerator, sharded=training.fsdp or fsdp)
+    if zero is not None and not group.several:  # nothing to partition: a ZeRO run resumes on one process
+        log.warning("DeepSpeed ZeRO needs several processes; training on one process without it")
+        zero = None
     if group.several:
         check_distributed(config, balancer, training.batch_size, group)
+        if zero is not None:
+            check_zero_run(config)
     if resume_dir is not None:
         run_dir = resume_dir
         if group.main:
@@ -459,11 +510,16 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         model = model.to(accelerator.device)  # and the scheduler steps once per global step (not once per process)
         if group.sharded:  # before the optimizer: sharding replaces the backbone's parameters
             shard_backbone(model.backbone)
-    optimizer = optimizer_for(model, balancer.weighting, config)
+    optimizer: Any = optimizer_for(model, balancer.weighting, config)
     warmup = int(training.warmup_ratio * training.steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, training.steps)
     if not group.several:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    elif zero is not None:  # the scheduler keeps stepping the learning rates of the groups DeepSpeed steps
+        optimizer = ZeroOptimizer(model, optimizer, zero, training.batch_size // group.world, group.world)
+        if group.main:
+            offload = ", optimizer state offloaded to the CPU" if zero.offload_optimizer == "cpu" else ""
+            print(f"DeepSpeed ZeRO stage {zero.stage} over {group.world} processes{offload}", file=sys.stderr)
     if isinstance(balancer.weighting, torch.nn.Module):
         balancer.weighting.to(accelerator.device)
     guard = build_guard(config, list(tasks), balancer)
@@ -568,7 +624,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     group.barrier()
     if not group.main and not group.sharded:  # the main process evaluates and writes the results
         return run_dir
-    load_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE, group.sharded)
+    load_weights(accelerator.unwrap_model(model), run_dir / WEIGHTS_FILE, group.sharded or parts.zero)
     if prepared.model.task_adapters is not None:
         prepared.model.task_adapters.save(prepared.model.backbone, run_dir / "adapters")
     results = evaluate(  # a sharded model needs every process in each forward
@@ -861,8 +917,13 @@ class TrainingParts:
     sharded: bool = False  # the backbone is sharded across processes: whole tensors are gathered to save
 
     def _weights(self) -> torch.nn.Module | dict[str, torch.Tensor]:
-        """What to write: the model, or a sharded model's whole tensors (a collective: every process calls)."""
-        return full_state_dict(self.model) if self.sharded else self.model
+        """What to write: the model, or a sharded model's whole tensors (a collective: every process calls).
+        Under ZeRO the weights are views into DeepSpeed's flat buffers, so they are written as copies."""
+        return full_state_dict(self.model) if self.sharded or self.zero else self.model
+
+    @property
+    def zero(self) -> bool:
+        return isinstance(self.optimizer, ZeroOptimizer)
 
     def save_weights(self, path: Path, group: Processes) -> None:
         """The model's weights, written by the main process."""
@@ -872,8 +933,9 @@ class TrainingParts:
                 save_weights(weights, path)
 
     def save_checkpoint(self, run_dir: Path, state: TrainState, keep: int, group: Processes) -> None:
-        """A training checkpoint, written by the main process (gathering a sharded one takes every process)."""
-        if group.main or self.sharded:
+        """A training checkpoint, written by the main process (gathering a sharded backbone or ZeRO's
+        partitioned optimizer state takes every process)."""
+        if group.main or self.sharded or self.zero:
             weights, snapshot = self._weights(), self.snapshot(state)
             if group.main:
                 save_checkpoint(run_dir, state.step, weights, snapshot, keep)
@@ -896,7 +958,10 @@ class TrainingParts:
 
     def restore(self, checkpoint: Path) -> TrainState:
         saved = load_trainer_state(checkpoint)
-        load_weights(self.model, checkpoint / WEIGHTS_FILE, self.sharded)
+        load_weights(self.model, checkpoint / WEIGHTS_FILE, self.sharded or self.zero)
+        weighting, aggregator = self.balancer.weighting, self.balancer.aggregator
+        if isinstance(weighting, torch.nn.Module) and saved["weighting"] is not None:
+            weighting.load_state_dict(saved["weighting"])  # before the optimizer: ZeRO copies every weight
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.sharded:
             shard_optimizer_state_(self.optimizer)
@@ -905,9 +970,6 @@ class TrainingParts:
             stream.load_state_dict(saved["streams"][name])
         if isinstance(self.sampler, ObservesTraining) and saved["sampler"] is not None:
             self.sampler.load_state_dict(saved["sampler"])
-        weighting, aggregator = self.balancer.weighting, self.balancer.aggregator
-        if isinstance(weighting, torch.nn.Module) and saved["weighting"] is not None:
-            weighting.load_state_dict(saved["weighting"])
         if aggregator is not None and saved["aggregator"] is not None:
             aggregator.load_state_dict(saved["aggregator"])  # type: ignore[attr-defined]
         if self.guard is not None and saved.get("guard") is not None:

@@ -1,6 +1,7 @@
 """Data parallelism: two CPU processes (gloo) reach the weights one process reaches with the same global
-batch, for plain equal weighting and for gradient methods, with the backbone whole on every process or
-sharded across them (FSDP); a sharded run resumes from its checkpoint on two processes or on one."""
+batch, for plain equal weighting and for gradient methods, with the backbone whole on every process,
+sharded across them (FSDP), or its optimizer state and gradients partitioned by DeepSpeed ZeRO; a sharded or
+partitioned run resumes from its checkpoint on two processes or on one."""
 
 import json
 import os
@@ -36,10 +37,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(config_path, processes: int, *args: str, command_name: str = "train") -> None:
+def run(config_path, processes: int, *args: str, command_name: str = "train", accelerate_config=None) -> str:
+    """multitune on `processes` processes (torchrun, or `accelerate launch` with a config file); its stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     multitune = ["-m", "multitune", command_name, str(config_path), *args]
-    if processes == 1:
+    if accelerate_config is not None:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+            f"--main_process_port={free_port()}", *multitune,
+        ]  # fmt: skip
+    elif processes == 1:
         command = [sys.executable, *multitune]
     else:
         command = [
@@ -48,6 +55,7 @@ def run(config_path, processes: int, *args: str, command_name: str = "train") ->
         ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
 
 
 SETTINGS = {
@@ -69,11 +77,36 @@ SETTINGS = {
         "loss_weighting": {"name": "uncertainty"},
         "gradient_aggregation": {"name": "mgda", "source": "representation"},
     },
+    # DeepSpeed ZeRO partitions the AdamW state (1) and the gradients (2); one process trains without it.
+    # Every task in every step: DeepSpeed steps parameters without a gradient too (training/zero.py).
+    "zero2-equal": {"training": {"deepspeed": {"stage": 2}}, "sampling": {"name": "all_tasks"}},
+    "zero1-uncertainty-pcgrad-parameters": {
+        "training": {"deepspeed": {"stage": 1}},
+        "sampling": {"name": "all_tasks"},
+        "loss_weighting": {"name": "uncertainty"},
+        "gradient_aggregation": {"name": "pcgrad", "source": "parameters"},
+    },
+    "zero2-offload-mgda-accumulation": {
+        "training": {"deepspeed": {"stage": 2, "offload_optimizer": "cpu"}, "gradient_accumulation": 2},
+        "sampling": {"name": "all_tasks"},
+        "gradient_aggregation": {"name": "mgda", "source": "representation"},
+    },
 }
 
 
+def deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+NEEDS_DEEPSPEED = pytest.mark.skipif(not deepspeed_installed(), reason="deepspeed is not installed")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=NEEDS_DEEPSPEED) if n.startswith("zero") else n for n in SETTINGS]
+)
 def test_two_processes_reach_the_weights_of_one(tmp_path, still_backbone, write_jsonl, name):
     a = write_jsonl("a.jsonl", classification_rows(40))
     b = write_jsonl("b.jsonl", classification_rows(40, seed=7))
@@ -101,13 +134,20 @@ def test_two_processes_reach_the_weights_of_one(tmp_path, still_backbone, write_
 
 
 @pytest.mark.slow
-def test_a_sharded_run_resumes_on_two_processes_or_one(tmp_path, still_backbone, write_jsonl):
+@pytest.mark.parametrize(
+    "partitioning",
+    [{"fsdp": True}, pytest.param({"deepspeed": {"stage": 2}}, marks=NEEDS_DEEPSPEED)],
+    ids=["fsdp", "zero2"],
+)
+def test_a_sharded_run_resumes_on_two_processes_or_one(tmp_path, still_backbone, write_jsonl, partitioning):
     a = write_jsonl("a.jsonl", classification_rows(40))
     b = write_jsonl("b.jsonl", classification_rows(40, seed=7))
     data = tiny_config(still_backbone, a, b, tmp_path / "runs", steps=6, eval_every=3)
     data["tasks"]["ner"] = {"type": "classification", "source": {"format": "jsonl", "train": str(b)}}
     data["model"]["dropout"] = 0.0
-    data["training"].update(batch_size=4, checkpoint_every=3, keep_checkpoints=5, fsdp=True)
+    data["training"].update(batch_size=4, checkpoint_every=3, keep_checkpoints=5, **partitioning)
+    if "deepspeed" in partitioning:  # every task each step: one process steps exactly as DeepSpeed does
+        data["sampling"] = {"name": "all_tasks"}
     path = tmp_path / "sharded.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     run(path, 2)
@@ -121,6 +161,63 @@ def test_a_sharded_run_resumes_on_two_processes_or_one(tmp_path, still_backbone,
         assert checkpoint_dirs(run_dir)[0] == first
         for key, value in expected.items():
             assert torch.allclose(value, got[key], atol=2e-5, rtol=1e-4), (processes, key)
+
+
+ACCELERATE_DEEPSPEED = {
+    "compute_environment": "LOCAL_MACHINE",
+    "distributed_type": "DEEPSPEED",
+    "deepspeed_config": {"zero_stage": 2, "offload_optimizer_device": "none", "offload_param_device": "none"},
+    "num_processes": 2,
+    "num_machines": 1,
+    "machine_rank": 0,
+    "mixed_precision": "no",
+    "use_cpu": True,
+}
+
+
+@pytest.mark.slow
+@NEEDS_DEEPSPEED
+def test_an_accelerate_deepspeed_config_trains_with_zero(tmp_path, still_backbone, write_jsonl):
+    a = write_jsonl("a.jsonl", classification_rows(40))
+    b = write_jsonl("b.jsonl", classification_rows(40, seed=7))
+    accelerate_config = tmp_path / "deepspeed.yaml"
+    accelerate_config.write_text(yaml.safe_dump(ACCELERATE_DEEPSPEED), encoding="utf-8")
+    weights = {}
+    for processes in (1, 2):
+        data = tiny_config(still_backbone, a, b, tmp_path / f"runs{processes}", steps=6, eval_every=3)
+        data["tasks"]["ner"] = {"type": "classification", "source": {"format": "jsonl", "train": str(b)}}
+        data["model"]["dropout"] = 0.0
+        data["training"].update(batch_size=4, checkpoint_every=6)
+        data["sampling"] = {"name": "all_tasks"}
+        path = tmp_path / f"{processes}.yaml"
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        err = run(path, processes, accelerate_config=accelerate_config if processes == 2 else None)
+        if processes == 2:
+            assert "DeepSpeed ZeRO stage 2 over 2 processes" in err
+        [run_dir] = (tmp_path / f"runs{processes}").iterdir()
+        weights[processes] = load_file(str(run_dir / "model.safetensors"))
+    for key, one in weights[1].items():
+        assert torch.allclose(one, weights[2][key], atol=2e-5, rtol=1e-4), key
+
+
+def test_the_zero_settings_of_an_accelerate_launch(tmp_path):
+    from multitune.errors import ConfigError
+    from multitune.training.zero import ZeroSettings, check_settings, from_accelerate_environment
+
+    assert from_accelerate_environment({}) is None
+    fields = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}
+    assert from_accelerate_environment(fields) == ZeroSettings(1, "none")
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    from_file = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(file)}
+    assert from_accelerate_environment(from_file) == ZeroSettings(2, "cpu")
+    file.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    assert from_accelerate_environment(from_file) is None  # no partitioning: plain data parallelism
+    file.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read the DeepSpeed config"):
+        from_accelerate_environment(from_file)
+    with pytest.raises(ConfigError, match=r"stage 3 partitions the parameters.*training\.fsdp"):
+        check_settings(ZeroSettings(3), "training.deepspeed")
 
 
 @pytest.mark.parametrize(

@@ -75,8 +75,9 @@ def _write_weights(weights: nn.Module | dict[str, Any], path: Path) -> None:
 
 
 def load_weights(model: nn.Module, path: Path, sharded: bool = False) -> None:
-    """Weights saved by save_weights into `model`; `sharded`: its backbone is sharded across processes, each
-    keeping its shard of the whole tensors."""
+    """Weights saved by save_weights into `model`. `sharded`: copy tensor by tensor, each cut to this process's
+    shard where the backbone is sharded across processes (FSDP), and into the model's own storage where its
+    weights are views into one flat buffer (DeepSpeed ZeRO), which safetensors' load_model refuses."""
     from safetensors.torch import load_file, load_model
 
     from multitune.training.distributed import load_full_state_dict
