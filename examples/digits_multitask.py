@@ -13,7 +13,7 @@ batch, and PCGrad on the exact per-task gradients of the shared ResNet (source `
 gets a single-task baseline, trained the same way through the same API on the same rows, for as many
 examples as that task saw in the joint run; the script prints both scores side by side.
 
-Run: `.venv/bin/python examples/digits_multitask.py` (offline; 50-65 s on 2 shared CPU cores). It printed:
+Run: `.venv/bin/python examples/digits_multitask.py [--steps N]` (offline; 50-110 s on 2 CPU cores). It printed:
 
     task     train rows   seen  metric    multi-task single-task       Δ
     digit           150   5835  accuracy      0.9775      0.9475 +0.0300
