@@ -98,9 +98,12 @@ def main() -> None:
     steps["LibMTL: EW"] = (libmtl_method(classes["EW"], model, args.tasks, device), {})
 
     times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
     for round_ in range(args.rounds + 1):
         batch = data[round_]
-        for name, method in steps.items():
+        shift = round_ % len(order)  # each round starts with another method: position effects hit all alike
+        for name in order[shift:] + order[:shift]:
+            method = steps[name]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()

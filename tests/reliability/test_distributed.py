@@ -78,18 +78,13 @@ SETTINGS = {
         "gradient_aggregation": {"name": "mgda", "source": "representation"},
     },
     # DeepSpeed ZeRO partitions the AdamW state (1) and the gradients (2); one process trains without it.
-    # Every task in every step: DeepSpeed steps parameters without a gradient too (training/zero.py).
-    "zero2-equal": {"training": {"deepspeed": {"stage": 2}}, "sampling": {"name": "all_tasks"}},
+    # Every task in every step: DeepSpeed steps parameters without a gradient too (training/zero.py). Stage 2
+    # with the optimizer state offloaded is the accelerate launch below.
     "zero1-uncertainty-pcgrad-parameters": {
         "training": {"deepspeed": {"stage": 1}},
         "sampling": {"name": "all_tasks"},
         "loss_weighting": {"name": "uncertainty"},
         "gradient_aggregation": {"name": "pcgrad", "source": "parameters"},
-    },
-    "zero2-offload-mgda-accumulation": {
-        "training": {"deepspeed": {"stage": 2, "offload_optimizer": "cpu"}, "gradient_accumulation": 2},
-        "sampling": {"name": "all_tasks"},
-        "gradient_aggregation": {"name": "mgda", "source": "representation"},
     },
 }
 
@@ -166,7 +161,7 @@ def test_a_sharded_run_resumes_on_two_processes_or_one(tmp_path, still_backbone,
 ACCELERATE_DEEPSPEED = {
     "compute_environment": "LOCAL_MACHINE",
     "distributed_type": "DEEPSPEED",
-    "deepspeed_config": {"zero_stage": 2, "offload_optimizer_device": "none", "offload_param_device": "none"},
+    "deepspeed_config": {"zero_stage": 2, "offload_optimizer_device": "cpu", "offload_param_device": "none"},
     "num_processes": 2,
     "num_machines": 1,
     "machine_rank": 0,
@@ -178,6 +173,7 @@ ACCELERATE_DEEPSPEED = {
 @pytest.mark.slow
 @NEEDS_DEEPSPEED
 def test_an_accelerate_deepspeed_config_trains_with_zero(tmp_path, still_backbone, write_jsonl):
+    """Stage 2 with the optimizer state in host memory, MGDA and gradient accumulation, from accelerate's config."""
     a = write_jsonl("a.jsonl", classification_rows(40))
     b = write_jsonl("b.jsonl", classification_rows(40, seed=7))
     accelerate_config = tmp_path / "deepspeed.yaml"
@@ -187,13 +183,14 @@ def test_an_accelerate_deepspeed_config_trains_with_zero(tmp_path, still_backbon
         data = tiny_config(still_backbone, a, b, tmp_path / f"runs{processes}", steps=6, eval_every=3)
         data["tasks"]["ner"] = {"type": "classification", "source": {"format": "jsonl", "train": str(b)}}
         data["model"]["dropout"] = 0.0
-        data["training"].update(batch_size=4, checkpoint_every=6)
+        data["training"].update(batch_size=4, checkpoint_every=6, gradient_accumulation=2)
         data["sampling"] = {"name": "all_tasks"}
+        data["gradient_aggregation"] = {"name": "mgda", "source": "representation"}
         path = tmp_path / f"{processes}.yaml"
         path.write_text(yaml.safe_dump(data), encoding="utf-8")
         err = run(path, processes, accelerate_config=accelerate_config if processes == 2 else None)
         if processes == 2:
-            assert "DeepSpeed ZeRO stage 2 over 2 processes" in err
+            assert "DeepSpeed ZeRO stage 2 over 2 processes, optimizer state offloaded to the CPU" in err
         [run_dir] = (tmp_path / f"runs{processes}").iterdir()
         weights[processes] = load_file(str(run_dir / "model.safetensors"))
     for key, one in weights[1].items():

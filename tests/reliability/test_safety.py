@@ -65,8 +65,10 @@ def test_remote_code_is_off_unless_asked():
 
 
 def test_nothing_outside_our_checkpoints_is_deleted():
-    for name in ("rmtree", "rmdir", "unlink", "remove"):
+    for name in ("rmtree", "rmdir", "unlink", "remove", "removedirs"):
         for path, node in calls(name):
+            if name == "remove" and ast.unparse(node.func) not in ("os.remove", "remove"):
+                continue  # x.remove(...) on a list or a hook handle deletes no file; os.remove does
             assert path.name == "checkpoint.py", f"{path}: {ast.unparse(node)}"
 
 

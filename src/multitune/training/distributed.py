@@ -28,6 +28,9 @@ weighting and the Gramian-based aggregators on the `representation` source are e
 for clipping is summed over the shards. Checkpoints hold whole tensors (gathered to the main process), so a
 sharded run resumes on any number of processes. Per-task gradients of the shared weights (the `parameters`
 source, task relations, the guard) need whole parameters and are refused.
+
+DeepSpeed ZeRO (training/zero.py) partitions the optimizer state and gradients instead, after all of the
+above: the summed gradients reach its engine through a surrogate loss.
 """
 
 from __future__ import annotations
