@@ -118,10 +118,14 @@ def balanced_backward(
         scaled = local * torch.tensor([shares[n] for n in names], device=device, dtype=local.dtype)
         global_values = group.sum_(scaled.detach().clone())
         stacked = scaled + (global_values - scaled.detach())  # the global values; gradients of this share
+        zero = torch.zeros((), device=device)
+        parts = {n: losses[n] * shares[n] if n in losses else zero for n in names}
     else:
         names = list(losses)
         stacked = torch.stack([losses[n] for n in names])  # [T]
-    parts = {n: stacked[i] for i, n in enumerate(names)}  # what each task's gradient is taken of
+        parts = dict(losses)
+    # What each task's gradient is taken of: the task's own loss (its local share), never an entry of
+    # `stacked`, whose backward would push zeros through every other task's graph (3x the step at T=4).
     terms = weighting.combine(stacked, names, step)  # [T], objective = terms.sum()
     if any(balancer.task_scale.get(n, 1.0) != 1.0 for n in names):
         terms = terms * torch.tensor([balancer.task_scale.get(n, 1.0) for n in names], device=terms.device)
