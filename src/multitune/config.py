@@ -614,10 +614,10 @@ def check_balancing(
     )
     LOSS_WEIGHTINGS.get(loss_weighting.name, field="loss_weighting.name")
     LOSS_WEIGHTINGS.check_params(loss_weighting.name, loss_weighting.params, WEIGHTING_INJECTED, field="loss_weighting")
-    names = {"task_names": list(task_names), "seed": 0}
+    named = {"task_names": list(task_names), "seed": 0}
     LOSS_WEIGHTINGS.build(
         loss_weighting.name,
-        injected={**names, "loss_weights": dict.fromkeys(task_names, 1.0)},
+        injected={**named, "loss_weights": dict.fromkeys(task_names, 1.0)},
         field="loss_weighting",
         **loss_weighting.params,
     )
@@ -636,7 +636,7 @@ def check_balancing(
         field = "gradient_aggregation"
         factory = GRADIENT_AGGREGATORS.get(gradient.name, field=f"{field}.name")
         GRADIENT_AGGREGATORS.check_params(gradient.name, gradient.params, AGGREGATOR_INJECTED, field=field)
-        GRADIENT_AGGREGATORS.build(gradient.name, injected=names, field=field, **gradient.params)
+        GRADIENT_AGGREGATORS.build(gradient.name, injected=named, field=field, **gradient.params)
         sources = getattr(factory, "sources", ())
         if gradient.source not in sources:
             raise ConfigError(

@@ -82,13 +82,9 @@ from multitune.training.zero import (
     ZeroAccelerator,
     ZeroOptimizer,
     ZeroSettings,
+    check_zero,
     import_deepspeed,
-)
-from multitune.training.zero import (
-    check_settings as check_zero,
-)
-from multitune.training.zero import (
-    from_accelerate_environment as zero_from_accelerate,
+    zero_from_accelerate,
 )
 
 log = logging.getLogger(__name__)
@@ -270,10 +266,11 @@ def make_accelerator(training: TrainingConfig) -> tuple[Any, bool, ZeroSettings 
     from accelerate import Accelerator
 
     several_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    zero, field = zero_from_accelerate(), "accelerate config (deepspeed_config)"
+    zero = zero_from_accelerate()
     if training.deepspeed is not None:  # the run's own config wins
-        zero, field = ZeroSettings(training.deepspeed.stage, training.deepspeed.offload_optimizer), "training.deepspeed"
+        zero = ZeroSettings(training.deepspeed.stage, training.deepspeed.offload_optimizer)
     if zero is not None:
+        check_zero(zero, training)
         import_deepspeed()  # accelerate's DeepSpeed state needs it, and its CPU accelerator without a GPU
     accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=several_cpus)
     engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
@@ -284,12 +281,8 @@ def make_accelerator(training: TrainingConfig) -> tuple[Any, bool, ZeroSettings 
             "accelerate is configured for MEGATRON_LM, which multitune does not drive: use data parallel, "
             "training.fsdp=true or DeepSpeed ZeRO"
         )
-    if zero is not None:
-        check_zero(zero, field)
-        if training.fsdp or engine == "FSDP":
-            raise ConfigError("choose one of FSDP and DeepSpeed ZeRO", field="training.deepspeed")
-        if training.mixed_precision == "fp16":
-            raise ConfigError("DeepSpeed ZeRO here trains in fp32 or bf16 autocast", field="training.mixed_precision")
+    if zero is not None and engine == "FSDP":
+        raise ConfigError("choose one of FSDP and DeepSpeed ZeRO", field=zero.source)
     return accelerator, engine == "FSDP", zero
 
 
@@ -309,17 +302,6 @@ def check_distributed(config: Config, balancer: Balancer, batch_size: int, group
             f"with several processes, '{name}' needs the parameters source (on the representation source only"
             " the Gramian-based methods are exact)",
             field="gradient_aggregation.source",
-        )
-
-
-def check_zero_run(config: Config) -> None:
-    """What DeepSpeed ZeRO does not support here: anything writing the weights outside the optimizer step
-    (DeepSpeed's fp32 master copy would not see it)."""
-    schedule = config.training.schedule.name
-    if schedule in ("reptile", "two_stage"):
-        raise ConfigError(
-            f"the {schedule} schedule writes the weights outside the optimizer step; not available with DeepSpeed ZeRO",
-            field="training.schedule.name",
         )
 
 
@@ -490,8 +472,6 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         zero = None
     if group.several:
         check_distributed(config, balancer, training.batch_size, group)
-        if zero is not None:
-            check_zero_run(config)
     if resume_dir is not None:
         run_dir = resume_dir
         if group.main:

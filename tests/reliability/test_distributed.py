@@ -198,23 +198,24 @@ def test_an_accelerate_deepspeed_config_trains_with_zero(tmp_path, still_backbon
 
 
 def test_the_zero_settings_of_an_accelerate_launch(tmp_path):
+    from multitune.config import TrainingConfig
     from multitune.errors import ConfigError
-    from multitune.training.zero import ZeroSettings, check_settings, from_accelerate_environment
+    from multitune.training.zero import ZeroSettings, check_zero, zero_from_accelerate
 
-    assert from_accelerate_environment({}) is None
+    assert zero_from_accelerate({}) is None
     fields = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}
-    assert from_accelerate_environment(fields) == ZeroSettings(1, "none")
+    assert zero_from_accelerate(fields) == ZeroSettings(1, "none")
     file = tmp_path / "ds.json"
     file.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
     from_file = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(file)}
-    assert from_accelerate_environment(from_file) == ZeroSettings(2, "cpu")
+    assert zero_from_accelerate(from_file) == ZeroSettings(2, "cpu")
     file.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
-    assert from_accelerate_environment(from_file) is None  # no partitioning: plain data parallelism
+    assert zero_from_accelerate(from_file) is None  # no partitioning: plain data parallelism
     file.write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read the DeepSpeed config"):
-        from_accelerate_environment(from_file)
+        zero_from_accelerate(from_file)
     with pytest.raises(ConfigError, match=r"stage 3 partitions the parameters.*training\.fsdp"):
-        check_settings(ZeroSettings(3), "training.deepspeed")
+        check_zero(ZeroSettings(3), TrainingConfig())
 
 
 @pytest.mark.parametrize(

@@ -114,11 +114,11 @@ def balanced_backward(
         assert shares is not None, "several processes need each task's share of the rows"
         names = list(shares)  # the global step's tasks, in the same order on every process
         device = next(iter(losses.values())).device if losses else batch.inputs["input_ids"].device
-        local = torch.stack([losses[n] if n in losses else torch.zeros((), device=device) for n in names])
+        zero = torch.zeros((), device=device)  # a task without rows on this process
+        local = torch.stack([losses.get(n, zero) for n in names])
         scaled = local * torch.tensor([shares[n] for n in names], device=device, dtype=local.dtype)
         global_values = group.sum_(scaled.detach().clone())
         stacked = scaled + (global_values - scaled.detach())  # the global values; gradients of this share
-        zero = torch.zeros((), device=device)
         parts = {n: losses[n] * shares[n] if n in losses else zero for n in names}
     else:
         names = list(losses)

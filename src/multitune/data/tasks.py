@@ -260,6 +260,12 @@ def seeded_subsample(examples: list[Example], k: int | None, seed: str) -> list[
     return [examples[i] for i in keep]
 
 
+def split_source(task: TaskConfig, split: str) -> str | None:
+    """What an error about a split names: its file(s), or the Hugging Face dataset."""
+    given = getattr(task.source, split, None)
+    return (given if isinstance(given, str) else ", ".join(given)) if given else task.source.dataset
+
+
 def load_task(
     name: str, task: TaskConfig, seed: int, unified: UnifiedFiles, trust_remote_code: bool = False
 ) -> TaskData:
@@ -269,15 +275,12 @@ def load_task(
         examples = read_split(name, task, split, unified, trust_remote_code)
         if examples is not None:
             splits[split] = examples
-    train = task.source.train
-    train_file = (train if isinstance(train, str) else ", ".join(train)) if train else task.source.dataset
+    train_file = split_source(task, "train")
     if not splits.get("train"):
         raise DataError(f"task '{name}' has no training rows", file=train_file)
     for split, examples in splits.items():  # a named but empty split would fail only at its first evaluation
         if not examples:
-            given = getattr(task.source, split, None)
-            where = (given if isinstance(given, str) else ", ".join(given)) if given else task.source.dataset
-            raise DataError(f"task '{name}' has no {split} rows", file=where)
+            raise DataError(f"task '{name}' has no {split} rows", file=split_source(task, split))
     if task.type == "token_classification" and task.tag_scheme == "iob1":
         splits = {s: [Example(e.texts, to_iob2(e.label), e.file, e.line) for e in xs] for s, xs in splits.items()}  # type: ignore[arg-type]
     if "validation" not in splits:

@@ -39,13 +39,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except Exception as error:
+    except BaseException as error:  # an interrupt too leaves no temporary file behind
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise MultitunError(f"cannot write: {write_failure(error)}", file=str(path)) from None
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        if isinstance(error, Exception):
+            raise MultitunError(f"cannot write: {write_failure(error)}", file=str(path)) from None
         raise
 
 

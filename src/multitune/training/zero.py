@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,10 @@ from multitune.errors import ConfigError
 class ZeroSettings:
     stage: int = 2
     offload_optimizer: str = "none"  # or "cpu"
+    source: str = field(default="training.deepspeed", compare=False)  # where they were set, for errors
 
 
-def from_accelerate_environment(environ: Mapping[str, str] = os.environ) -> ZeroSettings | None:
+def zero_from_accelerate(environ: Mapping[str, str] = os.environ) -> ZeroSettings | None:
     """The ZeRO settings of an accelerate DeepSpeed config, as `accelerate launch` passes them to the processes
     (its own deepspeed fields, or a DeepSpeed JSON file); None without one. Read from the environment, because
     accelerate's state falls back to plain multi-CPU data parallelism without a GPU."""
@@ -67,21 +68,33 @@ def from_accelerate_environment(environ: Mapping[str, str] = os.environ) -> Zero
     if device not in ("none", "cpu"):
         raise ConfigError(f"optimizer offload to '{device}': multitune drives offload to the CPU only", file=file)
     try:
-        return ZeroSettings(int(stage), device)
+        return ZeroSettings(int(stage), device, source="accelerate config (deepspeed_config)")
     except ValueError:
         raise ConfigError(f"ZeRO stage {stage!r} is not a number", file=file) from None
 
 
-def check_settings(settings: ZeroSettings, field: str) -> None:
-    """Stages 1 and 2 only (see the module's docstring)."""
+def check_zero(settings: ZeroSettings, training: Any) -> None:
+    """What multitune's ZeRO does not drive: stage 3, fp16, FSDP on top, and the schedules that write the
+    weights outside the optimizer step (DeepSpeed's fp32 master copy would not see them)."""
+    where = settings.source
     if settings.stage == 3:
         raise ConfigError(
             "ZeRO stage 3 partitions the parameters, which multitune's balancing reads whole; use stage 1 or 2, "
             "or training.fsdp=true to shard the backbone's parameters",
-            field=field,
+            field=where,
         )
     if settings.stage not in (1, 2):
-        raise ConfigError(f"ZeRO stage {settings.stage}: multitune drives stages 1 and 2", field=field)
+        raise ConfigError(f"ZeRO stage {settings.stage}: multitune drives stages 1 and 2", field=where)
+    if training.fsdp:
+        raise ConfigError("choose one of FSDP and DeepSpeed ZeRO", field=where)
+    if training.mixed_precision == "fp16":
+        raise ConfigError("DeepSpeed ZeRO here trains in fp32 or bf16 autocast", field="training.mixed_precision")
+    schedule = training.schedule.name
+    if schedule in ("reptile", "two_stage"):
+        raise ConfigError(
+            f"the {schedule} schedule writes the weights outside the optimizer step; not available with DeepSpeed ZeRO",
+            field="training.schedule.name",
+        )
 
 
 def import_deepspeed() -> Any:
@@ -163,11 +176,6 @@ class ZeroOptimizer:
             self._gradient_hooks(False)
         self.engine.step()
 
-    def _flat_states(self) -> Iterator[dict[str, Any]]:
-        for flat in self.zero.single_partition_of_fp32_groups:
-            if flat in self.base.state:
-                yield self.base.state[flat]
-
     def _link_states(self) -> None:
         """Point each parameter at its piece of every group's flat AdamW state. DeepSpeed links them once,
         after the first group's first step, when the other groups have no state yet: link again."""
@@ -182,7 +190,8 @@ class ZeroOptimizer:
             {**{k: v for k, v in group.items() if k != "params"}, "params": saved["params"]}
             for group, saved in zip(self.base.param_groups, self.template, strict=True)
         ]
-        flat = next(self._flat_states(), None)
+        partitions = self.zero.single_partition_of_fp32_groups
+        flat = next((self.base.state[p] for p in partitions if p in self.base.state), None)
         if flat is None:  # no step yet
             return {"state": {}, "param_groups": groups}
         self._link_states()
