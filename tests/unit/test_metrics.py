@@ -31,6 +31,24 @@ def test_entity_f1_counts_whole_entities():
     assert metric("token_accuracy")(preds, refs) == pytest.approx(0.75)
 
 
+def test_entity_f1_is_strict_iob2():
+    # Gold: X over words 0-1, Y at word 3. Predicted: I-X I-X opens no entity under IOB2, so only Y is
+    # predicted: precision 1/1, recall 1/2, F1 = 2 * 1 * 0.5 / 1.5 = 2/3 (the lenient reading would give 1.0).
+    refs = [["B-X", "I-X", "O", "B-Y"]]
+    preds = [["I-X", "I-X", "O", "B-Y"]]
+    assert metric("entity_f1")(preds, refs) == pytest.approx(2 / 3)
+    # A type change inside a span ends it: B-X I-Y is X(0) and no Y; gold X(0-1) is missed: F1 = 0.
+    assert metric("entity_f1")([["B-X", "I-Y"]], [["B-X", "I-X"]]) == 0.0
+    assert metric("entity_f1")([["I-X", "I-X"]], [["B-X", "I-X"]]) == 0.0
+
+
+def test_entity_f1_refuses_tags_that_are_not_iob2():
+    with pytest.raises(ValueError, match="'PER' is not IOB2"):
+        metric("entity_f1")([["PER", "O"]], [["PER", "O"]])
+    with pytest.raises(ValueError, match="'E-X' is not IOB2"):
+        metric("entity_f1")([["E-X"]], [["B-X"]])
+
+
 def test_average_negates_lower_is_better_and_table_lists_tasks():
     results = {
         "a": {

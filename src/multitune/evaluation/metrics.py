@@ -168,17 +168,29 @@ class MeanSquaredError:
 
 @METRICS.register("entity_f1")
 class EntityF1:
-    """Micro F1 over whole entities, IOB2 (seqeval.metrics.f1_score)."""
+    """Micro F1 over whole entities, strict IOB2 (seqeval f1_score, mode="strict", scheme IOB2; CoNLL-2003).
+
+    An entity starts at `B-X` and runs over the `I-X` after it; a predicted `I-X` that opens a span (after `O`
+    or another type) is no entity. seqeval's default (conlleval's lenient reading) would count it as one.
+    Tags must be `O`, `B-X` or `I-X`; anything else raises ValueError.
+    """
 
     name = "entity_f1"
     higher_is_better = True
 
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:
         from seqeval.metrics import f1_score
+        from seqeval.scheme import IOB2
 
+        for sentence in (*references, *predictions):
+            for tag in sentence:
+                if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+                    raise ValueError(f"tag '{tag}' is not IOB2 (O, B-TYPE or I-TYPE)")
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # seqeval warns on tags it cannot parse as entities
-            return float(f1_score([list(r) for r in references], [list(p) for p in predictions], zero_division=0))
+            warnings.simplefilter("ignore")  # seqeval warns when a sentence holds no entity
+            references_ = [list(r) for r in references]
+            predictions_ = [list(p) for p in predictions]
+            return float(f1_score(references_, predictions_, mode="strict", scheme=IOB2, zero_division=0))
 
 
 @METRICS.register("token_accuracy")
