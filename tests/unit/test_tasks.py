@@ -5,6 +5,7 @@ import pytest
 from multitune.config import TaskConfig
 from multitune.data.tasks import UnifiedFiles, load_task, load_tasks, to_iob2
 from multitune.errors import DataError
+from tests.conftest import SHARED_DATA
 
 
 def task(**fields) -> TaskConfig:
@@ -184,3 +185,178 @@ def test_shuffled_labels_keep_the_label_counts_and_leave_evaluation_alone(tmp_pa
     truth = [r["label"] for r in rows]
     assert sorted(shuffled) == sorted(truth) and shuffled != truth
     assert [e.label for e in data.splits["validation"]] == truth
+
+
+def test_a_row_cut_by_an_unquoted_comma_is_refused_not_trained(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text(
+        "text,label\ni hated it,negative\nso good,positive\ni loved it, really,positive\n", encoding="utf-8"
+    )
+    with pytest.raises(DataError, match=rf"^{train}:4: row has 3 cells, the header has 2$"):
+        load("t", task(type="classification", source={"format": "csv", "train": str(train)}))
+
+
+def test_a_conll_word_without_a_tag_is_refused_before_any_label_is_built(tmp_path):
+    train = tmp_path / "train.conll"
+    validation = tmp_path / "validation.conll"
+    train.write_text("John\tB-per\nruns\tO\n\nMary\tB-per\n", encoding="utf-8")
+    validation.write_text("Mary\tB-per\nParis\n", encoding="utf-8")
+    config = task(
+        type="token_classification", source={"format": "conll", "train": str(train), "validation": str(validation)}
+    )
+    with pytest.raises(DataError, match=rf"^{validation}:2: line has 1 column, needs a token"):
+        load("t", config)
+
+
+def _digits_task(tmp_path, values, labels):
+    rows = [{"text": f"review {i}", "stars": v} for i, v in enumerate(values)]
+    train = jsonl(tmp_path / "t.jsonl", rows)
+    return task(
+        type="classification",
+        source={"format": "jsonl", "train": train, "validation": train},
+        label_field="stars",
+        labels=labels,
+    )
+
+
+def test_digit_labels_are_names_when_the_configured_labels_are_digits(tmp_path):
+    stars = ["1", "2", "3", "4", "5"]
+    data = load("t", _digits_task(tmp_path, [1, "2", 3.0, " 4", 5, 1], stars))
+    assert [e.label for e in data.splits["train"]] == ["1", "2", "3", "4", "5", "1"]
+    with pytest.raises(DataError, match=r"t.jsonl:1: field 'stars': unknown label '0' in train \(task 't' knows: 1, 2"):
+        load("t", _digits_task(tmp_path, [0, 1, 2, 3, 4], stars))
+    with pytest.raises(DataError, match=r"t.jsonl:2: field 'stars': unknown label '0' in train"):  # mixed names
+        load("t", _digits_task(tmp_path, ["1", "0", "1"], ["1", "positive"]))
+
+
+def test_digit_labels_index_configured_names_that_are_not_digits(tmp_path):
+    data = load("t", _digits_task(tmp_path, [0, "1", 2.0, "02", "neg"], ["neg", "pos", "mixed"]))
+    assert [e.label for e in data.splits["train"]] == ["neg", "pos", "mixed", "mixed", "neg"]
+    with pytest.raises(DataError, match=r"t.jsonl:2: field 'stars': label index 3 is beyond the 3 configured labels"):
+        load("t", _digits_task(tmp_path, [0, 3], ["neg", "pos", "mixed"]))
+    with pytest.raises(DataError, match=r"t.jsonl:2: field 'stars': unknown label '²' in train"):
+        load("t", _digits_task(tmp_path, [0, "²"], ["neg", "pos", "mixed"]))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (1e308, r"target 1e\+308 is beyond ±1e\+15"),
+        (-2e15, r"target -2e\+15 is beyond ±1e\+15"),
+        ("1e16", r"target 1e\+16 is beyond ±1e\+15"),
+        (10**400, r"target beyond ±1e\+15: an integer of 401 digits"),
+        (True, r"expected a number, got the boolean true"),
+        (False, r"expected a number, got the boolean false"),
+        ("inf", r"expected a finite number, got 'inf'"),
+    ],
+)
+def test_regression_targets_that_cannot_train_are_refused_at_their_row(tmp_path, value, message):
+    train = jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 1.0}, {"text": "b", "label": value}])
+    with pytest.raises(DataError, match=rf"t.jsonl:2: field 'label': {message}$"):
+        load("t", task(type="regression", source={"format": "jsonl", "train": train}))
+
+
+def test_regression_targets_at_the_limit_keep_finite_statistics(tmp_path):
+    train = jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": v} for v in (1e15, -1e15, 1e15, -1e15)])
+    data = load("t", task(type="regression", source={"format": "jsonl", "train": train, "validation": train}))
+    assert (data.target_mean, data.target_std) == (0.0, 1e15)
+
+
+def test_json_booleans_are_class_labels_only_where_listed(tmp_path):
+    rows = [{"text": "a", "label": True}, {"text": "b", "label": False}, {"text": "c", "label": "true"}]
+    train = jsonl(tmp_path / "t.jsonl", rows)
+    source = {"format": "jsonl", "train": train, "validation": train}
+    with pytest.raises(DataError, match=r"t.jsonl:1: field 'label': expected a class label, got the boolean true"):
+        load("t", task(type="classification", source=source))
+    with pytest.raises(DataError, match=r"t.jsonl:2: field 'label': expected a class label, got the boolean false"):
+        load("t", task(type="classification", source=source, labels=["true", "no"]))
+    data = load("t", task(type="classification", source=source, labels=["false", "true"]))
+    assert [e.label for e in data.splits["train"]] == ["true", "false", "true"]
+    tags = jsonl(tmp_path / "tags.jsonl", [{"tokens": ["a", "b"], "tags": ["O", True]}])
+    with pytest.raises(DataError, match=r"tags.jsonl:1: field 'tags': expected a class label, got the boolean true"):
+        load("t", task(type="token_classification", source={"format": "jsonl", "train": tags}, label_field="tags"))
+
+
+def _hf_split(folder, labels, tags=None):
+    """A split saved as `save_to_disk` writes it: a ClassLabel `label` (or a sequence-of-ClassLabel `tags`)."""
+    import datasets
+
+    if tags is None:
+        features = datasets.Features(
+            {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["entailment", "not_entailment"])}
+        )
+        columns = {"text": [f"pair {i}" for i in range(len(labels))], "label": labels}
+    else:
+        features = datasets.Features(
+            {
+                "tokens": datasets.Sequence(datasets.Value("string")),
+                "tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B-loc", "I-loc"])),
+            }
+        )
+        columns = {"tokens": [["w"] * len(t) for t in tags], "tags": tags}
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(folder))
+    return str(folder / "data-00000-of-00001.arrow")
+
+
+def _hf_task(files, **extra):
+    return task(type="classification", source={"format": "hf", "dataset": "arrow", "data_files": files}, **extra)
+
+
+def test_a_test_split_without_labels_is_not_scored(tmp_path):
+    files = {
+        "train": _hf_split(tmp_path / "train", [0, 1, 0, 1]),
+        "validation": _hf_split(tmp_path / "validation", [1, 0]),
+        "test": _hf_split(tmp_path / "test", [-1, -1, None]),
+    }
+    data = load("rte", _hf_task(files))
+    assert sorted(data.splits) == ["train", "validation"] and data.labels == ["entailment", "not_entailment"]
+    assert [e.label for e in data.splits["validation"]] == ["not_entailment", "entailment"]
+    assert any("test: arrow[test] has no labels" in note for note in data.notes)
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_a_train_or_validation_split_without_labels_is_refused(tmp_path, split):
+    files = {name: _hf_split(tmp_path / name, [0, 1, 1]) for name in ("train", "validation")}
+    files[split] = _hf_split(tmp_path / f"{split}-hidden", [-1, -1])
+    with pytest.raises(DataError, match=rf"^arrow\[{split}\]: field 'label': the {split} split has no labels"):
+        load("rte", _hf_task(files))
+
+
+def test_a_split_with_some_labels_hidden_names_the_first_hidden_row(tmp_path):
+    files = {
+        "train": _hf_split(tmp_path / "train", [0, 1, 1]),
+        "test": _hf_split(tmp_path / "test", [1, 0, -1, -1]),
+    }
+    with pytest.raises(
+        DataError, match=r"^arrow\[test\]:3: field 'label': no label \(class id -1 or None\) in a split"
+    ):
+        load("rte", _hf_task(files))
+
+
+def test_token_tags_without_labels_follow_the_same_rule(tmp_path):
+    train = _hf_split(tmp_path / "train", None, tags=[[1, 2, 0], [0, 1]])
+    hidden = _hf_split(tmp_path / "test", None, tags=[[-1, -1, -1], [-1]])
+    config = task(
+        type="token_classification",
+        source={"format": "hf", "dataset": "arrow", "data_files": {"train": train, "test": hidden}},
+        label_field="tags",
+    )
+    data = load("ner", config)
+    assert "test" not in data.splits and data.labels == ["O", "B-loc", "I-loc"]
+    mixed = _hf_split(tmp_path / "mixed", None, tags=[[0, 0], [1, -1]])
+    config.source.data_files = {"train": train, "test": mixed}
+    with pytest.raises(DataError, match=r"^arrow\[test\]:2: field 'tags': class id -1 \(no label\) at position 2 of 2"):
+        load("ner", config)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "rte" / "test.parquet").is_file(), reason="no shared data folder")
+def test_rte_parquet_test_split_is_unlabelled_and_not_scored():
+    files = {split: str(SHARED_DATA / "rte" / f"{split}.parquet") for split in ("train", "validation", "test")}
+    config = task(
+        type="pair_classification",
+        source={"format": "hf", "dataset": "parquet", "data_files": files},
+        text_fields=["sentence1", "sentence2"],
+    )
+    data = load("rte", config)
+    assert {s: len(rows) for s, rows in data.splits.items()} == {"train": 2_490, "validation": 277}
+    assert sum(e.label == "not_entailment" for e in data.splits["validation"]) == 131

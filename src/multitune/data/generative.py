@@ -24,10 +24,16 @@ def target_text(row: Row, value: Any, name: str | int, task: TaskConfig) -> str:
             raise row.error(f"label {key!r} is not in the verbalizer (it maps: {known})", name)
         return task.verbalizer[key]
     if task.target_format is not None:
+        if isinstance(value, bool):
+            raise row.error(f"target_format needs a number, got the boolean {str(value).lower()}", name)
         try:
             number = float(value)
         except (TypeError, ValueError):
             raise row.error(f"target_format needs a number, got {value!r}", name) from None
+        except OverflowError:  # an integer beyond any float
+            raise row.error(
+                f"target_format needs a float, got an integer of {len(str(abs(value)))} digits", name
+            ) from None
         if not math.isfinite(number):
             raise row.error(f"expected a finite number, got {value!r}", name)
         return task.target_format.format(number)

@@ -18,7 +18,10 @@ from multitune.errors import DataError
 
 QUOTING: dict[str, Any] = {"minimal": csv.QUOTE_MINIMAL, "none": csv.QUOTE_NONE, "all": csv.QUOTE_ALL}
 MAX_LINE_CHARS = 1_000_000
+MAX_JSON_DEPTH = 100  # a data row is a few levels deep; deeper nesting is refused before anything recurses on it
 BLANK = re.compile(r"^\s*$")
+# a code point of a UTF-16 surrogate half on its own is not text: no tokenizer or JSON writer takes it
+SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Row:
     values: dict[str, Any] | list[Any]
     file: str
     line: int
+    hidden: frozenset[str] = frozenset()  # Hugging Face class-label columns whose id is -1 or None: no label given
 
     def error(self, message: str, field: str | int | None = None) -> DataError:
         return DataError(message, file=self.file, line=self.line, field=None if field is None else str(field))
@@ -70,21 +74,78 @@ def decoded_lines(path: str, encoding: str) -> Iterator[tuple[int, str]]:
                 raise DataError(f"bytes that are not {encoding} ({error.reason})", file=path, line=number) from None
             if len(text) > MAX_LINE_CHARS:
                 raise DataError(f"line longer than {MAX_LINE_CHARS:,} characters", file=path, line=number)
+            check_text(text, path, number)
             yield number, text
+
+
+def check_text(text: str, file: str, line: int, field: str | None = None) -> None:
+    """Refuse a lone surrogate (from a `\\ud800` escape, or a decoder such as utf-7 that lets one through)."""
+    found = SURROGATE.search(text)
+    if found:
+        raise DataError(
+            f"not valid text: a lone surrogate U+{ord(found.group()):04X} at character {found.start() + 1}",
+            file=file,
+            line=line,
+            field=field,
+        )
+
+
+def check_json_value(value: Any, file: str, line: int) -> None:
+    """Walk a parsed JSON value without recursion: every string (key or value) must be valid text and the
+    nesting at most MAX_JSON_DEPTH levels, so later code may recurse on it and write it back as JSON."""
+    stack: list[tuple[Any, int, str | None]] = [(value, 0, None)]
+    while stack:
+        item, depth, field = stack.pop()
+        if isinstance(item, str):
+            check_text(item, file, line, field)
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise DataError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", file=file, line=line, field=field)
+        if isinstance(item, dict):
+            for key, child in item.items():
+                name = key if field is None else field
+                check_text(key, file, line, name)
+                stack.append((child, depth + 1, name))
+        else:
+            stack.extend((child, depth + 1, field) for child in item)
 
 
 def json_rows(lines: Iterable[tuple[int, str]], path: str) -> Iterator[Row]:
     """One JSON object per non-blank line."""
-    for number, text in lines:
+    for number, text in _decoded(lines, path):
         if BLANK.match(text):
             continue
         try:
             value = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as error:
             raise DataError(f"invalid JSON: {error.msg} at column {error.colno}", file=path, line=number) from None
+        except RecursionError:
+            raise DataError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", file=path, line=number) from None
+        except ValueError as error:  # an integer of more digits than Python converts
+            raise DataError(f"invalid JSON: {str(error).split(':')[0]}", file=path, line=number) from None
         if not isinstance(value, dict):
             raise DataError(f"expected a JSON object, got {type(value).__name__}", file=path, line=number)
+        check_json_value(value, path, number)
         yield Row(value, path, number)
+
+
+def _decoded(lines: Iterable[tuple[int, str]], path: str) -> Iterator[tuple[int, str]]:
+    """Lines of an already decoding stream (standard input): bytes it cannot decode name their line. A text
+    stream decodes a block at a time, all of whose whole lines it has handed out before it reads the next;
+    so the bad byte's line is the next one plus the line breaks before it in the block."""
+    iterator, number = iter(lines), 0
+    while True:
+        try:
+            number, text = next(iterator)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as error:
+            block = error.object if isinstance(error.object, bytes) else b""
+            line = number + 1 + block[: error.start].count(b"\n")
+            raise DataError(f"bytes that are not {error.encoding} ({error.reason})", file=path, line=line) from None
+        yield number, text
 
 
 def read_jsonl(path: str, encoding: str = "utf-8-sig") -> Iterator[Row]:
@@ -109,6 +170,9 @@ def read_delimited(
 
     reader = csv.reader(texts(), delimiter=delimiter, quoting=QUOTING[quoting], strict=True)
     names = columns
+    named_by = "the header has" if columns is None else "'columns' names"
+    if columns is not None:
+        _check_names(columns, path, None, "columns")
     while True:
         line = position["line"] + 1  # a quoted field may span lines: name the row's first
         try:
@@ -123,17 +187,32 @@ def read_delimited(
             continue
         if header and names is None:
             names = [c.strip() for c in cells]
+            _check_names(names, path, line, None)
             continue
         if names is not None:
-            if len(cells) < len(names):
-                raise DataError(f"row has {len(cells)} columns, header has {len(names)}", file=path, line=line)
-            yield Row(dict(zip(names, cells, strict=False)), path, line)
+            if len(cells) != len(names):  # a cut row, or a cell that held an unquoted delimiter
+                raise DataError(f"row has {len(cells)} cells, {named_by} {len(names)}", file=path, line=line)
+            yield Row(dict(zip(names, cells, strict=True)), path, line)
         else:
             yield Row(cells, path, line)
 
 
+def _check_names(names: list[str], path: str, line: int | None, field: str | None) -> None:
+    """Two columns of one name would leave one row value silently dropped."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"column name {name!r} appears twice", file=path, line=line, field=field)
+        seen.add(name)
+
+
 def read_conll(path: str, token_column: int = 0, tag_column: int = -1, encoding: str = "utf-8-sig") -> Iterator[Row]:
-    """Sentences of a CoNLL-style file: one token per line, a blank (or whitespace-only) line between."""
+    """Sentences of a CoNLL-style file: one token per line, a blank (or whitespace-only) line between.
+
+    Each line needs a non-empty token and a non-empty tag in two different cells: on a one-cell line columns 0
+    and -1 are the same cell, which would make the word its own tag."""
+    if token_column == tag_column:
+        raise DataError(f"token_column and tag_column are both {token_column}", file=path, field="tag_column")
     tokens: list[str] = []
     tags: list[str] = []
     first = 0
@@ -146,16 +225,24 @@ def read_conll(path: str, token_column: int = 0, tag_column: int = -1, encoding:
         cells = text.rstrip("\r\n").split("\t") if "\t" in text else text.split()
         if cells[0].startswith("-DOCSTART-"):
             continue
-        try:
-            token, tag = cells[token_column], cells[tag_column]
-        except IndexError:
+        n = len(cells)
+        if not (-n <= token_column < n and -n <= tag_column < n) or token_column % n == tag_column % n:
             raise DataError(
-                f"line has {len(cells)} columns, need columns {token_column} and {tag_column}", file=path, line=number
-            ) from None
+                f"line has {n} column{'s' if n != 1 else ''}, needs a token (column {token_column}) and a tag "
+                f"(column {tag_column}) in different columns",
+                file=path,
+                line=number,
+            )
+        token, tag = cells[token_column].strip(), cells[tag_column].strip()
+        if not token or not tag:
+            what = "token" if not token else "tag"
+            raise DataError(
+                f"empty {what} (column {token_column if not token else tag_column})", file=path, line=number
+            )
         if not tokens:
             first = number
-        tokens.append(token.strip())
-        tags.append(tag.strip())
+        tokens.append(token)
+        tags.append(tag)
     if tokens:
         yield Row({"tokens": tokens, "tags": tags}, path, first)
 
@@ -167,7 +254,10 @@ def read_hf(
     data_files: dict[str, str | list[str]] | None = None,
     trust_remote_code: bool = False,
 ) -> Iterator[Row]:
-    """Rows of a Hugging Face dataset split: a hub id when online, or a builder with local data_files."""
+    """Rows of a Hugging Face dataset split: a hub id when online, or a builder with local data_files.
+
+    Class ids become their names. An id of -1 or None (GLUE's unlabelled test splits) names no class: the
+    column is listed in `Row.hidden` and its value is None, for the task to refuse or leave unscored."""
     import datasets
 
     where = f"{dataset}[{split}]"
@@ -185,13 +275,42 @@ def read_hf(
     names = _class_label_names(loaded.features)
     for index, record in enumerate(loaded):
         values = dict(record)
+        hidden = set()
         for column, vocabulary in names.items():  # class ids -> their names, as in local files
-            value = values.get(column)
-            if isinstance(value, int):
-                values[column] = vocabulary[value]
-            elif isinstance(value, list):
-                values[column] = [vocabulary[v] if isinstance(v, int) else v for v in value]
-        yield Row(values, where, index + 1)
+            if column not in values:
+                continue
+            value = values[column]
+            ids = value if isinstance(value, list) else [value]
+            unlabelled = [v is None or v == -1 for v in ids]
+            if ids and all(unlabelled):
+                hidden.add(column)
+                values[column] = None
+            elif any(unlabelled):
+                at = unlabelled.index(True)
+                raise DataError(
+                    f"class id {ids[at]} (no label) at position {at + 1} of {len(ids)}, beside given labels",
+                    file=where,
+                    line=index + 1,
+                    field=column,
+                )
+            else:
+                named = [_class_label_name(v, vocabulary, where, index + 1, column) for v in ids]
+                values[column] = named if isinstance(value, list) else named[0]
+        yield Row(values, where, index + 1, frozenset(hidden))
+
+
+def _class_label_name(value: Any, vocabulary: list[str], where: str, line: int, column: str) -> Any:
+    """A class id's name; an id outside the names (possible in a file written by other tools) is an error."""
+    if not isinstance(value, int):
+        return value
+    if not 0 <= value < len(vocabulary):
+        raise DataError(
+            f"class id {value} is outside the dataset's class names (0-{len(vocabulary) - 1})",
+            file=where,
+            line=line,
+            field=column,
+        )
+    return vocabulary[value]
 
 
 def _class_label_names(features: Any) -> dict[str, list[str]]:

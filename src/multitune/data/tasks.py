@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -12,6 +13,12 @@ from multitune.config import SPLITS, SourceConfig, TaskConfig
 from multitune.data.generative import input_texts, instruction_of, read_parallel, target_text
 from multitune.data.readers import Row, read_conll, read_delimited, read_hf, read_jsonl, read_unified
 from multitune.errors import DataError
+
+# regression targets train as float32, raw (normalize_targets: false) or standardised; the squared error of a
+# raw target must stay far inside float32's range (3.4e38) and the float64 mean and spread of any number of
+# targets finite: 1e15 squared is 1e30. Larger values are a unit or sentinel mistake, refused at their row.
+MAX_TARGET = 1e15
+DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() also reads other scripts' digits, str.isdigit() superscripts
 
 
 @dataclass(frozen=True)
@@ -66,13 +73,7 @@ def _label(row: Row, value: Any, name: str | int, task: TaskConfig) -> str | flo
     if task.type == "generation":
         return target_text(row, value, name, task)
     if task.type == "regression":
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise row.error(f"expected a number, got {value!r}", name) from None
-        if not math.isfinite(number):
-            raise row.error(f"expected a finite number, got {value!r}", name)
-        return number
+        return _target(row, value, name)
     if task.type == "token_classification":
         if not isinstance(value, list) or not all(isinstance(t, (str, int)) for t in value):
             raise row.error("expected a list of tags", name)
@@ -82,19 +83,54 @@ def _label(row: Row, value: Any, name: str | int, task: TaskConfig) -> str | flo
     return _class_name(row, value, name, task)
 
 
-def _class_name(row: Row, value: Any, name: str | int, task: TaskConfig) -> str:
-    """A label as text; an integer (or a string of digits, as in GLUE files) indexes the configured
-    `labels` when it is not itself one of them."""
+def _target(row: Row, value: Any, name: str | int) -> float:
+    """A regression target: a finite number within ±MAX_TARGET (a JSON boolean is not a number here)."""
     if isinstance(value, bool):
-        return str(value).lower()
+        raise row.error(f"expected a number, got the boolean {str(value).lower()}", name)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise row.error(f"expected a number, got {value!r}", name) from None
+    except OverflowError:  # an integer beyond any float
+        raise row.error(f"target beyond ±{MAX_TARGET:g}: an integer of {len(str(abs(value)))} digits", name) from None
+    if not math.isfinite(number):
+        raise row.error(f"expected a finite number, got {value!r}", name)
+    if abs(number) > MAX_TARGET:
+        raise row.error(f"target {number:g} is beyond ±{MAX_TARGET:g}", name)
+    return number
+
+
+def _class_name(row: Row, value: Any, name: str | int, task: TaskConfig) -> str:
+    """A label as text. A label of ASCII digits (or an integer), as in GLUE files, indexes the configured
+    `labels`; but when any configured label is itself digits, every digit label is a name (then `0` with
+    labels 1-5 is an unknown label), so that no value is read as an index and as a name in one task. A JSON
+    boolean is a label only where `labels` lists it ("true" / "false"); elsewhere it is an error."""
+    if isinstance(value, bool):
+        text = str(value).lower()
+        if task.labels is None or text not in task.labels:
+            raise row.error(
+                f"expected a class label, got the boolean {text} (list labels: [false, true] to use booleans)", name
+            )
+        return text
     if isinstance(value, float):
         value = int(value)
     text = str(value).strip()
-    if task.labels and text not in task.labels and text.isdigit() and int(text) < len(task.labels):
-        return task.labels[int(text)]
     if not text:
         raise row.error("empty label", name)
+    if task.labels and DIGITS.fullmatch(text) and not digit_names(task.labels):
+        index = int(text)
+        if index >= len(task.labels):
+            raise row.error(
+                f"label index {index} is beyond the {len(task.labels)} configured labels (0-{len(task.labels) - 1})",
+                name,
+            )
+        return task.labels[index]
     return text
+
+
+def digit_names(labels: list[str]) -> bool:
+    """Whether a configured label is itself a number: then digit labels in the data are names, not indexes."""
+    return any(DIGITS.fullmatch(label.strip()) for label in labels)
 
 
 def example_from_fields(row: Row, task: TaskConfig) -> Example:
@@ -187,9 +223,14 @@ def unified_routes(tasks: dict[str, TaskConfig]) -> dict[str, set[str]]:
 
 
 def read_split(
-    name: str, task: TaskConfig, split: str, unified: UnifiedFiles, trust_remote_code: bool = False
+    name: str,
+    task: TaskConfig,
+    split: str,
+    unified: UnifiedFiles,
+    trust_remote_code: bool = False,
+    notes: list[str] | None = None,
 ) -> list[Example] | None:
-    """The examples of one split, or None when the source has no such split."""
+    """The examples of one split, or None when the source has no such split (or, for test, no labels)."""
     source: SourceConfig = task.source
     if source.format == "hf":
         hf_split = source.split_names.get(split, split)
@@ -202,7 +243,9 @@ def read_split(
             and not _hf_has_split(source, hf_split)
         ):
             return None
-        hf_rows = read_hf(source.dataset or "", hf_split, source.subset, source.data_files, trust_remote_code)
+        hf_rows = list(read_hf(source.dataset or "", hf_split, source.subset, source.data_files, trust_remote_code))
+        if _without_labels(task, split, hf_rows, notes if notes is not None else []):
+            return None
         return [example_from_fields(row, task) for row in hf_rows]
     paths = getattr(source, split)
     if not paths:
@@ -213,6 +256,35 @@ def read_split(
     for path in [paths] if isinstance(paths, str) else paths:
         examples += _read_file(name, task, path, unified)
     return examples
+
+
+def _without_labels(task: TaskConfig, split: str, rows: list[Row], notes: list[str]) -> bool:
+    """Whether a Hugging Face split has no labels at all (class id -1 or None in every row: GLUE's test splits).
+
+    Such a test split is left out and not scored (the report scores validation instead, as for any task
+    without a test split, and says so); a train or validation split without labels is an error, and so is
+    a split where only some rows lack their label."""
+    label = task.label_field
+
+    def hidden(row: Row) -> bool:
+        values = row.values
+        column = list(values)[label] if isinstance(label, int) and -len(values) <= label < len(values) else label
+        return column in row.hidden
+
+    unlabelled = [row for row in rows if hidden(row)]
+    if not unlabelled:
+        return False
+    if len(unlabelled) < len(rows):
+        raise unlabelled[0].error("no label (class id -1 or None) in a split whose other rows have labels", label)
+    if split != "test":
+        raise DataError(
+            f"the {split} split has no labels (class id -1 or None in every row, the convention for an unlabelled "
+            "split); name a labelled split in split_names or data_files",
+            file=rows[0].file,
+            field=str(label),
+        )
+    notes.append(f"test: {rows[0].file} has no labels (class id -1 in every row), so it is not scored")
+    return True
 
 
 def _read_file(name: str, task: TaskConfig, path: str, unified: UnifiedFiles) -> list[Example]:
@@ -270,9 +342,9 @@ def load_task(
     name: str, task: TaskConfig, seed: int, unified: UnifiedFiles, trust_remote_code: bool = False
 ) -> TaskData:
     splits: dict[str, list[Example]] = {}
-    notes = []
+    notes: list[str] = []
     for split in SPLITS:
-        examples = read_split(name, task, split, unified, trust_remote_code)
+        examples = read_split(name, task, split, unified, trust_remote_code, notes)
         if examples is not None:
             splits[split] = examples
     train_file = split_source(task, "train")
