@@ -1,4 +1,9 @@
-"""Tokenize a task's examples once, up front, into `Encoded` rows the collator pads per batch."""
+"""Tokenize a task's examples once, up front, into `Encoded` rows the collator pads per batch.
+
+Data text is text: a row that spells a control token ('<|im_end|>', '[SEP]') is encoded as the ordinary
+pieces of that spelling (`split_special_tokens`), so no row can end a sequence or open a turn from inside
+its content; only the tokens the tokenizer and the chat template add themselves are control tokens.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,18 @@ from typing import Any
 from multitune.data.tasks import Example, TaskData
 
 IGNORE_INDEX = -100  # label of sub-tokens and special tokens in token tasks
+
+
+def control_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's control tokens: its special tokens and every added token flagged special."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {int(i) for i in tokenizer.all_special_ids} | {int(i) for i, t in added.items() if t.special}
+
+
+def text_ids(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
+    """`text` as ids, a control token's spelling in it as ordinary pieces (see the module docstring)."""
+    ids: list[int] = tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
+    return ids
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ def encode(
         [s or "" for s in seconds] if pairs else None,
         truncation="longest_first" if pairs else True,
         max_length=max_length,
+        split_special_tokens=True,
     )
     type_ids = batch.get("token_type_ids")
     index = {label: i for i, label in enumerate(data.labels or [])}
@@ -69,7 +87,11 @@ def _encode_tokens(
     examples: Sequence[Example], data: TaskData, tokenizer: Any, max_length: int, with_labels: bool
 ) -> list[Encoded]:
     batch = tokenizer(
-        [list(e.texts) for e in examples], is_split_into_words=True, truncation=True, max_length=max_length
+        [list(e.texts) for e in examples],
+        is_split_into_words=True,
+        truncation=True,
+        max_length=max_length,
+        split_special_tokens=True,
     )
     type_ids = batch.get("token_type_ids")
     index = {tag: i for i, tag in enumerate(data.labels or [])}
