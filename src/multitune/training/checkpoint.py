@@ -1,11 +1,18 @@
-"""Atomic file writes (write, fsync, rename), model weights as safetensors, and training checkpoints."""
+"""Atomic file writes (write, fsync, rename), model weights as safetensors, and training checkpoints.
+
+Nothing is deleted by its name alone: a temporary file or folder made inside a run directory is recorded in
+the run's scratch record (SCRATCH) before anything is written into it, and the cleanup after a crash deletes
+exactly the recorded paths that still exist, so a user's own `.notes.tmp` or `.step-99.partial/` survives.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +35,24 @@ def write_failure(error: Exception) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over `path`."""
+    """Write through a temporary file in the same folder, fsync it, then rename over `path`. The file gets
+    the mode a plain open gives (0666 less the user's umask), not mkstemp's 0600, also when the writer
+    replaces the temporary file with one of its own (safetensors does): a run is as shareable as the
+    user's other files."""
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        tmp = Path(temporary)
+        while tmp is None:  # a fresh name, created exclusively (as mkstemp does)
+            candidate = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+            try:
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                continue
+            tmp = candidate
+        mode = tmp.stat().st_mode & 0o777
+        _record_if_tracked(tmp)
         write(tmp)
+        tmp.chmod(mode)
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -58,18 +75,54 @@ def write_json(path: Path, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
+class NonFiniteWeights(MultitunError):
+    """Weights holding NaN or infinity: a diverged run, never written as a model nor loaded as one."""
+
+    exit_code = 1
+
+
+def nonfinite_tensors(weights: nn.Module | dict[str, Any]) -> tuple[list[str], int]:
+    """The names of the floating-point tensors holding a NaN or an infinity, and how many tensors there are."""
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return bad, len(tensors)
+
+
+REFUSED = "refusing these weights"
+
+
+def require_finite(
+    weights: nn.Module | dict[str, Any], path: Path, doing: str, error: type[MultitunError] = NonFiniteWeights
+) -> None:
+    bad, total = nonfinite_tensors(weights)
+    if bad:
+        raise error(
+            f"{doing}: {len(bad)} of {total} weight tensors hold NaN or infinity (first: {bad[0]}); the training "
+            "diverged (is training.lr too large?)",
+            file=str(path),
+        )
+
+
 def save_weights(weights: nn.Module | dict[str, Any], path: Path) -> None:
-    """A model's weights, or a state dict of whole tensors (a sharded model's, gathered), as safetensors."""
+    """A model's weights, or a state dict of whole tensors (a sharded model's, gathered), as safetensors.
+    Non-finite weights are refused: whatever picked them, they are no model."""
+    require_finite(weights, path, "not saved")
     atomic_write(path, lambda tmp: _write_weights(weights, tmp))
 
 
 def _write_weights(weights: nn.Module | dict[str, Any], path: Path) -> None:
+    """safetensors replaces the file with a 0600 one of its own: the weights keep the mode a plain open
+    gives (0666 less the user's umask), as checkpoints and every other file of a run do."""
     from safetensors.torch import save_file, save_model
 
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
+    mode = path.stat().st_mode & 0o777
     if isinstance(weights, nn.Module):
         save_model(weights, str(path))
     else:
         save_file(weights, str(path))
+    path.chmod(mode)
 
 
 def load_weights(model: nn.Module, path: Path, sharded: bool = False) -> None:
@@ -82,7 +135,9 @@ def load_weights(model: nn.Module, path: Path, sharded: bool = False) -> None:
 
     try:
         if sharded:
-            missing, unexpected = load_full_state_dict(model, load_file(str(path)))
+            state = load_file(str(path))
+            require_finite(state, path, REFUSED, MultitunError)
+            missing, unexpected = load_full_state_dict(model, state)
         else:
             missing, unexpected = load_model(model, str(path), strict=False)
     except FileNotFoundError:
@@ -92,14 +147,19 @@ def load_weights(model: nn.Module, path: Path, sharded: bool = False) -> None:
             f"weights do not match the model (missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})",
             file=str(path),
         )
+    if not sharded:  # a model with NaN weights predicts nothing: no command serves, evaluates or exports one
+        require_finite(model, path, REFUSED, MultitunError)
 
 
 # --- training checkpoints -----------------------------------------------------------------------
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
+CHECKPOINT_NAME = re.compile(r"step-\d{8}")
+CHECKPOINT_FILES = (WEIGHTS_FILE, "trainer.pt")  # all that a checkpoint folder of ours holds
 PARTIAL = ".partial"
 DISCARDED = ".discarded"
+SCRATCH = ".multitune-scratch"  # a run's record of the temporary paths made in it, one JSON string a line
 
 
 def _fsync_file(path: Path) -> None:
@@ -115,25 +175,94 @@ def _fsync_dir(path: Path) -> None:
         os.close(directory)
 
 
+# --- what this process made, and may delete --------------------------------------------------------
+
+_TRACKED: set[Path] = set()  # run directories this process writes into: their temporary files are recorded
+
+
+def _record(run_dir: Path, path: Path) -> None:
+    """Note a temporary path just made inside `run_dir`, before anything is written into it: if this process
+    dies, the next one knows the path as ours. A lost note (power loss) only leaves the path behind."""
+    with open(run_dir / SCRATCH, "a", encoding="utf-8") as record:
+        record.write(json.dumps(os.path.relpath(path, run_dir)) + "\n")
+
+
+def _record_if_tracked(path: Path) -> None:
+    resolved = path.resolve()
+    for run_dir in _TRACKED:
+        if resolved.is_relative_to(run_dir):
+            _record(run_dir, resolved)
+            return
+
+
+def track(run_dir: Path) -> None:
+    """From now on, record every temporary file and folder this process makes inside `run_dir`."""
+    _TRACKED.add(run_dir.resolve())
+
+
+def untrack(run_dir: Path) -> None:
+    _TRACKED.discard(run_dir.resolve())
+
+
+@contextlib.contextmanager
+def recording(run_dir: Path) -> Iterator[None]:
+    """While a run writes into `run_dir`: record every temporary path made there; at the end, delete those
+    this process left (none unless a write was cut short) and the record itself."""
+    track(run_dir)
+    try:
+        yield
+    finally:
+        untrack(run_dir)
+        remove_leftovers(run_dir)
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """After a crash: delete the temporary files and checkpoint folders a multitune process recorded in the
+    run's scratch record and never finished; anything not recorded there is not ours and stays."""
+    record = run_dir / SCRATCH
+    try:
+        lines = record.read_bytes().splitlines()
+    except FileNotFoundError:
+        return
+    root = run_dir.resolve()
+    for line in lines:
+        try:
+            relative = json.loads(line)
+        except ValueError:
+            continue  # a note torn by the crash: its path, if any, is left alone
+        if not isinstance(relative, str):
+            continue
+        path = root / relative
+        inside = path.resolve().is_relative_to(root) and path.resolve() != root
+        if not inside or not path.name.startswith(".") or path.is_symlink():
+            continue  # we only ever record hidden, plain paths inside the run
+        if path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            _remove_checkpoint(path)
+    record.unlink(missing_ok=True)
+
+
 def save_checkpoint(
     run_dir: Path, step: int, weights: nn.Module | dict[str, Any], trainer_state: dict[str, Any], keep: int
 ) -> Path:
-    """checkpoints/step-NNNNNNN/{model.safetensors, trainer.pt}: written into a hidden folder, fsynced,
-    then renamed into place, so a checkpoint either exists whole or not at all. Keeps the newest `keep`."""
+    """checkpoints/step-NNNNNNN/{model.safetensors, trainer.pt}: written into a hidden folder of a fresh name
+    (in a tracked run recorded as ours first), fsynced, then renamed into place, so a checkpoint either exists
+    whole or not at all. Keeps the newest `keep`. Non-finite weights are refused: the earlier ones stay."""
     import torch
 
     root = run_dir / CHECKPOINTS
     final = root / f"{PREFIX}{step:08d}"
-    partial = root / f".{final.name}{PARTIAL}"
+    require_finite(weights, final, "checkpoint not written")
+    partial: Path | None = None
     try:
         root.mkdir(exist_ok=True)
-        if partial.exists():
-            _remove_checkpoint(partial)
-        partial.mkdir()
+        partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=PARTIAL, dir=root))
+        _record_if_tracked(partial)
         _write_weights(weights, partial / WEIGHTS_FILE)
         torch.save(trainer_state, partial / "trainer.pt")
-        for file in partial.iterdir():
-            _fsync_file(file)
+        for name in CHECKPOINT_FILES:
+            _fsync_file(partial / name)
         _fsync_dir(partial)
         if final.exists():  # the same step saved again (e.g. on a signal right after a periodic save)
             _discard_checkpoint(final)
@@ -141,10 +270,10 @@ def save_checkpoint(
         _fsync_dir(root)
     except Exception as error:
         try:  # a full disk: give the space back, keep the earlier checkpoints
-            if partial.exists():
+            if partial is not None and partial.exists():
                 _remove_checkpoint(partial)
         except OSError:
-            pass  # a leftover partial folder is hidden, and the next run's start removes it
+            pass  # a leftover partial folder is hidden; when recorded, the next run's start removes it
         raise MultitunError(f"cannot write checkpoint: {write_failure(error)}", file=str(final)) from None
     done = checkpoint_dirs(run_dir)
     # A checkpoint after this step belongs to an abandoned timeline (resume skipped it as unloadable): were it
@@ -156,11 +285,11 @@ def save_checkpoint(
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a partial one is hidden and never listed)."""
+    """Complete checkpoints (folders named step-NNNNNNNN), oldest first; a partial one is hidden."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    return sorted(p for p in root.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir())
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
@@ -185,31 +314,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _remove_checkpoint(path: Path) -> None:
-    """Delete one checkpoint folder of ours (its files are flat; nothing else is ever deleted)."""
-    for file in path.iterdir():
-        file.unlink()
-    path.rmdir()
+    """Delete one checkpoint folder of ours: the files a checkpoint holds, then the folder if that empties it
+    (a file someone else put there stays, with its folder)."""
+    for name in CHECKPOINT_FILES:
+        (path / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def _discard_checkpoint(path: Path) -> None:
-    """Retire a complete checkpoint atomically: rename it to a hidden name first, so a crash while its
-    files are being deleted never leaves a listed checkpoint with files missing."""
-    doomed = path.with_name(f".{path.name}{DISCARDED}")
-    if doomed.exists():
-        _remove_checkpoint(doomed)
-    os.replace(path, doomed)
+    """Retire a complete checkpoint atomically: rename it to a fresh hidden name (recorded as ours) first, so
+    a crash while its files are being deleted never leaves a listed checkpoint with files missing."""
+    doomed = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=DISCARDED, dir=path.parent))
+    _record_if_tracked(doomed)
+    os.replace(path, doomed)  # onto the empty folder just made
     _fsync_dir(path.parent)
     _remove_checkpoint(doomed)
-
-
-def remove_leftovers(run_dir: Path) -> None:
-    """After a crash: drop our half-written temporary files and partial checkpoints (names we made)."""
-    for tmp in run_dir.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-    root = run_dir / CHECKPOINTS
-    if root.is_dir():
-        for leftover in [*root.glob(f".{PREFIX}*{PARTIAL}"), *root.glob(f".{PREFIX}*{DISCARDED}")]:
-            _remove_checkpoint(leftover)
 
 
 def discard_staging(path: Path) -> None:
