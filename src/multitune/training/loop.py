@@ -21,7 +21,7 @@ from multitune.data.streams import TaskStream
 from multitune.errors import MultitunError
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.regularization import Regularizer
-from multitune.training.distributed import ALONE, Processes, clip_grad_norm_
+from multitune.training.distributed import ALONE, Processes, clip_grad_norm_, is_sharded
 from multitune.training.schedules import Reptile
 
 
@@ -77,6 +77,7 @@ class TrainState:
     task_stale: dict[str, int] = field(default_factory=dict)
     stopped_tasks: list[str] = field(default_factory=list)
     stopped_early: bool = False
+    running_losses: dict[str, float] = field(default_factory=dict)  # each task's loss, smoothed, as logged
 
 
 class StopSignal:
@@ -126,7 +127,7 @@ def train(
     for name in state.stopped_tasks:
         balancer.task_scale[name] = 0.0
     adaptive = sampler if isinstance(sampler, ObservesTraining) else None
-    running: dict[str, float] = {}  # exponential moving average of each task's loss, for the progress bar
+    running = state.running_losses  # exponential moving average of each task's loss, for the log and the bar
     model.train()
     quiet = not settings.progress or not settings.processes.main
     bar = tqdm(range(state.step, settings.steps), disable=quiet, desc="train", dynamic_ncols=True)
@@ -167,11 +168,15 @@ def train(
             log({"step": step + 1, "skipped": problem})
         scheduler.step()
         state.step = step + 1
+        if problem is not None:  # an earlier update may have overflowed the weights: then no step will do
+            require_finite_weights(model, state, group)
         if state.nonfinite_in_a_row >= settings.max_nonfinite_steps:
             raise TrainingStopped(
                 f"training stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite steps in a row "
                 f"(last: {problem}); the last good checkpoint is intact"
             )
+        if state.step == settings.steps:
+            require_trained(state)
 
         for name, rows in counts.items():
             state.task_rows[name] = state.task_rows.get(name, 0) + rows
@@ -200,6 +205,7 @@ def train(
             if adaptive is not None:
                 adaptive.observe_validation(result_v.task_scores, state.step)
             if result_v.score > state.best_score:
+                require_finite_weights(model, state, group)
                 state.best_score, state.best_step = result_v.score, state.step
                 save_best(state.step)
             if settings.early_stopping is not None:
@@ -211,6 +217,7 @@ def train(
         last = state.step == settings.steps or state.stopped_early
         if stopping or last or (every and state.step % every == 0):
             state.seconds += time.perf_counter() - started
+            require_finite_weights(model, state, group)
             checkpoint(state)
             started = time.perf_counter()
         if stopping:
@@ -218,6 +225,11 @@ def train(
         if state.stopped_early:
             break
     bar.close()
+    require_trained(state)
+    if state.best_step == 0:
+        raise TrainingStopped(
+            f"training ended at step {state.step} without a validation scoring a finite number: no best weights"
+        )
     return state
 
 
@@ -268,6 +280,39 @@ def active_counts(
         if counts:
             return counts
     raise TrainingStopped(f"no task left to train at step {step + 1}: every drawn task was dropped")
+
+
+def require_trained(state: TrainState) -> None:
+    """A run whose every update was skipped trained nothing: it must not end as if it had."""
+    if state.step > 0 and state.skipped_steps >= state.step:
+        raise TrainingStopped(
+            f"training stopped at step {state.step}: every step was skipped as non-finite, nothing was trained"
+        )
+
+
+def require_finite_weights(model: torch.nn.Module, state: TrainState, group: Processes) -> None:
+    """Stop when an update has made any weight NaN or infinite (an overflowing learning rate does, with finite
+    losses and gradients): such weights are never validated into the best model nor checkpointed. With a
+    sharded backbone each process checks its shards and the verdicts are summed, so all stop together."""
+    tensors = [*model.parameters(), *model.buffers()]
+    floats = [(i, t) for i, t in enumerate(tensors) if t.is_floating_point()]
+    if not floats:
+        return
+    device = floats[0][1].device
+    bad = torch.zeros(len(tensors), device=device)
+    for i, tensor in floats:
+        local = tensor.to_local() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+        bad[i] = (~torch.isfinite(local.detach())).any().to(device)
+    group.sum_(bad)
+    count = int((bad > 0).sum())
+    if count:
+        names = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
+        first = names[int((bad > 0).nonzero()[0])]
+        raise TrainingStopped(
+            f"training stopped at step {state.step}: {count} of {len(tensors)} weight tensors hold NaN or infinity "
+            f"(first: {first}), so an update overflowed (is training.lr too large?); they were not saved, "
+            "earlier checkpoints are intact"
+        )
 
 
 def _nonfinite(losses: dict[str, float], grad_norm: float) -> str | None:
