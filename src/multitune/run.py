@@ -6,8 +6,11 @@ created, so a bad input never leaves a half-written run behind, and an existing 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,8 +39,15 @@ from multitune.data.encoding import Encoded, encode
 from multitune.data.readers import Row, json_rows, read_jsonl
 from multitune.data.samplers import SAMPLERS, ObservesTraining, TaskSampler
 from multitune.data.streams import TaskStream
-from multitune.data.tasks import Example, TaskData, example_from_fields, label_field_name, load_tasks
-from multitune.errors import ConfigError, MultitunError
+from multitune.data.tasks import (
+    Example,
+    TaskData,
+    example_from_fields,
+    label_field_name,
+    load_tasks,
+    split_source,
+)
+from multitune.errors import ConfigError, DataError, MultitunError
 from multitune.evaluation.evaluate import average_main_score, evaluate, format_table, predict
 from multitune.evaluation.report import write_report
 from multitune.models.architectures import ARCHITECTURES
@@ -57,9 +67,11 @@ from multitune.models.peft_tasks import TaskAdapters
 from multitune.models.regularization import L2SP, Regularizer
 from multitune.training.checkpoint import (
     WEIGHTS_FILE,
+    atomic_write,
     latest_checkpoint,
     load_trainer_state,
     load_weights,
+    recording,
     remove_leftovers,
     rng_state,
     save_checkpoint,
@@ -99,6 +111,7 @@ class Prepared:
     backbone: Backbone
     model: MultiTaskModel
     encoded: dict[str, dict[str, list[Encoded]]]  # task -> split -> rows
+    rows_added: bool = False  # resuming: rows were appended to the data since the run started
 
     @property
     def pad_id(self) -> int:
@@ -167,9 +180,11 @@ LOADERS = {"causal_lm": load_causal_lm, "seq2seq": load_seq2seq_lm}
 FROM_RUN = {"causal_lm": causal_lm_from_run, "seq2seq": seq2seq_lm_from_run}
 
 
-def prepare(config: Config) -> Prepared:
+def prepare(config: Config, resumed: Path | None = None) -> Prepared:
+    """`resumed`: the run directory being resumed, whose data the tasks must still match."""
     torch.manual_seed(config.run.seed)
     tasks = load_tasks(config.tasks, config.run.seed, config.model.trust_remote_code)
+    rows_added = match_resumed_data(resumed, tasks) if resumed is not None else False
     model_config = config.model
     loader = LOADERS.get(model_config.kind, load_backbone)
     backbone = loader(
@@ -189,7 +204,7 @@ def prepare(config: Config) -> Prepared:
     if config.training.compile:
         compile_backbone(model)
     encoded = encode_splits(tasks, backbone.tokenizer, model_config.max_length, model_config.kind == "seq2seq")
-    return Prepared(config, tasks, backbone, model, encoded)
+    return Prepared(config, tasks, backbone, model, encoded, rows_added)
 
 
 def backbone_modules(model: MultiTaskModel) -> list[torch.nn.Module]:
@@ -411,9 +426,106 @@ def task_manifest(tasks: dict[str, TaskData]) -> dict[str, Any]:
             "target_std": task.target_std,
             "rows": {split: len(examples) for split, examples in task.splits.items()},
             "notes": task.notes,
+            "fingerprint": data_fingerprint(task),
         }
         for name, task in tasks.items()
     }
+
+
+def data_fingerprint(task: TaskData) -> dict[str, dict[str, Any]]:
+    """Per data file (or dataset split) of a task, its rows in file order: how many, and a sha256 over their
+    texts and labels as read. Rows appended to a file keep the digest of the rows before them, so resume
+    tells added rows from changed ones."""
+    return {file: {"rows": len(rows), "sha256": _digest(rows)[0]} for file, rows in _rows_by_file(task).items()}
+
+
+def _rows_by_file(task: TaskData) -> dict[str, list[Example]]:
+    """Every split's examples regrouped by the file they came from, in line order (so a validation split
+    carved from train counts as part of the train file again)."""
+    by_file: dict[str, list[Example]] = {}
+    for examples in task.splits.values():
+        for example in examples:
+            by_file.setdefault(example.file, []).append(example)
+    return {file: sorted(rows, key=lambda e: e.line) for file, rows in by_file.items()}
+
+
+def _digest(rows: list[Example], prefix: int = -1) -> tuple[str, str | None]:
+    """The sha256 of the rows, and that of their first `prefix` rows."""
+    digest, head = hashlib.sha256(), None
+    for i, example in enumerate(rows):
+        if i == prefix:
+            head = digest.hexdigest()
+        digest.update(json.dumps([example.texts, example.label, example.instruction]).encode() + b"\n")
+    if prefix == len(rows):
+        head = digest.hexdigest()
+    return digest.hexdigest(), head
+
+
+def match_resumed_data(run_dir: Path, tasks: dict[str, TaskData]) -> bool:
+    """Resume continues on the data the run started with: a task whose label vocabulary or rows changed is
+    refused (its head would learn other classes, or the run mix two datasets); rows only appended to a file
+    are a warning, and the tasks keep the run's target scaling. True when rows were added. A run from before
+    data fingerprints is only checked for its labels."""
+    path = run_dir / "tasks.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        entries = {name: manifest[name] for name in tasks}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise MultitunError("the run being resumed has no readable tasks.json for its tasks", file=str(path)) from None
+    added, unchecked = False, []
+    for name, task in tasks.items():
+        saved = entries[name]
+        if saved.get("labels") != task.labels:
+            raise DataError(
+                f"task '{name}': its labels changed since the run being resumed started "
+                f"({_label_change(saved.get('labels') or [], task.labels or [])}): its head was trained on the old "
+                "ones; start a new run or restore the data",
+                file=split_source(task.config, "train"),
+                field=label_field_name(task.config),
+            )
+        if task.config.type == "regression":  # the head learned targets scaled as at the start
+            task.target_mean, task.target_std = float(saved["target_mean"]), float(saved["target_std"])
+        fingerprint = saved.get("fingerprint")
+        if not isinstance(fingerprint, dict):
+            unchecked.append(name)
+            continue
+        for file, rows in _rows_by_file(task).items():
+            then = fingerprint.get(file)
+            whole, head = _digest(rows, int(then["rows"]) if isinstance(then, dict) else -1)
+            if isinstance(then, dict) and whole == then["sha256"]:
+                continue
+            if isinstance(then, dict) and head == then["sha256"]:
+                added = True
+                print(
+                    f"warning: task '{name}': {len(rows) - then['rows']} rows added to {file} since the run "
+                    "started; resuming with them (the run no longer repeats an uninterrupted one)",
+                    file=sys.stderr,
+                )
+                continue
+            count = f"{then['rows']} rows then, {len(rows)} now" if isinstance(then, dict) else "not read then"
+            raise DataError(
+                f"task '{name}': its rows changed since the run being resumed started ({count}): resuming would "
+                "continue on other data; start a new run or restore the data",
+                file=file,
+            )
+        gone = sorted(set(fingerprint) - set(_rows_by_file(task)))
+        if gone:
+            raise DataError(f"task '{name}': no rows are read from it any more", file=gone[0])
+    if unchecked:
+        print(
+            f"note: {path} has no data fingerprints (a run from an older version): resuming without checking "
+            f"that the rows of {', '.join(unchecked)} are unchanged",
+            file=sys.stderr,
+        )
+    return added
+
+
+def _label_change(old: list[str], new: list[str]) -> str:
+    new_labels = [label for label in new if label not in old]
+    gone = [label for label in old if label not in new]
+    parts = [f"new: {', '.join(new_labels)}"] if new_labels else []
+    parts += [f"gone: {', '.join(gone)}"] if gone else []
+    return "; ".join(parts) or f"the same labels in another order: {', '.join(new)}"
 
 
 def optimizer_for(model: MultiTaskModel, weighting: LossWeighting, config: Config) -> torch.optim.Optimizer:
@@ -447,15 +559,16 @@ def make_optimizer(
 
 def train_run(config: Config) -> Path:
     """Train a run from its config (or resume one); SIGTERM/SIGINT from here on end in a checkpoint."""
-    with StopSignal() as stop:
-        return _train_run(config, stop)
+    with StopSignal() as stop, contextlib.ExitStack() as scratch:
+        return _train_run(config, stop, scratch)
 
 
-def _train_run(config: Config, stop: StopSignal) -> Path:
+def _train_run(config: Config, stop: StopSignal, scratch: contextlib.ExitStack) -> Path:
+    """`scratch` holds the recording of the temporary paths this process makes in the run directory."""
     from transformers import get_linear_schedule_with_warmup
 
     resume_dir, checkpoint = find_resume(config)  # before any work: a config mismatch fails fast
-    prepared = prepare(config)
+    prepared = prepare(config, resume_dir)
     tasks, model, training = prepared.tasks, prepared.model, config.training
     sampler = build_sampler(config, tasks)
     balancer = build_balancer(config, list(tasks))
@@ -476,9 +589,14 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
         run_dir = resume_dir
         if group.main:
             print(f"resuming {run_dir} from {checkpoint}", file=sys.stderr)
+            remove_leftovers(run_dir)  # what a process killed in this run had recorded as its own
+            scratch.enter_context(recording(run_dir))
+            if prepared.rows_added:  # the run goes on with the new rows: the next resume compares with those
+                write_json(run_dir / "tasks.json", task_manifest(tasks))
     elif group.main:
         run_dir = create_run_dir(config.run.output_dir, config.run.name)
         print(f"run directory: {run_dir}", file=sys.stderr)
+        scratch.enter_context(recording(run_dir))
         write_text(run_dir / "config.yaml", dump_config(config))
         write_json(run_dir / "tasks.json", task_manifest(tasks))
         backbone_config: Any = prepared.backbone.model.config
@@ -515,11 +633,9 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
     )
     state = TrainState()
     if checkpoint is not None:
-        if group.main:
-            remove_leftovers(run_dir)
         state = parts.restore(checkpoint)
         if group.main:
-            keep_history_until(run_dir / "history.jsonl", state.step)
+            keep_history_until(run_dir / "history.jsonl", state.step, parts.history_bytes)
     history = (run_dir / "history.jsonl").open("a", encoding="utf-8") if group.main else None
     scalars = tensorboard_writer(run_dir) if training.tensorboard and group.main else None
 
@@ -589,7 +705,7 @@ def _train_run(config: Config, stop: StopSignal) -> Path:
             state,
             validate,
             lambda step: parts.save_weights(run_dir / WEIGHTS_FILE, group),
-            lambda s: parts.save_checkpoint(run_dir, s, training.keep_checkpoints, group),
+            lambda s: parts.save_checkpoint(run_dir, s, training.keep_checkpoints, group, synced_size(history)),
             record,
             stop,
             regularizers,
@@ -895,6 +1011,7 @@ class TrainingParts:
     guard: NegativeTransferGuard | None = None
     reptile: Reptile | None = None
     sharded: bool = False  # the backbone is sharded across processes: whole tensors are gathered to save
+    history_bytes: int | None = None  # the history's size at the checkpoint restored
 
     def _weights(self) -> torch.nn.Module | dict[str, torch.Tensor]:
         """What to write: the model, or a sharded model's whole tensors (a collective: every process calls).
@@ -912,13 +1029,15 @@ class TrainingParts:
             if group.main:
                 save_weights(weights, path)
 
-    def save_checkpoint(self, run_dir: Path, state: TrainState, keep: int, group: Processes) -> None:
+    def save_checkpoint(
+        self, run_dir: Path, state: TrainState, keep: int, group: Processes, history_bytes: int | None = None
+    ) -> None:
         """A training checkpoint, written by the main process (gathering a sharded backbone or ZeRO's
-        partitioned optimizer state takes every process)."""
+        partitioned optimizer state takes every process), with the history's size at that point."""
         if group.main or self.sharded or self.zero:
             weights, snapshot = self._weights(), self.snapshot(state)
             if group.main:
-                save_checkpoint(run_dir, state.step, weights, snapshot, keep)
+                save_checkpoint(run_dir, state.step, weights, {**snapshot, "history_bytes": history_bytes}, keep)
 
     def snapshot(self, state: TrainState) -> dict[str, Any]:
         weighting, aggregator = self.balancer.weighting, self.balancer.aggregator
@@ -938,6 +1057,7 @@ class TrainingParts:
 
     def restore(self, checkpoint: Path) -> TrainState:
         saved = load_trainer_state(checkpoint)
+        self.history_bytes = saved.get("history_bytes")
         load_weights(self.model, checkpoint / WEIGHTS_FILE, self.sharded or self.zero)
         weighting, aggregator = self.balancer.weighting, self.balancer.aggregator
         if isinstance(weighting, torch.nn.Module) and saved["weighting"] is not None:
@@ -1000,12 +1120,41 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else (prefix or "<root>")
 
 
-def keep_history_until(path: Path, step: int) -> None:
-    """Drop history lines after the checkpoint's step: the resumed run writes them again."""
+def synced_size(history: TextIO | None) -> int | None:
+    """The history's size once flushed and fsynced: what a checkpoint records, to cut it back to on resume."""
+    if history is None:
+        return None
+    history.flush()
+    os.fsync(history.fileno())
+    return os.fstat(history.fileno()).st_size
+
+
+def keep_history_until(path: Path, step: int, size: int | None = None) -> None:
+    """Cut the history back to the checkpoint: the resumed run writes what followed it again, and a line
+    torn by the crash goes too. A checkpoint records the history's size; one without it (from an older
+    version), or a history shorter than that, keeps the lines that parse up to the checkpoint's step."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in kept))
+    data = path.read_bytes()
+    if size is not None and len(data) >= size:
+        kept = data[:size]
+    else:
+        kept = b"".join(line + b"\n" for line in data.split(b"\n") if _history_step(line, step))
+    if kept != data:
+
+        def write(tmp: Path) -> None:
+            tmp.write_bytes(kept)
+
+        atomic_write(path, write)
+
+
+def _history_step(line: bytes, step: int) -> bool:
+    """Whether a history line is whole and at or before `step`."""
+    try:
+        entry = json.loads(line)
+    except ValueError:  # torn (or not UTF-8): no line multitune finished writing
+        return False
+    return isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step
 
 
 def resume_run(run_dir: str | Path) -> Path:

@@ -1,7 +1,9 @@
 """Checkpoints and resume: a killed run loses at most the steps since its last checkpoint and resumes to
 exactly where an uninterrupted run would have been."""
 
+import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +43,10 @@ def assert_every_checkpoint_loads(run_dir: Path) -> None:
         load_file(str(checkpoint / "model.safetensors"))
 
 
+def history(run_dir: Path) -> list[str]:
+    return (run_dir / "history.jsonl").read_text(encoding="utf-8").splitlines()
+
+
 def newest_step(run_dir: Path) -> int:
     dirs = checkpoint_dirs(run_dir)
     return int(dirs[-1].name.split("-")[1]) if dirs else 0
@@ -60,7 +66,7 @@ def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path, tiny_bac
     overrides = STATEFUL if stateful else {}
     reference = write_config(tmp_path, tiny_backbone, write_jsonl, "reference", **overrides)
     crashed = write_config(tmp_path, tiny_backbone, write_jsonl, "crashed", **overrides)
-    extra = ["training.mixed_batches=true", "training.batch_size=8"] if stateful else []
+    extra = ["training.log_every=1"] + (["training.mixed_batches=true", "training.batch_size=8"] if stateful else [])
     assert main(["train", str(reference), *extra]) == 0
 
     run_dir = tmp_path / "runs" / "crashed"
@@ -88,6 +94,7 @@ def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path, tiny_bac
     expected, got = final_weights(tmp_path / "runs" / "reference"), final_weights(run_dir)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ from the uninterrupted run"
+    assert history(run_dir) == history(tmp_path / "runs" / "reference")  # line for line, running losses too
 
 
 @pytest.mark.slow
@@ -138,3 +145,101 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_reaches_the_same_weights(t
     assert_every_checkpoint_loads(run_dir)
     expected, got = final_weights(tmp_path / "runs" / "whole"), final_weights(run_dir)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_crash_past_a_checkpoint_with_a_torn_history_line_resumes_to_the_uninterrupted_history(
+    tmp_path, tiny_backbone, write_jsonl
+):
+    """Killed after the checkpoint of step 13, mid-way through writing a history line of step 22: resume cuts
+    the history back to that checkpoint, and the run ends with the uninterrupted run's history and weights.
+    Files of the user's in the run directory, named like multitune's temporary ones, survive."""
+    settings = ["training.log_every=1", "training.keep_checkpoints=30"]
+    reference = write_config(tmp_path, tiny_backbone, write_jsonl, "reference", **STATEFUL)
+    crashed = write_config(tmp_path, tiny_backbone, write_jsonl, "crashed", **STATEFUL)
+    for path in (reference, crashed):
+        assert main(["train", str(path), *settings, "training.mixed_batches=true", "training.batch_size=8"]) == 0
+    run_dir = tmp_path / "runs" / "crashed"
+    for later in checkpoint_dirs(run_dir)[13:]:
+        shutil.rmtree(later)  # as if never written: the process died after step 13's checkpoint
+    with (run_dir / "history.jsonl").open("a", encoding="utf-8") as torn:
+        torn.write('{"step": 22, "loss": 0.61, "losses": {"sentiment": 0.5')  # no end, no newline
+    notes = {run_dir / ".my-notes.tmp": "mine", run_dir / "checkpoints" / ".step-99.partial" / "notes.txt": "mine"}
+    for path, text in notes.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert main(["resume", str(run_dir)]) == 0
+    assert history(run_dir) == history(tmp_path / "runs" / "reference")
+    expected, got = final_weights(tmp_path / "runs" / "reference"), final_weights(run_dir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert all(path.read_text(encoding="utf-8") == text for path, text in notes.items())
+    assert not (run_dir / ".multitune-scratch").exists()  # a run that ends leaves no record of temporary files
+
+
+def edit_rows(path: Path, edit) -> None:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    path.write_text("".join(json.dumps(row) + "\n" for row in edit(rows)), encoding="utf-8")
+
+
+DATA_CHANGES = {  # edit of the classification task's rows -> what resume says
+    "a new class": (
+        lambda rows: [*rows, {"text": "so so movie", "label": "meh"}],
+        "field 'label': task 'sentiment': its labels changed since the run being resumed started (new: meh): its "
+        "head was trained on the old ones; start a new run or restore the data",
+    ),
+    "a renamed class": (
+        lambda rows: [{**row, "label": "positive" if row["label"] == "pos" else "neg"} for row in rows],
+        "field 'label': task 'sentiment': its labels changed since the run being resumed started (new: positive; "
+        "gone: pos): its head was trained on the old ones; start a new run or restore the data",
+    ),
+    "an edited row": (
+        lambda rows: [*rows[:5], {**rows[5], "text": rows[5]["text"] + " indeed"}, *rows[6:]],
+        "task 'sentiment': its rows changed since the run being resumed started (40 rows then, 40 now): resuming "
+        "would continue on other data; start a new run or restore the data",
+    ),
+    "a removed row": (
+        lambda rows: rows[:3] + rows[4:],
+        "task 'sentiment': its rows changed since the run being resumed started (40 rows then, 39 now): resuming "
+        "would continue on other data; start a new run or restore the data",
+    ),
+    "a row inserted before others": (
+        lambda rows: [rows[1], *rows],
+        "task 'sentiment': its rows changed since the run being resumed started (40 rows then, 41 now): resuming "
+        "would continue on other data; start a new run or restore the data",
+    ),
+}
+
+
+def test_resume_refuses_data_whose_labels_or_rows_changed_and_goes_on_with_appended_rows(
+    tmp_path, tiny_backbone, write_jsonl, capsys
+):
+    path = write_config(tmp_path, tiny_backbone, write_jsonl, "data")
+    assert main(["train", str(path), "training.steps=2"]) == 0
+    run_dir, data = tmp_path / "runs" / "data", tmp_path / "a.jsonl"
+    original = data.read_text(encoding="utf-8")
+    capsys.readouterr()
+    for what, (edit, message) in DATA_CHANGES.items():
+        edit_rows(data, edit)
+        assert main(["resume", str(run_dir)]) == 2, what
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"multitune: error: {data}: {message}", what
+        data.write_text(original, encoding="utf-8")
+
+    edit_rows(data, lambda rows: rows + classification_rows(4, seed=9))  # rows appended: a warning, and on
+    assert main(["resume", str(run_dir)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings == [
+        f"warning: task 'sentiment': 4 rows added to {data} since the run started; resuming with them (the run "
+        "no longer repeats an uninterrupted one)"
+    ]
+    assert main(["resume", str(run_dir)]) == 0  # the run goes on with those rows: no warning again
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith(("warning", "note"))]
+
+    manifest = json.loads((run_dir / "tasks.json").read_text(encoding="utf-8"))
+    for entry in manifest.values():  # a run from a version without fingerprints
+        del entry["fingerprint"]
+    (run_dir / "tasks.json").write_text(json.dumps(manifest), encoding="utf-8")
+    assert main(["resume", str(run_dir)]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note")]
+    assert notes == [
+        f"note: {run_dir / 'tasks.json'} has no data fingerprints (a run from an older version): resuming without "
+        "checking that the rows of ner, sentiment are unchanged"  # the tasks in the saved config's order
+    ]
