@@ -283,6 +283,7 @@ def test_undecodable_standard_input_names_its_line(lines, at, junk, newline):
 # --- Hugging Face class ids -1 / None ---------------------------------------------------------------------
 
 NAMES = ["entailment", "not_entailment", "neutral"]
+TAGS = ["O", "B-loc", "I-loc"]
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +304,7 @@ def _save(folder, values, tags):
         features = datasets.Features(
             {
                 "tokens": datasets.Sequence(datasets.Value("string")),
-                "label": datasets.Sequence(datasets.ClassLabel(names=NAMES)),
+                "label": datasets.Sequence(datasets.ClassLabel(names=TAGS)),
             }
         )
         columns = {"tokens": [["w"] * len(v) for v in values], "label": values}
@@ -332,7 +333,7 @@ def expected_outcome(splits, tags):
             if split != "test":
                 return ("error", split, None)
             continue  # an unlabelled test split: left out
-        out[split] = [tuple(NAMES[v] for v in value) if tags else NAMES[value] for value in values]
+        out[split] = [tuple(TAGS[v] for v in value) if tags else NAMES[value] for value in values]
     return ("ok", out)
 
 
@@ -360,7 +361,7 @@ def test_hidden_class_ids_are_never_read_as_a_class(hf_cache, tags, data):
         task = {
             "type": "token_classification" if tags else "classification",
             "source": {"format": "hf", "dataset": "arrow", "data_files": files},
-            "labels": NAMES,
+            "labels": TAGS if tags else NAMES,
             **({"text_fields": ["tokens"]} if tags else {}),
         }
         config = validate_config({"model": {"backbone": "unused"}, "tasks": {"t": task}})

@@ -360,3 +360,24 @@ def test_rte_parquet_test_split_is_unlabelled_and_not_scored():
     data = load("rte", config)
     assert {s: len(rows) for s, rows in data.splits.items()} == {"train": 2_490, "validation": 277}
     assert sum(e.label == "not_entailment" for e in data.splits["validation"]) == 131
+
+
+def test_tags_that_entity_f1_cannot_score_are_refused_where_they_were_read(tmp_path):
+    train = jsonl(tmp_path / "t.jsonl", [{"tokens": ["John", "runs"], "tags": ["B-per", "O"]}])
+    odd = jsonl(tmp_path / "v.jsonl", [{"tokens": ["a"], "tags": ["O"]}, {"tokens": ["Paris"], "tags": ["LOC"]}])
+    source = {"format": "jsonl", "train": train, "validation": odd}
+    config = task(type="token_classification", source=source, label_field="tags", labels=["O", "B-per", "LOC"])
+    with pytest.raises(DataError, match=r"v.jsonl:2: field 'tags': tag 'LOC' in validation is not IOB2"):
+        load("t", config)
+    config = task(type="token_classification", source={**source, "validation": train}, label_field="tags")
+    config.labels = ["O", "B-per", "B-"]
+    with pytest.raises(DataError, match=r"^field 'labels': tag 'B-' is not IOB2"):
+        load("t", config)
+    plain = task(
+        type="token_classification",
+        source=source,
+        label_field="tags",
+        labels=["O", "B-per", "LOC"],
+        metrics=["token_accuracy"],
+    )
+    assert load("t", plain).labels == ["O", "B-per", "LOC"]  # token accuracy scores any tag

@@ -415,6 +415,8 @@ def label_vocabulary(data: TaskData) -> list[str]:
             raise DataError(
                 f"task '{data.name}' has only one label in train: {vocabulary}", file=str(task.source.train)
             )
+    if task.type == "token_classification" and "entity_f1" in (task.metrics or []):
+        _check_iob2(data, vocabulary, labels_of)
     known = set(vocabulary)
     if task.positive_label is not None and task.positive_label not in known:
         raise DataError(
@@ -429,6 +431,26 @@ def label_vocabulary(data: TaskData) -> list[str]:
                         field_name,
                     )
     return vocabulary
+
+
+def _check_iob2(data: TaskData, vocabulary: list[str], labels_of: Callable[[Example], tuple[str, ...]]) -> None:
+    """entity_f1 reads tags as IOB2 and refuses any other at scoring time, which would be the first validation
+    of a run already under way: a tag that is not `O`, `B-X` or `I-X` is refused here, where it was read."""
+
+    def iob2(tag: str) -> bool:
+        return tag == "O" or (tag[:2] in ("B-", "I-") and len(tag) > 2)
+
+    for split, examples in data.splits.items():
+        for example in examples:
+            bad = next((tag for tag in labels_of(example) if not iob2(tag)), None)
+            if bad is not None:
+                raise example.error(
+                    f"tag '{bad}' in {split} is not IOB2 (O, B-TYPE or I-TYPE), which entity_f1 needs",
+                    label_field_name(data.config),
+                )
+    bad = next((tag for tag in vocabulary if not iob2(tag)), None)
+    if bad is not None:
+        raise DataError(f"tag '{bad}' is not IOB2 (O, B-TYPE or I-TYPE), which entity_f1 needs", field="labels")
 
 
 def load_tasks(tasks: dict[str, TaskConfig], seed: int, trust_remote_code: bool = False) -> dict[str, TaskData]:
