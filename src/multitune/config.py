@@ -6,13 +6,22 @@ Method groups (`sampling`, `loss_weighting`) take a registry name plus that meth
 
 from __future__ import annotations
 
+import math
 import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from multitune.errors import ConfigError
 
@@ -40,7 +49,7 @@ class Group(BaseModel):
 class RunConfig(Group):
     name: str = "run"
     output_dir: str = "runs"
-    seed: int = 13
+    seed: int = Field(13, ge=0, lt=2**32)  # numpy's seeds are 32-bit and non-negative
     resume: str | None = None  # "auto": continue output_dir/name from its newest checkpoint; or a run dir
 
     @field_validator("name")
@@ -236,6 +245,8 @@ class SplitRows(Group):
     test: int | None = Field(None, ge=1)
 
 
+CLASS_TASKS = ("classification", "pair_classification", "token_classification")
+
 DEFAULT_METRICS: dict[str, list[str]] = {
     "classification": ["accuracy", "macro_f1"],
     "pair_classification": ["accuracy", "macro_f1"],
@@ -276,6 +287,17 @@ class TaskConfig(Group):
     target_format: str | None = None  # a number as target text, e.g. "{:.1f}" (3.8 -> "3.8")
     max_new_tokens: int = Field(32, ge=1, le=4096)  # greedy generation length at evaluation
 
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if labels is not None:
+            if len(set(labels)) != len(labels):
+                raise ValueError("a label is listed twice")
+            kind = info.data.get("type")
+            if kind in CLASS_TASKS and len(labels) < 2:  # one class: the head has nothing to tell apart
+                raise ValueError(f"a {kind} task needs at least two labels, got {labels}")
+        return labels
+
     @model_validator(mode="after")
     def _complete(self) -> TaskConfig:
         if self.text_fields is None:
@@ -294,8 +316,6 @@ class TaskConfig(Group):
             self.main_metric = self.metrics[0]
         elif self.main_metric not in self.metrics:
             raise ValueError(f"main_metric '{self.main_metric}' is not in metrics {self.metrics}")
-        if self.labels is not None and len(set(self.labels)) != len(self.labels):
-            raise ValueError("labels: a label is listed twice")
         self._check_generation()
         return self
 
@@ -354,29 +374,180 @@ class Config(Group):
 # --- loading ------------------------------------------------------------------------------------
 
 
-def _key_lines(node: yaml.Node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
-    """Map each key path of a YAML mapping to its 1-based line, for error messages."""
+# Bounds on what one YAML text may expand to. Aliases make a small text stand for a huge tree (nine
+# levels of nine aliases: 9^9 values from 342 bytes) or an infinite one (an alias inside its own anchor);
+# PyYAML builds them as shared objects, but every reader that walks the tree pays for the expansion.
+# A hand-written config is a few hundred values, a few levels deep.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 64  # nesting levels, aliases expanded
+MAX_VALUES = 100_000  # mappings, lists and scalars (keys aside), aliases expanded
+
+if yaml.__with_libyaml__:  # libyaml's parser is about 8x faster; the composer stays Python's, for its depth check
+    from yaml._yaml import CParser as _Parser
+
+    class _LoaderBase(yaml.composer.Composer, _Parser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+        def __init__(self, text: str) -> None:
+            _Parser.__init__(self, text)
+            yaml.composer.Composer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+else:  # pragma: no cover - PyYAML built without libyaml
+    _LoaderBase = yaml.SafeLoader  # type: ignore[misc,assignment]
+
+
+class _Loader(_LoaderBase):
+    """PyYAML's safe loader whose composer refuses nesting beyond MAX_DEPTH (its recursion would overflow)."""
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                event: Any = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def parse_yaml(
+    text: str, file: str | None, prefix: tuple[str, ...] = (), with_lines: bool = True
+) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """One YAML document as (data, each key path's 1-based line). A key given twice in one mapping, an alias
+    inside its own anchor, or a tree beyond MAX_DEPTH / MAX_VALUES once aliases are expanded is a ConfigError
+    naming `file`, the line (with_lines) and the key path under `prefix`; a syntax error is a yaml.YAMLError."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, {}
+        lines = _inspect(loader, root, file, prefix, with_lines)
+        return _unshared(loader.construct_document(root)), lines
+    finally:
+        loader.dispose()
+
+
+def _inspect(
+    loader: _Loader, root: yaml.Node, file: str | None, prefix: tuple[str, ...], with_lines: bool
+) -> dict[tuple[str, ...], int]:
+    """Measure the tree the node graph stands for against the bounds, refuse duplicate keys, and map key paths
+    to lines. A node met again through an alias adds its known size and height without a second walk (keys
+    under that alias take the alias's line); each scalar is constructed here, cached for construct_document,
+    so a bad one names its line."""
     lines: dict[tuple[str, ...], int] = {}
-    if isinstance(node, yaml.MappingNode):
+    measured: dict[int, tuple[int, int]] = {}  # id(node) -> (values in its tree, levels below it)
+    open_nodes: set[int] = set()  # collections on the current path: meeting one again is a cycle
+    total = 0
+
+    def fail(message: str, node: yaml.Node, path: tuple[str, ...]) -> ConfigError:
+        line = node.start_mark.line + 1 if with_lines else None
+        return ConfigError(message, file=file, line=line, field=".".join(path) or None)
+
+    def scalar(node: yaml.Node, path: tuple[str, ...]) -> Any:
+        try:
+            return loader.construct_object(node)
+        except (yaml.YAMLError, ValueError, OverflowError) as error:
+            problem = getattr(error, "problem", None) or str(error)
+            raise fail(f"cannot read {node.value!r}: {problem}", node, path) from None
+
+    def visit(node: yaml.Node, path: tuple[str, ...], depth: int) -> tuple[int, int]:
+        nonlocal total
+        known = measured.get(id(node))
+        if known is None:
+            if id(node) in open_nodes:
+                raise fail("an alias refers to a value that contains it", node, path)
+            total += 1
+            known = measure(node, path, depth)
+            measured[id(node)] = known
+        else:
+            total += known[0]
+        if total > MAX_VALUES:
+            raise fail(f"more than {MAX_VALUES} values once aliases are expanded", node, path)
+        if depth + known[1] > MAX_DEPTH:
+            raise fail(f"nested deeper than {MAX_DEPTH} levels once aliases are expanded", node, path)
+        return known
+
+    def measure(node: yaml.Node, path: tuple[str, ...], depth: int) -> tuple[int, int]:
+        if depth > MAX_DEPTH:
+            raise fail(f"nested deeper than {MAX_DEPTH} levels once aliases are expanded", node, path)
+        if isinstance(node, yaml.ScalarNode):
+            scalar(node, path)
+            return 1, 0
+        open_nodes.add(id(node))
+        size, height = 1, 0
+        children: list[tuple[yaml.Node, tuple[str, ...], int, int | None]] = []  # node, path, depth, key line
+        if isinstance(node, yaml.SequenceNode):
+            children = [
+                (item, (*path, str(i)), depth + 1, item.start_mark.line + 1) for i, item in enumerate(node.value)
+            ]
+        elif isinstance(node, yaml.MappingNode):
+            # `<<: *defaults` first: its keys at this level, then the explicit ones, which win
+            children = [(source, path, depth, None) for source in check_keys(node, path)]
+            children += [
+                (value, (*path, str(key.value)), depth + 1, key.start_mark.line + 1)
+                for key, value in node.value
+                if key.tag != MERGE_TAG
+            ]
+        for child, child_path, child_depth, line in children:
+            if line is not None:
+                lines[child_path] = line
+            child_size, child_height = visit(child, child_path, child_depth)
+            size += child_size
+            height = max(height, child_height + child_depth - depth)
+        open_nodes.discard(id(node))
+        return size, height
+
+    def check_keys(node: yaml.MappingNode, path: tuple[str, ...]) -> list[yaml.Node]:
+        """Refuse a key given twice; return the mappings merged in (`<<`), the earliest last."""
+        seen: dict[Any, int] = {}
+        merged: list[yaml.Node] = []
         for key, value in node.value:
-            path = (*prefix, str(key.value))
-            lines[path] = key.start_mark.line + 1
-            lines.update(_key_lines(value, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            path = (*prefix, str(i))
-            lines[path] = item.start_mark.line + 1
-            lines.update(_key_lines(item, path))
-    return lines
+            if not isinstance(key, yaml.ScalarNode):
+                raise fail("a key must be a plain value, not a list or mapping", key, (*path, "?"))
+            name = str(key.value)
+            if key.tag == MERGE_TAG:
+                identity: Any = MERGE_TAG
+                merged.extend(reversed(value.value) if isinstance(value, yaml.SequenceNode) else [value])
+            else:  # equal as Python keys (1 and 0x1, true and True): the later one would replace the earlier
+                identity = scalar(key, (*path, name))
+            try:
+                first = seen.get(identity)
+                seen.setdefault(identity, key.start_mark.line + 1)
+            except TypeError:  # unhashable: the constructor refuses it
+                first = None
+            if first is not None:
+                where = f" (first on line {first})" if with_lines else ""
+                raise fail(f"key '{name}' is given twice{where}", key, (*path, name))
+        return merged
+
+    visit(root, prefix, 0)
+    return {key[len(prefix) :]: line for key, line in lines.items()}
+
+
+def _unshared(value: Any) -> Any:
+    """A copy in which no dict or list appears twice: an override of one alias's key must not change the others."""
+    if isinstance(value, dict):
+        return {key: _unshared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unshared(item) for item in value]
+    return value
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`training.steps=100` -> (["training", "steps"], 100); the value is read as YAML."""
+    """`training.steps=100` -> (["training", "steps"], 100); the value is read as YAML (text that is not YAML
+    stays text), under the same bounds as a config file."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw, "override", tuple(key.split(".")), with_lines=False)[0] if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -394,35 +565,73 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """A YAML config file as (data, key lines); anything that is not a YAML mapping is a one-line ConfigError
+    naming the file (and the line, where there is one)."""
     path = Path(path)
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError("config file not found", file=file) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read config: {error}", file=file) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config: {error.strerror or error}", file=file) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config", file=file)
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"cannot read config: not UTF-8 text (byte {error.start})", file=file) from None
+    try:
+        data, lines = parse_yaml(text, file)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        problem = getattr(error, "problem", None) or "invalid YAML"
+        problem = getattr(error, "problem", None) or getattr(error, "reason", None) or "not YAML"
         raise ConfigError(f"invalid YAML: {problem}", file=file, line=mark.line + 1 if mark else None) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("the config must be a mapping of groups (run, model, training, tasks, ...)", file=file)
-    lines = _key_lines(node) if node is not None else {}
-    overridden: set[tuple[str, ...]] = set()
+    return data, lines
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = Path(path)
+    data, lines = read_config_file(path)
+    overridden: dict[tuple[str, ...], str] = {}  # key path -> its value's repr
     for text_override in overrides:
         key_path, value = parse_override(text_override)
+        key = tuple(key_path)
+        if overridden.get(key) == repr(value):  # the same value again: nothing is lost
+            continue
+        for earlier in overridden:  # a later override would silently undo an earlier one
+            if earlier[: len(key)] == key:
+                dotted, first = ".".join(key), ".".join(earlier)
+                raise ConfigError(
+                    f"'{dotted}' is overridden twice, with different values"
+                    if earlier == key
+                    else f"'{dotted}' replaces the earlier override of '{first}': give the group first, then its keys",
+                    file="override",
+                    field=dotted,
+                )
         apply_override(data, key_path, value)
-        overridden.add(tuple(key_path))
-    config = validate_config(data, file=file, lines=lines, overridden=overridden)
+        overridden[key] = repr(value)
+    config = validate_config(data, file=str(path), lines=lines, overridden=set(overridden))
     resolve_paths(config, path.parent)
     return config
+
+
+def load_run_config(path: str | Path, run_settings: dict[str, Any] | None = None) -> Config:
+    """A run directory's saved config.yaml (resume, evaluate, predict, serve, export), with `run_settings`
+    replacing keys of its run group; a file that is not a multitune config is a one-line ConfigError."""
+    data, lines = read_config_file(path)
+    if run_settings:
+        group = data.setdefault("run", {})
+        if not isinstance(group, dict):
+            raise ConfigError("must be a group", file=str(path), line=lines.get(("run",)), field="run")
+        group.update(run_settings)
+    return validate_config(data, file=str(path), lines=lines)
 
 
 def validate_config(
@@ -452,12 +661,38 @@ def validate_config(
         source, line = _locate(loc, file, lines or {}, overridden)
         raise ConfigError(message, file=source, line=line, field=key or None) from None
     try:
+        check_numbers(config.model_dump(), "")
         check_methods(config)
     except ConfigError as error:
         if error.file is None and error.field:
             error.file, error.line = _locate(tuple(error.field.split(".")), file, lines or {}, overridden)
         raise
     return config
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: the weights' dtype (bf16 shares its range)
+INT64_MAX = 2**63 - 1  # torch's and numpy's widest integers
+
+
+def check_numbers(value: Any, field: str) -> None:
+    """Every number in a setting (method parameters too) is usable: a float is finite and within float32's
+    range (the weights and losses it scales are float32, where a larger one is inf), an integer within int64.
+    An inf learning rate would skip every update and still exit 0."""
+    stack: list[tuple[str, Any]] = [(field, value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, bool):
+            continue
+        if isinstance(item, float) and not (math.isfinite(item) and abs(item) <= FLOAT32_MAX):
+            raise ConfigError(f"must be a finite number within float32's range (±3.4e38), got {item!r}", field=path)
+        if isinstance(item, int) and abs(item) > INT64_MAX:
+            raise ConfigError(
+                f"must be an integer within int64's range, got one of {len(str(abs(item)))} digits", field=path
+            )
+        children = (
+            item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, (list, tuple)) else ()
+        )
+        stack.extend(reversed([(f"{path}.{key}" if path else str(key), child) for key, child in children]))
 
 
 def _locate(
@@ -606,6 +841,13 @@ def check_balancing(
     from multitune.data.samplers import SAMPLER_INJECTED, SAMPLERS
 
     tasks = len(task_names)
+    for field, method in (
+        ("sampling", sampling),
+        ("loss_weighting", loss_weighting),
+        ("gradient_aggregation", gradient),
+    ):
+        if method is not None:
+            check_numbers(method.params, field)
     SAMPLERS.get(sampling.name, field="sampling.name")
     SAMPLERS.check_params(sampling.name, sampling.params, SAMPLER_INJECTED, field="sampling")
     stand_in = {"sizes": dict.fromkeys(task_names, 1), "weights": dict.fromkeys(task_names, 1.0)}

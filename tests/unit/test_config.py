@@ -110,3 +110,194 @@ def test_a_per_step_weighting_with_one_task_per_step_warns(tmp_path, caplog):
     caplog.clear()
     load_config(write(tmp_path, MINIMAL), ["loss_weighting.name=famo", "sampling={name: all_tasks}"])
     assert caplog.text == ""
+
+
+# --- duplicate keys: the later one would silently replace the earlier -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field"),
+    [
+        # a second training block would replace the first
+        (MINIMAL + "training:\n  lr: 0.1\n", 11, "training"),
+        # the same task twice would train one task
+        (MINIMAL + "  a:\n    type: regression\n    source: {format: jsonl, train: data/b.jsonl}\n", 11, "tasks.a"),
+        (MINIMAL.replace("  steps: 10\n", "  steps: 10\n  lr: 0.1\n  steps: 20\n"), 6, "training.steps"),
+        (MINIMAL + "    source:\n      format: csv\n", 11, "tasks.a.source"),
+        (MINIMAL + "sampling: {name: temperature, temperature: 1.0, temperature: 3.0}\n", 11, "sampling.temperature"),
+        (
+            MINIMAL.replace("  steps: 10\n", "  schedule:\n    name: joint\n    name: sequential\n"),
+            6,
+            "training.schedule.name",
+        ),
+        (MINIMAL.replace("  steps: 10\n", "  <<: {steps: 1}\n  <<: {lr: 0.1}\n"), 5, "training.<<"),
+        # equal as Python keys though written differently: 1 and 0x1
+        (MINIMAL + "guard:\n  baselines: {1: 0.5, 0x1: 0.7}\n", 12, "guard.baselines.0x1"),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_file_line_and_key(tmp_path, text, line, field):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    error = caught.value
+    key = field.rsplit(".", 1)[-1]
+    assert (error.file, error.line, error.field) == (str(path), line, field)
+    assert f"key '{key}' is given twice (first on line" in error.message
+
+
+def test_merge_keys_are_not_duplicates_and_keep_lines(tmp_path):
+    # `<<` merges a mapping in; an explicit key beside it wins, as YAML specifies: no duplicate
+    text = MINIMAL.replace("  steps: 10\n", "  <<: {steps: 10, lr: 0.1}\n  lr: 0.2\n")
+    config = load_config(write(tmp_path, text))
+    assert config.training.steps == 10 and config.training.lr == pytest.approx(0.2)
+    for good, bad, line, field in (
+        ("steps: 10,", "steps: -1,", 4, "training.steps"),
+        ("lr: 0.2", "lr: -2", 5, "training.lr"),
+    ):
+        path = write(tmp_path, text.replace(good, bad))
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert (caught.value.line, caught.value.field) == (line, field)
+
+
+def test_an_override_given_twice_or_undone_by_a_later_one_is_refused(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(
+        ConfigError, match=r"^override: field 'training.steps': 'training.steps' is overridden twice, with different"
+    ):
+        load_config(path, ["training.steps=5", "training.steps=6"])
+    with pytest.raises(ConfigError, match=r"'training.mixed_batches' is overridden twice"):  # 1 is not true
+        load_config(path, ["training.mixed_batches=1", "training.mixed_batches=true"])
+    # the same value twice loses nothing (`multitune affinity` adds analysis.task_affinity=true itself)
+    assert load_config(path, ["training.steps=5", "training.steps=5"]).training.steps == 5
+    with pytest.raises(ConfigError, match=r"field 'training': 'training' replaces the earlier override"):
+        load_config(path, ["training.steps=5", "training={lr: 0.1}"])
+    # a group first, then one of its keys: the key refines the group
+    config = load_config(path, ["training={steps: 5}", "training.lr=0.1"])
+    assert config.training.steps == 5 and config.training.lr == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"^override: field 'sampling.name': key 'name' is given twice$"):
+        load_config(path, ["sampling={name: temperature, name: equal}"])
+
+
+def test_an_override_of_an_aliased_group_changes_that_group_only(tmp_path):
+    text = MINIMAL.replace("  a:\n    type", "  a: &task\n    type") + "  b: *task\n"
+    config = load_config(write(tmp_path, text), ["tasks.a.sampling_weight=3"])
+    assert config.tasks["a"].sampling_weight == 3.0 and config.tasks["b"].sampling_weight == 1.0
+
+
+# --- YAML alias bombs and deep nesting: bounded time and memory ---------------------------------
+
+LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (LAUGHS, "more than 100000 values once aliases are expanded"),  # 9^9 values
+        ("run: &a {name: *a}\n", "an alias refers to a value that contains it"),
+        ("a: &a [*a]\n", "an alias refers to a value that contains it"),
+        ("training: &t\n  <<: *t\n", "an alias refers to a value that contains it"),
+        ("a: " + "[" * 500 + "]" * 500 + "\n", "nested deeper than 64 levels"),
+        ("".join(" " * i + "k:\n" for i in range(200)), "nested deeper than 64 levels"),
+        # shallow as written, 80 levels deep once expanded
+        ("a: &a0 [1]\n" + "".join(f"a{i + 1}: &a{i + 1} [[*a{i}]]\n" for i in range(40)), "nested deeper than 64"),
+    ],
+)
+def test_alias_bombs_and_deep_nesting_fail_fast_in_one_line(tmp_path, text, message):
+    import time
+    import tracemalloc
+
+    path = write(tmp_path, text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    assert time.perf_counter() - start < 1.0
+    assert caught.value.file == str(path) and caught.value.line is not None
+    assert "\n" not in str(caught.value)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20
+
+
+def test_the_same_bomb_in_an_override_fails_fast(tmp_path):
+    laughs = "{" + ", ".join(LAUGHS.splitlines()) + "}"  # the same anchors, as one flow mapping
+    with pytest.raises(ConfigError, match=r"^override: field 'sampling\.[a-i][.0-9]*': more than 100000 values"):
+        load_config(write(tmp_path, MINIMAL), [f"sampling={laughs}"])
+
+
+def test_an_unreadable_scalar_names_its_line(tmp_path):
+    # the timestamp pattern matches, the date does not exist: PyYAML raised a bare ValueError
+    path = write(tmp_path, MINIMAL.replace("name: demo", "name: 2020-13-45"))
+    with pytest.raises(ConfigError, match=r"config.yaml:2: field 'run.name': cannot read '2020-13-45'"):
+        load_config(path)
+
+
+# --- settings that make training meaningless ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "override_text", "field", "message"),
+    [
+        ("  lr: .inf", "training.lr=.inf", "training.lr", "finite number within float32's range"),
+        ("  lr: 1e308", "training.lr=1e308", "training.lr", "got 1e+308"),
+        ("  lr: 4e38", "training.lr=4.0e38", "training.lr", "got 4e+38"),  # float32 max is 3.4028e38
+        ("  weight_decay: .inf", "training.weight_decay=.inf", "training.weight_decay", "finite"),
+        ("  max_grad_norm: .inf", "training.max_grad_norm=.inf", "training.max_grad_norm", "finite"),
+        ("  steps: 10000000000000000000000000000000", "training.steps=1.0e+30", "training.steps", "int64's range"),
+    ],
+)
+def test_non_finite_and_overflowing_settings_are_refused(tmp_path, line, override_text, field, message):
+    path = write(tmp_path, MINIMAL.replace("  steps: 10", line))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert (caught.value.file, caught.value.line, caught.value.field) == (str(path), 4, field)
+    assert message in caught.value.message
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL), [override_text])
+    assert (caught.value.file, caught.value.field) == ("override", field)
+
+
+def test_the_largest_float32_is_still_a_setting(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL.replace("  steps: 10", "  lr: 3.4028234663852886e38")))
+    assert config.training.lr == 3.4028234663852886e38
+
+
+def test_method_parameters_must_be_finite(tmp_path):
+    path = write(tmp_path, MINIMAL + "sampling: {name: temperature, temperature: .inf}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert (caught.value.line, caught.value.field) == (11, "sampling.temperature")
+    with pytest.raises(ConfigError, match=r"^override: field 'loss_weighting.lr': must be a finite"):
+        load_config(write(tmp_path, MINIMAL), ["loss_weighting={name: uncertainty, lr: .nan}"])
+    with pytest.raises(ConfigError, match=r"field 'guard.baselines.a': must be a finite"):
+        load_config(write(tmp_path, MINIMAL), ["guard.baselines={a: -.inf}"])
+
+
+def test_the_seed_fits_every_generator(tmp_path):
+    # numpy's default_rng refuses negative seeds; torch's manual_seed refuses 2^64 and beyond
+    for seed in (-1, 2**32, 2**64):
+        with pytest.raises(ConfigError, match=r"field 'run.seed'"):
+            load_config(write(tmp_path, MINIMAL), [f"run.seed={seed}"])
+    assert load_config(write(tmp_path, MINIMAL), [f"run.seed={2**32 - 1}"]).run.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("kind", ["classification", "pair_classification", "token_classification"])
+def test_fewer_than_two_labels_is_refused_naming_the_key(tmp_path, kind):
+    text = MINIMAL + "    labels: [A]\n"
+    if kind == "pair_classification":
+        text += "    text_fields: [a, b]\n"
+    path = write(tmp_path, text.replace("type: classification", f"type: {kind}"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert (caught.value.line, caught.value.field) == (11, "tasks.a.labels")
+    assert f"a {kind} task needs at least two labels, got ['A']" in caught.value.message
+    with pytest.raises(ConfigError, match=r"field 'tasks.a.labels': a label is listed twice"):
+        load_config(path, ["tasks.a.labels=[A, A]"])
+    assert load_config(path, ["tasks.a.labels=[A, B]"]).tasks["a"].labels == ["A", "B"]
