@@ -301,3 +301,20 @@ def test_hf_bad_class_ids_name_the_row(tmp_path, record, message):
     path = _class_label_dataset(tmp_path / "ds", [("ok", 1, [0]), record])
     with pytest.raises(DataError, match=rf"^arrow\[train\]:2: {message}$"):
         list(read_hf("arrow", "train", data_files={"train": path}))
+
+
+def test_hf_builders_refuse_wide_rows_surrogates_and_nesting_in_one_line(tmp_path):
+    wide = tmp_path / "wide.csv"
+    wide.write_text("text,label\na,x\ni loved it, really,positive\n", encoding="utf-8")
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"text": "a\\ud800", "label": "x"}\n', encoding="utf-8")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": ' + "[" * 5_000 + '"a"' + "]" * 5_000 + "}\n", encoding="utf-8")
+    cases = [
+        ("csv", wide, r"ParserError: .*Expected 2 fields in line 3, saw 3"),
+        ("json", surrogate, r"ArrowInvalid: JSON parse error: The surrogate pair in string is invalid"),
+        ("json", deep, r"RecursionError"),
+    ]
+    for builder, path, message in cases:
+        with pytest.raises(DataError, match=rf"^{builder}\[train\]: cannot load dataset: {message}"):
+            list(read_hf(builder, "train", data_files={"train": str(path)}))

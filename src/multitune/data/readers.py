@@ -271,7 +271,10 @@ def read_hf(
     except FileNotFoundError as error:
         raise DataError(f"dataset not found: {error}", file=where) from None
     except Exception as error:  # datasets raises many types; all mean "cannot load this split"
-        raise DataError(f"cannot load dataset: {type(error).__name__}: {error}", file=where) from None
+        cause: BaseException = error
+        while isinstance(cause.__cause__, Exception):  # the innermost cause is the parser's, naming the row
+            cause = cause.__cause__
+        raise DataError(f"cannot load dataset: {type(cause).__name__}: {cause}", file=where) from None
     names = _class_label_names(loaded.features)
     for index, record in enumerate(loaded):
         values = dict(record)
