@@ -32,7 +32,7 @@ from multitune.config import (
     TaskConfig,
     TrainingConfig,
     dump_config,
-    validate_config,
+    load_run_config,
 )
 from multitune.data.collate import Batch, collate, pack
 from multitune.data.encoding import Encoded, encode
@@ -1096,7 +1096,7 @@ def find_resume(config: Config) -> tuple[Path | None, Path | None]:
         return None, None
     import yaml
 
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    saved = yaml.safe_load(dump_config(load_run_config(run_dir / "config.yaml")))  # normalised like current
     current = yaml.safe_load(dump_config(config))
     for values in (saved, current):
         values["run"].pop("resume", None)
@@ -1159,14 +1159,11 @@ def _history_step(line: bytes, step: int) -> bool:
 
 def resume_run(run_dir: str | Path) -> Path:
     """`multitune resume RUN_DIR`: the saved config, continued from the newest loadable checkpoint."""
-    import yaml
-
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise MultitunError("not a multitune run: config.yaml is missing", file=str(run))
-    data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
-    data["run"].update({"resume": str(run), "output_dir": str(run.parent), "name": run.name})
-    return train_run(validate_config(data, file=str(run / "config.yaml")))
+    settings = {"resume": str(run), "output_dir": str(run.parent), "name": run.name}
+    return train_run(load_run_config(run / "config.yaml", settings))
 
 
 # --- using a finished run -----------------------------------------------------------------------
@@ -1177,11 +1174,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any], MultiTaskMode
     for required in ("config.yaml", "tasks.json", WEIGHTS_FILE, "backbone"):
         if not (run / required).exists():
             raise MultitunError(f"not a finished multitune run: {required} is missing", file=str(run))
-    import yaml
-
-    config = validate_config(
-        yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), file=str(run / "config.yaml")
-    )
+    config = load_run_config(run / "config.yaml")
     manifest = json.loads((run / "tasks.json").read_text(encoding="utf-8"))
     backbone = FROM_RUN.get(config.model.kind, backbone_from_run)(run / "backbone")
     tasks = {name: task_from_manifest(name, config.tasks[name], manifest[name]) for name in config.tasks}
