@@ -301,3 +301,33 @@ def test_fewer_than_two_labels_is_refused_naming_the_key(tmp_path, kind):
     with pytest.raises(ConfigError, match=r"field 'tasks.a.labels': a label is listed twice"):
         load_config(path, ["tasks.a.labels=[A, A]"])
     assert load_config(path, ["tasks.a.labels=[A, B]"]).tasks["a"].labels == ["A", "B"]
+
+
+# --- a run directory whose config.yaml is not multitune's ---------------------------------------
+
+FOREIGN_CONFIGS = {
+    "list": (b"- a\n- b\n", "the config must be a mapping of groups"),
+    "scalar": (b"42\n", "the config must be a mapping of groups"),
+    "empty": (b"", "field 'tasks': required key is missing"),
+    "no tasks": (b"run:\n  name: x\ntraining:\n  steps: 3\n", "field 'tasks': required key is missing"),
+    "no run, no tasks": (b"training:\n  steps: 3\n", "field 'tasks': required key is missing"),
+    "binary": (bytes(range(256)) * 4, "not UTF-8 text"),
+    "run not a group": (b"run: [1, 2]\ntasks: {}\n", ":1: field 'run': must be a group"),
+    "wrong types": (b"run: {seed: many}\ntasks: 5\n", ":1: field 'run.seed': Input should be a valid integer"),
+    "duplicate": (b"tasks: {}\ntasks: {}\n", ":2: field 'tasks': key 'tasks' is given twice"),
+}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN_CONFIGS))
+def test_resume_of_a_folder_without_a_multitune_config_is_one_line(tmp_path, capsys, kind):
+    from multitune.cli import main
+
+    content, message = FOREIGN_CONFIGS[kind]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_bytes(content)
+    assert main(["resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"multitune: error: {run / 'config.yaml'}"), err
+    assert message in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"] and (run / "config.yaml").read_bytes() == content
