@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from multitune.models.backbone import PACKAGED_MODELS, packaged_copy
 from multitune.models.multitask import MultiTaskModel, pool
 from multitune.models.peft_tasks import SHARED
 from multitune.run import FINETUNED, FROM_RUN, encode_for_prediction, load_run, task_from_manifest
-from multitune.training.checkpoint import WEIGHTS_FILE, discard_staging, load_weights
+from multitune.training.checkpoint import WEIGHTS_FILE, atomic_write, discard_staging, load_weights
 
 HEAD_WEIGHTS = "multitune_head.safetensors"
 HEAD_CONFIG = "multitune_head.json"
@@ -128,7 +127,8 @@ def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool
         model.eval()
     plain = merged_backbone(model, run, config, task_name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = target.parent / f".{target.name}.{os.urandom(6).hex()}"
+    staging.mkdir()  # as a plain mkdir makes it (0777 less the umask), not mkdtemp's 0700: the folder is shared
     try:
         loader, checked = _write_model(model, plain, backbone.tokenizer, config, task, staging)
         loader = loader.replace(staging.name, target.name)  # the card names the final folder
@@ -138,7 +138,6 @@ def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool
         os.replace(staging, target)  # atomic; replaces an empty target folder
     finally:
         discard_staging(staging)
-    target.chmod(0o755)
     return target
 
 
@@ -174,14 +173,15 @@ def merged_backbone(model: MultiTaskModel, run: Path, config: Config, task: str)
 
 def save_hf_model(model: Any, folder: Path) -> None:
     """A folder plain transformers loads: the config (and generation settings) through transformers, the
-    weights through safetensors (multitune writes weights only as safetensors, by its own code)."""
+    weights through safetensors (multitune writes weights only as safetensors, by its own code; through
+    atomic_write, which gives them the umask's mode where safetensors alone makes them 0600)."""
     from safetensors.torch import save_model
 
     model.config.save_pretrained(folder)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and model.can_generate():
         generation_config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"))
+    atomic_write(folder / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
 
 
 def _encoder_from_run(folder: Path) -> Any:
@@ -213,10 +213,8 @@ def _write_model(
         example = json.dumps(PROBE_TOKENS[0])
         return TOKEN_LOADER.format(folder=folder.name, max_length=config.model.max_length, example=example), difference
     save_hf_model(plain, folder)
-    save_file(
-        {"weight": linear.weight.detach().contiguous(), "bias": linear.bias.detach().contiguous()},
-        str(folder / HEAD_WEIGHTS),
-    )
+    head_weights = {"weight": linear.weight.detach().contiguous(), "bias": linear.bias.detach().contiguous()}
+    atomic_write(folder / HEAD_WEIGHTS, lambda tmp: save_file(head_weights, str(tmp)))
     settings = {
         "task": task.name,
         "type": kind,
@@ -256,7 +254,7 @@ def _write_token_model(
         raise ConfigError(f"cannot map this backbone onto {type(tagger).__name__}", field="model.backbone")
     classifier.load_state_dict(linear.state_dict())
     save_hf_model(tagger, folder)
-    reloaded = AutoModelForTokenClassification.from_pretrained(folder).eval()
+    reloaded = AutoModelForTokenClassification.from_pretrained(folder, local_files_only=True).eval()
     rows = _probe_rows(config, task, tokenizer, [{"tokens": t} for t in PROBE_TOKENS])
     difference = 0.0
     with torch.no_grad():
@@ -275,7 +273,7 @@ def _check_sequence(
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(folder).eval()
+    encoder = AutoModel.from_pretrained(folder, local_files_only=True).eval()
     weights = load_file(str(folder / HEAD_WEIGHTS))
     pair = task.config.type == "pair_classification"
     records = [{"text": t, **({"text_pair": t} if pair else {})} for t in PROBE_TEXTS]
@@ -352,9 +350,6 @@ def export_onnx(model: MultiTaskModel, tokenizer: Any, config: Config, task: Tas
 
 def model_card(run: Path, config: Config, task: TaskData, loader: str, difference: float, onnx: bool) -> str:
     """README.md: what the model does, what it was trained on, how well it does, how to load it, licenses."""
-    metrics = _json(run / "metrics.json")
-    entry = metrics.get("tasks", {}).get(task.name)
-    tested = _json(run / "evaluation_test.json").get("tasks", {}).get(task.name)
     base = config.model.backbone
     license_id = base_license(base)
     kind = task.config.type
@@ -378,16 +373,8 @@ def model_card(run: Path, config: Config, task: TaskData, loader: str, differenc
         lines += [f"Labels ({len(task.labels)}): {', '.join(f'`{label}`' for label in task.labels)}", ""]
     if kind == "regression":
         lines += [f"Predicts a score (trained targets: mean {task.target_mean:.4g}, std {task.target_std:.4g}).", ""]
-    lines += ["## Data", "", *data_lines(run, task), "", "## Metrics", ""]
-    for title, result in (("validation (model selection)", entry), ("test", tested)):
-        if result:
-            values = ", ".join(f"{name} {value:.4f}" for name, value in result["metrics"].items())
-            lines.append(f"- {title}, {result['split']} split, n={result['n']}: {values}")
-    if not entry and not tested:
-        lines.append("- no metrics recorded in the run")
+    lines += ["## Data", "", *data_lines(run, task), "", "## Metrics", "", *metric_lines(run, task.name), ""]
     lines += [
-        f"- training: {metrics.get('steps', '?')} steps in {metrics.get('train_seconds', '?')} s",
-        "",
         "## How to use",
         "",
         "With transformers, torch and safetensors only (no multitune):",
@@ -415,6 +402,61 @@ def model_card(run: Path, config: Config, task: TaskData, loader: str, differenc
         "",
     ]
     return "\n".join(lines)
+
+
+def metric_lines(run: Path, task: str) -> list[str]:
+    """Each score once, under the split it was measured on: the final evaluation (test, or validation where
+    the task has none), the validation at the step kept as best (what selected the model), and a later
+    `multitune evaluate` of a split only where it differs from those."""
+    metrics = _json(run / "metrics.json")
+    shown: list[tuple[str, dict[str, Any]]] = []
+    lines = []
+
+    def add(title: str, split: str, values: dict[str, Any], n: int | None = None) -> None:
+        if (split, values) in shown:
+            return
+        shown.append((split, values))
+        count = f" (n={n})" if n is not None else ""
+        lines.append(f"- {title}{count}: " + ", ".join(f"{name} {value:.4f}" for name, value in values.items()))
+
+    final = metrics.get("tasks", {}).get(task)
+    if final:
+        own = "test split" if final["split"] == "test" else f"{final['split']} split (the task has no test split)"
+        add(f"{own}, the final evaluation", final["split"], final["metrics"], final["n"])
+    selected = selection_scores(run, task, metrics.get("best_step"))
+    if selected is not None:
+        add(f"validation split at step {metrics['best_step']}, the step kept as best", "validation", selected)
+    for split in ("test", "validation", "train"):
+        again = _json(run / f"evaluation_{split}.json").get("tasks", {}).get(task)
+        if again:
+            add(
+                f"{again['split']} split, scored again by `multitune evaluate`",
+                again["split"],
+                again["metrics"],
+                again["n"],
+            )
+    steps = f"- training: {metrics.get('steps', '?')} steps in {metrics.get('train_seconds', '?')} s"
+    return (lines or ["- no metrics recorded in the run"]) + [steps]
+
+
+def selection_scores(run: Path, task: str, best_step: Any) -> dict[str, Any] | None:
+    """The task's validation metrics at the multi-task run's best step, from history.jsonl (a two-stage run's
+    exported copy was selected on its own fine-tuning: None)."""
+    history = run / "history.jsonl"
+    if best_step is None or not history.is_file() or (run / FINETUNED / task / WEIGHTS_FILE).exists():
+        return None
+    found = None
+    for line in history.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(entry, dict) or "stage" in entry or entry.get("step") != best_step:
+            continue
+        scores = entry.get("validation")
+        if isinstance(scores, dict) and isinstance(scores.get(task), dict):
+            found = scores[task]  # the last one: a resumed run may have validated that step again
+    return found
 
 
 def data_lines(run: Path, task: TaskData) -> list[str]:
@@ -446,8 +488,12 @@ def data_licenses(config: Config, task: TaskData) -> list[str]:
             out.append(f"data in `{_shown(str(folder))}`: unknown (no ATTRIBUTION.md or LICENSE beside it)")
             continue
         text = notes[0].read_text(encoding="utf-8", errors="replace")
-        stated = [line.strip() for line in text.splitlines() if re.search(r"licen[cs]e|source:", line, re.I)]
-        summary = " ".join(stated[:3]) if stated else f"see {notes[0].name}"
+        # whole paragraphs (their wrapped lines joined), never a line cut out of a sentence
+        paragraphs = [" ".join(block.split()) for block in re.split(r"\n\s*\n", text)]
+        stated = [
+            p for p in paragraphs if not p.startswith("#") and re.search(r"licen[cs]e|source:|copyright", p, re.I)
+        ]
+        summary = " ".join(stated[:2]) if stated else f"see {notes[0].name}"
         out.append(f"data `{_shown(str(folder))}`: {summary}")
     return out
 

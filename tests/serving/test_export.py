@@ -99,3 +99,62 @@ def test_onnx_export(tiny_run, tmp_path):
     pytest.importorskip("onnx")
     assert main(["export", str(tiny_run), "--task", "sentiment", str(tmp_path / "out"), "--onnx"]) == 0
     assert (tmp_path / "out" / "model.onnx").stat().st_size > 0
+
+
+def test_card_names_each_score_by_its_split_once(tiny_backbone, tmp_path):
+    """The final scores are the test split's, the selection's are validation's at the best step: each once."""
+    rows = classification_rows(60)
+    a = write_rows(tmp_path / "a.jsonl", rows[:40])
+    b = write_rows(tmp_path / "b.jsonl", token_rows(40))
+    config = tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=6, eval_every=2)
+    config["tasks"]["sentiment"]["source"].update(
+        validation=str(write_rows(tmp_path / "v.jsonl", rows[40:50])),
+        test=str(write_rows(tmp_path / "t.jsonl", rows[50:])),
+    )
+    run = train(tmp_path, config)
+    assert main(["evaluate", str(run), "--split", "test"]) == 0  # the same scores again: not a second line
+    assert main(["export", str(run), "--task", "sentiment", str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    section = card.split("## Metrics\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    metrics = json.loads((run / "metrics.json").read_text())
+    final = metrics["tasks"]["sentiment"]
+    assert final["split"] == "test" and final["n"] == 10
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    chosen = [
+        h["validation"]["sentiment"] for h in history if h.get("step") == metrics["best_step"] and "validation" in h
+    ]
+    assert len(chosen) == 1
+
+    def shown(values: dict[str, float]) -> str:
+        return ", ".join(f"{name} {value:.4f}" for name, value in values.items())
+
+    assert chosen[0] != final["metrics"]  # two different sets of scores, so both lines show
+    expected = [
+        f"- test split, the final evaluation (n=10): {shown(final['metrics'])}",
+        f"- validation split at step {metrics['best_step']}, the step kept as best: {shown(chosen[0])}",
+    ]
+    assert section == [*expected, f"- training: 6 steps in {metrics['train_seconds']} s"]
+    assert "model selection" not in card
+
+
+def test_card_quotes_whole_license_paragraphs():
+    """A license statement wrapped over several lines of ATTRIBUTION.md is quoted whole, not cut at a line end."""
+    from types import SimpleNamespace
+
+    from multitune.config import load_config
+    from multitune.export import data_licenses
+    from tests.conftest import REPO
+
+    config = load_config(str(REPO / "configs" / "quickstart.yaml"), [])
+    sms = data_licenses(config, SimpleNamespace(config=config.tasks["sms_spam"]))  # type: ignore[arg-type]
+    assert sms == [
+        "data `multitune:quickstart/sms_spam`: Source: T. A. Almeida and J. M. Gomez Hidalgo, UCI Machine Learning "
+        'Repository. The corpus "is provided for free and with no limitations excepting" its copyright, which '
+        "remains with the authors, and without warranty. Cite: Almeida, T.A., Gomez Hidalgo, J.M., Yamakami, A. "
+        '"Contributions to the Study of SMS Spam Filtering: New Collection and Results", DocEng 2011.'
+    ]
+    stsb = data_licenses(config, SimpleNamespace(config=config.tasks["stsb"]))  # type: ignore[arg-type]
+    assert stsb[0].startswith("data `multitune:quickstart/stsb`: License: the scores are CC BY-SA 4.0 (share-alike:")
+    assert stsb[0].endswith(
+        'Semantic Textual Similarity Multilingual and Crosslingual Focused Evaluation", SemEval 2017.'
+    )
