@@ -39,6 +39,7 @@ def first_error(call):
         call()
     except DataError as error:
         assert "\n" not in str(error)
+        str(error).encode("utf-8")  # printable: the error itself holds no lone surrogate
         return error
     return None
 

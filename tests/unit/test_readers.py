@@ -176,7 +176,7 @@ def test_conll_token_and_tag_columns_must_differ(tmp_path):
     [
         ('{"text": "caf\\ud800", "label": "a"}', "text"),
         ('{"text": "ok", "label": "\\udfff"}', "label"),
-        ('{"text": "ok", "label": "a", "\\ud83d": 1}', "\ud83d"),
+        ('{"text": "ok", "label": "a", "\\ud83d": 1}', r"\\ud83d"),
         ('{"text": ["fine", {"deep": ["x\\udc80"]}], "label": "a"}', "text"),
     ],
 )

@@ -104,8 +104,8 @@ def check_json_value(value: Any, file: str, line: int) -> None:
         if depth >= MAX_JSON_DEPTH:
             raise DataError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", file=file, line=line, field=field)
         if isinstance(item, dict):
-            for key, child in item.items():
-                name = key if field is None else field
+            for key, child in item.items():  # an error names the row's own field, escaped if it is the bad text
+                name = key.encode("utf-8", "backslashreplace").decode("utf-8") if field is None else field
                 check_text(key, file, line, name)
                 stack.append((child, depth + 1, name))
         else:
