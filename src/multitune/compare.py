@@ -215,15 +215,18 @@ def verdict(result: dict[str, Any]) -> str:
     )
 
 
+def change_text(entry: dict[str, Any]) -> str:
+    """A task's relative change from single- to multi-task, signed so that + is better (as Δm counts it)."""
+    sign = 1 if entry["higher_is_better"] else -1
+    if abs(entry["single"]) <= 1e-9:
+        return "n/a (single-task score 0)"
+    return f"{sign * (entry['multi'] - entry['single']) / abs(entry['single']) * 100:+.1f}%"
+
+
 def format_comparison(result: dict[str, Any]) -> str:
     lines = ["| task | metric | single-task | multi-task | change |", "|---|---|---|---|---|"]
     for task, e in result["tasks"].items():
-        sign = 1 if e["higher_is_better"] else -1
-        if abs(e["single"]) > 1e-9:
-            change = f"{sign * (e['multi'] - e['single']) / abs(e['single']) * 100:+.1f}%"
-        else:
-            change = "n/a (single-task score 0)"
-        lines.append(f"| {task} | {e['metric']} | {e['single']:.4f} | {e['multi']:.4f} | {change} |")
+        lines.append(f"| {task} | {e['metric']} | {e['single']:.4f} | {e['multi']:.4f} | {change_text(e)} |")
     p, t = result["params"], result["train_seconds"]
     lines += [
         "",

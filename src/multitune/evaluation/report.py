@@ -18,15 +18,21 @@ from multitune.evaluation.evaluate import TABLE_HEADER, table_rows
 from multitune.training.checkpoint import write_text
 
 
-def _figure_png(draw: Any) -> str:
+def _figure(draw: Any) -> Any:
+    """A matplotlib figure drawn by `draw(axes)`; constrained layout makes room for a legend beside the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+    figure, axes = plt.subplots(figsize=(8.5, 3.6), dpi=100, layout="constrained")
     draw(axes)
-    figure.tight_layout()
+    return figure
+
+
+def _png(figure: Any) -> str:
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
@@ -34,15 +40,31 @@ def _figure_png(draw: Any) -> str:
 
 
 def _lines(axes: Any, series: dict[str, tuple[list[int], list[float]]], ylabel: str, colors: dict[str, Any]) -> None:
+    """One curve per series against whole-number steps. A one-point curve is a visible dot (a line needs two
+    points), and the legend sits beside the plot, where it covers no curve."""
+    from matplotlib.ticker import MaxNLocator
+
     for name in sorted(series):
         xs, ys = series[name]
         color = colors.get(name.split(" (")[0])
-        axes.plot(xs, ys, label=name, color=color, marker="." if len(xs) < 30 else None)
+        marker = "o" if len(xs) == 1 else "." if len(xs) < 30 else None
+        axes.plot(xs, ys, label=name, color=color, marker=marker, markersize=7 if len(xs) == 1 else 5)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps are whole: no tick at 2.5
     axes.set_xlabel("step")
     axes.set_ylabel(ylabel)
     if series:
-        axes.legend(fontsize=8)
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     axes.grid(alpha=0.3)
+
+
+def varies(series: dict[str, tuple[list[int], list[float]]]) -> bool:
+    """Whether any curve changes over time: a flat plot (equal weights, fixed sampling) says nothing a
+    sentence cannot."""
+    return any(max(ys) - min(ys) > 1e-9 for _, ys in series.values() if ys)
+
+
+def _constant(series: dict[str, tuple[list[int], list[float]]]) -> str:
+    return ", ".join(f"{name} {ys[0]:.4g}" for name, (_, ys) in sorted(series.items()) if ys)
 
 
 def _heatmap(axes: Any, names: list[str], matrix: list[list[float]], label: str) -> None:
@@ -72,18 +94,47 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def build_report(run_dir: Path) -> str:
-    def read(name: str) -> Any:
-        path = run_dir / name
+def _read(run_dir: Path, name: str) -> Any:
+    path = run_dir / name
+    try:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
-    history_path = run_dir / "history.jsonl"
-    history = (
-        [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if history_path.is_file()
-        else []
-    )
-    metrics, comparison, affinity = read("metrics.json"), read("comparison.json"), read("affinity.json")
+
+def _history(run_dir: Path) -> list[dict[str, Any]]:
+    """history.jsonl's entries; a torn line (a crash mid-write) is skipped."""
+    path = run_dir / "history.jsonl"
+    entries = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            entries.append(entry)
+    return entries
+
+
+def data_summary(tasks: dict[str, Any]) -> list[list[str]]:
+    """One row per task from tasks.json: its type, rows per split, labels and data files."""
+    rows = []
+    for name, task in sorted(tasks.items()):
+        if not isinstance(task, dict):
+            continue
+        splits = ", ".join(f"{split} {n}" for split, n in (task.get("rows") or {}).items())
+        labels = task.get("labels") or []
+        shown = ", ".join(map(str, labels[:8])) + (f", ... ({len(labels)} in all)" if len(labels) > 8 else "")
+        files = ", ".join(Path(str(f)).name for f in (task.get("fingerprint") or {}))
+        rows.append([name, str(task.get("type", "")), splits, shown, files])
+    return rows
+
+
+def report_figures(run_dir: Path) -> tuple[list[tuple[str, Any]], list[str]]:
+    """The report's figures as (title, matplotlib figure), and a sentence for each plot left out because
+    its curves are flat."""
+    history = _history(run_dir)
+    metrics, affinity = _read(run_dir, "metrics.json"), _read(run_dir, "affinity.json")
     task_names = sorted((metrics or {}).get("tasks", {}) or {n for h in history for n in (h.get("losses") or {})})
     palette = [
         "#1f77b4",
@@ -98,16 +149,14 @@ def build_report(run_dir: Path) -> str:
         "#17becf",
     ]
     colors = {name: palette[i % len(palette)] for i, name in enumerate(task_names)}  # one color per task
-    sections: list[str] = []
-    figures: list[tuple[str, str]] = []
+    figures: list[tuple[str, Any]] = []
+    notes: list[str] = []
 
     train_entries = [h for h in history if "losses" in h]
     if train_entries:
+        losses = _series(train_entries, "losses")
         figures.append(
-            (
-                "Training loss per task (running mean)",
-                _figure_png(lambda ax: _lines(ax, _series(train_entries, "losses"), "loss", colors)),
-            )
+            ("Training loss per task (running mean)", _figure(lambda ax: _lines(ax, losses, "loss", colors)))
         )
     validation = [h for h in history if "validation" in h]
     if validation:
@@ -119,36 +168,41 @@ def build_report(run_dir: Path) -> str:
                 xs, ys = curves.setdefault(f"{name} ({metric})", ([], []))
                 xs.append(entry["step"])
                 ys.append(values[metric])
-        figures.append(("Validation main metric per task", _figure_png(lambda ax: _lines(ax, curves, "score", colors))))
-    if any("weights" in h for h in train_entries):
-        figures.append(
-            (
-                "Loss weights over time",
-                _figure_png(lambda ax: _lines(ax, _series(train_entries, "weights"), "weight", colors)),
-            )
-        )
-    if any("probabilities" in h for h in train_entries):
-        figures.append(
-            (
-                "Sampling probabilities over time",
-                _figure_png(lambda ax: _lines(ax, _series(train_entries, "probabilities"), "probability", colors)),
-            )
-        )
+        figures.append(("Validation main metric per task", _figure(lambda ax: _lines(ax, curves, "score", colors))))
+    for key, title, label in (
+        ("weights", "Loss weights over time", "weight"),
+        ("probabilities", "Sampling probabilities over time", "probability"),
+    ):
+        series = _series(train_entries, key)
+        if not series:
+            continue
+        if varies(series):
+            figures.append((title, _figure(lambda ax, series=series, label=label: _lines(ax, series, label, colors))))
+        else:
+            notes.append(f"{title.split(' over')[0]} stayed constant: {_constant(series)}.")
     if affinity:
         names = affinity["tasks"]
         figures.append(
             (
                 "Gradient conflict: cosine of task gradients (mean over samples)",
-                _figure_png(lambda ax: _heatmap(ax, names, affinity["gradient_cosine"], "cosine")),
+                _figure(lambda ax: _heatmap(ax, names, affinity["gradient_cosine"], "cosine")),
             )
         )
         figures.append(
             (
                 "Lookahead task affinity: row task's step helps (+) or hurts (-) column task",
-                _figure_png(lambda ax: _heatmap(ax, names, affinity["lookahead_affinity"], "affinity")),
+                _figure(lambda ax: _heatmap(ax, names, affinity["lookahead_affinity"], "affinity")),
             )
         )
+    return figures, notes
 
+
+def build_report(run_dir: Path) -> str:
+    from multitune.compare import change_text
+
+    metrics, comparison, affinity = (_read(run_dir, n) for n in ("metrics.json", "comparison.json", "affinity.json"))
+    sections: list[str] = []
+    figures, notes = report_figures(run_dir)
     if metrics:
         rows = table_rows(metrics["tasks"])
         sections.append("<h2>Scores</h2>" + _table(TABLE_HEADER, rows))
@@ -158,10 +212,13 @@ def build_report(run_dir: Path) -> str:
             f"best validation at step {metrics.get('best_step', '?')}.</p>"
         )
     if comparison:
-        rows = [[t, e["metric"], f"{e['single']:.4f}", f"{e['multi']:.4f}"] for t, e in comparison["tasks"].items()]
+        rows = [
+            [t, e["metric"], f"{e['single']:.4f}", f"{e['multi']:.4f}", change_text(e)]
+            for t, e in comparison["tasks"].items()
+        ]
         sections.append(
             "<h2>Multi-task against single-task</h2>"
-            + _table(["task", "metric", "single-task", "multi-task"], rows)
+            + _table(["task", "metric", "single-task", "multi-task", "change"], rows)
             + f"<p>Δm {comparison['delta_m_percent']:+.2f}%. {html.escape(comparison['verdict'])}</p>"
         )
     if affinity and affinity.get("groups"):
@@ -170,16 +227,24 @@ def build_report(run_dir: Path) -> str:
     if affinity and affinity.get("no_self_transfer"):
         flagged = ", ".join(affinity["no_self_transfer"])
         sections.append(f"<p>Flagged, as {html.escape(NO_SELF_TRANSFER)}: {html.escape(flagged)}</p>")
-    for title, png in figures:
+    for title, figure in figures:
         sections.append(
-            f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'
+            f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{_png(figure)}">'
         )
+    sections += [f"<p>{html.escape(note)}</p>" for note in notes]
+    tasks = _read(run_dir, "tasks.json")
+    if isinstance(tasks, dict) and tasks:
+        sections.append("<h2>Data</h2>" + _table(["task", "type", "rows", "labels", "files"], data_summary(tasks)))
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        text = config.read_text(encoding="utf-8", errors="replace")
+        sections.append(f"<h2>Config</h2><pre>{html.escape(text)}</pre>")
     title = html.escape(run_dir.name)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>multitune report: {title}</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:14px}}
-img{{max-width:100%}}</style></head>
+img{{max-width:100%}}pre{{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:13px}}</style></head>
 <body><h1>multitune report: {title}</h1>
 {"".join(sections)}
 <script>
