@@ -381,3 +381,21 @@ def test_tags_that_entity_f1_cannot_score_are_refused_where_they_were_read(tmp_p
         metrics=["token_accuracy"],
     )
     assert load("t", plain).labels == ["O", "B-per", "LOC"]  # token accuracy scores any tag
+
+
+def test_dataset_class_names_that_are_digits_stay_names(tmp_path):
+    # Star ratings: class ids 0, 1 are named "1", "2". Read back, id 0 is the name "1", never index 1 of `labels`.
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["1", "2"])})
+    folder = tmp_path / "stars"
+    datasets.Dataset.from_dict({"text": ["bad", "good"] * 4, "label": [0, 1] * 4}, features=features).save_to_disk(
+        str(folder)
+    )
+    files = {"train": str(folder / "data-00000-of-00001.arrow")}
+    data = load("stars", _hf_task(files))
+    assert sorted(e.label for e in data.splits["train"] + data.splits["validation"]) == ["1"] * 4 + ["2"] * 4
+    assert data.labels == ["1", "2"]
+    # Configured word labels: "1" is not one of them (it used to become labels[1] = "high", one class off).
+    with pytest.raises(DataError, match=r"arrow\[train\]:1: field 'label': unknown label '1'"):
+        load("stars", _hf_task(files, labels=["low", "high"]))

@@ -32,6 +32,7 @@ class Row:
     file: str
     line: int
     hidden: frozenset[str] = frozenset()  # Hugging Face class-label columns whose id is -1 or None: no label given
+    named: frozenset[str] = frozenset()  # Hugging Face class-label columns already turned from ids into names
 
     def error(self, message: str, field: str | int | None = None) -> DataError:
         return DataError(message, file=self.file, line=self.line, field=None if field is None else str(field))
@@ -299,7 +300,7 @@ def read_hf(
             else:
                 named = [_class_label_name(v, vocabulary, where, index + 1, column) for v in ids]
                 values[column] = named if isinstance(value, list) else named[0]
-        yield Row(values, where, index + 1, frozenset(hidden))
+        yield Row(values, where, index + 1, frozenset(hidden), frozenset(names) - hidden)
 
 
 def _class_label_name(value: Any, vocabulary: list[str], where: str, line: int, column: str) -> Any:

@@ -104,7 +104,8 @@ def _class_name(row: Row, value: Any, name: str | int, task: TaskConfig) -> str:
     """A label as text. A label of ASCII digits (or an integer), as in GLUE files, indexes the configured
     `labels`; but when any configured label is itself digits, every digit label is a name (then `0` with
     labels 1-5 is an unknown label), so that no value is read as an index and as a name in one task. A JSON
-    boolean is a label only where `labels` lists it ("true" / "false"); elsewhere it is an error."""
+    boolean is a label only where `labels` lists it ("true" / "false"); elsewhere it is an error. A Hugging
+    Face dataset's class names (ids already turned into names by the reader) are always names, even digits."""
     if isinstance(value, bool):
         text = str(value).lower()
         if task.labels is None or text not in task.labels:
@@ -117,7 +118,8 @@ def _class_name(row: Row, value: Any, name: str | int, task: TaskConfig) -> str:
     text = str(value).strip()
     if not text:
         raise row.error("empty label", name)
-    if task.labels and DIGITS.fullmatch(text) and not digit_names(task.labels):
+    named = isinstance(name, str) and name in row.named  # a dataset's class name, never an index
+    if task.labels and DIGITS.fullmatch(text) and not digit_names(task.labels) and not named:
         index = int(text)
         if index >= len(task.labels):
             raise row.error(
