@@ -38,6 +38,7 @@ from multitune.config import (
 from multitune.data.collate import Batch, TaskRows
 from multitune.data.encoding import IGNORE_INDEX
 from multitune.data.streams import TaskStream
+from multitune.data.tasks import MAX_TARGET
 from multitune.errors import ConfigError, DataError
 from multitune.evaluation.evaluate import average_main_score, class_prediction, format_table, score_with
 from multitune.evaluation.metrics import build_metrics
@@ -330,6 +331,8 @@ def _regression(task: PreparedTask, raw: dict[str, tuple[dict[str, Tensor], np.n
     for split, (_, labels) in raw.items():
         if labels.ndim != 1 or labels.dtype.kind not in "iuf" or not np.all(np.isfinite(labels)):
             raise DataError(f"task '{name}' {split} labels: regression targets must be [N] finite numbers")
+        if labels.size and float(np.abs(labels.astype(np.float64)).max()) > MAX_TARGET:
+            raise DataError(f"task '{name}' {split} labels: regression targets must lie within ±{MAX_TARGET:g}")
         targets[split] = labels.astype(np.float64)
     if task.spec.normalize_targets:
         train = targets["train"]

@@ -194,6 +194,7 @@ BAD: list[tuple[str, Any, Any, type[Exception], str]] = [
     ("range", mlp, [Task("a", "classification", (x, np.arange(60) % 3), labels=2)], DataError, "out of range"),
     ("label", mlp, [Task("a", "classification", (x, sign), labels=["pos", "other"])], DataError, "unknown label"),
     ("nan", mlp, [Task("a", "regression", (x, target * np.nan))], DataError, "finite numbers"),
+    ("overflow", mlp, [Task("a", "regression", (x, np.full(60, 1e308)))], DataError, "within ±1e+15"),
     ("features", Wrong, [Task("a", "classification", (x, sign))], DataError, "features of shape [2, 2, 3, 1]"),
     ("backbone", lambda: nn.Linear(5, 4), [Task("a", "classification", (x, sign))], DataError, "backbone failed"),
     ("not a module", lambda: "resnet", [Task("a", "classification", (x, sign))], ConfigError, "torch.nn.Module"),
