@@ -328,3 +328,31 @@ def test_every_reader_of_a_finished_run_refuses_a_foreign_config_in_one_line(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"multitune: error: {run / 'config.yaml'}"), (argv, err)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_multitune_train_on_a_billion_laughs_exits_2_in_one_line_with_bounded_memory(tmp_path):
+    """The 342-byte file of nine levels of nine aliases: once a hang past 3.9 GB."""
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(
+        'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+        + "".join(f"{b}: &{b} [{','.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)),
+        encoding="utf-8",
+    )
+    assert len(bomb.read_bytes()) == 342
+    # a wrapper process whose only child is multitune, so its children's peak memory is multitune's
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "command = [sys.executable, '-m', 'multitune', 'train', sys.argv[1]]\n"
+        "done = subprocess.run(command, capture_output=True, text=True)\n"
+        "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.stdout.write(done.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", wrapper, str(bomb)], capture_output=True, text=True, timeout=120)
+    status, _, stderr = done.stdout.partition("\n")
+    code, peak_kib = map(int, status.split())
+    assert code == 2 and stderr.count("\n") == 1, done.stdout
+    assert stderr.startswith(f"multitune: error: {bomb}:") and "more than 100000 values" in stderr, stderr
+    assert peak_kib < 1_500_000, peak_kib  # torch's import included
