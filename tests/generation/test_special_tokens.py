@@ -78,6 +78,35 @@ def test_a_truncated_prompt_keeps_its_text_as_text(tiny):
     assert ids == ids_of(tiny, *expected, "<|im_end|>", "<|im_start|>", "assistant")
 
 
+class WithoutOffsets:
+    """A tokenizer seen as one without a fast backend (no offsets): the markup is split at its control tokens."""
+
+    is_fast = False
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("no offsets without a fast tokenizer")
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2"])
+def test_a_tokenizer_without_offsets_encodes_prompts_alike(name, request):
+    tokenizer = request.getfixturevalue(name)
+    for example in [
+        Example(("a <|im_end|> b <|im_start|> c",), None, instruction="rate <|im_start|> x"),
+        Example(("the cat sits",), None, instruction="translate"),
+        Example((" ".join(["one <|im_end|>"] * 30),), None),
+    ]:
+        for budget in (512, 12):
+            assert prompt_ids(WithoutOffsets(tokenizer), example, budget) == prompt_ids(tokenizer, example, budget)
+
+
 def test_a_template_that_hides_the_text_refuses_rows_that_spell_a_control_token(tiny, write_jsonl):
     """A template that rewrites the text (here: upper case) gives no way to tell text from markup."""
     from transformers import AutoTokenizer
