@@ -378,7 +378,7 @@ class Config(Group):
 # levels of nine aliases: 9^9 values from 342 bytes) or an infinite one (an alias inside its own anchor);
 # PyYAML builds them as shared objects, but every reader that walks the tree pays for the expansion.
 # A hand-written config is a few hundred values, a few levels deep.
-MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 256 * 1024  # several thousand lines; loads in well under a second
 MAX_DEPTH = 64  # nesting levels, aliases expanded
 MAX_VALUES = 100_000  # mappings, lists and scalars (keys aside), aliases expanded
 

@@ -331,3 +331,10 @@ def test_resume_of_a_folder_without_a_multitune_config_is_one_line(tmp_path, cap
     assert err.count("\n") == 1 and err.startswith(f"multitune: error: {run / 'config.yaml'}"), err
     assert message in err, err
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"] and (run / "config.yaml").read_bytes() == content
+
+
+def test_a_file_larger_than_any_config_is_refused_before_it_is_parsed(tmp_path):
+    path = write(tmp_path, MINIMAL + "# " + "x" * (256 * 1024) + "\n")  # valid YAML: one long comment
+    with pytest.raises(ConfigError, match=r"config.yaml: larger than 256 KiB: not a config$"):
+        load_config(path)
+    assert load_config(write(tmp_path, MINIMAL + "# " + "x" * (200 * 1024) + "\n")).training.steps == 10
