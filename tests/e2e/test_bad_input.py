@@ -49,7 +49,7 @@ def test_missing_field(setup, capsys):
     bad = tmp_path / "nolabel.jsonl"
     bad.write_text('{"text": "fine", "label": "pos"}\n{"text": "x"}\n', encoding="utf-8")
     config["tasks"]["sentiment"]["source"]["train"] = str(bad)
-    assert run_bad(tmp_path, config, capsys).endswith(f"{bad}:2: field 'label': missing field")
+    assert run_bad(tmp_path, config, capsys).endswith(f"{bad}:2: field 'label': missing field (this row has: 'text')")
 
 
 def test_unknown_label_in_validation(setup, capsys, write_jsonl):

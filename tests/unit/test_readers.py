@@ -28,7 +28,7 @@ def test_missing_field_and_missing_file(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text('{"text": "x"}\n', encoding="utf-8")
     row = next(read_jsonl(str(path)))
-    with pytest.raises(DataError, match=rf"^{path}:1: field 'label': missing field$"):
+    with pytest.raises(DataError, match=rf"^{path}:1: field 'label': missing field \(this row has: 'text'\)$"):
         row.get("label")
     with pytest.raises(DataError, match="file not found"):
         list(read_jsonl(str(tmp_path / "absent.jsonl")))
@@ -318,3 +318,26 @@ def test_hf_builders_refuse_wide_rows_surrogates_and_nesting_in_one_line(tmp_pat
     for builder, path, message in cases:
         with pytest.raises(DataError, match=rf"^{builder}\[train\]: cannot load dataset: {message}"):
             list(read_hf(builder, "train", data_files={"train": str(path)}))
+
+
+def test_a_header_that_is_data_says_what_it_found_and_how_to_read_it(tmp_path):
+    # CoLA's TSV files have no header: read with the default header: true, its first row becomes the names.
+    path = tmp_path / "cola.tsv"
+    path.write_text(
+        "gj04\t1\t\tOur friends won't buy this analysis, let alone the next one we propose.\n"
+        "gj04\t1\t\tOne more pseudo generalization and I'm giving up.\n",
+        encoding="utf-8",
+    )
+    row = next(read_delimited(str(path), "\t", quoting="none"))
+    with pytest.raises(DataError) as caught:
+        row.get("sentence")
+    assert str(caught.value) == (
+        f"{path}:2: field 'sentence': missing field (this row has: 'gj04', '1', '', "
+        "\"Our friends won't buy this analysis, ...\"); if the file's first line is data, not a header, set "
+        "header: false and name the columns with columns: [...] or use column indexes"
+    )
+    named = next(
+        read_delimited(str(path), "\t", quoting="none", header=False, columns=["source", "label", "x", "text"])
+    )
+    with pytest.raises(DataError, match=r"missing field \(this row has: 'source', 'label', 'x', 'text'\)$"):
+        named.get("sentence")

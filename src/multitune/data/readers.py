@@ -33,6 +33,7 @@ class Row:
     line: int
     hidden: frozenset[str] = frozenset()  # Hugging Face class-label columns whose id is -1 or None: no label given
     named: frozenset[str] = frozenset()  # Hugging Face class-label columns already turned from ids into names
+    keys_from: str = ""  # "header" when the field names are a delimited file's first row (for error hints)
 
     def error(self, message: str, field: str | int | None = None) -> DataError:
         return DataError(message, file=self.file, line=self.line, field=None if field is None else str(field))
@@ -48,8 +49,20 @@ class Row:
         if isinstance(values, list):
             raise self.error("field names need a header row or 'columns'; use a column index instead", field)
         if field not in values:
-            raise self.error("missing field", field)
+            raise self.error(f"missing field{self._found(values)}", field)
         return values[field]
+
+    def _found(self, values: dict[str, Any]) -> str:
+        """What the row does have, so that a wrong name or a missing header row shows itself."""
+        shown = [repr(name if len(name) <= 40 else name[:37] + "...") for name in list(values)[:8]]
+        more = f" and {len(values) - 8} more" if len(values) > 8 else ""
+        text = f" (this row has: {', '.join(shown)}{more})" if values else " (this row has no fields)"
+        if self.keys_from == "header":
+            text += (
+                "; if the file's first line is data, not a header, set header: false and name the columns"
+                " with columns: [...] or use column indexes"
+            )
+        return text
 
 
 def decoded_lines(path: str, encoding: str) -> Iterator[tuple[int, str]]:
@@ -193,7 +206,8 @@ def read_delimited(
         if names is not None:
             if len(cells) != len(names):  # a cut row, or a cell that held an unquoted delimiter
                 raise DataError(f"row has {len(cells)} cells, {named_by} {len(names)}", file=path, line=line)
-            yield Row(dict(zip(names, cells, strict=True)), path, line)
+            keys_from = "header" if columns is None else "columns"
+            yield Row(dict(zip(names, cells, strict=True)), path, line, keys_from=keys_from)
         else:
             yield Row(cells, path, line)
 
