@@ -59,7 +59,10 @@ weights = load_file(f"{{folder}}/multitune_head.safetensors")
 
 
 def predict(texts, pairs=None):
-    batch = tokenizer(texts, pairs, truncation=True, max_length=head["max_length"], padding=True, return_tensors="pt")
+    batch = tokenizer(  # text that spells a special token ("[SEP]") stays text, as in multitune
+        texts, pairs, truncation=True, max_length=head["max_length"], padding=True, return_tensors="pt",
+        split_special_tokens=True,
+    )
     with torch.no_grad():
         hidden = encoder(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -82,7 +85,10 @@ model = AutoModelForTokenClassification.from_pretrained(folder).eval()
 
 
 def predict(words):  # one tag per word, read at its first sub-token
-    batch = tokenizer(words, is_split_into_words=True, truncation=True, max_length={max_length}, return_tensors="pt")
+    batch = tokenizer(  # a word that spells a special token ("[SEP]") stays text, as in multitune
+        words, is_split_into_words=True, truncation=True, max_length={max_length}, return_tensors="pt",
+        split_special_tokens=True,
+    )
     with torch.no_grad():
         ids = model(**batch).logits[0].argmax(-1).tolist()
     firsts = {{}}
