@@ -61,8 +61,10 @@ class Task:
     """One task: a type, its splits as (inputs, labels) pairs, and how it is scored.
 
     Classification labels are class ids 0..C-1 or label strings; `labels` names the classes (or gives their
-    number); by default the distinct strings of train, sorted, or the ids 0..max. Regression labels are
-    numbers. Token-level labels are class ids [N, L], IGNORE_INDEX (-100) where a position has no label.
+    number); by default the distinct strings of train, sorted, or the ids 0..max. `predict` answers in the
+    labels' own terms: class ids (of their type) when the labels were ids and `labels` named no classes,
+    else class names. Regression labels are numbers. Token-level labels are class ids [N, L],
+    IGNORE_INDEX (-100) where a position has no label.
     Without `validation`, a seeded `validation_fraction` of train is held out for picking the best step.
     """
 
@@ -100,6 +102,7 @@ class PreparedTask:
     spec: Task
     splits: dict[str, Rows]
     labels: list[str] | None = None
+    values: list[Any] | None = None  # what predict returns for each class: the user's own ids, when they gave ids
     target_mean: float = 0.0
     target_std: float = 1.0
     metrics: list[str] = field(default_factory=list)
@@ -346,6 +349,10 @@ def _regression(task: PreparedTask, raw: dict[str, tuple[dict[str, Tensor], np.n
 def _classes(task: PreparedTask, raw: dict[str, tuple[dict[str, Tensor], np.ndarray]]) -> None:
     name, token = task.spec.name, task.spec.type == "token_classification"
     task.labels = label_names(task.spec, raw["train"][1])
+    train, named = raw["train"][1], task.spec.labels is not None and not isinstance(task.spec.labels, int)
+    if not named and not _is_text(train):  # ids in, ids out: 0 stays 0, not "0"
+        kind: type = {"b": bool, "f": float}.get(train.dtype.kind, int)
+        task.values = [kind(i) for i in range(len(task.labels))]
     for split, (inputs, labels) in raw.items():
         what = f"task '{name}' {split} labels"
         if labels.ndim != (2 if token else 1):
@@ -425,7 +432,7 @@ class FittedModel:
                 f"prediction inputs for task '{task}': rows of {_describe(schema(converted))}, "
                 f"but the model was trained on {_describe(expected)}"
             )
-        return self._predict(prepared, Rows(converted, None, []))
+        return as_given(prepared, self._predict(prepared, Rows(converted, None, [])))
 
     def table(self, split: str = "test") -> str:
         """The printed metrics table of `evaluate(split)`."""
@@ -444,6 +451,19 @@ class FittedModel:
             outputs.append(model(batch)[name].float().cpu())
         model.train(was_training)
         return decode_outputs(task, torch.cat(outputs), rows)
+
+
+def as_given(task: PreparedTask, predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Predictions with each class as the user gave it (an id of the labels' type), where they gave ids."""
+    if task.values is None or task.labels is None:
+        return predictions
+    value = dict(zip(task.labels, task.values, strict=True))
+    for entry in predictions:
+        found = entry["prediction"]
+        entry["prediction"] = [value[t] for t in found] if isinstance(found, list) else value[found]
+        if "probabilities" in entry:
+            entry["probabilities"] = {value[name]: p for name, p in entry["probabilities"].items()}
+    return predictions
 
 
 def decode_outputs(task: PreparedTask, outputs: Tensor, rows: Rows) -> list[dict[str, Any]]:

@@ -82,7 +82,9 @@ def test_digits_three_tasks_learn_and_evaluate_predict_have_the_metrics_shape() 
     assert [h["step"] for h in fitted.history if "validation" in h] == [100, 200, 300]
 
     predictions = fitted.predict("digit", images[:5])
-    assert len(predictions) == 5 and all(p["prediction"] in [str(i) for i in range(10)] for p in predictions)
+    assert len(predictions) == 5 and all(
+        type(p["prediction"]) is int and 0 <= p["prediction"] < 10 for p in predictions
+    )
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions)
     assert {p["prediction"] for p in fitted.predict("parity", images[:5])} <= {"even", "odd"}
     values = fitted.predict("value", torch.tensor(images[:3], dtype=torch.float32))
@@ -256,3 +258,42 @@ def test_the_digits_example_runs_offline() -> None:
     assert lines[0].split()[:4] == ["task", "train", "rows", "seen"]
     scores = {line.split()[0]: float(line.split()[4]) for line in lines[1:4]}
     assert scores["digit"] > 0.8 and scores["parity"] > 0.9 and scores["value"] > 0.8
+
+
+LABEL_KINDS = [  # (the train labels a user gives, `labels=`, the type predict answers with, the classes)
+    (lambda ids: ids.astype(np.int64), None, int, {0, 1, 2}),
+    (lambda ids: ids.astype(np.uint8), None, int, {0, 1, 2}),
+    (lambda ids: torch.tensor(ids, dtype=torch.long), None, int, {0, 1, 2}),
+    (lambda ids: [int(i) for i in ids], 3, int, {0, 1, 2}),
+    (lambda ids: ids.astype(np.float32), None, float, {0.0, 1.0, 2.0}),
+    (lambda ids: np.array(["a", "b", "c"])[ids], None, str, {"a", "b", "c"}),
+    (lambda ids: ids, ["low", "mid", "high"], str, {"low", "mid", "high"}),  # named classes: names
+]
+
+
+@pytest.mark.parametrize("kind", range(len(LABEL_KINDS)))
+def test_predictions_are_the_classes_as_the_user_gave_them(kind: int) -> None:
+    convert, names, answer, classes = LABEL_KINDS[kind]
+    x = np.random.default_rng(0).normal(size=(48, 6)).astype(np.float32)
+    ids = np.digitize(x[:, 0], [-0.4, 0.4])  # three classes by the first feature
+    task = Task("cls", "classification", (x, convert(ids)), labels=names)
+    fitted = fit(mlp(), [task], steps=3, **QUIET)
+    predicted = fitted.predict("cls", x[:12])
+    assert all(type(p["prediction"]) is answer and p["prediction"] in classes for p in predicted)
+    assert all(set(p["probabilities"]) == classes for p in predicted)
+    assert all(max(p["probabilities"], key=p["probabilities"].get) == p["prediction"] for p in predicted)
+
+
+def test_bool_labels_come_back_as_bools_and_tag_ids_as_ids() -> None:
+    x = np.random.default_rng(1).normal(size=(40, 6)).astype(np.float32)
+    fitted = fit(mlp(), [Task("flag", "classification", (x, x[:, 0] > 0))], steps=2, **QUIET)
+    assert {type(p["prediction"]) for p in fitted.predict("flag", x[:8])} == {bool}
+    tokens = torch.randn(40, 5, 6)
+    tags = (tokens[..., 0] > 0).long()
+    tags[:, -1] = -100  # an unlabelled position
+    backbone = nn.Linear(6, 8)
+    task = Task("tags", "token_classification", (tokens, tags), metrics=["token_accuracy"])
+    tagged = fit(backbone, [task], steps=2, **QUIET)
+    rows = tagged.predict("tags", tokens[:4])
+    assert all(len(r["prediction"]) == 5 and {type(t) for t in r["prediction"]} == {int} for r in rows)
+    assert all(set(r["prediction"]) <= {0, 1} for r in rows)
