@@ -12,19 +12,36 @@ from collections.abc import Sequence
 
 from multitune.errors import MultitunError
 
+RUN_DIR_HELP = "a run directory: the folder `multitune train` printed after 'saved to'"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless there is none to show (None, a flag's False) or the
+    help already says it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multitune", description="Fine-tune one pretrained model on several tasks.")
+    parser = argparse.ArgumentParser(
+        prog="multitune", description="Fine-tune one pretrained model on several tasks.", formatter_class=HelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND --help: its arguments)"
+    )
 
     train = commands.add_parser("train", help="train a multi-task model from a YAML config")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
     evaluate = commands.add_parser("evaluate", help="score a finished run on a split")
-    evaluate.add_argument("run_dir")
-    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    evaluate.add_argument("run_dir", help=RUN_DIR_HELP)
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"], help="the split to score")
 
     compare = commands.add_parser("compare", help="multi-task against one model per task, on the same budget")
     compare.add_argument("config", help="YAML config file")
@@ -42,21 +59,21 @@ def _parser() -> argparse.ArgumentParser:
     affinity.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
     report = commands.add_parser("report", help="(re)write RUN_DIR/report.html")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help=RUN_DIR_HELP)
 
     resume = commands.add_parser("resume", help="continue a run from its newest loadable checkpoint")
-    resume.add_argument("run_dir")
+    resume.add_argument("run_dir", help=RUN_DIR_HELP)
 
     predict = commands.add_parser("predict", help="predict one task: JSONL in, JSONL out")
-    predict.add_argument("run_dir")
-    predict.add_argument("--task", required=True)
+    predict.add_argument("run_dir", help=RUN_DIR_HELP)
+    predict.add_argument("--task", required=True, help="the task to predict, by its name in the config")
     predict.add_argument("--input", default="-", help="JSONL file, or - for stdin")
     predict.add_argument("--output", default="-", help="JSONL file, or - for stdout")
 
     serve = commands.add_parser("serve", help="serve every task of a run over HTTP (JSON API, micro-batched)")
-    serve.add_argument("run_dir")
+    serve.add_argument("run_dir", help=RUN_DIR_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1 (default: $MULTITUNE_SERVE_TOKEN)")
     serve.add_argument("--max-inputs", type=int, default=64, help="records per request")
     serve.add_argument("--max-chars", type=int, default=10_000, help="characters of text per record")
@@ -66,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="torch CPU threads for inference (default: torch's choice)")
 
     export = commands.add_parser("export", help="write one task as a standalone Hugging Face model folder")
-    export.add_argument("run_dir")
-    export.add_argument("--task", required=True)
+    export.add_argument("run_dir", help=RUN_DIR_HELP)
+    export.add_argument("--task", required=True, help="the task to export, by its name in the config")
     export.add_argument("out", help="new folder to write")
     export.add_argument("--onnx", action="store_true", help="also write model.onnx (encoder tasks; needs onnx)")
 
@@ -79,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="list the registered samplers, loss weightings, heads and metrics")
     listing.add_argument("--markdown", action="store_true", help="print the README's methods table")
+    for command in commands.choices.values():
+        command.formatter_class = HelpFormatter
     return parser
 
 
