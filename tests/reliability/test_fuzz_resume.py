@@ -234,3 +234,15 @@ def test_resume_accepts_unchanged_data_warns_on_appended_rows_and_refuses_other_
                 match_resumed_data(run, {"t": task})
         else:
             assert match_resumed_data(run, {"t": task}) is (expected == "appended")
+
+
+def test_the_same_labels_in_another_order_are_refused(tmp_path):
+    """Configured labels are part of the config; a vocabulary can still come back reordered from the data
+    (a dataset's class names): the head's outputs would then mean other classes."""
+    data = [("good", "pos"), ("bad", "neg")]
+    saved = task_of(data, [False])
+    (tmp_path / "tasks.json").write_text(json.dumps(task_manifest({"t": saved})), encoding="utf-8")
+    task = task_of(data, [False])
+    task.labels = ["pos", "neg"]
+    with pytest.raises(DataError, match=r"its labels changed .* \(the same labels in another order: pos, neg\)"):
+        match_resumed_data(tmp_path, {"t": task})
