@@ -4,6 +4,8 @@ or for an encoder-decoder (seq2seq) LM: the prompt to the encoder, target + eos 
 `input_ids` = prompt ids + target ids; `label[i]` is the token to predict from position i (the targets
 shifted by one for next-token prediction), IGNORE_INDEX on the prompt (and, after collation, on padding).
 Over `max_length`, the input is cut from its left (its end, and the whole target, are kept).
+The instruction, input and target are data text: only the chat template's markup and the tokenizer's own
+bos / eos are control tokens (see `markup_ids`), so a row that spells '<|im_end|>' cannot end its turn.
 """
 
 from __future__ import annotations
