@@ -66,6 +66,7 @@ from multitune.models.multitask import MultiTaskModel
 from multitune.models.peft_tasks import TaskAdapters
 from multitune.models.regularization import L2SP, Regularizer
 from multitune.training.checkpoint import (
+    PREFIX,
     WEIGHTS_FILE,
     atomic_write,
     latest_checkpoint,
@@ -568,6 +569,13 @@ def _train_run(config: Config, stop: StopSignal, scratch: contextlib.ExitStack) 
     from transformers import get_linear_schedule_with_warmup
 
     resume_dir, checkpoint = find_resume(config)  # before any work: a config mismatch fails fast
+    if resume_dir is not None and checkpoint is not None and run_is_complete(resume_dir, checkpoint):
+        print(
+            f"{resume_dir} is complete (its metrics.json holds the final scores): nothing to resume;"
+            f" `multitune evaluate {resume_dir}` scores it again",
+            file=sys.stderr,
+        )
+        return resume_dir
     prepared = prepare(config, resume_dir)
     tasks, model, training = prepared.tasks, prepared.model, config.training
     sampler = build_sampler(config, tasks)
@@ -1107,6 +1115,16 @@ def find_resume(config: Config) -> tuple[Path | None, Path | None]:
             f"the config differs from the run being resumed ({run_dir / 'config.yaml'})", field=difference
         )
     return run_dir, checkpoint
+
+
+def run_is_complete(run_dir: Path, checkpoint: Path) -> bool:
+    """Whether a run ended at `checkpoint`: metrics.json is written once, after the last step's checkpoint, and
+    names that step. A newer checkpoint missing or damaged since then makes the run one to continue."""
+    try:
+        ended = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(ended, int) and checkpoint.name == f"{PREFIX}{ended:08d}"
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:

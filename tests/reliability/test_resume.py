@@ -175,6 +175,29 @@ def test_a_crash_past_a_checkpoint_with_a_torn_history_line_resumes_to_the_unint
     assert not (run_dir / ".multitune-scratch").exists()  # a run that ends leaves no record of temporary files
 
 
+def interrupted(run_dir: Path) -> None:
+    """As if the run had stopped after its last checkpoint, before its final evaluation wrote metrics.json."""
+    (run_dir / "metrics.json").unlink()
+
+
+def test_resume_on_a_complete_run_says_so_and_changes_nothing(tmp_path, tiny_backbone, write_jsonl, capsys):
+    path = write_config(tmp_path, tiny_backbone, write_jsonl, "done")
+    assert main(["train", str(path), "training.steps=3"]) == 0
+    run_dir = tmp_path / "runs" / "done"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for argv in (["resume", str(run_dir)], ["train", str(path), "training.steps=3", "run.resume=auto"]):
+        assert main(argv) == 0
+        assert capsys.readouterr().err.splitlines() == [
+            f"{run_dir} is complete (its metrics.json holds the final scores): nothing to resume;"
+            f" `multitune evaluate {run_dir}` scores it again"
+        ]
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    shutil.rmtree(checkpoint_dirs(run_dir)[-1])  # the last checkpoint lost: the run is continued from the one before
+    assert main(["resume", str(run_dir)]) == 0
+    assert "resuming" in capsys.readouterr().err and newest_step(run_dir) == 3
+
+
 def edit_rows(path: Path, edit) -> None:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     path.write_text("".join(json.dumps(row) + "\n" for row in edit(rows)), encoding="utf-8")
@@ -215,6 +238,7 @@ def test_resume_refuses_data_whose_labels_or_rows_changed_and_goes_on_with_appen
     path = write_config(tmp_path, tiny_backbone, write_jsonl, "data")
     assert main(["train", str(path), "training.steps=2"]) == 0
     run_dir, data = tmp_path / "runs" / "data", tmp_path / "a.jsonl"
+    interrupted(run_dir)
     original = data.read_text(encoding="utf-8")
     capsys.readouterr()
     for what, (edit, message) in DATA_CHANGES.items():
@@ -225,12 +249,14 @@ def test_resume_refuses_data_whose_labels_or_rows_changed_and_goes_on_with_appen
 
     edit_rows(data, lambda rows: rows + classification_rows(4, seed=9))  # rows appended: a warning, and on
     assert main(["resume", str(run_dir)]) == 0
+    interrupted(run_dir)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert warnings == [
         f"warning: task 'sentiment': 4 rows added to {data} since the run started; resuming with them (the run "
         "no longer repeats an uninterrupted one)"
     ]
     assert main(["resume", str(run_dir)]) == 0  # the run goes on with those rows: no warning again
+    interrupted(run_dir)
     assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith(("warning", "note"))]
 
     manifest = json.loads((run_dir / "tasks.json").read_text(encoding="utf-8"))
