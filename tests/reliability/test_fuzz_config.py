@@ -3,7 +3,7 @@ a non-finite or overflowing number in any setting, and a run folder whose config
 
 Each expectation is computed here, independently of the loader: the line of a duplicate from the text as
 written, the size and depth of an alias structure from its definition, the line of a setting from PyYAML's
-own composer. Every failure is one ConfigError line naming the file, within a second.
+own composer. Every failure is one ConfigError line naming the file, within a second of CPU time.
 """
 
 from __future__ import annotations
@@ -137,13 +137,15 @@ def test_alias_structures_load_or_fail_within_the_bounds(resolved):
     event(
         ", ".join(reason.split(" ")[0] + " " + reason.split(" ")[2] for reason, on in reasons.items() if on) or "loads"
     )
-    start = time.perf_counter()
+    start = time.process_time()  # CPU seconds: the machine may be busy with other work
     try:
         data, lines = parse_yaml(text, "a.yaml")
     except ConfigError as error:
+        assert time.process_time() - start < 1.0
         assert reasons.get(error.message), (error.message, total, depth)
         assert error.file == "a.yaml" and error.line is not None
     else:
+        assert time.process_time() - start < 1.0
         assert not any(reasons.values()), (total, depth)
 
         def expand(i: int) -> list[Any]:
@@ -151,7 +153,6 @@ def test_alias_structures_load_or_fail_within_the_bounds(resolved):
 
         assert data == {f"k{i}": expand(i) for i in range(len(resolved))}
         assert all(lines[(f"k{i}",)] == i + 1 for i in range(len(resolved)))
-    assert time.perf_counter() - start < 1.0
 
 
 # Every numeric setting of the schema, found by walking the pydantic models, as (key path, "float" | "int").

@@ -210,10 +210,10 @@ def test_alias_bombs_and_deep_nesting_fail_fast_in_one_line(tmp_path, text, mess
     import tracemalloc
 
     path = write(tmp_path, text)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU seconds: the machine may be busy with other work
     with pytest.raises(ConfigError, match=message) as caught:
         load_config(path)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert caught.value.file == str(path) and caught.value.line is not None
     assert "\n" not in str(caught.value)
     tracemalloc.start()
