@@ -5,15 +5,21 @@ as the multi-task run saw (the same batch size, ceil(rows / batch_size) steps). 
 own process, so its wall time and peak memory are its own. Baselines are cached under
 `output_dir/.baselines/` by a hash of the task's data files, its config, the model and the budget, and
 reused while those are unchanged. Writes `comparison.json` and `comparison.md` into the multi-task run.
+
+Progress goes to stderr: which model trains (k of n), with an estimate of the time left from the seconds
+per step so far; on a terminal (and unless `training.progress: false`) each training's own bars show live.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,25 +49,96 @@ def delta_m_tasks(tasks: dict[str, dict[str, Any]]) -> list[str]:
     return [name for name, entry in tasks.items() if abs(entry["single"]) > 1e-9]
 
 
-def _train_subprocess(config: Config, folder: Path) -> tuple[Path, float]:
-    """Train `config` in a fresh process; (its run dir, wall seconds)."""
+def _train_subprocess(config: Config, folder: Path, live: bool = False) -> tuple[Path, float]:
+    """Train `config` in a fresh process; (its run dir, wall seconds). `live`: the training's stderr (its bars)
+    goes to ours through a pseudo-terminal, so it draws as on a terminal; else it is kept for an error."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{config.run.name}.yaml"
     write_text(path, dump_config(config))
+    command = [sys.executable, "-m", "multitune", "train", str(path), f"training.progress={str(live).lower()}"]
     started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "multitune", "train", str(path), "training.progress=false"],
-        capture_output=True,
-        text=True,
-    )
+    returncode, stdout, stderr = _run_live(command) if live else _run_captured(command)
     seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
-        raise MultitunError(f"training '{config.run.name}' failed: {last}")
-    run_dir = next(
-        Path(line[len("saved to ") :]) for line in result.stdout.splitlines() if line.startswith("saved to ")
-    )
+    if returncode != 0:
+        lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+        raise MultitunError(f"training '{config.run.name}' failed: {(lines or ['no message'])[-1]}")
+    run_dir = next(Path(line[len("saved to ") :]) for line in stdout.splitlines() if line.startswith("saved to "))
     return run_dir, seconds
+
+
+def _run_captured(command: list[str]) -> tuple[int, str, str]:
+    result = subprocess.run(command, capture_output=True, text=True)
+    return result.returncode, result.stdout, result.stderr
+
+
+def _run_live(command: list[str]) -> tuple[int, str, str]:
+    """Run with stderr on a pseudo-terminal whose output is copied to our stderr as it comes (and kept);
+    stdout is captured. Where there are no pseudo-terminals, stderr is captured instead."""
+    try:
+        import fcntl
+        import pty
+        import shutil
+        import struct
+        import termios
+
+        reader, writer = pty.openpty()
+        size = shutil.get_terminal_size()  # a new pseudo-terminal is 0 columns wide: bars would draw empty
+        fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", size.lines, size.columns, 0, 0))
+    except (ImportError, OSError):
+        return _run_captured(command)
+    kept: list[str] = []
+
+    def copy() -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            try:
+                data = os.read(reader, 4096)
+            except OSError:  # the child closed its end
+                break
+            if not data:
+                break
+            text = decoder.decode(data)
+            kept.append(text)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=writer, text=True) as child:
+        os.close(writer)
+        copier = threading.Thread(target=copy, daemon=True)
+        copier.start()
+        stdout, _ = child.communicate()
+        copier.join()
+    os.close(reader)
+    return child.returncode, stdout, "".join(kept)
+
+
+class Progress:
+    """`compare: [k/n] what` lines on stderr, each with an estimate of the time left: the seconds per step
+    of the trainings so far, times the steps still to train."""
+
+    def __init__(self, total: int, steps_left: int) -> None:
+        self.total, self.done, self.steps_left = total, 0, steps_left
+        self.seconds, self.steps = 0.0, 0
+
+    def start(self, what: str, steps: int) -> None:
+        self.done += 1
+        left = ""
+        if self.steps:
+            estimate = self.seconds / self.steps * self.steps_left
+            left = f"; about {_duration(estimate)} left in all"
+        print(f"compare: [{self.done}/{self.total}] {what}, {steps} steps{left}", file=sys.stderr, flush=True)
+
+    def finished(self, steps: int, seconds: float) -> None:
+        self.seconds, self.steps, self.steps_left = self.seconds + seconds, self.steps + steps, self.steps_left - steps
+        print(f"compare: [{self.done}/{self.total}] trained in {_duration(seconds)}", file=sys.stderr, flush=True)
+
+    def cached(self, what: str) -> None:
+        self.done += 1
+        print(f"compare: [{self.done}/{self.total}] {what}: reused from the cache", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _fingerprint(config: Config, task: str) -> str:
@@ -127,24 +204,37 @@ def compare(config_path: str, overrides: list[str], baseline_budget: float = 1.0
         raise MultitunError(f"--baseline-budget must be positive, not {baseline_budget}")
     config = load_config(config_path, overrides)
     root = Path(config.run.output_dir)
-    multi_dir, multi_seconds = _train_subprocess(config, root / ".configs")
+    live = config.training.progress and sys.stderr.isatty()
+    progress = Progress(1 + len(config.tasks), config.training.steps)
+    progress.start(f"multi-task model '{config.run.name}'", config.training.steps)
+    multi_dir, multi_seconds = _train_subprocess(config, root / ".configs", live)
+    progress.finished(config.training.steps, multi_seconds)
     multi = json.loads((multi_dir / "metrics.json").read_text(encoding="utf-8"))
     tasks: dict[str, dict[str, Any]] = {}
     single_seconds: dict[str, float] = {}
     single_wall: dict[str, float] = {}
     single_params: dict[str, int] = {}
     single_memory: dict[str, int] = {}
-    for task in config.tasks:
-        baseline = single_task_config(config, task, round(baseline_budget * int(multi["task_rows"].get(task, 0))))
-        key = _fingerprint(baseline, task)
-        cache = root / BASELINES / f"{task}-{key}"
+    baselines = {
+        task: single_task_config(config, task, round(baseline_budget * int(multi["task_rows"].get(task, 0))))
+        for task in config.tasks
+    }
+    caches = {task: root / BASELINES / f"{task}-{_fingerprint(b, task)}" for task, b in baselines.items()}
+    progress.steps_left = sum(
+        b.training.steps for task, b in baselines.items() if not (caches[task] / "baseline.json").is_file()
+    )
+    for task, baseline in baselines.items():
+        cache = caches[task]
         record = cache / "baseline.json"
         was_cached = record.is_file()
         if was_cached:
+            progress.cached(f"single-task baseline '{task}'")
             cached = json.loads(record.read_text(encoding="utf-8"))
         else:
             baseline.run.output_dir = str(cache)
-            run_dir, seconds = _train_subprocess(baseline, cache)
+            progress.start(f"single-task baseline '{task}'", baseline.training.steps)
+            run_dir, seconds = _train_subprocess(baseline, cache, live)
+            progress.finished(baseline.training.steps, seconds)
             metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
             cached = {"metrics": metrics, "wall_seconds": seconds, "run_dir": str(run_dir)}
             write_json(record, cached)

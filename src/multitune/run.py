@@ -668,7 +668,14 @@ def _train_run(config: Config, stop: StopSignal, scratch: contextlib.ExitStack) 
             )
             tracker.add(step, cosine, lookahead)
         results = evaluate(
-            model, tasks, prepared.encoded, "validation", training.eval_batch_size, accelerator.device, prepared.pad_id
+            model,
+            tasks,
+            prepared.encoded,
+            "validation",
+            training.eval_batch_size,
+            accelerator.device,
+            prepared.pad_id,
+            progress=training.progress and group.main,
         )
         score = average_main_score(results)
         record({"step": step, "validation": {n: r["metrics"] for n, r in results.items()}, "average_main_score": score})
@@ -732,7 +739,14 @@ def _train_run(config: Config, stop: StopSignal, scratch: contextlib.ExitStack) 
     if prepared.model.task_adapters is not None:
         prepared.model.task_adapters.save(prepared.model.backbone, run_dir / "adapters")
     results = evaluate(  # a sharded model needs every process in each forward
-        model, tasks, prepared.encoded, "test", training.eval_batch_size, accelerator.device, prepared.pad_id
+        model,
+        tasks,
+        prepared.encoded,
+        "test",
+        training.eval_batch_size,
+        accelerator.device,
+        prepared.pad_id,
+        progress=training.progress and group.main,
     )
     if not group.main:
         return run_dir
@@ -821,6 +835,7 @@ def finetune_per_task(
                 training.eval_batch_size,
                 accelerator.device,
                 prepared.pad_id,
+                progress=training.progress,
             )[name]
             signed = result["main_score"] if result["higher_is_better"] else -result["main_score"]
             record({"task": name, "step": step, "validation": {name: result["metrics"]}})
@@ -856,7 +871,14 @@ def finetune_per_task(
         load_weights(model, folder / WEIGHTS_FILE)
         results.update(
             evaluate(
-                model, only, prepared.encoded, "test", training.eval_batch_size, accelerator.device, prepared.pad_id
+                model,
+                only,
+                prepared.encoded,
+                "test",
+                training.eval_batch_size,
+                accelerator.device,
+                prepared.pad_id,
+                progress=training.progress,
             )
         )
     model.load_state_dict(start)
@@ -1223,15 +1245,14 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     device = torch.device("cpu")
     pad = backbone.tokenizer.pad_token_id or 0
     finetuned = Path(run_dir) / FINETUNED
+    size, show = config.training.eval_batch_size, config.training.progress
     if finetuned.is_dir():  # a two-stage run: each task is answered by its own fine-tuned copy
         results = {}
         for name in tasks:
             load_weights(model, finetuned / name / WEIGHTS_FILE)
-            results.update(
-                evaluate(model, {name: tasks[name]}, encoded, split, config.training.eval_batch_size, device, pad)
-            )
+            results.update(evaluate(model, {name: tasks[name]}, encoded, split, size, device, pad, progress=show))
     else:
-        results = evaluate(model, tasks, encoded, split, config.training.eval_batch_size, device, pad)
+        results = evaluate(model, tasks, encoded, split, size, device, pad, progress=show)
     average = average_main_score(results)
     out = {"tasks": results, "average_main_score": average}
     write_json(Path(run_dir) / f"evaluation_{split}.json", out)
@@ -1292,7 +1313,8 @@ def predict_run(run_dir: str | Path, task_name: str, source: TextIO, name: str =
     rows = list(_rows(source, name))
     encoded = encode_for_prediction(config, task, backbone.tokenizer, rows)
     pad = backbone.tokenizer.pad_token_id or 0
-    results = predict(model, task, encoded, config.training.eval_batch_size, torch.device("cpu"), pad)
+    label = f"predict {task_name}" if config.training.progress else None
+    results = predict(model, task, encoded, config.training.eval_batch_size, torch.device("cpu"), pad, label)
     return [{**row.values, **result} for row, result in zip(rows, results, strict=True)]  # type: ignore[dict-item]
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from multitune.data.collate import collate
 from multitune.data.encoding import Encoded
@@ -17,14 +19,22 @@ from multitune.models.multitask import MultiTaskModel
 
 @torch.no_grad()
 def predict(
-    model: MultiTaskModel, task: TaskData, rows: Sequence[Encoded], batch_size: int, device: torch.device, pad_id: int
+    model: MultiTaskModel,
+    task: TaskData,
+    rows: Sequence[Encoded],
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+    progress: str | None = None,
 ) -> list[dict[str, Any]]:
     """One dict per row: {"prediction": ...} plus class probabilities for classification tasks; generation
-    tasks generate their text greedily."""
+    tasks generate their text greedily. `progress`: the label of a bar of rows done (None: no bar)."""
     was_training = model.training
     model.eval()
+    bar = progress_bar(len(rows), progress)
     if task.config.type == "generation":
-        generated = generate_predictions(model, task, rows, batch_size, pad_id)
+        generated = generate_predictions(model, task, rows, batch_size, pad_id, bar.update)
+        bar.close()
         model.train(was_training)
         return generated
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # less padding per batch
@@ -35,8 +45,24 @@ def predict(
         outputs = model(batch)[task.name].float().cpu()
         for j, i in enumerate(chunk):
             results[i] = decode(task, outputs[j], rows[i])
+        bar.update(len(chunk))
+    bar.close()
     model.train(was_training)
     return results
+
+
+def progress_bar(total: int, label: str | None) -> Any:
+    """A bar of rows on stderr, as the training bar: evaluation and generation can take minutes. None with no
+    label (`training.progress: false`), nor where stderr is not a terminal (a log would fill with redraws)."""
+    return tqdm(
+        total=total,
+        desc=label,
+        unit="rows",
+        disable=True if label is None else None,
+        leave=False,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
 def decode(task: TaskData, output: torch.Tensor, row: Encoded) -> dict[str, Any]:
@@ -106,13 +132,16 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     pad_id: int,
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """{task: metrics entry} on `split`; a task without that split is scored on validation instead."""
+    """{task: metrics entry} on `split`; a task without that split is scored on validation instead. With
+    `progress`, a bar per task (on a terminal)."""
     out = {}
     for name, task in tasks.items():
         use = split if split in task.splits else "validation"
         rows = encoded[name][use]
-        predictions = [r["prediction"] for r in predict(model, task, rows, batch_size, device, pad_id)]
+        label = f"{use} {name}" if progress else None
+        predictions = [r["prediction"] for r in predict(model, task, rows, batch_size, device, pad_id, label)]
         out[name] = score(task, predictions, references(task, use), use)
     return out
 

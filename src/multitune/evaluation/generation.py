@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
@@ -22,9 +22,15 @@ class TextGenerator(Protocol):
 
 
 def generate_predictions(
-    model: nn.Module, task: TaskData, rows: Sequence[Encoded], batch_size: int, pad_id: int
+    model: nn.Module,
+    task: TaskData,
+    rows: Sequence[Encoded],
+    batch_size: int,
+    pad_id: int,
+    advance: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One {"prediction": generated text} per row; a row's prompt is its ids before `prompt_length`."""
+    """One {"prediction": generated text} per row; a row's prompt is its ids before `prompt_length`.
+    `advance(n)` is told of each batch of n rows done (a progress bar's update)."""
     generator = getattr(model, "module", model)  # a distributed wrapper holds the model as `.module`
     if not isinstance(generator, TextGenerator):
         raise ConfigError(
@@ -39,4 +45,6 @@ def generate_predictions(
         texts = generator.generate_texts([prompts[i] for i in chunk], task.config.max_new_tokens, pad_id, task.name)
         for i, text in zip(chunk, texts, strict=True):
             results[i] = {"prediction": text}
+        if advance is not None:
+            advance(len(chunk))
     return results
