@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a lone request waits for company")
     serve.add_argument("--max-queue", type=int, default=512, help="queued requests before 503")
     serve.add_argument("--threads", type=int, help="torch CPU threads for inference (default: torch's choice)")
+    serve.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers (408)")
+    serve.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body (408)")
+    serve.add_argument("--max-connections", type=int, default=1000, help="open connections before 503")
+    serve.add_argument("--keep-alive", type=int, default=30, help="seconds an idle connection stays open")
 
     export = commands.add_parser("export", help="write one task as a standalone Hugging Face model folder")
     export.add_argument("run_dir", help=RUN_DIR_HELP)
@@ -183,6 +187,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             max_wait_ms=args.max_wait_ms,
             max_queue=args.max_queue,
             threads=args.threads,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+            max_connections=args.max_connections,
+            keep_alive=args.keep_alive,
         )
         serve(args.run_dir, args.host, args.port, settings)
     elif args.command == "export":

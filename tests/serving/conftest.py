@@ -44,6 +44,35 @@ def tiny_run(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return train(folder, tiny_config(tiny_backbone, a, b, folder / "runs"))
 
 
+@pytest.fixture(scope="session")
+def generation_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One generation task (copy the input) on a tiny causal LM, trained 2 steps."""
+    import torch
+
+    from tests.generation.conftest import build_tiny_causal_lm, copy_rows
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("gen-run")
+    lm = build_tiny_causal_lm(folder / "lm")
+    data = write_rows(folder / "copy.jsonl", copy_rows(30))
+    config = {
+        "run": {"name": "gen", "output_dir": str(folder / "runs"), "seed": 3},
+        "model": {"backbone": str(lm), "max_length": 48},
+        "training": {"steps": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 2, "progress": False},
+        "tasks": {
+            "copy": {
+                "type": "generation",
+                "source": {"format": "jsonl", "train": str(data)},
+                "label_field": "target",
+                "instruction": "translate",
+                "metrics": ["exact_match"],
+                "max_new_tokens": 6,
+            }
+        },
+    }
+    return train(folder, config)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -3,41 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from multitune.cli import main
-from tests.generation.conftest import build_tiny_causal_lm, copy_rows
-from tests.serving.conftest import running_server, train, write_rows
+from tests.serving.conftest import running_server
 
 httpx = pytest.importorskip("httpx")
-
-
-@pytest.fixture(scope="module")
-def generation_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("gen-run")
-    lm = build_tiny_causal_lm(folder / "lm")
-    data = write_rows(folder / "copy.jsonl", copy_rows(30))
-    config = {
-        "run": {"name": "gen", "output_dir": str(folder / "runs"), "seed": 3},
-        "model": {"backbone": str(lm), "max_length": 48},
-        "training": {"steps": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 2, "progress": False},
-        "tasks": {
-            "copy": {
-                "type": "generation",
-                "source": {"format": "jsonl", "train": str(data)},
-                "label_field": "target",
-                "instruction": "translate",
-                "metrics": ["exact_match"],
-                "max_new_tokens": 6,
-            }
-        },
-    }
-    return train(folder, config)
 
 
 def test_generation_streams_and_equals_multitune_predict(generation_run, tmp_path):

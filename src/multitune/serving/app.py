@@ -8,21 +8,29 @@ Routes (all JSON; the OpenAPI schema is at /openapi.json, and /docs shows it as 
 - POST /v1/tasks/{task}/generate       {"input": record, "stream": true} streams server-sent events
 
 A record names the task's own text fields or the generic `text`/`text_pair`/`tokens`, as in `multitune
-predict`, and gets the same answer. Errors are {"detail": "one line"}: 401 without the bearer token (when one
-is set), 404 for an unknown task in the path, 413 for a body over the limit, 422 for a bad body or record,
-503 when the queue is full.
+predict`, and gets the same answer (a token record longer than the model's max_length is tagged in sliding
+windows, every word of it). Every error, of every route and of the HTTP layer itself, is JSON:
+{"detail": "one line"}: 400 for a request that is not HTTP, 401 without the bearer token (when one is set),
+404 for an unknown task or path, 405 for a wrong method, 408 when the request headers or body do not arrive
+in time, 413 for a body over the limit, 415 for a body that is not declared JSON, 422 for a bad body (not
+UTF-8, not JSON, not an object, text that is not text such as a lone UTF-16 surrogate) or record, 500 for a
+fault of the server itself, 503 when the queue is full or too many connections are open.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the request models defined in create_app at runtime
+import asyncio
 import hmac
 import json
+import math
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
-from multitune.errors import MultitunError
+from multitune.errors import ConfigError, MultitunError
 from multitune.serving.batcher import Busy, MicroBatcher
 from multitune.serving.engine import Engine
 
@@ -49,34 +57,89 @@ class ServeSettings:
     max_wait_ms: float = 5.0  # how long a lone request waits for company
     max_queue: int = 512  # requests waiting; more are refused with 503
     threads: int | None = None  # torch's CPU threads for inference (default: torch's own choice)
+    # slow clients: a connection must deliver a request's headers within header_timeout seconds (of opening,
+    # or of its first byte after a keep-alive wait) and its body within body_timeout seconds of the headers,
+    # else it gets a 408 and is closed; connections beyond max_connections get a 503 and are closed
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 1000
+    keep_alive: int = 30  # seconds an idle connection is kept open between requests
+
+    def __post_init__(self) -> None:
+        """A bound that is zero, negative or not finite is no bound (or refuses everything): refused by its
+        `multitune serve` option."""
+        at_least = {"max_wait_ms": 0.0}
+        for name in (
+            "max_inputs",
+            "max_chars",
+            "max_body_bytes",
+            "max_batch_rows",
+            "max_wait_ms",
+            "max_queue",
+            "threads",
+            "header_timeout",
+            "body_timeout",
+            "max_connections",
+            "keep_alive",
+        ):
+            value = getattr(self, name)
+            if value is None and name == "threads":
+                continue
+            floor = at_least.get(name)
+            fine = math.isfinite(value) and (value >= floor if floor is not None else value > 0)
+            if not fine:
+                need = "at least 0" if floor is not None else "above 0"
+                raise ConfigError(f"must be a finite number {need}, not {value}", field="--" + name.replace("_", "-"))
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is refused with 413 before anything parses it."""
+JSON_BODY_METHODS = ("POST", "PUT", "PATCH")
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how a lone surrogate can get into a UTF-8 body
+SURROGATE = re.compile("[\ud800-\udfff]")
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class RequestGuard:
+    """ASGI middleware in front of every route: reads the whole body within `body_timeout` seconds (else 408)
+    and at most `limit` bytes (else 413), and refuses a body the routes could not read as text: not declared
+    JSON (415), not UTF-8, not JSON, not an object, nested past the parser or holding a lone UTF-16
+    surrogate (422). The routes then only ever see valid text; every refusal is JSON."""
+
+    def __init__(self, app: Any, limit: int, body_timeout: float = 30.0) -> None:
+        self.app, self.limit, self.body_timeout = app, limit, body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
+            await refuse(send, 413, f"request body over {self.limit} bytes", close=True)
             return
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                detail = f"request body not received within {self.body_timeout:g} s"
+                await refuse(send, 408, detail, close=True)
+                return
             if message["type"] != "http.request":
                 return  # the client left
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await self._refuse(send)
+                await refuse(send, 413, f"request body over {self.limit} bytes", close=True)
                 return
             if not message.get("more_body"):
                 break
+        body = b"".join(chunks)
+        if body and scope.get("method") in JSON_BODY_METHODS:
+            problem = json_problem(headers.get(b"content-type", b"").decode("latin-1"), body)
+            if problem is not None:
+                await refuse(send, *problem)
+                return
         replayed = False
 
         async def replay() -> Message:
@@ -84,15 +147,108 @@ class BodyLimit:
             if replayed:
                 return await receive()
             replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body over {self.limit} bytes"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+
+def json_problem(content_type: str, body: bytes) -> tuple[int, str] | None:
+    """Why `body` is not a JSON object of valid text, as (status, one line); None when it is."""
+    media, _, parameters = content_type.partition(";")
+    media = media.strip().lower()
+    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        got = f"'{media[:80]}'" if media else "no content type"
+        return 415, f"send the body as JSON with 'Content-Type: application/json' (got {got})"
+    charset = re.search(r"charset\s*=\s*\"?([^\";\s]+)", parameters, re.IGNORECASE)
+    if charset and charset.group(1).lower().replace("_", "-") not in ("utf-8", "utf8"):
+        return 415, f"a JSON body is UTF-8 text, not {charset.group(1)[:40]}"
+    try:
+        text = body.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        return 422, f"body: not UTF-8 text (byte 0x{body[error.start]:02x} at offset {error.start})"
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique)
+    except json.JSONDecodeError as error:
+        return 422, f"body: not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
+    except RecursionError:
+        return 422, "body: not valid JSON here: nested too deeply"
+    except ValueError as error:
+        return 422, f"body: not valid JSON: {error}"
+    if not isinstance(value, dict):
+        return 422, f"body: a JSON object is expected, not {_json_kind(value)}"
+    if SURROGATE_ESCAPE.search(body):
+        where = lone_surrogate(value)
+        if where is not None:
+            return 422, f"{where}: holds a lone UTF-16 surrogate, which is not text (send characters as UTF-8)"
+    return None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object without repeated keys: JSON parsers disagree on which of two values wins, so none does."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"the key {json.dumps(key)[:60]} appears twice in one object")
+            seen.add(key)
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Where in `value` (a parsed JSON document) a key or string holds a lone surrogate: `inputs.0.input.text`."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if SURROGATE.search(item):
+                return where or "body"
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                place = f"{where}.{key}" if where else key
+                if SURROGATE.search(key):
+                    return f"{where or 'body'} (a key)"
+                stack.append((place, inner))
+        elif isinstance(item, list):
+            stack.extend((f"{where}.{i}" if where else str(i), inner) for i, inner in enumerate(item))
+    return None
+
+
+def error_body(status: int, detail: str, close: bool = False) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:  # the rest of the request is not read: the connection cannot carry another one
+        headers.append((b"connection", b"close"))
+    return body, headers
+
+
+async def refuse(send: Send, status: int, detail: str, close: bool = False) -> None:
+    body, headers = error_body(status, detail, close)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def raw_response(status: int, detail: str) -> bytes:
+    """A whole HTTP/1.1 error response with a JSON body, for the connection layer (no request to answer)."""
+    body, headers = error_body(status, detail, close=True)
+    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()
+    return head + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body
 
 
 def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
@@ -211,7 +367,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
         if settings.token is None:
             return
         given = credentials.credentials if credentials is not None else ""
-        if not hmac.compare_digest(given.encode(), settings.token.encode()):
+        # compared as the bytes that were sent (headers arrive decoded as latin-1) and as the bytes that were set
+        expected = settings.token.encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given.encode("latin-1"), expected):
             detail = "missing bearer token" if credentials is None else "wrong bearer token"
             raise HTTPException(401, f"{detail}: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
 
@@ -223,6 +381,12 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
         message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         return JSONResponse({"detail": f"{where}: {message}{more}"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _fault(request: Request, error: Exception) -> JSONResponse:
+        """A fault of the server, not of the request: JSON like every other error (the log has the traceback)."""
+        detail = f"internal error ({type(error).__name__}); the server log has the details"
+        return JSONResponse({"detail": detail}, status_code=500)
 
     def task_or_404(task: str) -> str:
         if task not in engine.tasks:
@@ -323,7 +487,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
         return StreamingResponse(_events(streamer, done), media_type="text/event-stream")
 
     app.include_router(v1)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, limit=settings.max_body_bytes, body_timeout=settings.body_timeout)
     return app
 
 
@@ -359,6 +523,65 @@ def _one_line(error: MultitunError, where: str) -> str:
     return f"{origin}:{field} {' '.join(error.message.split())}"
 
 
+def guarded_protocol(settings: ServeSettings) -> type[asyncio.Protocol]:
+    """uvicorn's h11 connection with the bounds uvicorn lacks: the request headers must arrive within
+    `header_timeout` seconds (uvicorn waits forever for a request that never completes, so half-open and
+    trickling connections pile up), at most `max_connections` are open, and its own 400 for a request that
+    is not HTTP is JSON like every other error. The request body's bound is RequestGuard's."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > settings.max_connections:
+                detail = f"the server has {settings.max_connections} connections open; retry shortly"
+                self._close_with(503, detail)
+                return
+            self._watch_headers()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_header_timer()
+            super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            self._close_with(400, "not a valid HTTP/1.1 request (or its headers are over 16 KiB)")
+
+        def _watch_headers(self) -> None:
+            """Start the clock while a request's headers are awaited (the first time only: trickling bytes do
+            not restart it); stop it once they are in."""
+            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+            if waiting and self.header_timer is None:
+                self.header_timer = self.loop.call_later(settings.header_timeout, self._headers_late)
+            elif not waiting:
+                self._stop_header_timer()
+
+        def _stop_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _headers_late(self) -> None:
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self._close_with(408, f"request headers not received within {settings.header_timeout:g} s")
+
+        def _close_with(self, status: int, detail: str) -> None:
+            self._stop_header_timer()
+            self._unset_keepalive_if_required()
+            if not self.transport.is_closing():
+                self.transport.write(raw_response(status, detail))
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None) -> None:
     """Load the run, then serve it with uvicorn until interrupted."""
     import importlib.util
@@ -389,7 +612,15 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: Ser
     # the inference thread runs Python between torch ops: a short GIL switch interval keeps the event loop
     # (parsing, validating, queueing the next requests) responsive while a batch runs
     sys.setswitchinterval(SWITCH_INTERVAL)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=30)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        http=guarded_protocol(settings),
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.keep_alive,
+    )
 
 
 # --- /docs: the OpenAPI schema as one self-contained page --------------------------------------------
