@@ -47,6 +47,7 @@ from multitune.data.tasks import (
     load_tasks,
     split_source,
 )
+from multitune.data.windows import PredictionRow, encode_for_tagging
 from multitune.errors import ConfigError, DataError, MultitunError
 from multitune.evaluation.evaluate import average_main_score, evaluate, format_table, predict
 from multitune.evaluation.report import write_report
@@ -1294,10 +1295,14 @@ def _placeholder(task: TaskConfig, values: dict[str, Any], fields: Sequence[str 
     return "?"
 
 
-def encode_for_prediction(config: Config, task: TaskData, tokenizer: Any, rows: Sequence[Row]) -> list[Encoded]:
+def encode_for_prediction(
+    config: Config, task: TaskData, tokenizer: Any, rows: Sequence[Row]
+) -> Sequence[PredictionRow]:
     """Prediction inputs (records naming the task's fields) tokenized as `predict` takes them; `multitune
     predict` and `multitune serve` share this path, so they answer alike."""
     examples = [example_for_prediction(row, task.config) for row in rows]
+    if task.config.type == "token_classification":  # a record longer than max_length: tagged by windows
+        return encode_for_tagging(examples, task, tokenizer, config.model.max_length)
     return encode(examples, task, tokenizer, config.model.max_length, False, config.model.kind == "seq2seq")
 
 

@@ -139,3 +139,30 @@ def test_auth_is_required_on_v1_only(server):
     wrong = httpx.get(f"{server}/v1/tasks", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
     assert httpx.get(f"{server}/v1/tasks", headers=AUTH).status_code == 200
+
+
+def test_a_token_record_longer_than_max_length_is_tagged_in_windows(server, tiny_run, tmp_path):
+    """max_length 32: 30 one-piece words per window, the next window 15 words on; a word is tagged by the window
+    where it has the most context (worked out in tests/unit/test_windows.py): words 0-22 from words 0-29, 23-37
+    from words 15-44, 38-49 from words 30-49. Each window alone is a short record: its tags are the reference."""
+    words = ["john", "in", "paris", "a", "dog"] * 10  # 50 words, one sub-token each, 150 characters
+    whole = cli_predict(tiny_run, "ner", [{"tokens": words}], tmp_path)[0]["prediction"]
+    first, second, third = (
+        p["prediction"]
+        for p in cli_predict(
+            tiny_run, "ner", [{"tokens": words[0:30]}, {"tokens": words[15:45]}, {"tokens": words[30:]}], tmp_path
+        )
+    )
+    expected = first[:23] + second[8:23] + third[8:]
+    assert len(expected) == 50 and whole == expected
+    assert expected[30:] != ["O"] * 20  # past the cut-off, where every word used to be tagged "O"
+    served = httpx.post(f"{server}/v1/tasks/ner/predict", json={"input": {"tokens": words}}, headers=AUTH)
+    assert served.status_code == 200, served.text
+    assert served.json()["predictions"][0]["prediction"] == expected
+    mixed = [{"task": "ner", "input": {"tokens": words}}, {"task": "ner", "input": {"tokens": words[:5]}}]
+    body = httpx.post(f"{server}/v1/predict", json={"inputs": mixed}, headers=AUTH).json()
+    assert body["predictions"][0]["prediction"] == expected
+    assert (
+        body["predictions"][1]["prediction"]
+        == cli_predict(tiny_run, "ner", [{"tokens": words[:5]}], tmp_path)[0]["prediction"]
+    )

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from multitune.data.collate import collate
 from multitune.data.encoding import Encoded
 from multitune.data.tasks import TaskData
+from multitune.data.windows import PredictionRow, expand, gather
 from multitune.evaluation.generation import generate_predictions
 from multitune.evaluation.metrics import build_metrics
 from multitune.models.multitask import MultiTaskModel
@@ -21,16 +22,18 @@ from multitune.models.multitask import MultiTaskModel
 def predict(
     model: MultiTaskModel,
     task: TaskData,
-    rows: Sequence[Encoded],
+    records: Sequence[PredictionRow],
     batch_size: int,
     device: torch.device,
     pad_id: int,
     progress: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per row: {"prediction": ...} plus class probabilities for classification tasks; generation
-    tasks generate their text greedily. `progress`: the label of a bar of rows done (None: no bar)."""
+    """One dict per record: {"prediction": ...} plus class probabilities for classification tasks; generation
+    tasks generate their text greedily; a token record tagged in windows gets one tag per word all the same.
+    `progress`: the label of a bar of rows done (None: no bar)."""
     was_training = model.training
     model.eval()
+    rows, spans = expand(records)
     bar = progress_bar(len(rows), progress)
     if task.config.type == "generation":
         generated = generate_predictions(model, task, rows, batch_size, pad_id, bar.update)
@@ -48,7 +51,7 @@ def predict(
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
-    return results
+    return gather(records, results, spans)
 
 
 def progress_bar(total: int, label: str | None) -> Any:

@@ -23,6 +23,7 @@ from multitune.data.collate import collate
 from multitune.data.encoding import Encoded
 from multitune.data.readers import Row
 from multitune.data.tasks import TaskData
+from multitune.data.windows import PredictionRow, expand, gather
 from multitune.errors import MultitunError
 from multitune.evaluation.evaluate import decode
 from multitune.evaluation.generation import generate_predictions
@@ -33,7 +34,7 @@ from multitune.training.checkpoint import WEIGHTS_FILE, load_weights
 
 T = TypeVar("T")
 PADDING_SLACK = 64  # padded positions a batch may add rather than run one more forward
-Part = tuple[str, Sequence[Encoded]]  # one task's encoded rows, as one request sent them
+Part = tuple[str, Sequence[PredictionRow]]  # one task's encoded records, as one request sent them
 
 
 @dataclass
@@ -83,8 +84,9 @@ class Engine:
 
     # --- requests -> rows -----------------------------------------------------------------------
 
-    def encode(self, task: str, records: Sequence[dict[str, Any]]) -> list[Encoded]:
-        """Request records of `task` as model rows; a bad record raises MultitunError naming its index."""
+    def encode(self, task: str, records: Sequence[dict[str, Any]]) -> Sequence[PredictionRow]:
+        """Request records of `task` as model rows (a long token record as its windows); a bad record raises
+        MultitunError naming its index."""
         data = self.tasks[task]
         rows = [Row(dict(record), f"inputs[{i}]", 0) for i, record in enumerate(records)]
         return encode_for_prediction(self.config, data, self.request_tokenizer, rows)
@@ -98,9 +100,10 @@ class Engine:
     def run(self, parts: Sequence[Part]) -> list[list[dict[str, Any]]]:
         """Each part's predictions, as `multitune predict` gives them; rows of all tasks that share a model
         go through the backbone together, in length-sorted batches of at most `batch_size` rows."""
-        results: list[list[dict[str, Any]]] = [[{} for _ in rows] for _, rows in parts]
+        expanded = [expand(records) for _, records in parts]  # a long token record: one row per window
+        results: list[list[dict[str, Any]]] = [[{} for _ in rows] for rows, _ in expanded]
         for index, model in enumerate(self.models):
-            mine = [(p, task, rows) for p, (task, rows) in enumerate(parts) if self.model_of[task] == index]
+            mine = [(p, task, expanded[p][0]) for p, (task, _) in enumerate(parts) if self.model_of[task] == index]
             heads = [
                 (p, i, task, row)
                 for p, task, rows in mine
@@ -118,7 +121,7 @@ class Engine:
                 for (p, i, _), text in zip(flat, texts, strict=True):
                     results[p][i] = text
                 self._count(len(flat), 1)
-        return results
+        return [gather(records, results[p], expanded[p][1]) for p, (_, records) in enumerate(parts)]
 
     def _forward(
         self, model: MultiTaskModel, chunk: list[tuple[int, int, str, Encoded]], results: list[list[dict[str, Any]]]
