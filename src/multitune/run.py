@@ -47,7 +47,7 @@ from multitune.data.tasks import (
     load_tasks,
     split_source,
 )
-from multitune.data.windows import PredictionRow, encode_for_tagging
+from multitune.data.windows import PredictionRow, encode_for_tagging, windowed
 from multitune.errors import ConfigError, DataError, MultitunError
 from multitune.evaluation.evaluate import average_main_score, evaluate, format_table, predict
 from multitune.evaluation.report import write_report
@@ -113,6 +113,7 @@ class Prepared:
     backbone: Backbone
     model: MultiTaskModel
     encoded: dict[str, dict[str, list[Encoded]]]  # task -> split -> rows
+    scored: dict[str, dict[str, Sequence[PredictionRow]]]  # the rows evaluation predicts (token tasks: windows)
     rows_added: bool = False  # resuming: rows were appended to the data since the run started
 
     @property
@@ -178,6 +179,23 @@ def encode_splits(
     }
 
 
+def scoring_rows(
+    tasks: dict[str, TaskData], encoded: dict[str, dict[str, list[Encoded]]], tokenizer: Any, max_length: int
+) -> dict[str, dict[str, Sequence[PredictionRow]]]:
+    """What evaluation predicts: the encoded rows, except that a token task's sentence longer than max_length
+    is tagged in windows (as `predict` and `serve` tag it) instead of having its words past the cut-off
+    scored as `O`."""
+    scored: dict[str, dict[str, Sequence[PredictionRow]]] = {}
+    for name, task in tasks.items():
+        scored[name] = dict(encoded[name])
+        if task.config.type == "token_classification":
+            for split in ("validation", "test"):
+                if split in encoded[name]:
+                    rows = encoded[name][split]
+                    scored[name][split] = windowed(task.splits[split], rows, task, tokenizer, max_length)
+    return scored
+
+
 LOADERS = {"causal_lm": load_causal_lm, "seq2seq": load_seq2seq_lm}
 FROM_RUN = {"causal_lm": causal_lm_from_run, "seq2seq": seq2seq_lm_from_run}
 
@@ -206,7 +224,8 @@ def prepare(config: Config, resumed: Path | None = None) -> Prepared:
     if config.training.compile:
         compile_backbone(model)
     encoded = encode_splits(tasks, backbone.tokenizer, model_config.max_length, model_config.kind == "seq2seq")
-    return Prepared(config, tasks, backbone, model, encoded, rows_added)
+    scored = scoring_rows(tasks, encoded, backbone.tokenizer, model_config.max_length)
+    return Prepared(config, tasks, backbone, model, encoded, scored, rows_added)
 
 
 def backbone_modules(model: MultiTaskModel) -> list[torch.nn.Module]:
@@ -671,7 +690,7 @@ def _train_run(config: Config, stop: StopSignal, scratch: contextlib.ExitStack) 
         results = evaluate(
             model,
             tasks,
-            prepared.encoded,
+            prepared.scored,
             "validation",
             training.eval_batch_size,
             accelerator.device,
@@ -742,7 +761,7 @@ def _train_run(config: Config, stop: StopSignal, scratch: contextlib.ExitStack) 
     results = evaluate(  # a sharded model needs every process in each forward
         model,
         tasks,
-        prepared.encoded,
+        prepared.scored,
         "test",
         training.eval_batch_size,
         accelerator.device,
@@ -831,7 +850,7 @@ def finetune_per_task(
             result = evaluate(
                 model,
                 only,
-                prepared.encoded,
+                prepared.scored,
                 "validation",
                 training.eval_batch_size,
                 accelerator.device,
@@ -874,7 +893,7 @@ def finetune_per_task(
             evaluate(
                 model,
                 only,
-                prepared.encoded,
+                prepared.scored,
                 "test",
                 training.eval_batch_size,
                 accelerator.device,
@@ -1243,6 +1262,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
                         f"unknown label '{label}' for task '{name}' as trained", label_field_name(task.config)
                     )
     encoded = encode_splits(tasks, backbone.tokenizer, config.model.max_length, config.model.kind == "seq2seq")
+    scored = scoring_rows(tasks, encoded, backbone.tokenizer, config.model.max_length)
     device = torch.device("cpu")
     pad = backbone.tokenizer.pad_token_id or 0
     finetuned = Path(run_dir) / FINETUNED
@@ -1251,9 +1271,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
         results = {}
         for name in tasks:
             load_weights(model, finetuned / name / WEIGHTS_FILE)
-            results.update(evaluate(model, {name: tasks[name]}, encoded, split, size, device, pad, progress=show))
+            results.update(evaluate(model, {name: tasks[name]}, scored, split, size, device, pad, progress=show))
     else:
-        results = evaluate(model, tasks, encoded, split, size, device, pad, progress=show)
+        results = evaluate(model, tasks, scored, split, size, device, pad, progress=show)
     average = average_main_score(results)
     out = {"tasks": results, "average_main_score": average}
     write_json(Path(run_dir) / f"evaluation_{split}.json", out)

@@ -166,3 +166,29 @@ def test_a_token_record_longer_than_max_length_is_tagged_in_windows(server, tiny
         body["predictions"][1]["prediction"]
         == cli_predict(tiny_run, "ner", [{"tokens": words[:5]}], tmp_path)[0]["prediction"]
     )
+
+
+def test_evaluation_tags_a_sentence_longer_than_max_length_in_windows(tiny_run, tmp_path):
+    """Validation and test scoring tag a long sentence as predict does, not with its words past the cut-off
+    scored as "O": token accuracy on a 50-word test sentence equals that of `multitune predict`'s tags."""
+    import shutil
+
+    import yaml
+
+    from multitune.run import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    words = ["john", "in", "paris", "a", "dog"] * 10
+    gold = ["B-per" if w == "john" else "B-loc" if w == "paris" else "O" for w in words]
+    test_file = tmp_path / "long.jsonl"
+    test_file.write_text(json.dumps({"tokens": words, "tags": gold}) + "\n", encoding="utf-8")
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    config["tasks"]["ner"]["source"]["test"] = str(test_file)
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    tags = cli_predict(run, "ner", [{"tokens": words}], tmp_path)[0]["prediction"]
+    assert tags[30:] != ["O"] * 20  # the model tags words past the cut-off: truncation would change the score
+    expected = sum(p == g for p, g in zip(tags, gold, strict=True)) / len(gold)
+    result = evaluate_run(run, "test")["tasks"]["ner"]
+    assert result["split"] == "test" and result["n"] == 1
+    assert result["metrics"]["token_accuracy"] == pytest.approx(expected, abs=1e-6)

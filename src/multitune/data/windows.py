@@ -36,7 +36,16 @@ def encode_for_tagging(
     examples: Sequence[Example], data: TaskData, tokenizer: Any, max_length: int
 ) -> list[PredictionRow]:
     """Prediction inputs of a token task: one row per record, or its windows when it does not fit."""
-    rows = encode(examples, data, tokenizer, max_length, with_labels=False)
+    return windowed(
+        examples, encode(examples, data, tokenizer, max_length, with_labels=False), data, tokenizer, max_length
+    )
+
+
+def windowed(
+    examples: Sequence[Example], rows: Sequence[Encoded], data: TaskData, tokenizer: Any, max_length: int
+) -> list[PredictionRow]:
+    """`rows` (the encoding of `examples`), with each one that filled `max_length` replaced by its windows;
+    validation and test scoring use this too, so a word past the cut-off is tagged, not scored as `O`."""
     return [
         windows(example, data, tokenizer, max_length) if len(row.input_ids) >= max_length else row
         for example, row in zip(examples, rows, strict=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -130,7 +130,7 @@ def score_with(
 def evaluate(
     model: MultiTaskModel,
     tasks: dict[str, TaskData],
-    encoded: dict[str, dict[str, list[Encoded]]],
+    encoded: Mapping[str, Mapping[str, Sequence[PredictionRow]]],
     split: str,
     batch_size: int,
     device: torch.device,
