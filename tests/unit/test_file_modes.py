@@ -16,8 +16,6 @@ from multitune.cli import main
 from tests.conftest import classification_rows, tiny_config, token_rows
 from tests.serving.conftest import write_rows
 
-CHECKPOINTS = "checkpoints"  # its staging folders are made by the checkpoint writer, not checked here
-
 
 @contextmanager
 def umask(mask: int) -> Iterator[None]:
@@ -29,14 +27,8 @@ def umask(mask: int) -> Iterator[None]:
 
 
 def modes(root: Path) -> dict[str, int]:
-    """Permission bits of every file and folder under root (checkpoint folders aside), by relative path."""
-    out = {}
-    for path in [root, *root.rglob("*")]:
-        relative = path.relative_to(root)
-        if relative.parts[:1] == (CHECKPOINTS,) and path.is_dir():
-            continue
-        out[str(relative)] = stat.S_IMODE(path.stat().st_mode)
-    return out
+    """Permission bits of every file and folder under root, by relative path."""
+    return {str(path.relative_to(root)): stat.S_IMODE(path.stat().st_mode) for path in [root, *root.rglob("*")]}
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])
@@ -55,6 +47,8 @@ def test_run_and_export_follow_the_umask(mask, tmp_path, tiny_backbone):
     for root in (run, tmp_path / "out"):
         found = modes(root)
         assert {"model.safetensors", "README.md" if root.name == "out" else "report.html"} <= set(found)
+        if root == run:  # checkpoints too, files and folders
+            assert {"checkpoints/step-00000002", "checkpoints/step-00000004/model.safetensors"} <= set(found)
         wrong = {
             name: oct(mode)
             for name, mode in found.items()

@@ -257,7 +257,8 @@ def save_checkpoint(
     partial: Path | None = None
     try:
         root.mkdir(exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=PARTIAL, dir=root))
+        partial = root / f".{final.name}.{os.urandom(6).hex()}{PARTIAL}"
+        partial.mkdir()  # 0777 less the umask: mkdtemp's 0700 would hide checkpoints from whoever shares the run
         _record_if_tracked(partial)
         _write_weights(weights, partial / WEIGHTS_FILE)
         torch.save(trainer_state, partial / "trainer.pt")
