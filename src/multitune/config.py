@@ -6,8 +6,11 @@ Method groups (`sampling`, `loss_weighting`) take a registry name plus that meth
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -649,7 +652,8 @@ def validate_config(
         key = ".".join(loc)
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            message = "unknown key"
+            close = difflib.get_close_matches(loc[-1], known_keys(loc[:-1]), n=1) if loc else []
+            message = f"unknown key (did you mean '{close[0]}'?)" if close else "unknown key"
         elif first["type"] == "missing":
             message = "required key is missing"
         else:
@@ -668,6 +672,34 @@ def validate_config(
             error.file, error.line = _locate(tuple(error.field.split(".")), file, lines or {}, overridden)
         raise
     return config
+
+
+def known_keys(path: tuple[str, ...]) -> list[str]:
+    """The keys the group at `path` (e.g. ('tasks', 'sst2', 'source')) takes, from the schema; [] if unknown."""
+    kind: Any = Config
+    for part in path:
+        kind = _group_of(kind)
+        if kind is None:
+            return []
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            field_info = kind.model_fields.get(part)
+            if field_info is None:
+                return []
+            kind = field_info.annotation
+        elif typing.get_origin(kind) is dict:  # a dict of groups (tasks): any key, the value's type
+            kind = typing.get_args(kind)[1]
+        else:
+            return []
+    kind = _group_of(kind)
+    return list(kind.model_fields) if isinstance(kind, type) and issubclass(kind, BaseModel) else []
+
+
+def _group_of(kind: Any) -> Any:
+    """`X | None` -> X: the group behind an optional setting."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return kind
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: the weights' dtype (bf16 shares its range)

@@ -47,7 +47,32 @@ def test_unknown_key_names_key_file_and_line(tmp_path):
     path = write(tmp_path, MINIMAL.replace("  steps: 10", "  stepz: 10"))
     with pytest.raises(ConfigError) as caught:
         load_config(path)
-    assert str(caught.value) == f"{path}:4: field 'training.stepz': unknown key"
+    assert str(caught.value) == f"{path}:4: field 'training.stepz': unknown key (did you mean 'steps'?)"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("  name: demo", "  nmae: demo", "3: field 'run.nmae': unknown key (did you mean 'name'?)"),
+        (
+            "    type: classification",
+            "    type: classification\n    lables: [x, y]",
+            "9: field 'tasks.a.lables': unknown key (did you mean 'labels'?)",
+        ),
+        (
+            "      train: data/a.jsonl",
+            "      train: data/a.jsonl\n      validaton: data/b.jsonl",
+            "12: field 'tasks.a.source.validaton': unknown key (did you mean 'validation'?)",
+        ),
+        ("training:", "trainig:", "4: field 'trainig': unknown key (did you mean 'training'?)"),
+        ("  steps: 10", "  zzz: 10", "5: field 'training.zzz': unknown key"),  # nothing close: no guess
+    ],
+)
+def test_an_unknown_key_suggests_the_closest_key_of_its_group(tmp_path, old, new, message):
+    path = write(tmp_path, ("# a comment line first\n" + MINIMAL).replace(old, new))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}:{message}"
 
 
 def test_bad_value_names_the_key(tmp_path):
