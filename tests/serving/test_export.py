@@ -128,11 +128,8 @@ def test_card_names_each_score_by_its_split_once(tiny_backbone, tmp_path):
     def shown(values: dict[str, float]) -> str:
         return ", ".join(f"{name} {value:.4f}" for name, value in values.items())
 
-    assert chosen[0] != final["metrics"]  # two different sets of scores, so both lines show
-    expected = [
-        f"- test split, the final evaluation (n=10): {shown(final['metrics'])}",
-        f"- validation split at step {metrics['best_step']}, the step kept as best: {shown(chosen[0])}",
-    ]
+    expected = [f"- test split, the final evaluation (n=10): {shown(final['metrics'])}"]
+    expected.append(f"- validation split at step {metrics['best_step']}, the step kept as best: {shown(chosen[0])}")
     assert section == [*expected, f"- training: 6 steps in {metrics['train_seconds']} s"]
     assert "model selection" not in card
 
@@ -158,3 +155,38 @@ def test_card_quotes_whole_license_paragraphs():
     assert stsb[0].endswith(
         'Semantic Textual Similarity Multilingual and Crosslingual Focused Evaluation", SemEval 2017.'
     )
+
+
+def test_card_metric_lines_from_hand_written_run_files(tmp_path):
+    """Each score once under its own split: the final test scores, the validation at the best step (not the
+    last validation), a re-evaluation only where its scores differ."""
+    from multitune.export import metric_lines
+
+    def entry(split: str, n: int, accuracy: float) -> dict[str, object]:
+        return {"split": split, "n": n, "metrics": {"accuracy": accuracy}, "main_metric": "accuracy"}
+
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = {"tasks": {"a": entry("test", 20, 0.75)}, "best_step": 4, "steps": 6, "train_seconds": 1.5}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    history = [
+        {"step": 2, "validation": {"a": {"accuracy": 0.5}}},
+        {"step": 4, "validation": {"a": {"accuracy": 0.875}}},
+        {"step": 6, "validation": {"a": {"accuracy": 0.625}}},
+    ]
+    (run / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history) + '{"step": 7, "valid')
+    (run / "evaluation_test.json").write_text(json.dumps({"tasks": {"a": entry("test", 20, 0.75)}}))
+    assert metric_lines(run, "a") == [
+        "- test split, the final evaluation (n=20): accuracy 0.7500",
+        "- validation split at step 4, the step kept as best: accuracy 0.8750",
+        "- training: 6 steps in 1.5 s",
+    ]
+    (run / "evaluation_test.json").write_text(json.dumps({"tasks": {"a": entry("test", 24, 0.625)}}))
+    assert metric_lines(run, "a")[2] == "- test split, scored again by `multitune evaluate` (n=24): accuracy 0.6250"
+    metrics["tasks"]["a"] = entry("validation", 8, 0.875)  # no test split: the final scores are validation's
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "evaluation_test.json").unlink()
+    assert metric_lines(run, "a") == [
+        "- validation split (the task has no test split), the final evaluation (n=8): accuracy 0.8750",
+        "- training: 6 steps in 1.5 s",
+    ]
