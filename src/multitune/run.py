@@ -14,7 +14,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -191,7 +191,7 @@ def scoring_rows(
         if task.config.type == "token_classification":
             for split in ("validation", "test"):
                 if split in encoded[name]:
-                    rows = encoded[name][split]
+                    rows = [replace(row, label=None) for row in encoded[name][split]]  # windows carry none
                     scored[name][split] = windowed(task.splits[split], rows, task, tokenizer, max_length)
     return scored
 

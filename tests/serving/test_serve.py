@@ -182,13 +182,17 @@ def test_evaluation_tags_a_sentence_longer_than_max_length_in_windows(tiny_run, 
     words = ["john", "in", "paris", "a", "dog"] * 10
     gold = ["B-per" if w == "john" else "B-loc" if w == "paris" else "O" for w in words]
     test_file = tmp_path / "long.jsonl"
-    test_file.write_text(json.dumps({"tokens": words, "tags": gold}) + "\n", encoding="utf-8")
+    short = {"tokens": ["mary", "in", "london"], "tags": ["B-per", "O", "B-loc"]}  # one window: both kinds at once
+    test_file.write_text(json.dumps({"tokens": words, "tags": gold}) + "\n" + json.dumps(short) + "\n", "utf-8")
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     config["tasks"]["ner"]["source"]["test"] = str(test_file)
     (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    tags = cli_predict(run, "ner", [{"tokens": words}], tmp_path)[0]["prediction"]
+    tags, short_tags = (
+        p["prediction"] for p in cli_predict(run, "ner", [{"tokens": words}, {"tokens": short["tokens"]}], tmp_path)
+    )
     assert tags[30:] != ["O"] * 20  # the model tags words past the cut-off: truncation would change the score
-    expected = sum(p == g for p, g in zip(tags, gold, strict=True)) / len(gold)
+    pairs = [*zip(tags, gold, strict=True), *zip(short_tags, short["tags"], strict=True)]
+    expected = sum(p == g for p, g in pairs) / len(pairs)
     result = evaluate_run(run, "test")["tasks"]["ner"]
-    assert result["split"] == "test" and result["n"] == 1
+    assert result["split"] == "test" and result["n"] == 2
     assert result["metrics"]["token_accuracy"] == pytest.approx(expected, abs=1e-6)
