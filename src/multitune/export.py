@@ -34,7 +34,7 @@ from multitune.errors import ConfigError, MultitunError
 from multitune.models.backbone import PACKAGED_MODELS, packaged_copy
 from multitune.models.multitask import MultiTaskModel, pool
 from multitune.models.peft_tasks import SHARED
-from multitune.run import FINETUNED, FROM_RUN, encode_for_prediction, load_run, task_from_manifest
+from multitune.run import FINETUNED, FROM_RUN, encode_for_prediction, input_schema, load_run, task_from_manifest
 from multitune.training.checkpoint import WEIGHTS_FILE, atomic_write, discard_staging, load_weights
 
 HEAD_WEIGHTS = "multitune_head.safetensors"
@@ -73,7 +73,7 @@ def predict(texts, pairs=None):
     return [head["labels"][i] for i in outputs.argmax(-1).tolist()]
 
 
-print(predict(["{example}"]))
+print(predict(["{example}"]{pairs}))
 """
 
 TOKEN_LOADER = """import torch
@@ -231,7 +231,9 @@ def _write_model(
         "max_length": config.model.max_length,
     }
     (folder / HEAD_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    return HEAD_LOADER.format(folder=folder.name, example=PROBE_TEXTS[0]), _check_sequence(
+    two = len(input_schema(task.name, task.config).fields) == 2  # a pair task's example gives both texts
+    pairs = ", " + json.dumps([PROBE_TEXTS[2]]) if two else ""
+    return HEAD_LOADER.format(folder=folder.name, example=PROBE_TEXTS[0], pairs=pairs), _check_sequence(
         model, tokenizer, config, task, folder, settings
     )
 
@@ -281,8 +283,8 @@ def _check_sequence(
 
     encoder = AutoModel.from_pretrained(folder, local_files_only=True).eval()
     weights = load_file(str(folder / HEAD_WEIGHTS))
-    pair = task.config.type == "pair_classification"
-    records = [{"text": t, **({"text_pair": t} if pair else {})} for t in PROBE_TEXTS]
+    fields = input_schema(task.name, task.config).fields  # one text or a pair, as predict takes them
+    records = [dict.fromkeys(fields, t) for t in PROBE_TEXTS]
     difference = 0.0
     with torch.no_grad():
         for row in _probe_rows(config, task, tokenizer, records):

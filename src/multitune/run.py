@@ -42,7 +42,6 @@ from multitune.data.streams import TaskStream
 from multitune.data.tasks import (
     Example,
     TaskData,
-    example_from_fields,
     label_field_name,
     load_tasks,
     split_source,
@@ -445,12 +444,22 @@ def task_manifest(tasks: dict[str, TaskData]) -> dict[str, Any]:
             "labels": task.labels,
             "target_mean": task.target_mean,
             "target_std": task.target_std,
+            **target_range(task),
             "rows": {split: len(examples) for split, examples in task.splits.items()},
             "notes": task.notes,
             "fingerprint": data_fingerprint(task),
         }
         for name, task in tasks.items()
     }
+
+
+def target_range(task: TaskData) -> dict[str, float]:
+    """A regression task's smallest and largest training target: predict and serve hold their answers to
+    this range (run.held_to_range). Nothing for other tasks."""
+    targets = [float(e.label) for e in task.splits.get("train", []) if isinstance(e.label, (int, float))]
+    if task.config.type != "regression" or not targets:
+        return {}
+    return {"target_min": min(targets), "target_max": max(targets)}
 
 
 def data_fingerprint(task: TaskData) -> dict[str, dict[str, Any]]:
@@ -1281,49 +1290,189 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     return out
 
 
-def example_for_prediction(row: Row, task: TaskConfig) -> Example:
-    """A prediction input names the task's own text fields, or the generic `text`/`text_pair`/`tokens`."""
-    values = row.values
-    assert isinstance(values, dict)
-    named = [f for f in task.text_fields or [] if isinstance(f, str)]
-    fields = named if len(named) == len(task.text_fields or []) and all(f in values for f in named) else None
-    if fields is None:
-        generic = {"token_classification": ["tokens"], "pair_classification": ["text", "text_pair"]}
-        fields = generic.get(task.type, ["text", "text_pair"] if "text_pair" in values else ["text"])
-        if task.type == "generation" and "text" not in values and "input" in values:
-            fields = ["input"]  # a unified-style record
-    update: dict[str, Any] = {"text_fields": fields, "label_field": "__no_label__"}
-    if task.type == "generation":  # the input's own instruction wins; the target is not read
-        instruction = values.get("instruction")
-        update.update(verbalizer=None, target_format=None)
-        if isinstance(instruction, str) and instruction.strip():
-            update["instruction"] = instruction
-    probe = task.model_copy(update=update)
-    return example_from_fields(
-        Row({**values, "__no_label__": _placeholder(task, values, fields)}, row.file, row.line), probe
-    )
+# --- prediction inputs: one schema per task, one validator, shared by `multitune predict` and the server ---
+
+GENERIC_TEXT_FIELDS = ("text", "text_pair")
+JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}
 
 
-def _placeholder(task: TaskConfig, values: dict[str, Any], fields: Sequence[str | int]) -> Any:
-    if task.type == "regression":
-        return 0.0
+@dataclass(frozen=True)
+class InputSchema:
+    """What a prediction record of one task holds, from the task's type and fields: its text(s) or its list of
+    words, under the task's own field names or the generic ones (`text`, `text_pair`, `tokens`; a one-text
+    generation task also `input`); a generation task's optional `instruction`; and the task's label field,
+    which a record copied from the task's data may keep (not read; `multitune predict` passes it through).
+    Anything else is refused: a misspelt or extra text would otherwise be silently left out."""
+
+    task: str
+    type: str
+    spellings: tuple[tuple[str, ...], ...]  # the accepted names of the inputs, the task's own first
+    generic: tuple[str, ...]  # the generic spelling among them
+    words: bool  # token_classification: one list of words
+    optional: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self.spellings[0]
+
+    def describe(self) -> str:
+        """The inputs in words, for error messages: `two texts, 'premise' and 'hypothesis' (or 'text' and
+        'text_pair')`."""
+        what = "a list of words" if self.words else "one text" if len(self.fields) == 1 else "two texts"
+        names = [" and ".join(f"'{name}'" for name in spelling) for spelling in self.spellings]
+        others = f" (or {' or '.join(names[1:])})" if len(names) > 1 else ""
+        return f"{what}, {names[0]}{others}"
+
+    def json_schema(self) -> dict[str, Any]:
+        """The record as a JSON schema, for /v1/tasks and the OpenAPI document."""
+        text = {"type": "string", "minLength": 1, "pattern": "\\S", "description": "not blank"}
+        value = {"type": "array", "items": text, "minItems": 1} if self.words else text
+        extra: dict[str, Any] = {name: {"type": ["string", "null"]} for name in self.optional}
+        extra.update({name: {"description": "the label, if the record has one: not read"} for name in self.ignored})
+        variants = [
+            {
+                "type": "object",
+                "properties": {**{name: value for name in spelling}, **extra},
+                "required": list(spelling),
+                "additionalProperties": False,
+            }
+            for spelling in self.spellings
+        ]
+        described = {"title": f"{self.task} input", "description": f"a {self.type} input: {self.describe()}"}
+        return {**described, **(variants[0] if len(variants) == 1 else {"anyOf": variants})}
+
+
+def input_schema(name: str, task: TaskConfig) -> InputSchema:
+    """The one definition of a task's prediction input (see InputSchema)."""
+    own = list(task.text_fields or [])
     if task.type == "token_classification":
-        tokens = values.get(str(fields[0]))
-        return ["O"] * (
-            len(tokens.split() if isinstance(tokens, str) else tokens) if isinstance(tokens, (str, list)) else 0
-        )
-    return "?"
+        generic: tuple[str, ...] = ("tokens",)
+    else:
+        generic = GENERIC_TEXT_FIELDS[: len(own)]
+    named = tuple(f for f in own if isinstance(f, str))
+    spellings = [named] if len(named) == len(own) else []
+    spellings.append(generic)
+    if task.type == "generation" and len(own) == 1:
+        spellings.append(("input",))  # as a unified record names it
+    unique = tuple(dict.fromkeys(spellings))
+    taken = {f for spelling in unique for f in spelling}
+    optional = ("instruction",) if task.type == "generation" and "instruction" not in taken else ()
+    labels = ["output", "task"] if task.source.format == "unified" else []
+    if isinstance(task.label_field, str):
+        labels.insert(0, task.label_field)
+    ignored = tuple(f for f in dict.fromkeys(labels) if f not in taken and f not in optional)
+    return InputSchema(name, task.type, unique, generic, task.type == "token_classification", optional, ignored)
+
+
+def checked_input(schema: InputSchema, row: Row) -> tuple[tuple[str, ...], str | None]:
+    """A prediction record's texts (or words) and instruction, by `schema`; anything else raises a DataError
+    naming the record's place and field. The one check of `multitune predict` and of `multitune serve`."""
+    values = row.values
+    if not isinstance(values, dict):
+        raise row.error(f"expected a JSON object, not {_json_kind(values)}")
+    complete = [spelling for spelling in schema.spellings if all(f in values for f in spelling)]
+    chosen = (
+        complete[0]
+        if complete
+        else max(schema.spellings, key=lambda spelling: sum(f in values for f in spelling))  # the first of ties
+    )
+    for name in chosen:
+        if name not in values:
+            raise row.error(f"missing: task '{schema.task}' takes {schema.describe()}{_found(values)}", name)
+    for name in values:
+        if name not in chosen and name not in schema.optional and name not in schema.ignored:
+            also = "".join(f"; '{f}' may be given too" for f in schema.optional)
+            also += "".join(f"; '{f}' may be given (the label: not read)" for f in schema.ignored)
+            raise row.error(
+                f"not an input of task '{schema.task}', which takes {schema.describe()}{also}; "
+                "a record with other fields is refused",
+                name,
+            )
+    if schema.words:
+        texts = _checked_words(row, values[chosen[0]], chosen[0])
+    else:
+        texts = tuple(_checked_text(row, values[name], name) for name in chosen)
+    instruction = values.get("instruction") if "instruction" in schema.optional else None
+    if instruction is not None and not isinstance(instruction, str):
+        raise row.error(f"expected text or null, not {_json_kind(instruction)}", "instruction")
+    return texts, instruction if instruction and instruction.strip() else None
+
+
+def _checked_text(row: Row, value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise row.error(f"expected text, not {_json_kind(value)}", name)
+    if not value.strip():
+        raise row.error("empty text" if not value else "blank text (only white space)", name)
+    return value
+
+
+def _checked_words(row: Row, value: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        hint = " (split the sentence into its words)" if isinstance(value, str) else ""
+        raise row.error(f"expected a list of words, not {_json_kind(value)}{hint}", name)
+    if not value:
+        raise row.error("empty list of words", name)
+    for i, word in enumerate(value):
+        if not isinstance(word, str):
+            raise row.error(f"word {i}: expected text, not {_json_kind(word)}", name)
+        if not word.strip():
+            raise row.error(f"word {i}: {'empty' if not word else 'blank (only white space)'}", name)
+    return tuple(value)
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string" if not value else "a string"
+    return JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _found(values: dict[str, Any]) -> str:
+    shown = [repr(name if len(name) <= 40 else name[:37] + "...") for name in list(values)[:8]]
+    more = f" and {len(values) - 8} more" if len(values) > 8 else ""
+    return f" (the record has {', '.join(shown)}{more})" if shown else " (the record is empty)"
+
+
+def example_for_prediction(row: Row, schema: InputSchema, task: TaskConfig) -> Example:
+    """A checked prediction record as an example without a label; a generation record's own instruction
+    wins over the task's."""
+    texts, instruction = checked_input(schema, row)
+    if task.type == "generation":
+        return Example(texts, None, row.file, row.line, instruction or task.instruction)
+    return Example(texts, None, row.file, row.line)
 
 
 def encode_for_prediction(
     config: Config, task: TaskData, tokenizer: Any, rows: Sequence[Row]
 ) -> Sequence[PredictionRow]:
     """Prediction inputs (records naming the task's fields) tokenized as `predict` takes them; `multitune
-    predict` and `multitune serve` share this path, so they answer alike."""
-    examples = [example_for_prediction(row, task.config) for row in rows]
+    predict` and `multitune serve` share this path, so they accept, refuse and answer alike."""
+    schema = input_schema(task.name, task.config)
+    examples = [example_for_prediction(row, schema, task.config) for row in rows]
     if task.config.type == "token_classification":  # a record longer than max_length: tagged by windows
         return encode_for_tagging(examples, task, tokenizer, config.model.max_length)
     return encode(examples, task, tokenizer, config.model.max_length, False, config.model.kind == "seq2seq")
+
+
+def prediction_bounds(task: TaskData, entry: dict[str, Any]) -> tuple[float, float] | None:
+    """A regression task's range of training targets from its tasks.json entry; None for other tasks and for
+    runs from before the range was recorded (their predictions are not held to it)."""
+    low, high = entry.get("target_min"), entry.get("target_max")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+    if task.config.type != "regression" or not numbers or not low <= high:  # type: ignore[operator]
+        return None
+    return float(low), float(high)  # type: ignore[arg-type]
+
+
+def held_to_range(result: dict[str, Any], bounds: tuple[float, float] | None) -> dict[str, Any]:
+    """A regression prediction clamped to the range of the training targets (a 0-5 similarity no longer
+    answers -0.2); `raw` keeps the model's own value. Evaluation scores the raw values."""
+    if bounds is None:
+        return result
+    raw = result["prediction"]
+    return {**result, "prediction": min(max(raw, bounds[0]), bounds[1]), "raw": raw}
 
 
 def predict_run(run_dir: str | Path, task_name: str, source: TextIO, name: str = "<stdin>") -> list[dict[str, Any]]:
@@ -1340,7 +1489,11 @@ def predict_run(run_dir: str | Path, task_name: str, source: TextIO, name: str =
     pad = backbone.tokenizer.pad_token_id or 0
     label = f"predict {task_name}" if config.training.progress else None
     results = predict(model, task, encoded, config.training.eval_batch_size, torch.device("cpu"), pad, label)
-    return [{**row.values, **result} for row, result in zip(rows, results, strict=True)]  # type: ignore[dict-item]
+    bounds = prediction_bounds(task, manifest[task_name])
+    return [
+        {**row.values, **held_to_range(result, bounds)}  # type: ignore[dict-item]
+        for row, result in zip(rows, results, strict=True)
+    ]
 
 
 def _rows(source: TextIO, name: str) -> Iterator[Row]:

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Annotated, Any
 
 from multitune.errors import ConfigError, MultitunError
 from multitune.serving.batcher import Busy, MicroBatcher
@@ -38,7 +38,9 @@ TOKEN_VARIABLE = "MULTITUNE_SERVE_TOKEN"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005)
 
-Record = dict[str, str | int | float | bool | list[str] | None]  # one input, as `multitune predict` reads it
+# one input record: any JSON object here; run.checked_input, shared with `multitune predict`, checks it against
+# its task's schema (run.input_schema), which the OpenAPI document shows per task route
+Record = dict[str, Any]
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -257,7 +259,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+    from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, field_validator, model_validator
 
     settings = settings or ServeSettings()
     limits = settings
@@ -265,18 +267,29 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
 
     def checked(record: dict[str, Any]) -> dict[str, Any]:
         size = sum(
-            len(v) if isinstance(v, str) else sum(map(len, v)) for v in record.values() if isinstance(v, str | list)
+            len(item)
+            for value in record.values()
+            for item in (value if isinstance(value, list) else [value])
+            if isinstance(item, str)
         )
         if size > limits.max_chars:
             raise ValueError(f"an input holds {size} characters of text; at most {limits.max_chars} are allowed")
         return record
 
+    def shown_as(schemas: list[dict[str, Any]]) -> Any:
+        """A record type whose OpenAPI schema is that of its task(s); it is checked by run.checked_input."""
+        return Annotated[Record, WithJsonSchema(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})]
+
+    every_record = shown_as([engine.schemas[name].json_schema() for name in engine.tasks])
+
     class TaskPredictRequest(BaseModel):
         """Inputs of one task: a list of records, or one record."""
 
         model_config = ConfigDict(extra="forbid")
-        inputs: list[Record] | None = Field(None, min_length=1, max_length=limits.max_inputs)
-        input: Record | None = None
+        inputs: list[every_record] | None = Field(  # type: ignore[valid-type]
+            None, min_length=1, max_length=limits.max_inputs
+        )
+        input: every_record | None = None  # type: ignore[valid-type]
 
         @field_validator("inputs")
         @classmethod
@@ -307,21 +320,48 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
         def _size(cls, value: dict[str, Any]) -> dict[str, Any]:
             return checked(value)
 
+    each_task_input = {  # /v1/predict's items as the OpenAPI document shows them: one shape per task
+        "oneOf": [
+            {
+                "type": "object",
+                "properties": {"task": {"const": name}, "input": engine.schemas[name].json_schema()},
+                "required": ["task", "input"],
+                "additionalProperties": False,
+            }
+            for name in engine.tasks
+        ]
+    }
+
     class MixedPredictRequest(BaseModel):
         """Inputs of several tasks, each naming its task; answered in the same order."""
 
         model_config = ConfigDict(extra="forbid")
-        inputs: list[TaskInput] = Field(min_length=1, max_length=limits.max_inputs)
+        inputs: list[Annotated[TaskInput, WithJsonSchema(each_task_input)]] = Field(
+            min_length=1, max_length=limits.max_inputs
+        )
 
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        input: Record
+        input: every_record  # type: ignore[valid-type]
         stream: bool = False
 
         @field_validator("input")
         @classmethod
         def _size(cls, value: dict[str, Any]) -> dict[str, Any]:
             return checked(value)
+
+    def request_models(name: str) -> tuple[type[BaseModel], type[BaseModel]]:
+        """The predict and generate bodies of one task's own routes: the same checks, its record schema."""
+        record = shown_as([engine.schemas[name].json_schema()])
+        stem = "".join(part[:1].upper() + part[1:] for part in re.split(r"[^0-9A-Za-z]+", name) if part)
+        predict_body = create_model(
+            f"{stem}PredictRequest",
+            __base__=TaskPredictRequest,
+            inputs=(list[record] | None, Field(None, min_length=1, max_length=limits.max_inputs)),  # type: ignore[valid-type]
+            input=(record | None, None),
+        )
+        generate_body = create_model(f"{stem}GenerateRequest", __base__=GenerateRequest, input=(record, ...))
+        return predict_body, generate_body
 
     class Prediction(BaseModel):
         model_config = ConfigDict(extra="allow")
@@ -431,13 +471,50 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
             "tasks": [engine.describe(name) for name in engine.tasks],
         }
 
-    @v1.post("/tasks/{task}/predict", response_model=TaskPredictResponse, response_model_exclude_none=True)
-    async def predict_task(task: str, request: TaskPredictRequest) -> dict[str, Any]:
-        """Predictions for one task's inputs, as `multitune predict` gives them."""
-        task = task_or_404(task)
+    async def predict_one_task(task: str, request: TaskPredictRequest) -> dict[str, Any]:
         rows = encode(task, request.records(), "inputs" if request.inputs is not None else "input")
         [predictions] = await answer([(task, rows)])
         return {"task": task, "predictions": predictions}
+
+    def own_routes(name: str) -> None:
+        """`/v1/tasks/NAME/predict` (and `/generate` for a generation task) with the task's own request
+        schema in the OpenAPI document; they answer exactly as the `{task}` routes below."""
+        schema = engine.schemas[name]
+        predict_body, generate_body = request_models(name)
+
+        async def predict_route(request: predict_body) -> dict[str, Any]:  # type: ignore[valid-type]
+            return await predict_one_task(name, request)  # type: ignore[arg-type]
+
+        v1.add_api_route(
+            f"/tasks/{name}/predict",
+            predict_route,
+            methods=["POST"],
+            response_model=TaskPredictResponse,
+            response_model_exclude_none=True,
+            summary=f"Predict {name}",
+            description=f"Predictions for task '{name}' ({schema.type}); a record holds {schema.describe()}.",
+        )
+        if engine.is_generative(name):
+
+            async def generate_route(request: generate_body) -> Any:  # type: ignore[valid-type]
+                return await generate_one(name, request)  # type: ignore[arg-type]
+
+            v1.add_api_route(
+                f"/tasks/{name}/generate",
+                generate_route,
+                methods=["POST"],
+                response_model=None,
+                summary=f"Generate {name}",
+                description=f"Task '{name}''s text for one input ({schema.describe()}); `stream: true` for events.",
+            )
+
+    for name in engine.tasks:  # before the `{task}` routes, which would match the same paths
+        own_routes(name)
+
+    @v1.post("/tasks/{task}/predict", response_model=TaskPredictResponse, response_model_exclude_none=True)
+    async def predict_task(task: str, request: TaskPredictRequest) -> dict[str, Any]:
+        """Predictions for one task's inputs, as `multitune predict` gives them."""
+        return await predict_one_task(task_or_404(task), request)
 
     @v1.post("/predict", response_model=MixedPredictResponse, response_model_exclude_none=True)
     async def predict_mixed(request: MixedPredictRequest) -> dict[str, Any]:
@@ -452,10 +529,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
             try:
                 parts.append((task, engine.encode(task, [request.inputs[i].input for i in indices])))
             except MultitunError as error:  # name the input by its place in the request
-                message = _one_line(error, "inputs")
-                for j, i in enumerate(indices):
-                    message = message.replace(f"inputs[{j}]", f"inputs.{i}.input", 1)
-                raise HTTPException(422, message) from None
+                place = re.fullmatch(r"inputs\[(\d+)\]", error.file or "")
+                where = f"inputs.{indices[int(place.group(1))]}.input" if place else "inputs"
+                raise HTTPException(422, _one_line(error, where, exact=True)) from None
         answers = await answer(parts)
         out: list[dict[str, Any]] = [{} for _ in request.inputs]
         for (task, indices), predictions in zip(by_task.items(), answers, strict=True):
@@ -467,7 +543,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
     async def generate(task: str, request: GenerateRequest) -> Any:
         """A generation task's text for one input; with `stream: true`, server-sent events: `token` events
         with each new piece of text, then one `done` event with the whole prediction."""
-        task = task_or_404(task)
+        return await generate_one(task_or_404(task), request)
+
+    async def generate_one(task: str, request: GenerateRequest) -> Any:
         if not engine.is_generative(task):
             kind = engine.tasks[task].config.type
             raise HTTPException(
@@ -514,11 +592,12 @@ def _unknown(task: str, engine: Engine) -> str:
     return f"no task '{task}' in this run (tasks: {', '.join(engine.tasks)})"
 
 
-def _one_line(error: MultitunError, where: str) -> str:
-    """A record's error as one line: `inputs[2]: field 'text': missing` (no line numbers: it is a request)."""
+def _one_line(error: MultitunError, where: str, exact: bool = False) -> str:
+    """A record's error as one line: `inputs[2]: field 'text': missing` (no line numbers: it is a request);
+    `exact`: `where` names the record itself."""
     origin = error.file if error.file and error.file.startswith("inputs[") else where
-    if where == "input":
-        origin = "input"
+    if where == "input" or exact:
+        origin = where
     field = f" field '{error.field}':" if error.field else ""
     return f"{origin}:{field} {' '.join(error.message.split())}"
 

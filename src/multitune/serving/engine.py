@@ -29,7 +29,16 @@ from multitune.evaluation.evaluate import decode
 from multitune.evaluation.generation import generate_predictions
 from multitune.models.backbone import Backbone
 from multitune.models.multitask import MultiTaskModel
-from multitune.run import FINETUNED, encode_for_prediction, load_run, task_from_manifest
+from multitune.run import (
+    FINETUNED,
+    InputSchema,
+    encode_for_prediction,
+    held_to_range,
+    input_schema,
+    load_run,
+    prediction_bounds,
+    task_from_manifest,
+)
 from multitune.training.checkpoint import WEIGHTS_FILE, load_weights
 
 T = TypeVar("T")
@@ -60,6 +69,8 @@ class Engine:
         self.tasks: dict[str, TaskData] = {
             name: task_from_manifest(name, config.tasks[name], manifest[name]) for name in config.tasks
         }
+        self.schemas: dict[str, InputSchema] = {name: input_schema(name, config.tasks[name]) for name in config.tasks}
+        self.bounds = {name: prediction_bounds(task, manifest[name]) for name, task in self.tasks.items()}
         self.batch_size = batch_size or config.training.eval_batch_size
         pad = backbone.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
@@ -134,7 +145,7 @@ class Engine:
         for task, items in by_task.items():
             out = outputs[task].float().cpu()
             for j, (p, i, row) in enumerate(items):
-                results[p][i] = decode(self.tasks[task], out[j], row)
+                results[p][i] = held_to_range(decode(self.tasks[task], out[j], row), self.bounds[task])
         self._count(len(chunk), len(by_task))
 
     def _count(self, rows: int, tasks: int) -> None:
@@ -158,17 +169,22 @@ class Engine:
     # --- describing the run ---------------------------------------------------------------------
 
     def describe(self, task: str) -> dict[str, Any]:
-        """A task's name, type, labels, accepted input fields and validation/test metrics."""
+        """A task's name, type, labels, its input (the fields, the other accepted spellings of them, and the
+        JSON schema of a record: run.input_schema, which predict and serve both enforce) and its metrics."""
         data = self.tasks[task]
         kind = data.config.type
-        named = [f for f in data.config.text_fields or [] if isinstance(f, str)]
-        generic = {"token_classification": ["tokens"], "pair_classification": ["text", "text_pair"]}
+        schema = self.schemas[task]
+        bounds = self.bounds[task]
         return {
             "name": task,
             "type": kind,
             "labels": data.labels if kind != "regression" else None,
-            "input_fields": named or generic.get(kind, ["text"]),
-            "generic_input_fields": generic.get(kind, ["text"]),
+            "input_fields": list(schema.fields),
+            "generic_input_fields": list(schema.generic),
+            "accepted_input_fields": [list(spelling) for spelling in schema.spellings],
+            "optional_input_fields": list(schema.optional),
+            "input_schema": schema.json_schema(),
+            "prediction_range": list(bounds) if bounds is not None else None,
             "streaming": kind == "generation",
             "metrics": self.metrics.get("tasks", {}).get(task),
         }
