@@ -111,3 +111,66 @@ def running_server(run: Path, *extra: str, env: dict[str, str] | None = None) ->
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def similarity_rows(n: int, seed: int = 0) -> list[list[str]]:
+    """STS-B-like headerless TSV rows (score 0-5, sentence, sentence): the score grows with shared words."""
+    import random
+
+    from tests.conftest import WORDS
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        first = [rng.choice(WORDS[:30]) for _ in range(rng.randint(3, 7))]
+        shared = i % 6  # 0..5 words of the first sentence reappear in the second
+        second = first[:shared] + [rng.choice(WORDS[30:]) for _ in range(3)]
+        rows.append([str(float(shared)), " ".join(first), " ".join(second)])
+    return rows
+
+
+@pytest.fixture(scope="session")
+def pair_run(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Inputs of every shape but tokens on the tiny BERT, trained 6 steps: `similarity`, a regression on a
+    sentence pair read from a headerless TSV by column index (as STS-B: its inputs are `text` and
+    `text_pair`); `entail`, a pair_classification with named fields; `topic`, a classification whose one
+    text field has its own name."""
+    folder = tmp_path_factory.mktemp("pair-run")
+    similarity = folder / "similarity.tsv"
+    similarity.write_text("".join("\t".join(row) + "\n" for row in similarity_rows(48)), encoding="utf-8")
+    entail = write_rows(
+        folder / "entail.jsonl",
+        [
+            {"premise": r["text"], "hypothesis": "good" if r["label"] == "pos" else "bad", "gold": r["label"]}
+            for r in classification_rows(48, seed=1)
+        ],
+    )
+    topic = write_rows(
+        folder / "topic.jsonl", [{"sentence": r["text"], "label": r["label"]} for r in classification_rows(48, 2)]
+    )
+    config = {
+        "run": {"name": "pairs", "output_dir": str(folder / "runs"), "seed": 3},
+        "model": {"backbone": str(tiny_backbone), "max_length": 32},
+        "training": {"steps": 6, "batch_size": 4, "lr": 1e-3, "eval_every": 3, "progress": False},
+        "tasks": {
+            "similarity": {
+                "type": "regression",
+                "source": {"format": "tsv", "header": False, "quoting": "none", "train": str(similarity)},
+                "text_fields": [1, 2],
+                "label_field": 0,
+                "metrics": ["pearson", "spearman"],
+            },
+            "entail": {
+                "type": "pair_classification",
+                "source": {"format": "jsonl", "train": str(entail)},
+                "text_fields": ["premise", "hypothesis"],
+                "label_field": "gold",
+            },
+            "topic": {
+                "type": "classification",
+                "source": {"format": "jsonl", "train": str(topic)},
+                "text_fields": ["sentence"],
+            },
+        },
+    }
+    return train(folder, config)
