@@ -6,12 +6,11 @@ A generation example is (prompt parts, target text): `Example.texts` holds the i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
 from multitune.config import TaskConfig
-from multitune.data.readers import BLANK, Row, decoded_lines
+from multitune.data.readers import BLANK, Row, decoded_lines, row_number
 from multitune.errors import DataError
 
 
@@ -24,19 +23,7 @@ def target_text(row: Row, value: Any, name: str | int, task: TaskConfig) -> str:
             raise row.error(f"label {key!r} is not in the verbalizer (it maps: {known})", name)
         return task.verbalizer[key]
     if task.target_format is not None:
-        if isinstance(value, bool):
-            raise row.error(f"target_format needs a number, got the boolean {str(value).lower()}", name)
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise row.error(f"target_format needs a number, got {value!r}", name) from None
-        except OverflowError:  # an integer beyond any float
-            raise row.error(
-                f"target_format needs a float, got an integer of {len(str(abs(value)))} digits", name
-            ) from None
-        if not math.isfinite(number):
-            raise row.error(f"expected a finite number, got {value!r}", name)
-        return task.target_format.format(number)
+        return task.target_format.format(row_number(row, value, name, "target_format needs a number"))
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise row.error(f"expected a target text, got {type(value).__name__}", name)
     text = str(value).strip()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -63,6 +64,22 @@ class Row:
                 " with columns: [...] or use column indexes"
             )
         return text
+
+
+def row_number(row: Row, value: Any, field: str | int, needs: str) -> float:
+    """A row's value as a finite float; `needs` opens each error ("expected a number"). A JSON boolean is
+    not a number here, and an integer too large for a float is an error, not an OverflowError."""
+    if isinstance(value, bool):
+        raise row.error(f"{needs}, got the boolean {str(value).lower()}", field)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise row.error(f"{needs}, got {value!r}", field) from None
+    except OverflowError:  # an integer beyond any float
+        raise row.error(f"{needs}, got an integer of {len(str(abs(value)))} digits", field) from None
+    if not math.isfinite(number):
+        raise row.error(f"expected a finite number, got {value!r}", field)
+    return number
 
 
 def decoded_lines(path: str, encoding: str) -> Iterator[tuple[int, str]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from multitune.config import SPLITS, SourceConfig, TaskConfig
 from multitune.data.generative import input_texts, instruction_of, read_parallel, target_text
-from multitune.data.readers import Row, read_conll, read_delimited, read_hf, read_jsonl, read_unified
+from multitune.data.readers import Row, read_conll, read_delimited, read_hf, read_jsonl, read_unified, row_number
 from multitune.errors import DataError
 
 # regression targets train as float32, raw (normalize_targets: false) or standardised; the squared error of a
@@ -85,16 +85,7 @@ def _label(row: Row, value: Any, name: str | int, task: TaskConfig) -> str | flo
 
 def _target(row: Row, value: Any, name: str | int) -> float:
     """A regression target: a finite number within ±MAX_TARGET (a JSON boolean is not a number here)."""
-    if isinstance(value, bool):
-        raise row.error(f"expected a number, got the boolean {str(value).lower()}", name)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise row.error(f"expected a number, got {value!r}", name) from None
-    except OverflowError:  # an integer beyond any float
-        raise row.error(f"target beyond ±{MAX_TARGET:g}: an integer of {len(str(abs(value)))} digits", name) from None
-    if not math.isfinite(number):
-        raise row.error(f"expected a finite number, got {value!r}", name)
+    number = row_number(row, value, name, "expected a number")
     if abs(number) > MAX_TARGET:
         raise row.error(f"target {number:g} is beyond ±{MAX_TARGET:g}", name)
     return number
