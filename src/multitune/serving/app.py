@@ -7,14 +7,17 @@ Routes (all JSON; the OpenAPI schema is at /openapi.json, and /docs shows it as 
 - POST /v1/predict                     {"inputs": [{"task": name, "input": record}, ...]}: several tasks at once
 - POST /v1/tasks/{task}/generate       {"input": record, "stream": true} streams server-sent events
 
-A record names the task's own text fields or the generic `text`/`text_pair`/`tokens`, as in `multitune
-predict`, and gets the same answer (a token record longer than the model's max_length is tagged in sliding
-windows, every word of it). Every error, of every route and of the HTTP layer itself, is JSON:
-{"detail": "one line"}: 400 for a request that is not HTTP, 401 without the bearer token (when one is set),
-404 for an unknown task or path, 405 for a wrong method, 408 when the request headers or body do not arrive
-in time, 413 for a body over the limit, 415 for a body that is not declared JSON, 422 for a bad body (not
-UTF-8, not JSON, not an object, text that is not text such as a lone UTF-16 surrogate) or record, 500 for a
-fault of the server itself, 503 when the queue is full or too many connections are open.
+A record holds what its task's schema says (run.input_schema: the task's own text fields or the generic
+`text`/`text_pair`/`tokens`), checked by the same function as in `multitune predict` (run.checked_input), and
+gets the same answer (a token record longer than the model's max_length is tagged in sliding windows, every
+word of it; a regression answer is held to the training range, `raw` beside it). Each task also has its own
+`/v1/tasks/NAME/predict` route, so that the OpenAPI document shows its request schema. Every error, of every
+route and of the HTTP layer itself, is JSON: {"detail": "one line"}: 400 for a request that is not HTTP, 401
+without the bearer token (when one is set), 404 for an unknown path or an unknown task in the path (one named
+in /v1/predict's body is a 422: the body is wrong), 405 for a wrong method, 408 when the request headers or
+body do not arrive in time, 413 for a body over the limit, 415 for a body that is not declared JSON, 422 for
+a bad body (not UTF-8, not JSON, not an object, text that is not text such as a lone UTF-16 surrogate) or
+record, 500 for a fault of the server itself, 503 when the queue is full or too many connections are open.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the request models defined in create_app at runtime
