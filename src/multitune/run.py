@@ -1387,7 +1387,7 @@ def checked_input(schema: InputSchema, row: Row) -> tuple[tuple[str, ...], str |
             raise row.error(
                 f"not an input of task '{schema.task}', which takes {schema.describe()}{also}; "
                 "a record with other fields is refused",
-                name,
+                _shown(name),
             )
     if schema.words:
         texts = _checked_words(row, values[chosen[0]], chosen[0])
@@ -1427,6 +1427,13 @@ def _json_kind(value: Any) -> str:
     if isinstance(value, str):
         return "an empty string" if not value else "a string"
     return JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _shown(name: str) -> str:
+    """A record's own key as an error names it: on one line and short (escaped and cut when it is not)."""
+    if name.isprintable() and 0 < len(name) <= 40:
+        return name
+    return repr(name if len(name) <= 40 else name[:37] + "...")[1:-1] or '""'
 
 
 def _found(values: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ httpx = pytest.importorskip("httpx")
 
 __all__ = ["generation_run", "pair_run", "tiny_run"]  # fixtures, imported for the servers below
 
+ANY_FIELD = "<the same in both>"
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 
 
@@ -129,10 +130,15 @@ def record(draw: Any, spec: Spec) -> tuple[dict[str, Any], str | None]:
         return values, target
     if fault == "unknown":
         allowed = {n for s in spec.spellings for n in s} | set(spec.optional) | {spec.label}
-        name = draw(st.text(letters, min_size=1, max_size=8).filter(lambda n: n not in allowed))
+        name = draw(
+            st.one_of(st.text(letters, max_size=8), st.text(letters, min_size=38, max_size=60)).filter(
+                lambda n: n not in allowed
+            )
+        )
         values[name] = draw(st.one_of(good_text, not_text))
         event("fault: unknown field")
-        return values, name
+        # a key that is empty, long or holds a line break is named escaped and cut, the same way by both
+        return values, name if name.isprintable() and 0 < len(name) <= 40 else ANY_FIELD
     if fault == "other" and len(spec.spellings) > 1:  # fields of both spellings: the own one is read
         other = next(s for s in spec.spellings if s != spelling)
         for name in other:
@@ -207,8 +213,10 @@ def test_predict_and_serve_accept_and_refuse_the_same_records(servers, request):
         return
     assert code == 2 and predicted == [], err
     line = err.strip()
-    assert "\n" not in line and line.startswith(f"multitune: error: in.jsonl:{bad_index + 1}: field '{bad_field}': ")
-    message = line.split(f"field '{bad_field}': ", 1)[1]
+    assert "\n" not in line and line.startswith(f"multitune: error: in.jsonl:{bad_index + 1}: ")
+    named = line.removeprefix(f"multitune: error: in.jsonl:{bad_index + 1}: ")
+    if bad_field != ANY_FIELD:
+        assert named.startswith(f"field '{bad_field}': ")
     assert response.status_code == 422, response.text
     place = {"input": "input", "inputs": f"inputs[{bad_index}]", "mixed": f"inputs.{bad_index}.input"}[route]
-    assert response.json()["detail"] == f"{place}: field '{bad_field}': {message}"
+    assert response.json()["detail"] == f"{place}: {named}"
