@@ -45,7 +45,14 @@ from multitune.evaluation.metrics import build_metrics
 from multitune.models.architectures import ARCHITECTURE_INJECTED, ARCHITECTURES
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
-from multitune.run import create_run_dir, make_balancer, make_optimizer, make_sampler, require_shared_parameters
+from multitune.run import (
+    create_run_dir,
+    held_to_range,
+    make_balancer,
+    make_optimizer,
+    make_sampler,
+    require_shared_parameters,
+)
 from multitune.training.checkpoint import WEIGHTS_FILE, save_weights, write_json
 from multitune.training.loop import EarlyStopping, LoopSettings, TrainState, Validation, train
 
@@ -421,7 +428,8 @@ class FittedModel:
         return {"tasks": results, "average_main_score": average_main_score(results)}
 
     def predict(self, task: str, inputs: Any) -> list[dict[str, Any]]:
-        """One dict per input row: {"prediction": ...}, plus "probabilities" per label for classification."""
+        """One dict per input row: {"prediction": ...}, plus "probabilities" per label for classification; a
+        regression prediction is held to the range of the training targets, with the model's own value in "raw"."""
         if task not in self.tasks:
             raise ConfigError(f"no task '{task}' in this model (tasks: {', '.join(self.tasks)})", field="task")
         prepared = self.tasks[task]
@@ -432,7 +440,11 @@ class FittedModel:
                 f"prediction inputs for task '{task}': rows of {_describe(schema(converted))}, "
                 f"but the model was trained on {_describe(expected)}"
             )
-        return as_given(prepared, self._predict(prepared, Rows(converted, None, [])))
+        predictions = as_given(prepared, self._predict(prepared, Rows(converted, None, [])))
+        if prepared.spec.type == "regression":  # as predict and serve: held to the training targets' range
+            targets = prepared.splits["train"].references
+            predictions = [held_to_range(p, (min(targets), max(targets))) for p in predictions]
+        return predictions
 
     def table(self, split: str = "test") -> str:
         """The printed metrics table of `evaluate(split)`."""

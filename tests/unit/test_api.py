@@ -297,3 +297,14 @@ def test_bool_labels_come_back_as_bools_and_tag_ids_as_ids() -> None:
     rows = tagged.predict("tags", tokens[:4])
     assert all(len(r["prediction"]) == 5 and {type(t) for t in r["prediction"]} == {int} for r in rows)
     assert all(set(r["prediction"]) <= {0, 1} for r in rows)
+
+
+def test_regression_predictions_are_held_to_the_training_range_as_predict_and_serve_hold_them() -> None:
+    x, _, target = synthetic()
+    fitted = fit(mlp(), [Task("target", "regression", (x, target))], steps=20, **QUIET)
+    low, high = float(target.min()), float(target.max())  # computed from the data, not from the model
+    far = np.concatenate([x[:2] * 50.0, x[:2]])  # inputs far outside the data push the raw outputs out of range
+    predictions = fitted.predict("target", far)
+    raw = [p["raw"] for p in predictions]
+    assert any(r < low or r > high for r in raw)
+    assert [p["prediction"] for p in predictions] == [min(max(r, low), high) for r in raw]
