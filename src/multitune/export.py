@@ -34,7 +34,15 @@ from multitune.errors import ConfigError, MultitunError
 from multitune.models.backbone import PACKAGED_MODELS, packaged_copy
 from multitune.models.multitask import MultiTaskModel, pool
 from multitune.models.peft_tasks import SHARED
-from multitune.run import FINETUNED, FROM_RUN, encode_for_prediction, input_schema, load_run, task_from_manifest
+from multitune.run import (
+    FINETUNED,
+    FROM_RUN,
+    encode_for_prediction,
+    input_schema,
+    load_run,
+    prediction_bounds,
+    task_from_manifest,
+)
 from multitune.training.checkpoint import WEIGHTS_FILE, atomic_write, discard_staging, load_weights
 
 HEAD_WEIGHTS = "multitune_head.safetensors"
@@ -68,8 +76,11 @@ def predict(texts, pairs=None):
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = hidden[:, 0] if head["pooling"] == "cls" else (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
     outputs = pooled @ weights["weight"].T + weights["bias"]
-    if head["type"] == "regression":
-        return (outputs[:, 0] * head["target_std"] + head["target_mean"]).tolist()
+    if head["type"] == "regression":  # held to the training targets' range, as multitune predict holds it
+        values = outputs[:, 0] * head["target_std"] + head["target_mean"]
+        if head.get("target_min") is not None:
+            values = values.clamp(head["target_min"], head["target_max"])
+        return values.tolist()
     return [head["labels"][i] for i in outputs.argmax(-1).tolist()]
 
 
@@ -95,7 +106,9 @@ def predict(words):  # one tag per word, read at its first sub-token
     for position, word in enumerate(batch.word_ids(0)):
         if word is not None and word not in firsts:
             firsts[word] = position
-    return [model.config.id2label[ids[firsts[w]]] if w in firsts else "O" for w in range(len(words))]
+    # a sentence longer than max_length is cut here: its last words get None, not a tag (multitune predict
+    # and serve tag them in overlapping windows)
+    return [model.config.id2label[ids[firsts[w]]] if w in firsts else None for w in range(len(words))]
 
 
 print(predict({example}))
@@ -136,7 +149,8 @@ def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool
     staging = target.parent / f".{target.name}.{os.urandom(6).hex()}"
     staging.mkdir()  # as a plain mkdir makes it (0777 less the umask), not mkdtemp's 0700: the folder is shared
     try:
-        loader, checked = _write_model(model, plain, backbone.tokenizer, config, task, staging)
+        bounds = prediction_bounds(task, manifest[task_name])
+        loader, checked = _write_model(model, plain, backbone.tokenizer, config, task, staging, bounds)
         loader = loader.replace(staging.name, target.name)  # the card names the final folder
         if onnx:
             export_onnx(model, backbone.tokenizer, config, task, staging / "model.onnx")
@@ -197,10 +211,17 @@ def _encoder_from_run(folder: Path) -> Any:
 
 
 def _write_model(
-    model: MultiTaskModel, plain: nn.Module, tokenizer: Any, config: Config, task: TaskData, folder: Path
+    model: MultiTaskModel,
+    plain: nn.Module,
+    tokenizer: Any,
+    config: Config,
+    task: TaskData,
+    folder: Path,
+    bounds: tuple[float, float] | None = None,
 ) -> tuple[str, float]:
     """Save the task's model into `folder`; returns the model card's loading code and the largest difference
-    between the reloaded folder's outputs and multitune's on probe inputs."""
+    between the reloaded folder's outputs and multitune's on probe inputs. `bounds`: a regression task's
+    range of training targets, which the card's code holds its answers to."""
     from safetensors.torch import save_file
 
     kind = task.config.type
@@ -228,6 +249,8 @@ def _write_model(
         "labels": task.labels if kind != "regression" else None,
         "target_mean": task.target_mean,
         "target_std": task.target_std,
+        "target_min": bounds[0] if bounds else None,
+        "target_max": bounds[1] if bounds else None,
         "max_length": config.model.max_length,
     }
     (folder / HEAD_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")

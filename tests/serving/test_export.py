@@ -190,3 +190,28 @@ def test_card_metric_lines_from_hand_written_run_files(tmp_path):
         "- validation split (the task has no test split), the final evaluation (n=8): accuracy 0.8750",
         "- training: 6 steps in 1.5 s",
     ]
+
+
+def test_card_code_holds_regression_answers_to_the_range_and_leaves_words_past_the_cut_untagged(
+    pair_run, tiny_run, tmp_path, monkeypatch
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pair_run, run)
+    manifest = json.loads((run / "tasks.json").read_text(encoding="utf-8"))
+    manifest["similarity"].update(target_min=2.5, target_max=2.5)  # a range of one value: every answer is 2.5
+    (run / "tasks.json").write_text(json.dumps(manifest), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(run), "--task", "similarity", "similarity-model"]) == 0
+    head = json.loads((tmp_path / "similarity-model" / "multitune_head.json").read_text())
+    assert (head["target_min"], head["target_max"]) == (2.5, 2.5)
+    pairs = [("a good movie", "a fine film"), ("bad", "terrible book")]
+    answers = card_code(tmp_path / "similarity-model")["predict"]([a for a, _ in pairs], [b for _, b in pairs])
+    ours = cli_predict(run, "similarity", [{"text": a, "text_pair": b} for a, b in pairs], tmp_path)
+    assert answers == [p["prediction"] for p in ours] == [2.5, 2.5]
+
+    assert main(["export", str(tiny_run), "--task", "ner", "ner-model"]) == 0
+    words = ["john", "in", "paris", "a", "dog"] * 10  # 50 one-piece words; max_length 32 holds 30 of them
+    tags = card_code(tmp_path / "ner-model")["predict"](words)
+    assert tags[30:] == [None] * 20 and None not in tags[:30]
