@@ -417,6 +417,14 @@ class _Loader(_LoaderBase):
             self.depth -= 1
 
 
+# YAML 1.1 (PyYAML) reads `1e-3` as text: a float needs a dot there. YAML 1.2 and every user read it as a
+# number; without this a method parameter `lr: 1e-3` reached its method as the text '1e-3'.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
 MERGE_TAG = "tag:yaml.org,2002:merge"
 
 

@@ -363,3 +363,16 @@ def test_a_file_larger_than_any_config_is_refused_before_it_is_parsed(tmp_path):
     with pytest.raises(ConfigError, match=r"config.yaml: larger than 256 KiB: not a config$"):
         load_config(path)
     assert load_config(write(tmp_path, MINIMAL + "# " + "x" * (200 * 1024) + "\n")).training.steps == 10
+
+
+def test_exponent_numbers_without_a_dot_are_numbers_everywhere(tmp_path):
+    """YAML 1.1 reads 1e-3 as text; a method parameter got the text '1e-3' and crashed its method mid-run."""
+    text = (
+        MINIMAL + "loss_weighting:\n  name: gradnorm\n  alpha: 1e-1\nsampling: {name: temperature, temperature: 5E-1}\n"
+    )
+    config = load_config(write(tmp_path, text), ["training.lr=2e-5", "gradient_aggregation={name: cagrad, c: 5e-1}"])
+    assert config.loss_weighting.params == {"alpha": 0.1}
+    assert config.sampling.params == {"temperature": 0.5}
+    assert config.gradient_aggregation is not None and config.gradient_aggregation.params == {"c": 0.5}
+    assert config.training.lr == 2e-5
+    assert load_config(write(tmp_path, MINIMAL.replace("name: demo", "name: 1e3x")), []).run.name == "1e3x"

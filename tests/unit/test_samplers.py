@@ -24,6 +24,22 @@ def test_temperature_convention_and_exponent_form():
     assert build("temperature", alpha=0.0).probabilities() == pytest.approx(build("uniform").probabilities())
 
 
+def test_a_low_temperature_gives_the_largest_task_without_overflowing():
+    # 900^(1/0.001) overflows a float; the limit of p_i ∝ n_i^(1/T) as T -> 0 puts all mass on the largest task,
+    # and (9/10)^1000 ≈ 1.7e-46 is what "big" vs a 1,000-row task keeps at T = 0.001 exactly.
+    assert build("temperature", temperature=0.001).probabilities() == pytest.approx(
+        {"big": 1.0, "mid": 0.0, "small": 0.0}
+    )
+    assert build("temperature", alpha=200.0).probabilities()["big"] == pytest.approx(1.0)
+    annealed = build("annealed", start=0.001, end=1.0)
+    assert annealed.probabilities(0) == pytest.approx({"big": 1.0, "mid": 0.0, "small": 0.0})
+    assert annealed.probabilities(10) == pytest.approx(build("proportional").probabilities())
+    two = SAMPLERS.build(
+        "temperature", injected={"sizes": {"a": 1000, "b": 900}, "weights": None, "total_steps": 1}, temperature=0.001
+    ).probabilities()
+    assert two["b"] / two["a"] == pytest.approx(0.9**1000, rel=1e-9)
+
+
 def test_temperature_rejects_both_forms_and_bad_values():
     with pytest.raises(ConfigError, match="either temperature or alpha"):
         build("temperature", temperature=2.0, alpha=0.5)

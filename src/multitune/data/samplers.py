@@ -58,6 +58,14 @@ def _normalised(raw: dict[str, float], weights: dict[str, float] | None) -> dict
     return {name: value / total for name, value in scaled.items()}
 
 
+def relative_powers(sizes: dict[str, float], exponent: float) -> dict[str, float]:
+    """n_i^exponent / max_j n_j^exponent, in log space: a low temperature (exponent 1000) would overflow
+    n_i^exponent, and the ratios are all a sampler needs."""
+    logs = {name: exponent * math.log(n) for name, n in sizes.items()}
+    top = max(logs.values())
+    return {name: math.exp(value - top) for name, value in logs.items()}
+
+
 class _FixedProbabilities:
     """Draws one task per step from a fixed distribution."""
 
@@ -119,7 +127,7 @@ class TemperatureSampler(_FixedProbabilities):
         exponent = alpha if alpha is not None else 1.0 / (temperature if temperature is not None else 2.0)
         self.exponent = exponent
         capped = {name: float(min(n, cap) if cap is not None else n) for name, n in sizes.items()}
-        super().__init__({name: n**exponent for name, n in capped.items()}, weights)
+        super().__init__(relative_powers(capped, exponent), weights)
 
 
 @SAMPLERS.register("manual")
@@ -171,7 +179,7 @@ class AnnealedSampler:
 
     def probabilities(self, step: int = 0) -> dict[str, float]:
         exponent = 1.0 / self.temperature(step)
-        return _normalised({name: float(n) ** exponent for name, n in self.sizes.items()}, self.weights)
+        return _normalised(relative_powers({name: float(n) for name, n in self.sizes.items()}, exponent), self.weights)
 
     def tasks_for_step(self, step: int, rng: random.Random) -> list[str]:
         return draw_one(self.probabilities(step), rng)
