@@ -57,11 +57,16 @@ class Registry(Generic[T]):
         self, name: str, params: dict[str, Any], injected: Iterable[str] = (), field: str | None = None
     ) -> None:
         accepted = self.parameters(name, injected)
-        for key in params:
+        for key, value in params.items():
+            where = f"{field}.{key}" if field else key
             if key not in accepted:
                 listed = ", ".join(accepted) or "none"
-                where = f"{field}.{key}" if field else key
-                raise ConfigError(f"unknown parameter for {self.kind} '{name}' (accepted: {listed})", field=where)
+                close = difflib.get_close_matches(key, list(accepted), n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ConfigError(f"unknown parameter for {self.kind} '{name}' ({hint}accepted: {listed})", field=where)
+            wanted = _number_kind(accepted[key].annotation)
+            if wanted is not None and not _is_number(value, wanted, optional="None" in str(accepted[key].annotation)):
+                raise ConfigError(f"{self.kind} '{name}' takes {wanted} here, got {value!r}", field=where)
 
     def build(
         self, name: str, /, *, injected: dict[str, Any] | None = None, field: str | None = None, **params: Any
@@ -85,3 +90,19 @@ class Registry(Generic[T]):
             doc = inspect.getdoc(self._factories[name]) or ""
             out.append((name, doc.splitlines()[0] if doc else ""))
         return out
+
+
+def _number_kind(annotation: Any) -> str | None:
+    """'a number' for a float parameter, 'an integer' for an int one (annotations are text here), else None."""
+    text = str(annotation).replace(" ", "").replace("|None", "").replace("None|", "")
+    return {"float": "a number", "int": "an integer", "<class'float'>": "a number", "<class'int'>": "an integer"}.get(
+        text
+    )
+
+
+def _is_number(value: Any, kind: str, optional: bool) -> bool:
+    if value is None:
+        return optional
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind == "an integer" else isinstance(value, (int, float))

@@ -38,3 +38,26 @@ def test_registering_a_name_twice_fails():
 
 def test_summaries_use_the_docstring():
     assert make_registry().summaries() == [("round", "Round widgets.")]
+
+
+def test_parameters_suggest_the_closest_and_must_be_numbers_where_the_method_takes_numbers():
+    registry = make_registry()
+    with pytest.raises(ConfigError, match=r"\(did you mean 'radius'\? accepted: radius\)"):
+        registry.build("round", injected={"sizes": {}}, raduis=2.0)
+    for bad in ("1e-3x", True, [1.0], None):
+        with pytest.raises(ConfigError, match=r"widget 'round' takes a number here, got"):
+            registry.build("round", injected={"sizes": {}}, radius=bad)
+    assert registry.build("round", injected={"sizes": {}}, radius=3).radius == 3  # an int is a number
+
+
+def test_loss_weighting_parameter_given_as_text_is_refused_at_config_time(tmp_path):
+    from multitune.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "loss_weighting: {name: gradnorm, alpha: '0.1'}\n"
+        "tasks: {a: {type: classification, source: {format: jsonl, train: a.jsonl}}}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"field 'loss_weighting.alpha': loss weighting 'gradnorm' takes a number"):
+        load_config(path)
