@@ -454,3 +454,44 @@ def test_the_cli_exits_2_with_one_line_and_leaves_an_earlier_run_alone(tmp_path,
     assert len(lines) == 1 and "Traceback" not in err and f"{tmp_path / where}: " in lines[0], err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"]
     assert list(earlier.iterdir()) == [earlier / "metrics.json"]
+
+
+_keys = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=6)
+_leaf = st.one_of(st.text(max_size=5), st.integers(-9, 9), st.booleans(), st.none())
+
+
+@st.composite
+def _object_text(draw, duplicate: bool) -> str:
+    """A JSON object's text, nested up to three levels; with `duplicate`, one object somewhere repeats a key."""
+
+    def render(depth: int, plant: bool) -> str:
+        names = draw(st.lists(_keys, min_size=1 if plant else 0, max_size=4, unique=True))
+        into = draw(st.integers(0, len(names))) if plant and depth < 3 else len(names)  # a child object, or here
+        parts = []
+        for i, name in enumerate(names):
+            child = render(depth + 1, plant and i == into) if (i == into or draw(st.booleans())) and depth < 3 else None
+            parts.append(f"{json.dumps(name)}: {child if child is not None else json.dumps(draw(_leaf))}")
+        if plant and into == len(names):
+            parts.append(f"{json.dumps(names[-1])}: {json.dumps(draw(_leaf))}")  # the key again, in this object
+        return "{" + ", ".join(parts) + "}"
+
+    return render(0, duplicate)
+
+
+@FUZZ
+@given(st.booleans(), st.data())
+def test_a_key_repeated_in_any_object_of_a_json_row_is_refused_at_its_line(duplicate, data):
+    row = data.draw(_object_text(duplicate))
+    lines = ['{"ok": 1}', row]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "rows.jsonl"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        for read in (
+            lambda: list(read_jsonl(str(path))),
+            lambda: list(_rows(io.StringIO("\n".join(lines)), "<stdin>")),
+        ):
+            if duplicate:
+                with pytest.raises(DataError, match=r":2: the key .* appears twice in one object$"):
+                    read()
+            else:
+                assert read()[1].values == json.loads(row)

@@ -341,3 +341,21 @@ def test_a_header_that_is_data_says_what_it_found_and_how_to_read_it(tmp_path):
     )
     with pytest.raises(DataError, match=r"missing field \(this row has: 'source', 'label', 'x', 'text'\)$"):
         named.get("sentence")
+
+
+def test_a_key_written_twice_in_a_json_object_is_refused_in_every_json_reader(tmp_path):
+    """json keeps the last of two equal keys: {"label": "pos", "label": "neg"} trained as neg, silently."""
+    import io
+
+    from multitune.run import _rows
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "fine", "label": "pos"}\n{"text": "good", "label": "pos", "label": "neg"}\n', "utf-8")
+    with pytest.raises(DataError, match=rf"^{path}:2: the key 'label' appears twice in one object$"):
+        list(read_jsonl(str(path)))
+    unified = tmp_path / "all.jsonl"
+    unified.write_text('{"task": "a", "input": {"x": "1", "x": "2"}, "output": "y"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{unified}:1: the key 'x' appears twice in one object$"):
+        list(read_unified(str(unified)))
+    with pytest.raises(DataError, match=r"^<stdin>:1: the key 'text' appears twice in one object$"):
+        list(_rows(io.StringIO('{"text": "a", "text": "b"}\n'), "<stdin>"))

@@ -143,13 +143,32 @@ def check_json_value(value: Any, file: str, line: int) -> None:
             stack.extend((child, depth + 1, field) for child in item)
 
 
+class DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: {"label": "pos", "label": "neg"} would keep the last one
+    silently (json's default), so which label trains would depend on the writer's order."""
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise DuplicateKey(key)
+        value[key] = item
+    return value
+
+
 def json_rows(lines: Iterable[tuple[int, str]], path: str) -> Iterator[Row]:
     """One JSON object per non-blank line."""
     for number, text in _decoded(lines, path):
         if BLANK.match(text):
             continue
         try:
-            value = json.loads(text.rstrip("\r\n"))
+            value = json.loads(text.rstrip("\r\n"), object_pairs_hook=_unique_keys)
+        except DuplicateKey as error:
+            raise DataError(f"the key {error.key!r} appears twice in one object", file=path, line=number) from None
         except json.JSONDecodeError as error:
             raise DataError(f"invalid JSON: {error.msg} at column {error.colno}", file=path, line=number) from None
         except RecursionError:
