@@ -399,3 +399,12 @@ def test_dataset_class_names_that_are_digits_stay_names(tmp_path):
     # Configured word labels: "1" is not one of them (it used to become labels[1] = "high", one class off).
     with pytest.raises(DataError, match=r"arrow\[train\]:1: field 'label': unknown label '1'"):
         load("stars", _hf_task(files, labels=["low", "high"]))
+
+
+@pytest.mark.parametrize("word", ["", " ", "\t"])
+def test_a_blank_word_in_a_token_list_is_refused_as_in_conll_files(tmp_path, word):
+    path = tmp_path / "tokens.jsonl"
+    path.write_text(json.dumps({"tokens": ["a", word, "b"], "tags": ["O", "O", "O"]}) + "\n", encoding="utf-8")
+    source = {"format": "jsonl", "train": str(path)}
+    with pytest.raises(DataError, match=rf"^{path}:1: field 'tokens': word 2 of 3 is blank$"):
+        load("t", task(type="token_classification", source=source, text_fields=["tokens"], label_field="tags"))

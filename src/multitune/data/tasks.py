@@ -66,6 +66,9 @@ def _tokens(row: Row, value: Any, name: str | int) -> tuple[str, ...]:
         raise row.error("expected a list of token strings", name)
     if not value:
         raise row.error("empty token list", name)
+    blank = next((i for i, token in enumerate(value) if not token.strip()), None)
+    if blank is not None:  # a word of no characters gets no sub-token, so its tag could never be learned
+        raise row.error(f"word {blank + 1} of {len(value)} is blank", name)
     return tuple(value)
 
 
