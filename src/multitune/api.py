@@ -18,7 +18,7 @@ import math
 import random
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ from multitune.config import (
     MethodConfig,
     TrainingConfig,
     check_balancing,
+    check_numbers,
 )
 from multitune.data.collate import Batch, TaskRows
 from multitune.data.encoding import IGNORE_INDEX
@@ -255,8 +256,8 @@ def label_names(task: Task, train: np.ndarray) -> list[str]:
     where = f"task '{task.name}' labels"
     given = task.labels
     if isinstance(given, int) and not isinstance(given, bool):
-        if given < 1:
-            raise ConfigError(f"{where}: the number of classes must be >= 1, got {given}")
+        if given < 2:  # as the YAML route: one class leaves the head nothing to tell apart
+            raise ConfigError(f"{where}: a {task.type} task needs at least two classes, got {given}")
         return [str(i) for i in range(given)]
     if isinstance(given, (str, bool)) or (given is not None and not isinstance(given, (Sequence, np.ndarray))):
         raise ConfigError(f"{where}: give the class names as a list, or their number, not {given!r}")
@@ -264,6 +265,8 @@ def label_names(task: Task, train: np.ndarray) -> list[str]:
         names = [str(name) for name in given]
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"{where}: name each class once (got {names})")
+        if len(names) < 2:
+            raise ConfigError(f"{where}: a {task.type} task needs at least two labels, got {names}")
         return names
     if _is_text(train):
         return sorted({str(v) for v in train.reshape(-1)})
@@ -326,6 +329,8 @@ def prepare_task(task: Task, seed: int) -> PreparedTask:
         _regression(prepared, raw)
     else:
         _classes(prepared, raw)
+        if task.type == "token_classification" and "entity_f1" in metrics:
+            _require_iob2(name, prepared.labels or [])
     if task.positive_label is not None and task.positive_label not in (prepared.labels or []):
         raise ConfigError(f"task '{name}': positive_label '{task.positive_label}' is not one of its labels")
     try:
@@ -333,6 +338,18 @@ def prepare_task(task: Task, seed: int) -> PreparedTask:
     except ConfigError as error:
         raise ConfigError(f"task '{name}': {error.message}", field="metrics") from None
     return prepared
+
+
+def _require_iob2(name: str, tags: list[str]) -> None:
+    """entity_f1 reads tags as IOB2 and refuses any other when it scores, which would be the first validation of
+    a run already under way; tag ids without `labels` are named "0", "1", ..., which are not IOB2."""
+    bad = next((tag for tag in tags if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2)), None)
+    if bad is not None:
+        raise ConfigError(
+            f"task '{name}': its metric entity_f1 reads tags as IOB2 (O, B-TYPE or I-TYPE), but tag '{bad}' is not; "
+            "give labels in IOB2 or choose metrics=['token_accuracy']",
+            field="labels",
+        )
 
 
 def _regression(task: PreparedTask, raw: dict[str, tuple[dict[str, Tensor], np.ndarray]]) -> None:
@@ -357,6 +374,10 @@ def _classes(task: PreparedTask, raw: dict[str, tuple[dict[str, Tensor], np.ndar
     name, token = task.spec.name, task.spec.type == "token_classification"
     task.labels = label_names(task.spec, raw["train"][1])
     train, named = raw["train"][1], task.spec.labels is not None and not isinstance(task.spec.labels, int)
+    if task.spec.labels is None and not token:  # as the YAML route: one class in train teaches nothing
+        seen = np.unique(train.astype(str) if _is_text(train) else train)
+        if len(seen) < 2:
+            raise DataError(f"task '{name}' has only one label in train: {[str(v) for v in seen]}")
     if not named and not _is_text(train):  # ids in, ids out: 0 stays 0, not "0"
         kind: type = {"b": bool, "f": float}.get(train.dtype.kind, int)
         task.values = [kind(i) for i in range(len(task.labels))]
@@ -595,6 +616,31 @@ def fit(
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"task names must be unique, got {names}", field="tasks")
+    # as the YAML route: every float finite and within float32's range (an inf lr would train on NaN weights)
+    numbers = {
+        "lr": lr,
+        "head_lr": head_lr,
+        "weight_decay": weight_decay,
+        "warmup_ratio": warmup_ratio,
+        "max_grad_norm": max_grad_norm,
+        "dropout": dropout,
+        "steps": steps,
+        "batch_size": batch_size,
+        "eval_every": eval_every,
+        "eval_batch_size": eval_batch_size,
+        "log_every": log_every,
+        "seed": seed,
+        "sampling": sampling,
+        "loss_weighting": loss_weighting,
+        "gradient_aggregation": gradient_aggregation,
+        "architecture": architecture,
+        "early_stopping": asdict(early_stopping) if is_dataclass(early_stopping) else None,  # type: ignore[arg-type]
+    }
+    for key, value in numbers.items():
+        check_numbers(dict(value) if isinstance(value, Mapping) else value, key)
+    for given in tasks:
+        for key in ("sampling_weight", "loss_weight", "validation_fraction"):
+            check_numbers(getattr(given, key), f"tasks.{given.name}.{key}")
     training = validated(
         TrainingConfig,
         {

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 import subprocess
 import sys
@@ -12,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from multitune import EarlyStopping, Task, fit
@@ -211,7 +215,44 @@ BAD: list[tuple[str, Any, Any, type[Exception], str]] = [
     ("metric", mlp, [Task("a", "classification", (x, sign), metrics=["acc"])], ConfigError, "did you mean"),
     ("f1", mlp, [Task("a", "classification", (x, sign), metrics=["f1"])], ConfigError, "positive_label"),
     ("name", mlp, [Task("a b", "regression", (x, target))], ConfigError, "task name"),
-    ("token", mlp, [Task("a", "token_classification", (x, np.zeros((60, 6), int)))], DataError, "token-level"),
+    (
+        "token",
+        mlp,
+        [Task("a", "token_classification", (x, np.zeros((60, 6), int)), metrics=["token_accuracy"])],
+        DataError,
+        "token-level",
+    ),
+    ("one class", mlp, [Task("a", "classification", (x, np.zeros(60, int)))], DataError, "only one label in train"),
+    ("one id seen", mlp, [Task("a", "classification", (x, np.ones(60, int)))], DataError, "only one label in train"),
+    ("one string", mlp, [Task("a", "classification", (x, np.full(60, "pos")))], DataError, "train: ['pos']"),
+    (
+        "one label",
+        mlp,
+        [Task("a", "classification", (x, np.array(["A"] * 60)), labels=["A"])],
+        ConfigError,
+        "needs at least two labels",
+    ),
+    (
+        "one class by number",
+        mlp,
+        [Task("a", "classification", (x, np.zeros(60, int)), labels=1)],
+        ConfigError,
+        "at least two classes",
+    ),
+    (
+        "tag ids for entity_f1",
+        mlp,
+        [Task("a", "token_classification", (x, (x > 0).astype(int)))],
+        ConfigError,
+        "task 'a': its metric entity_f1 reads tags as IOB2",
+    ),
+    (
+        "tag names for entity_f1",
+        mlp,
+        [Task("a", "token_classification", (x, (x > 0).astype(int)), labels=["low", "high"])],
+        ConfigError,
+        "tag 'low' is not; give labels in IOB2 or choose metrics=['token_accuracy']",
+    ),
 ]
 
 
@@ -308,3 +349,41 @@ def test_regression_predictions_are_held_to_the_training_range_as_predict_and_se
     raw = [p["raw"] for p in predictions]
     assert any(r < low or r > high for r in raw)
     assert [p["prediction"] for p in predictions] == [min(max(r, low), high) for r in raw]
+
+
+FLOAT_ARGUMENTS = ["lr", "head_lr", "weight_decay", "warmup_ratio", "max_grad_norm", "dropout"]
+TASK_FLOATS = ["sampling_weight", "loss_weight", "validation_fraction"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    where=st.sampled_from([*FLOAT_ARGUMENTS, *(f"task.{key}" for key in TASK_FLOATS), "early_stopping.min_delta"]),
+    value=st.one_of(st.sampled_from([math.inf, -math.inf, math.nan]), st.floats(min_value=3.5e38, max_value=1e308)),
+)
+def test_a_float_argument_out_of_float32s_range_is_refused_before_training(where: str, value: float) -> None:
+    """As the YAML route refuses `lr: .inf`: any float argument (and a task's own) that is not a finite float32."""
+    tasks = synthetic_tasks()
+    arguments: dict[str, Any] = {**QUIET, "steps": 2}
+    if where.startswith("task."):
+        key = where.removeprefix("task.")
+        tasks[0] = dataclasses.replace(tasks[0], **{key: value})
+        field = f"tasks.sign.{key}"
+    elif where == "early_stopping.min_delta":
+        arguments["early_stopping"] = EarlyStopping(patience=2, min_delta=value)
+        field = where
+    else:
+        arguments[where] = value
+        field = where
+    with pytest.raises(ConfigError, match=re.escape(f"field '{field}': must be a finite number")):
+        fit(mlp(), tasks, **arguments)
+
+
+def test_tag_ids_named_in_iob2_train_with_entity_f1() -> None:
+    """The refusal of tag ids under entity_f1 is about their names: ids named O / B-ent score as entities."""
+    tokens = torch.randn(40, 5, 6)
+    tags = (tokens[..., 0] > 0).long()
+    fitted = fit(
+        nn.Linear(6, 8), [Task("t", "token_classification", (tokens, tags), labels=["O", "B-ent"])], steps=2, **QUIET
+    )
+    result = fitted.evaluate("validation")["tasks"]["t"]
+    assert result["main_metric"] == "entity_f1" and 0.0 <= result["main_score"] <= 1.0
