@@ -276,7 +276,7 @@ def test_a_request_that_is_not_http_is_a_json_400(server):
         sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
         data, _ = read_until_closed(sock, 5)
     status, body = response_of(data)
-    assert status == 400 and "not a valid HTTP/1.1 request" in body["detail"]
+    assert status == 400 and "not a valid HTTP request" in body["detail"]
 
 
 def test_connections_past_the_limit_get_a_json_503(tiny_run):

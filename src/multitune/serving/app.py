@@ -633,7 +633,7 @@ def guarded_protocol(settings: ServeSettings) -> type[asyncio.Protocol]:
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:
-            self._close_with(400, "not a valid HTTP/1.1 request (or its headers are over 16 KiB)")
+            self._close_with(400, "not a valid HTTP request")
 
         def _watch_headers(self) -> None:
             """Start the clock while a request's headers are awaited (the first time only: trickling bytes do
