@@ -62,8 +62,14 @@ def sweep(config_path: str, assignments: list[str], train: Any) -> dict[str, Any
     """Train every variant with `train(config) -> run_dir`; write sweep.json and sweep.md; return the table."""
     fixed, combos = variants(assignments)
     configs: list[tuple[str, Config]] = []
+    taken: set[str] = set()
     for combo in combos:
-        configs.append((label(combo), load_config(config_path, fixed + combo)))
+        name, n = label(combo), 1
+        while name in taken:  # two values that read alike ("a b", "a-b") or one given twice: both rows shown
+            n += 1
+            name = f"{label(combo)}-{n}"
+        taken.add(name)
+        configs.append((name, load_config(config_path, fixed + combo)))
     base = configs[0][1].run
     root = _new_dir(Path(base.output_dir), f"{base.name}-sweep")
     results: dict[str, Any] = {}

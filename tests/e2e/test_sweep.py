@@ -44,3 +44,15 @@ def test_a_bad_variant_stops_the_sweep_before_training(tmp_path, tiny_backbone, 
     assert main(["sweep", str(path), "loss_weighting.name=equal,uncertainy"]) == 2
     assert "did you mean 'uncertainty'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_variants_whose_labels_coincide_each_keep_their_row(tmp_path, tiny_backbone, write_jsonl):
+    a, b = write_jsonl("a.jsonl", classification_rows(30)), write_jsonl("b.jsonl", token_rows(30))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        yaml.safe_dump(tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=1, eval_every=1)), encoding="utf-8"
+    )
+    assert main(["sweep", str(path), "training.lr=1e-3,1e-3"]) == 0  # a value given twice: two runs, two rows
+    table = json.loads((tmp_path / "runs" / "tiny-sweep" / "sweep.json").read_text())["variants"]
+    assert list(table) == ["1e-3", "1e-3-2"]
+    assert table["1e-3"]["run_dir"] != table["1e-3-2"]["run_dir"]
