@@ -65,7 +65,7 @@ def test_k_nonfinite_steps_in_a_row_stop_the_run_with_a_clear_message(
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the run directory line
     assert err == (
         "multitune: error: training stopped at step 5: 3 non-finite steps in a row "
-        "(last: non-finite loss in task sentiment); the last good checkpoint is intact"
+        "(last: non-finite loss in task sentiment); checkpoints written before it are intact"
     )
     checkpoint = latest_checkpoint(tmp_path / "runs" / "tiny")
     assert checkpoint is not None and checkpoint.name == "step-00000004"

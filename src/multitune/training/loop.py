@@ -173,7 +173,7 @@ def train(
         if state.nonfinite_in_a_row >= settings.max_nonfinite_steps:
             raise TrainingStopped(
                 f"training stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite steps in a row "
-                f"(last: {problem}); the last good checkpoint is intact"
+                f"(last: {problem}); checkpoints written before it are intact"
             )
         if state.step == settings.steps:
             require_trained(state)
