@@ -479,6 +479,15 @@ def _rows_by_file(task: TaskData) -> dict[str, list[Example]]:
     return {file: sorted(rows, key=lambda e: e.line) for file, rows in by_file.items()}
 
 
+def _carved_files(task: TaskData) -> set[str]:
+    """The files a task's train split is read from, when its validation split was carved from them (a carve
+    takes validation rows from the train files; a validation source has files, or a dataset split, of its
+    own); empty otherwise. The carve shuffles all train rows together, so every train file counts."""
+    train = {example.file for example in task.splits.get("train", [])}
+    validation = {example.file for example in task.splits.get("validation", [])}
+    return train if train & validation else set()
+
+
 def _digest(rows: list[Example], prefix: int = -1) -> tuple[str, str | None]:
     """The sha256 of the rows, and that of their first `prefix` rows."""
     digest, head = hashlib.sha256(), None
@@ -494,8 +503,10 @@ def _digest(rows: list[Example], prefix: int = -1) -> tuple[str, str | None]:
 def match_resumed_data(run_dir: Path, tasks: dict[str, TaskData]) -> bool:
     """Resume continues on the data the run started with: a task whose label vocabulary or rows changed is
     refused (its head would learn other classes, or the run mix two datasets); rows only appended to a file
-    are a warning, and the tasks keep the run's target scaling. True when rows were added. A run from before
-    data fingerprints is only checked for its labels."""
+    are a warning, and the tasks keep the run's target scaling. True when rows were added. Rows appended to
+    a task whose validation split is carved from train are refused too: a carve of the longer file would move
+    rows between train and validation, so the run would validate on rows it already trained on. A run from
+    before data fingerprints is only checked for its labels."""
     path = run_dir / "tasks.json"
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -519,11 +530,20 @@ def match_resumed_data(run_dir: Path, tasks: dict[str, TaskData]) -> bool:
         if not isinstance(fingerprint, dict):
             unchecked.append(name)
             continue
+        carved = _carved_files(task)
         for file, rows in _rows_by_file(task).items():
             then = fingerprint.get(file)
             whole, head = _digest(rows, int(then["rows"]) if isinstance(then, dict) else -1)
             if isinstance(then, dict) and whole == then["sha256"]:
                 continue
+            if isinstance(then, dict) and head == then["sha256"] and file in carved:
+                raise DataError(
+                    f"task '{name}': {len(rows) - then['rows']} rows added since the run being resumed started, "
+                    "but its validation split is carved from train: carving the longer file would move rows between "
+                    "train and validation (validating on rows already trained on); start a new run, restore the "
+                    "data, or give the task a validation source",
+                    file=file,
+                )
             if isinstance(then, dict) and head == then["sha256"]:
                 added = True
                 print(

@@ -1,7 +1,8 @@
 """Property-based tests of resume: whatever a crash leaves at the end of history.jsonl, resume cuts it back to
 exactly the checkpoint's history; whatever a user keeps in a run directory, however it is named, the cleanup
 after a crash and checkpoint pruning leave it alone while deleting what the crashed process made; whatever
-edit the data went through, resume accepts unchanged data, warns on appended rows and refuses the rest.
+edit the data went through, resume accepts unchanged data, warns on appended rows (refuses them where the
+validation split is carved from train) and refuses the rest.
 """
 
 import contextlib
@@ -10,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -173,10 +174,15 @@ TASK = TaskConfig.model_validate({"type": "classification", "source": {"format":
 rows = st.lists(st.tuples(st.text(max_size=6), st.sampled_from(["a", "b", "c"])), min_size=2, max_size=10)
 
 
-def task_of(data: list[tuple[str, str]], validation: list[bool]) -> TaskData:
-    """The task as loaded: the file's rows (line i + 1), some held out as validation as a carve would."""
+def task_of(data: list[tuple[str, str]], validation: list[bool], own_validation: bool = False) -> TaskData:
+    """The task as loaded: the file's rows (line i + 1), some held out as validation as a carve would (at
+    least one), or all of them train beside a validation file of its own."""
     examples = [Example((text,), label, "t.jsonl", i + 1) for i, (text, label) in enumerate(data)]
+    if own_validation:
+        splits = {"train": examples, "validation": [Example(("held out",), data[0][1], "v.jsonl", 1)]}
+        return TaskData("t", TASK, splits, sorted({label for _, label in data}))
     held = [validation[i % len(validation)] for i in range(len(examples))]
+    held[-1] = True
     splits = {
         "train": [e for e, h in zip(examples, held, strict=True) if not h],
         "validation": [e for e, h in zip(examples, held, strict=True) if h],
@@ -212,24 +218,38 @@ def edited(draw):
 
 
 @FUZZ
-@given(edited(), st.lists(st.booleans(), min_size=1, max_size=5), st.lists(st.booleans(), min_size=1, max_size=5))
-def test_resume_accepts_unchanged_data_warns_on_appended_rows_and_refuses_other_edits(edit, before, after):
+@given(
+    edited(),
+    st.lists(st.booleans(), min_size=1, max_size=5),
+    st.lists(st.booleans(), min_size=1, max_size=5),
+    st.booleans(),
+)
+@example(([("x", "a"), ("y", "b")], [("x", "a"), ("y", "b"), ("z", "a")]), [False], [False], False)  # a carve
+@example(([("x", "a"), ("y", "b")], [("x", "a"), ("y", "b"), ("z", "a")]), [False], [False], True)
+def test_resume_accepts_unchanged_data_warns_on_appended_rows_and_refuses_other_edits(edit, before, after, own):
+    """`own`: the task has a validation source; else its validation split is carved from the train file,
+    where appended rows would move rows between train and validation, and are refused."""
     old, new = edit
     if sorted({label for _, label in old}) != sorted({label for _, label in new}):
         expected = "labels"
     elif new == old:
         expected = "unchanged"
     elif new[: len(old)] == old:
-        expected = "appended"
+        expected = "appended" if own else "appended to a carve"
     else:
         expected = "changed"
     event(expected)
     with tempfile.TemporaryDirectory() as folder:
         run = Path(folder)
-        (run / "tasks.json").write_text(json.dumps(task_manifest({"t": task_of(old, before)})), encoding="utf-8")
-        task = task_of(new, after)  # another carve: which rows are held out does not matter
-        if expected in ("labels", "changed"):
-            match = "its labels changed" if expected == "labels" else "its rows changed"
+        saved = task_manifest({"t": task_of(old, before, own)})
+        (run / "tasks.json").write_text(json.dumps(saved), encoding="utf-8")
+        task = task_of(new, after, own)  # another carve: which rows are held out does not matter
+        if expected in ("labels", "changed", "appended to a carve"):
+            match = {
+                "labels": "its labels changed",
+                "changed": "its rows changed",
+                "appended to a carve": f"{len(new) - len(old)} rows added .* validation split is carved from train",
+            }[expected]
             with pytest.raises(DataError, match=match):
                 match_resumed_data(run, {"t": task})
         else:

@@ -235,9 +235,16 @@ DATA_CHANGES = {  # edit of the classification task's rows -> what resume says
 def test_resume_refuses_data_whose_labels_or_rows_changed_and_goes_on_with_appended_rows(
     tmp_path, tiny_backbone, write_jsonl, capsys
 ):
+    """sentiment's validation split is carved from its train file: rows appended there are refused, as a
+    carve of the longer file would hold out other rows, some already trained on; ner has a validation file
+    of its own: rows appended to its train file are a warning."""
     path = write_config(tmp_path, tiny_backbone, write_jsonl, "data")
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    held_out = write_jsonl("b_validation.jsonl", token_rows(8, seed=5))
+    config["tasks"]["ner"]["source"]["validation"] = str(held_out)
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
     assert main(["train", str(path), "training.steps=2"]) == 0
-    run_dir, data = tmp_path / "runs" / "data", tmp_path / "a.jsonl"
+    run_dir, data, tags = tmp_path / "runs" / "data", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     interrupted(run_dir)
     original = data.read_text(encoding="utf-8")
     capsys.readouterr()
@@ -247,12 +254,24 @@ def test_resume_refuses_data_whose_labels_or_rows_changed_and_goes_on_with_appen
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"multitune: error: {data}: {message}", what
         data.write_text(original, encoding="utf-8")
 
-    edit_rows(data, lambda rows: rows + classification_rows(4, seed=9))  # rows appended: a warning, and on
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    edit_rows(data, lambda rows: rows + classification_rows(4, seed=9))  # appended to a carved task's file
+    assert main(["resume", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"multitune: error: {data}: task 'sentiment': 4 rows added since the run being resumed started, but its "
+        "validation split is carved from train: carving the longer file would move rows between train and "
+        "validation (validating on rows already trained on); start a new run, restore the data, or give the task "
+        "a validation source"
+    ]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    data.write_text(original, encoding="utf-8")
+
+    edit_rows(tags, lambda rows: rows + token_rows(3, seed=9))  # appended beside a validation file: a warning
     assert main(["resume", str(run_dir)]) == 0
     interrupted(run_dir)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert warnings == [
-        f"warning: task 'sentiment': 4 rows added to {data} since the run started; resuming with them (the run "
+        f"warning: task 'ner': 3 rows added to {tags} since the run started; resuming with them (the run "
         "no longer repeats an uninterrupted one)"
     ]
     assert main(["resume", str(run_dir)]) == 0  # the run goes on with those rows: no warning again
