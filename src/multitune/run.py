@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -274,14 +275,22 @@ def enable_gradient_checkpointing(model: MultiTaskModel) -> None:
 
 def load_backbone_weights(model: MultiTaskModel, run_dir: Path) -> None:
     """Start the backbone from a finished run's backbone (e.g. a multi-task model, for a new task)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = run_dir / WEIGHTS_FILE
     if not path.is_file():
         raise MultitunError("not a finished multitune run: model.safetensors is missing", file=str(run_dir))
     prefix = "backbone."
-    with safe_open(str(path), framework="pt") as weights:
-        state = {key[len(prefix) :]: weights.get_tensor(key) for key in weights.keys() if key.startswith(prefix)}  # noqa: SIM118
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            state = {key[len(prefix) :]: weights.get_tensor(key) for key in weights.keys() if key.startswith(prefix)}  # noqa: SIM118
+    except SafetensorError as error:  # random bytes, an empty or cut-short file
+        lines = str(error).strip().splitlines()
+        raise ConfigError(
+            f"not a readable safetensors file (damaged?): {lines[0] if lines else type(error).__name__}",
+            file=str(path),
+            field="model.init_from",
+        ) from None
     try:
         model.backbone.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -1259,18 +1268,115 @@ def resume_run(run_dir: str | Path) -> Path:
 
 
 def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any], MultiTaskModel, Backbone]:
+    """A finished run's config, tasks.json and model. Every file is checked as it is read: a damaged one is a
+    one-line MultitunError naming it (and the task and field), never a traceback."""
     run = Path(run_dir)
     for required in ("config.yaml", "tasks.json", WEIGHTS_FILE, "backbone"):
         if not (run / required).exists():
             raise MultitunError(f"not a finished multitune run: {required} is missing", file=str(run))
     config = load_run_config(run / "config.yaml")
-    manifest = json.loads((run / "tasks.json").read_text(encoding="utf-8"))
-    backbone = FROM_RUN.get(config.model.kind, backbone_from_run)(run / "backbone")
+    manifest = read_manifest(run / "tasks.json", config.tasks)
+    backbone = rebuilt_backbone(run / "backbone", config.model.kind)
     tasks = {name: task_from_manifest(name, config.tasks[name], manifest[name]) for name in config.tasks}
     model = build_model(config, tasks, backbone)
-    load_weights(model, run / WEIGHTS_FILE)
+    try:
+        load_weights(model, run / WEIGHTS_FILE)
+    except RuntimeError as error:  # a tensor of another shape: a head sized by other labels than tasks.json's
+        first = str(error).strip().splitlines()
+        raise MultitunError(
+            f"the weights do not fit the model that config.yaml and tasks.json describe: {first[-1] if first else ''}",
+            file=str(run / WEIGHTS_FILE),
+        ) from None
     model.eval()
     return config, manifest, model, backbone
+
+
+def read_json_file(path: Path) -> Any:
+    """A JSON file of a run, or a one-line MultitunError naming it (and the line where its JSON breaks)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise MultitunError(
+            f"not valid JSON (damaged?): {error.msg}, column {error.colno}", file=str(path), line=error.lineno
+        ) from None
+    except UnicodeDecodeError:
+        raise MultitunError("not UTF-8 text (damaged?)", file=str(path)) from None
+    except RecursionError:
+        raise MultitunError("not a JSON file multitune wrote: nested too deeply", file=str(path)) from None
+    except OSError as error:
+        raise MultitunError(f"cannot be read: {error.strerror or error}", file=str(path)) from None
+
+
+def read_manifest(path: Path, tasks: dict[str, TaskConfig]) -> dict[str, dict[str, Any]]:
+    """tasks.json, checked against the run's config: an entry per task, with the type, labels and target
+    scaling the heads were trained with. What a head's size and answers rest on is checked here, where the
+    file can be named, not where a damaged value would first be used."""
+    manifest = read_json_file(path)
+    if not isinstance(manifest, dict):
+        raise MultitunError(f"holds {_json_kind(manifest)}, not an object of tasks (damaged?)", file=str(path))
+    for name, task in tasks.items():
+        if name not in manifest:
+            raise MultitunError(
+                f"no entry for task '{name}' of config.yaml (damaged?; it holds "
+                f"{', '.join(_shown(key) for key in list(manifest)[:8]) or 'none'})",
+                file=str(path),
+            )
+        entry = manifest[name]
+        if not isinstance(entry, dict):
+            raise MultitunError(
+                f"task '{name}': its entry is {_json_kind(entry)}, not an object", file=str(path), field=name
+            )
+        problem = _manifest_problem(entry, task)
+        if problem is not None:
+            key, message = problem
+            raise MultitunError(f"task '{name}': {message} (damaged?)", file=str(path), field=f"{name}.{key}")
+    return manifest
+
+
+def _manifest_problem(entry: dict[str, Any], task: TaskConfig) -> tuple[str, str] | None:
+    """(field, what is wrong) with one task's tasks.json entry, or None."""
+    if entry.get("type") != task.type:
+        return "type", f"its type is {entry.get('type')!r}, but config.yaml says '{task.type}'"
+    labels = entry.get("labels")
+    if task.type in ("regression", "generation"):
+        if labels is not None:
+            return "labels", f"a {task.type} task has no labels, found {_json_kind(labels)}"
+    else:
+        fewest = 1 if task.type == "token_classification" else 2
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            return "labels", f"must be a list of label names, found {_json_kind(labels)}"
+        if len(set(labels)) != len(labels) or len(labels) < fewest:
+            return (
+                "labels",
+                f"must name at least {fewest} distinct labels, found {len(labels)} ({len(set(labels))} distinct)",
+            )
+        if task.labels is not None and labels != task.labels:
+            return "labels", f"{labels} differ from the labels config.yaml gives"
+    for key in ("target_mean", "target_std"):
+        value = entry.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return key, f"must be a finite number, found {_json_kind(value) if not isinstance(value, float) else value}"
+    if entry["target_std"] <= 0:
+        return "target_std", f"must be above 0, found {entry['target_std']}"
+    return None
+
+
+def rebuilt_backbone(folder: Path, kind: str) -> Backbone:
+    """The run's saved backbone (architecture and tokenizer). Its JSON files are checked first, so a damaged
+    one is named; whatever else transformers or tokenizers cannot read is one line naming the folder."""
+    for path in sorted(folder.glob("*.json")):
+        if not isinstance(read_json_file(path), dict):
+            raise MultitunError("not a JSON object as transformers writes (damaged?)", file=str(path))
+    try:
+        return FROM_RUN.get(kind, backbone_from_run)(folder)
+    except MultitunError:
+        raise
+    except Exception as error:  # transformers and tokenizers raise many types; all mean "cannot rebuild it"
+        first = str(error).strip().splitlines()
+        raise MultitunError(
+            f"the saved backbone cannot be rebuilt (damaged?): {type(error).__name__}: {first[0] if first else ''}",
+            file=str(folder),
+        ) from None
 
 
 def task_from_manifest(name: str, config: TaskConfig, entry: dict[str, Any]) -> TaskData:

@@ -129,6 +129,7 @@ def load_weights(model: nn.Module, path: Path, sharded: bool = False) -> None:
     """Weights saved by save_weights into `model`. `sharded`: copy tensor by tensor, each cut to this process's
     shard where the backbone is sharded across processes (FSDP), and into the model's own storage where its
     weights are views into one flat buffer (DeepSpeed ZeRO), which safetensors' load_model refuses."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model
 
     from multitune.training.distributed import load_full_state_dict
@@ -142,6 +143,10 @@ def load_weights(model: nn.Module, path: Path, sharded: bool = False) -> None:
             missing, unexpected = load_model(model, str(path), strict=False)
     except FileNotFoundError:
         raise MultitunError("weights file not found", file=str(path)) from None
+    except SafetensorError as error:  # random bytes, an empty or cut-short file: one line, not a traceback
+        raise MultitunError(
+            f"not a readable safetensors file (damaged?): {write_failure(error)}", file=str(path)
+        ) from None
     if missing or unexpected:
         raise MultitunError(
             f"weights do not match the model (missing: {sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]})",
