@@ -176,13 +176,13 @@ rows = st.lists(st.tuples(st.text(max_size=6), st.sampled_from(["a", "b", "c"]))
 
 def task_of(data: list[tuple[str, str]], validation: list[bool], own_validation: bool = False) -> TaskData:
     """The task as loaded: the file's rows (line i + 1), some held out as validation as a carve would (at
-    least one), or all of them train beside a validation file of its own."""
+    least one, never all), or all of them train beside a validation file of its own."""
     examples = [Example((text,), label, "t.jsonl", i + 1) for i, (text, label) in enumerate(data)]
     if own_validation:
         splits = {"train": examples, "validation": [Example(("held out",), data[0][1], "v.jsonl", 1)]}
         return TaskData("t", TASK, splits, sorted({label for _, label in data}))
     held = [validation[i % len(validation)] for i in range(len(examples))]
-    held[-1] = True
+    held[0], held[-1] = False, True  # as load_task: a carve leaves rows in both splits
     splits = {
         "train": [e for e, h in zip(examples, held, strict=True) if not h],
         "validation": [e for e, h in zip(examples, held, strict=True) if h],
