@@ -1358,6 +1358,9 @@ def _manifest_problem(entry: dict[str, Any], task: TaskConfig) -> tuple[str, str
             return key, f"must be a finite number, found {_json_kind(value) if not isinstance(value, float) else value}"
     if entry["target_std"] <= 0:
         return "target_std", f"must be above 0, found {entry['target_std']}"
+    rows = entry.get("rows", {})  # the model card lists them
+    if not isinstance(rows, dict) or not all(isinstance(n, int) and not isinstance(n, bool) for n in rows.values()):
+        return "rows", f"must be an object of row counts per split, found {_json_kind(rows)}"
     return None
 
 

@@ -51,6 +51,11 @@ DAMAGES: dict[str, tuple[str, Callable[[bytes], bytes], str]] = {
         with_entry("sentiment", target_std=float("nan")),
         "tasks.json: field 'sentiment.target_std': task 'sentiment': must be a finite number, found nan",
     ),
+    "rows a number": (
+        "tasks.json",
+        with_entry("sentiment", rows=5),
+        "tasks.json: field 'sentiment.rows': task 'sentiment': must be an object of row counts per split",
+    ),
     "another type": (
         "tasks.json",
         with_entry("ner", type="regression"),
@@ -136,7 +141,7 @@ GOOD = {
     "sentiment": {"type": "classification", "labels": ["neg", "pos"], "target_mean": 0.0, "target_std": 1.0},
     "score": {"type": "regression", "labels": None, "target_mean": 2.5, "target_std": 1.5},
 }
-entry_keys = st.sampled_from(["type", "labels", "target_mean", "target_std"])
+entry_keys = st.sampled_from(["type", "labels", "target_mean", "target_std", "rows"])
 
 
 @settings(max_examples=200, deadline=None)
