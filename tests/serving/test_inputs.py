@@ -48,8 +48,7 @@ def test_a_pair_task_given_one_text_is_refused_by_predict_and_serve(server, pair
     code, out, err = predict(pair_run, "similarity", [PAIR, {"text": "john likes the movie"}], tmp_path)
     assert code == 2 and out == []
     expected = (
-        "field 'text_pair': missing: task 'similarity' takes two texts, 'text' and 'text_pair' "
-        "(the record has 'text')"
+        "field 'text_pair': missing: task 'similarity' takes two texts, 'text' and 'text_pair' (the record has 'text')"
     )
     assert err.strip() == f"multitune: error: {tmp_path / 'in.jsonl'}:2: {expected}"
 
