@@ -670,6 +670,10 @@ def validate_config(
                 if "input" in first and first["type"] != "value_error"
                 else message
             )
+            if first["type"] == "literal_error" and isinstance(first.get("input"), str):  # a misspelt choice
+                choices = re.findall(r"'([^']*)'", str(first.get("ctx", {}).get("expected", "")))
+                close = difflib.get_close_matches(first["input"], choices, n=1)
+                message += f"; did you mean '{close[0]}'?" if close else ""
         source, line = _locate(loc, file, lines or {}, overridden)
         raise ConfigError(message, file=source, line=line, field=key or None) from None
     try:

@@ -376,3 +376,22 @@ def test_exponent_numbers_without_a_dot_are_numbers_everywhere(tmp_path):
     assert config.gradient_aggregation is not None and config.gradient_aggregation.params == {"c": 0.5}
     assert config.training.lr == 2e-5
     assert load_config(write(tmp_path, MINIMAL.replace("name: demo", "name: 1e3x")), []).run.name == "1e3x"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("type: classification", "type: clasification", "field 'tasks.a.type': Input should be"),
+        ("format: jsonl", "format: jsnl", "field 'tasks.a.source.format': Input should be"),
+    ],
+)
+def test_a_misspelt_choice_suggests_the_closest(tmp_path, old, new, message):
+    path = write(tmp_path, MINIMAL.replace(old, new))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    right = old.split(": ")[1]
+    assert message in str(caught.value) and str(caught.value).endswith(f"; did you mean '{right}'?")
+    path = write(tmp_path, MINIMAL.replace(old, old.split(": ")[0] + ": zzzzzz"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "did you mean" not in str(caught.value)  # nothing close: no guess
