@@ -113,6 +113,7 @@ class PreparedTask:
     values: list[Any] | None = None  # what predict returns for each class: the user's own ids, when they gave ids
     target_mean: float = 0.0
     target_std: float = 1.0
+    target_range: tuple[float, float] | None = None  # regression: the smallest and largest training target
     metrics: list[str] = field(default_factory=list)
     main_metric: str = ""
 
@@ -365,6 +366,7 @@ def _regression(task: PreparedTask, raw: dict[str, tuple[dict[str, Tensor], np.n
         train = targets["train"]
         task.target_mean = float(train.mean())
         task.target_std = float(train.std()) or 1.0
+    task.target_range = (float(targets["train"].min()), float(targets["train"].max()))
     for split, (inputs, _) in raw.items():
         scaled = (targets[split] - task.target_mean) / task.target_std
         task.splits[split] = Rows(inputs, torch.tensor(scaled, dtype=torch.float32), targets[split].tolist())
@@ -462,9 +464,8 @@ class FittedModel:
                 f"but the model was trained on {_describe(expected)}"
             )
         predictions = as_given(prepared, self._predict(prepared, Rows(converted, None, [])))
-        if prepared.spec.type == "regression":  # as predict and serve: held to the training targets' range
-            targets = prepared.splits["train"].references
-            predictions = [held_to_range(p, (min(targets), max(targets))) for p in predictions]
+        if prepared.target_range is not None:  # as predict and serve: held to the training targets' range
+            predictions = [held_to_range(p, prepared.target_range) for p in predictions]
         return predictions
 
     def table(self, split: str = "test") -> str:
