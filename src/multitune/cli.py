@@ -122,14 +122,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+    from multitune.training.distributed import end_process_group
+
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
     except MultitunError as error:
         print(f"multitune: error: {error}", file=sys.stderr)
+        end_process_group(wait=False)
         return int(getattr(error, "exit_code", 2))
     except KeyboardInterrupt:
         print("multitune: interrupted", file=sys.stderr)
+        end_process_group(wait=False)
         return 130
+    except BaseException:
+        end_process_group(wait=False)
+        raise
+    end_process_group(wait=True)  # launched as several processes: leave their group before exiting
+    return code
 
 
 def _dispatch(args: argparse.Namespace) -> int:

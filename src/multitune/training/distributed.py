@@ -113,6 +113,20 @@ class Processes:
 ALONE = Processes()
 
 
+def end_process_group(wait: bool) -> None:
+    """Leave the process group before the interpreter exits (a gloo group left to the exit's destructors can
+    abort a process that has finished its work: "terminate called without an active exception").
+    `wait`: first wait for the others (the command ended well on every process, and none may leave while
+    the main one still writes); after an error, leave at once. A no-op without a process group."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def from_accelerator(accelerator: Any, sharded: bool = False) -> Processes:
     world = int(accelerator.num_processes)
     return Processes(int(accelerator.process_index), world, sharded and world > 1)
