@@ -36,6 +36,7 @@ from multitune.config import (
     check_balancing,
     check_numbers,
 )
+from multitune.core.files import write_json
 from multitune.data.collate import Batch, TaskRows
 from multitune.data.encoding import IGNORE_INDEX
 from multitune.data.streams import TaskStream
@@ -54,7 +55,7 @@ from multitune.run import (
     make_sampler,
     require_shared_parameters,
 )
-from multitune.training.checkpoint import WEIGHTS_FILE, save_weights, write_json
+from multitune.training.checkpoint import WEIGHTS_FILE, save_weights
 from multitune.training.loop import EarlyStopping, LoopSettings, TrainState, Validation, train
 
 TASK_TYPES = ("classification", "regression", "token_classification")

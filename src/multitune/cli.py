@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    from multitune.training.distributed import end_process_group
+    from multitune.core.processes import end_process_group
 
     try:
         code = _dispatch(args)
@@ -182,7 +182,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             from pathlib import Path
 
-            from multitune.training.checkpoint import write_text
+            from multitune.core.files import write_text
 
             write_text(Path(args.output), lines)
     elif args.command == "serve":

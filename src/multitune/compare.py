@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from multitune.config import SPLITS, Config, dump_config, load_config
+from multitune.core.files import write_json, write_text
 from multitune.errors import MultitunError
+from multitune.evaluation.evaluate import change_text
 from multitune.evaluation.report import write_report
-from multitune.training.checkpoint import write_json, write_text
 
 BASELINES = ".baselines"
 
@@ -303,14 +304,6 @@ def verdict(result: dict[str, Any]) -> str:
         f"multi-task is {outcome} on average (Δm {dm:+.2f}%) with {size:.0%} of the parameters "
         f"in {time_ratio:.2f}x the training time{hurt}"
     )
-
-
-def change_text(entry: dict[str, Any]) -> str:
-    """A task's relative change from single- to multi-task, signed so that + is better (as Δm counts it)."""
-    sign = 1 if entry["higher_is_better"] else -1
-    if abs(entry["single"]) <= 1e-9:
-        return "n/a (single-task score 0)"
-    return f"{sign * (entry['multi'] - entry['single']) / abs(entry['single']) * 100:+.1f}%"
 
 
 def format_comparison(result: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from multitune.config import Config
+from multitune.core.files import atomic_write
 from multitune.data.tasks import TaskData
 from multitune.errors import ConfigError, MultitunError
 from multitune.models.backbone import PACKAGED_MODELS, packaged_copy
@@ -43,7 +44,7 @@ from multitune.run import (
     prediction_bounds,
     task_from_manifest,
 )
-from multitune.training.checkpoint import WEIGHTS_FILE, atomic_write, discard_staging, load_weights
+from multitune.training.checkpoint import WEIGHTS_FILE, discard_staging, load_weights
 
 HEAD_WEIGHTS = "multitune_head.safetensors"
 HEAD_CONFIG = "multitune_head.json"

@@ -5,11 +5,40 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from multitune.errors import ConfigError
 
 T = TypeVar("T")
+
+MODEL_KINDS = frozenset({"encoder", "causal_lm", "seq2seq"})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a registered method supports, declared where it is registered. The combination rules
+    (config/rules.py) read these declarations and never compare a method's name.
+
+    - `model_kinds`: the backbones it works on (model.kind: encoder, causal_lm, seq2seq).
+    - `shares_parameters`: (architectures) the tasks share trainable parameters, so per-task gradients of them
+      exist (the `parameters` gradient source, task affinity and the negative-transfer guard need them).
+    - `takes_adapters`: (architectures) per-task adapters may be attached to its backbone.
+    - `sharded`: it works with the backbone sharded across processes (FSDP2).
+    - `whole_gradients`: (gradient sources) it needs whole per-task gradients of the shared weights, so it
+      cannot run on a sharded backbone nor split a batch into micro-batches.
+    - `one_task_per_step`: (schedules) each step trains one task: no mixed batches, no gradient aggregation.
+    """
+
+    model_kinds: frozenset[str] = MODEL_KINDS
+    shares_parameters: bool = True
+    takes_adapters: bool = True
+    sharded: bool = True
+    whole_gradients: bool = False
+    one_task_per_step: bool = False
+
+
+EVERYTHING = Capabilities()
 
 
 class Registry(Generic[T]):
@@ -18,15 +47,26 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._factories: dict[str, Callable[..., T]] = {}
+        self._capabilities: dict[str, Capabilities] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(
+        self, name: str, capabilities: Capabilities = EVERYTHING
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Register a factory under `name`, with what it supports (by default: everything)."""
+
         def add(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
             self._factories[name] = factory
+            self._capabilities[name] = capabilities
             return factory
 
         return add
+
+    def capabilities(self, name: str, *, field: str | None = None) -> Capabilities:
+        """What `name` supports; ConfigError naming `field` for an unknown name."""
+        self.get(name, field=field)
+        return self._capabilities[name]
 
     def names(self) -> list[str]:
         return sorted(self._factories)

@@ -35,6 +35,9 @@ from multitune.config import (
     dump_config,
     load_run_config,
 )
+from multitune.core.files import atomic_write, write_json, write_text
+from multitune.core.processes import Processes, from_accelerator
+from multitune.core.rng import rng_state, set_rng_state
 from multitune.data.collate import Batch, collate, pack
 from multitune.data.encoding import Encoded, encode
 from multitune.data.readers import Row, json_rows, read_jsonl
@@ -69,27 +72,15 @@ from multitune.models.regularization import L2SP, Regularizer
 from multitune.training.checkpoint import (
     PREFIX,
     WEIGHTS_FILE,
-    atomic_write,
     latest_checkpoint,
     load_trainer_state,
     load_weights,
     recording,
     remove_leftovers,
-    rng_state,
     save_checkpoint,
     save_weights,
-    set_rng_state,
-    write_json,
-    write_text,
 )
-from multitune.training.distributed import (
-    Processes,
-    from_accelerator,
-    full_optimizer_state,
-    full_state_dict,
-    shard_backbone,
-    shard_optimizer_state_,
-)
+from multitune.training.distributed import full_optimizer_state, full_state_dict, shard_backbone, shard_optimizer_state_
 from multitune.training.loop import EarlyStopping, LoopSettings, StopSignal, TrainState, Validation, train
 from multitune.training.schedules import Reptile
 from multitune.training.zero import (

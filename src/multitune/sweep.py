@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from multitune.config import Config, load_config
+from multitune.core.files import write_json, write_text
 from multitune.errors import ConfigError
-from multitune.training.checkpoint import write_json, write_text
 
 
 def split_top_level(text: str) -> list[str]:

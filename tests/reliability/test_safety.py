@@ -11,15 +11,9 @@ from torch import nn
 
 from multitune.cli import main
 from multitune.config import Config
+from multitune.core.files import write_json
 from multitune.errors import MultitunError
-from multitune.training.checkpoint import (
-    CHECKPOINTS,
-    checkpoint_dirs,
-    latest_checkpoint,
-    save_checkpoint,
-    save_weights,
-    write_json,
-)
+from multitune.training.checkpoint import CHECKPOINTS, checkpoint_dirs, latest_checkpoint, save_checkpoint, save_weights
 from tests.conftest import REPO, classification_rows, tiny_config, token_rows
 
 SOURCES = sorted((REPO / "src" / "multitune").rglob("*.py"))

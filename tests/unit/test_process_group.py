@@ -8,7 +8,7 @@ import pytest
 import torch.distributed as dist
 
 from multitune import cli
-from multitune.training.distributed import end_process_group
+from multitune.core.processes import end_process_group
 
 
 @pytest.fixture

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from multitune.balancing.gradients import GradientAggregator, GramianAggregator, gramian
 from multitune.balancing.gradients.base import combine_rows
 from multitune.balancing.losses import LossWeighting, ObservesTaskGradients
-from multitune.training.checkpoint import rng_state, set_rng_state
-from multitune.training.distributed import ALONE, Processes
+from multitune.core.processes import ALONE, Processes
+from multitune.core.rng import rng_state, set_rng_state
 
 
 class BalancedModel(Protocol):

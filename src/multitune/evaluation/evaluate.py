@@ -184,3 +184,11 @@ def format_table(results: dict[str, dict[str, Any]], average: float | None = Non
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def change_text(entry: dict[str, Any]) -> str:
+    """A task's relative change from single- to multi-task, signed so that + is better (as Δm counts it)."""
+    sign = 1 if entry["higher_is_better"] else -1
+    if abs(entry["single"]) <= 1e-9:
+        return "n/a (single-task score 0)"
+    return f"{sign * (entry['multi'] - entry['single']) / abs(entry['single']) * 100:+.1f}%"

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from multitune.analysis.affinity import NO_SELF_TRANSFER
+from multitune.core.files import write_text
 from multitune.evaluation.evaluate import TABLE_HEADER, table_rows
-from multitune.training.checkpoint import write_text
 
 
 def _figure(draw: Any) -> Any:
@@ -198,7 +198,7 @@ def report_figures(run_dir: Path) -> tuple[list[tuple[str, Any]], list[str]]:
 
 
 def build_report(run_dir: Path) -> str:
-    from multitune.compare import change_text
+    from multitune.evaluation.evaluate import change_text
 
     metrics, comparison, affinity = (_read(run_dir, n) for n in ("metrics.json", "comparison.json", "affinity.json"))
     sections: list[str] = []

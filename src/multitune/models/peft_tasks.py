@@ -239,7 +239,7 @@ class TaskAdapters(nn.Module):
         saved prompt includes the shared prompt in front, so plain peft reproduces it exactly."""
         from safetensors.torch import save_file
 
-        from multitune.training.checkpoint import atomic_write
+        from multitune.core.files import atomic_write
 
         states: dict[str, dict[str, Tensor]] = {}
         if self.method == "lora":

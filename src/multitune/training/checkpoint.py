@@ -12,67 +12,26 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from multitune.core.files import (
+    SCRATCH,
+    _fsync_dir,
+    _fsync_file,
+    _record_if_tracked,
+    atomic_write,
+    track,
+    untrack,
+    write_failure,
+)
 from multitune.errors import MultitunError
 
 WEIGHTS_FILE = "model.safetensors"
-
-
-def write_failure(error: Exception) -> str:
-    """One line saying why a write failed. safetensors and torch.save report a full disk or an I/O error as
-    their own exception types (SafetensorError, RuntimeError), not OSError, so every exception raised while
-    writing counts as a failed write."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return first[:300]
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over `path`. The file gets
-    the mode a plain open gives (0666 less the user's umask), not mkstemp's 0600, also when the writer
-    replaces the temporary file with one of its own (safetensors does): a run is as shareable as the
-    user's other files."""
-    tmp: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        while tmp is None:  # a fresh name, created exclusively (as mkstemp does)
-            candidate = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
-            try:
-                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            except FileExistsError:
-                continue
-            tmp = candidate
-        mode = tmp.stat().st_mode & 0o777
-        _record_if_tracked(tmp)
-        write(tmp)
-        tmp.chmod(mode)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as error:  # an interrupt too leaves no temporary file behind
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        if isinstance(error, Exception):
-            raise MultitunError(f"cannot write: {write_failure(error)}", file=str(path)) from None
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    def write(tmp: Path) -> None:
-        tmp.write_text(text, encoding="utf-8")
-
-    atomic_write(path, write)
-
-
-def write_json(path: Path, value: Any) -> None:
-    write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 class NonFiniteWeights(MultitunError):
@@ -164,49 +123,9 @@ CHECKPOINT_NAME = re.compile(r"step-\d{8}")
 CHECKPOINT_FILES = (WEIGHTS_FILE, "trainer.pt")  # all that a checkpoint folder of ours holds
 PARTIAL = ".partial"
 DISCARDED = ".discarded"
-SCRATCH = ".multitune-scratch"  # a run's record of the temporary paths made in it, one JSON string a line
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as stream:
-        os.fsync(stream.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    directory = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 # --- what this process made, and may delete --------------------------------------------------------
-
-_TRACKED: set[Path] = set()  # run directories this process writes into: their temporary files are recorded
-
-
-def _record(run_dir: Path, path: Path) -> None:
-    """Note a temporary path just made inside `run_dir`, before anything is written into it: if this process
-    dies, the next one knows the path as ours. A lost note (power loss) only leaves the path behind."""
-    with open(run_dir / SCRATCH, "a", encoding="utf-8") as record:
-        record.write(json.dumps(os.path.relpath(path, run_dir)) + "\n")
-
-
-def _record_if_tracked(path: Path) -> None:
-    resolved = path.resolve()
-    for run_dir in _TRACKED:
-        if resolved.is_relative_to(run_dir):
-            _record(run_dir, resolved)
-            return
-
-
-def track(run_dir: Path) -> None:
-    """From now on, record every temporary file and folder this process makes inside `run_dir`."""
-    _TRACKED.add(run_dir.resolve())
-
-
-def untrack(run_dir: Path) -> None:
-    _TRACKED.discard(run_dir.resolve())
 
 
 @contextlib.contextmanager
@@ -344,15 +263,3 @@ def discard_staging(path: Path) -> None:
 
     if path.name.startswith(".") and path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
-
-
-def rng_state() -> dict[str, Any]:
-    """torch's random state (and CUDA's, when available): what a checkpoint saves and a replay repeats."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

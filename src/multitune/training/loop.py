@@ -15,13 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from multitune.balancing.backward import Balancer, balanced_backward
+from multitune.core.processes import ALONE, Processes, is_sharded
 from multitune.data.collate import Batch, collate
 from multitune.data.samplers import ObservesTraining, TaskSampler, examples_per_task
 from multitune.data.streams import TaskStream
 from multitune.errors import MultitunError
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.regularization import Regularizer
-from multitune.training.distributed import ALONE, Processes, clip_grad_norm_, is_sharded
+from multitune.training.distributed import clip_grad_norm_
 from multitune.training.schedules import Reptile
 
 

@@ -1,0 +1,1 @@
+"""The bottom layer: helpers every other package may use (files, random state, process groups)."""
