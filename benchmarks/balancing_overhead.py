@@ -24,7 +24,7 @@ from multitune.balancing.gradients import GRADIENT_AGGREGATORS
 from multitune.balancing.losses import LOSS_WEIGHTINGS
 from multitune.config import package_path
 from multitune.data.collate import collate
-from multitune.data.encoding import Encoded
+from multitune.data.tokens import Encoded
 from multitune.models.backbone import load_backbone
 from multitune.models.heads import ClassificationHead
 from multitune.models.multitask import MultiTaskModel

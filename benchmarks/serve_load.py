@@ -63,7 +63,7 @@ def request_mix(run_dir: str, count: int, seed: int = 0) -> list[tuple[str, dict
     """`count` (task, record) pairs, tasks drawn uniformly, records from each task's test or validation rows."""
     import yaml
 
-    from multitune.config import validate_config
+    from multitune.catalogue import validate_config
     from multitune.data.tasks import load_tasks
 
     config = validate_config(yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8")))

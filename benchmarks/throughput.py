@@ -54,11 +54,11 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 from multitune.balancing.backward import Balancer, balanced_backward  # noqa: E402
 from multitune.config import MethodConfig  # noqa: E402
 from multitune.data.collate import collate, pack  # noqa: E402
-from multitune.data.encoding import IGNORE_INDEX, Encoded  # noqa: E402
+from multitune.data.tokens import IGNORE_INDEX, Encoded  # noqa: E402
 from multitune.models.causal_lm import CausalLMMultiTask  # noqa: E402
 from multitune.models.heads import HEADS  # noqa: E402
 from multitune.models.multitask import MultiTaskModel  # noqa: E402
-from multitune.run import make_balancer  # noqa: E402
+from multitune.recipe.components import make_balancer  # noqa: E402
 
 LENGTHS = ROOT / "data" / "throughput_lengths.json"
 ENCODER_TASKS = {  # task -> (head type, labels)
@@ -86,7 +86,7 @@ INSTRUCTIONS = {
 def write_lengths(config_path: str, translation_dir: Path, per_task: int, seed: int) -> None:
     """Token counts of real examples: encoder rows (MiniLM's BERT vocabulary, as BERT-base) for the five
     encoder tasks; chat-template prompt and target lengths (SmolLM2's tokenizer) for the instruction mix."""
-    from multitune.config import load_config
+    from multitune.catalogue import load_config
     from multitune.data.encoding import encode
     from multitune.data.tasks import load_tasks
     from multitune.models.backbone import load_backbone

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from multitune.config import load_config
+from multitune.catalogue import load_config
 from multitune.data.tasks import load_tasks
 from multitune.models.backbone import packaged_copy
 from tests.conftest import REPO, SHARED_DATA
@@ -33,7 +33,7 @@ def test_config_loads_and_its_data_reads(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_builds_its_model(path):
-    from multitune.run import prepare
+    from multitune.recipe.prepare import prepare
 
     if needs_shared_data(path) and not SHARED_DATA.is_dir():
         pytest.skip("the shared data folder is not beside the project")

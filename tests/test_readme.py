@@ -2,7 +2,7 @@
 
 import re
 
-from multitune.run import methods_markdown
+from multitune.catalogue import methods_markdown
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")

@@ -27,35 +27,23 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import Tensor, nn
 
-from multitune.config import (
-    DEFAULT_METRICS,
-    NAME_PATTERN,
-    GradientConfig,
-    MethodConfig,
-    TrainingConfig,
-    check_balancing,
-    check_numbers,
-)
-from multitune.core.files import write_json
+from multitune.catalogue import check_balancing
+from multitune.config import DEFAULT_METRICS, NAME_PATTERN, GradientConfig, MethodConfig, TrainingConfig, check_numbers
+from multitune.core.files import WEIGHTS_FILE, write_json
 from multitune.data.collate import Batch, TaskRows
-from multitune.data.encoding import IGNORE_INDEX
 from multitune.data.streams import TaskStream
 from multitune.data.tasks import MAX_TARGET
+from multitune.data.tokens import IGNORE_INDEX
 from multitune.errors import ConfigError, DataError
 from multitune.evaluation.evaluate import average_main_score, class_prediction, format_table, score_with
 from multitune.evaluation.metrics import build_metrics
 from multitune.models.architectures import ARCHITECTURE_INJECTED, ARCHITECTURES
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
-from multitune.run import (
-    create_run_dir,
-    held_to_range,
-    make_balancer,
-    make_optimizer,
-    make_sampler,
-    require_shared_parameters,
-)
-from multitune.training.checkpoint import WEIGHTS_FILE, save_weights
+from multitune.recipe.components import make_balancer, make_optimizer, make_sampler, require_shared_parameters
+from multitune.runs.layout import create_run_dir
+from multitune.runs.predict import held_to_range
+from multitune.training.checkpoint import save_weights
 from multitune.training.loop import EarlyStopping, LoopSettings, TrainState, Validation, train
 
 TASK_TYPES = ("classification", "regression", "token_classification")

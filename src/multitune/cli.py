@@ -1,4 +1,5 @@
-"""`multitune train|evaluate|predict|serve|export|...`: parse arguments, then call run.py. User errors exit 2."""
+"""`multitune train|evaluate|predict|serve|export|...`: parse arguments, then call the recipe (training)
+or runs/ (finished runs). User errors exit 2."""
 
 from __future__ import annotations
 
@@ -142,20 +143,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from multitune import run
+    from multitune import catalogue
+    from multitune.recipe import session
+    from multitune.runs import evaluate, predict
 
     if args.command == "train":
-        from multitune.config import load_config
+        from multitune.catalogue import load_config
 
-        run.train_run(load_config(args.config, args.overrides))
+        session.train_run(load_config(args.config, args.overrides))
     elif args.command == "compare":
         from multitune.compare import compare
 
         compare(args.config, args.overrides, args.baseline_budget)
     elif args.command == "affinity":
-        from multitune.config import load_config
+        from multitune.catalogue import load_config
 
-        run.train_run(load_config(args.config, [*args.overrides, "analysis.task_affinity=true"]))
+        session.train_run(load_config(args.config, [*args.overrides, "analysis.task_affinity=true"]))
     elif args.command == "report":
         from pathlib import Path
 
@@ -165,18 +168,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise MultitunError("not a finished multitune run: metrics.json is missing", file=args.run_dir)
         print(write_report(Path(args.run_dir)))
     elif args.command == "resume":
-        run.resume_run(args.run_dir)
+        session.resume_run(args.run_dir)
     elif args.command == "sweep":
         from multitune.sweep import sweep
 
-        sweep(args.config, args.assignments, run.train_run)
+        sweep(args.config, args.assignments, session.train_run)
     elif args.command == "evaluate":
-        run.evaluate_run(args.run_dir, args.split)
+        evaluate.evaluate_run(args.run_dir, args.split)
     elif args.command == "predict":
         name = "<stdin>" if args.input == "-" else args.input
-        lines = "".join(
-            json.dumps(r, ensure_ascii=False) + "\n" for r in run.predict_run(args.run_dir, args.task, sys.stdin, name)
-        )
+        predictions = predict.predict_run(args.run_dir, args.task, sys.stdin, name)
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions)
         if args.output == "-":
             sys.stdout.write(lines)
         else:
@@ -208,8 +210,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(export_task(args.run_dir, args.task, args.out, onnx=args.onnx))
     elif args.command == "list":
         if args.markdown:
-            print(run.methods_markdown())
+            print(catalogue.methods_markdown())
         else:
-            for method in run.describe_methods():
+            for method in catalogue.describe_methods():
                 print(f"{method['kind']:20} {method['name']:22} {method['summary']}")
     return 0

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from multitune.config import SPLITS, Config, dump_config, load_config
+from multitune.catalogue import load_config
+from multitune.config import SPLITS, Config, dump_config
 from multitune.core.files import write_json, write_text
 from multitune.errors import MultitunError
 from multitune.evaluation.evaluate import change_text

@@ -29,22 +29,17 @@ import torch
 from torch import nn
 
 from multitune.config import Config
-from multitune.core.files import atomic_write
+from multitune.core.files import WEIGHTS_FILE, atomic_write
 from multitune.data.tasks import TaskData
 from multitune.errors import ConfigError, MultitunError
+from multitune.models.assemble import FROM_RUN
 from multitune.models.backbone import PACKAGED_MODELS, packaged_copy
 from multitune.models.multitask import MultiTaskModel, pool
 from multitune.models.peft_tasks import SHARED
-from multitune.run import (
-    FINETUNED,
-    FROM_RUN,
-    encode_for_prediction,
-    input_schema,
-    load_run,
-    prediction_bounds,
-    task_from_manifest,
-)
-from multitune.training.checkpoint import WEIGHTS_FILE, discard_staging, load_weights
+from multitune.runs.layout import FINETUNED
+from multitune.runs.load import load_run, task_from_manifest
+from multitune.runs.predict import encode_for_prediction, input_schema, prediction_bounds
+from multitune.training.checkpoint import discard_staging, load_weights
 
 HEAD_WEIGHTS = "multitune_head.safetensors"
 HEAD_CONFIG = "multitune_head.json"

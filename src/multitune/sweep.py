@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from multitune.config import Config, load_config
+from multitune.catalogue import load_config
+from multitune.config import Config
 from multitune.core.files import write_json, write_text
 from multitune.errors import ConfigError
 
@@ -104,6 +105,6 @@ def format_sweep(results: dict[str, Any]) -> str:
 
 
 def _new_dir(root: Path, name: str) -> Path:
-    from multitune.run import create_run_dir
+    from multitune.runs.layout import create_run_dir
 
     return create_run_dir(str(root), name)

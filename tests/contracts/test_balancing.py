@@ -10,7 +10,7 @@ from multitune.balancing.backward import Balancer, balanced_backward
 from multitune.balancing.gradients import GRADIENT_AGGREGATORS, GramianAggregator, gramian
 from multitune.balancing.losses import LOSS_WEIGHTINGS
 from multitune.data.collate import collate
-from multitune.data.encoding import Encoded
+from multitune.data.tokens import Encoded
 
 TASKS = ["a", "b", "c", "d", "e"]
 NON_CONFLICTING = {"mgda", "upgrad", "nash_mtl"}

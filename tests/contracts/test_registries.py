@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from multitune.data.encoding import IGNORE_INDEX
 from multitune.data.samplers import SAMPLERS, ObservesTraining, TaskSampler
+from multitune.data.tokens import IGNORE_INDEX
 from multitune.evaluation.metrics import METRICS, Metric
 from multitune.models.heads import HEADS, Head
 

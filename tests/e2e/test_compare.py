@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
+from multitune.catalogue import validate_config
 from multitune.cli import main
 from multitune.compare import delta_m, single_task_config
-from multitune.config import validate_config
 from tests.conftest import classification_rows, tiny_config, token_rows
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from multitune.config import load_config
+from multitune.catalogue import load_config
 from multitune.data.tasks import load_tasks
 from tests.conftest import REPO, SHARED_DATA
 

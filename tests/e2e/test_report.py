@@ -69,14 +69,14 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(affinity_ru
 def test_guard_drops_a_task_that_hurts_the_others(tmp_path, tiny_backbone, write_jsonl, monkeypatch):
     import torch
 
-    import multitune.run
+    import multitune.recipe.probes
 
     def synthetic(shared, grads, losses, lr):  # tasks in order ner, noise, sentiment: "noise" hurts the others
         z = torch.full((grads.shape[0], grads.shape[0]), 0.01)
         z[1, [0, 2]] = -0.05
         return z
 
-    monkeypatch.setattr(multitune.run, "lookahead_affinity", synthetic)
+    monkeypatch.setattr(multitune.recipe.probes, "lookahead_affinity", synthetic)
     a, b = write_jsonl("a.jsonl", classification_rows(40)), write_jsonl("b.jsonl", token_rows(40))
     shuffled = write_jsonl("noise.jsonl", classification_rows(40, seed=5))
     config = tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=12, eval_every=3, log_every=1)

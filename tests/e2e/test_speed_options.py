@@ -9,10 +9,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from multitune.catalogue import validate_config
 from multitune.cli import main
-from multitune.config import validate_config
 from multitune.data.collate import collate
-from multitune.run import compile_backbone, prepare
+from multitune.models.assemble import compile_backbone
+from multitune.recipe.prepare import prepare
 from tests.conftest import classification_rows, tiny_config, token_rows
 
 

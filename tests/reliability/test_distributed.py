@@ -232,9 +232,10 @@ def test_the_zero_settings_of_an_accelerate_launch(tmp_path):
     ],
 )
 def test_a_sharded_backbone_refuses_what_needs_whole_shared_gradients(tmp_path, write_jsonl, change, field):
-    from multitune.config import validate_config
+    from multitune.catalogue import validate_config
     from multitune.errors import ConfigError
-    from multitune.run import build_balancer, check_sharded
+    from multitune.recipe.components import build_balancer
+    from multitune.recipe.launch import check_sharded
 
     a = write_jsonl("a.jsonl", classification_rows(8))
     data = tiny_config(tmp_path, a, a, tmp_path / "runs")

@@ -16,8 +16,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from multitune.catalogue import load_config, validate_config
 from multitune.cli import main
-from multitune.config import load_config, validate_config
 from multitune.data.tasks import load_tasks
 from multitune.errors import MultitunError
 

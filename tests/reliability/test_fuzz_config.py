@@ -26,8 +26,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from multitune.catalogue import load_config
 from multitune.cli import main
-from multitune.config import MAX_DEPTH, MAX_VALUES, Config, MethodConfig, load_config, parse_yaml
+from multitune.config import MAX_DEPTH, MAX_VALUES, Config, MethodConfig, parse_yaml
 from multitune.errors import ConfigError
 from tests.conftest import classification_rows, tiny_config, token_rows
 

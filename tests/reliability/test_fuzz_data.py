@@ -20,12 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from multitune.config import validate_config
+from multitune.catalogue import validate_config
 from multitune.data.generative import read_parallel
 from multitune.data.readers import read_conll, read_delimited, read_jsonl, read_unified
 from multitune.data.tasks import load_tasks
 from multitune.errors import DataError
-from multitune.run import _rows
+from multitune.runs.predict import _rows
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 SLOW_FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))

@@ -18,7 +18,8 @@ from torch import nn
 from multitune.config import TaskConfig
 from multitune.data.tasks import Example, TaskData
 from multitune.errors import DataError
-from multitune.run import keep_history_until, match_resumed_data, task_manifest
+from multitune.recipe.resume import keep_history_until
+from multitune.runs.layout import match_resumed_data, task_manifest
 from multitune.training import checkpoint as ckpt
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))

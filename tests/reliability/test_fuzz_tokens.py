@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from multitune.config import TaskConfig
-from multitune.data.encoding import IGNORE_INDEX, encode
+from multitune.data.encoding import encode
 from multitune.data.tasks import Example, TaskData
+from multitune.data.tokens import IGNORE_INDEX
 from tests.conftest import WORDS
 from tests.generation.conftest import build_tiny_causal_lm, build_tiny_t5
 

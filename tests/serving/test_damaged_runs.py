@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from multitune.cli import main
 from multitune.config import TaskConfig
 from multitune.errors import MultitunError
-from multitune.run import read_manifest, task_from_manifest
+from multitune.runs.layout import read_manifest
+from multitune.runs.load import task_from_manifest
 
 
 def with_entry(task: str, **values: Any) -> Callable[[bytes], bytes]:

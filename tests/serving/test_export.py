@@ -138,7 +138,7 @@ def test_card_quotes_whole_license_paragraphs():
     """A license statement wrapped over several lines of ATTRIBUTION.md is quoted whole, not cut at a line end."""
     from types import SimpleNamespace
 
-    from multitune.config import load_config
+    from multitune.catalogue import load_config
     from multitune.export import data_licenses
     from tests.conftest import REPO
 

@@ -163,7 +163,7 @@ def test_regression_answers_are_held_to_the_training_range_and_scored_raw(pair_r
     """The model's raw answers on a few pairs, then a run whose recorded range lies strictly inside them:
     the lowest answers become its minimum, the highest its maximum, `raw` keeps the model's value, predict and
     serve agree; evaluation scores the raw answers, so its metrics do not move."""
-    from multitune.run import evaluate_run
+    from multitune.runs.evaluate import evaluate_run
 
     words = ["john", "likes", "the", "movie", "paris", "london", "dog", "cat", "red", "blue", "runs", "sits"]
     records = [{"text": " ".join(words[i : i + 4]), "text_pair": " ".join(words[i + 1 : i + 6])} for i in range(7)]

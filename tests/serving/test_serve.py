@@ -175,7 +175,7 @@ def test_evaluation_tags_a_sentence_longer_than_max_length_in_windows(tiny_run, 
 
     import yaml
 
-    from multitune.run import evaluate_run
+    from multitune.runs.evaluate import evaluate_run
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

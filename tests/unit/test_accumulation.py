@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from multitune.balancing.backward import balanced_backward, encode_in_parts
-from multitune.config import validate_config
+from multitune.catalogue import validate_config
 from multitune.data.collate import collate
 from multitune.errors import ConfigError
-from multitune.run import build_balancer, prepare
+from multitune.recipe.components import build_balancer
+from multitune.recipe.prepare import prepare
 from tests.conftest import classification_rows, tiny_config, token_rows
 
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 import yaml
 
+from multitune.catalogue import validate_config
 from multitune.cli import main
-from multitune.config import validate_config
 from multitune.data.collate import collate
 from multitune.errors import ConfigError
 from multitune.models.architectures import ARCHITECTURES
-from multitune.run import build_regularizers, prepare
+from multitune.recipe.components import build_regularizers
+from multitune.recipe.prepare import prepare
 from tests.conftest import classification_rows, tiny_config, token_rows
 
 SETTINGS = {
@@ -176,7 +177,7 @@ def test_a_run_trains_saves_and_evaluates_identically(make_config, tmp_path, nam
 @pytest.mark.parametrize("source", ["representation", "parameters"])
 def test_gradient_checkpointing_gives_the_same_gradients(make_config, source):
     from multitune.balancing.backward import balanced_backward
-    from multitune.run import build_balancer
+    from multitune.recipe.components import build_balancer
 
     grads = []
     for checkpointing in (False, True):

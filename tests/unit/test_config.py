@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from multitune.config import load_config, package_path
+from multitune.catalogue import load_config
+from multitune.config import package_path
 from multitune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,8 +6,9 @@ from transformers import AutoTokenizer
 
 from multitune.config import TaskConfig
 from multitune.data.collate import collate
-from multitune.data.encoding import IGNORE_INDEX, encode
+from multitune.data.encoding import encode
 from multitune.data.tasks import Example, TaskData
+from multitune.data.tokens import IGNORE_INDEX
 
 
 def data(kind, labels=None, **extra):

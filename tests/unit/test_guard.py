@@ -129,8 +129,8 @@ def test_validations_before_the_start_step_are_not_judged():
 def test_compare_records_trajectories_the_guard_reads(tmp_path):
     import json
 
-    from multitune.config import validate_config
-    from multitune.run import guard_baselines
+    from multitune.catalogue import validate_config
+    from multitune.recipe.components import guard_baselines
 
     comparison = tmp_path / "comparison.json"
     entry = {"single": 0.5, "higher_is_better": False, "single_trajectory": [[32, 0.9], [64, 0.5]]}

@@ -5,12 +5,12 @@ import pytest
 import torch
 import yaml
 
+from multitune.catalogue import validate_config
 from multitune.cli import main
-from multitune.config import validate_config
 from multitune.data.collate import collate
 from multitune.errors import ConfigError
 from multitune.models.peft_tasks import SHARED
-from multitune.run import prepare
+from multitune.recipe.prepare import prepare
 from tests.conftest import classification_rows, tiny_config, token_rows
 
 
@@ -139,7 +139,7 @@ def test_each_adapter_loads_with_plain_peft(make_config, tmp_path, tiny_backbone
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     assert main(["train", str(path)]) == 0
     run = tmp_path / "runs" / "tiny"
-    from multitune.run import load_run
+    from multitune.runs.load import load_run
 
     _, _, model, _ = load_run(run)
     prepared = prepare(validate_config(data))

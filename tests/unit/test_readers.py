@@ -238,7 +238,7 @@ def test_numbers_that_python_cannot_hold_are_refused(tmp_path):
 def test_prediction_input_from_stdin_is_checked_like_a_file():
     import io
 
-    from multitune.run import _rows
+    from multitune.runs.predict import _rows
 
     lines = '{"text": "ok"}\n{"text": "\\ud800"}\n'
     with pytest.raises(DataError, match=r"^<stdin>:2: field 'text': not valid text: a lone surrogate U\+D800"):
@@ -347,7 +347,7 @@ def test_a_key_written_twice_in_a_json_object_is_refused_in_every_json_reader(tm
     """json keeps the last of two equal keys: {"label": "pos", "label": "neg"} trained as neg, silently."""
     import io
 
-    from multitune.run import _rows
+    from multitune.runs.predict import _rows
 
     path = tmp_path / "train.jsonl"
     path.write_text('{"text": "fine", "label": "pos"}\n{"text": "good", "label": "pos", "label": "neg"}\n', "utf-8")

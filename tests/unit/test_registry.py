@@ -51,7 +51,7 @@ def test_parameters_suggest_the_closest_and_must_be_numbers_where_the_method_tak
 
 
 def test_loss_weighting_parameter_given_as_text_is_refused_at_config_time(tmp_path):
-    from multitune.config import load_config
+    from multitune.catalogue import load_config
 
     path = tmp_path / "c.yaml"
     path.write_text(

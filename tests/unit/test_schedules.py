@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
+from multitune.catalogue import validate_config
 from multitune.cli import main
-from multitune.config import validate_config
 from multitune.errors import ConfigError
 from multitune.training.schedules import Reptile
 from tests.conftest import classification_rows, tiny_config, token_rows
@@ -115,7 +115,7 @@ def test_bad_schedules_are_config_errors(tmp_path, tiny_backbone, write_jsonl, s
 def test_a_new_run_starts_from_a_finished_runs_backbone(run_with, tmp_path, tiny_backbone, write_jsonl):
     from safetensors.torch import load_file
 
-    from multitune.run import prepare
+    from multitune.recipe.prepare import prepare
 
     run_dir, _, _ = run_with({"steps": 4})
     saved = {k[len("backbone.") :]: v for k, v in load_file(str(run_dir / "model.safetensors")).items()}

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multitune.config import TaskConfig
-from multitune.data.encoding import Encoded
 from multitune.data.tasks import Example, TaskData
+from multitune.data.tokens import Encoded
 from multitune.data.windows import Windows, encode_for_tagging, expand, gather, owners, plan
 
 

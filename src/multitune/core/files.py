@@ -104,3 +104,6 @@ def track(run_dir: Path) -> None:
 
 def untrack(run_dir: Path) -> None:
     _TRACKED.discard(run_dir.resolve())
+
+
+WEIGHTS_FILE = "model.safetensors"

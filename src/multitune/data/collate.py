@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from multitune.data.encoding import IGNORE_INDEX, Encoded
+from multitune.data.tokens import IGNORE_INDEX, Encoded
 
 
 @dataclass

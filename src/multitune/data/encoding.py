@@ -8,34 +8,14 @@ its content; only the tokens the tokenizer and the chat template add themselves 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from multitune.data.tasks import Example, TaskData
-
-IGNORE_INDEX = -100  # label of sub-tokens and special tokens in token tasks
-
-
-def control_ids(tokenizer: Any) -> set[int]:
-    """Ids of the tokenizer's control tokens: its special tokens and every added token flagged special."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return {int(i) for i in tokenizer.all_special_ids} | {int(i) for i, t in added.items() if t.special}
-
-
-def text_ids(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
-    """`text` as ids, a control token's spelling in it as ordinary pieces (see the module docstring)."""
-    ids: list[int] = tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
-    return ids
-
-
-@dataclass(frozen=True)
-class Encoded:
-    input_ids: list[int]
-    token_type_ids: list[int] | None
-    label: int | float | list[int] | None  # class id, standardised target, or per-token tag ids
-    word_starts: list[int] | None = None  # token tasks: each word's first sub-token, or -1
-    prompt_length: int | None = None  # generation tasks: input_ids[:prompt_length] is the prompt
-    aligned: bool = True  # list labels align with input_ids (tags, causal LM); False: a decoder's target ids
+from multitune.data.prompts import encode_generation, encode_seq2seq
+from multitune.data.tasks import (
+    Example,
+    TaskData,
+)
+from multitune.data.tokens import IGNORE_INDEX, Encoded
 
 
 def encode(
@@ -52,8 +32,6 @@ def encode(
         return []
     kind = data.config.type
     if kind == "generation":
-        from multitune.data.prompts import encode_generation, encode_seq2seq  # they import this module
-
         if decoder_targets:
             return encode_seq2seq(examples, data, tokenizer, max_length, with_labels)
         return encode_generation(examples, data, tokenizer, max_length, with_labels)
@@ -110,3 +88,15 @@ def _encode_tokens(
         label = labels if with_labels and example.label is not None else None
         out.append(Encoded(batch["input_ids"][i], type_ids[i] if type_ids is not None else None, label, starts))
     return out
+
+
+def encode_splits(
+    tasks: dict[str, TaskData], tokenizer: Any, max_length: int, decoder_targets: bool = False
+) -> dict[str, dict[str, list[Encoded]]]:
+    return {
+        name: {
+            split: encode(examples, task, tokenizer, max_length, decoder_targets=decoder_targets)
+            for split, examples in task.splits.items()
+        }
+        for name, task in tasks.items()
+    }

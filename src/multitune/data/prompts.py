@@ -14,8 +14,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from multitune.data.encoding import IGNORE_INDEX, Encoded, control_ids, text_ids
 from multitune.data.tasks import Example, TaskData
+from multitune.data.tokens import IGNORE_INDEX, Encoded, control_ids, text_ids
 
 INPUT_MARK = "\u0000multitune-input\u0000"  # where the input goes in the rendered prompt
 MESSAGE_MARK = "\u0000multitune-message\u0000"  # where the user turn's text goes in the rendered template

@@ -16,8 +16,12 @@ from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Any
 
-from multitune.data.encoding import Encoded, encode
-from multitune.data.tasks import Example, TaskData
+from multitune.data.encoding import encode
+from multitune.data.tasks import (
+    Example,
+    TaskData,
+)
+from multitune.data.tokens import Encoded
 
 
 @dataclass(frozen=True)
@@ -138,3 +142,20 @@ def gather(rows: Sequence[PredictionRow], decoded: Sequence[dict[str, Any]], spa
                     tags[w] = result["prediction"][w]
         out.append({"prediction": tags})
     return out
+
+
+def scoring_rows(
+    tasks: dict[str, TaskData], encoded: dict[str, dict[str, list[Encoded]]], tokenizer: Any, max_length: int
+) -> dict[str, dict[str, Sequence[PredictionRow]]]:
+    """What evaluation predicts: the encoded rows, except that a token task's sentence longer than max_length
+    is tagged in windows (as `predict` and `serve` tag it) instead of having its words past the cut-off
+    scored as `O`."""
+    scored: dict[str, dict[str, Sequence[PredictionRow]]] = {}
+    for name, task in tasks.items():
+        scored[name] = dict(encoded[name])
+        if task.config.type == "token_classification":
+            for split in ("validation", "test"):
+                if split in encoded[name]:
+                    rows = [replace(row, label=None) for row in encoded[name][split]]  # windows carry none
+                    scored[name][split] = windowed(task.splits[split], rows, task, tokenizer, max_length)
+    return scored

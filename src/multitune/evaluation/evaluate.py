@@ -10,8 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from multitune.data.collate import collate
-from multitune.data.encoding import Encoded
 from multitune.data.tasks import TaskData
+from multitune.data.tokens import Encoded
 from multitune.data.windows import PredictionRow, expand, gather
 from multitune.evaluation.generation import generate_predictions
 from multitune.evaluation.metrics import build_metrics

@@ -7,8 +7,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
-from multitune.data.encoding import Encoded
 from multitune.data.tasks import TaskData
+from multitune.data.tokens import Encoded
 from multitune.errors import ConfigError
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from multitune.core.files import atomic_write
 from multitune.data.collate import Batch
-from multitune.data.encoding import IGNORE_INDEX
+from multitune.data.tokens import IGNORE_INDEX
 from multitune.errors import ConfigError
 from multitune.models.backbone import Backbone, load_kwargs, load_with_fallback
 from multitune.models.lm_loss import linear_cross_entropy

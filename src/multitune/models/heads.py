@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multitune.data.encoding import IGNORE_INDEX
+from multitune.data.tokens import IGNORE_INDEX
 from multitune.registry import Registry
 
 

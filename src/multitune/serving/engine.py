@@ -19,27 +19,21 @@ from typing import Any, TypeVar
 import torch
 
 from multitune.config import Config
+from multitune.core.files import WEIGHTS_FILE
 from multitune.data.collate import collate
-from multitune.data.encoding import Encoded
 from multitune.data.readers import Row
 from multitune.data.tasks import TaskData
+from multitune.data.tokens import Encoded
 from multitune.data.windows import PredictionRow, expand, gather
 from multitune.errors import MultitunError
 from multitune.evaluation.evaluate import decode
 from multitune.evaluation.generation import generate_predictions
 from multitune.models.backbone import Backbone
 from multitune.models.multitask import MultiTaskModel
-from multitune.run import (
-    FINETUNED,
-    InputSchema,
-    encode_for_prediction,
-    held_to_range,
-    input_schema,
-    load_run,
-    prediction_bounds,
-    task_from_manifest,
-)
-from multitune.training.checkpoint import WEIGHTS_FILE, load_weights
+from multitune.runs.layout import FINETUNED
+from multitune.runs.load import load_run, task_from_manifest
+from multitune.runs.predict import InputSchema, encode_for_prediction, held_to_range, input_schema, prediction_bounds
+from multitune.training.checkpoint import load_weights
 
 T = TypeVar("T")
 PADDING_SLACK = 64  # padded positions a batch may add rather than run one more forward

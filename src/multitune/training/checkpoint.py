@@ -21,6 +21,7 @@ from torch import nn
 
 from multitune.core.files import (
     SCRATCH,
+    WEIGHTS_FILE,
     _fsync_dir,
     _fsync_file,
     _record_if_tracked,
@@ -30,8 +31,6 @@ from multitune.core.files import (
     write_failure,
 )
 from multitune.errors import MultitunError
-
-WEIGHTS_FILE = "model.safetensors"
 
 
 class NonFiniteWeights(MultitunError):

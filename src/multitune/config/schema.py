@@ -1,0 +1,394 @@
+"""Typed config groups; `load_config(path, overrides)` turns YAML plus `key.sub=value` overrides into a Config.
+
+Every group forbids unknown keys; an error names the key, the file and, where the YAML has it, the line.
+Method groups (`sampling`, `loss_weighting`) take a registry name plus that method's own parameters.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PACKAGE_PREFIX = "multitune:"
+SPLITS = ("train", "validation", "test")
+
+TaskType = Literal["classification", "pair_classification", "regression", "token_classification", "generation"]
+DataFormat = Literal["jsonl", "csv", "tsv", "conll", "hf", "unified", "parallel"]
+# what the backbone is: an encoder with task heads, or a causal or encoder-decoder (seq2seq) LM that also
+# generates (models/causal_lm.py); "auto": causal_lm when any task is a generation task, else encoder
+ModelKind = Literal["auto", "encoder", "causal_lm", "seq2seq"]
+
+
+def _check_name(value: str, what: str) -> str:
+    if not NAME_PATTERN.match(value) or value in (".", ".."):
+        raise ValueError(f"{what} '{value}' must be 1-64 letters, digits, '_', '.' or '-', starting alphanumeric")
+    return value
+
+
+class Group(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(Group):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = Field(13, ge=0, lt=2**32)  # numpy's seeds are 32-bit and non-negative
+    resume: str | None = None  # "auto": continue output_dir/name from its newest checkpoint; or a run dir
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value, "run name")
+
+
+class MethodConfig(BaseModel):
+    """A registry name plus that method's parameters, e.g. `{name: temperature, temperature: 2.0}`."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AdapterConfig(Group):
+    """Per-task parameter-efficient adapters on a frozen backbone (models/peft_tasks.py)."""
+
+    method: Literal["lora", "prompt", "bottleneck"] = "lora"
+    r: int = Field(8, ge=1)  # LoRA rank
+    alpha: int = Field(16, ge=1)  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None  # LoRA: module names to adapt (default: peft's for the model type)
+    shared: bool = False  # also one adapter that every task trains
+    train_backbone: bool = False  # also fine-tune the backbone's own weights
+    bottleneck_size: int = Field(64, ge=1)
+    virtual_tokens: int = Field(20, ge=1)  # prompt: learned input vectors per task
+
+
+class ModelConfig(Group):
+    backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
+    revision: str | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(128, ge=8, le=8192)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    random_init: bool = False  # build the backbone from its config with random weights (speed tests)
+    trust_remote_code: bool = False
+    kind: ModelKind = "auto"
+    init_from: str | None = None  # a finished run whose backbone weights this run starts from
+    # how tasks share the backbone: hard, hybrid, soft, cross_stitch, mmoe, ple (models/architectures.py)
+    architecture: MethodConfig = Field(default_factory=lambda: MethodConfig(name="hard"))
+    peft: AdapterConfig | None = None  # one adapter per task (and optionally a shared one)
+    # the backbone's attention kernel (transformers' names); default: the model's own choice (usually sdpa)
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] | None = None
+    lm_loss_chunk: int = Field(4096, ge=0)  # causal LMs: target tokens per chunk of the fused LM-head loss; 0: off
+
+
+class GradientConfig(MethodConfig):
+    """A gradient aggregator, e.g. `{name: pcgrad, source: representation}`; see balancing/backward.py."""
+
+    source: Literal["representation", "parameters"] = "representation"
+    buffer_dtype: Literal["float32", "bfloat16"] = "float32"  # the [T, P] buffer of the parameters source
+
+
+class EarlyStoppingConfig(Group):
+    """Stop when validation stops improving: the whole run on the average main score, or (per_task) each
+    task on its own main score (a stopped task is no longer sampled; the run ends when all have stopped)."""
+
+    patience: int = Field(3, ge=1)  # validations without improvement
+    min_delta: float = Field(0.0, ge=0)  # an improvement must exceed this
+    per_task: bool = False
+
+
+class ScheduleConfig(Group):
+    """joint: every step draws from the sampler. sequential: tasks one after another (order, fractions).
+    two_stage: joint training, then a copy of the model fine-tuned per task (MT-DNN). reptile: blocks of
+    inner_steps steps on one task, each followed by the Reptile meta-update with step size meta_lr."""
+
+    name: Literal["joint", "sequential", "two_stage", "reptile"] = "joint"
+    order: list[str] | None = None  # sequential: the task order (default: the config's)
+    fractions: list[float] | None = None  # sequential: each stage's share of the steps (default: equal)
+    finetune_steps: int = Field(200, ge=1)  # two_stage: steps of each per-task copy
+    finetune_lr: float | None = Field(None, gt=0)  # two_stage: default training.lr
+    inner_steps: int = Field(5, ge=1)  # reptile
+    meta_lr: float = Field(0.5, gt=0, le=1)  # reptile: ε in θ ← θ + ε(θ' − θ)
+
+
+class DeepSpeedConfig(Group):
+    """DeepSpeed ZeRO on several processes (training/zero.py): stage 1 partitions the AdamW state, stage 2
+    the gradients too; offload_optimizer: cpu keeps the partition in host memory."""
+
+    stage: int = 2
+    offload_optimizer: Literal["none", "cpu"] = "none"
+
+
+class TrainingConfig(Group):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    head_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(200, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    mixed_batches: bool = False  # one batch mixes examples of several tasks, drawn by the sampler
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward: less memory
+    fsdp: bool = False  # several processes: shard the backbone's weights, gradients, optimizer state (FSDP2)
+    deepspeed: DeepSpeedConfig | None = None  # several processes: DeepSpeed ZeRO stage 1 or 2
+    gradient_accumulation: int = Field(1, ge=1)  # split each step's batch into this many backbone passes
+    group_by_length: bool = False  # draw each task's rows in length-grouped order: less padding per batch
+    packing: bool = False  # causal LMs: pack generation examples into rows of pack_length, no padding between
+    pack_length: int | None = Field(None, ge=8)  # default: model.max_length
+    compile: bool = False  # torch.compile the backbone (dynamic shapes)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int | None = Field(500, ge=1)  # also at the end and on SIGTERM / SIGINT
+    keep_checkpoints: int = Field(2, ge=1)
+    max_nonfinite_steps: int = Field(5, ge=1)  # skipped updates in a row before the run stops
+    tensorboard: bool = False  # also write the history as TensorBoard scalars to RUN_DIR/tensorboard
+    progress: bool = True
+    early_stopping: EarlyStoppingConfig | None = None
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+
+class RegularizationConfig(Group):
+    """L2-SP (Li et al. 2018): alpha/2·‖θ−θ⁰‖² on the pretrained weights, beta/2·‖θ‖² on new ones (heads)."""
+
+    l2_sp_alpha: float = Field(0.0, ge=0)
+    l2_sp_beta: float = Field(0.0, ge=0)
+
+
+class AnalysisConfig(Group):
+    """Task relations measured during training (see analysis/affinity.py)."""
+
+    task_affinity: bool = False  # at every validation: gradient cosines and lookahead affinity
+    lookahead_lr: float = Field(0.01, gt=0)  # step length of the lookahead along one task's gradient
+    groups: int = Field(2, ge=1)  # how many groups to recommend
+
+
+class GuardConfig(Group):
+    """Negative-transfer guard (see analysis/guard.py); turning it on also measures task relations."""
+
+    enabled: bool = False
+    action: Literal["downweight", "drop"] = "downweight"
+    patience: int = Field(2, ge=1)  # validations in a row before acting
+    min_gain: float = 0.0  # a task gaining more than this on its best validation score is left alone
+    factor: float = Field(0.5, gt=0, lt=1)  # downweight: loss multiplier per action
+    start: float = Field(0.25, ge=0, lt=1)  # judge only validations after this fraction of the steps
+    baselines: dict[str, float] | None = None  # single-task main scores per task
+    baselines_from: str | None = None  # or a comparison.json written by `multitune compare`
+
+
+class SourceConfig(Group):
+    """Where a task's rows come from. Paths are relative to the config file; `multitune:` is the package."""
+
+    format: DataFormat
+    train: str | list[str] | None = None  # one file, or several read one after another
+    validation: str | list[str] | None = None
+    test: str | list[str] | None = None
+    encoding: str = "utf-8-sig"  # utf-8 that also drops a byte-order mark
+    # csv / tsv
+    delimiter: str | None = None  # default: ',' for csv, tab for tsv
+    quoting: Literal["minimal", "none", "all"] = "minimal"
+    header: bool = True
+    columns: list[str] | None = None  # names for a file without a header
+    # conll
+    token_column: int = 0
+    tag_column: int = -1
+    # hf: a hub id or a builder ("json", "csv", "parquet") with data_files
+    dataset: str | None = None
+    subset: str | None = None
+    data_files: dict[str, str | list[str]] | None = None
+    split_names: dict[str, str] = Field(default_factory=dict)  # our split -> the dataset's split
+    # unified: records {"task", "instruction", "input", "output"}
+    task_key: str | None = None  # the value of "task" routed here; default: the task's name
+    # parallel: each split is [source_file, target_file], two line-aligned plain-text files (Moses style)
+
+    @model_validator(mode="after")
+    def _complete(self) -> SourceConfig:
+        if self.format == "hf":
+            if not self.dataset:
+                raise ValueError("format 'hf' needs 'dataset' (a hub id, or a builder such as 'json' with data_files)")
+        elif not self.train:
+            raise ValueError(f"format '{self.format}' needs a 'train' file")
+        if self.delimiter is not None and len(self.delimiter) != 1:
+            raise ValueError("delimiter must be one character")
+        if self.format == "parallel":
+            for split in SPLITS:
+                files = getattr(self, split)
+                if files is not None and not (isinstance(files, list) and len(files) == 2):
+                    raise ValueError(f"format 'parallel' takes {split}: [source_file, target_file], got {files!r}")
+        return self
+
+
+class SplitRows(Group):
+    train: int | None = Field(None, ge=1)
+    validation: int | None = Field(None, ge=1)
+    test: int | None = Field(None, ge=1)
+
+
+CLASS_TASKS = ("classification", "pair_classification", "token_classification")
+
+DEFAULT_METRICS: dict[str, list[str]] = {
+    "classification": ["accuracy", "macro_f1"],
+    "pair_classification": ["accuracy", "macro_f1"],
+    "regression": ["pearson", "spearman"],
+    "token_classification": ["entity_f1"],
+    "generation": ["exact_match"],
+}
+
+DEFAULT_TEXT_FIELDS: dict[str, list[str | int]] = {
+    "classification": ["text"],
+    "pair_classification": ["text", "text_pair"],
+    "regression": ["text"],
+    "token_classification": ["tokens"],
+    "generation": ["text"],
+}
+
+
+class TaskConfig(Group):
+    type: TaskType
+    source: SourceConfig
+    text_fields: list[str | int] | None = None  # default by type; pair tasks name two
+    label_field: str | int = "label"
+    labels: list[str] | None = None  # given order; default: sorted labels seen in train
+    positive_label: str | None = None  # for the `f1` metric
+    tag_scheme: Literal["iob1", "iob2"] = "iob2"  # token tasks; IOB1 is normalised to IOB2
+    metrics: list[str] | None = None  # default by type; the first is the main metric
+    main_metric: str | None = None
+    normalize_targets: bool = True  # regression: train on standardised targets
+    sampling_weight: float = Field(1.0, gt=0)  # multiplies the sampler's probability
+    loss_weight: float = Field(1.0, ge=0)  # used by the `static` loss weighting
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)  # this task's head dropout (default: model.dropout)
+    max_rows: SplitRows = Field(default_factory=SplitRows)
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    shuffle_labels: bool = False  # a control task: training labels permuted (seeded); evaluation keeps the truth
+    # generation tasks (data/generative.py): the prompt is instruction + "\n\n" + input, the target a text
+    instruction: str | None = None  # the same instruction for every row (a unified record's own one wins)
+    verbalizer: dict[str, str] | None = None  # raw label value -> target text, e.g. {"0": negative}
+    target_format: str | None = None  # a number as target text, e.g. "{:.1f}" (3.8 -> "3.8")
+    max_new_tokens: int = Field(32, ge=1, le=4096)  # greedy generation length at evaluation
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if labels is not None:
+            if len(set(labels)) != len(labels):
+                raise ValueError("a label is listed twice")
+            kind = info.data.get("type")
+            if kind in CLASS_TASKS and len(labels) < 2:  # one class: the head has nothing to tell apart
+                raise ValueError(f"a {kind} task needs at least two labels, got {labels}")
+        return labels
+
+    @model_validator(mode="after")
+    def _complete(self) -> TaskConfig:
+        if self.text_fields is None:
+            self.text_fields = list(DEFAULT_TEXT_FIELDS[self.type])
+        want = 2 if self.type == "pair_classification" else (1, 2)
+        n = len(self.text_fields)
+        if (isinstance(want, int) and n != want) or (isinstance(want, tuple) and n not in want):
+            raise ValueError(f"text_fields: a {self.type} task takes {want} field(s), got {n}")
+        if self.type == "token_classification" and n != 1:
+            raise ValueError("text_fields: a token_classification task takes one field (the token list)")
+        if self.metrics is None:
+            self.metrics = list(DEFAULT_METRICS[self.type])
+        if not self.metrics:
+            raise ValueError("metrics: name at least one metric")
+        if self.main_metric is None:
+            self.main_metric = self.metrics[0]
+        elif self.main_metric not in self.metrics:
+            raise ValueError(f"main_metric '{self.main_metric}' is not in metrics {self.metrics}")
+        self._check_generation()
+        return self
+
+    def _check_generation(self) -> None:
+        if self.type != "generation":
+            for key in ("instruction", "verbalizer", "target_format"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only generation tasks take it (this task is {self.type})")
+            if self.source.format == "parallel":
+                raise ValueError("source format 'parallel' feeds generation tasks only")
+            return
+        if self.verbalizer is not None and self.target_format is not None:
+            raise ValueError("verbalizer and target_format: give one, not both")
+        if self.verbalizer is not None and not all(v.strip() for v in self.verbalizer.values()):
+            raise ValueError("verbalizer: a target text is empty")
+        if self.target_format is not None:
+            try:
+                self.target_format.format(1.5)
+            except (ValueError, IndexError, KeyError) as error:
+                raise ValueError(f"target_format '{self.target_format}' does not format a number: {error}") from None
+        if self.source.format == "conll":
+            raise ValueError("a generation task reads text sources (jsonl, csv, tsv, hf, unified, parallel), not conll")
+
+
+class Config(Group):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    sampling: MethodConfig = Field(default_factory=lambda: MethodConfig(name="temperature", temperature=2.0))
+    loss_weighting: MethodConfig = Field(default_factory=lambda: MethodConfig(name="equal"))
+    gradient_aggregation: GradientConfig | None = None
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    tasks: dict[str, TaskConfig]
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, tasks: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        if not tasks:
+            raise ValueError("name at least one task")
+        for name in tasks:
+            _check_name(name, "task name")
+        return tasks
+
+    @model_validator(mode="after")
+    def _kind(self) -> Config:
+        generative = [name for name, task in self.tasks.items() if task.type == "generation"]
+        if self.model.kind == "auto":
+            self.model.kind = "causal_lm" if generative else "encoder"
+        elif self.model.kind == "encoder" and generative:
+            raise ValueError(f"model.kind: generation task '{generative[0]}' needs a causal_lm or seq2seq backbone")
+        return self
+
+
+def known_keys(path: tuple[str, ...]) -> list[str]:
+    """The keys the group at `path` (e.g. ('tasks', 'sst2', 'source')) takes, from the schema; [] if unknown."""
+    kind: Any = Config
+    for part in path:
+        kind = _group_of(kind)
+        if kind is None:
+            return []
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            field_info = kind.model_fields.get(part)
+            if field_info is None:
+                return []
+            kind = field_info.annotation
+        elif typing.get_origin(kind) is dict:  # a dict of groups (tasks): any key, the value's type
+            kind = typing.get_args(kind)[1]
+        else:
+            return []
+    kind = _group_of(kind)
+    return list(kind.model_fields) if isinstance(kind, type) and issubclass(kind, BaseModel) else []
+
+
+def _group_of(kind: Any) -> Any:
+    """`X | None` -> X: the group behind an optional setting."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return kind

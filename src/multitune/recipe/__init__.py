@@ -1,0 +1,1 @@
+"""The training recipe: prepare, launch, the training session, two-stage, resume."""

@@ -1,0 +1,79 @@
+"""Everything that can fail on the user's input (config, data, backbone) runs here, before the run directory
+is created: tasks read, backbone loaded, model assembled, splits encoded."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from multitune.config import Config
+from multitune.data.encoding import encode_splits
+from multitune.data.tasks import (
+    TaskData,
+    load_tasks,
+)
+from multitune.data.tokens import Encoded
+from multitune.data.windows import PredictionRow, scoring_rows
+from multitune.models.assemble import (
+    LOADERS,
+    backbone_modules,
+    build_model,
+    compile_backbone,
+    enable_gradient_checkpointing,
+    load_backbone_weights,
+)
+from multitune.models.backbone import Backbone, load_backbone
+from multitune.models.causal_lm import (
+    CausalLMMultiTask,
+)
+from multitune.models.multitask import MultiTaskModel
+from multitune.runs.layout import match_resumed_data
+
+
+@dataclass
+class Prepared:
+    """A model with its tasks and tokenized splits, ready to train or evaluate."""
+
+    config: Config
+    tasks: dict[str, TaskData]
+    backbone: Backbone
+    model: MultiTaskModel
+    encoded: dict[str, dict[str, list[Encoded]]]  # task -> split -> rows
+    scored: dict[str, dict[str, Sequence[PredictionRow]]]  # the rows evaluation predicts (token tasks: windows)
+    rows_added: bool = False  # resuming: rows were appended to the data since the run started
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.backbone.tokenizer.pad_token_id
+        return int(pad if pad is not None else 0)
+
+
+def prepare(config: Config, resumed: Path | None = None) -> Prepared:
+    """`resumed`: the run directory being resumed, whose data the tasks must still match."""
+    torch.manual_seed(config.run.seed)
+    tasks = load_tasks(config.tasks, config.run.seed, config.model.trust_remote_code)
+    rows_added = match_resumed_data(resumed, tasks) if resumed is not None else False
+    model_config = config.model
+    loader = LOADERS.get(model_config.kind, load_backbone)
+    backbone = loader(
+        model_config.backbone, model_config.revision, model_config.trust_remote_code, model_config.random_init
+    )
+    torch.manual_seed(config.run.seed)  # heads start the same whatever loading consumed
+    model = build_model(config, tasks, backbone)
+    if model_config.init_from:
+        load_backbone_weights(model, Path(model_config.init_from))
+    if config.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if model_config.attn_implementation is not None:
+        for module in backbone_modules(model):
+            module.set_attn_implementation(model_config.attn_implementation)  # type: ignore[operator]
+    if isinstance(model, CausalLMMultiTask):
+        model.loss_chunk = model_config.lm_loss_chunk
+    if config.training.compile:
+        compile_backbone(model)
+    encoded = encode_splits(tasks, backbone.tokenizer, model_config.max_length, model_config.kind == "seq2seq")
+    scored = scoring_rows(tasks, encoded, backbone.tokenizer, model_config.max_length)
+    return Prepared(config, tasks, backbone, model, encoded, scored, rows_added)

@@ -1,0 +1,54 @@
+"""`multitune evaluate`: score a finished run again on one of its splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multitune.core.files import write_json
+from multitune.data.encoding import encode_splits
+from multitune.data.tasks import (
+    label_field_name,
+    load_tasks,
+)
+from multitune.data.windows import scoring_rows
+from multitune.evaluation.evaluate import average_main_score, evaluate, format_table
+from multitune.runs.layout import FINETUNED
+from multitune.runs.load import load_run, task_from_manifest
+from multitune.training.checkpoint import load_weights
+from multitune.core.files import WEIGHTS_FILE
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
+    config, manifest, model, backbone = load_run(run_dir)
+    tasks = load_tasks(config.tasks, config.run.seed, config.model.trust_remote_code)
+    for name, task in tasks.items():  # the labels the heads were trained with, not those re-inferred
+        saved = task_from_manifest(name, task.config, manifest[name])
+        task.labels, task.target_mean, task.target_std = saved.labels, saved.target_mean, saved.target_std
+        known = set(task.labels or [])
+        for example in task.splits.get(split, task.splits["validation"]):
+            for label in example.label if isinstance(example.label, tuple) else (example.label,):
+                if task.labels is not None and str(label) not in known:
+                    raise example.error(
+                        f"unknown label '{label}' for task '{name}' as trained", label_field_name(task.config)
+                    )
+    encoded = encode_splits(tasks, backbone.tokenizer, config.model.max_length, config.model.kind == "seq2seq")
+    scored = scoring_rows(tasks, encoded, backbone.tokenizer, config.model.max_length)
+    device = torch.device("cpu")
+    pad = backbone.tokenizer.pad_token_id or 0
+    finetuned = Path(run_dir) / FINETUNED
+    size, show = config.training.eval_batch_size, config.training.progress
+    if finetuned.is_dir():  # a two-stage run: each task is answered by its own fine-tuned copy
+        results = {}
+        for name in tasks:
+            load_weights(model, finetuned / name / WEIGHTS_FILE)
+            results.update(evaluate(model, {name: tasks[name]}, scored, split, size, device, pad, progress=show))
+    else:
+        results = evaluate(model, tasks, scored, split, size, device, pad, progress=show)
+    average = average_main_score(results)
+    out = {"tasks": results, "average_main_score": average}
+    write_json(Path(run_dir) / f"evaluation_{split}.json", out)
+    print(format_table(results, average))
+    return out
