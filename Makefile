@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-dev demo test check lint format typecheck test-fast clean
+.PHONY: install install-dev demo test check lint layers format typecheck test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +53,11 @@ format: install-dev
 typecheck: install-dev
 	$(BIN)/mypy src
 
-check: lint typecheck test-fast
+# the import layers of pyproject.toml ([tool.importlinter]): lower layers never import upper ones
+layers: install-dev
+	$(BIN)/lint-imports --no-cache
+
+check: lint typecheck layers test-fast
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
