@@ -28,11 +28,17 @@ from multitune.data.collate import Batch
 from multitune.errors import ConfigError
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.regularization import PullTogether, Regularizer
-from multitune.registry import Registry
+from multitune.registry import EVERYTHING, Capabilities, Registry
 
 ARCHITECTURES: Registry[MultiTaskModel] = Registry("architecture")
 ARCHITECTURE_INJECTED = ("backbone", "heads", "pooling", "hidden_size")
 FIELD = "model.architecture"
+
+# Each architecture declares what it supports on registration; the combination rules read these. All but hard
+# serve an encoder's heads (the causal and seq2seq LM paths are hard sharing's) and need a whole backbone:
+# FSDP2 gathers a unit's weights only when that unit's own forward runs, and hybrid and cross-stitch call the
+# layers themselves, soft and cross-stitch keep a backbone per task (mmoe and ple are not tested sharded).
+ENCODER_ONLY = Capabilities(model_kinds=frozenset({"encoder"}), sharded=False)
 
 
 # --- running a BERT-style encoder piece by piece ------------------------------------------------
@@ -72,7 +78,7 @@ def embed(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
 # --- hard and hybrid ----------------------------------------------------------------------------
 
 
-@ARCHITECTURES.register("hard")
+@ARCHITECTURES.register("hard", capabilities=EVERYTHING)
 def hard(backbone: nn.Module, heads: dict[str, nn.Module], pooling: str) -> MultiTaskModel:
     """Hard sharing: one backbone for every task, one head per task."""
     return MultiTaskModel(backbone, heads, pooling)
@@ -105,7 +111,7 @@ class HybridSharing(MultiTaskModel):
         return self.towers[name].parameters()
 
 
-@ARCHITECTURES.register("hybrid")
+@ARCHITECTURES.register("hybrid", capabilities=ENCODER_ONLY)
 def hybrid(backbone: nn.Module, heads: dict[str, nn.Module], pooling: str, task_layers: int = 2) -> MultiTaskModel:
     """Hybrid: shared lower layers, a per-task copy of the top `task_layers` layers, then heads."""
     return HybridSharing(backbone, heads, pooling, task_layers)
@@ -147,7 +153,14 @@ class SoftSharing(MultiTaskModel):
         yield from self.backbone[name].parameters()  # type: ignore[index]
 
 
-@ARCHITECTURES.register("soft")
+# a backbone per task: no parameter is shared, so there are no per-task gradients of shared weights; per-task
+# adapters would only add a second set of task weights to weights that are already the task's own
+@ARCHITECTURES.register(
+    "soft",
+    capabilities=Capabilities(
+        model_kinds=frozenset({"encoder"}), shares_parameters=False, takes_adapters=False, sharded=False
+    ),
+)
 def soft(backbone: nn.Module, heads: dict[str, nn.Module], pooling: str, penalty: float = 1e-4) -> MultiTaskModel:
     """Soft sharing: a backbone per task, pulled together by `penalty`·Σ‖θ_t − θ̄‖²."""
     return SoftSharing(backbone, heads, pooling, penalty)
@@ -187,7 +200,15 @@ class CrossStitch(SoftSharing):
         yield self.stitch
 
 
-@ARCHITECTURES.register("cross_stitch")
+# a backbone per task too (so no adapters), but the learned stitch units mix every task's activations after
+# each layer: every task's loss depends on them, they are its shared parameters (shared_parameters), and their
+# per-task gradients are what the parameters source, task affinity and the guard use
+@ARCHITECTURES.register(
+    "cross_stitch",
+    capabilities=Capabilities(
+        model_kinds=frozenset({"encoder"}), shares_parameters=True, takes_adapters=False, sharded=False
+    ),
+)
 def cross_stitch(
     backbone: nn.Module, heads: dict[str, nn.Module], pooling: str, penalty: float = 0.0, keep: float = 0.9
 ) -> MultiTaskModel:
@@ -246,7 +267,7 @@ def _positive(value: int, key: str) -> int:
     return value
 
 
-@ARCHITECTURES.register("mmoe")
+@ARCHITECTURES.register("mmoe", capabilities=ENCODER_ONLY)
 def mmoe(
     backbone: nn.Module,
     heads: dict[str, nn.Module],
@@ -335,7 +356,7 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
             yield from level["gates"][name].parameters()  # type: ignore[index]
 
 
-@ARCHITECTURES.register("ple")
+@ARCHITECTURES.register("ple", capabilities=ENCODER_ONLY)
 def ple(
     backbone: nn.Module,
     heads: dict[str, nn.Module],
