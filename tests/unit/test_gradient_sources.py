@@ -1,13 +1,17 @@
 """The gradient sources are registry entries: the config's choices, their declared capabilities, and the
 forward each one asks of `balanced_backward`."""
 
+import datetime
 import typing
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from multitune.balancing.backward import GRADIENT_SOURCES, Balancer, balanced_backward
 from multitune.balancing.gradients.base import SOURCES
 from multitune.config import GradientConfig
+from multitune.core.processes import ALONE, Processes
 from multitune.errors import ConfigError
 from multitune.registry import Capabilities
 from tests.contracts.test_balancing import BATCH, TwoHeadModel, build, weighting
@@ -58,3 +62,37 @@ def test_an_unknown_source_is_a_config_error_naming_the_field():
     with pytest.raises(ConfigError, match=r"unknown gradient source 'parameter'.*did you mean 'parameters'") as error:
         balanced_backward(TwoHeadModel(), BATCH, balancer, 0)
     assert error.value.field == "gradient_aggregation.source"
+
+
+# Rank 0 holds task a's last row and all of task b's; rank 1 task a's first two rows and none of b's.
+PLACES = {0: ((2, 6), {"a": 1 / 3, "b": 1.0}), 1: ((0, 2), {"a": 2 / 3, "b": 0.0})}
+
+
+def _step(source, group=ALONE, batch=BATCH, shares=None):
+    """One gradnorm + PCGrad step: the model's gradients and the weights GradNorm moved to."""
+    model, balancer = TwoHeadModel(), Balancer(weighting("gradnorm"), build("pcgrad"), source)
+    balanced_backward(model, batch, balancer, 0, group=group, shares=shares)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, balancer.weighting.task_weights.clone()
+
+
+def _one_of_two_processes(rank, store, source, out):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    (start, stop), shares = PLACES[rank]
+    torch.save(_step(source, Processes(rank, 2), BATCH.rows(start, stop), shares), out / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("source", GRADIENT_SOURCES.names())
+def test_a_process_with_one_tasks_rows_balances_with_the_others(tmp_path, source):
+    """Every process takes part in the same sums over the processes, whichever tasks its rows hold; each
+    ends with the gradients and GradNorm weights of one process on the whole batch."""
+    torch.multiprocessing.spawn(_one_of_two_processes, args=(tmp_path / "store", source, tmp_path), nprocs=2)
+    grads, weights = _step(source)
+    for rank in (0, 1):
+        got_grads, got_weights = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(got_weights, weights)
+        assert got_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-7)

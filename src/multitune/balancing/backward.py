@@ -117,6 +117,10 @@ def balanced_backward(
     if len(weighed.names) == 1:
         aggregator = None
     observer = weighting if isinstance(weighting, ObservesTaskGradients) else None
+    if aggregator is not None and whole:
+        # The source observes its whole gradients' norms. A process holding one task's rows here encodes Z
+        # and must not observe Z's too: that sum over the processes would meet no partner (gloo aborts).
+        observer = None
     needs_representation = observer is not None or (aggregator is not None and not whole)
     if needs_representation or aggregator is not None:
         # c_i = d(Σ terms)/dL_i: task i's gradient is c_i·∇L_i, taken from task i's own graph only
