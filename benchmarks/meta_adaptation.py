@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from multitune.catalogue import load_config
-from multitune.recipe.session import train_run
+from multitune.recipe.train import train_run
 
 HERE = Path(__file__).parent
 HELD_BACK = {  # TREC question types, from the bundled subset: never part of the source tasks

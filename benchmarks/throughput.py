@@ -58,7 +58,7 @@ from multitune.data.tokens import IGNORE_INDEX, Encoded  # noqa: E402
 from multitune.models.causal_lm import CausalLMMultiTask  # noqa: E402
 from multitune.models.heads import HEADS  # noqa: E402
 from multitune.models.multitask import MultiTaskModel  # noqa: E402
-from multitune.recipe.components import make_balancer  # noqa: E402
+from multitune.recipe.components import build_balancer  # noqa: E402
 
 LENGTHS = ROOT / "data" / "throughput_lengths.json"
 ENCODER_TASKS = {  # task -> (head type, labels)
@@ -299,7 +299,7 @@ def encoder_encoded(rows: list) -> dict[str, list[Encoded]]:
 
 
 def equal_weights(tasks: list[str]) -> Balancer:
-    return make_balancer(MethodConfig(name="equal"), None, tasks, {}, 0)
+    return build_balancer(MethodConfig(name="equal"), None, tasks, {}, 0)
 
 
 # --- measuring -------------------------------------------------------------------------------------

@@ -140,3 +140,11 @@ def smollm2() -> Any:
 
     folder = next(iter(spec.submodule_search_locations))
     return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def balancer_for(config, names):
+    """The run's balancer, built from the config's groups as the recipe builds it."""
+    from multitune.recipe.components import build_balancer
+
+    loss_weights = {name: task.loss_weight for name, task in config.tasks.items()}
+    return build_balancer(config.loss_weighting, config.gradient_aggregation, names, loss_weights, config.run.seed)

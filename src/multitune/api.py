@@ -13,12 +13,10 @@ inputs have the same shape per row.
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +27,6 @@ from torch import Tensor, nn
 
 from multitune.catalogue import check_balancing
 from multitune.config import DEFAULT_METRICS, NAME_PATTERN, GradientConfig, MethodConfig, TrainingConfig, check_numbers
-from multitune.core.files import WEIGHTS_FILE, write_json
 from multitune.data.collate import Batch, TaskRows
 from multitune.data.streams import TaskStream
 from multitune.data.tasks import MAX_TARGET
@@ -40,11 +37,11 @@ from multitune.evaluation.metrics import build_metrics
 from multitune.models.architectures import ARCHITECTURE_INJECTED, ARCHITECTURES
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
-from multitune.recipe.components import make_balancer, make_optimizer, make_sampler, require_shared_parameters
-from multitune.runs.layout import create_run_dir
+from multitune.recipe.components import build_balancer, build_optimizer, build_sampler, require_shared_parameters
+from multitune.recipe.session import Session, loop_settings
+from multitune.runs.layout import create_run_dir, manifest_entry
 from multitune.runs.predict import held_to_range
-from multitune.training.checkpoint import save_weights
-from multitune.training.loop import EarlyStopping, LoopSettings, TrainState, Validation, train
+from multitune.training.loop import EarlyStopping, LoopParts, TrainState, train
 
 TASK_TYPES = ("classification", "regression", "token_classification")
 INPUT = "inputs"  # the batch key of a plain tensor input (passed to the backbone positionally)
@@ -698,14 +695,14 @@ def fit(
     injected = {"backbone": wrapped, "heads": heads, "pooling": pooling, "hidden_size": hidden_size}
     model = ARCHITECTURES.build(shape.name, injected=injected, **shape.params)
     sizes = {name: len(task.splits["train"]) for name, task in prepared.items()}
-    sampler = make_sampler(sampling_method, sizes, {n: t.spec.sampling_weight for n, t in prepared.items()}, steps)
+    sampler = build_sampler(sampling_method, sizes, {n: t.spec.sampling_weight for n, t in prepared.items()}, steps)
     loss_weights = {n: t.spec.loss_weight for n, t in prepared.items()}
-    balancer = make_balancer(weighting_method, gradient, list(prepared), loss_weights, seed)
+    balancer = build_balancer(weighting_method, gradient, list(prepared), loss_weights, seed)
     require_shared_parameters(model, balancer)
     run_dir = create_run_dir(str(output_dir), name) if output_dir is not None else None
 
     accelerator = Accelerator(cpu=cpu)
-    optimizer = make_optimizer(model, balancer.weighting, training.lr, training.head_lr, training.weight_decay)
+    optimizer = build_optimizer(model, balancer.weighting, training)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * steps), steps)
     prepared_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if isinstance(balancer.weighting, nn.Module):
@@ -713,91 +710,42 @@ def fit(
     streams = {name: TaskStream(list(range(size)), f"{seed}:{name}:stream") for name, size in sizes.items()}
     train_rows = {name: task.splits["train"] for name, task in prepared.items()}
     fitted = FittedModel(model, prepared, accelerator.device, training.eval_batch_size, length, run_dir=run_dir)
-    best: dict[str, Tensor] = {}
-
-    def record(entry: dict[str, Any]) -> None:
-        fitted.history.append(entry)
-        if run_dir is not None:
-            with (run_dir / "history.jsonl").open("a", encoding="utf-8") as history:
-                history.write(json.dumps(entry) + "\n")
-
-    def validate(step: int) -> Validation:
-        result = fitted.evaluate("validation")
-        tasks, score = result["tasks"], result["average_main_score"]
-        record({"step": step, "validation": {n: r["metrics"] for n, r in tasks.items()}, "average_main_score": score})
-        signed = {n: r["main_score"] if r["higher_is_better"] else -r["main_score"] for n, r in tasks.items()}
-        return Validation(score, {n: r["main_score"] for n, r in tasks.items()}, signed)
-
-    def save_best(step: int) -> None:
-        best.clear()
-        best.update({key: value.detach().clone() for key, value in model.state_dict().items()})
-        if run_dir is not None:
-            save_weights(model, run_dir / WEIGHTS_FILE)
 
     def collate_rows(by_task: dict[str, list[int]], pad_id: int) -> Batch:
         return collate_tensors({n: (train_rows[n], torch.tensor(rows)) for n, rows in by_task.items()}, length)
 
-    settings = LoopSettings(
-        steps=steps,
-        batch_size=training.batch_size,
-        seed=seed,
-        pad_id=0,
-        mixed_batches=training.mixed_batches,
-        max_grad_norm=training.max_grad_norm,
-        eval_every=training.eval_every,
-        log_every=training.log_every,
-        progress=training.progress,
-        early_stopping=early_stopping,
+    session = Session(run_dir, keep_entries=True)
+    settings = replace(loop_settings(training, seed, pad_id=0), early_stopping=early_stopping)
+    loop = LoopParts(
+        prepared_model, streams, sampler, balancer, optimizer, scheduler, accelerator, collate_rows=collate_rows
     )
-    state = train(
-        prepared_model,
-        streams,
-        sampler,
-        balancer,
-        optimizer,
-        scheduler,
-        accelerator,
-        settings,
-        TrainState(),
-        validate,
-        save_best,
-        lambda s: None,  # checkpoint-free: the best weights are kept in memory
-        record,
-        collate_rows=collate_rows,
-    )
-    model.load_state_dict(best)
-    results = fitted.evaluate("test")
-    fitted.metrics = {
-        **results,
-        "train_seconds": round(state.seconds, 2),
-        "steps": state.step,
-        "best_step": state.best_step,
-        "validation_average_main_score": round(state.best_score, 6) if math.isfinite(state.best_score) else None,
-        "task_steps": state.task_steps,
-        "task_rows": state.task_rows,
-        "skipped_steps": state.skipped_steps,
-        "stopped_early": state.stopped_early,
-        "stopped_tasks": state.stopped_tasks,
-        "parameters": {
-            "shared": sum(p.numel() for p in model.shared_parameters()),
-            "heads": {name: sum(p.numel() for p in model.task_parameters(name)) for name in prepared},
-        },
-    }
+    session.open()
+    try:
+        state = train(
+            loop, settings, TrainState(), session.hooks(lambda split: fitted.evaluate(split)["tasks"], lambda: model)
+        )
+    finally:
+        session.close()
+    fitted.history = session.entries
+    session.restore_best(model)
+    results = fitted.evaluate("test")["tasks"]
+    fitted.metrics = session.metrics(results, state, balancer, model, accelerator.device)
+    session.write("tasks.json", _manifest(prepared))
+    session.write("metrics.json", fitted.metrics)
     if run_dir is not None:
-        write_json(run_dir / "tasks.json", _manifest(prepared))
-        write_json(run_dir / "metrics.json", fitted.metrics)
         print(f"saved to {run_dir}", file=sys.stderr)
     return fitted
 
 
 def _manifest(tasks: dict[str, PreparedTask]) -> dict[str, Any]:
     return {
-        name: {
-            "type": task.spec.type,
-            "labels": task.labels,
-            "target_mean": task.target_mean,
-            "target_std": task.target_std,
-            "rows": {split: len(rows) for split, rows in task.splits.items()},
-        }
+        name: manifest_entry(
+            task.spec.type,
+            task.labels,
+            task.target_mean,
+            task.target_std,
+            task.target_range,
+            {split: len(rows) for split, rows in task.splits.items()},
+        )
         for name, task in tasks.items()
     }

@@ -4,78 +4,62 @@ lookup the combination rules read, and the catalogue `multitune list` prints."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from multitune.balancing.backward import GRADIENT_SOURCES
 from multitune.balancing.gradients import GRADIENT_AGGREGATORS
 from multitune.balancing.gradients.base import AGGREGATOR_INJECTED
 from multitune.balancing.losses import LOSS_WEIGHTINGS
 from multitune.balancing.losses.base import WEIGHTING_INJECTED
 from multitune.config import Config, GradientConfig, MethodConfig, check_numbers, check_speed_options, loading
+from multitune.config.rules import check_combinations
 from multitune.data.samplers import SAMPLER_INJECTED, SAMPLERS
 from multitune.errors import ConfigError
 from multitune.evaluation.metrics import METRICS
+from multitune.models.adapters.base import ADAPTERS
 from multitune.models.architectures import ARCHITECTURE_INJECTED, ARCHITECTURES
 from multitune.models.heads import HEADS
+from multitune.registry import Capabilities, Registry
+from multitune.training.schedules import SCHEDULES, schedule_sampler
+
+DECLARING: dict[str, Registry[Any]] = {  # the registries whose entries declare capabilities, by kind
+    "architecture": ARCHITECTURES,
+    "adapter": ADAPTERS,
+    "gradient source": GRADIENT_SOURCES,
+    "schedule": SCHEDULES,
+}
+
+
+class Methods:
+    """The registries' capability declarations, by kind, for the combination rules (config/rules.py)."""
+
+    def capabilities(self, kind: str, name: str) -> Capabilities:
+        return DECLARING[kind].capabilities(name)
+
+    def supporting(self, kind: str, wanted: Callable[[Capabilities], bool]) -> list[str]:
+        registry = DECLARING[kind]
+        return [name for name in registry.names() if wanted(registry.capabilities(name))]
+
+
+METHODS = Methods()
 
 
 def check_methods(config: Config) -> None:
     """Method names and parameters exist in their registries, and the choices combine."""
-
     architecture = config.model.architecture
     ARCHITECTURES.get(architecture.name, field="model.architecture.name")
     ARCHITECTURES.check_params(
         architecture.name, architecture.params, ARCHITECTURE_INJECTED, field="model.architecture"
     )
-    if config.model.kind in ("causal_lm", "seq2seq") and architecture.name != "hard":
-        raise ConfigError(
-            f"a {config.model.kind} LM (or any generation task) is shared by hard sharing only",
-            field="model.architecture.name",
-        )
-    gradient_source = config.gradient_aggregation.source if config.gradient_aggregation else None
-    if architecture.name == "soft" and gradient_source == "parameters":
-        raise ConfigError(
-            "soft sharing shares no parameters: gradient aggregation needs source 'representation'",
-            field="gradient_aggregation.source",
-        )
-    generative_lm = config.model.kind in ("causal_lm", "seq2seq")
-    method = config.model.peft.method if config.model.peft is not None else None
-    if (generative_lm and method == "prompt") or (config.model.kind == "seq2seq" and method == "bottleneck"):
-        raise ConfigError(
-            f"per-task {method} adapters are not available for a {config.model.kind} LM; use lora",
-            field="model.peft.method",
-        )
-    if config.model.peft is not None and architecture.name in ("soft", "cross_stitch"):
-        raise ConfigError(
-            f"per-task adapters already give every task its own weights; use them with hard, hybrid, mmoe or ple, "
-            f"not {architecture.name}",
-            field="model.peft",
-        )
-    if architecture.name == "soft" and (config.analysis.task_affinity or config.guard.enabled):
-        raise ConfigError(
-            "task affinity is measured on shared parameters, and soft sharing has none",
-            field="analysis.task_affinity" if config.analysis.task_affinity else "guard.enabled",
-        )
+    check_combinations(config, METHODS)
     check_speed_options(config)
-    schedule = config.training.schedule
-    if schedule.name == "sequential":
-        try:  # checks order and fractions now, not after the data is read
-            SAMPLERS.build(
-                "sequential",
-                injected={"sizes": dict.fromkeys(config.tasks, 1), "total_steps": config.training.steps},
-                order=schedule.order,
-                fractions=schedule.fractions,
-            )
-        except ConfigError as error:
-            raise ConfigError(error.message, field="training.schedule") from None
-    if schedule.name in ("sequential", "reptile") and (
-        config.training.mixed_batches or config.gradient_aggregation is not None
-    ):
-        raise ConfigError(
-            f"the {schedule.name} schedule trains one task at a time: no mixed_batches, no gradient_aggregation",
-            field="training.schedule.name",
-        )
+    sizes = dict.fromkeys(config.tasks, 1)
+    try:  # a schedule's own settings (the sequential order and fractions) now, not after the data is read
+        schedule_sampler(config.training.schedule, sizes, dict.fromkeys(config.tasks, 1.0), config.training.steps)
+    except ConfigError as error:
+        raise ConfigError(error.message, field="training.schedule") from None
     check_balancing(
         config.sampling,
         config.loss_weighting,
@@ -179,13 +163,14 @@ def validate_config(data: dict[str, Any], file: str | None = None) -> Config:
 
 def describe_methods() -> Iterable[dict[str, str]]:
     """Every registered method with its summary, paper, gradient sources and cost (from the classes)."""
-    from multitune.evaluation.metrics import METRICS
-
     registries = (
         ("sampler", SAMPLERS),
+        ("schedule", SCHEDULES),
         ("loss weighting", LOSS_WEIGHTINGS),
         ("gradient aggregator", GRADIENT_AGGREGATORS),
+        ("gradient source", GRADIENT_SOURCES),
         ("architecture", ARCHITECTURES),
+        ("adapter", ADAPTERS),
         ("head", HEADS),
         ("metric", METRICS),
     )

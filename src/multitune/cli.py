@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from multitune.errors import MultitunError
 
@@ -144,13 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from multitune import catalogue
-    from multitune.recipe import session
+    from multitune.recipe import train
     from multitune.runs import evaluate, predict
 
     if args.command == "train":
         from multitune.catalogue import load_config
 
-        session.train_run(load_config(args.config, args.overrides))
+        train.train_run(load_config(args.config, args.overrides))
     elif args.command == "compare":
         from multitune.compare import compare
 
@@ -158,7 +159,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "affinity":
         from multitune.catalogue import load_config
 
-        session.train_run(load_config(args.config, [*args.overrides, "analysis.task_affinity=true"]))
+        train.train_run(load_config(args.config, [*args.overrides, "analysis.task_affinity=true"]))
     elif args.command == "report":
         from pathlib import Path
 
@@ -168,17 +169,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise MultitunError("not a finished multitune run: metrics.json is missing", file=args.run_dir)
         print(write_report(Path(args.run_dir)))
     elif args.command == "resume":
-        session.resume_run(args.run_dir)
+        train.resume_run(args.run_dir)
     elif args.command == "sweep":
         from multitune.sweep import sweep
 
-        sweep(args.config, args.assignments, session.train_run)
+        sweep(args.config, args.assignments, train.train_run)
     elif args.command == "evaluate":
         evaluate.evaluate_run(args.run_dir, args.split)
     elif args.command == "predict":
         name = "<stdin>" if args.input == "-" else args.input
         predictions = predict.predict_run(args.run_dir, args.task, sys.stdin, name)
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions)
+        lines = "".join(jsonl_line(r) for r in predictions)
         if args.output == "-":
             sys.stdout.write(lines)
         else:
@@ -215,3 +216,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             for method in catalogue.describe_methods():
                 print(f"{method['kind']:20} {method['name']:22} {method['summary']}")
     return 0
+
+
+# Characters that str.splitlines (and other readers) take as line breaks, though JSON keeps them raw in strings
+LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def jsonl_line(value: Any) -> str:
+    """One JSON Lines record: text stays readable (no ASCII escapes), but a line break inside a string is
+    escaped, so every reader sees one record per line."""
+    text = json.dumps(value, ensure_ascii=False)
+    for raw, escaped in LINE_BREAKS.items():
+        text = text.replace(raw, escaped)
+    return text + "\n"

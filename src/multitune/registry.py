@@ -28,6 +28,8 @@ class Capabilities:
     - `whole_gradients`: (gradient sources) it needs whole per-task gradients of the shared weights, so it
       cannot run on a sharded backbone nor split a batch into micro-batches.
     - `one_task_per_step`: (schedules) each step trains one task: no mixed batches, no gradient aggregation.
+    - `writes_weights`: (schedules) it writes the weights outside the optimizer step (a meta-update, per-task
+      copies), so not with a sharded backbone nor DeepSpeed ZeRO's partitioned optimizer.
     """
 
     model_kinds: frozenset[str] = MODEL_KINDS
@@ -36,6 +38,7 @@ class Capabilities:
     sharded: bool = True
     whole_gradients: bool = False
     one_task_per_step: bool = False
+    writes_weights: bool = False
 
 
 EVERYTHING = Capabilities()

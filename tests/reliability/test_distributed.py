@@ -234,8 +234,8 @@ def test_the_zero_settings_of_an_accelerate_launch(tmp_path):
 def test_a_sharded_backbone_refuses_what_needs_whole_shared_gradients(tmp_path, write_jsonl, change, field):
     from multitune.catalogue import validate_config
     from multitune.errors import ConfigError
-    from multitune.recipe.components import build_balancer
     from multitune.recipe.launch import check_sharded
+    from tests.conftest import balancer_for
 
     a = write_jsonl("a.jsonl", classification_rows(8))
     data = tiny_config(tmp_path, a, a, tmp_path / "runs")
@@ -243,5 +243,5 @@ def test_a_sharded_backbone_refuses_what_needs_whole_shared_gradients(tmp_path, 
         data.setdefault(key, {}).update(value)
     config = validate_config(data)
     with pytest.raises(ConfigError, match="sharded backbone") as error:
-        check_sharded(config, build_balancer(config, list(config.tasks)))
+        check_sharded(config, balancer_for(config, list(config.tasks)))
     assert field in str(error.value)

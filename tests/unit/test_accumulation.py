@@ -8,9 +8,8 @@ from multitune.balancing.backward import balanced_backward, encode_in_parts
 from multitune.catalogue import validate_config
 from multitune.data.collate import collate
 from multitune.errors import ConfigError
-from multitune.recipe.components import build_balancer
 from multitune.recipe.prepare import prepare
-from tests.conftest import classification_rows, tiny_config, token_rows
+from tests.conftest import balancer_for, classification_rows, tiny_config, token_rows
 
 
 @pytest.fixture
@@ -25,7 +24,7 @@ def _batch(prepared, n=5):
 
 def _gradients(prepared, balancing, micro_batches):
     config = validate_config({**prepared.config.model_dump(mode="json"), **balancing})
-    balancer = build_balancer(config, ["sentiment", "ner"])
+    balancer = balancer_for(config, ["sentiment", "ner"])
     model = prepared.model
     model.eval()  # no dropout: one pass and several passes see the same function
     model.zero_grad(set_to_none=True)

@@ -73,7 +73,7 @@ def test_shapes_and_gradient_isolation(make_config, name):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     only_a = batch_of(prepared, "sentiment")
     model.losses(only_a)["sentiment"].backward()
-    for reg in build_regularizers(prepared.config, model):
+    for reg in build_regularizers(prepared.config.regularization, model):
         reg.apply_()
     optimizer.step()
     assert any(changed(before_a, a_params)), "task A's own parameters did not learn"
@@ -104,7 +104,7 @@ def test_soft_sharing_penalty_pulls_the_backbones_together(make_config):
         return sum(float((x - y).detach().pow(2).sum()) for x, y in zip(a, b, strict=True))
 
     start = distance()
-    [pull] = build_regularizers(prepared.config, model)
+    [pull] = build_regularizers(prepared.config.regularization, model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):
         optimizer.zero_grad()
@@ -118,7 +118,7 @@ def test_l2_sp_pulls_toward_the_pretrained_weights(make_config):
     data["regularization"] = {"l2_sp_alpha": 1.0, "l2_sp_beta": 0.0}
     prepared = prepare(validate_config(data))
     model = prepared.model
-    [l2sp] = build_regularizers(prepared.config, model)
+    [l2sp] = build_regularizers(prepared.config.regularization, model)
     start = snapshot(model.backbone.parameters())
     heads = snapshot(model.heads.parameters())
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_a_run_trains_saves_and_evaluates_identically(make_config, tmp_path, nam
 @pytest.mark.parametrize("source", ["representation", "parameters"])
 def test_gradient_checkpointing_gives_the_same_gradients(make_config, source):
     from multitune.balancing.backward import balanced_backward
-    from multitune.recipe.components import build_balancer
+    from tests.conftest import balancer_for
 
     grads = []
     for checkpointing in (False, True):
@@ -191,9 +191,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_config, source):
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.backbone.modules()) == checkpointing
-        balanced_backward(
-            model, batch_of(prepared, "sentiment", "ner"), build_balancer(config, ["sentiment", "ner"]), 0
-        )
+        balanced_backward(model, batch_of(prepared, "sentiment", "ner"), balancer_for(config, ["sentiment", "ner"]), 0)
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1])
     for plain, recomputed in zip(*grads, strict=True):

@@ -61,3 +61,17 @@ def test_known_defaults_are_printed(capsys):
         shown = flat(capsys.readouterr().out)
         for words in expected:
             assert words in shown, (command, words)
+
+
+def test_predictions_are_one_record_a_line_whatever_their_text():
+    """JSON keeps U+2028, U+2029 and NEL raw inside strings, yet str.splitlines and many JSONL readers break
+    lines there: `multitune predict` escapes them, so a record never spans two lines."""
+    import json
+
+    from multitune.cli import jsonl_line
+
+    value = {"prediction": "a\u2028b\u2029c\x85d", "raw": "é"}
+    line = jsonl_line(value)
+    assert line.endswith("\n") and len(line.splitlines()) == 1
+    assert json.loads(line) == value
+    assert "é" in line  # text stays readable: no ASCII escapes beyond the line breaks

@@ -141,5 +141,5 @@ def test_compare_records_trajectories_the_guard_reads(tmp_path):
             "tasks": {"a": {"type": "regression", "source": {"format": "jsonl", "train": "x"}}},
         }
     )
-    baselines, trajectories = guard_baselines(config)
+    baselines, trajectories = guard_baselines(config.guard, list(config.tasks))
     assert baselines == {"a": -0.5} and trajectories == {"a": [(32, -0.9), (64, -0.5)]}

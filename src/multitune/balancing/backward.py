@@ -237,8 +237,10 @@ def representation_backward(
     step: int,
     group: Processes = ALONE,
 ) -> None:
-    """Aggregates the per-task gradients w.r.t. Z and runs one backward through the backbone with the
-    aggregate (Sener & Koltun 2018, MGDA-UB); heads and learnable weightings get their ordinary gradients."""
+    """Per-task gradients of the shared representation Z [B, ..., H], aggregated, then one backward.
+
+    The backward through the backbone carries the aggregate (Sener & Koltun 2018, MGDA-UB); heads and
+    learnable weightings get their ordinary gradients."""
     hidden, task_grads, names = weighed.hidden, weighed.task_grads, weighed.names
     assert hidden is not None, "the representation source always encodes the whole batch"
     if group.several:
@@ -310,8 +312,9 @@ def parameters_backward(
     step: int,
     group: Processes = ALONE,
 ) -> None:
-    """Exact per-task gradients of every shared parameter, in the [T, P] buffer, aggregated and written into
-    the shared parameters' `.grad`; heads and learnable weightings get their ordinary gradients."""
+    """Exact per-task gradients of every shared parameter [T, P], aggregated into their `.grad`.
+
+    The [T, P] buffer is reused across steps; heads and learnable weightings get their ordinary gradients."""
     losses, names, coefficients = weighed.parts, weighed.names, weighed.coefficients
     shared = [p for p in model.shared_parameters() if p.requires_grad]
     sizes = [p.numel() for p in shared]

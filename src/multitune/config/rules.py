@@ -5,10 +5,12 @@ given to them as a lookup, and never compare a method's name."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from multitune.config.schema import Config
 from multitune.errors import ConfigError
+from multitune.registry import Capabilities
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: the weights' dtype (bf16 shares its range)
 
@@ -68,10 +70,72 @@ def check_speed_options(config: Config) -> None:
             "into more parts than it has rows",
             field="training.gradient_accumulation",
         )
+
+
+class Capable(Protocol):
+    """The registries' declarations, as the rules read them (catalogue.py gives the real ones)."""
+
+    def capabilities(self, kind: str, name: str) -> Capabilities:
+        """What method `name` of `kind` (architecture, adapter, gradient source, schedule) supports."""
+        ...
+
+    def supporting(self, kind: str, wanted: Callable[[Capabilities], bool]) -> list[str]:
+        """The names of `kind` whose capabilities are `wanted`, sorted."""
+        ...
+
+
+def either(names: list[str]) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_combinations(config: Config, methods: Capable) -> None:
+    """The chosen methods combine: each rule reads what the methods declare, never their names."""
+    model, name = config.model, config.model.architecture.name
+    architecture = methods.capabilities("architecture", name)
+    if model.kind not in architecture.model_kinds:
+        shared_by = methods.supporting("architecture", lambda c: model.kind in c.model_kinds)
+        raise ConfigError(
+            f"a {model.kind} LM (or any generation task) is shared by {either(shared_by)} sharing only",
+            field="model.architecture.name",
+        )
     gradient = config.gradient_aggregation
-    if training.gradient_accumulation > 1 and gradient is not None and gradient.source == "parameters":
+    source = methods.capabilities("gradient source", gradient.source) if gradient is not None else None
+    if source is not None and source.whole_gradients and not architecture.shares_parameters:
+        partial = methods.supporting("gradient source", lambda c: not c.whole_gradients)
+        raise ConfigError(
+            f"{name} sharing shares no parameters: gradient aggregation needs source {either(partial)!r}",
+            field="gradient_aggregation.source",
+        )
+    if model.peft is not None:
+        method = model.peft.method
+        if model.kind not in methods.capabilities("adapter", method).model_kinds:
+            usable = methods.supporting("adapter", lambda c: model.kind in c.model_kinds)
+            raise ConfigError(
+                f"per-task {method} adapters are not available for a {model.kind} LM; use {either(usable)}",
+                field="model.peft.method",
+            )
+        if not architecture.takes_adapters:
+            hosts = methods.supporting("architecture", lambda c: c.takes_adapters)
+            raise ConfigError(
+                f"per-task adapters already give every task its own weights; use them with {either(hosts)}, not {name}",
+                field="model.peft",
+            )
+    if not architecture.shares_parameters and (config.analysis.task_affinity or config.guard.enabled):
+        raise ConfigError(
+            f"task affinity is measured on shared parameters, and {name} sharing has none",
+            field="analysis.task_affinity" if config.analysis.task_affinity else "guard.enabled",
+        )
+    training = config.training
+    if training.gradient_accumulation > 1 and source is not None and source.whole_gradients:
         raise ConfigError(
             "gradient accumulation splits the shared representation's backward; with the parameters source use "
             "a smaller batch, several processes, or the representation source",
             field="training.gradient_accumulation",
+        )
+    schedule = training.schedule.name
+    if methods.capabilities("schedule", schedule).one_task_per_step and (training.mixed_batches or gradient):
+        raise ConfigError(
+            f"the {schedule} schedule trains one task at a time: no mixed_batches, no gradient_aggregation",
+            field="training.schedule.name",
         )

@@ -6,31 +6,28 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from multitune.analysis.guard import NegativeTransferGuard
-from multitune.balancing.backward import Balancer
+from multitune.balancing.backward import GRADIENT_SOURCES, Balancer
 from multitune.balancing.gradients import GRADIENT_AGGREGATORS
 from multitune.balancing.losses import LOSS_WEIGHTINGS, LossWeighting
-from multitune.config import Config, GradientConfig, MethodConfig
+from multitune.config import GradientConfig, MethodConfig
+from multitune.config.schema import GuardConfig, RegularizationConfig, ScheduleConfig, TrainingConfig
 from multitune.data.collate import Batch, collate, pack
 from multitune.data.samplers import SAMPLERS, TaskSampler
 from multitune.data.streams import TaskStream
-from multitune.data.tasks import (
-    TaskData,
-)
 from multitune.data.tokens import Encoded
 from multitune.errors import ConfigError
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.regularization import L2SP, Regularizer
+from multitune.training.schedules import schedule_sampler
 
 
-def build_regularizers(config: Config, model: MultiTaskModel) -> list[Regularizer]:
+def build_regularizers(settings: RegularizationConfig, model: MultiTaskModel) -> list[Regularizer]:
     """The architecture's own penalties plus L2-SP toward the weights the model starts from."""
     out = model.regularizers()
-    settings = config.regularization
     if settings.l2_sp_alpha or settings.l2_sp_beta:
         pretrained = list(model.pretrained_parameters())
         known = {id(p) for p in pretrained}
@@ -39,46 +36,39 @@ def build_regularizers(config: Config, model: MultiTaskModel) -> list[Regularize
     return out
 
 
-def task_stream(rows: list[Encoded], seed: str, training: Any) -> TaskStream[Encoded]:
+def build_stream(rows: list[Encoded], seed: str, training: TrainingConfig) -> TaskStream[Encoded]:
     """One task's training stream; length-grouped in groups of a batch when asked."""
     if not training.group_by_length:
         return TaskStream(rows, seed)
     return TaskStream(rows, seed, training.batch_size, [len(row.input_ids) for row in rows])
 
 
-def batch_collate(config: Config) -> Callable[[dict[str, list[Encoded]], int], Batch]:
+def build_collate(training: TrainingConfig, max_length: int) -> Callable[[dict[str, list[Encoded]], int], Batch]:
     """Padded batches, or (training.packing) packed rows of pack_length tokens."""
-    if not config.training.packing:
+    if not training.packing:
         return collate
-    length = config.training.pack_length or config.model.max_length
+    length = training.pack_length or max_length
     return lambda rows, pad_id: pack(rows, pad_id, length)
 
 
-def build_sampler(config: Config, tasks: dict[str, TaskData]) -> TaskSampler:
-    """The config's sampler; the sequential schedule replaces it with its curriculum."""
-    sizes = {name: len(task.splits["train"]) for name, task in tasks.items()}
-    weights = {name: task.config.sampling_weight for name, task in tasks.items()}
-    schedule = config.training.schedule
-    if schedule.name == "sequential":
-        injected = {"sizes": sizes, "weights": weights, "total_steps": config.training.steps}
-        return SAMPLERS.build("sequential", injected=injected, order=schedule.order, fractions=schedule.fractions)
-    return make_sampler(config.sampling, sizes, weights, config.training.steps)
-
-
-def make_sampler(
-    sampling: MethodConfig, sizes: dict[str, int], weights: dict[str, float], total_steps: int
+def build_sampler(
+    sampling: MethodConfig,
+    sizes: dict[str, int],
+    weights: dict[str, float],
+    total_steps: int,
+    schedule: ScheduleConfig | None = None,
 ) -> TaskSampler:
-    """A sampler from its registry: the method's own parameters plus the task sizes, weights and steps."""
+    """The sampler from its registry (the method's own parameters plus the task sizes, weights and steps),
+    unless the schedule trains with a sampler of its own (sequential: its curriculum)."""
+    if schedule is not None:
+        own = schedule_sampler(schedule, sizes, weights, total_steps)
+        if own is not None:
+            return own
     injected = {"sizes": sizes, "weights": weights, "total_steps": total_steps}
     return SAMPLERS.build(sampling.name, injected=injected, **sampling.params)
 
 
-def build_balancer(config: Config, task_names: list[str]) -> Balancer:
-    loss_weights = {n: t.loss_weight for n, t in config.tasks.items()}
-    return make_balancer(config.loss_weighting, config.gradient_aggregation, task_names, loss_weights, config.run.seed)
-
-
-def make_balancer(
+def build_balancer(
     loss_weighting: MethodConfig,
     gradient: GradientConfig | None,
     task_names: list[str],
@@ -101,27 +91,25 @@ def make_balancer(
 
 
 def require_shared_parameters(model: MultiTaskModel, balancer: Balancer) -> None:
-    """The `parameters` gradient source needs trainable shared parameters to take per-task gradients of."""
-    if balancer.source == "parameters" and not any(p.requires_grad for p in model.shared_parameters()):
+    """A gradient source taking whole per-task gradients needs trainable shared parameters to take them of."""
+    whole = balancer.aggregator is not None and GRADIENT_SOURCES.capabilities(balancer.source).whole_gradients
+    if whole and not any(p.requires_grad for p in model.shared_parameters()):
         raise ConfigError(
-            "gradient source 'parameters' needs trainable shared parameters, and this model has none "
+            f"gradient source '{balancer.source}' needs trainable shared parameters, and this model has none "
             "(per-task adapters on a frozen backbone, or soft sharing): use source 'representation' or "
             "peft.shared=true",
             field="gradient_aggregation.source",
         )
 
 
-def optimizer_for(model: MultiTaskModel, weighting: LossWeighting, config: Config) -> torch.optim.Optimizer:
-    training = config.training
-    return make_optimizer(model, weighting, training.lr, training.head_lr, training.weight_decay)
-
-
-def make_optimizer(
-    model: torch.nn.Module, weighting: LossWeighting, lr: float, head_lr: float | None, weight_decay: float
+def build_optimizer(
+    model: torch.nn.Module, weighting: LossWeighting, training: TrainingConfig
 ) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms; heads (and learnable loss weights) may take their own rate.
-    The backbone's parameters get groups of their own: sharded (FSDP) they cannot share a fused step with whole
-    tensors, and keeping the groups the same sharded or not lets a sharded run resume on one process."""
+    """AdamW at training.lr (heads and learnable loss weights: head_lr, when set) with training.weight_decay,
+    none on biases and norms. The backbone's parameters get groups of their own: sharded (FSDP) they cannot
+    share a fused step with whole tensors, and keeping the groups the same sharded or not lets a sharded run
+    resume on one process."""
+    lr, head_lr, weight_decay = training.lr, training.head_lr, training.weight_decay
     groups: dict[tuple[float, float, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -140,10 +128,11 @@ def make_optimizer(
         return torch.optim.AdamW(param_groups)
 
 
-def guard_baselines(config: Config) -> tuple[dict[str, float], dict[str, list[tuple[int, float]]]]:
+def guard_baselines(
+    settings: GuardConfig, task_names: list[str]
+) -> tuple[dict[str, float], dict[str, list[tuple[int, float]]]]:
     """Single-task main scores for the guard, and their trajectories by rows seen where a comparison.json
     recorded them; signed like validation scores (negated where lower is better)."""
-    settings = config.guard
     baselines = dict(settings.baselines or {})
     trajectories: dict[str, list[tuple[int, float]]] = {}
     if settings.baselines_from:
@@ -158,17 +147,20 @@ def guard_baselines(config: Config) -> tuple[dict[str, float], dict[str, list[tu
                     trajectories[name] = points
         except (OSError, ValueError, KeyError, TypeError):
             raise ConfigError("not a readable comparison.json", file=str(path), field="guard.baselines_from") from None
-    unknown = sorted(set(baselines) - set(config.tasks))
+    unknown = sorted(set(baselines) - set(task_names))
     if unknown:
         raise ConfigError(f"baselines for unknown tasks: {', '.join(unknown)}", field="guard.baselines")
     return baselines, trajectories
 
 
-def build_guard(config: Config, names: list[str], balancer: Balancer) -> NegativeTransferGuard | None:
-    settings = config.guard
+def build_guard(
+    settings: GuardConfig, names: list[str], balancer: Balancer, total_steps: int
+) -> NegativeTransferGuard | None:
+    """The negative-transfer guard (analysis/guard.py) when enabled; its task multipliers become the
+    balancer's `task_scale`."""
     if not settings.enabled:
         return None
-    baselines, trajectories = guard_baselines(config)
+    baselines, trajectories = guard_baselines(settings, names)
     guard = NegativeTransferGuard(
         names,
         settings.action,
@@ -177,7 +169,7 @@ def build_guard(config: Config, names: list[str], balancer: Balancer) -> Negativ
         settings.factor,
         baselines,
         trajectories,
-        start_step=int(settings.start * config.training.steps),
+        start_step=int(settings.start * total_steps),
     )
     balancer.task_scale = guard.scale  # the guard's multipliers are what balanced_backward applies
     return guard

@@ -7,11 +7,14 @@ from typing import Any
 
 import torch
 
-from multitune.balancing.backward import Balancer
+from multitune.balancing.backward import GRADIENT_SOURCES, Balancer
 from multitune.balancing.gradients import GramianAggregator
 from multitune.config import Config, TrainingConfig
 from multitune.core.processes import Processes
 from multitune.errors import ConfigError
+from multitune.models.adapters.base import ADAPTERS
+from multitune.models.architectures import ARCHITECTURES
+from multitune.training.schedules import SCHEDULES
 from multitune.training.zero import (
     ZeroAccelerator,
     ZeroSettings,
@@ -21,7 +24,7 @@ from multitune.training.zero import (
 )
 
 
-def make_accelerator(training: TrainingConfig) -> tuple[Any, bool, ZeroSettings | None]:
+def build_accelerator(training: TrainingConfig) -> tuple[Any, bool, ZeroSettings | None]:
     """accelerate's Accelerator (launched as several processes without a GPU, they train on CPUs, gloo);
     whether the backbone is to be sharded (training.fsdp, or an accelerate config asking for FSDP: multitune
     shards it itself, training/distributed.py); and the DeepSpeed ZeRO settings (training.deepspeed, or an
@@ -71,19 +74,20 @@ def check_distributed(config: Config, balancer: Balancer, batch_size: int, group
 
 
 def check_sharded(config: Config, balancer: Balancer) -> None:
-    """What a sharded backbone (FSDP) does not support: anything needing whole per-task gradients of the
-    shared weights, or copies of them."""
-    training = config.training
+    """What a sharded backbone (FSDP) does not support: methods that declare `sharded=False` (they need whole
+    per-task gradients of the shared weights, run the backbone layer by layer or keep one per task: FSDP2
+    gathers a unit's weights only when that unit's own forward runs), schedules that write the weights
+    outside the optimizer step, and the features that copy or probe whole weights."""
+    training, model = config.training, config.model
+    source = GRADIENT_SOURCES.capabilities(balancer.source)
     refused = {
-        "gradient_aggregation.source": balancer.aggregator is not None and balancer.source == "parameters",
-        # the others run the backbone layer by layer or keep one per task: FSDP2 gathers a unit's weights
-        # only when that unit's own forward runs
-        "model.architecture.name": config.model.architecture.name != "hard",
+        "gradient_aggregation.source": balancer.aggregator is not None and not source.sharded,
+        "model.architecture.name": not ARCHITECTURES.capabilities(model.architecture.name).sharded,
         "analysis.task_affinity": config.analysis.task_affinity,
         "guard.enabled": config.guard.enabled,
-        "training.schedule.name": training.schedule.name in ("reptile", "two_stage"),
+        "training.schedule.name": SCHEDULES.capabilities(training.schedule.name).writes_weights,
         "regularization": bool(config.regularization.l2_sp_alpha or config.regularization.l2_sp_beta),
-        "model.peft": config.model.peft is not None,
+        "model.peft": model.peft is not None and not ADAPTERS.capabilities(model.peft.method).sharded,
         "training.compile": training.compile,
     }
     for field, on in refused.items():

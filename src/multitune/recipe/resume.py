@@ -29,7 +29,6 @@ from multitune.training.checkpoint import (
     load_trainer_state,
     load_weights,
     save_checkpoint,
-    save_weights,
 )
 from multitune.training.distributed import full_optimizer_state, full_state_dict, shard_optimizer_state_
 from multitune.training.loop import TrainState
@@ -63,12 +62,10 @@ class TrainingParts:
     def zero(self) -> bool:
         return isinstance(self.optimizer, ZeroOptimizer)
 
-    def save_weights(self, path: Path, group: Processes) -> None:
-        """The model's weights, written by the main process."""
-        if group.main or self.sharded:
-            weights = self._weights()
-            if group.main:
-                save_weights(weights, path)
+    def whole_weights(self, group: Processes) -> torch.nn.Module | dict[str, torch.Tensor] | None:
+        """The weights the main process writes (every process takes part in gathering a sharded model;
+        the others get them too and write nothing); None on a process with no part in it."""
+        return self._weights() if group.main or self.sharded else None
 
     def save_checkpoint(
         self, run_dir: Path, state: TrainState, keep: int, group: Processes, history_bytes: int | None = None

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from multitune.core.files import write_json
+from multitune.core.files import WEIGHTS_FILE, write_json
 from multitune.data.encoding import encode_splits
 from multitune.data.tasks import (
     label_field_name,
@@ -18,7 +18,6 @@ from multitune.evaluation.evaluate import average_main_score, evaluate, format_t
 from multitune.runs.layout import FINETUNED
 from multitune.runs.load import load_run, task_from_manifest
 from multitune.training.checkpoint import load_weights
-from multitune.core.files import WEIGHTS_FILE
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:

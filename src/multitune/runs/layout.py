@@ -39,15 +39,38 @@ def create_run_dir(output_dir: str, name: str) -> Path:
     raise ConfigError("too many runs with this name", file=str(root), field="run.name")
 
 
+def manifest_entry(
+    kind: str,
+    labels: list[str] | None,
+    target_mean: float,
+    target_std: float,
+    target_range: tuple[float, float] | None,
+    rows: dict[str, int],
+) -> dict[str, Any]:
+    """One task's entry in tasks.json, as every route writes it (the YAML recipe adds the data's notes and
+    fingerprint): its type, labels, the regression targets' standardisation and range, its row counts."""
+    bounds = {} if target_range is None else {"target_min": target_range[0], "target_max": target_range[1]}
+    return {
+        "type": kind,
+        "labels": labels,
+        "target_mean": target_mean,
+        "target_std": target_std,
+        **bounds,
+        "rows": rows,
+    }
+
+
 def task_manifest(tasks: dict[str, TaskData]) -> dict[str, Any]:
     return {
         name: {
-            "type": task.config.type,
-            "labels": task.labels,
-            "target_mean": task.target_mean,
-            "target_std": task.target_std,
-            **target_range(task),
-            "rows": {split: len(examples) for split, examples in task.splits.items()},
+            **manifest_entry(
+                task.config.type,
+                task.labels,
+                task.target_mean,
+                task.target_std,
+                target_range(task),
+                {split: len(examples) for split, examples in task.splits.items()},
+            ),
             "notes": task.notes,
             "fingerprint": data_fingerprint(task),
         }
@@ -55,13 +78,13 @@ def task_manifest(tasks: dict[str, TaskData]) -> dict[str, Any]:
     }
 
 
-def target_range(task: TaskData) -> dict[str, float]:
+def target_range(task: TaskData) -> tuple[float, float] | None:
     """A regression task's smallest and largest training target: predict and serve hold their answers to
-    this range (run.held_to_range). Nothing for other tasks."""
+    this range (runs/predict.py, held_to_range). None for other tasks."""
     targets = [float(e.label) for e in task.splits.get("train", []) if isinstance(e.label, (int, float))]
     if task.config.type != "regression" or not targets:
-        return {}
-    return {"target_min": min(targets), "target_max": max(targets)}
+        return None
+    return min(targets), max(targets)
 
 
 def data_fingerprint(task: TaskData) -> dict[str, dict[str, Any]]:

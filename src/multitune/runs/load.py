@@ -7,6 +7,7 @@ from typing import Any
 
 from multitune.catalogue import load_run_config
 from multitune.config import Config, TaskConfig
+from multitune.core.files import WEIGHTS_FILE
 from multitune.data.tasks import (
     TaskData,
 )
@@ -16,7 +17,6 @@ from multitune.models.backbone import Backbone, backbone_from_run
 from multitune.models.multitask import MultiTaskModel
 from multitune.runs.layout import read_json_file, read_manifest
 from multitune.training.checkpoint import load_weights
-from multitune.core.files import WEIGHTS_FILE
 
 
 def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any], MultiTaskModel, Backbone]:

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 import torch
 
 from multitune.config import Config, TaskConfig
+from multitune.core.files import WEIGHTS_FILE
 from multitune.data.encoding import encode
 from multitune.data.readers import Row, json_rows, read_jsonl
 from multitune.data.tasks import (
@@ -23,7 +24,6 @@ from multitune.evaluation.evaluate import predict
 from multitune.runs.layout import FINETUNED, _json_kind, _shown
 from multitune.runs.load import load_run, task_from_manifest
 from multitune.training.checkpoint import load_weights
-from multitune.core.files import WEIGHTS_FILE
 
 GENERIC_TEXT_FIELDS = ("text", "text_pair")
 

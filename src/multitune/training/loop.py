@@ -46,8 +46,6 @@ class LoopSettings:
     max_nonfinite_steps: int = 5
     progress: bool = True
     early_stopping: EarlyStopping | None = None
-    reptile: Reptile | None = None  # the Reptile schedule: blocks of steps on one task, then a meta-update
-    processes: Processes = ALONE  # data parallelism: this process trains its share of each global batch
     gradient_accumulation: int = 1  # backbone passes per step (balanced_backward's micro_batches)
 
 
@@ -102,124 +100,73 @@ class StopSignal:
             signal.signal(number, handler)
 
 
-def train(
-    model: MultiTaskModel,
-    streams: dict[str, TaskStream[Any]],
-    sampler: TaskSampler,
-    balancer: Balancer,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    accelerator: Any,
-    settings: LoopSettings,
-    state: TrainState,
-    validate: Callable[[int], Validation],
-    save_best: Callable[[int], None],
-    checkpoint: Callable[[TrainState], object],
-    log: Callable[[dict[str, Any]], None],
-    stop: StopSignal | None = None,
-    regularizers: Sequence[Regularizer] = (),
-    collate_rows: Callable[[dict[str, list[Any]], int], Batch] = collate,
-) -> TrainState:
-    """Run optimizer steps from `state.step` to `settings.steps` (or until early stopping ends the run).
-    `validate` returns the score that picks the best weights and each task's scores. `collate_rows` turns
-    the rows the streams yield into a Batch: padded token rows by default, in-memory tensors in api.py."""
+@dataclass
+class LoopParts:
+    """The live objects one training loop drives (LoopSettings holds the plain values)."""
+
+    model: MultiTaskModel
+    streams: dict[str, TaskStream[Any]]
+    sampler: TaskSampler
+    balancer: Balancer
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: Any
+    processes: Processes = ALONE  # data parallelism: this process trains its share of each global batch
+    reptile: Reptile | None = None  # the Reptile schedule: blocks of steps on one task, then a meta-update
+    regularizers: Sequence[Regularizer] = ()
+    # the rows the streams yield -> a Batch: padded token rows by default, in-memory tensors in api.py
+    collate_rows: Callable[[dict[str, list[Any]], int], Batch] = collate
+
+
+@dataclass
+class LoopHooks:
+    """What the loop calls out to. `validate` scores the model (the score picks the best weights, the signed
+    per-task scores drive early stopping); `save_best` keeps the new best weights; `checkpoint` writes a
+    resumable checkpoint; `log` records a history entry; `stop` is a SIGTERM/SIGINT request."""
+
+    validate: Callable[[int], Validation]
+    save_best: Callable[[int], None]
+    checkpoint: Callable[[TrainState], object] = lambda state: None
+    log: Callable[[dict[str, Any]], None] = lambda entry: None
+    stop: StopSignal | None = None
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's outcome, for the history and the checks after it."""
+
+    counts: dict[str, int]  # rows per task
+    losses: dict[str, float]  # raw per-task losses
+    total: float  # the objective that was differentiated
+    penalty: float  # the regularizers' penalty
+    problem: str | None  # why the update was skipped (non-finite loss or gradient), else None
+
+
+def train(parts: LoopParts, settings: LoopSettings, state: TrainState, hooks: LoopHooks) -> TrainState:
+    """Run optimizer steps from `state.step` to `settings.steps` (or until early stopping ends the run)."""
     if state.stopped_early:
         return state
     for name in state.stopped_tasks:
-        balancer.task_scale[name] = 0.0
-    adaptive = sampler if isinstance(sampler, ObservesTraining) else None
-    running = state.running_losses  # exponential moving average of each task's loss, for the log and the bar
-    model.train()
-    quiet = not settings.progress or not settings.processes.main
+        parts.balancer.task_scale[name] = 0.0
+    parts.model.train()
+    quiet = not settings.progress or not parts.processes.main
     bar = tqdm(range(state.step, settings.steps), disable=quiet, desc="train", dynamic_ncols=True)
     started = time.perf_counter()
     for step in bar:
-        draw = settings.reptile.block_start(step) if settings.reptile is not None else step
-        counts = active_counts(sampler, balancer, draw, random.Random(f"{settings.seed}:{draw}"), settings)
-        if settings.reptile is not None:
-            settings.reptile.before_step(step)
-        drawn = {name: streams[name].take(n) for name, n in counts.items()}  # the global batch
-        group, shares = settings.processes, None
-        if group.several:  # this process's rows of every task, and its share of each task's loss
-            mine = {name: group.shard(task_rows) for name, task_rows in drawn.items()}
-            shares = {name: len(mine[name]) / len(drawn[name]) for name in drawn}
-            drawn = {name: task_rows for name, task_rows in mine.items() if task_rows}
-        batch = collate_rows(drawn, settings.pad_id).to(accelerator.device)
-        optimizer.zero_grad(set_to_none=True)
-        with accelerator.autocast():
-            result = balanced_backward(
-                model, batch, balancer, step, accelerator.backward, group, shares, settings.gradient_accumulation
-            )
-        penalty = sum(r.apply_() for r in regularizers)
-        if group.sharded:
-            norm = clip_grad_norm_(model.parameters(), settings.max_grad_norm or math.inf, group)
-        else:
-            norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm or math.inf)
-        step_losses = {name: float(loss) for name, loss in result.losses.items()}
-        problem = _nonfinite(step_losses, float(norm))
-        if problem is None:
-            optimizer.step()
-            state.nonfinite_in_a_row = 0
-            if settings.reptile is not None:
-                settings.reptile.after_step(step)
-        else:  # skip the update, keep the weights: one bad batch must not poison the run
-            optimizer.zero_grad(set_to_none=True)
-            state.nonfinite_in_a_row += 1
-            state.skipped_steps += 1
-            log({"step": step + 1, "skipped": problem})
-        scheduler.step()
-        state.step = step + 1
-        if problem is not None:  # an earlier update may have overflowed the weights: then no step will do
-            require_finite_weights(model, state, group)
-        if state.nonfinite_in_a_row >= settings.max_nonfinite_steps:
-            raise TrainingStopped(
-                f"training stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite steps in a row "
-                f"(last: {problem}); checkpoints written before it are intact"
-            )
-        if state.step == settings.steps:
-            require_trained(state)
-
-        for name, rows in counts.items():
-            state.task_rows[name] = state.task_rows.get(name, 0) + rows
-        for name, value in step_losses.items():
-            if math.isfinite(value):
-                running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
-            state.task_steps[name] = state.task_steps.get(name, 0) + 1
-        if adaptive is not None and problem is None:
-            adaptive.observe_losses(step_losses, step)
-        bar.set_postfix({name: f"{v:.3f}" for name, v in running.items()}, refresh=False)
-        if state.step % settings.log_every == 0:
-            log(
-                {
-                    "step": state.step,
-                    "loss": float(result.total),
-                    "losses": dict(running),
-                    "weights": balancer.weighting.weights(),
-                    "probabilities": sampler.probabilities(state.step),
-                    "lr": scheduler.get_last_lr()[0],
-                    **({"penalty": penalty} if regularizers else {}),
-                }
-            )
+        result = optimizer_step(parts, settings, state, step, hooks.log)
+        after_step(parts, settings, state, step, result, hooks.log)
+        bar.set_postfix({name: f"{v:.3f}" for name, v in state.running_losses.items()}, refresh=False)
         if state.step % settings.eval_every == 0 or state.step == settings.steps:
             state.seconds += time.perf_counter() - started
-            result_v = validate(state.step)
-            if adaptive is not None:
-                adaptive.observe_validation(result_v.task_scores, state.step)
-            if result_v.score > state.best_score:
-                require_finite_weights(model, state, group)
-                state.best_score, state.best_step = result_v.score, state.step
-                save_best(state.step)
-            if settings.early_stopping is not None:
-                for event in early_stop(settings.early_stopping, state, result_v, balancer):
-                    log({"step": state.step, "early_stopping": event})
+            validate(parts, settings, state, hooks)
             started = time.perf_counter()
         every = settings.checkpoint_every
-        stopping = stop is not None and stop.received is not None
+        stopping = hooks.stop is not None and hooks.stop.received is not None
         last = state.step == settings.steps or state.stopped_early
         if stopping or last or (every and state.step % every == 0):
             state.seconds += time.perf_counter() - started
-            require_finite_weights(model, state, group)
-            checkpoint(state)
+            require_finite_weights(parts.model, state, parts.processes)
+            hooks.checkpoint(state)
             started = time.perf_counter()
         if stopping:
             raise TrainingStopped(f"interrupted at step {state.step}; checkpoint saved; resume with run.resume=auto")
@@ -232,6 +179,108 @@ def train(
             f"training ended at step {state.step} without a validation scoring a finite number: no best weights"
         )
     return state
+
+
+def optimizer_step(
+    parts: LoopParts, settings: LoopSettings, state: TrainState, step: int, log: Callable[[dict[str, Any]], None]
+) -> StepResult:
+    """Draw the step's rows, run the balanced backward and the update (skipped when a loss or the gradient
+    is not finite: one bad batch must not poison the run)."""
+    model, balancer, optimizer, accelerator, reptile = (
+        parts.model, parts.balancer, parts.optimizer, parts.accelerator, parts.reptile,
+    )  # fmt: skip
+    draw = reptile.block_start(step) if reptile is not None else step
+    counts = active_counts(parts.sampler, balancer, draw, random.Random(f"{settings.seed}:{draw}"), settings)
+    if reptile is not None:
+        reptile.before_step(step)
+    drawn = {name: parts.streams[name].take(n) for name, n in counts.items()}  # the global batch
+    group, shares = parts.processes, None
+    if group.several:  # this process's rows of every task, and its share of each task's loss
+        mine = {name: group.shard(task_rows) for name, task_rows in drawn.items()}
+        shares = {name: len(mine[name]) / len(drawn[name]) for name in drawn}
+        drawn = {name: task_rows for name, task_rows in mine.items() if task_rows}
+    batch = parts.collate_rows(drawn, settings.pad_id).to(accelerator.device)
+    optimizer.zero_grad(set_to_none=True)
+    with accelerator.autocast():
+        result = balanced_backward(
+            model, batch, balancer, step, accelerator.backward, group, shares, settings.gradient_accumulation
+        )
+    penalty = sum(r.apply_() for r in parts.regularizers)
+    if group.sharded:
+        norm = clip_grad_norm_(model.parameters(), settings.max_grad_norm or math.inf, group)
+    else:
+        norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm or math.inf)
+    step_losses = {name: float(loss) for name, loss in result.losses.items()}
+    problem = _nonfinite(step_losses, float(norm))
+    if problem is None:
+        optimizer.step()
+        state.nonfinite_in_a_row = 0
+        if reptile is not None:
+            reptile.after_step(step)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        state.nonfinite_in_a_row += 1
+        state.skipped_steps += 1
+        log({"step": step + 1, "skipped": problem})
+    parts.scheduler.step()
+    state.step = step + 1
+    return StepResult(counts, step_losses, float(result.total), float(penalty), problem)
+
+
+def after_step(
+    parts: LoopParts,
+    settings: LoopSettings,
+    state: TrainState,
+    step: int,
+    result: StepResult,
+    log: Callable[[dict[str, Any]], None],
+) -> None:
+    """The checks after an update, the running losses, what the sampler observes, and the history entry."""
+    if result.problem is not None:  # an earlier update may have overflowed the weights: then no step will do
+        require_finite_weights(parts.model, state, parts.processes)
+    if state.nonfinite_in_a_row >= settings.max_nonfinite_steps:
+        raise TrainingStopped(
+            f"training stopped at step {state.step}: {state.nonfinite_in_a_row} non-finite steps in a row "
+            f"(last: {result.problem}); checkpoints written before it are intact"
+        )
+    if state.step == settings.steps:
+        require_trained(state)
+    running = state.running_losses  # exponential moving average of each task's loss, for the log and the bar
+    for name, rows in result.counts.items():
+        state.task_rows[name] = state.task_rows.get(name, 0) + rows
+    for name, value in result.losses.items():
+        if math.isfinite(value):
+            running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
+        state.task_steps[name] = state.task_steps.get(name, 0) + 1
+    sampler = parts.sampler
+    if isinstance(sampler, ObservesTraining) and result.problem is None:
+        sampler.observe_losses(result.losses, step)
+    if state.step % settings.log_every == 0:
+        log(
+            {
+                "step": state.step,
+                "loss": result.total,
+                "losses": dict(running),
+                "weights": parts.balancer.weighting.weights(),
+                "probabilities": sampler.probabilities(state.step),
+                "lr": parts.scheduler.get_last_lr()[0],
+                **({"penalty": result.penalty} if parts.regularizers else {}),
+            }
+        )
+
+
+def validate(parts: LoopParts, settings: LoopSettings, state: TrainState, hooks: LoopHooks) -> None:
+    """Score the model; new best weights are kept; early stopping counts the validations without a gain."""
+    result = hooks.validate(state.step)
+    if isinstance(parts.sampler, ObservesTraining):
+        parts.sampler.observe_validation(result.task_scores, state.step)
+    if result.score > state.best_score:
+        require_finite_weights(parts.model, state, parts.processes)
+        state.best_score, state.best_step = result.score, state.step
+        hooks.save_best(state.step)
+    if settings.early_stopping is not None:
+        for event in early_stop(settings.early_stopping, state, result, parts.balancer):
+            hooks.log({"step": state.step, "early_stopping": event})
 
 
 @dataclass

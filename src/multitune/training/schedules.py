@@ -1,5 +1,5 @@
-"""Training schedules beyond joint training: the Reptile meta-update (two-stage and sequential live in
-run.py and data/samplers.py).
+"""Training schedules, registered in SCHEDULES with what they support: joint (the default), sequential (a
+curriculum sampler, data/samplers.py), two_stage (recipe/two_stage.py) and Reptile, whose meta-update is here.
 
 Reptile (Nichol, Achiam & Schulman 2018, "On first-order meta-learning algorithms"): train `inner_steps`
 steps on one task from θ, reaching θ'; then move θ ← θ + ε(θ' − θ). Repeated over tasks, θ drifts
@@ -14,6 +14,53 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from multitune.data.samplers import SAMPLERS, TaskSampler
+from multitune.registry import Capabilities, Registry
+
+# An entry gives the sampler the schedule trains with in place of the config's, or None to keep that one.
+SCHEDULES: Registry[TaskSampler | None] = Registry("schedule")
+SCHEDULE_INJECTED = ("sizes", "weights", "total_steps")
+ONE_TASK = Capabilities(one_task_per_step=True)
+
+
+@SCHEDULES.register("joint")
+def joint() -> None:
+    """Every step draws its tasks from the config's sampler (the default)."""
+    return None
+
+
+@SCHEDULES.register("sequential", ONE_TASK)
+def sequential(
+    sizes: dict[str, int],
+    weights: dict[str, float],
+    total_steps: int,
+    order: list[str] | None = None,
+    fractions: list[float] | None = None,
+) -> TaskSampler:
+    """Tasks one after another, in `order`, each for its fraction of the steps (a curriculum)."""
+    injected = {"sizes": sizes, "weights": weights, "total_steps": total_steps}
+    return SAMPLERS.build("sequential", injected=injected, order=order, fractions=fractions)
+
+
+@SCHEDULES.register("two_stage", Capabilities(writes_weights=True))
+def two_stage(finetune_steps: int = 200, finetune_lr: float | None = None) -> None:
+    """Joint training, then a copy of the model fine-tuned on each task alone (MT-DNN, Liu et al. 2019)."""
+    return None
+
+
+@SCHEDULES.register("reptile", Capabilities(one_task_per_step=True, writes_weights=True))
+def reptile(inner_steps: int = 5, meta_lr: float = 0.5) -> None:
+    """Blocks of inner_steps steps on one task, each followed by the Reptile meta-update (Nichol et al. 2018)."""
+    return None
+
+
+def schedule_sampler(schedule: Any, sizes: dict[str, int], weights: dict[str, float], total_steps: int) -> Any:
+    """The sampler `schedule` (the config's schedule group) trains with in place of the config's, or None."""
+    accepted = SCHEDULES.parameters(schedule.name, SCHEDULE_INJECTED)
+    params = {key: getattr(schedule, key) for key in accepted}
+    injected = {"sizes": sizes, "weights": weights, "total_steps": total_steps}
+    return SCHEDULES.build(schedule.name, injected=injected, field="training.schedule", **params)
 
 
 class Reptile:

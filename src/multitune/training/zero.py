@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from multitune.errors import ConfigError
+from multitune.training.schedules import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def check_zero(settings: ZeroSettings, training: Any) -> None:
     if training.mixed_precision == "fp16":
         raise ConfigError("DeepSpeed ZeRO here trains in fp32 or bf16 autocast", field="training.mixed_precision")
     schedule = training.schedule.name
-    if schedule in ("reptile", "two_stage"):
+    if SCHEDULES.capabilities(schedule).writes_weights:
         raise ConfigError(
             f"the {schedule} schedule writes the weights outside the optimizer step; not available with DeepSpeed ZeRO",
             field="training.schedule.name",
