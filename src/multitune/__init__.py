@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from multitune.api import FittedModel, Task, fit
-    from multitune.training.loop import EarlyStopping
+    from multitune.config import EarlyStopping
 
 __all__ = ["EarlyStopping", "FittedModel", "Task", "fit"]
 
@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(api, name)
     if name == "EarlyStopping":
-        from multitune.training.loop import EarlyStopping
+        from multitune.config import EarlyStopping
 
         return EarlyStopping
     raise AttributeError(f"module 'multitune' has no attribute {name!r}")

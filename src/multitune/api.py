@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +26,15 @@ from pydantic import BaseModel, ValidationError
 from torch import Tensor, nn
 
 from multitune.catalogue import check_balancing
-from multitune.config import DEFAULT_METRICS, NAME_PATTERN, GradientConfig, MethodConfig, TrainingConfig, check_numbers
+from multitune.config import (
+    DEFAULT_METRICS,
+    NAME_PATTERN,
+    EarlyStopping,
+    GradientConfig,
+    MethodConfig,
+    TrainingConfig,
+    check_numbers,
+)
 from multitune.data.collate import Batch, TaskRows
 from multitune.data.streams import TaskStream
 from multitune.data.tasks import MAX_TARGET
@@ -41,7 +49,7 @@ from multitune.recipe.components import build_balancer, build_optimizer, build_s
 from multitune.recipe.session import Session, loop_settings
 from multitune.runs.layout import create_run_dir, manifest_entry
 from multitune.runs.predict import held_to_range
-from multitune.training.loop import EarlyStopping, LoopParts, TrainState, train
+from multitune.training.loop import LoopParts, TrainState, train
 
 TASK_TYPES = ("classification", "regression", "token_classification")
 INPUT = "inputs"  # the batch key of a plain tensor input (passed to the backbone positionally)
@@ -644,6 +652,7 @@ def fit(
             "log_every": log_every,
             "progress": progress,
             "checkpoint_every": None,
+            "early_stopping": asdict(early_stopping) if is_dataclass(early_stopping) else early_stopping,
         },
     )
     if pooling not in ("mean", "cls"):
@@ -715,7 +724,7 @@ def fit(
         return collate_tensors({n: (train_rows[n], torch.tensor(rows)) for n, rows in by_task.items()}, length)
 
     session = Session(run_dir, keep_entries=True)
-    settings = replace(loop_settings(training, seed, pad_id=0), early_stopping=early_stopping)
+    settings = loop_settings(training, seed, pad_id=0)
     loop = LoopParts(
         prepared_model, streams, sampler, balancer, optimizer, scheduler, accelerator, collate_rows=collate_rows
     )

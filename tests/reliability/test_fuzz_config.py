@@ -9,6 +9,7 @@ own composer. Every failure is one ConfigError line naming the file, within a se
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -183,6 +184,11 @@ def numeric_leaves(annotation: Any, path: str) -> list[tuple[str, str]]:
         if issubclass(annotation, MethodConfig):  # a method's own parameters are numbers too
             leaves += [(f"{path}.temperature", "float"), (f"{path}.some_parameter", "float")]
         return leaves
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):  # a dataclass group (EarlyStopping)
+        hints = typing.get_type_hints(annotation)
+        return [
+            leaf for f in dataclasses.fields(annotation) for leaf in numeric_leaves(hints[f.name], f"{path}.{f.name}")
+        ]
     return []
 
 

@@ -314,7 +314,7 @@ def validate_config(
         loc = tuple(p for p in loc if p not in ("str", "int", "list[union[str,int]]"))
         key = ".".join(loc)
         message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
+        if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # a group; a dataclass group
             close = difflib.get_close_matches(loc[-1], known_keys(loc[:-1]), n=1) if loc else []
             message = f"unknown key (did you mean '{close[0]}'?)" if close else "unknown key"
         elif first["type"] == "missing":

@@ -6,10 +6,12 @@ Method groups (`sampling`, `loss_weighting`) take a registry name plus that meth
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import types
 import typing
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -103,12 +105,17 @@ class GradientConfig(MethodConfig):
     buffer_dtype: Literal["float32", "bfloat16"] = "float32"  # the [T, P] buffer of the parameters source
 
 
-class EarlyStoppingConfig(Group):
-    """Stop when validation stops improving: the whole run on the average main score, or (per_task) each
-    task on its own main score (a stopped task is no longer sampled; the run ends when all have stopped)."""
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` validations without a gain above `min_delta`: of the average main score, or
+    (per_task) of each task's own score, a stopped task leaving the mix (no longer sampled) and the run
+    ending with the last. One type for the config (`training.early_stopping`, validated with the other
+    groups) and for `multitune.fit(early_stopping=...)` (checked by fit)."""
 
-    patience: int = Field(3, ge=1)  # validations without improvement
-    min_delta: float = Field(0.0, ge=0)  # an improvement must exceed this
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    patience: Annotated[int, Field(ge=1)] = 3  # validations without improvement
+    min_delta: Annotated[float, Field(ge=0)] = 0.0  # an improvement must exceed this
     per_task: bool = False
 
 
@@ -160,7 +167,7 @@ class TrainingConfig(Group):
     max_nonfinite_steps: int = Field(5, ge=1)  # skipped updates in a row before the run stops
     tensorboard: bool = False  # also write the history as TensorBoard scalars to RUN_DIR/tensorboard
     progress: bool = True
-    early_stopping: EarlyStoppingConfig | None = None
+    early_stopping: EarlyStopping | None = None
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
 
@@ -373,17 +380,26 @@ def known_keys(path: tuple[str, ...]) -> list[str]:
         kind = _group_of(kind)
         if kind is None:
             return []
-        if isinstance(kind, type) and issubclass(kind, BaseModel):
-            field_info = kind.model_fields.get(part)
-            if field_info is None:
+        fields = _fields(kind)
+        if fields is not None:
+            if part not in fields:
                 return []
-            kind = field_info.annotation
+            kind = fields[part]
         elif typing.get_origin(kind) is dict:  # a dict of groups (tasks): any key, the value's type
             kind = typing.get_args(kind)[1]
         else:
             return []
-    kind = _group_of(kind)
-    return list(kind.model_fields) if isinstance(kind, type) and issubclass(kind, BaseModel) else []
+    return list(_fields(_group_of(kind)) or [])
+
+
+def _fields(kind: Any) -> dict[str, Any] | None:
+    """A group's keys and their types: a pydantic model's fields or a dataclass's (EarlyStopping); else None."""
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return {name: info.annotation for name, info in kind.model_fields.items()}
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        return {field.name: hints[field.name] for field in dataclasses.fields(kind)}
+    return None
 
 
 def _group_of(kind: Any) -> Any:

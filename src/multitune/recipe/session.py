@@ -22,7 +22,7 @@ from multitune.evaluation.evaluate import average_main_score
 from multitune.models.multitask import MultiTaskModel
 from multitune.recipe.resume import synced_size
 from multitune.training.checkpoint import load_weights, save_weights
-from multitune.training.loop import EarlyStopping, LoopHooks, LoopSettings, StopSignal, TrainState, Validation
+from multitune.training.loop import LoopHooks, LoopSettings, StopSignal, TrainState, Validation
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def loop_settings(training: TrainingConfig, seed: int, pad_id: int) -> LoopSettings:
     """The training loop's plain settings from the config's training group (the YAML recipe and fit)."""
-    stopping = training.early_stopping
     return LoopSettings(
         steps=training.steps,
         batch_size=training.batch_size,
@@ -76,7 +75,7 @@ def loop_settings(training: TrainingConfig, seed: int, pad_id: int) -> LoopSetti
         checkpoint_every=training.checkpoint_every,
         max_nonfinite_steps=training.max_nonfinite_steps,
         progress=training.progress,
-        early_stopping=EarlyStopping(**stopping.model_dump()) if stopping is not None else None,
+        early_stopping=training.early_stopping,
         gradient_accumulation=training.gradient_accumulation,
     )
 

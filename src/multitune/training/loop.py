@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from multitune.balancing.backward import Balancer, balanced_backward
+from multitune.config import EarlyStopping
 from multitune.core.processes import ALONE, Processes, is_sharded
 from multitune.data.collate import Batch, collate
 from multitune.data.samplers import ObservesTraining, TaskSampler, examples_per_task
@@ -47,16 +48,6 @@ class LoopSettings:
     progress: bool = True
     early_stopping: EarlyStopping | None = None
     gradient_accumulation: int = 1  # backbone passes per step (balanced_backward's micro_batches)
-
-
-@dataclass
-class EarlyStopping:
-    """Stop after `patience` validations without a gain above `min_delta`: of the average main score, or
-    (per_task) of each task's own score, a stopped task leaving the mix and the run ending with the last."""
-
-    patience: int
-    min_delta: float = 0.0
-    per_task: bool = False
 
 
 @dataclass
