@@ -98,7 +98,7 @@ class Rows:
 
 
 @dataclass
-class PreparedTask:
+class TensorTask:
     """A checked task: its splits as tensors, its label vocabulary and target scaling, its metrics."""
 
     spec: Task
@@ -276,7 +276,7 @@ def _rows_of(inputs: dict[str, Tensor], labels: np.ndarray, index: Sequence[int]
     return {key: value[pick] for key, value in inputs.items()}, labels[np.asarray(index, dtype=np.int64)]
 
 
-def prepare_task(task: Task, seed: int) -> PreparedTask:
+def prepare_task(task: Task, seed: int) -> TensorTask:
     """Check one task and turn its splits into tensors; every problem is a ConfigError or DataError."""
     name = task.name
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
@@ -312,7 +312,7 @@ def prepare_task(task: Task, seed: int) -> PreparedTask:
         held = min(max(1, round(len(order) * task.validation_fraction)), len(order) - 1)
         raw["validation"] = _rows_of(inputs, labels, sorted(order[:held]))
         raw["train"] = _rows_of(inputs, labels, sorted(order[held:]))
-    prepared = PreparedTask(task, {})
+    prepared = TensorTask(task, {})
     metrics = list(task.metrics) if task.metrics is not None else list(DEFAULT_METRICS[task.type])
     if not metrics:
         raise ConfigError(f"task '{name}': name at least one metric", field="metrics")
@@ -347,7 +347,7 @@ def _require_iob2(name: str, tags: list[str]) -> None:
         )
 
 
-def _regression(task: PreparedTask, raw: dict[str, tuple[dict[str, Tensor], np.ndarray]]) -> None:
+def _regression(task: TensorTask, raw: dict[str, tuple[dict[str, Tensor], np.ndarray]]) -> None:
     name = task.spec.name
     targets: dict[str, np.ndarray] = {}
     for split, (_, labels) in raw.items():
@@ -366,7 +366,7 @@ def _regression(task: PreparedTask, raw: dict[str, tuple[dict[str, Tensor], np.n
         task.splits[split] = Rows(inputs, torch.tensor(scaled, dtype=torch.float32), targets[split].tolist())
 
 
-def _classes(task: PreparedTask, raw: dict[str, tuple[dict[str, Tensor], np.ndarray]]) -> None:
+def _classes(task: TensorTask, raw: dict[str, tuple[dict[str, Tensor], np.ndarray]]) -> None:
     name, token = task.spec.name, task.spec.type == "token_classification"
     task.labels = label_names(task.spec, raw["train"][1])
     train, named = raw["train"][1], task.spec.labels is not None and not isinstance(task.spec.labels, int)
@@ -421,7 +421,7 @@ class FittedModel:
     """A model trained by `fit`. `metrics` holds what a run's metrics.json holds; `history` the log entries."""
 
     model: MultiTaskModel
-    tasks: dict[str, PreparedTask]
+    tasks: dict[str, TensorTask]
     device: torch.device
     batch_size: int = 256
     length: int = 1  # feature positions per row: 1 for [B, H] features
@@ -468,7 +468,7 @@ class FittedModel:
         return format_table(result["tasks"], result["average_main_score"])
 
     @torch.no_grad()
-    def _predict(self, task: PreparedTask, rows: Rows) -> list[dict[str, Any]]:
+    def _predict(self, task: TensorTask, rows: Rows) -> list[dict[str, Any]]:
         model, name = self.model, task.spec.name
         was_training = model.training
         model.eval()
@@ -481,7 +481,7 @@ class FittedModel:
         return decode_outputs(task, torch.cat(outputs), rows)
 
 
-def as_given(task: PreparedTask, predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def as_given(task: TensorTask, predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Predictions with each class as the user gave it (an id of the labels' type), where they gave ids."""
     if task.values is None or task.labels is None:
         return predictions
@@ -494,7 +494,7 @@ def as_given(task: PreparedTask, predictions: list[dict[str, Any]]) -> list[dict
     return predictions
 
 
-def decode_outputs(task: PreparedTask, outputs: Tensor, rows: Rows) -> list[dict[str, Any]]:
+def decode_outputs(task: TensorTask, outputs: Tensor, rows: Rows) -> list[dict[str, Any]]:
     """Head outputs -> predictions: label names (with probabilities), targets in their own units, tag lists."""
     kind, names = task.spec.type, task.labels or []
     if kind == "regression":
@@ -536,7 +536,7 @@ def _describe(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> str:
 # --- fit ---------------------------------------------------------------------------------------------
 
 
-def probe_backbone(backbone: nn.Module, task: PreparedTask, positional: bool) -> tuple[int, int]:
+def probe_backbone(backbone: nn.Module, task: TensorTask, positional: bool) -> tuple[int, int]:
     """(hidden size H, positions L) of the backbone's features on two train rows; L = 1 for [B, H]."""
     rows = task.splits["train"]
     parameter = next(backbone.parameters(), None)
@@ -746,7 +746,7 @@ def fit(
     return fitted
 
 
-def _manifest(tasks: dict[str, PreparedTask]) -> dict[str, Any]:
+def _manifest(tasks: dict[str, TensorTask]) -> dict[str, Any]:
     return {
         name: manifest_entry(
             task.spec.type,
