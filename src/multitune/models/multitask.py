@@ -29,6 +29,10 @@ def pool(hidden: Tensor, mask: Tensor, how: str) -> Tensor:
 
 class MultiTaskModel(nn.Module):
     architecture = "hard"
+    # each task's features are the backbone's own hidden states (no per-task layers, experts or backbones between
+    # them and the head), so one task is the plain backbone plus its head: what export can write. An architecture
+    # that changes `encode` or `task_features` away from the backbone's own output sets it False.
+    backbone_features = True
 
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], pooling: str = "mean") -> None:
         super().__init__()
@@ -50,10 +54,10 @@ class MultiTaskModel(nn.Module):
         put in front of the tokens, their positions dropped again from the output)."""
         adapters = self.task_adapters
         with self.routed(batch):
-            if adapters is not None and adapters.method == "prompt":
-                prompted = adapters.prompted_inputs(module, batch.inputs)
-                return module(**prompted).last_hidden_state[:, adapters.prompt_length() :]  # type: ignore[no-any-return]
-            return module(**batch.inputs).last_hidden_state  # type: ignore[no-any-return]
+            if adapters is None:
+                return module(**batch.inputs).last_hidden_state  # type: ignore[no-any-return]
+            hidden = module(**adapters.prompted_inputs(module, batch.inputs)).last_hidden_state
+            return hidden[:, adapters.prompt_length() :]  # type: ignore[no-any-return]
 
     def routed(self, batch: Batch) -> AbstractContextManager[None]:
         if self.task_adapters is None:
@@ -100,7 +104,7 @@ class MultiTaskModel(nn.Module):
         adapters = self.task_adapters
         own = {id(p) for name in adapters.tasks for p in adapters.adapter_parameters(name)} if adapters else set()
         yield from (p for p in self.backbone.parameters() if id(p) not in own)
-        if adapters is not None and adapters.shared and adapters.method != "lora":
+        if adapters is not None and adapters.shared and not adapters.inside_backbone:  # else: among the backbone's
             yield from adapters.adapter_parameters(SHARED)
         yield from self.extra_shared_parameters()
 
@@ -108,7 +112,7 @@ class MultiTaskModel(nn.Module):
         """Parameters that start from the pretrained checkpoint (what L2-SP pulls back toward)."""
         adapters = self.task_adapters
         new = {id(p) for p in adapters.parameters()} if adapters else set()
-        if adapters is not None and adapters.method == "lora":
+        if adapters is not None and adapters.inside_backbone:
             names = [*adapters.tasks, *([SHARED] if adapters.shared else [])]
             new |= {id(p) for name in names for p in adapters.adapter_parameters(name)}
         return (p for p in self.backbone.parameters() if id(p) not in new)
