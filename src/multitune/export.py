@@ -22,16 +22,19 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from multitune.config import Config
+from multitune.config import ModelConfig
 from multitune.core.files import WEIGHTS_FILE, atomic_write
+from multitune.data.readers import Row
 from multitune.data.tasks import TaskData
 from multitune.errors import ConfigError, MultitunError
+from multitune.models.adapters import ADAPTERS
 from multitune.models.assemble import FROM_RUN
 from multitune.models.backbone import PACKAGED_MODELS, packaged_copy
 from multitune.models.multitask import MultiTaskModel, pool
@@ -43,7 +46,6 @@ from multitune.training.checkpoint import discard_staging, load_weights
 
 HEAD_WEIGHTS = "multitune_head.safetensors"
 HEAD_CONFIG = "multitune_head.json"
-EXPORTABLE_ARCHITECTURES = ("hard", "causal_lm", "seq2seq")  # the task's features are the backbone's own
 KNOWN_LICENSES = {
     "sentence-transformers/all-MiniLM-L6-v2": "apache-2.0",
     "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0",
@@ -130,7 +132,7 @@ def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool
     if task_name not in config.tasks:
         raise ConfigError(f"no task '{task_name}' in this run (tasks: {', '.join(config.tasks)})", field="--task")
     task = task_from_manifest(task_name, config.tasks[task_name], manifest[task_name])
-    if model.architecture not in EXPORTABLE_ARCHITECTURES:
+    if not model.backbone_features:
         raise ConfigError(
             f"a '{model.architecture}' model gives each task features of its own, which no plain transformers "
             "model reproduces: only hard parameter sharing (and LMs) can be exported",
@@ -140,36 +142,43 @@ def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool
     if own.exists():  # a two-stage run: this task's fine-tuned copy
         load_weights(model, own)
         model.eval()
-    plain = merged_backbone(model, run, config, task_name)
+    plain = merged_backbone(model, run, config.model, task_name)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.{os.urandom(6).hex()}"
     staging.mkdir()  # as a plain mkdir makes it (0777 less the umask), not mkdtemp's 0700: the folder is shared
     try:
         bounds = prediction_bounds(task, manifest[task_name])
-        loader, checked = _write_model(model, plain, backbone.tokenizer, config, task, staging, bounds)
+        records = _probe_records(task)  # encoded as `multitune predict` encodes its inputs
+        probes = encode_for_prediction(config, task, backbone.tokenizer, records) if records else []
+        loader, checked = _write_model(model, plain, backbone.tokenizer, config.model, task, staging, probes, bounds)
         loader = loader.replace(staging.name, target.name)  # the card names the final folder
         if onnx:
-            export_onnx(model, backbone.tokenizer, config, task, staging / "model.onnx")
-        (staging / "README.md").write_text(model_card(run, config, task, loader, checked, onnx), encoding="utf-8")
+            export_onnx(model, backbone.tokenizer, task, staging / "model.onnx")
+        card = model_card(run, config.model, list(config.tasks), task, loader, checked, onnx)
+        (staging / "README.md").write_text(card, encoding="utf-8")
         os.replace(staging, target)  # atomic; replaces an empty target folder
     finally:
         discard_staging(staging)
     return target
 
 
-def merged_backbone(model: MultiTaskModel, run: Path, config: Config, task: str) -> nn.Module:
-    """A fresh transformers backbone with the run's weights; per-task LoRA merged in with peft."""
+def merged_backbone(model: MultiTaskModel, run: Path, model_config: ModelConfig, task: str) -> nn.Module:
+    """A fresh transformers backbone with the run's weights; per-task adapters (of a method that merges)
+    merged in with peft."""
     adapters = model.task_adapters
-    if adapters is not None and adapters.method != "lora":
+    if adapters is not None and not adapters.merges:
+        merging = [name for name in ADAPTERS.names() if getattr(ADAPTERS.get(name), "merges", False)]
         raise ConfigError(
-            f"'{adapters.method}' adapters cannot be merged into the backbone's weights: only LoRA exports",
+            f"'{adapters.method}' adapters cannot be merged into the backbone's weights: only "
+            f"{', '.join(merging)} adapters export",
             field="model.peft.method",
         )
-    plain: nn.Module = FROM_RUN.get(config.model.kind, _encoder_from_run)(run / "backbone").model
+    plain: nn.Module = FROM_RUN.get(model_config.kind, _encoder_from_run)(run / "backbone").model
+    adapter_keys = _adapter_keys(model)
     state = {
         key.replace(".base_layer.", "."): value
         for key, value in model.backbone.state_dict().items()
-        if "lora_" not in key
+        if key not in adapter_keys
     }
     plain.load_state_dict(state, strict=True)
     if adapters is None:
@@ -185,6 +194,16 @@ def merged_backbone(model: MultiTaskModel, run: Path, config: Config, task: str)
         peft_model.load_adapter(str(folder / SHARED), adapter_name=SHARED)
         names.append(SHARED)
     return peft_model.merge_and_unload(adapter_names=names).eval()  # type: ignore[no-any-return,operator]
+
+
+def _adapter_keys(model: MultiTaskModel) -> set[str]:
+    """The backbone's state-dict keys of adapter weights living inside it (LoRA's): not the backbone's own."""
+    adapters = model.task_adapters
+    if adapters is None or not adapters.inside_backbone:
+        return set()
+    names = [*adapters.tasks, *([SHARED] if adapters.shared else [])]
+    ids = {id(p) for name in names for p in adapters.adapter_parameters(name)}
+    return {key for key, p in model.backbone.named_parameters() if id(p) in ids}
 
 
 def save_hf_model(model: Any, folder: Path) -> None:
@@ -210,14 +229,15 @@ def _write_model(
     model: MultiTaskModel,
     plain: nn.Module,
     tokenizer: Any,
-    config: Config,
+    model_config: ModelConfig,
     task: TaskData,
     folder: Path,
+    probes: Sequence[Any],
     bounds: tuple[float, float] | None = None,
 ) -> tuple[str, float]:
     """Save the task's model into `folder`; returns the model card's loading code and the largest difference
-    between the reloaded folder's outputs and multitune's on probe inputs. `bounds`: a regression task's
-    range of training targets, which the card's code holds its answers to."""
+    between the reloaded folder's outputs and multitune's on the encoded `probes`. `bounds`: a regression
+    task's range of training targets, which the card's code holds its answers to."""
     from safetensors.torch import save_file
 
     kind = task.config.type
@@ -227,14 +247,14 @@ def _write_model(
         generation.max_new_tokens = task.config.max_new_tokens
         generation.do_sample = False
         save_hf_model(plain, folder)
-        auto = "AutoModelForSeq2SeqLM" if config.model.kind == "seq2seq" else "AutoModelForCausalLM"
+        auto = "AutoModelForSeq2SeqLM" if model_config.kind == "seq2seq" else "AutoModelForCausalLM"
         return GENERATION_LOADER.format(auto_class=auto, folder=folder.name), 0.0
     head: Any = model.heads[task.name]
     linear = head.out
     if kind == "token_classification":
-        difference = _write_token_model(model, plain, linear, tokenizer, config, task, folder)
+        difference = _write_token_model(model, plain, linear, task, folder, probes)
         example = json.dumps(PROBE_TOKENS[0])
-        return TOKEN_LOADER.format(folder=folder.name, max_length=config.model.max_length, example=example), difference
+        return TOKEN_LOADER.format(folder=folder.name, max_length=model_config.max_length, example=example), difference
     save_hf_model(plain, folder)
     head_weights = {"weight": linear.weight.detach().contiguous(), "bias": linear.bias.detach().contiguous()}
     atomic_write(folder / HEAD_WEIGHTS, lambda tmp: save_file(head_weights, str(tmp)))
@@ -247,13 +267,13 @@ def _write_model(
         "target_std": task.target_std,
         "target_min": bounds[0] if bounds else None,
         "target_max": bounds[1] if bounds else None,
-        "max_length": config.model.max_length,
+        "max_length": model_config.max_length,
     }
     (folder / HEAD_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     two = len(input_schema(task.name, task.config).fields) == 2  # a pair task's example gives both texts
     pairs = ", " + json.dumps([PROBE_TEXTS[2]]) if two else ""
     return HEAD_LOADER.format(folder=folder.name, example=PROBE_TEXTS[0], pairs=pairs), _check_sequence(
-        model, tokenizer, config, task, folder, settings
+        model, task, folder, settings, probes
     )
 
 
@@ -261,10 +281,9 @@ def _write_token_model(
     model: MultiTaskModel,
     plain: nn.Module,
     linear: nn.Linear,
-    tokenizer: Any,
-    config: Config,
     task: TaskData,
     folder: Path,
+    probes: Sequence[Any],
 ) -> float:
     from transformers import AutoModelForTokenClassification
 
@@ -282,10 +301,9 @@ def _write_token_model(
     classifier.load_state_dict(linear.state_dict())
     save_hf_model(tagger, folder)
     reloaded = AutoModelForTokenClassification.from_pretrained(folder, local_files_only=True).eval()
-    rows = _probe_rows(config, task, tokenizer, [{"tokens": t} for t in PROBE_TOKENS])
     difference = 0.0
     with torch.no_grad():
-        for row in rows:
+        for row in probes:
             ours = _our_outputs(model, task, row)
             ids = torch.tensor([row.input_ids])
             theirs = reloaded(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
@@ -294,7 +312,7 @@ def _write_token_model(
 
 
 def _check_sequence(
-    model: MultiTaskModel, tokenizer: Any, config: Config, task: TaskData, folder: Path, settings: dict[str, Any]
+    model: MultiTaskModel, task: TaskData, folder: Path, settings: dict[str, Any], probes: Sequence[Any]
 ) -> float:
     """Largest difference of the head's outputs: the folder reloaded with plain transformers against ours."""
     from safetensors.torch import load_file
@@ -302,11 +320,9 @@ def _check_sequence(
 
     encoder = AutoModel.from_pretrained(folder, local_files_only=True).eval()
     weights = load_file(str(folder / HEAD_WEIGHTS))
-    fields = input_schema(task.name, task.config).fields  # one text or a pair, as predict takes them
-    records = [dict.fromkeys(fields, t) for t in PROBE_TEXTS]
     difference = 0.0
     with torch.no_grad():
-        for row in _probe_rows(config, task, tokenizer, records):
+        for row in probes:
             inputs = {"input_ids": torch.tensor([row.input_ids])}
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
             if row.token_type_ids is not None:
@@ -319,10 +335,17 @@ def _check_sequence(
     return difference
 
 
-def _probe_rows(config: Config, task: TaskData, tokenizer: Any, records: list[dict[str, Any]]) -> Any:
-    from multitune.data.readers import Row
-
-    return encode_for_prediction(config, task, tokenizer, [Row(r, "probe", i) for i, r in enumerate(records)])
+def _probe_records(task: TaskData) -> list[Row]:
+    """The probe inputs, as records `multitune predict` takes for the task: words for token classification,
+    one text or a pair otherwise; none for generation (its export is the LM itself, not compared)."""
+    if task.config.type == "generation":
+        return []
+    if task.config.type == "token_classification":
+        records: list[dict[str, Any]] = [{"tokens": t} for t in PROBE_TOKENS]
+    else:
+        fields = input_schema(task.name, task.config).fields  # one text or a pair, as predict takes them
+        records = [dict.fromkeys(fields, t) for t in PROBE_TEXTS]
+    return [Row(r, "probe", i) for i, r in enumerate(records)]
 
 
 def _our_outputs(model: MultiTaskModel, task: TaskData, row: Any) -> torch.Tensor:
@@ -351,7 +374,7 @@ class _EncoderWithHead(nn.Module):
         return self.model(batch)[self.task]
 
 
-def export_onnx(model: MultiTaskModel, tokenizer: Any, config: Config, task: TaskData, path: Path) -> None:
+def export_onnx(model: MultiTaskModel, tokenizer: Any, task: TaskData, path: Path) -> None:
     """The encoder path (backbone, pooling, head) as ONNX with dynamic batch and length; needs `onnx`."""
     import importlib.util
 
@@ -375,12 +398,21 @@ def export_onnx(model: MultiTaskModel, tokenizer: Any, config: Config, task: Tas
 # --- the model card ---------------------------------------------------------------------------------
 
 
-def model_card(run: Path, config: Config, task: TaskData, loader: str, difference: float, onnx: bool) -> str:
-    """README.md: what the model does, what it was trained on, how well it does, how to load it, licenses."""
-    base = config.model.backbone
+def model_card(
+    run: Path,
+    model_config: ModelConfig,
+    task_names: list[str],
+    task: TaskData,
+    loader: str,
+    difference: float,
+    onnx: bool,
+) -> str:
+    """README.md: what the model does, what it was trained on, how well it does, how to load it, licenses.
+    `task_names`: every task of the run, this one included."""
+    base = model_config.backbone
     license_id = base_license(base)
     kind = task.config.type
-    others = [name for name in config.tasks if name != task.name]
+    others = [name for name in task_names if name != task.name]
     lines = [
         "---",
         f"license: {license_id if license_id != 'unknown' else 'other'}",
@@ -392,7 +424,7 @@ def model_card(run: Path, config: Config, task: TaskData, loader: str, differenc
         f"# {task.name}",
         "",
         f"A {kind.replace('_', ' ')} model exported by multitune from run `{run.name}`: one task of a multi-task",
-        f"model whose backbone `{base}` was fine-tuned jointly on {len(config.tasks)} tasks"
+        f"model whose backbone `{base}` was fine-tuned jointly on {len(task_names)} tasks"
         + (f" ({', '.join(others)} besides this one)." if others else "."),
         "",
     ]
@@ -423,7 +455,7 @@ def model_card(run: Path, config: Config, task: TaskData, loader: str, differenc
         "## Licenses",
         "",
         f"- base model `{base}`: {license_id}",
-        *(f"- {line}" for line in data_licenses(config, task)),
+        *(f"- {line}" for line in data_licenses(task)),
         "",
         "Check each license before using or redistributing the model.",
         "",
@@ -501,7 +533,7 @@ def data_lines(run: Path, task: TaskData) -> list[str]:
     return lines
 
 
-def data_licenses(config: Config, task: TaskData) -> list[str]:
+def data_licenses(task: TaskData) -> list[str]:
     """The data's license as its folder states it (ATTRIBUTION.md, LICENSE), else a pointer to its card."""
     source = task.config.source
     if source.dataset:

@@ -95,6 +95,52 @@ def test_export_refuses_a_taken_folder_and_an_unknown_task(tiny_run, tmp_path, c
     assert not (tmp_path / "new").exists()
 
 
+def loaded_with(monkeypatch: pytest.MonkeyPatch, change: Any) -> None:
+    """Export loads the run, then `change(model)` alters what the model says of itself."""
+    import multitune.export
+    from multitune.runs.load import load_run
+
+    def load(run: Path) -> Any:
+        config, manifest, model, backbone = load_run(run)
+        change(model)
+        return config, manifest, model, backbone
+
+    monkeypatch.setattr(multitune.export, "load_run", load)
+
+
+def test_export_follows_the_models_declaration_of_its_features_not_its_name(tiny_run, tmp_path, monkeypatch, capsys):
+    loaded_with(monkeypatch, lambda model: setattr(model, "architecture", "renamed"))
+    assert main(["export", str(tiny_run), "--task", "sentiment", str(tmp_path / "renamed")]) == 0
+    assert (tmp_path / "renamed" / "multitune_head.json").is_file()
+    loaded_with(monkeypatch, lambda model: setattr(model, "backbone_features", False))
+    assert main(["export", str(tiny_run), "--task", "sentiment", str(tmp_path / "own")]) == 2
+    err = capsys.readouterr().err
+    assert "gives each task features of its own" in err and "model.architecture" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "own").exists() and not list(tmp_path.glob(".own.*"))
+
+
+def test_export_merges_adapters_that_declare_they_merge_whatever_their_name(lora_run, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    def renamed(model: Any) -> None:
+        model.task_adapters.method = "renamed"
+
+    loaded_with(monkeypatch, renamed)
+    assert main(["export", str(lora_run), "--task", "sentiment", str(tmp_path / "renamed")]) == 0
+    assert not any("lora" in key for key in load_file(str(tmp_path / "renamed" / "model.safetensors")))
+
+    def unmergeable(model: Any) -> None:
+        model.task_adapters.adapter_method.merges = False
+
+    loaded_with(monkeypatch, unmergeable)
+    assert main(["export", str(lora_run), "--task", "sentiment", str(tmp_path / "kept")]) == 2
+    err = capsys.readouterr().err
+    assert "'lora' adapters cannot be merged into the backbone's weights" in err and "model.peft.method" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "kept").exists() and not list(tmp_path.glob(".kept.*"))
+
+
 def test_onnx_export(tiny_run, tmp_path):
     pytest.importorskip("onnx")
     assert main(["export", str(tiny_run), "--task", "sentiment", str(tmp_path / "out"), "--onnx"]) == 0
@@ -143,14 +189,14 @@ def test_card_quotes_whole_license_paragraphs():
     from tests.conftest import REPO
 
     config = load_config(str(REPO / "configs" / "quickstart.yaml"), [])
-    sms = data_licenses(config, SimpleNamespace(config=config.tasks["sms_spam"]))  # type: ignore[arg-type]
+    sms = data_licenses(SimpleNamespace(config=config.tasks["sms_spam"]))  # type: ignore[arg-type]
     assert sms == [
         "data `multitune:quickstart/sms_spam`: Source: T. A. Almeida and J. M. Gomez Hidalgo, UCI Machine Learning "
         'Repository. The corpus "is provided for free and with no limitations excepting" its copyright, which '
         "remains with the authors, and without warranty. Cite: Almeida, T.A., Gomez Hidalgo, J.M., Yamakami, A. "
         '"Contributions to the Study of SMS Spam Filtering: New Collection and Results", DocEng 2011.'
     ]
-    stsb = data_licenses(config, SimpleNamespace(config=config.tasks["stsb"]))  # type: ignore[arg-type]
+    stsb = data_licenses(SimpleNamespace(config=config.tasks["stsb"]))  # type: ignore[arg-type]
     assert stsb[0].startswith("data `multitune:quickstart/stsb`: License: the scores are CC BY-SA 4.0 (share-alike:")
     assert stsb[0].endswith(
         'Semantic Textual Similarity Multilingual and Crosslingual Focused Evaluation", SemEval 2017.'

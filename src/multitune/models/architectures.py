@@ -86,6 +86,7 @@ def hard(backbone: nn.Module, heads: dict[str, nn.Module], pooling: str) -> Mult
 
 class HybridSharing(MultiTaskModel):
     architecture = "hybrid"
+    backbone_features = False
 
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], pooling: str, task_layers: int) -> None:
         layers = encoder_layers(backbone, "hybrid")
@@ -125,6 +126,7 @@ class SoftSharing(MultiTaskModel):
     representation source (each task's gradient lives on its own rows)."""
 
     architecture = "soft"
+    backbone_features = False
 
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], pooling: str, penalty: float) -> None:
         names = list(heads)
@@ -233,6 +235,7 @@ def mix(gate_logits: Tensor, outputs: Sequence[Tensor]) -> Tensor:
 
 class MixtureOfExperts(MultiTaskModel):
     architecture = "mmoe"
+    backbone_features = False
 
     def __init__(
         self,
@@ -290,6 +293,7 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
     top level a shared gate mixes every expert into the next level's shared input."""
 
     architecture = "ple"
+    backbone_features = False
 
     def __init__(
         self,
