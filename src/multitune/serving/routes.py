@@ -1,0 +1,269 @@
+"""The routes of the HTTP API, one group per function: health, the /v1 task list, each task's own routes,
+predict and generate; with the bearer-token check in front of /v1 and JSON for every error. What the routes
+share (a task by name, a record encoded, an answer from the batcher) is Answering's."""
+
+# no `from __future__ import annotations`: FastAPI reads the routes' parameter annotations at runtime
+import hmac
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from multitune.errors import MultitunError
+from multitune.serving.batcher import Busy, MicroBatcher
+from multitune.serving.engine import Engine
+from multitune.serving.schemas import (
+    GenerateBody,
+    MixedBody,
+    MixedPredictResponse,
+    PredictBody,
+    Record,
+    RequestModels,
+    TaskPredictResponse,
+)
+
+
+def lifespan(batcher: MicroBatcher) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The batcher's worker runs while the app does."""
+
+    @asynccontextmanager
+    async def running(app: FastAPI) -> AsyncIterator[None]:
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    return running
+
+
+def authorizer(token: str | None) -> Callable[..., None]:
+    """The /v1 routes' dependency: with a token set, a request without `Authorization: Bearer <token>` is a 401."""
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if token is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        # compared as the bytes that were sent (headers arrive decoded as latin-1) and as the bytes that were set
+        expected = token.encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given.encode("latin-1"), expected):
+            detail = "missing bearer token" if credentials is None else "wrong bearer token"
+            raise HTTPException(401, f"{detail}: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+
+    return authorize
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, server_fault)
+
+
+async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """A body the models refuse, as one line naming its first problem: `inputs.0.text: ...`."""
+    problems = error.errors()
+    first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    return JSONResponse({"detail": f"{where}: {message}{more}"}, status_code=422)
+
+
+async def server_fault(request: Request, error: Exception) -> JSONResponse:
+    """A fault of the server, not of the request: JSON like every other error (the log has the traceback)."""
+    detail = f"internal error ({type(error).__name__}); the server log has the details"
+    return JSONResponse({"detail": detail}, status_code=500)
+
+
+def add_health(app: FastAPI, engine: Engine, batcher: MicroBatcher) -> None:
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        """Liveness: the server is up and its model loaded; queue depth and batching counters."""
+        stats = engine.stats
+        return {
+            "status": "ok",
+            "tasks": len(engine.tasks),
+            "queue": batcher.depth,
+            "batches": stats.batches,
+            "rows": stats.rows,
+            "tasks_per_batch": stats.tasks_per_batch,
+        }
+
+
+def add_tasks(v1: APIRouter, engine: Engine) -> None:
+    @v1.get("/tasks")
+    async def tasks() -> dict[str, Any]:
+        """Every task of the run: name, type, labels, accepted input fields, metrics."""
+        config = engine.config
+        return {
+            "run": engine.run_dir.name,
+            "backbone": config.model.backbone,
+            "kind": config.model.kind,
+            "tasks": [engine.describe(name) for name in engine.tasks],
+        }
+
+
+class Answering:
+    """What every predict and generate route does: find the task, encode its records (a bad one is a 422
+    naming it), and queue them on the batcher (a full queue is a 503)."""
+
+    def __init__(self, engine: Engine, batcher: MicroBatcher) -> None:
+        self.engine, self.batcher = engine, batcher
+
+    def task_or_404(self, task: str) -> str:
+        if task not in self.engine.tasks:
+            raise HTTPException(404, str(_unknown(task, self.engine)))
+        return task
+
+    def encode(self, task: str, records: list[Record], where: str = "inputs") -> Any:
+        try:
+            return self.engine.encode(task, records)
+        except MultitunError as error:
+            raise HTTPException(422, _one_line(error, where)) from None
+
+    async def answer(self, parts: list[Any]) -> list[list[dict[str, Any]]]:
+        try:
+            return await self.batcher.submit(parts)
+        except Busy as error:
+            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+
+    async def predict(self, task: str, request: PredictBody) -> dict[str, Any]:
+        rows = self.encode(task, request.records(), "inputs" if request.inputs is not None else "input")
+        [predictions] = await self.answer([(task, rows)])
+        return {"task": task, "predictions": predictions}
+
+    async def predict_mixed(self, request: MixedBody) -> dict[str, Any]:
+        """Each task's records encoded together, all of them answered in one submission, in request order."""
+        by_task: dict[str, list[int]] = {}
+        for i, item in enumerate(request.inputs):
+            if item.task not in self.engine.tasks:
+                raise HTTPException(422, f"inputs.{i}.task: {_unknown(item.task, self.engine)}")
+            by_task.setdefault(item.task, []).append(i)
+        parts = []
+        for task, indices in by_task.items():
+            try:
+                parts.append((task, self.engine.encode(task, [request.inputs[i].input for i in indices])))
+            except MultitunError as error:  # name the input by its place in the request
+                place = re.fullmatch(r"inputs\[(\d+)\]", error.file or "")
+                where = f"inputs.{indices[int(place.group(1))]}.input" if place else "inputs"
+                raise HTTPException(422, _one_line(error, where, exact=True)) from None
+        answers = await self.answer(parts)
+        out: list[dict[str, Any]] = [{} for _ in request.inputs]
+        for (task, indices), predictions in zip(by_task.items(), answers, strict=True):
+            for i, prediction in zip(indices, predictions, strict=True):
+                out[i] = {"task": task, **prediction}
+        return {"predictions": out}
+
+    async def generate(self, task: str, request: GenerateBody) -> Any:
+        if not self.engine.is_generative(task):
+            kind = self.engine.tasks[task].config.type
+            raise HTTPException(
+                422, f"task '{task}' is a {kind} task, not a generation task: use /v1/tasks/{task}/predict"
+            )
+        rows = self.encode(task, [request.input], "input")
+        if not request.stream:
+            [[prediction]] = await self.answer([(task, rows)])
+            return {"task": task, **prediction}
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.engine.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        try:
+            done = self.batcher.call(self.engine.generate_one, task, rows[0], streamer)
+        except Busy as error:
+            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+        return StreamingResponse(_events(streamer, done), media_type="text/event-stream")
+
+
+def add_own_routes(v1: APIRouter, name: str, answering: Answering, models: RequestModels) -> None:
+    """`/v1/tasks/NAME/predict` (and `/generate` for a generation task) with the task's own request schema in
+    the OpenAPI document; they answer exactly as the `{task}` routes, and must come before them (the `{task}`
+    routes would match the same paths)."""
+    schema = answering.engine.schemas[name]
+    predict_body, generate_body = models.own(name)
+
+    async def predict_route(request: predict_body) -> dict[str, Any]:  # type: ignore[valid-type]
+        return await answering.predict(name, request)  # type: ignore[arg-type]
+
+    v1.add_api_route(
+        f"/tasks/{name}/predict",
+        predict_route,
+        methods=["POST"],
+        response_model=TaskPredictResponse,
+        response_model_exclude_none=True,
+        summary=f"Predict {name}",
+        description=f"Predictions for task '{name}' ({schema.type}); a record holds {schema.describe()}.",
+    )
+    if answering.engine.is_generative(name):
+
+        async def generate_route(request: generate_body) -> Any:  # type: ignore[valid-type]
+            return await answering.generate(name, request)  # type: ignore[arg-type]
+
+        v1.add_api_route(
+            f"/tasks/{name}/generate",
+            generate_route,
+            methods=["POST"],
+            response_model=None,
+            summary=f"Generate {name}",
+            description=f"Task '{name}''s text for one input ({schema.describe()}); `stream: true` for events.",
+        )
+
+
+def add_predict_routes(v1: APIRouter, answering: Answering, models: RequestModels) -> None:
+    task_predict_request, mixed_predict_request = models.task_predict, models.mixed_predict
+
+    @v1.post("/tasks/{task}/predict", response_model=TaskPredictResponse, response_model_exclude_none=True)
+    async def predict_task(task: str, request: task_predict_request) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Predictions for one task's inputs, as `multitune predict` gives them."""
+        return await answering.predict(answering.task_or_404(task), request)  # type: ignore[arg-type]
+
+    @v1.post("/predict", response_model=MixedPredictResponse, response_model_exclude_none=True)
+    async def predict_mixed(request: mixed_predict_request) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Predictions for inputs of several tasks, batched together through the shared backbone."""
+        return await answering.predict_mixed(request)  # type: ignore[arg-type]
+
+
+def add_generate_route(v1: APIRouter, answering: Answering, models: RequestModels) -> None:
+    generate_request = models.generate
+
+    @v1.post("/tasks/{task}/generate", response_model=None)
+    async def generate(task: str, request: generate_request) -> Any:  # type: ignore[valid-type]
+        """A generation task's text for one input; with `stream: true`, server-sent events: `token` events
+        with each new piece of text, then one `done` event with the whole prediction."""
+        return await answering.generate(answering.task_or_404(task), request)  # type: ignore[arg-type]
+
+
+async def _events(streamer: Any, done: Any) -> AsyncIterator[str]:
+    """Server-sent events from a TextIteratorStreamer fed on the inference thread."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    while True:
+        piece = await loop.run_in_executor(None, next, streamer, None)
+        if piece is None:
+            break
+        if piece:
+            yield f"event: token\ndata: {json.dumps({'token': piece}, ensure_ascii=False)}\n\n"
+    try:
+        text = await done
+    except Exception as error:  # the headers are sent: report it in the stream
+        yield f"event: error\ndata: {json.dumps({'detail': str(error) or type(error).__name__})}\n\n"
+        return
+    yield f"event: done\ndata: {json.dumps({'prediction': text}, ensure_ascii=False)}\n\n"
+
+
+def _unknown(task: str, engine: Engine) -> str:
+    return f"no task '{task}' in this run (tasks: {', '.join(engine.tasks)})"
+
+
+def _one_line(error: MultitunError, where: str, exact: bool = False) -> str:
+    """A record's error as one line: `inputs[2]: field 'text': missing` (no line numbers: it is a request);
+    `exact`: `where` names the record itself."""
+    origin = error.file if error.file and error.file.startswith("inputs[") else where
+    if where == "input" or exact:
+        origin = where
+    field = f" field '{error.field}':" if error.field else ""
+    return f"{origin}:{field} {' '.join(error.message.split())}"
