@@ -10,19 +10,20 @@ import torch
 
 from multitune.analysis.affinity import NO_SELF_TRANSFER, cosine_matrix, lookahead_affinity
 from multitune.balancing.gradients import gramian
-from multitune.config import Config
+from multitune.config import TrainingConfig
 from multitune.data.collate import Batch, collate
 from multitune.models.multitask import MultiTaskModel
 from multitune.recipe.prepare import Prepared
 
 
-def probe_batches(prepared: Prepared, config: Config, split: str = "train") -> dict[str, Batch]:
-    """A fixed, seeded batch of one split's rows per task, on which task relations are measured."""
+def probe_batches(prepared: Prepared, training: TrainingConfig, seed: int, split: str = "train") -> dict[str, Batch]:
+    """A fixed, seeded batch (training.batch_size rows) of one split's rows per task, on which task relations
+    are measured."""
     out = {}
     for name in prepared.tasks:
         rows = prepared.encoded[name][split]
-        picks = random.Random(f"{config.run.seed}:{name}:probe:{split}").sample(
-            range(len(rows)), min(len(rows), config.training.batch_size)
+        picks = random.Random(f"{seed}:{name}:probe:{split}").sample(
+            range(len(rows)), min(len(rows), training.batch_size)
         )
         out[name] = collate({name: [rows[i] for i in picks]}, prepared.pad_id)
     return out
