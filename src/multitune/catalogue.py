@@ -53,6 +53,8 @@ def check_methods(config: Config) -> None:
     ARCHITECTURES.check_params(
         architecture.name, architecture.params, ARCHITECTURE_INJECTED, field="model.architecture"
     )
+    if config.model.peft is not None:
+        ADAPTERS.get(config.model.peft.method, field="model.peft.method")
     check_combinations(config, METHODS)
     check_speed_options(config)
     sizes = dict.fromkeys(config.tasks, 1)
@@ -72,8 +74,10 @@ def check_methods(config: Config) -> None:
     for name, task in config.tasks.items():
         for metric in task.metrics or []:
             METRICS.get(metric, field=f"tasks.{name}.metrics")
-            if metric == "f1" and task.positive_label is None:
-                raise ConfigError("metric 'f1' needs positive_label", field=f"tasks.{name}.positive_label")
+            try:  # a metric refuses what it cannot score with (f1 without the task's positive_label)
+                METRICS.build(metric, injected={"positive_label": task.positive_label})
+            except ConfigError as error:
+                raise ConfigError(error.message, field=f"tasks.{name}.positive_label") from None
 
 
 def check_balancing(

@@ -69,7 +69,7 @@ class MethodConfig(BaseModel):
 class AdapterConfig(Group):
     """Per-task parameter-efficient adapters on a frozen backbone (models/peft_tasks.py)."""
 
-    method: Literal["lora", "prompt", "bottleneck"] = "lora"
+    method: str = "lora"  # a registered adapter method (models/adapters/): lora, prompt, bottleneck
     r: int = Field(8, ge=1)  # LoRA rank
     alpha: int = Field(16, ge=1)  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)

@@ -96,7 +96,7 @@ class PositiveF1:
 
     def __init__(self, positive_label: str | None = None) -> None:
         if positive_label is None:
-            raise ValueError("metric 'f1' needs the task's positive_label")
+            raise ValueError("needs positive_label (the class it scores)")
         self.positive_label = positive_label
 
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> float:

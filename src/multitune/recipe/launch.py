@@ -64,7 +64,8 @@ def check_distributed(config: Config, balancer: Balancer, batch_size: int, group
     aggregator = balancer.aggregator
     if group.sharded:
         check_sharded(config, balancer)
-    if balancer.source == "representation" and aggregator is not None and not isinstance(aggregator, GramianAggregator):
+    partial = not GRADIENT_SOURCES.capabilities(balancer.source).whole_gradients  # each process: its own rows' part
+    if partial and aggregator is not None and not isinstance(aggregator, GramianAggregator):
         name = config.gradient_aggregation.name if config.gradient_aggregation else ""
         raise ConfigError(
             f"with several processes, '{name}' needs the parameters source (on the representation source only"
