@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import Tensor, nn
 
+from multitune.balancing.backward import Balancer
 from multitune.catalogue import check_balancing
 from multitune.config import (
     DEFAULT_METRICS,
@@ -36,6 +37,7 @@ from multitune.config import (
     check_numbers,
 )
 from multitune.data.collate import Batch, TaskRows
+from multitune.data.samplers import TaskSampler
 from multitune.data.streams import TaskStream
 from multitune.data.tasks import MAX_TARGET
 from multitune.data.tokens import IGNORE_INDEX
@@ -600,10 +602,54 @@ def fit(
     `mixed_batches=True`). Nothing is written unless `output_dir` is given: then a new run directory there
     holds model.safetensors (the best weights), metrics.json, tasks.json and history.jsonl.
     """
-    from accelerate import Accelerator
-    from transformers import get_linear_schedule_with_warmup
-
     # every check on the user's input first: nothing is trained or written before they pass
+    names = _checked_inputs(backbone, tasks)
+    # as the YAML route: every float finite and within float32's range (an inf lr would train on NaN weights)
+    stopping = asdict(early_stopping) if is_dataclass(early_stopping) else early_stopping  # type: ignore[arg-type]
+    settings = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "head_lr": head_lr,
+        "weight_decay": weight_decay,
+        "warmup_ratio": warmup_ratio,
+        "max_grad_norm": max_grad_norm,
+        "eval_every": eval_every,
+        "eval_batch_size": eval_batch_size,
+        "mixed_batches": mixed_batches,
+        "log_every": log_every,
+        "progress": progress,
+        "checkpoint_every": None,
+        "early_stopping": stopping,
+    }
+    methods_given = {
+        "sampling": sampling,
+        "loss_weighting": loss_weighting,
+        "gradient_aggregation": gradient_aggregation,
+        "architecture": architecture,
+    }
+    for key, value in {**settings, "dropout": dropout, "seed": seed, **methods_given}.items():
+        check_numbers(dict(value) if isinstance(value, Mapping) else value, key)
+    for given in tasks:
+        for key in ("sampling_weight", "loss_weight", "validation_fraction"):
+            check_numbers(getattr(given, key), f"tasks.{given.name}.{key}")
+    training = validated(TrainingConfig, settings)
+    methods = _checked_methods(
+        sampling, loss_weighting, gradient_aggregation, architecture, pooling, dropout, names, training
+    )
+    prepared = {task.name: prepare_task(task, seed) for task in tasks}
+    model, length = _fit_model(backbone, prepared, methods.architecture, pooling, dropout, seed)
+    sizes = {name: len(task.splits["train"]) for name, task in prepared.items()}
+    sampler = build_sampler(methods.sampling, sizes, {n: t.spec.sampling_weight for n, t in prepared.items()}, steps)
+    loss_weights = {n: t.spec.loss_weight for n, t in prepared.items()}
+    balancer = build_balancer(methods.loss_weighting, methods.gradient, list(prepared), loss_weights, seed)
+    require_shared_parameters(model, balancer)
+    run_dir = create_run_dir(str(output_dir), name) if output_dir is not None else None
+    return _train_fitted(model, prepared, length, sampler, balancer, training, seed, cpu, run_dir)
+
+
+def _checked_inputs(backbone: Any, tasks: Any) -> list[str]:
+    """The backbone is a module and the tasks a non-empty list of uniquely named Tasks; their names."""
     if not isinstance(backbone, nn.Module):
         raise ConfigError(f"the backbone must be a torch.nn.Module, not {type(backbone).__name__}", field="backbone")
     if isinstance(tasks, Task) or not tasks or not all(isinstance(t, Task) for t in tasks):
@@ -611,50 +657,30 @@ def fit(
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"task names must be unique, got {names}", field="tasks")
-    # as the YAML route: every float finite and within float32's range (an inf lr would train on NaN weights)
-    numbers = {
-        "lr": lr,
-        "head_lr": head_lr,
-        "weight_decay": weight_decay,
-        "warmup_ratio": warmup_ratio,
-        "max_grad_norm": max_grad_norm,
-        "dropout": dropout,
-        "steps": steps,
-        "batch_size": batch_size,
-        "eval_every": eval_every,
-        "eval_batch_size": eval_batch_size,
-        "log_every": log_every,
-        "seed": seed,
-        "sampling": sampling,
-        "loss_weighting": loss_weighting,
-        "gradient_aggregation": gradient_aggregation,
-        "architecture": architecture,
-        "early_stopping": asdict(early_stopping) if is_dataclass(early_stopping) else None,  # type: ignore[arg-type]
-    }
-    for key, value in numbers.items():
-        check_numbers(dict(value) if isinstance(value, Mapping) else value, key)
-    for given in tasks:
-        for key in ("sampling_weight", "loss_weight", "validation_fraction"):
-            check_numbers(getattr(given, key), f"tasks.{given.name}.{key}")
-    training = validated(
-        TrainingConfig,
-        {
-            "steps": steps,
-            "batch_size": batch_size,
-            "lr": lr,
-            "head_lr": head_lr,
-            "weight_decay": weight_decay,
-            "warmup_ratio": warmup_ratio,
-            "max_grad_norm": max_grad_norm,
-            "eval_every": eval_every,
-            "eval_batch_size": eval_batch_size,
-            "mixed_batches": mixed_batches,
-            "log_every": log_every,
-            "progress": progress,
-            "checkpoint_every": None,
-            "early_stopping": asdict(early_stopping) if is_dataclass(early_stopping) else early_stopping,
-        },
-    )
+    return names
+
+
+@dataclass
+class FitMethods:
+    """The methods fit's arguments name, as the config's method groups."""
+
+    sampling: MethodConfig
+    loss_weighting: MethodConfig
+    gradient: GradientConfig | None
+    architecture: MethodConfig
+
+
+def _checked_methods(
+    sampling: str | Mapping[str, Any],
+    loss_weighting: str | Mapping[str, Any],
+    gradient_aggregation: str | Mapping[str, Any] | None,
+    architecture: str | Mapping[str, Any],
+    pooling: str,
+    dropout: float,
+    names: list[str],
+    training: TrainingConfig,
+) -> FitMethods:
+    """Each method exists, takes its parameters and fits the others, as the config check decides."""
     if pooling not in ("mean", "cls"):
         raise ConfigError(f"pooling must be 'mean' or 'cls', not {pooling!r}", field="pooling")
     if not 0 <= dropout < 1:
@@ -666,13 +692,24 @@ def fit(
     )
     assert gradient is None or isinstance(gradient, GradientConfig)
     check_balancing(
-        sampling_method, weighting_method, gradient, [t.name for t in tasks], mixed_batches, total_steps=steps
+        sampling_method, weighting_method, gradient, names, training.mixed_batches, total_steps=training.steps
     )
     shape = _method(architecture, MethodConfig, "architecture")
     ARCHITECTURES.get(shape.name, field="architecture.name")
     ARCHITECTURES.check_params(shape.name, shape.params, ARCHITECTURE_INJECTED, field="architecture")
+    return FitMethods(sampling_method, weighting_method, gradient, shape)
 
-    prepared = {task.name: prepare_task(task, seed) for task in tasks}
+
+def _fit_model(
+    backbone: nn.Module,
+    prepared: dict[str, TensorTask],
+    shape: MethodConfig,
+    pooling: str,
+    dropout: float,
+    seed: int,
+) -> tuple[MultiTaskModel, int]:
+    """The multi-task model around the user's backbone, and the feature positions per row (1 for [B, H]).
+    Every task's rows must have the same inputs, and a token task's features one position per label."""
     first = next(iter(prepared.values()))
     expected = schema(first.splits["train"].inputs)
     for task in prepared.values():
@@ -692,7 +729,6 @@ def fit(
                     f"task '{task.spec.name}' is token-level: the backbone must return [B, L, H] features with "
                     f"L = {width} (the labels' positions), but it returns {length} position(s) per row"
                 )
-
     torch.manual_seed(seed)  # heads start the same whatever the backbone's construction consumed
     heads = {
         name: HEADS.build(
@@ -702,21 +738,34 @@ def fit(
     }
     wrapped = FeatureBackbone(backbone, positional, MASK in expected, hidden_size, length)
     injected = {"backbone": wrapped, "heads": heads, "pooling": pooling, "hidden_size": hidden_size}
-    model = ARCHITECTURES.build(shape.name, injected=injected, **shape.params)
-    sizes = {name: len(task.splits["train"]) for name, task in prepared.items()}
-    sampler = build_sampler(sampling_method, sizes, {n: t.spec.sampling_weight for n, t in prepared.items()}, steps)
-    loss_weights = {n: t.spec.loss_weight for n, t in prepared.items()}
-    balancer = build_balancer(weighting_method, gradient, list(prepared), loss_weights, seed)
-    require_shared_parameters(model, balancer)
-    run_dir = create_run_dir(str(output_dir), name) if output_dir is not None else None
+    return ARCHITECTURES.build(shape.name, injected=injected, **shape.params), length
+
+
+def _train_fitted(
+    model: MultiTaskModel,
+    prepared: dict[str, TensorTask],
+    length: int,
+    sampler: TaskSampler,
+    balancer: Balancer,
+    training: TrainingConfig,
+    seed: int,
+    cpu: bool,
+    run_dir: Path | None,
+) -> FittedModel:
+    """The training session (recipe/session.py, as the YAML recipe runs it) on in-memory tensors."""
+    from accelerate import Accelerator
+    from transformers import get_linear_schedule_with_warmup
 
     accelerator = Accelerator(cpu=cpu)
     optimizer = build_optimizer(model, balancer.weighting, training)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * steps), steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * training.steps), training.steps)
     prepared_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if isinstance(balancer.weighting, nn.Module):
         balancer.weighting.to(accelerator.device)
-    streams = {name: TaskStream(list(range(size)), f"{seed}:{name}:stream") for name, size in sizes.items()}
+    streams = {
+        name: TaskStream(list(range(len(task.splits["train"]))), f"{seed}:{name}:stream")
+        for name, task in prepared.items()
+    }
     train_rows = {name: task.splits["train"] for name, task in prepared.items()}
     fitted = FittedModel(model, prepared, accelerator.device, training.eval_batch_size, length, run_dir=run_dir)
 
@@ -724,15 +773,13 @@ def fit(
         return collate_tensors({n: (train_rows[n], torch.tensor(rows)) for n, rows in by_task.items()}, length)
 
     session = Session(run_dir, keep_entries=True)
-    settings = loop_settings(training, seed, pad_id=0)
     loop = LoopParts(
         prepared_model, streams, sampler, balancer, optimizer, scheduler, accelerator, collate_rows=collate_rows
     )
+    hooks = session.hooks(lambda split: fitted.evaluate(split)["tasks"], lambda: model)
     session.open()
     try:
-        state = train(
-            loop, settings, TrainState(), session.hooks(lambda split: fitted.evaluate(split)["tasks"], lambda: model)
-        )
+        state = train(loop, loop_settings(training, seed, pad_id=0), TrainState(), hooks)
     finally:
         session.close()
     fitted.history = session.entries
