@@ -1,9 +1,10 @@
 """Any PyTorch backbone: your nn.Module, tasks as in-memory arrays, trained by multitune's own machinery.
 
-`fit(backbone, tasks, ...)` wires what `run.py` wires for a YAML config, with the same parts: the training
-loop (training/loop.py), samplers, loss weightings and gradient aggregators from their registries, the heads
-and architectures, and the metrics. Only the data differ: rows are indices into tensors, and a batch is a
-TensorBatch of those tensors (no tokenizer, no padding).
+`fit(backbone, tasks, ...)` converts the in-memory tensors into tasks and runs the training session of the
+YAML recipe (recipe/session.py: the same loop, validation rule, best weights, history and metrics), with the
+samplers, loss weightings, gradient aggregators, heads and architectures from their registries. Only the
+data differ: rows are indices into tensors, and a batch is a TensorBatch of those tensors (no tokenizer, no
+padding).
 
 The backbone maps a batch of inputs (one tensor, passed positionally, or a dict of tensors, passed as
 keywords) to features [B, H], or [B, L, H] for token-level tasks; sequence-level tasks mean-pool [B, L, H]

@@ -1,6 +1,6 @@
 """The request and answer bodies of the HTTP API. The request models are built per app from its engine's
 input schemas and its limits, so that the OpenAPI document shows each task's record and the bounds it enforces;
-a record itself is any JSON object here, checked by run.checked_input (shared with `multitune predict`)."""
+a record itself is any JSON object here, checked by runs/predict.py's checked_input (shared with `multitune predict`)."""
 
 # no `from __future__ import annotations`: pydantic reads the annotations of models built in functions at runtime
 import re
@@ -73,7 +73,7 @@ def request_models(engine: Engine, limits: ServeSettings) -> RequestModels:
 
 
 def shown_as(schemas: list[dict[str, Any]]) -> Any:
-    """A record type whose OpenAPI schema is that of its task(s); it is checked by run.checked_input."""
+    """A record type whose OpenAPI schema is that of its task(s); it is checked by runs/predict.py's checked_input."""
     return Annotated[Record, WithJsonSchema(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})]
 
 
