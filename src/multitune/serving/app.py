@@ -7,8 +7,8 @@ Routes (all JSON; the OpenAPI schema is at /openapi.json, and /docs shows it as 
 - POST /v1/predict                     {"inputs": [{"task": name, "input": record}, ...]}: several tasks at once
 - POST /v1/tasks/{task}/generate       {"input": record, "stream": true} streams server-sent events
 
-A record holds what its task's schema says (run.input_schema: the task's own text fields or the generic
-`text`/`text_pair`/`tokens`), checked by the same function as in `multitune predict` (runs/predict.py's checked_input), and
+A record holds what its task's schema says (runs/predict.py's input_schema: the task's own text fields or the
+generic `text`/`text_pair`/`tokens`), checked by the same function as in `multitune predict` (checked_input), and
 gets the same answer (a token record longer than the model's max_length is tagged in sliding windows, every
 word of it; a regression answer is held to the training range, `raw` beside it). Each task also has its own
 `/v1/tasks/NAME/predict` route, so that the OpenAPI document shows its request schema. Every error, of every

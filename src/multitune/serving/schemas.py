@@ -1,6 +1,6 @@
 """The request and answer bodies of the HTTP API. The request models are built per app from its engine's
 input schemas and its limits, so that the OpenAPI document shows each task's record and the bounds it enforces;
-a record itself is any JSON object here, checked by runs/predict.py's checked_input (shared with `multitune predict`)."""
+a record itself is any JSON object here, checked by runs/predict.py's checked_input (as `multitune predict`)."""
 
 # no `from __future__ import annotations`: pydantic reads the annotations of models built in functions at runtime
 import re
