@@ -149,7 +149,7 @@ def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool
     try:
         bounds = prediction_bounds(task, manifest[task_name])
         records = _probe_records(task)  # encoded as `multitune predict` encodes its inputs
-        probes = encode_for_prediction(config, task, backbone.tokenizer, records) if records else []
+        probes = encode_for_prediction(config.model, task, backbone.tokenizer, records) if records else []
         loader, checked = _write_model(model, plain, backbone.tokenizer, config.model, task, staging, probes, bounds)
         loader = loader.replace(staging.name, target.name)  # the card names the final folder
         if onnx:

@@ -249,5 +249,5 @@ def test_predict_and_serve_encode_request_text_as_text(tiny_causal_lm, tmp_path,
     assert served.input_ids == ids_of(tiny, *expected)
     saved, manifest, _, backbone = load_run(run)  # what `multitune predict` encodes
     copy = task_from_manifest("copy", saved.tasks["copy"], manifest["copy"])
-    (predicted,) = encode_for_prediction(saved, copy, backbone.tokenizer, [Row(record, "<stdin>", 1)])
+    (predicted,) = encode_for_prediction(saved.model, copy, backbone.tokenizer, [Row(record, "<stdin>", 1)])
     assert predicted.input_ids == ids_of(tiny, *expected)

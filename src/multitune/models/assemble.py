@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from multitune.config import Config
+from multitune.config import ModelConfig
 from multitune.core.files import WEIGHTS_FILE
 from multitune.data.tasks import (
     TaskData,
@@ -31,36 +31,37 @@ from multitune.models.multitask import MultiTaskModel
 from multitune.models.peft_tasks import TaskAdapters
 
 
-def build_model(config: Config, tasks: dict[str, TaskData], backbone: Backbone) -> MultiTaskModel:
+def build_model(model_config: ModelConfig, tasks: dict[str, TaskData], backbone: Backbone) -> MultiTaskModel:
+    """The model group alone decides the assembly, so training and a finished run's reload build the same model."""
     heads = {
         name: HEADS.build(
             task.config.type,
             hidden_size=backbone.hidden_size,
             num_labels=len(task.labels or [None]),
-            dropout=config.model.dropout if task.config.dropout is None else task.config.dropout,
+            dropout=model_config.dropout if task.config.dropout is None else task.config.dropout,
         )
         for name, task in tasks.items()
         if task.config.type != "generation"  # a generation task trains the causal LM's own head
     }
-    architecture = config.model.architecture
+    architecture = model_config.architecture
     model: MultiTaskModel
-    if config.model.kind in ("causal_lm", "seq2seq"):  # the LM is shared, tasks other than generation get heads
+    if model_config.kind in ("causal_lm", "seq2seq"):  # the LM is shared, tasks other than generation get heads
         generative = [name for name, task in tasks.items() if task.config.type == "generation"]
-        build = build_causal_model if config.model.kind == "causal_lm" else build_seq2seq_model
-        model = build(backbone, heads, generative, config.model.pooling)
+        build = build_causal_model if model_config.kind == "causal_lm" else build_seq2seq_model
+        model = build(backbone, heads, generative, model_config.pooling)
     else:
         model = ARCHITECTURES.build(
             architecture.name,
             injected={
                 "backbone": backbone.model,
                 "heads": heads,
-                "pooling": config.model.pooling,
+                "pooling": model_config.pooling,
                 "hidden_size": backbone.hidden_size,
             },
             **architecture.params,
         )
-    if config.model.peft is not None:
-        model.attach_adapters(TaskAdapters(model.backbone, list(tasks), **config.model.peft.model_dump()))
+    if model_config.peft is not None:
+        model.attach_adapters(TaskAdapters(model.backbone, list(tasks), **model_config.peft.model_dump()))
     return model
 
 

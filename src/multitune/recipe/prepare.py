@@ -62,7 +62,7 @@ def prepare(config: Config, resumed: Path | None = None) -> Prepared:
         model_config.backbone, model_config.revision, model_config.trust_remote_code, model_config.random_init
     )
     torch.manual_seed(config.run.seed)  # heads start the same whatever loading consumed
-    model = build_model(config, tasks, backbone)
+    model = build_model(model_config, tasks, backbone)
     if model_config.init_from:
         load_backbone_weights(model, Path(model_config.init_from))
     if config.training.gradient_checkpointing:

@@ -30,7 +30,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any], MultiTaskMode
     manifest = read_manifest(run / "tasks.json", config.tasks)
     backbone = rebuilt_backbone(run / "backbone", config.model.kind)
     tasks = {name: task_from_manifest(name, config.tasks[name], manifest[name]) for name in config.tasks}
-    model = build_model(config, tasks, backbone)
+    model = build_model(config.model, tasks, backbone)
     try:
         load_weights(model, run / WEIGHTS_FILE)
     except RuntimeError as error:  # a tensor of another shape: a head sized by other labels than tasks.json's

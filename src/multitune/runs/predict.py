@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import torch
 
-from multitune.config import Config, TaskConfig
+from multitune.config import ModelConfig, TaskConfig
 from multitune.core.files import WEIGHTS_FILE
 from multitune.data.encoding import encode
 from multitune.data.readers import Row, json_rows, read_jsonl
@@ -169,15 +169,15 @@ def example_for_prediction(row: Row, schema: InputSchema, task: TaskConfig) -> E
 
 
 def encode_for_prediction(
-    config: Config, task: TaskData, tokenizer: Any, rows: Sequence[Row]
+    model: ModelConfig, task: TaskData, tokenizer: Any, rows: Sequence[Row]
 ) -> Sequence[PredictionRow]:
     """Prediction inputs (records naming the task's fields) tokenized as `predict` takes them; `multitune
     predict` and `multitune serve` share this path, so they accept, refuse and answer alike."""
     schema = input_schema(task.name, task.config)
     examples = [example_for_prediction(row, schema, task.config) for row in rows]
     if task.config.type == "token_classification":  # a record longer than max_length: tagged by windows
-        return encode_for_tagging(examples, task, tokenizer, config.model.max_length)
-    return encode(examples, task, tokenizer, config.model.max_length, False, config.model.kind == "seq2seq")
+        return encode_for_tagging(examples, task, tokenizer, model.max_length)
+    return encode(examples, task, tokenizer, model.max_length, False, model.kind == "seq2seq")
 
 
 def prediction_bounds(task: TaskData, entry: dict[str, Any]) -> tuple[float, float] | None:
@@ -209,7 +209,7 @@ def predict_run(run_dir: str | Path, task_name: str, source: TextIO, name: str =
     if own.exists():  # a two-stage run: this task's fine-tuned copy
         load_weights(model, own)
     rows = list(_rows(source, name))
-    encoded = encode_for_prediction(config, task, backbone.tokenizer, rows)
+    encoded = encode_for_prediction(config.model, task, backbone.tokenizer, rows)
     pad = backbone.tokenizer.pad_token_id or 0
     label = f"predict {task_name}" if config.training.progress else None
     results = predict(model, task, encoded, config.training.eval_batch_size, torch.device("cpu"), pad, label)

@@ -94,7 +94,7 @@ class Engine:
         MultitunError naming its index."""
         data = self.tasks[task]
         rows = [Row(dict(record), f"inputs[{i}]", 0) for i, record in enumerate(records)]
-        return encode_for_prediction(self.config, data, self.request_tokenizer, rows)
+        return encode_for_prediction(self.config.model, data, self.request_tokenizer, rows)
 
     def is_generative(self, task: str) -> bool:
         return self.tasks[task].config.type == "generation"
