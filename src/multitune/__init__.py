@@ -14,7 +14,7 @@ __all__ = ["EarlyStopping", "FittedModel", "Task", "fit"]
 
 
 def __getattr__(name: str) -> Any:
-    """The Python API (api.py), imported on first use: the CLI starts without loading torch."""
+    """The Python API (api/), imported on first use: the CLI starts without loading torch."""
     if name in ("FittedModel", "Task", "fit"):
         from multitune import api
 

@@ -90,7 +90,7 @@ def check_balancing(
     total_steps: int = 1,
 ) -> None:
     """The sampler, loss weighting and gradient aggregator exist, accept their parameters' values, and fit
-    together (shared by the config check and the Python API, api.py). Each is built once here on stand-in
+    together (shared by the config check and the Python API, api/fit.py). Each is built once here on stand-in
     task sizes, so a bad value fails before any data is read, naming its config group."""
     tasks = len(task_names)
     for field, method in (

@@ -1,4 +1,4 @@
-"""The Python API (api.py): your own nn.Module backbone, in-memory tasks, multitune's loop and balancers."""
+"""The Python API (api/): your own nn.Module backbone, in-memory tasks, multitune's loop and balancers."""
 
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ class LoopParts:
     processes: Processes = ALONE  # data parallelism: this process trains its share of each global batch
     reptile: Reptile | None = None  # the Reptile schedule: blocks of steps on one task, then a meta-update
     regularizers: Sequence[Regularizer] = ()
-    # the rows the streams yield -> a Batch: padded token rows by default, in-memory tensors in api.py
+    # the rows the streams yield -> a Batch: padded token rows by default, in-memory tensors in api/backbone.py
     collate_rows: Callable[[dict[str, list[Any]], int], Batch] = collate
 
 
