@@ -213,10 +213,7 @@ def compare(config_path: str, overrides: list[str], baseline_budget: float = 1.0
     progress.finished(config.training.steps, multi_seconds)
     multi = json.loads((multi_dir / "metrics.json").read_text(encoding="utf-8"))
     tasks: dict[str, dict[str, Any]] = {}
-    single_seconds: dict[str, float] = {}
     single_wall: dict[str, float] = {}
-    single_params: dict[str, int] = {}
-    single_memory: dict[str, int] = {}
     baselines = {
         task: single_task_config(config, task, round(baseline_budget * int(multi["task_rows"].get(task, 0))))
         for task in config.tasks
@@ -225,53 +222,92 @@ def compare(config_path: str, overrides: list[str], baseline_budget: float = 1.0
     progress.steps_left = sum(
         b.training.steps for task, b in baselines.items() if not (caches[task] / "baseline.json").is_file()
     )
+    singles: dict[str, dict[str, Any]] = {}
     for task, baseline in baselines.items():
-        cache = caches[task]
-        record = cache / "baseline.json"
-        was_cached = record.is_file()
-        if was_cached:
-            progress.cached(f"single-task baseline '{task}'")
-            cached = json.loads(record.read_text(encoding="utf-8"))
-        else:
-            baseline.run.output_dir = str(cache)
-            progress.start(f"single-task baseline '{task}'", baseline.training.steps)
-            run_dir, seconds = _train_subprocess(baseline, cache, live)
-            progress.finished(baseline.training.steps, seconds)
-            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-            cached = {"metrics": metrics, "wall_seconds": seconds, "run_dir": str(run_dir)}
-            write_json(record, cached)
-        entry = cached["metrics"]["tasks"][task]
-        mine = multi["tasks"][task]
-        tasks[task] = {
-            "single": entry["main_score"],
-            "single_trajectory": validation_trajectory(Path(cached["run_dir"]), task, baseline.training.batch_size),
-            "multi": mine["main_score"],
-            "metric": mine["main_metric"],
-            "higher_is_better": mine["higher_is_better"],
-            "split": mine["split"],
-            "rows_seen": int(multi["task_rows"].get(task, 0)),
-            "single_rows": baseline.training.steps * baseline.training.batch_size,
-            "cached_baseline": was_cached,
-        }
-        single_seconds[task] = float(cached["metrics"]["train_seconds"])
+        cached, was_cached = _baseline(task, baseline, caches[task], progress, live)
+        singles[task] = cached["metrics"]
+        tasks[task] = _task_entry(task, multi, cached, baseline, was_cached)
         single_wall[task] = float(cached["wall_seconds"])
-        params = cached["metrics"]["parameters"]
-        single_params[task] = params["shared"] + sum(params["heads"].values())
-        single_memory[task] = int(cached["metrics"]["peak_memory_bytes"])
-    params = multi["parameters"]
-    result = {
+    result = _result(config, tasks, multi, singles, single_wall, multi_seconds, baseline_budget)
+    result["multi_run"] = str(multi_dir)
+    result["verdict"] = verdict(result)
+    write_json(multi_dir / "comparison.json", result)
+    write_text(multi_dir / "comparison.md", format_comparison(result) + "\n")
+    write_report(multi_dir)
+    print(format_comparison(result))
+    return result
+
+
+def _baseline(task: str, baseline: Config, cache: Path, progress: Progress, live: bool) -> tuple[dict[str, Any], bool]:
+    """The single-task baseline's record (its metrics, wall seconds and run directory): from the cache when
+    its data, config, model and budget are unchanged, else trained now and cached; and whether it was cached."""
+    record = cache / "baseline.json"
+    if record.is_file():
+        progress.cached(f"single-task baseline '{task}'")
+        return json.loads(record.read_text(encoding="utf-8")), True
+    baseline.run.output_dir = str(cache)
+    progress.start(f"single-task baseline '{task}'", baseline.training.steps)
+    run_dir, seconds = _train_subprocess(baseline, cache, live)
+    progress.finished(baseline.training.steps, seconds)
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    cached = {"metrics": metrics, "wall_seconds": seconds, "run_dir": str(run_dir)}
+    write_json(record, cached)
+    return cached, False
+
+
+def _task_entry(
+    task: str, multi: dict[str, Any], cached: dict[str, Any], baseline: Config, was_cached: bool
+) -> dict[str, Any]:
+    """One task's line of comparison.json: both scores, the baseline's trajectory, the rows each saw."""
+    entry = cached["metrics"]["tasks"][task]
+    mine = multi["tasks"][task]
+    return {
+        "single": entry["main_score"],
+        "single_trajectory": validation_trajectory(Path(cached["run_dir"]), task, baseline.training.batch_size),
+        "multi": mine["main_score"],
+        "metric": mine["main_metric"],
+        "higher_is_better": mine["higher_is_better"],
+        "split": mine["split"],
+        "rows_seen": int(multi["task_rows"].get(task, 0)),
+        "single_rows": baseline.training.steps * baseline.training.batch_size,
+        "cached_baseline": was_cached,
+    }
+
+
+def _result(
+    config: Config,
+    tasks: dict[str, dict[str, Any]],
+    multi: dict[str, Any],
+    singles: dict[str, dict[str, Any]],
+    single_wall: dict[str, float],
+    multi_seconds: float,
+    baseline_budget: float,
+) -> dict[str, Any]:
+    """comparison.json: Δm, stored parameters, training and wall time, peak memory, and the budget rule."""
+
+    def total(params: dict[str, Any]) -> int:
+        return int(params["shared"] + sum(params["heads"].values()))
+
+    multi_total = total(multi["parameters"])
+    return {
         "tasks": tasks,
         "delta_m_percent": round(delta_m(tasks), 3),
         "delta_m_excluded": [t for t in tasks if t not in delta_m_tasks(tasks)],
         "params": {
-            "single_total": sum(single_params.values()),
-            "multi_total": params["shared"] + sum(params["heads"].values()),
+            "single_total": sum(total(m["parameters"]) for m in singles.values()),
+            "multi_total": multi_total,
             # base model + T adapters (+ heads): with per-task PEFT this is the multi-task deployment itself
-            "adapters_total": params["shared"] + sum(params["heads"].values()) if config.model.peft else None,
+            "adapters_total": multi_total if config.model.peft else None,
         },
-        "train_seconds": {"single_total": round(sum(single_seconds.values()), 2), "multi": multi["train_seconds"]},
+        "train_seconds": {
+            "single_total": round(sum(float(m["train_seconds"]) for m in singles.values()), 2),
+            "multi": multi["train_seconds"],
+        },
         "wall_seconds": {"single_total": round(sum(single_wall.values()), 2), "multi": round(multi_seconds, 2)},
-        "peak_memory_bytes": {"single_max": max(single_memory.values()), "multi": multi["peak_memory_bytes"]},
+        "peak_memory_bytes": {
+            "single_max": max(int(m["peak_memory_bytes"]) for m in singles.values()),
+            "multi": multi["peak_memory_bytes"],
+        },
         "budget": {
             "batch_size": config.training.batch_size,
             "rows_per_task": {t: e["rows_seen"] for t, e in tasks.items()},
@@ -282,14 +318,7 @@ def compare(config_path: str, overrides: list[str], baseline_budget: float = 1.0
                 else f"each baseline trains on {baseline_budget:g}x the rows of its task the multi-task run saw"
             ),
         },
-        "multi_run": str(multi_dir),
     }
-    result["verdict"] = verdict(result)
-    write_json(multi_dir / "comparison.json", result)
-    write_text(multi_dir / "comparison.md", format_comparison(result) + "\n")
-    write_report(multi_dir)
-    print(format_comparison(result))
-    return result
 
 
 def verdict(result: dict[str, Any]) -> str:
