@@ -3,7 +3,6 @@ whatever the layout of the batch, weights where the method says they live, the m
 deep copy that keeps its own adapters; and a method added by registration alone works in TaskAdapters."""
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,9 +12,10 @@ from torch import Tensor, nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from multitune.errors import ConfigError
-from multitune.models.adapters import ADAPTERS, SHARED, Routing
+from multitune.models.adapters import ADAPTERS, SHARED
 from multitune.models.peft_tasks import TaskAdapters
 from multitune.registry import MODEL_KINDS, Capabilities
+from tests.contracts.gain_methods import Gain
 
 TASKS = ["a", "b", "c"]
 SETTINGS = {
@@ -152,42 +152,6 @@ def test_an_unknown_method_names_the_field():
     with pytest.raises(ConfigError, match=r"unknown adapter method 'lorra' \(did you mean 'lora'\?\)") as error:
         TaskAdapters(MAKERS["encoder"](), TASKS, method="lorra", shared=False, **SETTINGS)
     assert error.value.field == "model.peft.method"
-
-
-class Gain:
-    """A per-task gain on every layer's output: a method that exists only in this test."""
-
-    inside_backbone = False
-    merges = False
-
-    def __init__(self) -> None:
-        self.gains = nn.ParameterDict()
-        self.routing = Routing(shared=False)
-
-    def attach(self, backbone: nn.Module, names: list[str], routing: Routing) -> dict[str, nn.Module]:
-        self.routing = routing
-        for name in names:
-            self.gains[name] = nn.Parameter(torch.ones(()))
-        backbone.encoder.layer[-1].register_forward_hook(self.hook)  # type: ignore[union-attr,index]
-        return {"gains": self.gains}
-
-    def hook(self, module: nn.Module, args: tuple, output: Tensor | tuple) -> Tensor | tuple:
-        if self.routing.rows is None:
-            return output
-        scale = torch.stack([self.gains[name] for name in self.routing.rows])[:, None, None]
-        return (output[0] * scale, *output[1:]) if isinstance(output, tuple) else output * scale
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield self.gains[name]
-
-    def prompt_length(self, shared: bool) -> int:
-        return 0
-
-    def backbone_inputs(self, backbone: nn.Module, inputs: dict[str, Tensor], routing: Routing) -> dict[str, Tensor]:
-        return dict(inputs)
-
-    def saved_states(self, backbone: nn.Module, tasks: list[str], shared: bool) -> tuple[dict, None]:
-        return {}, None
 
 
 def test_a_method_added_by_registration_alone_works_in_task_adapters(monkeypatch):

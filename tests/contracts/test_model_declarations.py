@@ -20,6 +20,7 @@ from multitune.models.heads import ClassificationHead, TokenClassificationHead
 from multitune.models.multitask import MultiTaskModel, pool
 from multitune.models.peft_tasks import TaskAdapters
 from multitune.registry import Capabilities
+from tests.contracts.gain_methods import InsideGain
 
 TASKS = ["a", "b", "c"]
 HIDDEN = 32
@@ -72,47 +73,6 @@ class Prefix:
         mask = inputs["attention_mask"]
         ones = torch.ones(mask.shape[0], front.shape[1], dtype=mask.dtype)
         return {"inputs_embeds": torch.cat([front, embeds], dim=1), "attention_mask": torch.cat([ones, mask], dim=1)}
-
-    def saved_states(self, backbone: nn.Module, tasks: list[str], shared: bool) -> tuple[dict, None]:
-        return {}, None
-
-
-class InsideGain:
-    """A per-task gain on the last layer's output whose weights live in the backbone's own last layer (as
-    LoRA's live in the backbone's projections), under a name no code compares with."""
-
-    inside_backbone = True
-    merges = False
-
-    def __init__(self) -> None:
-        self.routing = Routing(shared=False)
-        self.gains = nn.ParameterDict()
-
-    def attach(self, backbone: nn.Module, names: list[str], routing: Routing) -> dict[str, nn.Module]:
-        self.routing = routing
-        layer = backbone.encoder.layer[-1]  # type: ignore[union-attr,index]
-        layer.gains = self.gains  # a child of the backbone's layer: among backbone.parameters()
-        for name in names:
-            self.gains[name] = nn.Parameter(torch.tensor(1.5))
-        layer.register_forward_hook(self.hook)
-        return {}
-
-    def hook(self, module: nn.Module, args: tuple, output: Tensor | tuple) -> Tensor | tuple:
-        if self.routing.rows is None:
-            return output
-        scale = torch.stack([self.gains[name] for name in self.routing.rows])[:, None, None]
-        if self.routing.shared:
-            scale = scale * self.gains[SHARED]
-        return (output[0] * scale, *output[1:]) if isinstance(output, tuple) else output * scale
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield self.gains[name]
-
-    def prompt_length(self, shared: bool) -> int:
-        return 0
-
-    def backbone_inputs(self, backbone: nn.Module, inputs: dict[str, Tensor], routing: Routing) -> dict[str, Tensor]:
-        return dict(inputs)
 
     def saved_states(self, backbone: nn.Module, tasks: list[str], shared: bool) -> tuple[dict, None]:
         return {}, None
