@@ -26,6 +26,7 @@ from typing import Any
 
 from multitune.catalogue import load_config
 from multitune.config import SPLITS, Config, dump_config
+from multitune.config.schema import TrainingConfig
 from multitune.core.files import write_json, write_text
 from multitune.errors import MultitunError
 from multitune.evaluation.evaluate import change_text
@@ -226,9 +227,18 @@ def compare(config_path: str, overrides: list[str], baseline_budget: float = 1.0
     for task, baseline in baselines.items():
         cached, was_cached = _baseline(task, baseline, caches[task], progress, live)
         singles[task] = cached["metrics"]
-        tasks[task] = _task_entry(task, multi, cached, baseline, was_cached)
+        tasks[task] = _task_entry(task, multi, cached, baseline.training, was_cached)
         single_wall[task] = float(cached["wall_seconds"])
-    result = _result(config, tasks, multi, singles, single_wall, multi_seconds, baseline_budget)
+    adapters = config.model.peft is not None
+    result = _result(tasks, multi, singles, single_wall, multi_seconds, config.training.batch_size, adapters)
+    result["budget"] |= {
+        "baseline_factor": baseline_budget,
+        "rule": (
+            "each baseline trains on as many rows of its task as the multi-task run saw"
+            if baseline_budget == 1.0
+            else f"each baseline trains on {baseline_budget:g}x the rows of its task the multi-task run saw"
+        ),
+    }
     result["multi_run"] = str(multi_dir)
     result["verdict"] = verdict(result)
     write_json(multi_dir / "comparison.json", result)
@@ -256,34 +266,34 @@ def _baseline(task: str, baseline: Config, cache: Path, progress: Progress, live
 
 
 def _task_entry(
-    task: str, multi: dict[str, Any], cached: dict[str, Any], baseline: Config, was_cached: bool
+    task: str, multi: dict[str, Any], cached: dict[str, Any], baseline: TrainingConfig, was_cached: bool
 ) -> dict[str, Any]:
     """One task's line of comparison.json: both scores, the baseline's trajectory, the rows each saw."""
     entry = cached["metrics"]["tasks"][task]
     mine = multi["tasks"][task]
     return {
         "single": entry["main_score"],
-        "single_trajectory": validation_trajectory(Path(cached["run_dir"]), task, baseline.training.batch_size),
+        "single_trajectory": validation_trajectory(Path(cached["run_dir"]), task, baseline.batch_size),
         "multi": mine["main_score"],
         "metric": mine["main_metric"],
         "higher_is_better": mine["higher_is_better"],
         "split": mine["split"],
         "rows_seen": int(multi["task_rows"].get(task, 0)),
-        "single_rows": baseline.training.steps * baseline.training.batch_size,
+        "single_rows": baseline.steps * baseline.batch_size,
         "cached_baseline": was_cached,
     }
 
 
 def _result(
-    config: Config,
     tasks: dict[str, dict[str, Any]],
     multi: dict[str, Any],
     singles: dict[str, dict[str, Any]],
     single_wall: dict[str, float],
     multi_seconds: float,
-    baseline_budget: float,
+    batch_size: int,
+    per_task_adapters: bool,
 ) -> dict[str, Any]:
-    """comparison.json: Δm, stored parameters, training and wall time, peak memory, and the budget rule."""
+    """comparison.json: Δm, stored parameters, training and wall time, peak memory, the rows per task."""
 
     def total(params: dict[str, Any]) -> int:
         return int(params["shared"] + sum(params["heads"].values()))
@@ -297,7 +307,7 @@ def _result(
             "single_total": sum(total(m["parameters"]) for m in singles.values()),
             "multi_total": multi_total,
             # base model + T adapters (+ heads): with per-task PEFT this is the multi-task deployment itself
-            "adapters_total": multi_total if config.model.peft else None,
+            "adapters_total": multi_total if per_task_adapters else None,
         },
         "train_seconds": {
             "single_total": round(sum(float(m["train_seconds"]) for m in singles.values()), 2),
@@ -308,16 +318,7 @@ def _result(
             "single_max": max(int(m["peak_memory_bytes"]) for m in singles.values()),
             "multi": multi["peak_memory_bytes"],
         },
-        "budget": {
-            "batch_size": config.training.batch_size,
-            "rows_per_task": {t: e["rows_seen"] for t, e in tasks.items()},
-            "baseline_factor": baseline_budget,
-            "rule": (
-                "each baseline trains on as many rows of its task as the multi-task run saw"
-                if baseline_budget == 1.0
-                else f"each baseline trains on {baseline_budget:g}x the rows of its task the multi-task run saw"
-            ),
-        },
+        "budget": {"batch_size": batch_size, "rows_per_task": {t: e["rows_seen"] for t, e in tasks.items()}},
     }
 
 
