@@ -55,6 +55,9 @@ def check_methods(config: Config) -> None:
     )
     if config.model.peft is not None:
         ADAPTERS.get(config.model.peft.method, field="model.peft.method")
+    if config.gradient_aggregation is not None:
+        GRADIENT_SOURCES.get(config.gradient_aggregation.source, field="gradient_aggregation.source")
+    SCHEDULES.get(config.training.schedule.name, field="training.schedule.name")
     check_combinations(config, METHODS)
     check_speed_options(config)
     sizes = dict.fromkeys(config.tasks, 1)

@@ -100,7 +100,10 @@ def _parser() -> argparse.ArgumentParser:
         "assignments", nargs="+", metavar="key=a,b,c", help="an axis (several values) or a fixed override"
     )
 
-    listing = commands.add_parser("list", help="list the registered samplers, loss weightings, heads and metrics")
+    listing = commands.add_parser(
+        "list",
+        help="list every registered method (samplers, schedules, balancers, architectures, adapters...)",
+    )
     listing.add_argument("--markdown", action="store_true", help="print the README's methods table")
     for command in commands.choices.values():
         command.formatter_class = HelpFormatter

@@ -187,7 +187,7 @@ def merged_backbone(model: MultiTaskModel, run: Path, model_config: ModelConfig,
 
     folder = run / "adapters"
     if not (folder / task / "adapter_config.json").is_file():
-        raise MultitunError(f"this run has no saved LoRA adapter for task '{task}'", file=str(folder / task))
+        raise MultitunError(f"this run has no saved merging adapter for task '{task}'", file=str(folder / task))
     peft_model = PeftModel.from_pretrained(plain, str(folder / task), adapter_name=task)
     names = [task]
     if adapters.shared:

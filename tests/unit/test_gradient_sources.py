@@ -2,7 +2,6 @@
 forward each one asks of `balanced_backward`."""
 
 import datetime
-import typing
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.distributed as dist
 
 from multitune.balancing.backward import GRADIENT_SOURCES, Balancer, balanced_backward
 from multitune.balancing.gradients.base import SOURCES
-from multitune.config import GradientConfig
+from multitune.catalogue import validate_config
 from multitune.core.processes import ALONE, Processes
 from multitune.errors import ConfigError
 from multitune.registry import Capabilities
@@ -18,8 +17,14 @@ from tests.contracts.test_balancing import BATCH, TwoHeadModel, build, weighting
 
 
 def test_the_registered_sources_are_the_configs_choices():
-    accepted = typing.get_args(GradientConfig.model_fields["source"].annotation)
-    assert GRADIENT_SOURCES.names() == sorted(accepted) == sorted(SOURCES)
+    assert GRADIENT_SOURCES.names() == sorted(SOURCES)  # the sources an aggregator may declare
+    base = {"tasks": {"a": {"type": "classification", "source": {"format": "jsonl", "train": "x.jsonl"}}}}
+    for source in GRADIENT_SOURCES.names():
+        config = validate_config({**base, "gradient_aggregation": {"name": "mgda", "source": source}})
+        assert config.gradient_aggregation.source == source
+    with pytest.raises(ConfigError, match="did you mean 'parameters'") as error:
+        validate_config({**base, "gradient_aggregation": {"name": "mgda", "source": "parameter"}})
+    assert error.value.field == "gradient_aggregation.source"
 
 
 def test_each_source_declares_what_it_supports():

@@ -1,1 +1,2 @@
-"""Task balancing: loss weighting (and, later, gradient aggregation); backward.py is the one writer of .grad."""
+"""Task balancing: loss weighting, gradient aggregation, and backward.py, which writes the tasks' gradients into
+.grad (regularizers add their penalties afterwards)."""

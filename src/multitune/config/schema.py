@@ -1,7 +1,8 @@
 """Typed config groups; `load_config(path, overrides)` turns YAML plus `key.sub=value` overrides into a Config.
 
 Every group forbids unknown keys; an error names the key, the file and, where the YAML has it, the line.
-Method groups (`sampling`, `loss_weighting`) take a registry name plus that method's own parameters.
+Method groups (`sampling`, `loss_weighting`, `gradient_aggregation`, `model.architecture`) take a registry
+name plus that method's own parameters; names are checked against the registries by catalogue.py.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class ModelConfig(Group):
     trust_remote_code: bool = False
     kind: ModelKind = "auto"
     init_from: str | None = None  # a finished run whose backbone weights this run starts from
-    # how tasks share the backbone: hard, hybrid, soft, cross_stitch, mmoe, ple (models/architectures.py)
+    # how tasks share the backbone: a registered architecture (models/architectures.py; `multitune list`)
     architecture: MethodConfig = Field(default_factory=lambda: MethodConfig(name="hard"))
     peft: AdapterConfig | None = None  # one adapter per task (and optionally a shared one)
     # the backbone's attention kernel (transformers' names); default: the model's own choice (usually sdpa)
@@ -101,7 +102,7 @@ class ModelConfig(Group):
 class GradientConfig(MethodConfig):
     """A gradient aggregator, e.g. `{name: pcgrad, source: representation}`; see balancing/backward.py."""
 
-    source: Literal["representation", "parameters"] = "representation"
+    source: str = "representation"  # a registered gradient source (balancing/backward.py's GRADIENT_SOURCES)
     buffer_dtype: Literal["float32", "bfloat16"] = "float32"  # the [T, P] buffer of the parameters source
 
 
@@ -124,7 +125,7 @@ class ScheduleConfig(Group):
     two_stage: joint training, then a copy of the model fine-tuned per task (MT-DNN). reptile: blocks of
     inner_steps steps on one task, each followed by the Reptile meta-update with step size meta_lr."""
 
-    name: Literal["joint", "sequential", "two_stage", "reptile"] = "joint"
+    name: str = "joint"  # a registered schedule (training/schedules.py's SCHEDULES)
     order: list[str] | None = None  # sequential: the task order (default: the config's)
     fractions: list[float] | None = None  # sequential: each stage's share of the steps (default: equal)
     finetune_steps: int = Field(200, ge=1)  # two_stage: steps of each per-task copy

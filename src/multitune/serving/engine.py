@@ -4,7 +4,8 @@ Rows of every task that one model answers are padded into one `collate` batch, s
 forward serves several tasks: the model routes each row to its task's head (and, with per-task adapters,
 to its task's adapter). Generation tasks go through the model's `generate_texts`, per task. A two-stage run
 (`finetuned/TASK`) answers each task with its own fine-tuned copy, so its tasks cannot share a forward.
-The encoding and decoding are those of `multitune predict` (run.encode_for_prediction, evaluate.decode).
+The encoding and decoding are those of `multitune predict` (runs/predict.py's encode_for_prediction, and
+evaluation/evaluate.py's decoding).
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ class Engine:
 
     def describe(self, task: str) -> dict[str, Any]:
         """A task's name, type, labels, its input (the fields, the other accepted spellings of them, and the
-        JSON schema of a record: run.input_schema, which predict and serve both enforce) and its metrics."""
+        JSON schema of a record: runs/predict.py's input_schema, which predict and serve both enforce) and its
+        metrics."""
         data = self.tasks[task]
         kind = data.config.type
         schema = self.schemas[task]

@@ -1,4 +1,4 @@
-"""Atomic file writes (write, fsync, rename), model weights as safetensors, and training checkpoints.
+"""Model weights as safetensors and training checkpoints, written through core/files.py's atomic writes.
 
 Nothing is deleted by its name alone: a temporary file or folder made inside a run directory is recorded in
 the run's scratch record (SCRATCH) before anything is written into it, and the cleanup after a crash deletes
