@@ -55,6 +55,22 @@ def _parser() -> argparse.ArgumentParser:
         metavar="F",
         help="each baseline trains on F times the rows the multi-task model saw of its task (default 1: equal)",
     )
+    compare.add_argument(
+        "--converge",
+        action="store_true",
+        help="train each side to convergence instead: early stopping on its validation score, best checkpoint",
+    )
+    compare.add_argument("--patience", type=int, default=3, metavar="N", help="--converge: validations without a gain")
+    compare.add_argument(
+        "--max-steps", type=int, default=None, metavar="N", help="--converge: the step limit (default training.steps)"
+    )
+    compare.add_argument(
+        "--seeds",
+        type=seed_list,
+        default=None,
+        metavar="13,14,15",
+        help="one comparison per seed, and their mean and spread in OUTPUT_DIR/NAME-seeds/",
+    )
 
     affinity = commands.add_parser("affinity", help="train and measure which tasks help or hurt each other")
     affinity.add_argument("config", help="YAML config file")
@@ -156,9 +172,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         train.train_run(load_config(args.config, args.overrides))
     elif args.command == "compare":
-        from multitune.compare import compare
+        from multitune.compare import Budget, compare
 
-        compare(args.config, args.overrides, args.baseline_budget)
+        budget = Budget(args.baseline_budget, args.converge, args.patience, args.max_steps)
+        compare(args.config, args.overrides, budget, args.seeds)
     elif args.command == "affinity":
         from multitune.catalogue import load_config
 
@@ -219,6 +236,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             for method in catalogue.describe_methods():
                 print(f"{method['kind']:20} {method['name']:22} {method['summary']}")
     return 0
+
+
+def seed_list(text: str) -> list[int]:
+    """`13,14,15` -> [13, 14, 15] (argparse turns the ValueError into a one-line usage error)."""
+    seeds = [int(part) for part in text.split(",") if part.strip()]
+    if not seeds:
+        raise ValueError(text)
+    return seeds
 
 
 # Characters that str.splitlines (and other readers) take as line breaks, though JSON keeps them raw in strings

@@ -17,22 +17,26 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from multitune.catalogue import load_config
 from multitune.config import SPLITS, Config, dump_config
-from multitune.config.schema import TrainingConfig
+from multitune.config.schema import EarlyStopping, TrainingConfig
 from multitune.core.files import write_json, write_text
 from multitune.errors import MultitunError
 from multitune.evaluation.evaluate import change_text
 from multitune.evaluation.report import write_report
+from multitune.runs.layout import create_run_dir
 
 BASELINES = ".baselines"
+SIDES = ("single_total", "multi")  # the two sides' keys in comparison.json's cost fields
 
 
 def delta_m(tasks: dict[str, dict[str, Any]]) -> float:
@@ -200,12 +204,80 @@ def single_task_config(config: Config, task: str, rows: int) -> Config:
     return Config.model_validate(data)
 
 
-def compare(config_path: str, overrides: list[str], baseline_budget: float = 1.0) -> dict[str, Any]:
-    """`baseline_budget` F: each baseline trains on F times the rows the multi-task run saw of its task
-    (1: the equal budget; 2: multi-task with half the baselines' rows, about half their training time)."""
-    if not baseline_budget > 0:
-        raise MultitunError(f"--baseline-budget must be positive, not {baseline_budget}")
+@dataclass(frozen=True)
+class Budget:
+    """How the two sides train. Equal budget (`converge` false): each baseline trains on `factor` times the
+    rows the multi-task run saw of its task. To convergence (`converge`): each side trains as a user trains a
+    model alone: validation every `training.eval_every` steps, early stopping after `patience` validations
+    without a gain, at most `max_steps` steps (default: training.steps), the best checkpoint kept."""
+
+    factor: float = 1.0
+    converge: bool = False
+    patience: int = 3
+    max_steps: int | None = None
+
+    def check(self) -> None:
+        if not self.factor > 0:
+            raise MultitunError(f"--baseline-budget must be positive, not {self.factor}")
+        if self.patience < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise MultitunError("--patience and --max-steps must be at least 1")
+
+    def applied(self, config: Config) -> Config:
+        """The multi-task config under this budget (to convergence: its early stopping and step limit)."""
+        if not self.converge:
+            return config
+        config = config.model_copy(deep=True)
+        config.training.steps = self.max_steps or config.training.steps
+        config.training.early_stopping = EarlyStopping(patience=self.patience)
+        return config
+
+    def baseline_rows(self, config: Config, rows_seen: int) -> int:
+        if self.converge:  # the same step limit as the multi-task side; early stopping decides
+            return config.training.steps * config.training.batch_size
+        return round(self.factor * rows_seen)
+
+    def rule(self, config: Config) -> str:
+        if self.converge:
+            training = config.training
+            return (
+                f"each side trains to convergence: validation every {training.eval_every} steps, early stopping "
+                f"after {self.patience} validations without a gain, at most {training.steps} steps, the best "
+                "checkpoint kept"
+            )
+        if self.factor == 1.0:
+            return "each baseline trains on as many rows of its task as the multi-task run saw"
+        return f"each baseline trains on {self.factor:g}x the rows of its task the multi-task run saw"
+
+
+def compare(
+    config_path: str, overrides: list[str], budget: Budget | float = 1.0, seeds: list[int] | None = None
+) -> dict[str, Any]:
+    """comparison.json of one run; with `seeds`, one comparison per seed (run.seed) and their aggregate,
+    written to OUTPUT_DIR/NAME-seeds/ (per task: mean and standard deviation of each side; Δm per seed)."""
+    budget = budget if isinstance(budget, Budget) else Budget(factor=budget)
+    budget.check()
+    if not seeds:
+        return compare_once(load_config(config_path, overrides), budget)
+    if len(set(seeds)) != len(seeds):
+        raise MultitunError(f"--seeds names a seed twice: {seeds}")
     config = load_config(config_path, overrides)
+    results = []
+    for seed in seeds:
+        seeded = config.model_copy(deep=True)
+        seeded.run.seed, seeded.run.name = seed, f"{config.run.name}-seed{seed}"
+        results.append(compare_once(seeded, budget))
+    summary = aggregate(results, seeds)
+    folder = create_run_dir(config.run.output_dir, f"{config.run.name}-seeds")
+    write_json(folder / "comparison.json", summary)
+    write_text(folder / "comparison.md", format_seeds(summary) + "\n")
+    print(format_seeds(summary))
+    print(f"saved to {folder}")
+    return summary
+
+
+def compare_once(config: Config, budget: Budget) -> dict[str, Any]:
+    """One multi-task run against its baselines (cached), written into the multi-task run's folder."""
+    config = budget.applied(config)
     root = Path(config.run.output_dir)
     live = config.training.progress and sys.stderr.isatty()
     progress = Progress(1 + len(config.tasks), config.training.steps)
@@ -216,7 +288,7 @@ def compare(config_path: str, overrides: list[str], baseline_budget: float = 1.0
     tasks: dict[str, dict[str, Any]] = {}
     single_wall: dict[str, float] = {}
     baselines = {
-        task: single_task_config(config, task, round(baseline_budget * int(multi["task_rows"].get(task, 0))))
+        task: single_task_config(config, task, budget.baseline_rows(config, int(multi["task_rows"].get(task, 0))))
         for task in config.tasks
     }
     caches = {task: root / BASELINES / f"{task}-{_fingerprint(b, task)}" for task, b in baselines.items()}
@@ -224,21 +296,23 @@ def compare(config_path: str, overrides: list[str], baseline_budget: float = 1.0
         b.training.steps for task, b in baselines.items() if not (caches[task] / "baseline.json").is_file()
     )
     singles: dict[str, dict[str, Any]] = {}
+    single_bytes = 0
     for task, baseline in baselines.items():
         cached, was_cached = _baseline(task, baseline, caches[task], progress, live)
         singles[task] = cached["metrics"]
         tasks[task] = _task_entry(task, multi, cached, baseline.training, was_cached)
         single_wall[task] = float(cached["wall_seconds"])
+        single_bytes += deployment_bytes(Path(cached["run_dir"]))
     adapters = config.model.peft is not None
     result = _result(tasks, multi, singles, single_wall, multi_seconds, config.training.batch_size, adapters)
+    result["storage_bytes"] = {"single_total": single_bytes, "multi": deployment_bytes(multi_dir)}
     result["budget"] |= {
-        "baseline_factor": baseline_budget,
-        "rule": (
-            "each baseline trains on as many rows of its task as the multi-task run saw"
-            if baseline_budget == 1.0
-            else f"each baseline trains on {baseline_budget:g}x the rows of its task the multi-task run saw"
-        ),
+        "baseline_factor": budget.factor,
+        "converge": budget.converge,
+        "steps": {"multi": multi["steps"], **{t: int(m["steps"]) for t, m in singles.items()}},
+        "rule": budget.rule(config),
     }
+    result["seed"] = config.run.seed
     result["multi_run"] = str(multi_dir)
     result["verdict"] = verdict(result)
     write_json(multi_dir / "comparison.json", result)
@@ -246,6 +320,16 @@ def compare(config_path: str, overrides: list[str], baseline_budget: float = 1.0
     write_report(multi_dir)
     print(format_comparison(result))
     return result
+
+
+def deployment_bytes(run_dir: Path) -> int:
+    """What a run's deployment keeps on disk: its weight files (the model, per-task adapters, per-task
+    fine-tuned copies), not its training checkpoints."""
+    return sum(
+        path.stat().st_size
+        for path in run_dir.rglob("*.safetensors")
+        if "checkpoints" not in path.relative_to(run_dir).parts
+    )
 
 
 def _baseline(task: str, baseline: Config, cache: Path, progress: Progress, live: bool) -> tuple[dict[str, Any], bool]:
@@ -335,6 +419,86 @@ def verdict(result: dict[str, Any]) -> str:
         f"multi-task is {outcome} on average (Δm {dm:+.2f}%) with {size:.0%} of the parameters "
         f"in {time_ratio:.2f}x the training time{hurt}"
     )
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return {
+        "mean": round(statistics.fmean(values), 6),
+        "std": round(statistics.stdev(values), 6) if len(values) > 1 else 0.0,
+    }
+
+
+def task_verdict(differences: list[float]) -> str:
+    """'gain', 'loss' or 'within noise' for a task's signed multi − single differences over seeds (+ is
+    better): within noise when the mean difference is under two standard errors of the differences. One
+    seed has no noise estimate: its sign decides ('equal' when the scores are equal)."""
+    mean = statistics.fmean(differences)
+    if len(differences) > 1 and abs(mean) < 2 * statistics.stdev(differences) / math.sqrt(len(differences)):
+        return "within noise"
+    return "gain" if mean > 0 else "loss" if mean < 0 else "equal"
+
+
+def aggregate(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """The comparisons of several seeds in one: per task each side's mean and standard deviation, the
+    relative change of the means and a verdict; Δm per seed with its mean and spread; the mean costs."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for name, first in results[0]["tasks"].items():
+        sign = 1.0 if first["higher_is_better"] else -1.0
+        single = [r["tasks"][name]["single"] for r in results]
+        multi = [r["tasks"][name]["multi"] for r in results]
+        means = {"single": statistics.fmean(single), "multi": statistics.fmean(multi), "higher_is_better": sign > 0}
+        tasks[name] = {
+            "metric": first["metric"],
+            "higher_is_better": first["higher_is_better"],
+            "single": _spread(single),
+            "multi": _spread(multi),
+            "change": change_text(means),
+            "verdict": task_verdict([sign * (m - s) for m, s in zip(multi, single, strict=True)]),
+        }
+    per_seed = [r["delta_m_percent"] for r in results]
+    return {
+        "seeds": seeds,
+        "tasks": tasks,
+        "delta_m_percent": {"per_seed": per_seed, **_spread(per_seed)},
+        "params": results[0]["params"],
+        "storage_bytes": {
+            k: round(statistics.fmean(r["storage_bytes"][k] for r in results)) for k in ("single_total", "multi")
+        },
+        "wall_seconds": {k: _spread([r["wall_seconds"][k] for r in results]) for k in ("single_total", "multi")},
+        "train_seconds": {k: _spread([r["train_seconds"][k] for r in results]) for k in ("single_total", "multi")},
+        "budget": {key: value for key, value in results[0]["budget"].items() if key not in ("rows_per_task", "steps")},
+        "runs": [r["multi_run"] for r in results],
+    }
+
+
+def format_seeds(summary: dict[str, Any]) -> str:
+    """comparison.md over seeds: each task's mean ± standard deviation, then one verdict line per task."""
+    seeds = ", ".join(str(s) for s in summary["seeds"])
+    lines = [
+        f"Seeds: {seeds} (mean ± standard deviation)",
+        "",
+        "| task | metric | single-task | multi-task | change | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, e in summary["tasks"].items():
+        single, multi = e["single"], e["multi"]
+        lines.append(
+            f"| {task} | {e['metric']} | {single['mean']:.4f} ± {single['std']:.4f} | "
+            f"{multi['mean']:.4f} ± {multi['std']:.4f} | {e['change']} | {e['verdict']} |"
+        )
+    dm, storage, wall = summary["delta_m_percent"], summary["storage_bytes"], summary["wall_seconds"]
+    lines += [
+        "",
+        f"Δm: {dm['mean']:+.2f}% ± {dm['std']:.2f} (per seed: {', '.join(f'{d:+.2f}%' for d in dm['per_seed'])})",
+        f"stored on disk: {storage['single_total']:,} bytes (one model per task) vs {storage['multi']:,} bytes",
+        f"time in all (wall): {wall['single_total']['mean']:.1f} s (all single-task runs) "
+        f"vs {wall['multi']['mean']:.1f} s",
+        f"budget: {summary['budget']['rule']}",
+        "",
+    ]
+    lines += [f"{task}: {e['verdict']} ({e['change']})" for task, e in summary["tasks"].items()]
+    return "\n".join(lines)
 
 
 def format_comparison(result: dict[str, Any]) -> str:

@@ -82,3 +82,86 @@ def test_the_budget_option_may_come_before_the_config_and_its_overrides(tmp_path
     assert "--baseline-budget must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", str(tmp_path / "missing.yaml"), "--no-such-option"])
+
+
+def test_a_task_verdict_is_noise_under_two_standard_errors():
+    from multitune.compare import task_verdict
+
+    assert task_verdict([0.02]) == "gain" and task_verdict([-0.01]) == "loss" and task_verdict([0.0]) == "equal"
+    # mean 0.01, sample std 0.01, standard error 0.01 / sqrt(3) = 0.00577: 0.01 < 2 x 0.00577
+    assert task_verdict([0.0, 0.01, 0.02]) == "within noise"
+    # mean 0.03, sample std 0.01: 0.03 > 0.0115
+    assert task_verdict([0.02, 0.03, 0.04]) == "gain"
+    assert task_verdict([-0.02, -0.03, -0.04]) == "loss"
+
+
+def test_seeds_aggregate_means_spreads_and_delta_m():
+    from multitune.compare import aggregate
+
+    def result(seed, sst, mse, dm):
+        return {
+            "tasks": {
+                "sst": {"single": 0.80, "multi": sst, "metric": "accuracy", "higher_is_better": True},
+                "sts": {"single": 2.0, "multi": mse, "metric": "mse", "higher_is_better": False},
+            },
+            "delta_m_percent": dm,
+            "params": {"single_total": 200, "multi_total": 110, "adapters_total": None},
+            "storage_bytes": {"single_total": 800, "multi": 440 + seed},
+            "wall_seconds": {"single_total": 10.0 + seed, "multi": 6.0},
+            "train_seconds": {"single_total": 8.0, "multi": 5.0},
+            "budget": {"batch_size": 4, "rows_per_task": {}, "rule": "r", "converge": True, "steps": {}},
+            "multi_run": f"runs/x-seed{seed}",
+        }
+
+    summary = aggregate([result(1, 0.84, 1.8, 4.0), result(2, 0.88, 2.2, 1.0)], [1, 2])
+    sst, sts = summary["tasks"]["sst"], summary["tasks"]["sts"]
+    assert sst["multi"] == {"mean": 0.86, "std": pytest.approx(0.028284, abs=1e-6)}  # sqrt(0.0008)
+    assert sst["single"] == {"mean": 0.8, "std": 0.0}
+    assert sst["change"] == "+7.5%"  # (0.86 - 0.80) / 0.80
+    assert sst["verdict"] == "gain"  # differences 0.04, 0.08: mean 0.06 > 2 x 0.02 / sqrt(2) = 0.0283
+    assert sts["multi"]["mean"] == 2.0 and sts["change"] == "+0.0%"
+    assert sts["verdict"] == "within noise"  # signed differences +0.2, -0.2
+    assert summary["delta_m_percent"] == {"per_seed": [4.0, 1.0], "mean": 2.5, "std": pytest.approx(2.12132, abs=1e-5)}
+    assert summary["storage_bytes"] == {"single_total": 800, "multi": 442}  # round(mean(441, 442)) = 442 (banker's)
+    assert summary["wall_seconds"]["single_total"] == {"mean": 11.5, "std": pytest.approx(0.707107, abs=1e-6)}
+    assert summary["runs"] == ["runs/x-seed1", "runs/x-seed2"] and "steps" not in summary["budget"]
+
+
+@pytest.mark.slow
+def test_converged_comparison_over_seeds(tmp_path, tiny_backbone, write_jsonl, capsys):
+    """--converge: both sides stop early on their validation score within --max-steps; --seeds: one
+    comparison per seed and their aggregate, checked against the per-seed files."""
+    import statistics
+
+    from multitune.compare import delta_m
+
+    a, b = write_jsonl("a.jsonl", classification_rows(40)), write_jsonl("b.jsonl", token_rows(40))
+    path = tmp_path / "c.yaml"
+    data = tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=100, eval_every=2, batch_size=4)
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    argv = ["compare", str(path), "--converge", "--patience", "1", "--max-steps", "8", "--seeds", "3,4"]
+    assert main(argv) == 0
+    runs = tmp_path / "runs"
+    per_seed = [json.loads((runs / f"tiny-seed{s}" / "comparison.json").read_text()) for s in (3, 4)]
+    summary = json.loads((runs / "tiny-seeds" / "comparison.json").read_text())
+    for seed, result in zip((3, 4), per_seed, strict=True):
+        assert result["seed"] == seed and result["budget"]["converge"]
+        assert "early stopping after 1 validations" in result["budget"]["rule"]
+        assert all(0 < steps <= 8 for steps in result["budget"]["steps"].values())
+        assert result["delta_m_percent"] == pytest.approx(delta_m(result["tasks"]), abs=1e-3)
+        multi_config = yaml.safe_load((runs / f"tiny-seed{seed}" / "config.yaml").read_text())
+        assert multi_config["training"]["early_stopping"]["patience"] == 1 and multi_config["training"]["steps"] == 8
+        weights = (runs / f"tiny-seed{seed}" / "model.safetensors").stat().st_size  # no adapters; checkpoints aside
+        assert result["storage_bytes"]["multi"] == weights > 0
+    for task in ("sentiment", "ner"):
+        singles = [r["tasks"][task]["single"] for r in per_seed]
+        multis = [r["tasks"][task]["multi"] for r in per_seed]
+        assert summary["tasks"][task]["single"]["mean"] == pytest.approx(statistics.fmean(singles), abs=1e-6)
+        assert summary["tasks"][task]["multi"]["std"] == pytest.approx(statistics.stdev(multis), abs=1e-6)
+    assert summary["delta_m_percent"]["per_seed"] == [r["delta_m_percent"] for r in per_seed]
+    markdown = (runs / "tiny-seeds" / "comparison.md").read_text()
+    assert "sentiment: " in markdown and "ner: " in markdown and "Seeds: 3, 4" in markdown
+    baseline_configs = list((runs / ".baselines").rglob("single-*.yaml"))
+    assert baseline_configs and all(
+        yaml.safe_load(c.read_text())["training"]["early_stopping"]["patience"] == 1 for c in baseline_configs
+    )

@@ -191,4 +191,5 @@ def change_text(entry: dict[str, Any]) -> str:
     sign = 1 if entry["higher_is_better"] else -1
     if abs(entry["single"]) <= 1e-9:
         return "n/a (single-task score 0)"
-    return f"{sign * (entry['multi'] - entry['single']) / abs(entry['single']) * 100:+.1f}%"
+    change = sign * (entry["multi"] - entry["single"]) / abs(entry["single"]) * 100 + 0.0  # no "-0.0%"
+    return f"{change:+.1f}%"
