@@ -468,7 +468,7 @@ def aggregate(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]
         "wall_seconds": {k: _spread([r["wall_seconds"][k] for r in results]) for k in ("single_total", "multi")},
         "train_seconds": {k: _spread([r["train_seconds"][k] for r in results]) for k in ("single_total", "multi")},
         "budget": {key: value for key, value in results[0]["budget"].items() if key not in ("rows_per_task", "steps")},
-        "runs": [r["multi_run"] for r in results],
+        "runs": [r["multi_run"] for r in results if "multi_run" in r],
     }
 
 

@@ -301,6 +301,25 @@ def test_the_digits_example_runs_offline() -> None:
     assert scores["digit"] > 0.8 and scores["parity"] > 0.9 and scores["value"] > 0.8
 
 
+@pytest.mark.slow
+def test_the_digits_example_compares_over_seeds_as_compare_does() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "digits_multitask.py"), "--steps", "60", "--seeds", "1,2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "| task | metric | single-task | multi-task | change | verdict |" in out and "Seeds: 1, 2" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| digit", "| parity", "| value"))]
+    assert len(rows) == 3 and all(" ± " in row for row in rows)
+    verdicts = {line.split(":")[0]: line.split(": ")[1].split(" (")[0] for line in out.splitlines()[-4:-1]}
+    assert set(verdicts) == {"digit", "parity", "value"}
+    assert set(verdicts.values()) <= {"gain", "loss", "within noise", "equal"}
+    assert "(per seed: " in out
+
+
 LABEL_KINDS = [  # (the train labels a user gives, `labels=`, the type predict answers with, the classes)
     (lambda ids: ids.astype(np.int64), None, int, {0, 1, 2}),
     (lambda ids: ids.astype(np.uint8), None, int, {0, 1, 2}),
