@@ -76,6 +76,34 @@ def test_two_stage_fine_tunes_a_copy_per_task_and_evaluates_with_it(run_with, ca
         assert again["tasks"][name]["metrics"] == metrics["tasks"][name]["metrics"]
 
 
+@pytest.mark.parametrize("finetune_lr", [1e-12, 5e-3])
+def test_two_stage_keeps_per_task_the_predictor_better_on_validation(run_with, finetune_lr, capsys):
+    """schedule.keep best: a refined copy is kept only where its validation score beats the shared model's;
+    the shared model answers the other tasks, in evaluate, predict and serve alike."""
+    from multitune.serving.engine import Engine
+
+    schedule = {"name": "two_stage", "finetune_steps": 4, "finetune_lr": finetune_lr, "keep": "best"}
+    run_dir, metrics, history = run_with({"steps": 6, "eval_every": 2, "schedule": schedule})
+    answered = metrics["answered_by"]
+    assert set(answered) == {"sentiment", "ner"}
+    decisions = {h["task"]: h["validation_scores"] for h in history if h.get("kept") == "shared"}
+    for name, by in answered.items():
+        assert (run_dir / "finetuned" / name / "model.safetensors").exists() == (by == "refined")
+        if by == "shared":  # not better on validation: a tie counts for the shared model
+            assert decisions[name]["refined"] <= decisions[name]["shared"]
+            assert metrics["tasks"][name] == metrics["multi_task_stage"]["tasks"][name]
+    if finetune_lr == 1e-12:  # the copies barely move from the shared weights: never strictly better
+        assert set(answered.values()) == {"shared"}
+    assert main(["evaluate", str(run_dir), "--split", "test"]) == 0
+    again = json.loads((run_dir / "evaluation_test.json").read_text())
+    for name in ("sentiment", "ner"):
+        assert again["tasks"][name]["metrics"] == metrics["tasks"][name]["metrics"]
+    engine = Engine(run_dir)
+    shared = [name for name, by in answered.items() if by == "shared"]
+    assert len({engine.model_of[name] for name in shared}) <= 1
+    assert len(engine.models) == len(set(engine.model_of.values()))
+
+
 def test_early_stopping_on_the_average_ends_the_run(run_with):
     _, metrics, history = run_with(
         {"steps": 60, "eval_every": 1, "lr": 1e-6, "early_stopping": {"patience": 2, "min_delta": 0.5}}

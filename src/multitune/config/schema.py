@@ -130,6 +130,10 @@ class ScheduleConfig(Group):
     fractions: list[float] | None = None  # sequential: each stage's share of the steps (default: equal)
     finetune_steps: int = Field(200, ge=1)  # two_stage: steps of each per-task copy
     finetune_lr: float | None = Field(None, gt=0)  # two_stage: default training.lr
+    # two_stage: which predictor answers each task: its refined copy ("refined", as MT-DNN), or whichever of
+    # the shared model and the refined copy scores better on the task's validation split ("best"; a copy
+    # that does not win is not kept, so the run stores fewer weights)
+    keep: Literal["refined", "best"] = "refined"
     inner_steps: int = Field(5, ge=1)  # reptile
     meta_lr: float = Field(0.5, gt=0, le=1)  # reptile: ε in θ ← θ + ε(θ' − θ)
 

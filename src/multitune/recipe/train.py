@@ -133,8 +133,10 @@ def _train_run(config: Config, stop: StopSignal, scratch: contextlib.ExitStack) 
     if prepared.model.task_adapters is not None:
         prepared.model.task_adapters.save(prepared.model.backbone, run_dir / "adapters")
     results = score("test")  # a sharded model needs every process in each forward
+    choosing = schedule.name == "two_stage" and schedule.keep == "best"  # the shared model's own validation
+    validation = score("validation") if choosing else None
     if group.main:
-        _finish(config, prepared, session, state, balancer, accelerator, results, relations)
+        _finish(config, prepared, session, state, balancer, accelerator, results, relations, validation)
     return run_dir
 
 
@@ -291,15 +293,20 @@ def _finish(
     accelerator: Any,
     results: dict[str, dict[str, Any]],
     relations: Relations,
+    validation: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """The main process's end of a run: the two-stage copies, metrics.json, affinity.json, the report."""
+    """The main process's end of a run: the two-stage copies (with `validation`, the shared model's per-task
+    validation results: kept only where they beat it), metrics.json, affinity.json, the report."""
     run_dir = session.run_dir
     assert run_dir is not None
     stages: dict[str, Any] = {}
     if config.training.schedule.name == "two_stage":  # the deployment is one fine-tuned copy per task
         stages = {"multi_task_stage": {"tasks": results, "average_main_score": average_main_score(results)}}
-        results, seconds = finetune_per_task(config, prepared, accelerator, run_dir, record_finetune(run_dir))
+        shared = None if validation is None else {n: {"validation": validation[n], "test": results[n]} for n in results}
+        record = record_finetune(run_dir)
+        results, seconds, kept = finetune_per_task(config, prepared, accelerator, run_dir, record, shared)
         stages["finetune_seconds"] = round(seconds, 2)
+        stages["answered_by"] = kept  # per task: its refined copy, or the shared model
     metrics = session.metrics(results, state, balancer, prepared.model, accelerator.device, stages)
     session.write("metrics.json", metrics)
     if relations.tracker is not None:

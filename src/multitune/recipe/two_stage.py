@@ -14,11 +14,12 @@ from multitune.data.streams import TaskStream
 from multitune.data.tasks import (
     TaskData,
 )
-from multitune.evaluation.evaluate import evaluate
+from multitune.evaluation.evaluate import average_main_score, evaluate
 from multitune.recipe.components import build_balancer, build_optimizer
 from multitune.recipe.prepare import Prepared
 from multitune.recipe.session import Session, loop_settings
 from multitune.runs.layout import FINETUNED
+from multitune.training.checkpoint import remove_weights
 from multitune.training.loop import LoopParts, TrainState, train
 
 
@@ -31,17 +32,26 @@ def record_finetune(run_dir: Path) -> Callable[[dict[str, Any]], None]:
 
 
 def finetune_per_task(
-    config: Config, prepared: Prepared, accelerator: Any, run_dir: Path, record: Callable[[dict[str, Any]], None]
-) -> tuple[dict[str, Any], float]:
+    config: Config,
+    prepared: Prepared,
+    accelerator: Any,
+    run_dir: Path,
+    record: Callable[[dict[str, Any]], None],
+    shared: dict[str, dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], float, dict[str, str]]:
     """The second stage of `two_stage` (as MT-DNN): from the multi-task weights, a copy fine-tuned on each
-    task alone, best on its own validation score, saved to RUN_DIR/finetuned/TASK; returns the copies'
-    test results and their training seconds. The multi-task weights are back in place afterwards."""
+    task alone, best on its own validation score, saved to RUN_DIR/finetuned/TASK. With `shared` (the
+    multi-task model's per-task {"validation", "test"} results) and schedule.keep "best", a copy is kept
+    only where its validation score beats the shared model's; elsewhere the shared model answers the task.
+    Returns the answering predictors' test results, the copies' training seconds, and per task which
+    predictor answers it ("refined" or "shared"). The multi-task weights are back in place afterwards."""
     from transformers import get_linear_schedule_with_warmup
 
     model = prepared.model
     schedule, training = config.training.schedule, config.training
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     results: dict[str, Any] = {}
+    kept: dict[str, str] = {}
     seconds = 0.0
     for name, task in prepared.tasks.items():
         model.load_state_dict(start)
@@ -81,7 +91,16 @@ def finetune_per_task(
         loop = LoopParts(model, streams, sampler, balancer, optimizer, scheduler, accelerator)
         state = train(loop, settings, TrainState(), session.hooks(score, lambda: model))
         seconds += state.seconds
+        if shared is not None and schedule.keep == "best":
+            own_score = average_main_score({name: shared[name]["validation"]})  # signed: higher is better
+            if not state.best_score > own_score:  # the shared model is as good: no copy to store
+                remove_weights(folder)
+                results[name], kept[name] = shared[name]["test"], "shared"
+                scores = {"shared": own_score, "refined": state.best_score}
+                record({"task": name, "kept": "shared", "validation_scores": scores})
+                continue
         session.restore_best(model)
         results.update(score("test"))
+        kept[name] = "refined"
     model.load_state_dict(start)
-    return results, seconds
+    return results, seconds, kept

@@ -39,10 +39,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     pad = backbone.tokenizer.pad_token_id or 0
     finetuned = Path(run_dir) / FINETUNED
     size, show = config.training.eval_batch_size, config.training.progress
-    if finetuned.is_dir():  # a two-stage run: each task is answered by its own fine-tuned copy
+    if finetuned.is_dir():  # a two-stage run: each task is answered by its own fine-tuned copy, if it has one
         results = {}
         for name in tasks:
-            load_weights(model, finetuned / name / WEIGHTS_FILE)
+            own = finetuned / name / WEIGHTS_FILE
+            load_weights(model, own if own.exists() else Path(run_dir) / WEIGHTS_FILE)  # else the shared model
             results.update(evaluate(model, {name: tasks[name]}, scored, split, size, device, pad, progress=show))
     else:
         results = evaluate(model, tasks, scored, split, size, device, pad, progress=show)

@@ -73,11 +73,18 @@ class Engine:
         self.model_of: dict[str, int] = {}
         finetuned = self.run_dir / FINETUNED
         if one_model_per_task or finetuned.is_dir():  # a full copy per task
+            weights = {name: finetuned / name / WEIGHTS_FILE for name in self.tasks}
+            # a two-stage run that kept the better predictor per task: the shared model answers the others
+            shared = [n for n in self.tasks if not weights[n].exists() and not one_model_per_task]
+            if shared:
+                self.models.append(model)
+                self.model_of.update(dict.fromkeys(shared, 0))
             for name in self.tasks:
-                own = model if not self.models else copy.deepcopy(model)
-                weights = finetuned / name / WEIGHTS_FILE
-                if weights.exists():
-                    load_weights(own, weights)
+                if name in shared:
+                    continue
+                own = model if not self.models else copy.deepcopy(model)  # `model` itself while it is unused
+                if weights[name].exists():
+                    load_weights(own, weights[name])
                     own.eval()
                 self.model_of[name] = len(self.models)
                 self.models.append(own)

@@ -256,6 +256,14 @@ def _discard_checkpoint(path: Path) -> None:
     _remove_checkpoint(doomed)
 
 
+def remove_weights(folder: Path) -> None:
+    """Delete a weights folder of ours (a two-stage copy that is not kept): its weights file, then the folder
+    if that empties it (a file someone else put there stays, with its folder)."""
+    (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def discard_staging(path: Path) -> None:
     """Delete a hidden staging folder of ours (made with tempfile next to its target and never renamed)."""
     import shutil

@@ -44,7 +44,7 @@ def sequential(
 
 
 @SCHEDULES.register("two_stage", Capabilities(writes_weights=True))
-def two_stage(finetune_steps: int = 200, finetune_lr: float | None = None) -> None:
+def two_stage(finetune_steps: int = 200, finetune_lr: float | None = None, keep: str = "refined") -> None:
     """Joint training, then a copy of the model fine-tuned on each task alone (MT-DNN, Liu et al. 2019)."""
     return None
 
