@@ -97,7 +97,7 @@ def test_export_refuses_a_taken_folder_and_an_unknown_task(tiny_run, tmp_path, c
 
 def loaded_with(monkeypatch: pytest.MonkeyPatch, change: Any) -> None:
     """Export loads the run, then `change(model)` alters what the model says of itself."""
-    import multitune.export
+    import multitune.export.model
     from multitune.runs.load import load_run
 
     def load(run: Path) -> Any:
@@ -105,7 +105,7 @@ def loaded_with(monkeypatch: pytest.MonkeyPatch, change: Any) -> None:
         change(model)
         return config, manifest, model, backbone
 
-    monkeypatch.setattr(multitune.export, "load_run", load)
+    monkeypatch.setattr(multitune.export.model, "load_run", load)
 
 
 def test_export_follows_the_models_declaration_of_its_features_not_its_name(tiny_run, tmp_path, monkeypatch, capsys):
