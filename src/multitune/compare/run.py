@@ -12,22 +12,18 @@ per step so far; on a terminal (and unless `training.progress: false`) each trai
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import math
-import os
-import statistics
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from multitune.catalogue import load_config
-from multitune.config import SPLITS, Config, dump_config
+from multitune.compare.processes import Progress, _train_subprocess
+from multitune.compare.seeds import aggregate, format_seeds
+from multitune.config import SPLITS, Config
 from multitune.config.schema import EarlyStopping, TrainingConfig
 from multitune.core.files import write_json, write_text
 from multitune.errors import MultitunError
@@ -54,98 +50,6 @@ def delta_m(tasks: dict[str, dict[str, Any]]) -> float:
 
 def delta_m_tasks(tasks: dict[str, dict[str, Any]]) -> list[str]:
     return [name for name, entry in tasks.items() if abs(entry["single"]) > 1e-9]
-
-
-def _train_subprocess(config: Config, folder: Path, live: bool = False) -> tuple[Path, float]:
-    """Train `config` in a fresh process; (its run dir, wall seconds). `live`: the training's stderr (its bars)
-    goes to ours through a pseudo-terminal, so it draws as on a terminal; else it is kept for an error."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{config.run.name}.yaml"
-    write_text(path, dump_config(config))
-    command = [sys.executable, "-m", "multitune", "train", str(path), f"training.progress={str(live).lower()}"]
-    started = time.perf_counter()
-    returncode, stdout, stderr = _run_live(command) if live else _run_captured(command)
-    seconds = time.perf_counter() - started
-    if returncode != 0:
-        lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
-        raise MultitunError(f"training '{config.run.name}' failed: {(lines or ['no message'])[-1]}")
-    run_dir = next(Path(line[len("saved to ") :]) for line in stdout.splitlines() if line.startswith("saved to "))
-    return run_dir, seconds
-
-
-def _run_captured(command: list[str]) -> tuple[int, str, str]:
-    result = subprocess.run(command, capture_output=True, text=True)
-    return result.returncode, result.stdout, result.stderr
-
-
-def _run_live(command: list[str]) -> tuple[int, str, str]:
-    """Run with stderr on a pseudo-terminal whose output is copied to our stderr as it comes (and kept);
-    stdout is captured. Where there are no pseudo-terminals, stderr is captured instead."""
-    try:
-        import fcntl
-        import pty
-        import shutil
-        import struct
-        import termios
-
-        reader, writer = pty.openpty()
-        size = shutil.get_terminal_size()  # a new pseudo-terminal is 0 columns wide: bars would draw empty
-        fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", size.lines, size.columns, 0, 0))
-    except (ImportError, OSError):
-        return _run_captured(command)
-    kept: list[str] = []
-
-    def copy() -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        while True:
-            try:
-                data = os.read(reader, 4096)
-            except OSError:  # the child closed its end
-                break
-            if not data:
-                break
-            text = decoder.decode(data)
-            kept.append(text)
-            sys.stderr.write(text)
-            sys.stderr.flush()
-
-    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=writer, text=True) as child:
-        os.close(writer)
-        copier = threading.Thread(target=copy, daemon=True)
-        copier.start()
-        stdout, _ = child.communicate()
-        copier.join()
-    os.close(reader)
-    return child.returncode, stdout, "".join(kept)
-
-
-class Progress:
-    """`compare: [k/n] what` lines on stderr, each with an estimate of the time left: the seconds per step
-    of the trainings so far, times the steps still to train."""
-
-    def __init__(self, total: int, steps_left: int) -> None:
-        self.total, self.done, self.steps_left = total, 0, steps_left
-        self.seconds, self.steps = 0.0, 0
-
-    def start(self, what: str, steps: int) -> None:
-        self.done += 1
-        left = ""
-        if self.steps:
-            estimate = self.seconds / self.steps * self.steps_left
-            left = f"; about {_duration(estimate)} left in all"
-        print(f"compare: [{self.done}/{self.total}] {what}, {steps} steps{left}", file=sys.stderr, flush=True)
-
-    def finished(self, steps: int, seconds: float) -> None:
-        self.seconds, self.steps, self.steps_left = self.seconds + seconds, self.steps + steps, self.steps_left - steps
-        print(f"compare: [{self.done}/{self.total}] trained in {_duration(seconds)}", file=sys.stderr, flush=True)
-
-    def cached(self, what: str) -> None:
-        self.done += 1
-        print(f"compare: [{self.done}/{self.total}] {what}: reused from the cache", file=sys.stderr, flush=True)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _fingerprint(config: Config, task: str) -> str:
@@ -231,14 +135,13 @@ class Budget:
         config.training.early_stopping = EarlyStopping(patience=self.patience)
         return config
 
-    def baseline_rows(self, config: Config, rows_seen: int) -> int:
+    def baseline_rows(self, training: TrainingConfig, rows_seen: int) -> int:
         if self.converge:  # the same step limit as the multi-task side; early stopping decides
-            return config.training.steps * config.training.batch_size
+            return training.steps * training.batch_size
         return round(self.factor * rows_seen)
 
-    def rule(self, config: Config) -> str:
+    def rule(self, training: TrainingConfig) -> str:
         if self.converge:
-            training = config.training
             return (
                 f"each side trains to convergence: validation every {training.eval_every} steps, early stopping "
                 f"after {self.patience} validations without a gain, at most {training.steps} steps, the best "
@@ -288,7 +191,9 @@ def compare_once(config: Config, budget: Budget) -> dict[str, Any]:
     tasks: dict[str, dict[str, Any]] = {}
     single_wall: dict[str, float] = {}
     baselines = {
-        task: single_task_config(config, task, budget.baseline_rows(config, int(multi["task_rows"].get(task, 0))))
+        task: single_task_config(
+            config, task, budget.baseline_rows(config.training, int(multi["task_rows"].get(task, 0)))
+        )
         for task in config.tasks
     }
     caches = {task: root / BASELINES / f"{task}-{_fingerprint(b, task)}" for task, b in baselines.items()}
@@ -310,7 +215,7 @@ def compare_once(config: Config, budget: Budget) -> dict[str, Any]:
         "baseline_factor": budget.factor,
         "converge": budget.converge,
         "steps": {"multi": multi["steps"], **{t: int(m["steps"]) for t, m in singles.items()}},
-        "rule": budget.rule(config),
+        "rule": budget.rule(config.training),
     }
     result["seed"] = config.run.seed
     result["multi_run"] = str(multi_dir)
@@ -419,86 +324,6 @@ def verdict(result: dict[str, Any]) -> str:
         f"multi-task is {outcome} on average (Δm {dm:+.2f}%) with {size:.0%} of the parameters "
         f"in {time_ratio:.2f}x the training time{hurt}"
     )
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return {
-        "mean": round(statistics.fmean(values), 6),
-        "std": round(statistics.stdev(values), 6) if len(values) > 1 else 0.0,
-    }
-
-
-def task_verdict(differences: list[float]) -> str:
-    """'gain', 'loss' or 'within noise' for a task's signed multi − single differences over seeds (+ is
-    better): within noise when the mean difference is under two standard errors of the differences. One
-    seed has no noise estimate: its sign decides ('equal' when the scores are equal)."""
-    mean = statistics.fmean(differences)
-    if len(differences) > 1 and abs(mean) < 2 * statistics.stdev(differences) / math.sqrt(len(differences)):
-        return "within noise"
-    return "gain" if mean > 0 else "loss" if mean < 0 else "equal"
-
-
-def aggregate(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
-    """The comparisons of several seeds in one: per task each side's mean and standard deviation, the
-    relative change of the means and a verdict; Δm per seed with its mean and spread; the mean costs."""
-    tasks: dict[str, dict[str, Any]] = {}
-    for name, first in results[0]["tasks"].items():
-        sign = 1.0 if first["higher_is_better"] else -1.0
-        single = [r["tasks"][name]["single"] for r in results]
-        multi = [r["tasks"][name]["multi"] for r in results]
-        means = {"single": statistics.fmean(single), "multi": statistics.fmean(multi), "higher_is_better": sign > 0}
-        tasks[name] = {
-            "metric": first["metric"],
-            "higher_is_better": first["higher_is_better"],
-            "single": _spread(single),
-            "multi": _spread(multi),
-            "change": change_text(means),
-            "verdict": task_verdict([sign * (m - s) for m, s in zip(multi, single, strict=True)]),
-        }
-    per_seed = [r["delta_m_percent"] for r in results]
-    return {
-        "seeds": seeds,
-        "tasks": tasks,
-        "delta_m_percent": {"per_seed": per_seed, **_spread(per_seed)},
-        "params": results[0]["params"],
-        "storage_bytes": {
-            k: round(statistics.fmean(r["storage_bytes"][k] for r in results)) for k in ("single_total", "multi")
-        },
-        "wall_seconds": {k: _spread([r["wall_seconds"][k] for r in results]) for k in ("single_total", "multi")},
-        "train_seconds": {k: _spread([r["train_seconds"][k] for r in results]) for k in ("single_total", "multi")},
-        "budget": {key: value for key, value in results[0]["budget"].items() if key not in ("rows_per_task", "steps")},
-        "runs": [r["multi_run"] for r in results if "multi_run" in r],
-    }
-
-
-def format_seeds(summary: dict[str, Any]) -> str:
-    """comparison.md over seeds: each task's mean ± standard deviation, then one verdict line per task."""
-    seeds = ", ".join(str(s) for s in summary["seeds"])
-    lines = [
-        f"Seeds: {seeds} (mean ± standard deviation)",
-        "",
-        "| task | metric | single-task | multi-task | change | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
-    for task, e in summary["tasks"].items():
-        single, multi = e["single"], e["multi"]
-        lines.append(
-            f"| {task} | {e['metric']} | {single['mean']:.4f} ± {single['std']:.4f} | "
-            f"{multi['mean']:.4f} ± {multi['std']:.4f} | {e['change']} | {e['verdict']} |"
-        )
-    dm, storage, wall = summary["delta_m_percent"], summary["storage_bytes"], summary["wall_seconds"]
-    lines += [
-        "",
-        f"Δm: {dm['mean']:+.2f}% ± {dm['std']:.2f} (per seed: {', '.join(f'{d:+.2f}%' for d in dm['per_seed'])})",
-        f"stored on disk: {storage['single_total']:,} bytes (one model per task) vs {storage['multi']:,} bytes",
-        f"time in all (wall): {wall['single_total']['mean']:.1f} s (all single-task runs) "
-        f"vs {wall['multi']['mean']:.1f} s",
-        f"budget: {summary['budget']['rule']}",
-        "",
-    ]
-    lines += [f"{task}: {e['verdict']} ({e['change']})" for task, e in summary["tasks"].items()]
-    return "\n".join(lines)
 
 
 def format_comparison(result: dict[str, Any]) -> str:

@@ -1,0 +1,90 @@
+"""Comparisons over several seeds in one: each side's mean and spread per task, a verdict per task (gain,
+loss or within noise), Δm per seed; and their comparison.md."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from multitune.evaluation.evaluate import change_text
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return {
+        "mean": round(statistics.fmean(values), 6),
+        "std": round(statistics.stdev(values), 6) if len(values) > 1 else 0.0,
+    }
+
+
+def task_verdict(differences: list[float]) -> str:
+    """'gain', 'loss' or 'within noise' for a task's signed multi − single differences over seeds (+ is
+    better): within noise when the mean difference is under two standard errors of the differences. One
+    seed has no noise estimate: its sign decides ('equal' when the scores are equal)."""
+    mean = statistics.fmean(differences)
+    if len(differences) > 1 and abs(mean) < 2 * statistics.stdev(differences) / math.sqrt(len(differences)):
+        return "within noise"
+    return "gain" if mean > 0 else "loss" if mean < 0 else "equal"
+
+
+def aggregate(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """The comparisons of several seeds in one: per task each side's mean and standard deviation, the
+    relative change of the means and a verdict; Δm per seed with its mean and spread; the mean costs."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for name, first in results[0]["tasks"].items():
+        sign = 1.0 if first["higher_is_better"] else -1.0
+        single = [r["tasks"][name]["single"] for r in results]
+        multi = [r["tasks"][name]["multi"] for r in results]
+        means = {"single": statistics.fmean(single), "multi": statistics.fmean(multi), "higher_is_better": sign > 0}
+        tasks[name] = {
+            "metric": first["metric"],
+            "higher_is_better": first["higher_is_better"],
+            "single": _spread(single),
+            "multi": _spread(multi),
+            "change": change_text(means),
+            "verdict": task_verdict([sign * (m - s) for m, s in zip(multi, single, strict=True)]),
+        }
+    per_seed = [r["delta_m_percent"] for r in results]
+    return {
+        "seeds": seeds,
+        "tasks": tasks,
+        "delta_m_percent": {"per_seed": per_seed, **_spread(per_seed)},
+        "params": results[0]["params"],
+        "storage_bytes": {
+            k: round(statistics.fmean(r["storage_bytes"][k] for r in results)) for k in ("single_total", "multi")
+        },
+        "wall_seconds": {k: _spread([r["wall_seconds"][k] for r in results]) for k in ("single_total", "multi")},
+        "train_seconds": {k: _spread([r["train_seconds"][k] for r in results]) for k in ("single_total", "multi")},
+        "budget": {key: value for key, value in results[0]["budget"].items() if key not in ("rows_per_task", "steps")},
+        "runs": [r["multi_run"] for r in results if "multi_run" in r],
+    }
+
+
+def format_seeds(summary: dict[str, Any]) -> str:
+    """comparison.md over seeds: each task's mean ± standard deviation, then one verdict line per task."""
+    seeds = ", ".join(str(s) for s in summary["seeds"])
+    lines = [
+        f"Seeds: {seeds} (mean ± standard deviation)",
+        "",
+        "| task | metric | single-task | multi-task | change | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, e in summary["tasks"].items():
+        single, multi = e["single"], e["multi"]
+        lines.append(
+            f"| {task} | {e['metric']} | {single['mean']:.4f} ± {single['std']:.4f} | "
+            f"{multi['mean']:.4f} ± {multi['std']:.4f} | {e['change']} | {e['verdict']} |"
+        )
+    dm, storage, wall = summary["delta_m_percent"], summary["storage_bytes"], summary["wall_seconds"]
+    lines += [
+        "",
+        f"Δm: {dm['mean']:+.2f}% ± {dm['std']:.2f} (per seed: {', '.join(f'{d:+.2f}%' for d in dm['per_seed'])})",
+        f"stored on disk: {storage['single_total']:,} bytes (one model per task) vs {storage['multi']:,} bytes",
+        f"time in all (wall): {wall['single_total']['mean']:.1f} s (all single-task runs) "
+        f"vs {wall['multi']['mean']:.1f} s",
+        f"budget: {summary['budget']['rule']}",
+        "",
+    ]
+    lines += [f"{task}: {e['verdict']} ({e['change']})" for task, e in summary["tasks"].items()]
+    return "\n".join(lines)
