@@ -28,23 +28,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="multitune", description="Fine-tune one pretrained model on several tasks.", formatter_class=HelpFormatter
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    commands = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND --help: its arguments)"
-    )
-
-    train = commands.add_parser("train", help="train a multi-task model from a YAML config")
-    train.add_argument("config", help="YAML config file")
-    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
-
-    evaluate = commands.add_parser("evaluate", help="score a finished run on a split")
-    evaluate.add_argument("run_dir", help=RUN_DIR_HELP)
-    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"], help="the split to score")
-
+def _add_compare(commands: Any) -> None:
+    """`multitune compare`: its budget options (equal rows, or to convergence) and its seeds."""
     compare = commands.add_parser("compare", help="multi-task against one model per task, on the same budget")
     compare.add_argument("config", help="YAML config file")
     compare.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
@@ -71,6 +56,26 @@ def _parser() -> argparse.ArgumentParser:
         metavar="13,14,15",
         help="one comparison per seed, and their mean and spread in OUTPUT_DIR/NAME-seeds/",
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multitune", description="Fine-tune one pretrained model on several tasks.", formatter_class=HelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND --help: its arguments)"
+    )
+
+    train = commands.add_parser("train", help="train a multi-task model from a YAML config")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+
+    evaluate = commands.add_parser("evaluate", help="score a finished run on a split")
+    evaluate.add_argument("run_dir", help=RUN_DIR_HELP)
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"], help="the split to score")
+
+    _add_compare(commands)
 
     affinity = commands.add_parser("affinity", help="train and measure which tasks help or hurt each other")
     affinity.add_argument("config", help="YAML config file")
