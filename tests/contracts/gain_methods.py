@@ -8,6 +8,17 @@ from torch import Tensor, nn
 
 from multitune.models.adapters import SHARED, Routing
 
+# the adapter settings (model.peft's) the contract tests build every method with: small and dropout-free
+SETTINGS = {
+    "r": 4,
+    "alpha": 8,
+    "dropout": 0.0,
+    "target_modules": None,
+    "train_backbone": False,
+    "bottleneck_size": 8,
+    "virtual_tokens": 3,
+}
+
 
 class Gain:
     """Its weights live in TaskAdapters (as bottleneck adapters' do); each starts at `initial`."""

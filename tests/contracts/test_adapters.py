@@ -15,18 +15,9 @@ from multitune.errors import ConfigError
 from multitune.models.adapters import ADAPTERS, SHARED
 from multitune.models.peft_tasks import TaskAdapters
 from multitune.registry import MODEL_KINDS, Capabilities
-from tests.contracts.gain_methods import Gain
+from tests.contracts.gain_methods import SETTINGS, Gain
 
 TASKS = ["a", "b", "c"]
-SETTINGS = {
-    "r": 4,
-    "alpha": 8,
-    "dropout": 0.0,
-    "target_modules": None,
-    "train_backbone": False,
-    "bottleneck_size": 8,
-    "virtual_tokens": 3,
-}
 MAKERS = {
     "encoder": lambda: BertModel(
         BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

@@ -20,19 +20,10 @@ from multitune.models.heads import ClassificationHead, TokenClassificationHead
 from multitune.models.multitask import MultiTaskModel, pool
 from multitune.models.peft_tasks import TaskAdapters
 from multitune.registry import Capabilities
-from tests.contracts.gain_methods import InsideGain
+from tests.contracts.gain_methods import SETTINGS, InsideGain
 
 TASKS = ["a", "b", "c"]
 HIDDEN = 32
-SETTINGS = {
-    "r": 4,
-    "alpha": 8,
-    "dropout": 0.0,
-    "target_modules": None,
-    "train_backbone": False,
-    "bottleneck_size": 8,
-    "virtual_tokens": 3,
-}
 
 
 def bert(layers: int = 2) -> BertModel:
