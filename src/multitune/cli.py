@@ -150,21 +150,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
     from multitune.core.processes import end_process_group
 
+    ended_well = False
     try:
         code = _dispatch(args)
+        ended_well = True
+        return code
     except MultitunError as error:
         print(f"multitune: error: {error}", file=sys.stderr)
-        end_process_group(wait=False)
         return int(getattr(error, "exit_code", 2))
     except KeyboardInterrupt:
         print("multitune: interrupted", file=sys.stderr)
-        end_process_group(wait=False)
         return 130
-    except BaseException:
-        end_process_group(wait=False)
-        raise
-    end_process_group(wait=True)  # launched as several processes: leave their group before exiting
-    return code
+    finally:  # launched as several processes: leave their group before exiting (after an error, at once)
+        end_process_group(wait=ended_well)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
