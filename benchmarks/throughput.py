@@ -404,8 +404,8 @@ def bench_causal(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     lengths = json.loads(LENGTHS.read_text(encoding="utf-8"))["causal"]
     torch.manual_seed(0)
     model = qwen2_05b(args.layers).to(device)
-    if args.attn:
-        model.set_attn_implementation(args.attn)
+    plain_attn = model.config._attn_implementation  # the plain loops keep transformers' default (sdpa)
+    attn = args.attn or plain_attn  # multitune's steps use --attn (e.g. flex_attention)
     vocab = model.config.vocab_size
     total = args.warmup + args.steps
     padded = causal_batches(lengths, total, args.batch_size, vocab, args.seed)
@@ -417,11 +417,17 @@ def bench_causal(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     balancer = equal_weights(sorted(lengths))
     pack_length = args.pack_length
 
+    def use(implementation: str) -> None:
+        if model.config._attn_implementation != implementation:
+            model.set_attn_implementation(implementation)
+
     def multitune_step(rows: list) -> None:
+        use(attn)
         batch = pack(causal_encoded(rows), 0, pack_length).to(device)
         balanced_backward(multi, batch, balancer, 0)
 
     def multitune_padded_step(rows: list) -> None:
+        use(attn)
         batch = collate(causal_encoded(rows), 0).to(device)
         balanced_backward(multi, batch, balancer, 0)
 
@@ -429,6 +435,7 @@ def bench_causal(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         return sum(len(p) + len(t) for _, p, t in rows)
 
     def plain_step(rows: list) -> None:
+        use(plain_attn)
         plain_causal_step(model, rows, device)
 
     variants = [
@@ -437,7 +444,7 @@ def bench_causal(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         Variant("multitune padded", multi, multitune_padded_step, padded),
         Variant("multitune packed", multi, multitune_step, padded),
     ]
-    title = f"Qwen2-0.5B shape, {model.config.num_hidden_layers} layers"
+    title = f"Qwen2-0.5B shape, {model.config.num_hidden_layers} layers; plain: {plain_attn}, multitune: {attn}"
     return finish(title, model, interleaved(variants, tokens, args.warmup, device, dtype), peak)
 
 
@@ -513,7 +520,9 @@ def main() -> None:
     )
     parser.add_argument("--pack-length", type=int, default=None, help="default: 4096 on CUDA, 1024 on CPU")
     parser.add_argument("--loss-chunk", type=int, default=4096)
-    parser.add_argument("--attn", default=None, help="transformers attention implementation for the causal LM")
+    parser.add_argument(
+        "--attn", default=None, help="multitune's attention for the causal LM (the plain loops keep the default)"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile multitune's backbone")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None)

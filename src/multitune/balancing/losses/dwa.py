@@ -61,7 +61,7 @@ class DynamicWeightAverage(nn.Module):
             self._roll()
             self.window += 1
         index = task_index(self.task_names, tasks)
-        observed = losses.detach().double().cpu()
+        observed = losses.detach().double().to(self.sums.device)  # the state lives where the module was put
         finite = torch.isfinite(observed)  # a skipped (non-finite) step must not poison the averages
         self.sums[index] += torch.where(finite, observed, torch.zeros_like(observed))
         self.counts[index] += finite.double()

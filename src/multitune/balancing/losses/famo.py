@@ -69,7 +69,7 @@ class FAMOWeighting(nn.Module):
     def combine(self, losses: Tensor, tasks: Sequence[str], step: int) -> Tensor:
         index = task_index(self.task_names, tasks)
         clamped = losses.clamp_min(EPSILON)
-        log_losses = torch.log(clamped.detach().float().cpu())
+        log_losses = torch.log(clamped.detach().float()).to(self.logits.device)  # beside the state
         if torch.isfinite(log_losses).all():  # a non-finite step is skipped by the loop
             self._update(log_losses, index)
         z = torch.softmax(self.logits[index], dim=0).to(losses.device)  # [T]

@@ -46,11 +46,12 @@ class GradNormWeighting(nn.Module):
     @torch.no_grad()
     def observe_gradient_norms(self, norms: Tensor, losses: Tensor, tasks: Sequence[str], step: int) -> None:
         index = task_index(self.task_names, tasks)
-        norms, losses = norms.detach().float().cpu(), losses.detach().float().cpu()
+        device = self.task_weights.device  # the state lives where the module was put
+        norms, losses = norms.detach().float().to(device), losses.detach().float().to(device)
         if not (torch.isfinite(norms).all() and torch.isfinite(losses).all()):
             return  # a non-finite step is skipped by the loop; learn nothing from it
         unseen = torch.isnan(self.initial_losses[index])
-        self.initial_losses[torch.tensor(index)[unseen]] = losses[unseen].clamp_min(1e-8)
+        self.initial_losses[torch.tensor(index, device=device)[unseen]] = losses[unseen].clamp_min(1e-8)
         weighted = self.task_weights[index] * norms  # G_i
         ratio = losses / self.initial_losses[index]
         target = weighted.mean() * (ratio / ratio.mean()) ** self.alpha
