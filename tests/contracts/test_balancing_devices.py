@@ -74,3 +74,22 @@ def test_every_loss_weighting_trains_on_the_models_device(device, weighting):
 @pytest.mark.parametrize(("aggregator", "source"), PAIRS)
 def test_every_gradient_aggregator_trains_on_the_models_device(device, aggregator, source):
     _train(device, "equal", GradientConfig(name=aggregator, source=source))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_l2_sp_keeps_its_start_on_the_models_device(device):
+    """θ⁰ taken on the CPU (before the model is placed) moves beside its parameter once; Ω and its
+    gradient are the hand-computed ones: θ⁰ = 0, θ = 1 (3 values), α = 2 → Ω_S = ½·2·3 = 3, ∂ = 2;
+    θ_N = 2 (2 values), β = 0.5 → Ω_N = ½·0.5·8 = 2, ∂ = 1."""
+    from multitune.models.regularization import L2SP
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    shared, new = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.full((2,), 2.0))
+    penalty = L2SP([shared], [new], alpha=2.0, beta=0.5)
+    with torch.no_grad():
+        shared.data = torch.ones(3, device=device)
+        new.data = new.data.to(device)
+    assert penalty.apply_() == pytest.approx(5.0)
+    assert penalty.start[0].device.type == device
+    assert shared.grad.tolist() == [2.0, 2.0, 2.0] and new.grad.tolist() == [1.0, 1.0]

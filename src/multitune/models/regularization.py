@@ -30,6 +30,14 @@ def _add_grad(parameter: nn.Parameter, grad: torch.Tensor) -> None:
         parameter.grad.add_(grad.to(parameter.grad.dtype))
 
 
+def _total(terms: list[torch.Tensor]) -> float:
+    """The sum of per-parameter penalty terms (scalars, possibly on a GPU), read to the host once: one
+    synchronisation per step instead of one per parameter."""
+    if not terms:
+        return 0.0
+    return float(torch.stack([t.to(terms[0].device) for t in terms]).sum())
+
+
 class L2SP:
     """L2-SP (Li, Grandvalet & Davoine, ICML 2018, "Explicit inductive bias for transfer learning with
     convolutional networks"): Ω = α/2·‖θ_S − θ⁰_S‖² + β/2·‖θ_N‖², pulling the pretrained (shared)
@@ -45,17 +53,21 @@ class L2SP:
 
     @torch.no_grad()
     def apply_(self) -> float:
-        value = 0.0
+        """Add ∂Ω/∂θ to each parameter's gradient; returns Ω. θ⁰ moves to its parameter's device once (not a
+        host-to-device copy of the backbone every step), and Ω is summed on the device, read once."""
+        terms: list[torch.Tensor] = []
         if self.alpha:
-            for p, p0 in zip(self.pretrained, self.start, strict=True):
-                diff = p - p0.to(p.device)
-                value += 0.5 * self.alpha * float(diff.pow(2).sum())
+            for i, (p, p0) in enumerate(zip(self.pretrained, self.start, strict=True)):
+                if p0.device != p.device:
+                    p0 = self.start[i] = p0.to(p.device)
+                diff = p - p0
+                terms.append(0.5 * self.alpha * diff.double().pow(2).sum())
                 _add_grad(p, self.alpha * diff)
         if self.beta:
             for p in self.new:
-                value += 0.5 * self.beta * float(p.pow(2).sum())
+                terms.append(0.5 * self.beta * p.double().pow(2).sum())
                 _add_grad(p, self.beta * p)
-        return value
+        return _total(terms)
 
 
 class PullTogether:
@@ -70,12 +82,12 @@ class PullTogether:
 
     @torch.no_grad()
     def apply_(self) -> float:
-        value = 0.0
+        terms: list[torch.Tensor] = []
         for copies in zip(*self.columns, strict=True):
             mean = torch.stack([p.detach() for p in copies]).mean(0)
             for p in copies:
                 diff = p - mean
-                value += self.strength * float(diff.pow(2).sum())
+                terms.append(self.strength * diff.double().pow(2).sum())
                 if p.requires_grad:
                     _add_grad(p, 2 * self.strength * diff)
-        return value
+        return _total(terms)
