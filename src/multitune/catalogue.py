@@ -13,7 +13,15 @@ from multitune.balancing.gradients import GRADIENT_AGGREGATORS
 from multitune.balancing.gradients.base import AGGREGATOR_INJECTED
 from multitune.balancing.losses import LOSS_WEIGHTINGS
 from multitune.balancing.losses.base import WEIGHTING_INJECTED
-from multitune.config import Config, GradientConfig, MethodConfig, check_numbers, check_speed_options, loading
+from multitune.config import (
+    Config,
+    GradientConfig,
+    MethodConfig,
+    check_numbers,
+    check_refinement,
+    check_speed_options,
+    loading,
+)
 from multitune.config.rules import check_combinations
 from multitune.data.samplers import SAMPLER_INJECTED, SAMPLERS
 from multitune.errors import ConfigError
@@ -60,6 +68,7 @@ def check_methods(config: Config) -> None:
     SCHEDULES.get(config.training.schedule.name, field="training.schedule.name")
     check_combinations(config, METHODS)
     check_speed_options(config)
+    check_refinement(config)
     sizes = dict.fromkeys(config.tasks, 1)
     try:  # a schedule's own settings (the sequential order and fractions) now, not after the data is read
         schedule_sampler(config.training.schedule, sizes, dict.fromkeys(config.tasks, 1.0), config.training.steps)

@@ -76,19 +76,21 @@ def test_two_stage_fine_tunes_a_copy_per_task_and_evaluates_with_it(run_with, ca
         assert again["tasks"][name]["metrics"] == metrics["tasks"][name]["metrics"]
 
 
+@pytest.mark.parametrize("refine", ["full", "lora"])
 @pytest.mark.parametrize("finetune_lr", [1e-12, 5e-3])
-def test_two_stage_keeps_per_task_the_predictor_better_on_validation(run_with, finetune_lr, capsys):
+def test_two_stage_keeps_per_task_the_predictor_better_on_validation(run_with, finetune_lr, refine, capsys):
     """schedule.keep best: a refined copy is kept only where its validation score beats the shared model's;
     the shared model answers the other tasks, in evaluate, predict and serve alike."""
+    from multitune.runs.load import refined
     from multitune.serving.engine import Engine
 
-    schedule = {"name": "two_stage", "finetune_steps": 4, "finetune_lr": finetune_lr, "keep": "best"}
+    schedule = {"name": "two_stage", "finetune_steps": 4, "finetune_lr": finetune_lr, "keep": "best", "refine": refine}
     run_dir, metrics, history = run_with({"steps": 6, "eval_every": 2, "schedule": schedule})
     answered = metrics["answered_by"]
     assert set(answered) == {"sentiment", "ner"}
     decisions = {h["task"]: h["validation_scores"] for h in history if h.get("kept") == "shared"}
     for name, by in answered.items():
-        assert (run_dir / "finetuned" / name / "model.safetensors").exists() == (by == "refined")
+        assert (refined(run_dir, name) is not None) == (by == "refined")
         if by == "shared":  # not better on validation: a tie counts for the shared model
             assert decisions[name]["refined"] <= decisions[name]["shared"]
             assert metrics["tasks"][name] == metrics["multi_task_stage"]["tasks"][name]
@@ -102,6 +104,47 @@ def test_two_stage_keeps_per_task_the_predictor_better_on_validation(run_with, f
     shared = [name for name, by in answered.items() if by == "shared"]
     assert len({engine.model_of[name] for name in shared}) <= 1
     assert len(engine.models) == len(set(engine.model_of.values()))
+
+
+def test_two_stage_lora_refinement_stores_an_adapter_and_head_that_loading_merges(run_with, capsys):
+    """schedule.refine lora: each task stores a LoRA adapter and its head, not a model; evaluate, predict and
+    serve answer with W + (alpha/r)·B·A, computed here by hand from the stored matrices."""
+    from safetensors.torch import load_file
+
+    from multitune.runs.load import load_refined, load_run
+    from multitune.serving.engine import Engine
+
+    schedule = {"name": "two_stage", "finetune_steps": 4, "finetune_lr": 5e-3, "refine": "lora", "refine_r": 2}
+    run_dir, metrics, _ = run_with({"steps": 6, "schedule": schedule})
+    shared = load_file(str(run_dir / "model.safetensors"))
+    for name in ("sentiment", "ner"):
+        folder = run_dir / "finetuned" / name
+        assert not (folder / "model.safetensors").exists()
+        stored = load_file(str(folder / "refinement.safetensors"))
+        assert stored and all("lora_" in k or k.startswith(f"heads.{name}.") for k in stored)
+        assert any(k.startswith(f"heads.{name}.") for k in stored)
+        assert sum(v.numel() for v in stored.values()) < 0.2 * sum(v.numel() for v in shared.values())
+        assert json.loads((folder / "refinement.json").read_text())["r"] == 2
+    key = "backbone.encoder.layer.0.attention.self.query"
+    stored = load_file(str(run_dir / "finetuned" / "ner" / "refinement.safetensors"))
+    a, b = stored[f"{key}.lora_A.refine.weight"], stored[f"{key}.lora_B.refine.weight"]  # [r, in], [out, r]
+    assert a.shape[0] == 2 and b.shape[1] == 2 and b.abs().sum() > 0  # B starts at 0: it trained
+    expected = shared[f"{key}.weight"] + (4 / 2) * b @ a  # alpha = 2r
+    _, _, model, _ = load_run(run_dir)
+    assert load_refined(model, run_dir, "ner")
+    assert torch.allclose(model.state_dict()[f"{key}.weight"], expected, atol=1e-6)
+    heads = [k for k in stored if k.startswith("heads.ner.")]
+    assert heads and all(torch.equal(model.state_dict()[k], stored[k]) for k in heads)
+    engine = Engine(run_dir)
+    served = engine.models[engine.model_of["ner"]].state_dict()[f"{key}.weight"]
+    assert torch.allclose(served, expected, atol=1e-6)
+    assert main(["evaluate", str(run_dir), "--split", "test"]) == 0
+    again = json.loads((run_dir / "evaluation_test.json").read_text())
+    for name in ("sentiment", "ner"):
+        assert again["tasks"][name]["metrics"] == metrics["tasks"][name]["metrics"]
+    (run_dir / "finetuned" / "ner" / "refinement.json").write_text("{", encoding="utf-8")
+    assert main(["evaluate", str(run_dir), "--split", "test"]) == 2
+    assert "refinement.json" in capsys.readouterr().err
 
 
 def test_early_stopping_on_the_average_ends_the_run(run_with):
@@ -138,6 +181,16 @@ def test_bad_schedules_are_config_errors(tmp_path, tiny_backbone, write_jsonl, s
     with pytest.raises(ConfigError, match=match) as error:
         validate_config(data)
     assert error.value.field.startswith("training.schedule")
+
+
+def test_a_lora_refinement_over_per_task_adapters_is_a_config_error(tmp_path, tiny_backbone, write_jsonl):
+    a, b = write_jsonl("a.jsonl", classification_rows(4)), write_jsonl("b.jsonl", token_rows(4))
+    data = tiny_config(tiny_backbone, a, b, tmp_path / "runs", schedule={"name": "two_stage", "refine": "lora"})
+    validate_config(data)  # alone it is fine
+    data["model"]["peft"] = {"method": "lora"}
+    with pytest.raises(ConfigError, match="already gives each task its own adapter") as error:
+        validate_config(data)
+    assert error.value.field == "training.schedule.refine"
 
 
 def test_a_new_run_starts_from_a_finished_runs_backbone(run_with, tmp_path, tiny_backbone, write_jsonl):

@@ -11,7 +11,7 @@ from multitune.config.loading import (
     read_config_file,
     resolve_paths,
 )
-from multitune.config.rules import check_numbers, check_speed_options
+from multitune.config.rules import check_numbers, check_refinement, check_speed_options
 from multitune.config.schema import (
     CLASS_TASKS,
     DEFAULT_METRICS,
@@ -63,6 +63,7 @@ __all__ = [
     "TaskConfig",
     "TrainingConfig",
     "check_numbers",
+    "check_refinement",
     "check_speed_options",
     "dump_config",
     "package_path",

@@ -39,6 +39,17 @@ def check_numbers(value: Any, field: str) -> None:
         stack.extend(reversed([(f"{path}.{key}" if path else str(key), child) for key, child in children]))
 
 
+def check_refinement(config: Config) -> None:
+    """A LoRA refinement adapts the shared backbone's own projections: not on top of per-task adapters."""
+    schedule = config.training.schedule
+    if schedule.refine == "lora" and config.model.peft is not None:
+        raise ConfigError(
+            "a LoRA refinement adapts the shared backbone; this model already gives each task its own adapter "
+            "(model.peft): use refine: full, or no model.peft",
+            field="training.schedule.refine",
+        )
+
+
 def check_speed_options(config: Config) -> None:
     """Packing and gradient accumulation: where they apply."""
     training = config.training

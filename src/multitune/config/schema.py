@@ -134,6 +134,10 @@ class ScheduleConfig(Group):
     # the shared model and the refined copy scores better on the task's validation split ("best"; a copy
     # that does not win is not kept, so the run stores fewer weights)
     keep: Literal["refined", "best"] = "refined"
+    # two_stage: what each per-task copy trains and stores: the whole model ("full", as MT-DNN), or a LoRA
+    # adapter of rank refine_r on the frozen shared backbone plus the task's head ("lora": a few MB per task)
+    refine: Literal["full", "lora"] = "full"
+    refine_r: int = Field(8, ge=1)
     inner_steps: int = Field(5, ge=1)  # reptile
     meta_lr: float = Field(0.5, gt=0, le=1)  # reptile: ε in θ ← θ + ε(θ' − θ)
 

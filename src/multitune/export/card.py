@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from multitune.config import ModelConfig
-from multitune.core.files import WEIGHTS_FILE
 from multitune.data.tasks import TaskData
 from multitune.models.backbone import PACKAGED_MODELS, packaged_copy
-from multitune.runs.layout import FINETUNED
+from multitune.runs.load import refined
 
 KNOWN_LICENSES = {
     "sentence-transformers/all-MiniLM-L6-v2": "apache-2.0",
@@ -124,7 +123,7 @@ def selection_scores(run: Path, task: str, best_step: Any) -> dict[str, Any] | N
     """The task's validation metrics at the multi-task run's best step, from history.jsonl (a two-stage run's
     exported copy was selected on its own fine-tuning: None)."""
     history = run / "history.jsonl"
-    if best_step is None or not history.is_file() or (run / FINETUNED / task / WEIGHTS_FILE).exists():
+    if best_step is None or not history.is_file() or refined(run, task) is not None:
         return None
     found = None
     for line in history.read_text(encoding="utf-8").splitlines():

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from multitune.config import ModelConfig
-from multitune.core.files import WEIGHTS_FILE, atomic_write
+from multitune.core.files import atomic_write
 from multitune.data.readers import Row
 from multitune.data.tasks import TaskData
 from multitune.errors import ConfigError, MultitunError
@@ -38,10 +38,9 @@ from multitune.models.adapters import ADAPTERS
 from multitune.models.assemble import FROM_RUN
 from multitune.models.multitask import MultiTaskModel, pool
 from multitune.models.peft_tasks import SHARED
-from multitune.runs.layout import FINETUNED
-from multitune.runs.load import load_run, task_from_manifest
+from multitune.runs.load import load_refined, load_run, task_from_manifest
 from multitune.runs.predict import encode_for_prediction, input_schema, prediction_bounds
-from multitune.training.checkpoint import discard_staging, load_weights
+from multitune.training.checkpoint import discard_staging
 
 HEAD_WEIGHTS = "multitune_head.safetensors"
 HEAD_CONFIG = "multitune_head.json"
@@ -133,10 +132,7 @@ def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool
             "model reproduces: only hard parameter sharing (and LMs) can be exported",
             field="model.architecture",
         )
-    own = run / FINETUNED / task_name / WEIGHTS_FILE
-    if own.exists():  # a two-stage run: this task's fine-tuned copy
-        load_weights(model, own)
-        model.eval()
+    load_refined(model, run, task_name)  # a two-stage run: this task's refined predictor, if it has one
     plain = merged_backbone(model, run, config.model, task_name)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.{os.urandom(6).hex()}"

@@ -16,7 +16,7 @@ from multitune.data.tasks import (
 from multitune.data.windows import scoring_rows
 from multitune.evaluation.evaluate import average_main_score, evaluate, format_table
 from multitune.runs.layout import FINETUNED
-from multitune.runs.load import load_run, task_from_manifest
+from multitune.runs.load import load_refined, load_run, task_from_manifest
 from multitune.training.checkpoint import load_weights
 
 
@@ -42,8 +42,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     if finetuned.is_dir():  # a two-stage run: each task is answered by its own fine-tuned copy, if it has one
         results = {}
         for name in tasks:
-            own = finetuned / name / WEIGHTS_FILE
-            load_weights(model, own if own.exists() else Path(run_dir) / WEIGHTS_FILE)  # else the shared model
+            if not load_refined(model, run_dir, name):
+                load_weights(model, Path(run_dir) / WEIGHTS_FILE)  # the shared model answers this task
             results.update(evaluate(model, {name: tasks[name]}, scored, split, size, device, pad, progress=show))
     else:
         results = evaluate(model, tasks, scored, split, size, device, pad, progress=show)

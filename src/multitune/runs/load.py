@@ -15,7 +15,8 @@ from multitune.errors import MultitunError
 from multitune.models.assemble import FROM_RUN, build_model
 from multitune.models.backbone import Backbone, backbone_from_run
 from multitune.models.multitask import MultiTaskModel
-from multitune.runs.layout import read_json_file, read_manifest
+from multitune.models.refinement import REFINEMENT_FILE, merge_refinement
+from multitune.runs.layout import FINETUNED, read_json_file, read_manifest
 from multitune.training.checkpoint import load_weights
 
 
@@ -63,3 +64,28 @@ def rebuilt_backbone(folder: Path, kind: str) -> Backbone:
 
 def task_from_manifest(name: str, config: TaskConfig, entry: dict[str, Any]) -> TaskData:
     return TaskData(name, config, {}, entry["labels"], entry["target_mean"], entry["target_std"])
+
+
+def refined(run_dir: str | Path, task: str) -> Path | None:
+    """The file of `task`'s own refined predictor in a two-stage run (a whole fine-tuned copy, or a LoRA
+    refinement), or None where the shared model answers the task."""
+    folder = Path(run_dir) / FINETUNED / task
+    for name in (WEIGHTS_FILE, REFINEMENT_FILE):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def load_refined(model: MultiTaskModel, run_dir: str | Path, task: str) -> bool:
+    """Put `task`'s refined predictor into `model`: a whole copy's weights, or the shared weights with the
+    task's LoRA refinement merged in. False (the model untouched) where the shared model answers the task."""
+    found = refined(run_dir, task)
+    if found is None:
+        return False
+    if found.name == WEIGHTS_FILE:
+        load_weights(model, found)
+    else:
+        load_weights(model, Path(run_dir) / WEIGHTS_FILE)
+        merge_refinement(model, found.parent)
+    model.eval()
+    return True

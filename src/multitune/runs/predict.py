@@ -11,7 +11,6 @@ from typing import Any, TextIO
 import torch
 
 from multitune.config import ModelConfig, TaskConfig
-from multitune.core.files import WEIGHTS_FILE
 from multitune.data.encoding import encode
 from multitune.data.readers import Row, json_rows, read_jsonl
 from multitune.data.tasks import (
@@ -21,9 +20,8 @@ from multitune.data.tasks import (
 from multitune.data.windows import PredictionRow, encode_for_tagging
 from multitune.errors import ConfigError
 from multitune.evaluation.evaluate import predict
-from multitune.runs.layout import FINETUNED, _json_kind, _shown
-from multitune.runs.load import load_run, task_from_manifest
-from multitune.training.checkpoint import load_weights
+from multitune.runs.layout import _json_kind, _shown
+from multitune.runs.load import load_refined, load_run, task_from_manifest
 
 GENERIC_TEXT_FIELDS = ("text", "text_pair")
 
@@ -205,9 +203,7 @@ def predict_run(run_dir: str | Path, task_name: str, source: TextIO, name: str =
     if task_name not in config.tasks:
         raise ConfigError(f"no task '{task_name}' in this run (tasks: {', '.join(config.tasks)})", field="--task")
     task = task_from_manifest(task_name, config.tasks[task_name], manifest[task_name])
-    own = Path(run_dir) / FINETUNED / task_name / WEIGHTS_FILE
-    if own.exists():  # a two-stage run: this task's fine-tuned copy
-        load_weights(model, own)
+    load_refined(model, run_dir, task_name)  # a two-stage run: this task's refined predictor, if it has one
     rows = list(_rows(source, name))
     encoded = encode_for_prediction(config.model, task, backbone.tokenizer, rows)
     pad = backbone.tokenizer.pad_token_id or 0

@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 import torch
 
 from multitune.config import Config
-from multitune.core.files import WEIGHTS_FILE
 from multitune.data.collate import collate
 from multitune.data.readers import Row
 from multitune.data.tasks import TaskData
@@ -32,9 +31,8 @@ from multitune.evaluation.generation import generate_predictions
 from multitune.models.backbone import Backbone
 from multitune.models.multitask import MultiTaskModel
 from multitune.runs.layout import FINETUNED
-from multitune.runs.load import load_run, task_from_manifest
+from multitune.runs.load import load_refined, load_run, refined, task_from_manifest
 from multitune.runs.predict import InputSchema, encode_for_prediction, held_to_range, input_schema, prediction_bounds
-from multitune.training.checkpoint import load_weights
 
 T = TypeVar("T")
 PADDING_SLACK = 64  # padded positions a batch may add rather than run one more forward
@@ -73,21 +71,18 @@ class Engine:
         self.model_of: dict[str, int] = {}
         finetuned = self.run_dir / FINETUNED
         if one_model_per_task or finetuned.is_dir():  # a full copy per task
-            weights = {name: finetuned / name / WEIGHTS_FILE for name in self.tasks}
             # a two-stage run that kept the better predictor per task: the shared model answers the others
-            shared = [n for n in self.tasks if not weights[n].exists() and not one_model_per_task]
+            shared = [] if one_model_per_task else [n for n in self.tasks if refined(self.run_dir, n) is None]
             if shared:
                 self.models.append(model)
                 self.model_of.update(dict.fromkeys(shared, 0))
             for name in self.tasks:
                 if name in shared:
                     continue
-                own = model if not self.models else copy.deepcopy(model)  # `model` itself while it is unused
-                if weights[name].exists():
-                    load_weights(own, weights[name])
-                    own.eval()
+                copied = model if not self.models else copy.deepcopy(model)  # `model` itself while it is unused
+                load_refined(copied, self.run_dir, name)  # its own copy's weights, or a LoRA refinement merged in
                 self.model_of[name] = len(self.models)
-                self.models.append(own)
+                self.models.append(copied)
         else:
             self.models.append(model)
             self.model_of = dict.fromkeys(self.tasks, 0)

@@ -44,8 +44,14 @@ def sequential(
 
 
 @SCHEDULES.register("two_stage", Capabilities(writes_weights=True))
-def two_stage(finetune_steps: int = 200, finetune_lr: float | None = None, keep: str = "refined") -> None:
-    """Joint training, then a copy of the model fine-tuned on each task alone (MT-DNN, Liu et al. 2019)."""
+def two_stage(
+    finetune_steps: int = 200,
+    finetune_lr: float | None = None,
+    keep: str = "refined",
+    refine: str = "full",
+    refine_r: int = 8,
+) -> None:
+    """Joint training, then per task a fine-tuned copy or a LoRA refinement (MT-DNN, Liu et al. 2019)."""
     return None
 
 
