@@ -132,7 +132,12 @@ class Budget:
             return config
         config = config.model_copy(deep=True)
         config.training.steps = self.max_steps or config.training.steps
-        config.training.early_stopping = EarlyStopping(patience=self.patience)
+        own = config.training.early_stopping  # a per-task rule and its min_delta stay; the patience is the budget's
+        config.training.early_stopping = EarlyStopping(
+            patience=self.patience,
+            min_delta=own.min_delta if own else 0.0,
+            per_task=own.per_task if own else False,
+        )
         return config
 
     def baseline_rows(self, training: TrainingConfig, rows_seen: int) -> int:

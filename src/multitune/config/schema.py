@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from multitune.config.recipes import RECIPES, with_recipe
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PACKAGE_PREFIX = "multitune:"
 SPLITS = ("train", "validation", "test")
@@ -352,6 +354,7 @@ class TaskConfig(Group):
 
 
 class Config(Group):
+    recipe: Literal["recommended"] | None = None  # settings filled in under the config's own (config/recipes.py)
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -371,6 +374,13 @@ class Config(Group):
         for name in tasks:
             _check_name(name, "task name")
         return tasks
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("recipe"), str) and data["recipe"] in RECIPES:
+            return with_recipe(data, data["recipe"])
+        return data  # no recipe, or an unknown one: the field's own check names it
 
     @model_validator(mode="after")
     def _kind(self) -> Config:

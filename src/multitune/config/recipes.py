@@ -1,0 +1,58 @@
+"""Recipes: named sets of settings that a config takes with `recipe: NAME`; the config's own settings win.
+
+`recommended` is multitune's answer to "which settings should I use": the combination that measured best
+against one model per task trained to convergence (BENCHMARKS.md, "The recommended recipe"):
+- temperature sampling (T = 2): small tasks are seen more often than their share of rows, large ones less;
+- equal loss weights: with one task per step a loss weighting only rescales that task's learning rate, and
+  equal weighting measured best of those tried (uncertainty weighting starved the token task);
+- per-task early stopping: a task whose validation score stalls for `patience` validations leaves the mix,
+  so a converged task stops pulling the shared encoder, and the joint stage ends when every task has;
+- two-stage refinement as MT-DNN (Liu et al. 2019), stored small: per task a LoRA adapter (rank 8) on the
+  frozen shared model and its head, kept only where it beats the shared model on the task's validation
+  split (`keep: best`), so each task is answered by whichever predictor is better there.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "recommended": {
+        "sampling": {"name": "temperature", "temperature": 2.0},
+        "loss_weighting": {"name": "equal"},
+        "training": {
+            "early_stopping": {"patience": 3, "per_task": True},
+            "schedule": {
+                "name": "two_stage",
+                "refine": "lora",
+                "refine_r": 8,
+                "keep": "best",
+                "finetune_steps": 400,
+                "finetune_lr": 5.0e-4,
+            },
+        },
+    },
+}
+
+
+def with_recipe(data: dict[str, Any], recipe: str) -> dict[str, Any]:
+    """`data` (a config as read) over the recipe's settings: a value the config gives wins; a method group
+    (a mapping with `name`) that names another method than the recipe's replaces the recipe's group whole,
+    so none of the recipe's method parameters leak into it. Raises KeyError for an unknown recipe."""
+    return _over(data, RECIPES[recipe])
+
+
+def _over(mine: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in mine.items():
+        below = out.get(key)
+        if (
+            isinstance(value, dict)
+            and isinstance(below, dict)
+            and value.get("name", below.get("name")) == below.get("name")
+        ):
+            out[key] = _over(value, below)
+        else:
+            out[key] = value
+    return out
