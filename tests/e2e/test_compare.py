@@ -165,3 +165,25 @@ def test_converged_comparison_over_seeds(tmp_path, tiny_backbone, write_jsonl, c
     assert baseline_configs and all(
         yaml.safe_load(c.read_text())["training"]["early_stopping"]["patience"] == 1 for c in baseline_configs
     )
+
+
+def test_a_baseline_another_comparison_is_training_is_left_for_later(tmp_path):
+    """Side-by-side comparisons share the baseline cache: one whose lock is held elsewhere is skipped
+    (wait false) and read from the cache once the other has written it (wait true)."""
+    import fcntl
+
+    from multitune.compare.run import _baseline
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    record = {"metrics": {"tasks": {}}, "wall_seconds": 1.5, "run_dir": str(tmp_path)}
+
+    class Quiet:
+        def cached(self, label):
+            pass
+
+    with (cache / ".lock").open("a") as other:  # another comparison, training this baseline now
+        fcntl.flock(other, fcntl.LOCK_EX)
+        assert _baseline("t", None, cache, Quiet(), False, wait=False) is None
+        (cache / "baseline.json").write_text(json.dumps(record), encoding="utf-8")
+    assert _baseline("t", None, cache, Quiet(), False, wait=False) == (record, True)

@@ -207,8 +207,13 @@ def compare_once(config: Config, budget: Budget) -> dict[str, Any]:
     )
     singles: dict[str, dict[str, Any]] = {}
     single_bytes = 0
+    records: dict[str, tuple[dict[str, Any], bool]] = {}
+    for wait in (False, True):  # a baseline another comparison is training now: the others first, then wait
+        for task, baseline in baselines.items():
+            if task not in records and (found := _baseline(task, baseline, caches[task], progress, live, wait)):
+                records[task] = found
     for task, baseline in baselines.items():
-        cached, was_cached = _baseline(task, baseline, caches[task], progress, live)
+        cached, was_cached = records[task]
         singles[task] = cached["metrics"]
         tasks[task] = _task_entry(task, multi, cached, baseline.training, was_cached)
         single_wall[task] = float(cached["wall_seconds"])
@@ -242,9 +247,37 @@ def deployment_bytes(run_dir: Path) -> int:
     )
 
 
-def _baseline(task: str, baseline: Config, cache: Path, progress: Progress, live: bool) -> tuple[dict[str, Any], bool]:
+def _baseline(
+    task: str, baseline: Config, cache: Path, progress: Progress, live: bool, wait: bool = True
+) -> tuple[dict[str, Any], bool] | None:
     """The single-task baseline's record (its metrics, wall seconds and run directory): from the cache when
-    its data, config, model and budget are unchanged, else trained now and cached; and whether it was cached."""
+    its data, config, model and budget are unchanged, else trained now and cached; and whether it was cached.
+    Comparisons run side by side (variants of one config) share the cache: each baseline is trained by one
+    of them under a lock on its cache folder; with `wait` false, None where another holds that lock now."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".lock").open("a") as lock:
+        if not _lock(lock, wait):
+            return None
+        return _cached_or_trained(task, baseline, cache, progress, live)
+
+
+def _lock(handle: Any, wait: bool) -> bool:
+    """An exclusive lock on the open file (released when it is closed); False if another holds it and not
+    `wait`. Where the system has no flock, no lock: the comparison runs alone as before."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _cached_or_trained(
+    task: str, baseline: Config, cache: Path, progress: Progress, live: bool
+) -> tuple[dict[str, Any], bool]:
     record = cache / "baseline.json"
     if record.is_file():
         progress.cached(f"single-task baseline '{task}'")
