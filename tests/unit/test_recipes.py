@@ -65,3 +65,20 @@ def test_the_recommended_recipe_runs_every_stage(tmp_path, tiny_backbone, write_
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["recipe"] == "recommended" and saved["training"]["schedule"]["refine"] == "lora"
     assert saved["training"]["schedule"]["finetune_steps"] == 4
+
+
+def test_a_recipes_baseline_is_the_plain_configs_baseline(tmp_path, tiny_backbone):
+    """The recipe changes the multi-task side only: its single-task baselines are the very ones (same
+    settings, same cache) that the plain config's comparison trains."""
+    from multitune.compare.run import _fingerprint, single_task_config
+
+    plain = validate_config(tiny_config(tiny_backbone, tmp_path / "a", tmp_path / "b", tmp_path / "runs"))
+    data = tiny_config(tiny_backbone, tmp_path / "a", tmp_path / "b", tmp_path / "runs")
+    data["recipe"] = "recommended"
+    recipe = validate_config(data)
+    budget = Budget(converge=True, patience=2)
+    for task in ("sentiment", "ner"):
+        mine, theirs = (single_task_config(budget.applied(c), task, 64) for c in (recipe, plain))
+        assert mine.training.schedule.name == "joint" and mine.recipe is None
+        assert not mine.training.early_stopping.per_task and mine.training.early_stopping.patience == 2
+        assert _fingerprint(mine, task) == _fingerprint(theirs, task)

@@ -92,12 +92,16 @@ def single_task_config(config: Config, task: str, rows: int) -> Config:
     data["model"].update(architecture={"name": "hard"}, peft=None)
     steps = max(1, math.ceil(rows / config.training.batch_size))
     data["tasks"] = {task: data["tasks"][task]}
+    stopping = data["training"]["early_stopping"]
     data["training"].update(
         steps=steps,
         eval_every=max(1, min(config.training.eval_every, steps)),
         mixed_batches=False,
         checkpoint_every=None,
+        schedule={"name": "joint"},  # one model trained on its task, as a user trains it alone
+        early_stopping=None if stopping is None else {**stopping, "per_task": False},  # one task: the same rule
     )
+    data["recipe"] = None  # the recipe's multi-task stages are the multi-task side's, not the baseline's
     data["sampling"], data["loss_weighting"], data["gradient_aggregation"] = (
         {"name": "uniform"},
         {"name": "equal"},
