@@ -28,6 +28,22 @@ ADAPTER = "refine"  # the adapter's name inside peft's layers while it trains or
 TARGETS = "all-linear"
 
 
+def lora_targets(model: nn.Module) -> Any:
+    """The projections a refinement adapts: peft's "all-linear" on a transformers model (its LM head left
+    out), else every linear and convolution layer of the backbone, by name (any backbone of `fit`).
+    Raises MultitunError where there is none."""
+    from transformers import PreTrainedModel
+
+    backbone = model.get_submodule("backbone")
+    if isinstance(backbone, PreTrainedModel):
+        return TARGETS
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    names = sorted(name for name, module in backbone.named_modules() if name and isinstance(module, layers))
+    if not names:
+        raise MultitunError("the backbone has no linear or convolution layer to refine with LoRA", field="refine")
+    return names
+
+
 def add_lora(model: nn.Module, task: str, r: int, alpha: int, target_modules: Any = TARGETS) -> Any:
     """Wrap `model.backbone`'s linear projections with a fresh LoRA adapter (rank `r`, scale alpha/r, B = 0 so
     the model is unchanged) and leave trainable only the adapter and `model.heads[task]`. Returns peft's

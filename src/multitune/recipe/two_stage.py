@@ -1,22 +1,22 @@
-"""The two-stage schedule's second stage: one copy of the multi-task model fine-tuned per task."""
+"""The two-stage schedule's second stage: one copy of the multi-task model refined per task, for the YAML
+recipe and for `multitune.fit` alike."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from multitune.config import Config
+from multitune.config import Config, MethodConfig, ScheduleConfig, TrainingConfig
 from multitune.core.files import WEIGHTS_FILE
+from multitune.data.collate import collate
 from multitune.data.samplers import SAMPLERS
 from multitune.data.streams import TaskStream
-from multitune.data.tasks import (
-    TaskData,
-)
 from multitune.evaluation.evaluate import average_main_score, evaluate
-from multitune.models.refinement import add_lora, save_refinement, unload
+from multitune.models.multitask import MultiTaskModel
+from multitune.models.refinement import add_lora, lora_targets, save_refinement, unload
 from multitune.recipe.components import build_balancer, build_optimizer
 from multitune.recipe.prepare import Prepared
 from multitune.recipe.session import Session, loop_settings
@@ -33,6 +33,26 @@ def record_finetune(run_dir: Path) -> Callable[[dict[str, Any]], None]:
     return record
 
 
+@dataclass
+class Refinement:
+    """What the two-stage refinement needs from the route that trained the shared model: the YAML recipe
+    (`finetune_per_task`) or `multitune.fit`, whose rows are in-memory tensors."""
+
+    model: MultiTaskModel
+    tasks: list[str]
+    schedule: ScheduleConfig
+    training: TrainingConfig
+    loss_weighting: MethodConfig
+    loss_weights: dict[str, float]
+    seed: int
+    accelerator: Any
+    pad_id: int
+    stream: Callable[[str], TaskStream[Any]]  # a task's training rows
+    score: Callable[[str, str], dict[str, dict[str, Any]]]  # (task, split) -> {task: its results}
+    collate_rows: Callable[[dict[str, list[Any]], int], Any] = collate
+    keep: Callable[[str, MultiTaskModel], None] | None = None  # sees each kept refined predictor (merged)
+
+
 def finetune_per_task(
     config: Config,
     prepared: Prepared,
@@ -41,51 +61,70 @@ def finetune_per_task(
     record: Callable[[dict[str, Any]], None],
     shared: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], float, dict[str, str]]:
+    """The YAML recipe's refinement (see `refine_per_task`), on the prepared token rows."""
+
+    def score(name: str, split: str) -> dict[str, dict[str, Any]]:
+        only = {name: prepared.tasks[name]}
+        size, show = config.training.eval_batch_size, config.training.progress
+        return evaluate(
+            prepared.model, only, prepared.scored, split, size, accelerator.device, prepared.pad_id, progress=show
+        )
+
+    def stream(name: str) -> TaskStream[Any]:
+        return TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:finetune")
+
+    parts = Refinement(
+        prepared.model,
+        list(prepared.tasks),
+        config.training.schedule,
+        config.training,
+        config.loss_weighting,
+        {name: task.loss_weight for name, task in config.tasks.items()},
+        config.run.seed,
+        accelerator,
+        prepared.pad_id,
+        stream,
+        score,
+    )
+    return refine_per_task(parts, run_dir, record, shared)
+
+
+def refine_per_task(
+    parts: Refinement,
+    run_dir: Path | None,
+    record: Callable[[dict[str, Any]], None],
+    shared: dict[str, dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], float, dict[str, str]]:
     """The second stage of `two_stage` (as MT-DNN): from the multi-task weights, a copy fine-tuned on each
-    task alone, best on its own validation score, saved to RUN_DIR/finetuned/TASK: the whole model, or with
-    schedule.refine "lora" only a LoRA adapter and the task's head (models/refinement.py). With `shared` (the
-    multi-task model's per-task {"validation", "test"} results) and schedule.keep "best", a copy is kept
-    only where its validation score beats the shared model's; elsewhere the shared model answers the task.
-    Returns the answering predictors' test results, the copies' training seconds, and per task which
-    predictor answers it ("refined" or "shared"). The multi-task weights are back in place afterwards."""
+    task alone, best on its own validation score, saved to RUN_DIR/finetuned/TASK (in memory without a run
+    directory): the whole model, or with schedule.refine "lora" only a LoRA adapter and the task's head
+    (models/refinement.py). With `shared` (the multi-task model's per-task {"validation", "test"} results)
+    and schedule.keep "best", a copy is kept only where its validation score beats the shared model's;
+    elsewhere the shared model answers the task. Returns the answering predictors' test results, the copies'
+    training seconds, and per task which predictor answers it ("refined" or "shared"). The multi-task
+    weights are back in place afterwards."""
     from transformers import get_linear_schedule_with_warmup
 
-    model = prepared.model
-    schedule, training = config.training.schedule, config.training
+    model, schedule, training = parts.model, parts.schedule, parts.training
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    lora_rank = schedule.refine_r if schedule.refine == "lora" else None
     results: dict[str, Any] = {}
     kept: dict[str, str] = {}
     seconds = 0.0
-    for name, task in prepared.tasks.items():
+    for name in parts.tasks:
         model.load_state_dict(start)
-        lora = add_lora(model, name, schedule.refine_r, 2 * schedule.refine_r) if schedule.refine == "lora" else None
-        folder = run_dir / FINETUNED / name
+        lora = None if lora_rank is None else add_lora(model, name, lora_rank, 2 * lora_rank, lora_targets(model))
+        folder = None if run_dir is None else run_dir / FINETUNED / name
         stage = training.model_copy(update={"lr": schedule.finetune_lr or training.lr})
-        loss_weights = {name: config.tasks[name].loss_weight}
-        balancer = build_balancer(config.loss_weighting, None, [name], loss_weights, config.run.seed)
+        balancer = build_balancer(parts.loss_weighting, None, [name], {name: parts.loss_weights[name]}, parts.seed)
         optimizer = build_optimizer(model, balancer.weighting, stage)
         warmup = int(training.warmup_ratio * schedule.finetune_steps)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, schedule.finetune_steps)
         sampler = SAMPLERS.build("round_robin", injected={"sizes": {name: 1}})
-        streams = {name: TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:finetune")}
-        only = {name: task}
-
-        def score(split: str, only: dict[str, TaskData] = only) -> dict[str, dict[str, Any]]:
-            return evaluate(
-                model,
-                only,
-                prepared.scored,
-                split,
-                training.eval_batch_size,
-                accelerator.device,
-                prepared.pad_id,
-                progress=training.progress,
-            )
-
         session = Session(folder, sink=lambda entry, name=name: record({"task": name, **entry}))  # type: ignore[misc]
         settings = replace(
-            loop_settings(training, config.run.seed, prepared.pad_id),
+            loop_settings(training, parts.seed, parts.pad_id),
             steps=schedule.finetune_steps,
             mixed_batches=False,
             eval_every=min(training.eval_every, schedule.finetune_steps),
@@ -93,13 +132,18 @@ def finetune_per_task(
             early_stopping=None,
             gradient_accumulation=1,
         )
-        loop = LoopParts(model, streams, sampler, balancer, optimizer, scheduler, accelerator)
-        state = train(loop, settings, TrainState(), session.hooks(score, lambda: model))
+        streams = {name: parts.stream(name)}
+        loop = LoopParts(
+            model, streams, sampler, balancer, optimizer, scheduler, parts.accelerator, collate_rows=parts.collate_rows
+        )
+        hooks = session.hooks(lambda split, name=name: parts.score(name, split), lambda: model)  # type: ignore[misc]
+        state = train(loop, settings, TrainState(), hooks)
         seconds += state.seconds
         if shared is not None and schedule.keep == "best":
             own_score = average_main_score({name: shared[name]["validation"]})  # signed: higher is better
             if not state.best_score > own_score:  # the shared model is as good: no copy to store
-                remove_weights(folder)
+                if folder is not None:
+                    remove_weights(folder)
                 if lora is not None:
                     unload(lora, merge=False)
                 results[name], kept[name] = shared[name]["test"], "shared"
@@ -108,11 +152,14 @@ def finetune_per_task(
                 continue
         session.restore_best(model)
         if lora is not None:  # keep the adapter and head only; test the merged model, as loading builds it
-            save_refinement(model, lora, name, folder)
-            (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+            if folder is not None:
+                save_refinement(model, lora, name, folder)
+                (folder / WEIGHTS_FILE).unlink(missing_ok=True)
             unload(lora, merge=True)
-        results.update(score("test"))
+        results.update(parts.score(name, "test"))
         kept[name] = "refined"
+        if parts.keep is not None:
+            parts.keep(name, model)
     for parameter_name, parameter in model.named_parameters():
         parameter.requires_grad = trainable[parameter_name]
     model.load_state_dict(start)
