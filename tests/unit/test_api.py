@@ -178,6 +178,51 @@ def test_output_dir_holds_weights_and_metrics(tmp_path) -> None:
     )
 
 
+@pytest.mark.parametrize("refine", ["full", "lora"])
+def test_fit_refines_each_task_and_answers_with_the_kept_predictor(tmp_path, refine: str) -> None:
+    """schedule two_stage in fit: the shared model's stage, then each task refined alone; evaluate and
+    predict use the refined predictor of a task that kept one, the shared model elsewhere; the run folder
+    holds what the YAML route writes (a LoRA refinement: adapter and head only)."""
+    schedule = {"name": "two_stage", "finetune_steps": 10, "finetune_lr": 1e-2, "refine": refine, "refine_r": 2}
+    fitted = fit(mlp(), synthetic_tasks(), steps=10, schedule=schedule, output_dir=tmp_path, name="r", **QUIET)
+    metrics = fitted.metrics
+    assert set(metrics["answered_by"]) == {"sign", "target"} and metrics["finetune_seconds"] > 0
+    assert set(metrics["multi_task_stage"]["tasks"]) == {"sign", "target"}
+    assert set(fitted.refined) == {n for n, by in metrics["answered_by"].items() if by == "refined"}
+    assert fitted.evaluate("test")["tasks"] == metrics["tasks"]  # the answering predictors, as trained
+    x, _, _ = synthetic(5, seed=3)
+    for name, own in fitted.refined.items():
+        want = own(collate_for(fitted, name, x))[name]
+        shared = fitted.model(collate_for(fitted, name, x))[name]
+        assert not torch.allclose(want, shared)  # the refined predictor differs from the shared model
+        got = [p["raw" if "raw" in p else "prediction"] for p in fitted.predict(name, x)]
+        if name == "target":
+            scale = fitted.tasks[name]
+            expected = (want.squeeze(-1) * scale.target_std + scale.target_mean).tolist()
+            assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        folder = tmp_path / "r" / "finetuned" / name
+        stored = "refinement.safetensors" if refine == "lora" else "model.safetensors"
+        assert (folder / stored).exists() and len(list(folder.glob("*.safetensors"))) == 1
+
+
+def collate_for(fitted: Any, name: str, inputs: np.ndarray) -> Any:
+    from multitune.api.backbone import collate_tensors
+    from multitune.api.tensors import Rows, as_inputs
+
+    rows = Rows(as_inputs(inputs, "x"), None, [])
+    with torch.no_grad():
+        return collate_tensors({name: (rows, torch.arange(len(inputs)))}, fitted.length)
+
+
+def test_fit_takes_the_recommended_recipe() -> None:
+    fitted = fit(mlp(), synthetic_tasks(), steps=10, recipe="recommended", **QUIET)
+    assert set(fitted.metrics["answered_by"]) == {"sign", "target"}
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        fit(mlp(), synthetic_tasks(), steps=10, recipe="fastest", **QUIET)
+    with pytest.raises(ConfigError, match="joint or the two_stage"):
+        fit(mlp(), synthetic_tasks(), steps=10, schedule={"name": "reptile"}, **QUIET)
+
+
 def test_no_run_directory_by_default(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     fit(mlp(), synthetic_tasks(), steps=2, **QUIET)

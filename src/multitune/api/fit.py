@@ -14,6 +14,7 @@ inputs have the same shape per row.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
@@ -38,6 +39,7 @@ from multitune.api.tensors import (
 from multitune.balancing.backward import Balancer
 from multitune.catalogue import check_balancing
 from multitune.config import (
+    RECIPES,
     EarlyStopping,
     GradientConfig,
     MethodConfig,
@@ -48,11 +50,13 @@ from multitune.data.collate import Batch
 from multitune.data.samplers import TaskSampler
 from multitune.data.streams import TaskStream
 from multitune.errors import ConfigError, DataError
+from multitune.evaluation.evaluate import average_main_score
 from multitune.models.architectures import ARCHITECTURE_INJECTED, ARCHITECTURES
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
 from multitune.recipe.components import build_balancer, build_optimizer, build_sampler, require_shared_parameters
 from multitune.recipe.session import Session, loop_settings
+from multitune.recipe.two_stage import Refinement, record_finetune, refine_per_task
 from multitune.runs.layout import create_run_dir, manifest_entry
 from multitune.training.loop import LoopParts, TrainState, train
 
@@ -107,6 +111,8 @@ def fit(
     eval_every: int = 200,
     eval_batch_size: int = 256,
     early_stopping: EarlyStopping | None = None,
+    schedule: Mapping[str, Any] | None = None,
+    recipe: str | None = None,
     seed: int = 13,
     cpu: bool = False,
     output_dir: str | Path | None = None,
@@ -119,13 +125,22 @@ def fit(
     Methods are named as in a config: a registry name, or a dict of the name and its parameters, e.g.
     `sampling={"name": "temperature", "temperature": 2.0}`, `gradient_aggregation={"name": "pcgrad",
     "source": "parameters"}` (gradient aggregation needs several tasks per step: the `all_tasks` sampler or
-    `mixed_batches=True`). Nothing is written unless `output_dir` is given: then a new run directory there
-    holds model.safetensors (the best weights), metrics.json, tasks.json and history.jsonl.
+    `mixed_batches=True`). `schedule` is the config's `training.schedule` group, `joint` or `two_stage`
+    (then each task is refined alone and answered by its refined predictor: `{"name": "two_stage",
+    "refine": "lora", "keep": "best"}`). `recipe="recommended"` fills in the recommended recipe's early
+    stopping and schedule where those arguments are not given (config/recipes.py). Nothing is written
+    unless `output_dir` is given: then a new run directory there holds model.safetensors (the best
+    weights), metrics.json, tasks.json and history.jsonl (and finetuned/TASK for a two-stage refinement).
     """
     # every check on the user's input first: nothing is trained or written before they pass
     names = _checked_inputs(backbone, tasks)
     # as the YAML route: every float finite and within float32's range (an inf lr would train on NaN weights)
+    if recipe is not None and recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose from: {', '.join(RECIPES)}", field="recipe")
+    given = RECIPES[recipe]["training"] if recipe else {}
     stopping = asdict(early_stopping) if is_dataclass(early_stopping) else early_stopping  # type: ignore[arg-type]
+    stopping = given.get("early_stopping") if stopping is None else stopping
+    schedule = given.get("schedule") if schedule is None else schedule
     settings = {
         "steps": steps,
         "batch_size": batch_size,
@@ -141,6 +156,7 @@ def fit(
         "progress": progress,
         "checkpoint_every": None,
         "early_stopping": stopping,
+        "schedule": dict(schedule) if isinstance(schedule, Mapping) else schedule or {"name": "joint"},
     }
     methods_given = {
         "sampling": sampling,
@@ -154,6 +170,8 @@ def fit(
         for key in ("sampling_weight", "loss_weight", "validation_fraction"):
             check_numbers(getattr(given, key), f"tasks.{given.name}.{key}")
     training = validated(TrainingConfig, settings)
+    if training.schedule.name not in ("joint", "two_stage"):
+        raise ConfigError("fit trains the joint or the two_stage schedule", field="schedule.name")
     methods = _checked_methods(
         sampling, loss_weighting, gradient_aggregation, architecture, pooling, dropout, names, training
     )
@@ -165,7 +183,7 @@ def fit(
     balancer = build_balancer(methods.loss_weighting, methods.gradient, list(prepared), loss_weights, seed)
     require_shared_parameters(model, balancer)
     run_dir = create_run_dir(str(output_dir), name) if output_dir is not None else None
-    return _train_fitted(model, prepared, length, sampler, balancer, training, seed, cpu, run_dir)
+    return _train_fitted(model, prepared, length, sampler, balancer, methods, training, seed, cpu, run_dir)
 
 
 def _checked_inputs(backbone: Any, tasks: Any) -> list[str]:
@@ -267,6 +285,7 @@ def _train_fitted(
     length: int,
     sampler: TaskSampler,
     balancer: Balancer,
+    methods: FitMethods,
     training: TrainingConfig,
     seed: int,
     cpu: bool,
@@ -305,12 +324,54 @@ def _train_fitted(
     fitted.history = session.entries
     session.restore_best(model)
     results = fitted.evaluate("test")["tasks"]
-    fitted.metrics = session.metrics(results, state, balancer, model, accelerator.device)
+    stages: dict[str, Any] = {}
+    if training.schedule.name == "two_stage":
+        results, stages = _refine(fitted, methods.loss_weighting, training, seed, accelerator, collate_rows, results)
+    fitted.metrics = session.metrics(results, state, balancer, model, accelerator.device, stages)
     session.write("tasks.json", _manifest(prepared))
     session.write("metrics.json", fitted.metrics)
     if run_dir is not None:
         print(f"saved to {run_dir}", file=sys.stderr)
     return fitted
+
+
+def _refine(
+    fitted: FittedModel,
+    weighting: MethodConfig,
+    training: TrainingConfig,
+    seed: int,
+    accelerator: Any,
+    collate_rows: Any,
+    results: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two-stage schedule's refinement on tensors (recipe/two_stage.py, as the YAML recipe runs it): the
+    answering predictors' test results and the stages' entries of metrics.json."""
+    model, tasks, run_dir = fitted.model, fitted.tasks, fitted.run_dir
+    shared = fitted.evaluate("validation")["tasks"]
+    stages = {"multi_task_stage": {"tasks": results, "average_main_score": average_main_score(results)}}
+    parts = Refinement(
+        model,
+        list(tasks),
+        training.schedule,
+        training,
+        weighting,
+        {n: t.spec.loss_weight for n, t in tasks.items()},
+        seed,
+        accelerator,
+        0,
+        lambda name: TaskStream(list(range(len(tasks[name].splits["train"]))), f"{seed}:{name}:finetune"),
+        lambda name, split: {name: fitted.evaluate(split, only=name)["tasks"][name]},
+        collate_rows,
+        lambda name, refined: fitted.refined.__setitem__(name, copy.deepcopy(refined).eval()),
+    )
+
+    def in_memory(entry: dict[str, Any]) -> None:
+        fitted.history.append({"stage": "finetune", **entry})
+
+    record = record_finetune(run_dir) if run_dir is not None else in_memory
+    both = {n: {"validation": shared[n], "test": results[n]} for n in results}
+    results, seconds, kept = refine_per_task(parts, run_dir, record, both)
+    return results, stages | {"finetune_seconds": round(seconds, 2), "answered_by": kept}
 
 
 def _manifest(tasks: dict[str, TensorTask]) -> dict[str, Any]:

@@ -36,14 +36,17 @@ class FittedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     run_dir: Path | None = None
+    refined: dict[str, MultiTaskModel] = field(default_factory=dict)  # two_stage: the tasks' own predictors
 
-    def evaluate(self, split: str = "test") -> dict[str, Any]:
+    def evaluate(self, split: str = "test", only: str | None = None) -> dict[str, Any]:
         """{"tasks": {task: metrics entry}, "average_main_score": ...}, as in metrics.json; a task without
-        `split` is scored on its validation split (its entry's "split" says so)."""
+        `split` is scored on its validation split (its entry's "split" says so). `only`: that task alone."""
         if split not in ("train", "validation", "test"):
             raise ConfigError(f"unknown split '{split}'; choose from: train, validation, test", field="split")
         results = {}
         for name, task in self.tasks.items():
+            if only is not None and name != only:
+                continue
             use = split if split in task.splits else "validation"
             rows = task.splits[use]
             predictions = [p["prediction"] for p in self._predict(task, rows)]
@@ -77,7 +80,8 @@ class FittedModel:
 
     @torch.no_grad()
     def _predict(self, task: TensorTask, rows: Rows) -> list[dict[str, Any]]:
-        model, name = self.model, task.spec.name
+        name = task.spec.name
+        model = self.refined.get(name, self.model)  # a two-stage task's refined predictor, if it kept one
         was_training = model.training
         model.eval()
         outputs = []

@@ -11,6 +11,7 @@ from multitune.config.loading import (
     read_config_file,
     resolve_paths,
 )
+from multitune.config.recipes import RECIPES
 from multitune.config.rules import check_numbers, check_refinement, check_speed_options
 from multitune.config.schema import (
     CLASS_TASKS,
@@ -45,6 +46,7 @@ __all__ = [
     "MAX_VALUES",
     "NAME_PATTERN",
     "PACKAGE_PREFIX",
+    "RECIPES",
     "SPLITS",
     "AdapterConfig",
     "AnalysisConfig",
