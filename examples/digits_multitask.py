@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,8 +40,9 @@ import torch
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
-from multitune import Task, fit
+from multitune import EarlyStopping, Task, fit
 from multitune.compare import aggregate, delta_m, format_seeds
+from multitune.compare.run import deployment_bytes
 
 SEED = 13
 STEPS = 900
@@ -113,22 +116,34 @@ def digit_tasks(seed: int = SEED) -> list[Task]:
     ]
 
 
-def compare_once(tasks: list[Task], steps: int, seed: int) -> dict[str, Any]:
-    """The joint run and one single-task baseline per task on the rows it saw, as `multitune compare` writes
-    one seed's comparison (scores, Δm, stored bytes, seconds)."""
+def compare_once(tasks: list[Task], steps: int, seed: int, recipe: str | None = None) -> dict[str, Any]:
+    """The joint run and one single-task baseline per task, as `multitune compare` writes one seed's
+    comparison (scores, Δm, stored bytes, seconds). Without a recipe each baseline trains on as many examples
+    as its task saw in the joint run; with `recipe` the joint side follows it (per-task early stopping, a
+    LoRA refinement per task kept where it is better) and each baseline trains to convergence (early stopping
+    on its validation score, patience 3, at most `steps` steps, best checkpoint), as `compare --converge`."""
     settings = {**SETTINGS, "seed": seed}
-    torch.manual_seed(seed)
-    started = time.perf_counter()
-    joint = fit(SmallResNet(), tasks, steps=steps, **settings)
-    joint_seconds = time.perf_counter() - started
-    scores, single_seconds, single_bytes = {}, 0.0, 0
-    for task in tasks:  # the same rows, the same number of examples, the same recipe: only the other tasks gone
-        seen = joint.metrics["task_rows"][task.name]
+    with tempfile.TemporaryDirectory() as folder:  # runs are written only to count what each side stores
         torch.manual_seed(seed)
         started = time.perf_counter()
-        alone = fit(SmallResNet(), [task], steps=math.ceil(seen / BATCH_SIZE), **settings)
-        single_seconds += time.perf_counter() - started
-        single_bytes += stored_bytes(alone.model)
+        joint = fit(SmallResNet(), tasks, steps=steps, recipe=recipe, output_dir=folder, name="joint", **settings)
+        joint_seconds = time.perf_counter() - started
+        joint_bytes = deployment_bytes(Path(folder) / "joint")
+        scores, single_seconds, single_bytes = {}, 0.0, 0
+        for task in tasks:  # the same rows and recipe: only the other tasks gone
+            seen = joint.metrics["task_rows"][task.name]
+            budget = {"steps": steps, "early_stopping": EarlyStopping(patience=3)} if recipe else {}
+            torch.manual_seed(seed)
+            started = time.perf_counter()
+            alone = fit(
+                SmallResNet(),
+                [task],
+                **{"steps": math.ceil(seen / BATCH_SIZE), **settings, **budget},
+                output_dir=folder,
+                name=task.name,
+            )
+            single_seconds += time.perf_counter() - started
+            single_bytes += deployment_bytes(Path(folder) / task.name)
         multi, single = joint.metrics["tasks"][task.name], alone.metrics["tasks"][task.name]
         scores[task.name] = {
             "single": single["main_score"],
@@ -141,33 +156,34 @@ def compare_once(tasks: list[Task], steps: int, seed: int) -> dict[str, Any]:
         "tasks": scores,
         "delta_m_percent": round(delta_m(scores), 3),
         "params": {"single_total": None, "multi_total": None},
-        "storage_bytes": {"single_total": single_bytes, "multi": stored_bytes(joint.model)},
+        "storage_bytes": {"single_total": single_bytes, "multi": joint_bytes},
         "wall_seconds": {"single_total": round(single_seconds, 2), "multi": round(joint_seconds, 2)},
         "train_seconds": {
             "single_total": round(single_seconds, 2),
             "multi": round(joint_seconds, 2),
         },
-        "budget": {"rule": "each baseline trains on as many examples of its task as the joint run saw"},
+        "budget": {
+            "rule": "each side trains to convergence (patience 3, best checkpoint)"
+            if recipe
+            else "each baseline trains on as many examples of its task as the joint run saw"
+        },
         "seed": seed,
     }
-
-
-def stored_bytes(model: nn.Module) -> int:
-    """What the model's weights take on disk (safetensors stores the tensors as they are)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="multitune.fit on a small ResNet, three tasks on digits")
     parser.add_argument("--steps", type=int, default=STEPS, help=f"joint training steps (default {STEPS})")
     parser.add_argument("--seeds", default=None, help="e.g. 13,14,15: one comparison per seed, and their mean")
+    parser.add_argument("--recipe", default=None, help="e.g. recommended: the joint side's recipe (with --seeds)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # a model this small runs fastest on one thread (and leaves the other core free)
     started = time.perf_counter()
     tasks = digit_tasks()
     if args.seeds:  # the table `multitune compare --seeds` prints
         seeds = [int(seed) for seed in args.seeds.split(",")]
-        print(format_seeds(aggregate([compare_once(tasks, args.steps, seed) for seed in seeds], seeds)))
+        results = [compare_once(tasks, args.steps, seed, args.recipe) for seed in seeds]
+        print(format_seeds(aggregate(results, seeds)))
         print(f"{args.steps} joint steps per seed; {time.perf_counter() - started:.0f} s in all")
         return
     result = compare_once(tasks, args.steps, SEED)
