@@ -17,6 +17,7 @@ SETTINGS = {
     "train_backbone": False,
     "bottleneck_size": 8,
     "virtual_tokens": 3,
+    "prefix_projection": False,
 }
 
 

@@ -98,12 +98,17 @@ def test_weights_live_where_the_method_says_and_only_they_train(method):
 
 
 @pytest.mark.parametrize("method", ADAPTERS.names())
-def test_the_prompt_length_is_what_the_inputs_gain(method):
+def test_the_prompt_length_is_what_the_output_gains(method):
+    """prompt_length: the positions the backbone's output has in front of the tokens (dropped before the
+    heads); a prefix lengthens the keys (the mask) but not the output."""
     backbone, adapters = adapted(method, shared=True)
     ids = torch.randint(5, 60, (2, 6))
-    with adapters.route(["a", "b"]):
+    with adapters.route(["a", "b"]), torch.no_grad():
         inputs = adapters.prompted_inputs(backbone, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    assert inputs["attention_mask"].shape == (2, 6 + adapters.prompt_length())
+        hidden = backbone(**inputs).last_hidden_state
+    assert hidden.shape[:2] == (2, 6 + adapters.prompt_length())
+    keys = 2 * SETTINGS["virtual_tokens"] if method in ("prompt", "prefix") else 0
+    assert inputs["attention_mask"].shape == (2, 6 + keys)
     assert adapters.prompt_length() == (2 * SETTINGS["virtual_tokens"] if method == "prompt" else 0)
 
 

@@ -1,6 +1,9 @@
 """Per-task adapters: each row trains its own task's adapter inside one mixed batch, other tasks' adapters
 stay untouched, and each LoRA adapter loads with plain peft."""
 
+import json
+import math
+
 import pytest
 import torch
 import yaml
@@ -9,6 +12,7 @@ from multitune.catalogue import validate_config
 from multitune.cli import main
 from multitune.data.collate import collate
 from multitune.errors import ConfigError
+from multitune.models.adapters import ADAPTERS
 from multitune.models.peft_tasks import SHARED
 from multitune.recipe.prepare import prepare
 from tests.conftest import classification_rows, tiny_config, token_rows
@@ -46,7 +50,7 @@ def mixed(prepared):
     return collate({n: prepared.encoded[n]["train"][:3] for n in ("sentiment", "ner")}, prepared.pad_id)
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt", "bottleneck"])
+@pytest.mark.parametrize("method", ADAPTERS.names())
 def test_a_mixed_batch_routes_each_row_to_its_own_adapter(make_config, method):
     prepared = prepared_model(make_config(method=method))
     model = prepared.model.eval()
@@ -64,7 +68,7 @@ def test_a_mixed_batch_routes_each_row_to_its_own_adapter(make_config, method):
     assert not torch.allclose(wrong, model.encode(alone), atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt", "bottleneck"])
+@pytest.mark.parametrize("method", ADAPTERS.names())
 @pytest.mark.parametrize("shared", [False, True])
 def test_training_on_one_task_moves_only_its_adapter_and_head(make_config, method, shared):
     prepared = prepared_model(make_config(method=method, shared=shared))
@@ -95,7 +99,7 @@ def test_training_on_one_task_moves_only_its_adapter_and_head(make_config, metho
     assert not shared_ids & {id(p) for p in groups["a"] + groups["b"]}
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt", "bottleneck"])
+@pytest.mark.parametrize("method", ADAPTERS.names())
 @pytest.mark.parametrize("train_backbone", [False, True])
 def test_train_backbone_decides_whether_the_backbone_weights_learn(make_config, method, train_backbone):
     prepared = prepared_model(make_config(method=method, train_backbone=train_backbone))
@@ -128,12 +132,15 @@ def test_a_mixed_batch_gradient_is_the_sum_of_the_single_task_gradients(make_con
         assert torch.allclose(j if j is not None else torch.zeros_like(s), s, atol=1e-5)
 
 
-@pytest.mark.parametrize("method,shared", [("lora", False), ("prompt", True)])
-def test_each_adapter_loads_with_plain_peft(make_config, tmp_path, tiny_backbone, method, shared):
+@pytest.mark.parametrize(
+    "method,shared,extra",
+    [("lora", False, {}), ("prompt", True, {}), ("prefix", True, {}), ("prefix", False, {"prefix_projection": True})],
+)
+def test_each_adapter_loads_with_plain_peft(make_config, tmp_path, tiny_backbone, method, shared, extra):
     from peft import PeftModel
     from transformers import AutoModel
 
-    data = make_config(method=method, shared=shared, virtual_tokens=3)
+    data = make_config(method=method, shared=shared, virtual_tokens=3, **extra)
     data["training"].update({"steps": 8, "lr": 5e-2})
     path = tmp_path / "lora.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -168,3 +175,18 @@ def test_adapters_refuse_soft_sharing_and_a_parameters_source_with_nothing_share
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     assert main(["train", str(path)]) == 2
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("method", ADAPTERS.names())
+@pytest.mark.parametrize("source", ["representation", "parameters"])
+def test_every_adapter_trains_with_each_gradient_source(make_config, tmp_path, method, source):
+    """Mixed batches, PCGrad from either gradient source: the parameters source needs a shared adapter
+    (per-task adapters alone leave no weights that every task shares)."""
+    data = make_config(method=method, shared=source == "parameters", virtual_tokens=2)
+    data["training"].update({"steps": 3, "mixed_batches": True, "eval_every": 3})
+    data["gradient_aggregation"] = {"name": "pcgrad", "source": source}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    metrics = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and all(math.isfinite(t["main_score"]) for t in metrics["tasks"].values())

@@ -72,7 +72,7 @@ class MethodConfig(BaseModel):
 class AdapterConfig(Group):
     """Per-task parameter-efficient adapters on a frozen backbone (models/peft_tasks.py)."""
 
-    method: str = "lora"  # a registered adapter method (models/adapters/): lora, prompt, bottleneck
+    method: str = "lora"  # a registered adapter method (models/adapters/): lora, prefix, prompt, bottleneck
     r: int = Field(8, ge=1)  # LoRA rank
     alpha: int = Field(16, ge=1)  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -80,7 +80,8 @@ class AdapterConfig(Group):
     shared: bool = False  # also one adapter that every task trains
     train_backbone: bool = False  # also fine-tune the backbone's own weights
     bottleneck_size: int = Field(64, ge=1)
-    virtual_tokens: int = Field(20, ge=1)  # prompt: learned input vectors per task
+    virtual_tokens: int = Field(20, ge=1)  # prompt: learned input vectors per task; prefix: key/value vectors
+    prefix_projection: bool = False  # prefix: produce the prefixes by a two-layer MLP (Li & Liang's reparametrization)
 
 
 class ModelConfig(Group):

@@ -30,27 +30,16 @@ class TaskAdapters(nn.Module):
         backbone: nn.Module,
         tasks: Sequence[str],
         method: str,
-        r: int,
-        alpha: int,
-        dropout: float,
-        target_modules: list[str] | None,
-        shared: bool,
-        train_backbone: bool,
-        bottleneck_size: int,
-        virtual_tokens: int = 20,
+        shared: bool = False,
+        train_backbone: bool = False,
+        **settings: Any,
     ) -> None:
+        """`settings`: the `model.peft` group's other values (r, alpha, virtual_tokens, ...); each method
+        takes those its constructor names, so a method's new setting needs only its field in the group."""
         super().__init__()
         if SHARED in tasks:
             raise ConfigError(f"a task may not be called '{SHARED}' when per-task adapters are on", field=FIELD)
         self.method, self.tasks, self.shared = method, list(tasks), shared
-        settings = {
-            "r": r,
-            "alpha": alpha,
-            "dropout": dropout,
-            "target_modules": target_modules,
-            "bottleneck_size": bottleneck_size,
-            "virtual_tokens": virtual_tokens,
-        }
         ADAPTERS.get(method, field=f"{FIELD}.method")
         self.adapter_method: AdapterMethod = ADAPTERS.build(method, injected=settings, field=FIELD)
         self.routing = Routing(shared=shared)

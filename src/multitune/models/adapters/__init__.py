@@ -4,7 +4,7 @@ Adding a method: its own module here (a class doing what base.AdapterMethod list
 kinds it supports) and its import below.
 """
 
-from multitune.models.adapters import bottleneck, lora, prompt
+from multitune.models.adapters import bottleneck, lora, prefix, prompt
 from multitune.models.adapters.base import ADAPTERS, BASE, FIELD, SHARED, AdapterMethod, Routing
 
-__all__ = ["ADAPTERS", "BASE", "FIELD", "SHARED", "AdapterMethod", "Routing", "bottleneck", "lora", "prompt"]
+__all__ = ["ADAPTERS", "BASE", "FIELD", "SHARED", "AdapterMethod", "Routing", "bottleneck", "lora", "prefix", "prompt"]
