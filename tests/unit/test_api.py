@@ -347,6 +347,23 @@ def test_the_digits_example_runs_offline() -> None:
 
 
 @pytest.mark.slow
+def test_the_bilstm_example_trains_a_model_from_scratch_on_two_tasks() -> None:
+    sst2 = REPO.parent / "shared" / "data" / "sst2"
+    if not (sst2 / "train_full.tsv").is_file():
+        pytest.skip("the shared data folder (SST-2) is not beside the project")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "bilstm_multitask.py"), "--steps", "300", "--sst2", str(sst2)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:3]}
+    assert set(rows) == {"sentiment", "topic"}
+    assert float(rows["sentiment"][2]) > 0.6 and float(rows["topic"][2]) > 0.6  # chance: 0.5 and about 0.2
+
+
+@pytest.mark.slow
 def test_the_digits_example_compares_over_seeds_as_compare_does() -> None:
     done = subprocess.run(
         [sys.executable, str(REPO / "examples" / "digits_multitask.py"), "--steps", "60", "--seeds", "1,2"],
