@@ -196,3 +196,43 @@ def test_evaluation_tags_a_sentence_longer_than_max_length_in_windows(tiny_run, 
     result = evaluate_run(run, "test")["tasks"]["ner"]
     assert result["split"] == "test" and result["n"] == 2
     assert result["metrics"]["token_accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed by prometheus_client's own parser: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_count_each_response_by_route_and_status_in_prometheus_format(server: str) -> None:
+    """Four answered predictions, one bad record, one request without the token, one unknown path: each
+    counter moves by exactly that, the latency histogram counts them, and the batches hold the rows."""
+    before = scrape(server)
+    own = f"{server}/v1/tasks/sentiment/predict"
+    for record in TEXTS:
+        assert httpx.post(own, json={"input": record}, headers=AUTH).status_code == 200
+    assert httpx.post(own, json={"input": {"wrong": 1}}, headers=AUTH).status_code == 422
+    assert httpx.post(own, json={"input": TEXTS[0]}).status_code == 401
+    assert httpx.get(f"{server}/nowhere").status_code == 404
+    after = scrape(server)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    route = {"route": "/v1/tasks/sentiment/predict", "method": "POST"}
+    assert moved("multitune_requests_total", **route, status="200") == 4
+    assert moved("multitune_requests_total", **route, status="422") == 1
+    assert moved("multitune_requests_total", **route, status="401") == 1
+    assert moved("multitune_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert moved("multitune_request_duration_seconds_count", route="/v1/tasks/sentiment/predict") == 6
+    assert moved("multitune_batch_rows_sum") == 4  # one row per answered prediction, in however many batches
+    assert 1 <= moved("multitune_batch_rows_count") <= 4
+    assert after[("multitune_queue_depth", ())] == 0

@@ -2,6 +2,7 @@
 
 Routes (all JSON; the OpenAPI schema is at /openapi.json, and /docs shows it as a page that needs no network):
 - GET  /healthz                        liveness, queue depth and batching counters (never needs a token)
+- GET  /metrics                        the same and more in Prometheus' text format (serving/metrics.py; no token)
 - GET  /v1/tasks                       each task's name, type, labels, input fields and metrics
 - POST /v1/tasks/{task}/predict        {"inputs": [record, ...]} or {"input": record}
 - POST /v1/predict                     {"inputs": [{"task": name, "input": record}, ...]}: several tasks at once
@@ -29,6 +30,7 @@ from multitune.errors import MultitunError
 from multitune.serving.batcher import MicroBatcher
 from multitune.serving.engine import Engine
 from multitune.serving.guards import RequestGuard, guarded_protocol
+from multitune.serving.metrics import CountRequests, ServerMetrics
 from multitune.serving.settings import ServeSettings
 
 __all__ = ["TOKEN_VARIABLE", "ServeSettings", "create_app", "serve"]
@@ -72,7 +74,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
     routes.add_predict_routes(v1, answering, models)
     routes.add_generate_route(v1, answering, models)
     app.include_router(v1)
+    metrics = ServerMetrics(batcher)
+    routes.add_metrics(app, metrics)
     app.add_middleware(RequestGuard, limit=settings.max_body_bytes, body_timeout=settings.body_timeout)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: it sees the guard's refusals too
     return app
 
 

@@ -94,6 +94,16 @@ def add_health(app: FastAPI, engine: Engine, batcher: MicroBatcher) -> None:
         }
 
 
+def add_metrics(app: FastAPI, metrics: Any) -> None:
+    from fastapi.responses import Response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        """Request counts by route and status, latency and batch histograms, queue depth (Prometheus text)."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+
 def add_tasks(v1: APIRouter, engine: Engine) -> None:
     @v1.get("/tasks")
     async def tasks() -> dict[str, Any]:

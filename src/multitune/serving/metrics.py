@@ -1,0 +1,94 @@
+"""GET /metrics: what the server does, in Prometheus' text exposition format (through prometheus_client),
+so that an operator's Prometheus scrapes it like any other service.
+
+- `multitune_requests_total{route, method, status}`: responses sent, by route template (e.g.
+  `/v1/tasks/{task}/predict`, so the label set stays small; `unmatched` for a path no route has) and status;
+- `multitune_request_duration_seconds{route}`: a histogram of the time from a request's arrival to the end
+  of its response (a streamed answer included);
+- `multitune_queue_depth`: the requests waiting for an inference batch now;
+- `multitune_batch_rows` and `multitune_batch_duration_seconds`: histograms of the rows and the seconds of
+  each inference batch.
+
+Each app has its own registry (no process-wide state), so several servers in one process count apart.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from multitune.serving.batcher import MicroBatcher
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ServerMetrics:
+    """The server's counters, gauges and histograms, in a registry of its own."""
+
+    def __init__(self, batcher: MicroBatcher) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "multitune_requests",
+            "HTTP responses sent, by route template, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "multitune_request_duration_seconds",
+            "Seconds from a request's arrival to the end of its response",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        queue = Gauge("multitune_queue_depth", "Requests waiting for an inference batch", registry=self.registry)
+        queue.set_function(lambda: batcher.depth)
+        self.batch_rows = Histogram(
+            "multitune_batch_rows", "Rows per inference batch", buckets=ROW_BUCKETS, registry=self.registry
+        )
+        self.batch_seconds = Histogram(
+            "multitune_batch_duration_seconds",
+            "Seconds each inference batch took",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        batcher.observers.append(self.observe_batch)
+
+    def observe_batch(self, rows: int, seconds: float) -> None:
+        self.batch_rows.observe(rows)
+        self.batch_seconds.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class CountRequests:
+    """ASGI middleware (outermost, so it sees every response, the guards' refusals included) counting each
+    response by the route template that matched and timing it."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]  # what the client sees if the app fails before it starts a response
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(route, scope.get("method", ""), str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
