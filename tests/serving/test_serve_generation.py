@@ -35,3 +35,39 @@ def test_generation_streams_and_equals_multitune_predict(generation_run, tmp_pat
         assert done["prediction"] == expected[1]
         streamed = "".join(json.loads(b.splitlines()[1].removeprefix("data: "))["token"] for b in events[:-1])
         assert streamed.strip() == expected[1]
+
+
+def test_openai_clients_call_the_generation_tasks(generation_run, tmp_path):
+    """The official `openai` client against the real server: the models list, chat and text completions,
+    whole and streamed, each equal to `multitune predict` on the same input; a bad model is the client's 404."""
+    openai = pytest.importorskip("openai")
+    record = {"text": "a dog runs in paris"}
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    assert main(["predict", str(generation_run), "--task", "copy", "--input", str(source), "--output", str(out)]) == 0
+    expected = json.loads(out.read_text())["prediction"]
+    with running_server(generation_run) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == ["copy"]
+        chat = client.chat.completions.create(model="copy", messages=[{"role": "user", "content": record["text"]}])
+        assert chat.choices[0].message.content == expected and chat.choices[0].finish_reason == "stop"
+        assert chat.usage.prompt_tokens > 0 and chat.model == "copy"
+        stream = client.chat.completions.create(
+            model="copy", messages=[{"role": "user", "content": record["text"]}], stream=True
+        )
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == expected
+        text = client.completions.create(model="copy", prompt=record["text"])
+        assert text.choices[0].text == expected
+        streamed = "".join(
+            c.choices[0].text
+            for c in client.completions.create(model="copy", prompt="a dog runs in paris", stream=True)
+        )
+        assert streamed.strip() == expected
+        short = client.completions.create(model="copy", prompt=record["text"], max_tokens=1)
+        assert short.usage.completion_tokens <= 1
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="nothing", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.UnprocessableEntityError):
+            client.chat.completions.create(model="copy", messages=[{"role": "system", "content": "x"}])

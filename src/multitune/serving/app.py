@@ -7,6 +7,7 @@ Routes (all JSON; the OpenAPI schema is at /openapi.json, and /docs shows it as 
 - POST /v1/tasks/{task}/predict        {"inputs": [record, ...]} or {"input": record}
 - POST /v1/predict                     {"inputs": [{"task": name, "input": record}, ...]}: several tasks at once
 - POST /v1/tasks/{task}/generate       {"input": record, "stream": true} streams server-sent events
+- GET  /v1/models, POST /v1/chat/completions, POST /v1/completions: OpenAI-compatible (serving/openai.py)
 
 A record holds what its task's schema says (runs/predict.py's input_schema: the task's own text fields or the
 generic `text`/`text_pair`/`tokens`), checked by the same function as in `multitune predict` (checked_input), and
@@ -49,6 +50,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
 
     from multitune.serving import routes
     from multitune.serving.docs import add_docs
+    from multitune.serving.openai import add_openai_routes
     from multitune.serving.schemas import request_models
 
     settings = settings or ServeSettings()
@@ -73,6 +75,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
         routes.add_own_routes(v1, name, answering, models)
     routes.add_predict_routes(v1, answering, models)
     routes.add_generate_route(v1, answering, models)
+    add_openai_routes(v1, answering)
     app.include_router(v1)
     metrics = ServerMetrics(batcher)
     routes.add_metrics(app, metrics)

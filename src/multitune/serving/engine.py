@@ -151,14 +151,17 @@ class Engine:
         self.stats.tasks_per_batch[tasks] = self.stats.tasks_per_batch.get(tasks, 0) + 1
 
     @torch.inference_mode()
-    def generate_one(self, task: str, row: Encoded, streamer: Any) -> str:
-        """One greedy generation for `task`, each new piece of text handed to `streamer` as it comes."""
+    def generate_one(self, task: str, row: Encoded, streamer: Any, max_new_tokens: int | None = None) -> str:
+        """One greedy generation for `task` (at most `max_new_tokens` new tokens, default the task's own), each
+        new piece of text handed to `streamer` (if any) as it comes."""
         model: Any = self.models[self.model_of[task]]
         prompt = row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
+        limit = max_new_tokens or self.tasks[task].config.max_new_tokens
         try:
-            texts = model.generate_texts([prompt], self.tasks[task].config.max_new_tokens, self.pad_id, task, streamer)
+            texts = model.generate_texts([prompt], limit, self.pad_id, task, streamer)
         except BaseException:
-            streamer.end()  # a reader waiting for the next piece is released
+            if streamer is not None:
+                streamer.end()  # a reader waiting for the next piece is released
             raise
         self._count(1, 1)
         return str(texts[0])
