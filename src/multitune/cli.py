@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from multitune.errors import MultitunError
+from multitune.errors import ConfigError, MultitunError
 
 RUN_DIR_HELP = "a run directory: the folder `multitune train` printed after 'saved to'"
 
@@ -111,7 +111,14 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write one task as a standalone Hugging Face model folder")
     export.add_argument("run_dir", help=RUN_DIR_HELP)
-    export.add_argument("--task", required=True, help="the task to export, by its name in the config")
+    export.add_argument("--task", help="the task to export, by its name in the config (format hf)")
+    export.add_argument(
+        "--format",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="hf: one task as a Hugging Face folder; vllm: every generation task as a base model and per-task "
+        "LoRA adapters that vllm serve loads (default: hf)",
+    )
     export.add_argument("out", help="new folder to write")
     export.add_argument("--onnx", action="store_true", help="also write model.onnx (encoder tasks; needs onnx)")
 
@@ -229,9 +236,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         serve(args.run_dir, args.host, args.port, settings)
     elif args.command == "export":
-        from multitune.export import export_task
+        from multitune.export import export_task, export_vllm
 
-        print(export_task(args.run_dir, args.task, args.out, onnx=args.onnx))
+        if args.format == "vllm":
+            print(export_vllm(args.run_dir, args.out))
+        elif args.task is None:
+            raise ConfigError("name the task to export with --task (or use --format vllm)", field="--task")
+        else:
+            print(export_task(args.run_dir, args.task, args.out, onnx=args.onnx))
     elif args.command == "list":
         if args.markdown:
             print(catalogue.methods_markdown())

@@ -261,3 +261,67 @@ def test_card_code_holds_regression_answers_to_the_range_and_leaves_words_past_t
     words = ["john", "in", "paris", "a", "dog"] * 10  # 50 one-piece words; max_length 32 holds 30 of them
     tags = card_code(tmp_path / "ner-model")["predict"](words)
     assert tags[30:] == [None] * 20 and None not in tags[:30]
+
+
+def test_vllm_export_holds_the_base_and_each_tasks_lora_adapter_that_plain_peft_reproduces(tmp_path):
+    """--format vllm: base/ loads with plain transformers, adapters/TASK with plain peft on it, and greedy
+    generation through each equals `multitune predict` on the same records; the README names the command."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from multitune.data.readers import Row
+    from multitune.runs.load import load_run, task_from_manifest
+    from multitune.runs.predict import encode_for_prediction
+    from tests.generation.conftest import build_tiny_causal_lm, copy_rows
+
+    torch.manual_seed(0)
+    lm = build_tiny_causal_lm(tmp_path / "lm")
+    data = write_rows(tmp_path / "copy.jsonl", copy_rows(30))
+    task = {"type": "generation", "source": {"format": "jsonl", "train": str(data)}, "label_field": "target"}
+    config = {
+        "run": {"name": "gen", "output_dir": str(tmp_path / "runs"), "seed": 3},
+        "model": {"backbone": str(lm), "max_length": 48, "peft": {"method": "lora", "r": 4}},
+        "training": {"steps": 4, "batch_size": 4, "lr": 5e-2, "eval_every": 4, "progress": False},
+        "tasks": {
+            "copy": {**task, "instruction": "translate", "max_new_tokens": 5},
+            "echo": {**task, "instruction": "rate", "max_new_tokens": 5},
+        },
+    }
+    run = train(tmp_path, config)
+    out = tmp_path / "vllm"
+    assert main(["export", str(run), "--format", "vllm", str(out)]) == 0
+    readme = (out / "README.md").read_text()
+    assert "--enable-lora" in readme and "copy=./adapters/copy echo=./adapters/echo" in readme
+    records = [{"text": "the cat sits"}, {"text": "a dog runs in paris"}]
+    run_config, manifest, _, backbone = load_run(run)
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "base"))
+    assert tokenizer.chat_template == backbone.tokenizer.chat_template
+    for name in ("copy", "echo"):
+        expected = [p["prediction"] for p in cli_predict(run, name, records, tmp_path)]
+        data_task = task_from_manifest(name, run_config.tasks[name], manifest[name])
+        rows = [Row(dict(r), "x", i) for i, r in enumerate(records)]
+        encoded = encode_for_prediction(run_config.model, data_task, backbone.tokenizer, rows)
+        plain = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(out / "base")), str(out / "adapters" / name)
+        )
+        plain.eval()
+        got = []
+        for row in encoded:
+            prompt = torch.tensor([row.input_ids[: row.prompt_length]])
+            with torch.no_grad():
+                new = plain.generate(
+                    input_ids=prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+            got.append(tokenizer.decode(new[0, prompt.shape[1] :], skip_special_tokens=True).strip())
+        assert got == expected
+    assert main(["export", str(run), "--format", "vllm", str(tmp_path / "again")]) == 0
+    assert main(["export", str(run), "--format", "vllm", str(out)]) == 2  # not empty: refused, left as it was
+    assert (out / "README.md").read_text() == readme
+
+
+def test_vllm_export_refuses_a_run_without_per_task_lora_adapters(generation_run, tmp_path, capsys):
+    assert main(["export", str(generation_run), "--format", "vllm", str(tmp_path / "out")]) == 2
+    assert "one LoRA adapter per task" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["export", str(generation_run), str(tmp_path / "out")]) == 2  # format hf needs --task
+    assert "--task" in capsys.readouterr().err

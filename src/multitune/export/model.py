@@ -164,16 +164,9 @@ def merged_backbone(model: MultiTaskModel, run: Path, model_config: ModelConfig,
             f"{', '.join(merging)} adapters export",
             field="model.peft.method",
         )
-    plain: nn.Module = FROM_RUN.get(model_config.kind, _encoder_from_run)(run / "backbone").model
-    adapter_keys = _adapter_keys(model)
-    state = {
-        key.replace(".base_layer.", "."): value
-        for key, value in model.backbone.state_dict().items()
-        if key not in adapter_keys
-    }
-    plain.load_state_dict(state, strict=True)
+    plain = base_backbone(model, run, model_config)
     if adapters is None:
-        return plain.eval()
+        return plain
     from peft import PeftModel
 
     folder = run / "adapters"
@@ -185,6 +178,19 @@ def merged_backbone(model: MultiTaskModel, run: Path, model_config: ModelConfig,
         peft_model.load_adapter(str(folder / SHARED), adapter_name=SHARED)
         names.append(SHARED)
     return peft_model.merge_and_unload(adapter_names=names).eval()  # type: ignore[no-any-return,operator]
+
+
+def base_backbone(model: MultiTaskModel, run: Path, model_config: ModelConfig) -> nn.Module:
+    """A fresh transformers backbone holding the run's own backbone weights, without any per-task adapter."""
+    plain: nn.Module = FROM_RUN.get(model_config.kind, _encoder_from_run)(run / "backbone").model
+    adapter_keys = _adapter_keys(model)
+    state = {
+        key.replace(".base_layer.", "."): value
+        for key, value in model.backbone.state_dict().items()
+        if key not in adapter_keys
+    }
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
 
 
 def _adapter_keys(model: MultiTaskModel) -> set[str]:
