@@ -144,14 +144,14 @@ def compare_once(tasks: list[Task], steps: int, seed: int, recipe: str | None = 
             )
             single_seconds += time.perf_counter() - started
             single_bytes += deployment_bytes(Path(folder) / task.name)
-        multi, single = joint.metrics["tasks"][task.name], alone.metrics["tasks"][task.name]
-        scores[task.name] = {
-            "single": single["main_score"],
-            "multi": multi["main_score"],
-            "metric": multi["main_metric"],
-            "higher_is_better": multi["higher_is_better"],
-            "rows_seen": seen,
-        }
+            multi, single = joint.metrics["tasks"][task.name], alone.metrics["tasks"][task.name]
+            scores[task.name] = {
+                "single": single["main_score"],
+                "multi": multi["main_score"],
+                "metric": multi["main_metric"],
+                "higher_is_better": multi["higher_is_better"],
+                "rows_seen": seen,
+            }
     return {
         "tasks": scores,
         "delta_m_percent": round(delta_m(scores), 3),
