@@ -364,9 +364,10 @@ def test_the_bilstm_example_trains_a_model_from_scratch_on_two_tasks() -> None:
 
 
 @pytest.mark.slow
-def test_the_digits_example_compares_over_seeds_as_compare_does() -> None:
+@pytest.mark.parametrize("recipe", [[], ["--recipe", "recommended"]])
+def test_the_digits_example_compares_over_seeds_as_compare_does(recipe: list[str]) -> None:
     done = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "digits_multitask.py"), "--steps", "60", "--seeds", "1,2"],
+        [sys.executable, str(REPO / "examples" / "digits_multitask.py"), "--steps", "60", "--seeds", "1,2", *recipe],
         capture_output=True,
         text=True,
         timeout=600,
@@ -380,6 +381,8 @@ def test_the_digits_example_compares_over_seeds_as_compare_does() -> None:
     assert set(verdicts) == {"digit", "parity", "value"}
     assert set(verdicts.values()) <= {"gain", "loss", "within noise", "equal"}
     assert "(per seed: " in out
+    if recipe:  # baselines to convergence; the joint side stores the shared model and the kept refinements
+        assert "budget: each side trains to convergence" in out
 
 
 LABEL_KINDS = [  # (the train labels a user gives, `labels=`, the type predict answers with, the classes)
