@@ -1,0 +1,78 @@
+"""Merge methods against merges computed by hand on known task vectors, and the registry's contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multitune.models.merging import MERGE_METHODS, merge_weights
+
+T1 = torch.tensor([3.0, -1.0, 0.5, 2.0])
+T2 = torch.tensor([1.0, 2.0, -0.25, -4.0])
+VECTORS = torch.stack([T1, T2])
+
+
+def test_average_is_the_mean_of_the_fine_tuned_weights():
+    assert MERGE_METHODS.build("average")(VECTORS).tolist() == [2.0, 0.5, 0.125, -1.0]
+
+
+def test_task_arithmetic_scales_the_sum():
+    assert MERGE_METHODS.build("task_arithmetic", scaling=0.5)(VECTORS).tolist() == [2.0, 0.5, 0.125, -1.0]
+    assert MERGE_METHODS.build("task_arithmetic", scaling=1.0)(VECTORS).tolist() == [4.0, 1.0, 0.25, -2.0]
+
+
+def test_ties_trims_elects_the_sign_and_takes_the_disjoint_mean():
+    """density 0.5 keeps each vector's two largest magnitudes: τ1 -> [3, 0, 0, 2], τ2 -> [0, 2, 0, -4]. Elected
+    signs (sign of the trimmed sum): +, +, (none), − (2 − 4 < 0). Disjoint mean of the agreeing non-zero
+    entries: [3, 2, 0, −4]; λ = 0.5 halves it."""
+    assert MERGE_METHODS.build("ties", density=0.5, scaling=1.0)(VECTORS).tolist() == [3.0, 2.0, 0.0, -4.0]
+    assert MERGE_METHODS.build("ties", density=0.5, scaling=0.5)(VECTORS).tolist() == [1.5, 1.0, 0.0, -2.0]
+    agreeing = torch.stack([torch.tensor([1.0, 4.0]), torch.tensor([3.0, 2.0])])
+    assert MERGE_METHODS.build("ties", density=1.0)(agreeing).tolist() == [2.0, 3.0]  # all kept: the mean
+
+
+def test_dare_drops_at_one_minus_density_and_rescales_the_rest():
+    assert MERGE_METHODS.build("dare", density=1.0, scaling=1.0)(VECTORS).tolist() == [4.0, 1.0, 0.25, -2.0]
+    vector = torch.linspace(0.5, 1.5, 20_000)[None]
+    merged = MERGE_METHODS.build("dare", density=0.25, scaling=1.0, seed=3)(vector)
+    kept = merged != 0
+    assert torch.allclose(merged[kept], 4 * vector[0][kept])  # survivors rescaled by 1/density
+    assert abs(kept.float().mean().item() - 0.25) < 0.02
+    again = MERGE_METHODS.build("dare", density=0.25, scaling=1.0, seed=3)(vector)
+    assert torch.equal(merged, again)  # seeded
+
+
+def test_dare_ties_without_drops_is_ties_without_trimming():
+    assert MERGE_METHODS.build("dare_ties", density=1.0)(VECTORS).tolist() == MERGE_METHODS.build(
+        "ties", density=1.0
+    )(VECTORS).tolist()
+
+
+@pytest.mark.parametrize("name", MERGE_METHODS.names())
+def test_every_method_returns_one_tensor_of_the_shape_and_merges_identical_vectors_to_themselves(name):
+    vector = torch.randn(3, 5)
+    same = torch.stack([vector, vector])
+    method = MERGE_METHODS.build(name)
+    merged = method(same)
+    assert merged.shape == vector.shape and torch.isfinite(merged).all()
+    scale = getattr(method, "scaling", None)
+    if name in ("average", "ties"):  # a vector agreeing with itself: the mean (TIES: of the kept entries)
+        kept = merged != 0
+        assert torch.allclose(merged[kept], (scale or 1.0) * vector[kept])
+
+
+@pytest.mark.parametrize("settings", [{"scaling": 0.0}, {"density": 0.0}, {"density": 1.5}])
+def test_bad_settings_are_refused(settings):
+    from multitune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must be"):
+        MERGE_METHODS.build("ties", **settings)
+
+
+def test_merge_weights_adds_the_merged_task_vector_to_the_pretrained_weights():
+    base = {"w": torch.zeros(4), "position_ids": torch.arange(4)}
+    tuned = [{"w": T1, "position_ids": torch.arange(4)}, {"w": T2, "position_ids": torch.arange(4)}]
+    merged = merge_weights(base, tuned, MERGE_METHODS.build("average"))
+    assert merged["w"].tolist() == [2.0, 0.5, 0.125, -1.0] and torch.equal(merged["position_ids"], torch.arange(4))
+    with pytest.raises(ValueError, match="not a copy of the same backbone"):
+        merge_weights(base, [{"w": torch.zeros(5), "position_ids": torch.arange(4)}], MERGE_METHODS.build("average"))
