@@ -29,6 +29,7 @@ from multitune.evaluation.metrics import METRICS
 from multitune.models.adapters.base import ADAPTERS
 from multitune.models.architectures import ARCHITECTURE_INJECTED, ARCHITECTURES
 from multitune.models.heads import HEADS
+from multitune.models.merging import MERGE_METHODS
 from multitune.registry import Capabilities, Registry
 from multitune.training.schedules import SCHEDULES, schedule_sampler
 
@@ -187,6 +188,7 @@ def describe_methods() -> Iterable[dict[str, str]]:
         ("gradient source", GRADIENT_SOURCES),
         ("architecture", ARCHITECTURES),
         ("adapter", ADAPTERS),
+        ("merge method", MERGE_METHODS),
         ("head", HEADS),
         ("metric", METRICS),
     )

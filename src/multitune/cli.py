@@ -122,6 +122,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="new folder to write")
     export.add_argument("--onnx", action="store_true", help="also write model.onnx (encoder tasks; needs onnx)")
 
+    merge = commands.add_parser("merge", help="merge single-task runs of one backbone into one model")
+    merge.add_argument("runs", nargs="+", help="finished runs fine-tuned from the same backbone (two or more)")
+    merge.add_argument("--method", default="ties", help="a merge method (`multitune list`; default: ties)")
+    merge.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a method setting, e.g. density=0.2"
+    )
+    merge.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="settings to choose on validation, e.g. scaling=0.3,0.5,1.0",
+    )
+    merge.add_argument("--output-dir", default="runs", help="where the merged run's folder goes (default: runs)")
+    merge.add_argument("--name", default="merged", help="the merged run's name (default: merged)")
+
     sweep = commands.add_parser("sweep", help="train one config under several settings and compare them")
     sweep.add_argument("config", help="YAML config file")
     sweep.add_argument(
@@ -235,6 +251,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             keep_alive=args.keep_alive,
         )
         serve(args.run_dir, args.host, args.port, settings)
+    elif args.command == "merge":
+        from multitune.merge import merge_runs
+
+        given = dict(_number_setting(item, "--set") for item in args.set)
+        grid = {key: list(value) for key, value in (_number_setting(item, "--grid", many=True) for item in args.grid)}
+        print(merge_runs(args.runs, args.method, given, grid, args.output_dir, args.name))
     elif args.command == "export":
         from multitune.export import export_task, export_vllm
 
@@ -272,3 +294,16 @@ def jsonl_line(value: Any) -> str:
     for raw, escaped in LINE_BREAKS.items():
         text = text.replace(raw, escaped)
     return text + "\n"
+
+
+def _number_setting(item: str, flag: str, many: bool = False) -> tuple[str, Any]:
+    """KEY=VALUE (or KEY=V1,V2,... with `many`) with numbers for values; ConfigError naming the flag."""
+    key, sep, value = item.partition("=")
+    try:
+        numbers = [float(part) for part in value.split(",")] if sep else []
+    except ValueError:
+        numbers = []
+    if not key or not numbers or (len(numbers) > 1 and not many):
+        raise ConfigError(f"expected KEY={'V1,V2' if many else 'VALUE'} with numbers, got {item!r}", field=flag)
+    cast = [int(n) if n.is_integer() and key == "seed" else n for n in numbers]
+    return key, cast if many else cast[0]

@@ -17,7 +17,7 @@ Methods (MERGE_METHODS), each called with a tensor's stacked task vectors [T, ..
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -116,7 +116,9 @@ class DareTies(_Dare):
         return dare_ties(list(vectors), weights, self.density, majority_sign_method="total")
 
 
-def merge_weights(base: Mapping[str, Tensor], tuned: list[Mapping[str, Tensor]], method: object) -> dict[str, Tensor]:
+def merge_weights(
+    base: Mapping[str, Tensor], tuned: Sequence[Mapping[str, Tensor]], method: object
+) -> dict[str, Tensor]:
     """θ_0 + method([θ_t − θ_0 for each t]) for every floating-point tensor of `base` (others, such as integer
     position ids, are kept as they are). Raises ValueError when a fine-tuned model lacks a tensor or has
     another shape: then they are not copies of one backbone."""

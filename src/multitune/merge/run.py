@@ -1,0 +1,127 @@
+"""`multitune merge`: runs fine-tuned from one pretrained backbone (e.g. compare's single-task baselines)
+merged into one backbone by a merge method of models/merging.py, each task keeping its own head, written as a
+run that `evaluate`, `predict`, `serve` and `export` use like any other.
+
+The method's settings that `grid` names (e.g. `scaling: [0.3, 0.5, 1.0]`) are chosen on the tasks'
+validation splits (the average main score), never on test; metrics.json records every candidate's
+validation score, the chosen settings, and the chosen model's test scores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multitune.catalogue import check_methods
+from multitune.config import Config
+from multitune.config.loading import dump_config
+from multitune.core.files import WEIGHTS_FILE, write_json, write_text
+from multitune.errors import ConfigError
+from multitune.models.assemble import LOADERS
+from multitune.models.backbone import load_backbone
+from multitune.models.merging import MERGE_METHODS, merge_weights
+from multitune.runs.evaluate import evaluate_run
+from multitune.runs.layout import create_run_dir
+from multitune.runs.load import load_run
+from multitune.training.checkpoint import save_weights
+
+
+def merge_runs(
+    run_dirs: Sequence[str | Path],
+    method: str,
+    settings: dict[str, Any] | None = None,
+    grid: dict[str, list[float]] | None = None,
+    output_dir: str | Path = "runs",
+    name: str = "merged",
+) -> Path:
+    """Merge the runs' backbones with `method` (its `settings`, and each combination of `grid` tried on
+    validation); returns the new run directory. Raises ConfigError when the runs are not single-model runs
+    of one backbone and seed with distinct task names."""
+    started = time.perf_counter()
+    settings, grid = dict(settings or {}), dict(grid or {})
+    MERGE_METHODS.get(method, field="--method")
+    loaded = [load_run(run) for run in run_dirs]
+    config = _combined(loaded, [Path(run) for run in run_dirs], output_dir, name)
+    model_config = config.model
+    loader = LOADERS.get(model_config.kind, load_backbone)
+    base = loader(model_config.backbone, model_config.revision, model_config.trust_remote_code, False).model
+    base_state = {key: value.detach() for key, value in base.state_dict().items()}
+    tuned = [model.backbone.state_dict() for _, _, model, _ in loaded]
+    heads = {
+        key: value for _, _, model, _ in loaded for key, value in model.state_dict().items() if key.startswith("heads.")
+    }
+    run_dir = create_run_dir(str(config.run.output_dir), config.run.name)
+    write_text(run_dir / "config.yaml", dump_config(config))
+    manifest = {task: entry for _, own, _, _ in loaded for task, entry in own.items()}
+    write_json(run_dir / "tasks.json", manifest)
+    shutil.copytree(Path(run_dirs[0]) / "backbone", run_dir / "backbone")
+    candidates = []
+    best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
+    for values in itertools.product(*grid.values()) if grid else [()]:
+        chosen = {**settings, **dict(zip(grid, values, strict=True))}
+        merger = MERGE_METHODS.build(method, field="--method", **chosen)
+        state = {f"backbone.{key}": value for key, value in merge_weights(base_state, tuned, merger).items()}
+        save_weights({**state, **heads}, run_dir / WEIGHTS_FILE)
+        score = evaluate_run(run_dir, "validation")["average_main_score"]
+        candidates.append({"settings": chosen, "validation_average_main_score": score})
+        if best is None or score > best[0]:
+            best = (score, chosen, {**state, **heads})
+    assert best is not None
+    save_weights(best[2], run_dir / WEIGHTS_FILE)
+    test = evaluate_run(run_dir, "test")
+    metrics = {
+        "tasks": test["tasks"],
+        "average_main_score": test["average_main_score"],
+        "merge": {
+            "method": method,
+            "paper": getattr(MERGE_METHODS.get(method), "paper", None),
+            "settings": best[1],
+            "candidates": candidates,
+            "runs": [str(run) for run in run_dirs],
+            "chosen_on": "validation",
+        },
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    return run_dir
+
+
+def _combined(loaded: list[Any], runs: Sequence[Path], output_dir: str | Path, name: str) -> Config:
+    """One config holding every run's tasks, the first run's model; the runs must fit together."""
+    first = loaded[0][0]
+    if len(loaded) < 2:
+        raise ConfigError("name at least two runs to merge", field="runs")
+    seen: dict[str, Path] = {}
+    for (config, _, model, _), run in zip(loaded, runs, strict=True):
+        model_config = config.model
+        if (model_config.backbone, model_config.kind) != (first.model.backbone, first.model.kind):
+            raise ConfigError(f"not fine-tuned from {first.model.backbone}: {model_config.backbone}", file=str(run))
+        if model_config.peft is not None or model.architecture != "hard" or model_config.init_from is not None:
+            message = "only fully fine-tuned hard-sharing runs merge (no adapters, no init_from)"
+            raise ConfigError(message, file=str(run))
+        if config.run.seed != first.run.seed:
+            raise ConfigError(
+                f"seed {config.run.seed}, not {first.run.seed}: validation rows are carved by the seed, so the runs "
+                "must share it for the choice on validation to see no training row",
+                file=str(run),
+            )
+        for task in config.tasks:
+            if task in seen:
+                raise ConfigError(f"task '{task}' is in two runs ({seen[task]} and {run})", file=str(run))
+            seen[task] = run
+    data = first.model_dump(mode="json")
+    data["tasks"] = {
+        task: spec for config, *_ in loaded for task, spec in config.model_dump(mode="json")["tasks"].items()
+    }
+    data["run"].update(name=name, output_dir=str(output_dir), resume=None)
+    data["recipe"] = None
+    data["training"]["schedule"] = {"name": "joint"}
+    merged = Config.model_validate(data)
+    check_methods(merged)
+    return merged

@@ -1,0 +1,74 @@
+"""`multitune merge`: single-task runs of one backbone merged into one run that evaluates like any other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from multitune.cli import main
+from tests.conftest import classification_rows, tiny_config, token_rows
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory, tiny_backbone):
+    """Two single-task runs (sentiment, ner) fine-tuned from the tiny backbone with the same seed."""
+    folder = tmp_path_factory.mktemp("merge")
+    a, b = folder / "a.jsonl", folder / "b.jsonl"
+    for path, rows in ((a, classification_rows(40)), (b, token_rows(40))):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    runs = []
+    for task in ("sentiment", "ner"):
+        data = tiny_config(tiny_backbone, a, b, folder / "runs", steps=8, lr=5e-3)
+        data["tasks"] = {task: data["tasks"][task]}
+        data["run"]["name"] = task
+        path = folder / f"{task}.yaml"
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        assert main(["train", str(path)]) == 0
+        runs.append(folder / "runs" / task)
+    return folder, runs
+
+
+def test_weight_averaging_gives_the_mean_backbone_and_keeps_each_head(single_runs, capsys):
+    folder, runs = single_runs
+    assert main(["merge", *map(str, runs), "--method", "average", "--output-dir", str(folder / "out")]) == 0
+    merged_dir = folder / "out" / "merged"
+    merged = load_file(str(merged_dir / "model.safetensors"))
+    first, second = (load_file(str(run / "model.safetensors")) for run in runs)
+    for key, value in merged.items():
+        if key.startswith("backbone.") and value.is_floating_point():
+            assert torch.allclose(value, (first[key] + second[key]) / 2, atol=1e-6), key
+        elif key.startswith("heads.sentiment."):
+            assert torch.equal(value, first[key])
+        elif key.startswith("heads.ner."):
+            assert torch.equal(value, second[key])
+    metrics = json.loads((merged_dir / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"sentiment", "ner"} and metrics["merge"]["method"] == "average"
+    assert main(["evaluate", str(merged_dir), "--split", "test"]) == 0
+    again = json.loads((merged_dir / "evaluation_test.json").read_text())
+    assert {n: t["metrics"] for n, t in again["tasks"].items()} == {
+        n: t["metrics"] for n, t in metrics["tasks"].items()
+    }
+
+
+def test_settings_are_chosen_on_validation(single_runs):
+    folder, runs = single_runs
+    argv = ["merge", *map(str, runs), "--method", "ties", "--set", "density=0.5", "--grid", "scaling=0.2,1.0"]
+    assert main([*argv, "--output-dir", str(folder / "grid"), "--name", "ties"]) == 0
+    merge = json.loads((folder / "grid" / "ties" / "metrics.json").read_text())["merge"]
+    scores = {c["settings"]["scaling"]: c["validation_average_main_score"] for c in merge["candidates"]}
+    assert set(scores) == {0.2, 1.0} and merge["chosen_on"] == "validation"
+    assert merge["settings"] == {"density": 0.5, "scaling": max(scores, key=scores.get)}
+
+
+def test_runs_that_do_not_fit_together_are_refused(single_runs, tmp_path, capsys):
+    _, runs = single_runs
+    assert main(["merge", str(runs[0]), str(runs[0]), "--output-dir", str(tmp_path)]) == 2
+    assert "is in two runs" in capsys.readouterr().err
+    assert main(["merge", str(runs[0]), "--output-dir", str(tmp_path)]) == 2
+    assert main(["merge", *map(str, runs), "--method", "soup", "--output-dir", str(tmp_path)]) == 2
+    assert main(["merge", *map(str, runs), "--set", "density=much", "--output-dir", str(tmp_path)]) == 2
+    assert list(tmp_path.iterdir()) == []
