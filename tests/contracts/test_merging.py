@@ -43,9 +43,10 @@ def test_dare_drops_at_one_minus_density_and_rescales_the_rest():
 
 
 def test_dare_ties_without_drops_is_ties_without_trimming():
-    assert MERGE_METHODS.build("dare_ties", density=1.0)(VECTORS).tolist() == MERGE_METHODS.build(
-        "ties", density=1.0
-    )(VECTORS).tolist()
+    assert (
+        MERGE_METHODS.build("dare_ties", density=1.0)(VECTORS).tolist()
+        == MERGE_METHODS.build("ties", density=1.0)(VECTORS).tolist()
+    )
 
 
 @pytest.mark.parametrize("name", MERGE_METHODS.names())
@@ -76,3 +77,26 @@ def test_merge_weights_adds_the_merged_task_vector_to_the_pretrained_weights():
     assert merged["w"].tolist() == [2.0, 0.5, 0.125, -1.0] and torch.equal(merged["position_ids"], torch.arange(4))
     with pytest.raises(ValueError, match="not a copy of the same backbone"):
         merge_weights(base, [{"w": torch.zeros(5), "position_ids": torch.arange(4)}], MERGE_METHODS.build("average"))
+
+
+def test_task_vector_cosines_overall_and_per_layer_by_hand():
+    """τ_1 = ([1, 0], [1]) and τ_2 = ([0, 1], [1]) in layers encoder.layer.0 and encoder.layer.1: layer 0 is
+    orthogonal (0), layer 1 parallel (1), and overall (1·0 + 0·1 + 1·1) / (√2·√2) = 0.5."""
+    from multitune.models.merging import task_vector_cosines
+
+    base = {"encoder.layer.0.w": torch.zeros(2), "encoder.layer.1.b": torch.zeros(1), "ids": torch.arange(2)}
+    tuned = [
+        {
+            "encoder.layer.0.w": torch.tensor([1.0, 0.0]),
+            "encoder.layer.1.b": torch.tensor([1.0]),
+            "ids": torch.arange(2),
+        },
+        {
+            "encoder.layer.0.w": torch.tensor([0.0, 1.0]),
+            "encoder.layer.1.b": torch.tensor([1.0]),
+            "ids": torch.arange(2),
+        },
+    ]
+    overall, per_layer = task_vector_cosines(base, tuned)
+    assert overall == [[1.0, 0.5], [0.5, 1.0]]
+    assert per_layer == {"encoder.layer.0": [[1.0, 0.0], [0.0, 1.0]], "encoder.layer.1": [[1.0, 1.0], [1.0, 1.0]]}

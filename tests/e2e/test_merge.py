@@ -47,6 +47,9 @@ def test_weight_averaging_gives_the_mean_backbone_and_keeps_each_head(single_run
             assert torch.equal(value, second[key])
     metrics = json.loads((merged_dir / "metrics.json").read_text())
     assert set(metrics["tasks"]) == {"sentiment", "ner"} and metrics["merge"]["method"] == "average"
+    cosine = metrics["merge"]["task_vector_cosine"]
+    assert cosine["overall"][0][0] == 1.0 and -1.0 <= cosine["overall"][0][1] <= 1.0
+    assert "embeddings" not in cosine["per_layer"] and any(k.startswith("encoder.layer.") for k in cosine["per_layer"])
     assert main(["evaluate", str(merged_dir), "--split", "test"]) == 0
     again = json.loads((merged_dir / "evaluation_test.json").read_text())
     assert {n: t["metrics"] for n, t in again["tasks"].items()} == {

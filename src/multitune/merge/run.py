@@ -25,7 +25,7 @@ from multitune.core.files import WEIGHTS_FILE, write_json, write_text
 from multitune.errors import ConfigError
 from multitune.models.assemble import LOADERS
 from multitune.models.backbone import load_backbone
-from multitune.models.merging import MERGE_METHODS, merge_weights
+from multitune.models.merging import MERGE_METHODS, merge_weights, task_vector_cosines
 from multitune.runs.evaluate import evaluate_run
 from multitune.runs.layout import create_run_dir
 from multitune.runs.load import load_run
@@ -53,6 +53,7 @@ def merge_runs(
     base = loader(model_config.backbone, model_config.revision, model_config.trust_remote_code, False).model
     base_state = {key: value.detach() for key, value in base.state_dict().items()}
     tuned = [model.backbone.state_dict() for _, _, model, _ in loaded]
+    overall, per_layer = task_vector_cosines(base_state, tuned)
     heads = {
         key: value for _, _, model, _ in loaded for key, value in model.state_dict().items() if key.startswith("heads.")
     }
@@ -85,6 +86,9 @@ def merge_runs(
             "candidates": candidates,
             "runs": [str(run) for run in run_dirs],
             "chosen_on": "validation",
+            # rows and columns: the runs in order (their tasks: `task_order`)
+            "task_vector_cosine": {"overall": overall, "per_layer": per_layer},
+            "task_order": [list(config.tasks) for config, *_ in loaded],
         },
         "wall_seconds": round(time.perf_counter() - started, 2),
     }

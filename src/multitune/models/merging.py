@@ -133,3 +133,30 @@ def merge_weights(
         vectors = torch.stack([state[key].float() - start.float() for state in tuned])  # [T, ...]
         merged[key] = (start.float() + method(vectors)).to(start.dtype)  # type: ignore[operator]
     return merged
+
+
+def task_vector_cosines(
+    base: Mapping[str, Tensor], tuned: Sequence[Mapping[str, Tensor]]
+) -> tuple[list[list[float]], dict[str, list[list[float]]]]:
+    """Cosine similarity between the task vectors τ_t = θ_t − θ_0: over all floating-point tensors together
+    ([T, T]), and per layer ({layer: [T, T]}, a layer being a key's path up to its first number, e.g.
+    `encoder.layer.3`; other tensors under "other"). Tasks whose vectors point the same way merge with
+    little interference (Ilharco et al. 2023 report near-orthogonal task vectors across tasks)."""
+    count = len(tuned)
+    dots: dict[str, Tensor] = {}
+    for key, start in base.items():
+        if not start.is_floating_point():
+            continue
+        vectors = torch.stack([(state[key].float() - start.float()).flatten() for state in tuned])  # [T, P]
+        parts = key.split(".")
+        cut = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), 0)
+        layer = ".".join(parts[:cut]) if cut else "other"
+        gram = vectors.double() @ vectors.double().T  # [T, T]
+        dots[layer] = dots.get(layer, torch.zeros(count, count, dtype=torch.float64)) + gram
+    overall = sum(dots.values(), torch.zeros(count, count, dtype=torch.float64))
+
+    def cosine(gram: Tensor) -> list[list[float]]:
+        norms = gram.diagonal().clamp_min(1e-30).sqrt()
+        return [[round(float(v), 6) for v in row] for row in gram / norms[:, None] / norms[None, :]]
+
+    return cosine(overall), {layer: cosine(gram) for layer, gram in dots.items()}
