@@ -56,6 +56,13 @@ def _add_compare(commands: Any) -> None:
         metavar="13,14,15",
         help="one comparison per seed, and their mean and spread in OUTPUT_DIR/NAME-seeds/",
     )
+    compare.add_argument(
+        "--merge",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=None,
+        metavar="M1,M2",
+        help="also merge the single-task baselines by these methods (e.g. ties,task_arithmetic) and compare each",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -201,7 +208,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from multitune.compare import Budget, compare
 
         budget = Budget(args.baseline_budget, args.converge, args.patience, args.max_steps)
-        compare(args.config, args.overrides, budget, args.seeds)
+        compare(args.config, args.overrides, budget, args.seeds, args.merge or ())
     elif args.command == "affinity":
         from multitune.catalogue import load_config
 
@@ -252,7 +259,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         serve(args.run_dir, args.host, args.port, settings)
     elif args.command == "merge":
-        from multitune.merge import merge_runs
+        from multitune.runs.merge import merge_runs
 
         given = dict(_number_setting(item, "--set") for item in args.set)
         grid = {key: list(value) for key, value in (_number_setting(item, "--grid", many=True) for item in args.grid)}

@@ -1,6 +1,7 @@
 """`multitune compare` on the tiny BERT: baselines on the same budget, Δm, sizes, times, cache reuse."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -187,3 +188,30 @@ def test_a_baseline_another_comparison_is_training_is_left_for_later(tmp_path):
         assert _baseline("t", None, cache, Quiet(), False, wait=False) is None
         (cache / "baseline.json").write_text(json.dumps(record), encoding="utf-8")
     assert _baseline("t", None, cache, Quiet(), False, wait=False) == (record, True)
+
+
+def test_compare_merges_the_baselines_into_rows_beside_joint_training(tmp_path, tiny_backbone, write_jsonl):
+    """--merge: each method merges the very baselines of the comparison; its row's Δm is against them,
+    computed here from the scores; storage is the merged run's weights; comparison.md shows the table."""
+    a, b = write_jsonl("a.jsonl", classification_rows(40)), write_jsonl("b.jsonl", token_rows(40))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=6)), encoding="utf-8")
+    assert main(["compare", str(path), "--merge", "average,ties"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    result = json.loads((run / "comparison.json").read_text())
+    assert set(result["merges"]) == {"average", "ties"}
+    for method, row in result["merges"].items():
+        merged = json.loads((Path(row["run"]) / "metrics.json").read_text())
+        assert merged["merge"]["method"] == method and Path(row["run"]).parent == run / "merged"
+        changes = []
+        for task, entry in result["tasks"].items():
+            assert row["tasks"][task] == merged["tasks"][task]["main_score"]
+            if abs(entry["single"]) > 1e-9:
+                sign = 1 if entry["higher_is_better"] else -1
+                changes.append(sign * (row["tasks"][task] - entry["single"]) / abs(entry["single"]))
+        assert row["delta_m_percent"] == pytest.approx(100 * sum(changes) / len(changes), abs=1e-3)
+        assert row["storage_bytes"] == (Path(row["run"]) / "model.safetensors").stat().st_size
+        assert row["wall_seconds"] >= result["wall_seconds"]["single_total"]
+    assert result["merges"]["ties"]["settings"]["density"] == 0.2
+    markdown = (run / "comparison.md").read_text()
+    assert "| merge: average |" in markdown and "| merge: ties (" in markdown and "| joint multi-task |" in markdown

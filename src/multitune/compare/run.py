@@ -16,11 +16,14 @@ import hashlib
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from multitune.catalogue import load_config
+from multitune.compare.measures import delta_m, delta_m_tasks, deployment_bytes
+from multitune.compare.merges import format_merges, merge_rows
 from multitune.compare.processes import Progress, _train_subprocess
 from multitune.compare.seeds import aggregate, format_seeds
 from multitune.config import SPLITS, Config
@@ -33,23 +36,6 @@ from multitune.runs.layout import create_run_dir
 
 BASELINES = ".baselines"
 SIDES = ("single_total", "multi")  # the two sides' keys in comparison.json's cost fields
-
-
-def delta_m(tasks: dict[str, dict[str, Any]]) -> float:
-    """Δm in percent (Maninis et al. 2019): mean over tasks of the relative change of the main metric,
-    signed so that positive is better. A task whose single-task score is 0 (e.g. an MCC of a constant
-    predictor) has no relative change and is left out; `delta_m_excluded` names such tasks."""
-    changes = []
-    for name in delta_m_tasks(tasks):
-        entry = tasks[name]
-        single, multi = entry["single"], entry["multi"]
-        sign = 1.0 if entry["higher_is_better"] else -1.0
-        changes.append(sign * (multi - single) / abs(single))
-    return 100.0 * sum(changes) / len(changes) if changes else 0.0
-
-
-def delta_m_tasks(tasks: dict[str, dict[str, Any]]) -> list[str]:
-    return [name for name, entry in tasks.items() if abs(entry["single"]) > 1e-9]
 
 
 def _fingerprint(config: Config, task: str) -> str:
@@ -162,14 +148,18 @@ class Budget:
 
 
 def compare(
-    config_path: str, overrides: list[str], budget: Budget | float = 1.0, seeds: list[int] | None = None
+    config_path: str,
+    overrides: list[str],
+    budget: Budget | float = 1.0,
+    seeds: list[int] | None = None,
+    merges: Sequence[str] = (),
 ) -> dict[str, Any]:
     """comparison.json of one run; with `seeds`, one comparison per seed (run.seed) and their aggregate,
     written to OUTPUT_DIR/NAME-seeds/ (per task: mean and standard deviation of each side; Δm per seed)."""
     budget = budget if isinstance(budget, Budget) else Budget(factor=budget)
     budget.check()
     if not seeds:
-        return compare_once(load_config(config_path, overrides), budget)
+        return compare_once(load_config(config_path, overrides), budget, merges)
     if len(set(seeds)) != len(seeds):
         raise MultitunError(f"--seeds names a seed twice: {seeds}")
     config = load_config(config_path, overrides)
@@ -177,7 +167,7 @@ def compare(
     for seed in seeds:
         seeded = config.model_copy(deep=True)
         seeded.run.seed, seeded.run.name = seed, f"{config.run.name}-seed{seed}"
-        results.append(compare_once(seeded, budget))
+        results.append(compare_once(seeded, budget, merges))
     summary = aggregate(results, seeds)
     folder = create_run_dir(config.run.output_dir, f"{config.run.name}-seeds")
     write_json(folder / "comparison.json", summary)
@@ -187,7 +177,7 @@ def compare(
     return summary
 
 
-def compare_once(config: Config, budget: Budget) -> dict[str, Any]:
+def compare_once(config: Config, budget: Budget, merges: Sequence[str] = ()) -> dict[str, Any]:
     """One multi-task run against its baselines (cached), written into the multi-task run's folder."""
     config = budget.applied(config)
     root = Path(config.run.output_dir)
@@ -233,22 +223,15 @@ def compare_once(config: Config, budget: Budget) -> dict[str, Any]:
     }
     result["seed"] = config.run.seed
     result["multi_run"] = str(multi_dir)
+    if merges:  # the other road to one model: the baselines merged, each method a row
+        runs = {task: Path(records[task][0]["run_dir"]) for task in baselines}
+        result["merges"] = merge_rows(merges, runs, tasks, sum(single_wall.values()), multi_dir / "merged")
     result["verdict"] = verdict(result)
     write_json(multi_dir / "comparison.json", result)
     write_text(multi_dir / "comparison.md", format_comparison(result) + "\n")
     write_report(multi_dir)
     print(format_comparison(result))
     return result
-
-
-def deployment_bytes(run_dir: Path) -> int:
-    """What a run's deployment keeps on disk: its weight files (the model, per-task adapters, per-task
-    fine-tuned copies), not its training checkpoints."""
-    return sum(
-        path.stat().st_size
-        for path in run_dir.rglob("*.safetensors")
-        if "checkpoints" not in path.relative_to(run_dir).parts
-    )
 
 
 def _baseline(
@@ -378,6 +361,7 @@ def format_comparison(result: dict[str, Any]) -> str:
         f"Δm: {result['delta_m_percent']:+.2f}%",
         f"stored parameters: {p['single_total']:,} (one model per task) vs {p['multi_total']:,} (one shared model)",
         f"training time: {t['single_total']:.1f} s (all single-task runs) vs {t['multi']:.1f} s",
+        *format_merges(result),
         "",
         result["verdict"],
     ]
