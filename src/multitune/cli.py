@@ -304,13 +304,22 @@ def jsonl_line(value: Any) -> str:
 
 
 def _number_setting(item: str, flag: str, many: bool = False) -> tuple[str, Any]:
-    """KEY=VALUE (or KEY=V1,V2,... with `many`) with numbers for values; ConfigError naming the flag."""
+    """KEY=VALUE (a number, or a word such as `layer`) or, with `many`, KEY=V1,V2,... (numbers); ConfigError
+    naming the flag."""
     key, sep, value = item.partition("=")
-    try:
-        numbers = [float(part) for part in value.split(",")] if sep else []
-    except ValueError:
-        numbers = []
-    if not key or not numbers or (len(numbers) > 1 and not many):
-        raise ConfigError(f"expected KEY={'V1,V2' if many else 'VALUE'} with numbers, got {item!r}", field=flag)
-    cast = [int(n) if n.is_integer() and key == "seed" else n for n in numbers]
-    return key, cast if many else cast[0]
+    parts = value.split(",") if sep and value else []
+    numbers = []
+    for part in parts:
+        try:
+            numbers.append(float(part))
+        except ValueError:
+            numbers = []
+            break
+    if many and key and numbers:
+        return key, numbers
+    if not many and key and len(parts) == 1:
+        if not numbers:
+            return key, value
+        number = numbers[0]
+        return key, int(number) if number.is_integer() and "." not in value else number
+    raise ConfigError(f"expected KEY={'V1,V2 (numbers)' if many else 'VALUE'}, got {item!r}", field=flag)

@@ -75,3 +75,33 @@ def test_runs_that_do_not_fit_together_are_refused(single_runs, tmp_path, capsys
     assert main(["merge", *map(str, runs), "--method", "soup", "--output-dir", str(tmp_path)]) == 2
     assert main(["merge", *map(str, runs), "--set", "density=much", "--output-dir", str(tmp_path)]) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_adamerging_learns_coefficients_and_merges_with_them(single_runs, tiny_backbone, granularity):
+    """The merged backbone is θ_0 + Σ_t λ_t τ_t with the coefficients it reports (per layer: each layer's
+    own), recomputed here from the pretrained and fine-tuned weights; the coefficients moved from 0.3."""
+    from transformers import AutoModel
+
+    folder, runs = single_runs
+    out = folder / f"ada-{granularity}"
+    settings = ["steps=5", "lr=0.05", f"granularity={granularity}"]
+    argv = ["merge", *map(str, runs), "--method", "adamerging", *[f"--set={s}" for s in settings]]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    merge = json.loads((out / "merged" / "metrics.json").read_text())["merge"]
+    coefficients = merge["settings"]["coefficients"]
+    assert merge["settings"]["granularity"] == granularity and len(merge["candidates"]) == 1
+    assert any(abs(c - 0.3) > 1e-4 for values in coefficients.values() for c in values)
+    base = AutoModel.from_pretrained(str(tiny_backbone)).state_dict()
+    first, second = (load_file(str(run / "model.safetensors")) for run in runs)
+    merged = load_file(str(out / "merged" / "model.safetensors"))
+    for key, start in base.items():
+        if not start.is_floating_point():
+            continue
+        parts = key.split(".")
+        cut = next((i + 1 for i, p in enumerate(parts) if p.isdigit()), 0)
+        group = "all" if granularity == "task" else (".".join(parts[:cut]) if cut else "other")
+        l1, l2 = coefficients[group]
+        name = f"backbone.{key}"
+        want = start + l1 * (first[name] - start) + l2 * (second[name] - start)
+        assert torch.allclose(merged[name], want, atol=1e-5), key

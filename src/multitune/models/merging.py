@@ -148,9 +148,7 @@ def task_vector_cosines(
         if not start.is_floating_point():
             continue
         vectors = torch.stack([(state[key].float() - start.float()).flatten() for state in tuned])  # [T, P]
-        parts = key.split(".")
-        cut = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), 0)
-        layer = ".".join(parts[:cut]) if cut else "other"
+        layer = layer_of(key)
         gram = vectors.double() @ vectors.double().T  # [T, T]
         dots[layer] = dots.get(layer, torch.zeros(count, count, dtype=torch.float64)) + gram
     overall = sum(dots.values(), torch.zeros(count, count, dtype=torch.float64))
@@ -160,3 +158,95 @@ def task_vector_cosines(
         return [[round(float(v), 6) for v in row] for row in gram / norms[:, None] / norms[None, :]]
 
     return cosine(overall), {layer: cosine(gram) for layer, gram in dots.items()}
+
+
+def layer_of(key: str) -> str:
+    """A tensor's layer: its key's path up to the first number (`encoder.layer.3`), or "other"."""
+    parts = key.split(".")
+    cut = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), 0)
+    return ".".join(parts[:cut]) if cut else "other"
+
+
+@MERGE_METHODS.register("adamerging")
+class AdaMerging:
+    """θ_0 + Σ_t λ_t τ_t with λ learned by entropy minimisation on unlabelled inputs (Yang et al. 2024)."""
+
+    paper = "Yang et al. 2024"
+    learns = True  # needs the model and unlabelled inputs: runs/merge.py calls `learn`, not the method itself
+
+    def __init__(self, granularity: str = "task", steps: int = 100, lr: float = 1e-3, init: float = 0.3) -> None:
+        """AdaMerging (Yang et al., ICLR 2024, "AdaMerging: Adaptive Model Merging for Multi-Task Learning"):
+        one coefficient per task vector (`granularity` "task") or per task vector and layer ("layer"),
+        started at `init` (task arithmetic's usual λ) and trained with Adam (`lr`, `steps` steps) to lower
+        the entropy of every task head's predictions on its own unlabelled inputs."""
+        if granularity not in ("task", "layer") or steps < 1 or not lr > 0 or not init > 0:
+            raise ValueError("granularity must be task or layer, steps >= 1, lr and init positive")
+        self.granularity, self.steps, self.lr, self.init = granularity, steps, lr, init
+
+    def __call__(self, vectors: Tensor) -> Tensor:
+        raise ValueError("adamerging learns its coefficients from the model and unlabelled inputs")
+
+    def learn(
+        self,
+        model: torch.nn.Module,
+        base: Mapping[str, Tensor],
+        tuned: Sequence[Mapping[str, Tensor]],
+        batches: Mapping[str, Sequence[object]],
+    ) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
+        """The merged backbone weights and the learned coefficients ({layer or "all": [T]}). `model` is the
+        multi-task model whose `backbone` the weights are for (its heads fixed); `batches` gives each task's
+        unlabelled input batches (collated Batch objects; their labels are not read)."""
+        from torch.func import functional_call
+
+        keys = [key for key, value in base.items() if value.is_floating_point()]
+        groups = sorted({layer_of(key) for key in keys}) if self.granularity == "layer" else ["all"]
+        index = {key: groups.index(layer_of(key)) if self.granularity == "layer" else 0 for key in keys}
+        vectors = {key: torch.stack([state[key].float() - base[key].float() for state in tuned]) for key in keys}
+        coefficients = torch.nn.Parameter(torch.full((len(groups), len(tuned)), self.init))  # [G, T]
+        optimizer = torch.optim.Adam([coefficients], lr=self.lr)
+        fixed = {f"backbone.{key}": value for key, value in base.items() if key not in vectors}
+
+        def weights() -> dict[str, Tensor]:
+            merged = {}
+            for key in keys:
+                scale = coefficients[index[key]].view(-1, *([1] * base[key].dim()))  # [T, 1, ...]
+                merged[f"backbone.{key}"] = base[key].float() + (scale * vectors[key]).sum(0)
+            return {**fixed, **merged}
+
+        was_training = model.training
+        model.eval()
+        for parameter in model.parameters():  # only the coefficients learn
+            parameter.requires_grad_(False)
+        cursor = dict.fromkeys(batches, 0)
+        for _ in range(self.steps):
+            optimizer.zero_grad()
+            current = weights()
+            loss = torch.zeros(())
+            for task, task_batches in batches.items():
+                batch = task_batches[cursor[task] % len(task_batches)]
+                cursor[task] += 1
+                outputs = functional_call(model, current, (batch,), strict=False)[task]
+                loss = loss + prediction_entropy(outputs, batch)  # type: ignore[arg-type]
+            loss.backward()
+            optimizer.step()
+        model.train(was_training)
+        with torch.no_grad():
+            final = {
+                key[len("backbone.") :]: value.detach().to(base[key[len("backbone.") :]].dtype)
+                for key, value in weights().items()
+            }
+        learned = {group: [round(float(v), 6) for v in coefficients[g]] for g, group in enumerate(groups)}
+        return final, learned
+
+
+def prediction_entropy(outputs: Tensor, batch: object) -> Tensor:
+    """Mean Shannon entropy (nats) of a head's predicted distributions: [B, C] logits per row, or [B, L, C]
+    per token over the real tokens; 0 for outputs that are not distributions (regression, [B])."""
+    if outputs.dim() < 2 or outputs.shape[-1] < 2:
+        return outputs.sum() * 0.0
+    log_p = torch.log_softmax(outputs.float(), dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)  # [B] or [B, L]
+    if entropy.dim() == 2:
+        mask = batch.inputs["attention_mask"][:, : entropy.shape[1]].float()  # type: ignore[attr-defined]
+        return (entropy * mask).sum() / mask.sum().clamp_min(1.0)
+    return entropy.mean()

@@ -45,7 +45,9 @@ def merge_runs(
     of one backbone and seed with distinct task names."""
     started = time.perf_counter()
     settings, grid = dict(settings or {}), dict(grid or {})
-    MERGE_METHODS.get(method, field="--method")
+    combos = [{**settings, **dict(zip(grid, values, strict=True))} for values in itertools.product(*grid.values())]
+    for chosen in combos or [settings]:  # every setting checked before anything is loaded or written
+        MERGE_METHODS.build(method, field="--method", **chosen)
     loaded = [load_run(run) for run in run_dirs]
     config = _combined(loaded, [Path(run) for run in run_dirs], output_dir, name)
     model_config = config.model
@@ -64,10 +66,15 @@ def merge_runs(
     shutil.copytree(Path(run_dirs[0]) / "backbone", run_dir / "backbone")
     candidates = []
     best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
-    for values in itertools.product(*grid.values()) if grid else [()]:
-        chosen = {**settings, **dict(zip(grid, values, strict=True))}
+    for chosen in combos or [settings]:
         merger = MERGE_METHODS.build(method, field="--method", **chosen)
-        state = {f"backbone.{key}": value for key, value in merge_weights(base_state, tuned, merger).items()}
+        if getattr(merger, "learns", False):  # AdaMerging: coefficients learned on unlabelled validation inputs
+            model, batches = _unlabelled(config, loaded, heads)
+            weights, learned = merger.learn(model, base_state, tuned, batches)  # type: ignore[attr-defined]
+            chosen = {**chosen, "coefficients": learned}
+        else:
+            weights = merge_weights(base_state, tuned, merger)
+        state = {f"backbone.{key}": value for key, value in weights.items()}
         save_weights({**state, **heads}, run_dir / WEIGHTS_FILE)
         score = evaluate_run(run_dir, "validation")["average_main_score"]
         candidates.append({"settings": chosen, "validation_average_main_score": score})
@@ -94,6 +101,35 @@ def merge_runs(
     }
     write_json(run_dir / "metrics.json", metrics)
     return run_dir
+
+
+def _unlabelled(config: Config, loaded: list[Any], heads: dict[str, torch.Tensor], rows: int = 16) -> tuple[Any, Any]:
+    """The merged run's model (the first run's backbone module, every run's head) and each task's validation
+    inputs in batches of `rows` (their labels are not read): what a merge that learns its coefficients needs."""
+    from multitune.data.collate import collate
+    from multitune.data.encoding import encode_splits
+    from multitune.data.tasks import load_tasks
+    from multitune.models.assemble import build_model
+    from multitune.runs.load import task_from_manifest
+
+    backbone = loaded[0][3]
+    manifest = {task: entry for _, own, _, _ in loaded for task, entry in own.items()}
+    tasks = load_tasks(config.tasks, config.run.seed, config.model.trust_remote_code)
+    for name, task in tasks.items():  # the heads' labels and target scaling, as trained
+        saved = task_from_manifest(name, task.config, manifest[name])
+        task.labels, task.target_mean, task.target_std = saved.labels, saved.target_mean, saved.target_std
+    model = build_model(config.model, tasks, backbone)
+    model.load_state_dict(heads, strict=False)
+    encoded = encode_splits(tasks, backbone.tokenizer, config.model.max_length, config.model.kind == "seq2seq")
+    pad = backbone.tokenizer.pad_token_id or 0
+    batches = {
+        name: [
+            collate({name: encoded[name]["validation"][start : start + rows]}, pad)
+            for start in range(0, len(encoded[name]["validation"]), rows)
+        ]
+        for name in tasks
+    }
+    return model, batches
 
 
 def _combined(loaded: list[Any], runs: Sequence[Path], output_dir: str | Path, name: str) -> Config:
