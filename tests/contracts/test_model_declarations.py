@@ -71,11 +71,11 @@ class Prefix:
 
 @pytest.fixture
 def registered(monkeypatch):
-    """ADAPTERS with `prefix` and `inside_gain` added for this test only."""
+    """ADAPTERS with `front_vectors` and `inside_gain` added for this test only."""
     monkeypatch.setattr(ADAPTERS, "_factories", dict(ADAPTERS._factories))
     monkeypatch.setattr(ADAPTERS, "_capabilities", dict(ADAPTERS._capabilities))
     encoder = Capabilities(model_kinds=frozenset({"encoder"}))
-    ADAPTERS.register("prefix", capabilities=encoder)(Prefix)
+    ADAPTERS.register("front_vectors", capabilities=encoder)(Prefix)
     ADAPTERS.register("inside_gain", capabilities=encoder)(InsideGain)
 
 
@@ -95,7 +95,7 @@ layouts = st.lists(
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layout=layouts, shared=st.booleans(), seed=st.integers(0, 2**16))
 def test_a_prompt_method_of_any_name_gets_its_positions_in_front_and_dropped(registered, layout, shared, seed):
-    model = adapted_model("prefix", shared)
+    model = adapted_model("front_vectors", shared)
     method: Prefix = model.task_adapters.adapter_method  # type: ignore[union-attr,assignment]
     generator = torch.Generator().manual_seed(seed)
     rows = sum(n for _, n in layout)
@@ -142,7 +142,7 @@ def test_weights_inside_the_backbone_count_where_they_live_whatever_the_name(reg
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_weights_outside_the_backbone_count_once_whatever_the_name(registered, shared):
-    model = adapted_model("prefix", shared)
+    model = adapted_model("front_vectors", shared)
     own = [name for name, _ in model.backbone.named_parameters(prefix="backbone")]
     shared_names = names_of(model, model.shared_parameters())
     assert shared_names == own + (["task_adapters.vectors.shared"] if shared else [])

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from multitune.config import Config, MethodConfig, ScheduleConfig, TrainingConfig
-from multitune.core.files import WEIGHTS_FILE
 from multitune.data.collate import collate
 from multitune.data.samplers import SAMPLERS
 from multitune.data.streams import TaskStream
@@ -154,7 +153,7 @@ def refine_per_task(
         if lora is not None:  # keep the adapter and head only; test the merged model, as loading builds it
             if folder is not None:
                 save_refinement(model, lora, name, folder)
-                (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+                remove_weights(folder)  # the whole copy the session kept while training; the folder stays
             unload(lora, merge=True)
         results.update(parts.score(name, "test"))
         kept[name] = "refined"
