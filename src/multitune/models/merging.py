@@ -78,14 +78,23 @@ class Ties:
 
 
 class _Dare:
+    """DARE's settings and draws; `arithmetic` names peft's function that combines the dropped vectors."""
+
+    arithmetic = "dare_linear"
+
     def __init__(self, density: float = 0.5, scaling: float = 1.0, seed: int = 0) -> None:
         _checked(scaling, density)
         self.density, self.scaling, self.seed = density, scaling, seed
         self.calls = 0
 
-    def _seeded(self) -> None:
+    def __call__(self, vectors: Tensor) -> Tensor:
+        from peft.utils import merge_utils
+
         torch.manual_seed(self.seed * 1_000_003 + self.calls)  # each tensor its own draws, reproducibly
         self.calls += 1
+        weights = torch.full((len(vectors),), self.scaling, dtype=vectors.dtype)
+        options = {"majority_sign_method": "total"} if self.arithmetic == "dare_ties" else {}
+        return getattr(merge_utils, self.arithmetic)(list(vectors), weights, self.density, **options)  # type: ignore[no-any-return]
 
 
 @MERGE_METHODS.register("dare")
@@ -94,26 +103,13 @@ class Dare(_Dare):
 
     paper = "Yu et al. 2024"
 
-    def __call__(self, vectors: Tensor) -> Tensor:
-        from peft.utils.merge_utils import dare_linear
-
-        self._seeded()
-        weights = torch.full((len(vectors),), self.scaling, dtype=vectors.dtype)
-        return dare_linear(list(vectors), weights, self.density)
-
 
 @MERGE_METHODS.register("dare_ties")
 class DareTies(_Dare):
     """DARE's drop and rescale, then TIES' sign election and disjoint mean, times λ (Yu et al. 2024)."""
 
     paper = "Yu et al. 2024"
-
-    def __call__(self, vectors: Tensor) -> Tensor:
-        from peft.utils.merge_utils import dare_ties
-
-        self._seeded()
-        weights = torch.full((len(vectors),), self.scaling, dtype=vectors.dtype)
-        return dare_ties(list(vectors), weights, self.density, majority_sign_method="total")
+    arithmetic = "dare_ties"
 
 
 def merge_weights(
