@@ -34,7 +34,7 @@ demo: install
 	$(BIN)/multitune train configs/quickstart.yaml
 
 # Two test processes, one thread each: most tests are short and Python-bound, the long ones spawn processes
-# of their own; on 2 cores the suite (about 1,010 tests) takes about 9 minutes this way.
+# of their own; on 2 cores the suite (about 1,110 tests) takes about 9 minutes this way.
 TEST_WORKERS ?= 2
 test: install-dev
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
