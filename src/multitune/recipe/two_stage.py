@@ -121,7 +121,9 @@ def refine_per_task(
         warmup = int(training.warmup_ratio * schedule.finetune_steps)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, schedule.finetune_steps)
         sampler = SAMPLERS.build("round_robin", injected={"sizes": {name: 1}})
-        session = Session(folder, sink=lambda entry, name=name: record({"task": name, **entry}))  # type: ignore[misc]
+        # a LoRA refinement keeps its best weights in memory: only the adapter and head reach the disk, once
+        kept_in = folder if lora is None else None
+        session = Session(kept_in, sink=lambda entry, name=name: record({"task": name, **entry}))  # type: ignore[misc]
         settings = replace(
             loop_settings(training, parts.seed, parts.pad_id),
             steps=schedule.finetune_steps,
@@ -153,7 +155,6 @@ def refine_per_task(
         if lora is not None:  # keep the adapter and head only; test the merged model, as loading builds it
             if folder is not None:
                 save_refinement(model, lora, name, folder)
-                remove_weights(folder)  # the whole copy the session kept while training; the folder stays
             unload(lora, merge=True)
         results.update(parts.score(name, "test"))
         kept[name] = "refined"
