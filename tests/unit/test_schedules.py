@@ -211,3 +211,46 @@ def test_a_new_run_starts_from_a_finished_runs_backbone(run_with, tmp_path, tiny
     with pytest.raises(ConfigError, match="does not fit") as error:
         prepare(validate_config(data))
     assert error.value.field == "model.init_from"
+
+
+def test_per_task_patience_counted_in_own_steps_waits_for_the_tasks_own_training():
+    """count own_steps: a task stops once it has trained patience × eval_every of its own steps since its
+    best validation; counted in validations, the same stall stops it at the second stale validation."""
+    from multitune.balancing.backward import Balancer
+    from multitune.config import EarlyStopping
+    from multitune.training.loop import TrainState, Validation, early_stop
+
+    def stop_steps(rule: EarlyStopping) -> list[int]:
+        state, balancer, stopped_at = TrainState(), Balancer(weighting=None), []
+        for validation in range(1, 9):  # every 10 steps; "a" is drawn on 2 steps in 10, "b" on 8
+            state.step = 10 * validation
+            state.task_steps = {"a": 2 * validation, "b": 8 * validation}
+            score = 1.0 if validation == 1 else 0.5  # both peak at the first validation
+            result = Validation(score, {"a": score, "b": score}, {"a": score, "b": score})
+            before = list(state.stopped_tasks)
+            early_stop(rule, state, result, balancer, eval_every=10)
+            stopped_at += [(name, state.step) for name in state.stopped_tasks if name not in before]
+        return stopped_at
+
+    # best at own steps a: 2, b: 8; 20 own steps later: a at 22 own steps (validation 11, never here), b at 28
+    assert stop_steps(EarlyStopping(patience=2, per_task=True, count="own_steps")) == [("b", 40)]
+    assert stop_steps(EarlyStopping(patience=2, per_task=True)) == [("a", 30), ("b", 30)]
+
+
+def test_own_steps_patience_needs_per_task(tmp_path, tiny_backbone, write_jsonl):
+    a, b = write_jsonl("a.jsonl", classification_rows(4)), write_jsonl("b.jsonl", token_rows(4))
+    stopping = {"patience": 2, "count": "own_steps"}
+    data = tiny_config(tiny_backbone, a, b, tmp_path / "runs", early_stopping=stopping)
+    with pytest.raises(ConfigError, match="per_task"):
+        validate_config(data)
+
+
+def test_two_stage_refinement_stops_when_its_validation_stalls(run_with):
+    """finetune_patience 2 with a learning rate too small to gain: each task's refinement validates at its
+    first eval_every steps (its best) and stops after 2 more, instead of training all 50 steps."""
+    schedule = {"name": "two_stage", "finetune_steps": 50, "finetune_lr": 1e-12, "finetune_patience": 2}
+    _, _, history = run_with({"steps": 4, "eval_every": 3, "schedule": schedule})
+    for name in ("sentiment", "ner"):
+        steps = [h["step"] for h in history if h.get("stage") == "finetune" and h.get("task") == name]
+        validated = [h["step"] for h in history if h.get("task") == name and "validation" in h]
+        assert validated == [3, 6, 9] and max(steps) == 9

@@ -17,7 +17,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,8 @@ def single_task_config(config: Config, task: str, rows: int) -> Config:
         mixed_batches=False,
         checkpoint_every=None,
         schedule={"name": "joint"},  # one model trained on its task, as a user trains it alone
-        early_stopping=None if stopping is None else {**stopping, "per_task": False},  # one task: the same rule
+        # one task: the same rule, counted in validations (its own steps are every step)
+        early_stopping=None if stopping is None else {**stopping, "per_task": False, "count": "validations"},
     )
     data["recipe"] = None  # the recipe's multi-task stages are the multi-task side's, not the baseline's
     data["sampling"], data["loss_weighting"], data["gradient_aggregation"] = (
@@ -123,10 +124,8 @@ class Budget:
         config = config.model_copy(deep=True)
         config.training.steps = self.max_steps or config.training.steps
         own = config.training.early_stopping  # a per-task rule and its min_delta stay; the patience is the budget's
-        config.training.early_stopping = EarlyStopping(
-            patience=self.patience,
-            min_delta=own.min_delta if own else 0.0,
-            per_task=own.per_task if own else False,
+        config.training.early_stopping = (
+            EarlyStopping(patience=self.patience) if own is None else replace(own, patience=self.patience)
         )
         return config
 
@@ -137,9 +136,11 @@ class Budget:
 
     def rule(self, training: TrainingConfig) -> str:
         if self.converge:
+            own = training.early_stopping is not None and training.early_stopping.count == "own_steps"
+            each = f" (multi-task: per task, {self.patience} x {training.eval_every} of its own steps)" if own else ""
             return (
                 f"each side trains to convergence: validation every {training.eval_every} steps, early stopping "
-                f"after {self.patience} validations without a gain, at most {training.steps} steps, the best "
+                f"after {self.patience} validations without a gain{each}, at most {training.steps} steps, the best "
                 "checkpoint kept"
             )
         if self.factor == 1.0:

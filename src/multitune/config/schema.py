@@ -114,13 +114,24 @@ class EarlyStopping:
     """Stop after `patience` validations without a gain above `min_delta`: of the average main score, or
     (per_task) of each task's own score, a stopped task leaving the mix (no longer sampled) and the run
     ending with the last. One type for the config (`training.early_stopping`, validated with the other
-    groups) and for `multitune.fit(early_stopping=...)` (checked by fit)."""
+    groups) and for `multitune.fit(early_stopping=...)` (checked by fit).
+
+    `count` (per_task only) says what the patience measures: "validations" of the run, or "own_steps", the
+    task's own training steps in units of `eval_every`: a task stops once it has trained patience × eval_every
+    of its own steps since its best validation without beating it. A task drawn on one step in eight then gets
+    the steps to improve that it would get trained alone, where counting validations stops it after an eighth.
+    Raises ValueError for count "own_steps" without per_task."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")
 
     patience: Annotated[int, Field(ge=1)] = 3  # validations without improvement
     min_delta: Annotated[float, Field(ge=0)] = 0.0  # an improvement must exceed this
     per_task: bool = False
+    count: Literal["validations", "own_steps"] = "validations"
+
+    def __post_init__(self) -> None:
+        if self.count == "own_steps" and not self.per_task:
+            raise ValueError("count: own_steps measures each task's own steps: it needs per_task: true")
 
 
 class ScheduleConfig(Group):
@@ -133,6 +144,9 @@ class ScheduleConfig(Group):
     fractions: list[float] | None = None  # sequential: each stage's share of the steps (default: equal)
     finetune_steps: int = Field(200, ge=1)  # two_stage: steps of each per-task copy
     finetune_lr: float | None = Field(None, gt=0)  # two_stage: default training.lr
+    # two_stage: end a task's refinement after this many validations without a gain on its validation split
+    # (finetune_steps is then the most it trains); none: every refinement trains finetune_steps
+    finetune_patience: int | None = Field(None, ge=1)
     # two_stage: which predictor answers each task: its refined copy ("refined", as MT-DNN), or whichever of
     # the shared model and the refined copy scores better on the task's validation split ("best"; a copy
     # that does not win is not kept, so the run stores fewer weights)

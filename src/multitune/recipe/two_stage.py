@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from multitune.config import Config, MethodConfig, ScheduleConfig, TrainingConfig
+from multitune.config import Config, EarlyStopping, MethodConfig, ScheduleConfig, TrainingConfig
 from multitune.data.collate import collate
 from multitune.data.samplers import SAMPLERS
 from multitune.data.streams import TaskStream
@@ -94,14 +94,15 @@ def refine_per_task(
     record: Callable[[dict[str, Any]], None],
     shared: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], float, dict[str, str]]:
-    """The second stage of `two_stage` (as MT-DNN): from the multi-task weights, a copy fine-tuned on each
-    task alone, best on its own validation score, saved to RUN_DIR/finetuned/TASK (in memory without a run
+    """The second stage of `two_stage` (as MT-DNN): from the multi-task weights, a copy fine-tuned on each task
+    alone, best on its own validation score, saved to RUN_DIR/finetuned/TASK (in memory without a run
     directory): the whole model, or with schedule.refine "lora" only a LoRA adapter and the task's head
-    (models/refinement.py). With `shared` (the multi-task model's per-task {"validation", "test"} results)
-    and schedule.keep "best", a copy is kept only where its validation score beats the shared model's;
-    elsewhere the shared model answers the task. Returns the answering predictors' test results, the copies'
-    training seconds, and per task which predictor answers it ("refined" or "shared"). The multi-task
-    weights are back in place afterwards."""
+    (models/refinement.py). Each copy trains schedule.finetune_steps, or with schedule.finetune_patience until
+    its validation score stalls for that many validations (finetune_steps at most). With `shared` (the multi-
+    task model's per-task {"validation", "test"} results) and schedule.keep "best", a copy is kept only where
+    its validation score beats the shared model's; elsewhere the shared model answers the task. Returns the
+    answering predictors' test results, the copies' training seconds, and per task which predictor answers it
+    ("refined" or "shared"). The multi-task weights are back in place afterwards."""
     from transformers import get_linear_schedule_with_warmup
 
     model, schedule, training = parts.model, parts.schedule, parts.training
@@ -130,7 +131,7 @@ def refine_per_task(
             mixed_batches=False,
             eval_every=min(training.eval_every, schedule.finetune_steps),
             checkpoint_every=None,
-            early_stopping=None,
+            early_stopping=None if schedule.finetune_patience is None else EarlyStopping(schedule.finetune_patience),
             gradient_accumulation=1,
         )
         streams = {name: parts.stream(name)}

@@ -65,6 +65,7 @@ class TrainState:
     stale_validations: int = 0  # early stopping on the average: validations since the last gain
     task_best: dict[str, float] = field(default_factory=dict)  # early stopping per task
     task_stale: dict[str, int] = field(default_factory=dict)
+    task_best_at: dict[str, int] = field(default_factory=dict)  # the task's own steps at its best validation
     stopped_tasks: list[str] = field(default_factory=list)
     stopped_early: bool = False
     running_losses: dict[str, float] = field(default_factory=dict)  # each task's loss, smoothed, as logged
@@ -270,7 +271,7 @@ def validate(parts: LoopParts, settings: LoopSettings, state: TrainState, hooks:
         state.best_score, state.best_step = result.score, state.step
         hooks.save_best(state.step)
     if settings.early_stopping is not None:
-        for event in early_stop(settings.early_stopping, state, result, parts.balancer):
+        for event in early_stop(settings.early_stopping, state, result, parts.balancer, settings.eval_every):
             hooks.log({"step": state.step, "early_stopping": event})
 
 
@@ -281,8 +282,11 @@ class Validation:
     signed_scores: dict[str, float]  # the same, negated where lower is better (so higher is always better)
 
 
-def early_stop(rule: EarlyStopping, state: TrainState, result: Validation, balancer: Balancer) -> list[str]:
-    """Update the early-stopping counters after a validation; returns what it decided, for the log."""
+def early_stop(
+    rule: EarlyStopping, state: TrainState, result: Validation, balancer: Balancer, eval_every: int
+) -> list[str]:
+    """Update the early-stopping counters after a validation (every `eval_every` steps); returns what it
+    decided, for the log."""
     events = []
     if not rule.per_task:
         if result.score > state.task_best.get("", -math.inf) + rule.min_delta:
@@ -297,14 +301,21 @@ def early_stop(rule: EarlyStopping, state: TrainState, result: Validation, balan
     for name, value in result.signed_scores.items():
         if name in state.stopped_tasks:
             continue
+        own_steps = state.task_steps.get(name, 0)
         if value > state.task_best.get(name, -math.inf) + rule.min_delta:
             state.task_best[name], state.task_stale[name] = value, 0
+            state.task_best_at[name] = own_steps
             continue
         state.task_stale[name] = state.task_stale.get(name, 0) + 1
-        if state.task_stale[name] >= rule.patience:
+        if rule.count == "own_steps":
+            since = own_steps - state.task_best_at.get(name, 0)
+            stale, why = since >= rule.patience * eval_every, f"{since} of its own steps"
+        else:
+            stale, why = state.task_stale[name] >= rule.patience, f"{rule.patience} validations"
+        if stale:
             state.stopped_tasks.append(name)
             balancer.task_scale[name] = 0.0
-            events.append(f"task '{name}' did not improve in {rule.patience} validations: no longer trained")
+            events.append(f"task '{name}' did not improve in {why}: no longer trained")
     if set(state.stopped_tasks) >= set(result.signed_scores):
         state.stopped_early = True
         events.append("every task has stopped: run ends")
