@@ -52,17 +52,21 @@ def adapted(method: str, shared: bool = False, kind: str = "encoder") -> tuple[n
 
 
 def features(backbone: nn.Module, adapters: TaskAdapters, ids: Tensor, row_tasks: list[str]) -> Tensor:
-    """The routed backbone's features of the real tokens [B, L, H] (prompt positions dropped)."""
+    """The routed backbone's features of the real tokens [B, L, H] (prompt positions dropped): an encoder's
+    last hidden states, a causal LM's last layer's."""
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad(), adapters.route(row_tasks):
-        out = backbone(**adapters.prompted_inputs(backbone, inputs)).last_hidden_state
+        out = backbone(**adapters.prompted_inputs(backbone, inputs), output_hidden_states=True).hidden_states[-1]
     return out[:, adapters.prompt_length() :]
 
 
-@pytest.mark.parametrize("method", ADAPTERS.names())
+@pytest.mark.parametrize(
+    "method,kind",
+    [(m, k) for m in ADAPTERS.names() for k in ("encoder", "causal_lm") if k in ADAPTERS.capabilities(m).model_kinds],
+)
 @pytest.mark.parametrize("shared", [False, True])
-def test_every_row_goes_through_its_own_tasks_adapter_whatever_the_batch_layout(method, shared):
-    backbone, adapters = adapted(method, shared)
+def test_every_row_goes_through_its_own_tasks_adapter_whatever_the_batch_layout(method, kind, shared):
+    backbone, adapters = adapted(method, shared, kind)
 
     @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(

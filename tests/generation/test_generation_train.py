@@ -89,10 +89,11 @@ def test_a_generation_task_beside_a_classification_head(tiny_causal_lm, tmp_path
     assert metrics["tasks"]["label"]["main_metric"] == "accuracy" and metrics["parameters"]["heads"]["label"] > 0
 
 
-@pytest.mark.parametrize("method", ["lora", "bottleneck"])
+@pytest.mark.parametrize("method", ["lora", "bottleneck", "prefix"])
 def test_per_task_adapters_on_a_causal_lm(tiny_causal_lm, tmp_path, write_jsonl, method):
     config = generation_config(tiny_causal_lm, tmp_path, write_jsonl)
-    config["model"]["peft"] = {"method": method, "r": 4, "dropout": 0.0, "bottleneck_size": 8}
+    settings = {"virtual_tokens": 3} if method == "prefix" else {"r": 4, "dropout": 0.0, "bottleneck_size": 8}
+    config["model"]["peft"] = {"method": method, **settings}
     config["training"].update(mixed_batches=True, lr=5e-2)
     path = tmp_path / "adapters.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -100,11 +101,86 @@ def test_per_task_adapters_on_a_causal_lm(tiny_causal_lm, tmp_path, write_jsonl,
     run = tmp_path / "runs" / "gen"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["parameters"]["heads"]["sentiment"] > 0  # each task's own adapter
-    if method == "lora":
+    if method != "bottleneck":  # bottleneck adapters are not a peft method
         assert (run / "adapters" / "copy" / "adapter_model.safetensors").exists()
     assert main(["evaluate", str(run), "--split", "validation"]) == 0
     evaluated = json.loads((run / "evaluation_validation.json").read_text())
     assert evaluated["tasks"]["copy"]["metrics"] == metrics["tasks"]["copy"]["metrics"]
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_a_causal_lms_prefix_loads_with_plain_peft_and_generates_as_recomputed(
+    tiny_causal_lm, tmp_path, write_jsonl, projection
+):
+    """Each task's prefix on a grouped-query Llama (1 key/value head, 2 query heads): PeftModel.from_pretrained
+    gives the logits multitune's model gives; greedy generation through the cached prefix equals decoding by
+    recomputing every step from scratch (the prefix cache rebuilt, the whole sequence run again)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from multitune.data.collate import Batch, TaskRows
+    from multitune.runs.load import load_run
+
+    config = generation_config(tiny_causal_lm, tmp_path, write_jsonl)
+    config["model"]["peft"] = {"method": "prefix", "virtual_tokens": 3, "prefix_projection": projection}
+    config["training"].update(mixed_batches=True, lr=5e-2, steps=8)
+    path = tmp_path / "prefix.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "runs" / "gen"
+    _, _, model, _ = load_run(run)
+    ids = torch.tensor([[5, 9, 12, 7, 30, 4]])
+    batch = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"copy": TaskRows(slice(0, 1), None)})
+    with torch.no_grad():
+        ours = model.lm_head(model.encode(batch))
+        plain = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(tiny_causal_lm)), str(run / "adapters" / "copy")
+        )
+        theirs = plain.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_causal_lm)).eval()(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5) and not torch.allclose(ours, base, atol=1e-3)
+
+    prompts = [[5, 9, 12], [7, 30, 4, 11, 8]]  # left-padded to one length
+    eos, lengths = model.tokenizer.eos_token_id, []
+    cases = [
+        (name, prompt, text)
+        for name in ("copy", "sentiment")
+        for prompt, text in zip(prompts, model.generate_texts(prompts, 5, pad_id=1, task=name), strict=True)
+    ]
+    for task, prompt, text in cases:
+        sequence = list(prompt)
+        for _ in range(5):  # recomputed: the whole sequence with a fresh prefix, the next token its argmax
+            step = torch.tensor([sequence])
+            part = Batch(
+                {"input_ids": step, "attention_mask": torch.ones_like(step)}, {task: TaskRows(slice(0, 1), None)}
+            )
+            with torch.no_grad():
+                logits = model.lm_head(model.encode(part))[0, -1]
+                sequence.append(int(logits.argmax()))
+            if sequence[-1] == eos:
+                break
+        assert text == model.tokenizer.decode(sequence[len(prompt) :], skip_special_tokens=True).strip()
+        seen = Collect()  # one prompt alone, token by token as a streamer sees them (eos included)
+        model.generate_texts([prompt], 5, pad_id=1, task=task, streamer=seen)
+        assert seen.tokens == sequence[len(prompt) :]
+        lengths.append(len(seen.tokens))
+    assert max(lengths) > 1, "the check covers decoding from the grown cache"
+
+
+class Collect:
+    """A streamer that keeps the new tokens (the first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.prompt_seen, self.ended = False, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.tokens += value.reshape(-1).tolist()
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.ended = True
 
 
 @pytest.fixture
@@ -193,3 +269,21 @@ def test_packed_training_reaches_the_padded_weights(tiny_causal_lm, tmp_path, wr
         torch.testing.assert_close(packed[name], tensor, rtol=1e-4, atol=1e-5)
     history = [json.loads(line) for line in (tmp_path / "runs" / "packed" / "history.jsonl").read_text().splitlines()]
     assert {name for h in history if "losses" in h for name in h["losses"]} == {"sentiment", "copy"}
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_packing_refuses_per_task_adapters_even_beside_a_shared_one(
+    tiny_causal_lm, tmp_path, write_jsonl, method, shared
+):
+    """A packed row holds several tasks' examples and the packed forward routes no adapter: with a shared
+    adapter beside the per-task ones, packing used to pass the config and train no adapter at all."""
+    from multitune.catalogue import validate_config
+    from multitune.errors import ConfigError
+
+    data = generation_config(tiny_causal_lm, tmp_path, write_jsonl)
+    data["model"]["peft"] = {"method": method, "shared": shared}
+    data["training"].update(packing=True)
+    with pytest.raises(ConfigError, match="a packed row holds several tasks' examples") as error:
+        validate_config(data)
+    assert error.value.field == "training.packing"

@@ -47,6 +47,16 @@ def tiny_run(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def generation_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One generation task (copy the input) on a tiny causal LM, trained 2 steps."""
+    return trained_generation_run(tmp_path_factory, None)
+
+
+@pytest.fixture(scope="session")
+def prefix_generation_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """generation_run with only a per-task prefix trained on the frozen LM (generation continues its cache)."""
+    return trained_generation_run(tmp_path_factory, {"method": "prefix", "virtual_tokens": 4})
+
+
+def trained_generation_run(tmp_path_factory: pytest.TempPathFactory, peft: dict | None) -> Path:
     import torch
 
     from tests.generation.conftest import build_tiny_causal_lm, copy_rows
@@ -70,6 +80,9 @@ def generation_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             }
         },
     }
+    if peft is not None:
+        config["model"]["peft"] = peft
+        config["training"]["lr"] = 5e-2
     return train(folder, config)
 
 

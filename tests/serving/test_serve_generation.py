@@ -12,7 +12,9 @@ from tests.serving.conftest import running_server
 httpx = pytest.importorskip("httpx")
 
 
-def test_generation_streams_and_equals_multitune_predict(generation_run, tmp_path):
+@pytest.mark.parametrize("run", ["generation_run", "prefix_generation_run"])
+def test_generation_streams_and_equals_multitune_predict(run, tmp_path, request):
+    generation_run = request.getfixturevalue(run)
     records = [{"text": "the cat sits"}, {"text": "a dog runs in paris"}]
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")

@@ -26,7 +26,7 @@ ARCHITECTURE_CAPABILITIES = {
 ADAPTER_KINDS = {
     "lora": ALL_KINDS,
     "prompt": ENCODER,  # not on causal_lm nor seq2seq
-    "prefix": ENCODER,  # the LM paths do not pass a key/value cache yet
+    "prefix": frozenset({"encoder", "causal_lm"}),  # not on seq2seq (three attention kinds to prefix)
     "bottleneck": frozenset({"encoder", "causal_lm"}),  # not on seq2seq
 }
 

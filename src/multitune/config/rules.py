@@ -65,7 +65,7 @@ def check_speed_options(config: Config) -> None:
                 ),
                 field="training.packing",
             )
-        if config.model.peft is not None and not config.model.peft.shared:
+        if config.model.peft is not None:  # with `shared` too: every row also has its own task's adapter
             raise ConfigError(
                 "per-task adapters route whole rows to one task; a packed row holds several tasks' examples",
                 field="training.packing",

@@ -176,10 +176,13 @@ class CausalLMMultiTask(MultiTaskModel):
             return self.body(
                 input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False
             ).last_hidden_state
+        plain = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        adapters = self.task_adapters
         with self.routed(batch):  # per-task adapters, when attached, see each row's task
-            return self.body(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-            ).last_hidden_state
+            if adapters is None or adapters.inside_backbone:
+                return self.body(**plain, use_cache=False).last_hidden_state  # type: ignore[no-any-return]
+            # a prefix: each row's task's keys and values as the cache in front of its tokens
+            return self.body(**adapters.prompted_inputs(self.body, plain), use_cache=False).last_hidden_state  # type: ignore[no-any-return]
 
     def head_outputs(self, hidden: Tensor, batch: Batch) -> dict[str, Tensor]:
         """Heads' outputs; a generation task's are LM logits [N, V] at its N labelled positions (or, without
@@ -257,15 +260,51 @@ class CausalLMMultiTask(MultiTaskModel):
         adapters = self.task_adapters
         routing = adapters.route([task] * len(prompts)) if adapters is not None and task else contextlib.nullcontext()
         with routing:
-            generated = self.backbone.generate(  # type: ignore[operator]
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                generation_config=settings,
-                streamer=streamer,
-            )
-        new = generated[:, length:] if self.left_padded else generated  # an encoder-decoder returns only new tokens
+            if adapters is not None and task and not adapters.inside_backbone:  # a prefix cache
+                placed = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+                inputs = adapters.prompted_inputs(self.backbone, placed)
+                new = self._greedy_from_cache(inputs, max_new_tokens, pad_id, eos, streamer, device)
+            else:
+                generated = self.backbone.generate(  # type: ignore[operator]
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    generation_config=settings,
+                    streamer=streamer,
+                )
+                new = generated[:, length:] if self.left_padded else generated  # an encoder-decoder: only new ones
         texts = self.tokenizer.batch_decode(new.tolist(), skip_special_tokens=True)
         return [str(text).strip() for text in texts]
+
+    def _greedy_from_cache(
+        self, inputs: dict[str, Any], max_new_tokens: int, pad_id: int, eos: int | None, streamer: Any, device: Any
+    ) -> Tensor:
+        """Greedy decoding [B, ≤ max_new_tokens] of left-padded prompts whose `inputs` carry a key/value cache
+        in front of them (a per-task prefix) and the attention mask over both. transformers' generate cannot
+        take a cache that holds no tokens of input_ids, so this loop feeds it: positions count from the mask,
+        as generate's do (the prefix's P positions first), and a finished row continues with padding."""
+        cache_name = "cache" if "cache" in inputs else "past_key_values"
+        mask = inputs["attention_mask"].to(device)
+        step_inputs = {**inputs, "input_ids": inputs["input_ids"].to(device), "attention_mask": mask}
+        rows = mask.shape[0]
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        tokens: list[Tensor] = []
+        if streamer is not None:
+            streamer.put(inputs["input_ids"].cpu())  # a streamer skips the prompt it is shown first
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_inputs["input_ids"].shape[1] :]
+            output = self.backbone(**step_inputs, position_ids=positions, use_cache=True)
+            token = output.logits[:, -1].argmax(-1).masked_fill(done, pad_id)  # [B]
+            tokens.append(token)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            done |= token == eos if eos is not None else torch.zeros_like(done)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
+            step_inputs = {"input_ids": token[:, None], "attention_mask": mask, cache_name: output.past_key_values}
+        if streamer is not None:
+            streamer.end()
+        return torch.stack(tokens, dim=1) if tokens else torch.zeros(rows, 0, dtype=torch.long)
 
 
 def build_causal_model(

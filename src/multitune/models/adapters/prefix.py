@@ -6,11 +6,12 @@ two-layer MLP from smaller embeddings (the paper's reparametrization, which stea
 they are learned directly.
 
 Rows of a mixed batch each get their own task's prefix: the prefixes of the batch's runs of rows are stacked
-into one key/value cache of shape [B, heads, P, head_dim] per layer (the shared prefix first, when there is
-one) and passed to the backbone as its cache, with the attention mask extended over the P prefix positions,
-as peft passes a prefix. Each task's prefix is saved in peft's format (the encoder's output, as peft saves a
-prefix), so `PeftModel.from_pretrained(base_model, RUN_DIR/adapters/TASK)` reproduces it; a prefix is not a
-change of weights, so export cannot fold it into the backbone.
+into one key/value cache of shape [B, heads, P, head_dim] per layer (the shared prefix first, when there is one)
+and passed to the backbone as its cache, with the attention mask extended over the P prefix positions, as peft
+passes a prefix. On a causal LM the same cache serves training and scoring, and generation continues it token by
+token (CausalLMMultiTask.generate_texts). Each task's prefix is saved in peft's format (the encoder's output, as
+peft saves a prefix), so `PeftModel.from_pretrained(base_model, RUN_DIR/adapters/TASK)` reproduces it; a prefix
+is not a change of weights, so export cannot fold it into the backbone.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from multitune.models.adapters.base import ADAPTERS, SHARED, Routing
 from multitune.registry import Capabilities
 
 
-# encoders: MultiTaskModel runs an encoder with the adapters' inputs; the causal and seq2seq LM paths
-# (training loss, generation) call the backbone on the tokens themselves, so they are not offered yet. Not on
-# a sharded backbone (FSDP) yet.
-@ADAPTERS.register("prefix", capabilities=Capabilities(model_kinds=frozenset({"encoder"}), sharded=False))
+# encoders and causal LMs (training, scoring and greedy generation through the prefix cache); an encoder-
+# decoder needs prefixes for three attention kinds (encoder, decoder, cross), not offered yet. Not on a
+# sharded backbone (FSDP) yet.
+@ADAPTERS.register("prefix", capabilities=Capabilities(model_kinds=frozenset({"encoder", "causal_lm"}), sharded=False))
 class PrefixTuning:
     """Prefix tuning through peft: `virtual_tokens` learned key/value vectors per task in every attention layer."""
 
@@ -47,12 +48,17 @@ class PrefixTuning:
         from peft import PrefixEncoder, PrefixTuningConfig
 
         config: Any = backbone.config
-        hidden, self.heads = int(config.hidden_size), int(config.num_attention_heads)
-        self.layers, self.head_dim = int(config.num_hidden_layers), hidden // self.heads
+        hidden, attention_heads = int(config.hidden_size), int(config.num_attention_heads)
+        # grouped-query attention keeps fewer key/value heads than query heads: the prefix has the former
+        self.heads = int(getattr(config, "num_key_value_heads", None) or attention_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or hidden // attention_heads)
+        self.layers = int(config.num_hidden_layers)
+        output = getattr(backbone, "get_output_embeddings", None)
+        causal = output is not None and output() is not None
         self.config = PrefixTuningConfig(
-            task_type="FEATURE_EXTRACTION",
+            task_type="CAUSAL_LM" if causal else "FEATURE_EXTRACTION",  # the PeftModel class that loads it
             num_virtual_tokens=self.virtual_tokens,
-            token_dim=hidden,
+            token_dim=self.heads * self.head_dim,
             num_transformer_submodules=1,
             num_attention_heads=self.heads,
             num_layers=self.layers,
@@ -70,7 +76,7 @@ class PrefixTuning:
         return 0  # the prefix is in the keys and values, not among the positions the heads read
 
     def _prefix(self, name: str, device: torch.device) -> Tensor:
-        """Task `name`'s prefix: [n, layers · 2 · hidden] (keys and values of every layer)."""
+        """Task `name`'s prefix: [n, layers · 2 · kv_heads · head_dim] (keys and values of every layer)."""
         ids = torch.arange(self.virtual_tokens, device=device)[None]
         return self.prefixes[name](ids)[0]
 
@@ -81,7 +87,7 @@ class PrefixTuning:
         assert routing.rows is not None
         device = inputs["input_ids"].device
         pieces = [self._prefix(name, device).expand(r.stop - r.start, -1, -1) for name, r in routing.runs]
-        prefix = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [B, n, layers·2·hidden]
+        prefix = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [B, n, layers·2·kv_heads·head_dim]
         if routing.shared:
             front = self._prefix(SHARED, device).expand(prefix.shape[0], -1, -1)
             prefix = torch.cat([front, prefix], dim=1)
@@ -99,7 +105,7 @@ class PrefixTuning:
         self, backbone: nn.Module, tasks: list[str], shared: bool
     ) -> tuple[dict[str, dict[str, Tensor]], Any]:
         """Each task's prefix (with the shared one in front) as peft saves a prefix: the encoder's output
-        `prompt_embeddings` [P, layers · 2 · hidden], and a config of that length."""
+        `prompt_embeddings` [P, layers · 2 · kv_heads · head_dim], and a config of that length."""
         device = next(self.prefixes.parameters()).device
         front = [self._prefix(SHARED, device)] if shared else []
         states = {
