@@ -105,3 +105,82 @@ def test_adamerging_learns_coefficients_and_merges_with_them(single_runs, tiny_b
         name = f"backbone.{key}"
         want = start + l1 * (first[name] - start) + l2 * (second[name] - start)
         assert torch.allclose(merged[name], want, atol=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_backbone):
+    """One run with a LoRA adapter per task (sentiment, ner) on the frozen tiny backbone."""
+    folder = tmp_path_factory.mktemp("lora-merge")
+    a, b = folder / "a.jsonl", folder / "b.jsonl"
+    for path, rows in ((a, classification_rows(40)), (b, token_rows(40))):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = tiny_config(tiny_backbone, a, b, folder / "runs", steps=8, lr=5e-2)
+    data["model"]["peft"] = {"method": "lora", "r": 2, "alpha": 4, "dropout": 0.0}
+    path = folder / "lora.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    return folder, folder / "runs" / "tiny"
+
+
+def test_per_task_lora_adapters_merge_through_peft_into_one_backbone(lora_run, tiny_backbone):
+    """task_arithmetic (λ = 0.5) over LoRA adapters: every adapted tensor of the merged backbone is
+    W + λ·Σ_t (α/r)·B_t·A_t, computed here from the adapters' own files; the others are the frozen W; each
+    task keeps its head; the merged adapter loads with plain peft; evaluate reproduces the scores."""
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    folder, run = lora_run
+    argv = [
+        "merge",
+        str(run),
+        "--method",
+        "task_arithmetic",
+        "--set",
+        "scaling=0.5",
+        "--output-dir",
+        str(folder / "out"),
+    ]
+    assert main(argv) == 0
+    merged_dir = folder / "out" / "merged"
+    merged = load_file(str(merged_dir / "model.safetensors"))
+    trained = load_file(str(run / "model.safetensors"))
+    base = AutoModel.from_pretrained(str(tiny_backbone)).state_dict()
+    expected = {key: value.clone() for key, value in base.items()}
+    for task in ("sentiment", "ner"):
+        adapter = load_file(str(run / "adapters" / task / "adapter_model.safetensors"))
+        settings = json.loads((run / "adapters" / task / "adapter_config.json").read_text())
+        scale = settings["lora_alpha"] / settings["r"]
+        for key, a in adapter.items():
+            if ".lora_A." in key:
+                target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                b = adapter[key.replace("lora_A", "lora_B")]  # [out, r] @ [r, in]
+                expected[target] = expected[target] + 0.5 * scale * b @ a
+    changed = 0
+    for key, value in expected.items():
+        if value.is_floating_point():
+            assert torch.allclose(merged[f"backbone.{key}"], value, atol=1e-5), key
+            changed += not torch.allclose(value, base[key])
+    assert changed >= 4  # the adapted query and value projections of both layers
+    heads = {k for k in merged if k.startswith("heads.")}
+    assert heads and all(torch.equal(merged[k], trained[k]) for k in heads)
+    plain = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_backbone)), str(merged_dir / "adapter"))
+    folded = plain.merge_and_unload().state_dict()
+    assert all(torch.allclose(folded[k], expected[k], atol=1e-5) for k in expected if expected[k].is_floating_point())
+    metrics = json.loads((merged_dir / "metrics.json").read_text())
+    assert metrics["merge"]["task_vector_cosine"]["overall"][0][0] == 1.0
+    assert main(["evaluate", str(merged_dir), "--split", "test"]) == 0
+    again = json.loads((merged_dir / "evaluation_test.json").read_text())
+    assert {n: t["metrics"] for n, t in again["tasks"].items()} == {
+        n: t["metrics"] for n, t in metrics["tasks"].items()
+    }
+
+
+def test_lora_merges_by_ties_and_dare_and_refuse_adamerging(lora_run, capsys):
+    folder, run = lora_run
+    for method in ("ties", "dare_ties"):
+        out = folder / "sparse"
+        assert main(["merge", str(run), "--method", method, "--output-dir", str(out), "--name", method]) == 0
+        assert (out / method / "adapter" / "adapter_model.safetensors").exists()
+    assert main(["merge", str(run), "--method", "adamerging", "--output-dir", str(folder / "ada")]) == 2
+    assert "does not merge LoRA adapters" in capsys.readouterr().err
+    assert not (folder / "ada").exists()

@@ -18,6 +18,7 @@ Methods (MERGE_METHODS), each called with a tensor's stacked task vectors [T, ..
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +41,9 @@ class Average:
 
     paper = "Wortsman et al. 2022"
 
+    def peft_combination(self, tasks: int) -> tuple[str, list[float], float | None]:
+        return "cat", [1.0 / tasks] * tasks, None
+
     def __call__(self, vectors: Tensor) -> Tensor:
         return vectors.mean(0)
 
@@ -53,6 +57,9 @@ class TaskArithmetic:
     def __init__(self, scaling: float = 0.3) -> None:
         _checked(scaling)
         self.scaling = scaling
+
+    def peft_combination(self, tasks: int) -> tuple[str, list[float], float | None]:
+        return "cat", [self.scaling] * tasks, None
 
     def __call__(self, vectors: Tensor) -> Tensor:
         from peft.utils.merge_utils import task_arithmetic
@@ -70,6 +77,9 @@ class Ties:
         _checked(scaling, density)
         self.density, self.scaling = density, scaling
 
+    def peft_combination(self, tasks: int) -> tuple[str, list[float], float | None]:
+        return "ties_svd", [self.scaling] * tasks, self.density
+
     def __call__(self, vectors: Tensor) -> Tensor:
         from peft.utils.merge_utils import ties
 
@@ -86,6 +96,10 @@ class _Dare:
         _checked(scaling, density)
         self.density, self.scaling, self.seed = density, scaling, seed
         self.calls = 0
+
+    def peft_combination(self, tasks: int) -> tuple[str, list[float], float | None]:
+        torch.manual_seed(self.seed)  # peft draws DARE's drops from torch's generator
+        return f"{self.arithmetic}_svd", [self.scaling] * tasks, self.density
 
     def __call__(self, vectors: Tensor) -> Tensor:
         from peft.utils import merge_utils
@@ -129,6 +143,51 @@ def merge_weights(
         vectors = torch.stack([state[key].float() - start.float() for state in tuned])  # [T, ...]
         merged[key] = (start.float() + method(vectors)).to(start.dtype)  # type: ignore[operator]
     return merged
+
+
+MERGED = "merged"  # the merged LoRA adapter's name
+
+
+def merge_lora_adapters(base: torch.nn.Module, adapters: Mapping[str, str], method: object) -> Any:
+    """Per-task LoRA adapters of one base model (peft folders: {task: folder}) merged into one LoRA adapter
+    through peft's `add_weighted_adapter`, as `method` combines task vectors: `average` and `task_arithmetic`
+    exactly (peft's "cat": the adapters' B·A stacked, weights 1/T or λ), `ties`, `dare` and `dare_ties` on
+    each layer's full delta B·A·α/r (peft's "*_svd" combinations) brought back to a LoRA of rank Σ r_t by SVD
+    (exact up to that rank). Returns the PeftModel wrapping `base` with the one adapter `merged` active (the
+    per-task ones deleted). Raises ValueError for a method peft cannot combine (adamerging learns
+    coefficients on the full weights)."""
+    from peft import PeftModel
+
+    combination = getattr(method, "peft_combination", None)
+    if combination is None:
+        raise ValueError(f"{type(method).__name__} does not merge LoRA adapters (peft has no such combination)")
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    kind, weights, density = combination(len(names))
+    configs: dict[str, Any] = model.peft_config
+    rank = sum(int(configs[name].r) for name in names)
+    options: dict[str, Any] = {} if density is None else {"density": density, "majority_sign_method": "total"}
+    model.add_weighted_adapter(names, weights, MERGED, combination_type=kind, svd_rank=rank, **options)
+    model.set_adapter(MERGED)
+    for name in names:
+        model.delete_adapter(name)
+    return model
+
+
+def lora_deltas(model: Any, names: Sequence[str]) -> list[dict[str, Tensor]]:
+    """Each named adapter's weight change per adapted tensor ({module.weight: B·A·α/r}) of a PeftModel."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas: list[dict[str, Tensor]] = [{} for _ in names]
+    for key, module in model.base_model.model.named_modules():
+        if isinstance(module, LoraLayer):
+            layer: Any = module
+            for index, name in enumerate(names):
+                if name in layer.lora_A:
+                    deltas[index][f"{key}.weight"] = layer.get_delta_weight(name).detach()
+    return deltas
 
 
 def task_vector_cosines(

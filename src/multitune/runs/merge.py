@@ -2,6 +2,11 @@
 merged into one backbone by a merge method of models/merging.py, each task keeping its own head, written as a
 run that `evaluate`, `predict`, `serve` and `export` use like any other.
 
+Runs with per-task LoRA adapters (one run with several tasks' adapters, or several single-task LoRA runs on
+one frozen backbone) merge their adapters instead, through peft's `add_weighted_adapter`
+(models/merging.py's `merge_lora_adapters`): the merged adapter is kept in peft's format under
+RUN_DIR/adapter and folded into the backbone the run's weights hold.
+
 The method's settings that `grid` names (e.g. `scaling: [0.3, 0.5, 1.0]`) are chosen on the tasks'
 validation splits (the average main score), never on test; metrics.json records every candidate's
 validation score, the chosen settings, and the chosen model's test scores.
@@ -9,6 +14,7 @@ validation score, the chosen settings, and the chosen model's test scores.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import shutil
 import time
@@ -25,7 +31,14 @@ from multitune.core.files import WEIGHTS_FILE, write_json, write_text
 from multitune.errors import ConfigError
 from multitune.models.assemble import LOADERS
 from multitune.models.backbone import load_backbone
-from multitune.models.merging import MERGE_METHODS, merge_weights, task_vector_cosines
+from multitune.models.merging import (
+    MERGE_METHODS,
+    MERGED,
+    lora_deltas,
+    merge_lora_adapters,
+    merge_weights,
+    task_vector_cosines,
+)
 from multitune.runs.evaluate import evaluate_run
 from multitune.runs.layout import create_run_dir
 from multitune.runs.load import load_run
@@ -49,12 +62,20 @@ def merge_runs(
     for chosen in combos or [settings]:  # every setting checked before anything is loaded or written
         MERGE_METHODS.build(method, field="--method", **chosen)
     loaded = [load_run(run) for run in run_dirs]
-    config = _combined(loaded, [Path(run) for run in run_dirs], output_dir, name)
+    lora = any(config.model.peft is not None for config, *_ in loaded)
+    config = _combined(loaded, [Path(run) for run in run_dirs], output_dir, name, lora)
+    if lora and not hasattr(MERGE_METHODS.get(method), "peft_combination"):
+        raise ConfigError(f"{method} does not merge LoRA adapters (peft has no such combination)", field="--method")
     model_config = config.model
-    loader = LOADERS.get(model_config.kind, load_backbone)
-    base = loader(model_config.backbone, model_config.revision, model_config.trust_remote_code, False).model
-    base_state = {key: value.detach() for key, value in base.state_dict().items()}
-    tuned = [model.backbone.state_dict() for _, _, model, _ in loaded]
+    if lora:
+        base, adapters = _lora_parts(loaded, [Path(run) for run in run_dirs], model_config.kind)
+        base_state = {key: value.detach() for key, value in base.state_dict().items()}
+        tuned = _lora_task_states(base, base_state, adapters)
+    else:
+        loader = LOADERS.get(model_config.kind, load_backbone)
+        base = loader(model_config.backbone, model_config.revision, model_config.trust_remote_code, False).model
+        base_state = {key: value.detach() for key, value in base.state_dict().items()}
+        tuned = [model.backbone.state_dict() for _, _, model, _ in loaded]
     overall, per_layer = task_vector_cosines(base_state, tuned)
     heads = {
         key: value for _, _, model, _ in loaded for key, value in model.state_dict().items() if key.startswith("heads.")
@@ -68,7 +89,14 @@ def merge_runs(
     best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
     for chosen in combos or [settings]:
         merger = MERGE_METHODS.build(method, field="--method", **chosen)
-        if getattr(merger, "learns", False):  # AdaMerging: coefficients learned on unlabelled validation inputs
+        if lora:
+            merged = merge_lora_adapters(copy.deepcopy(base), adapters, merger)
+            from peft import get_peft_model_state_dict
+
+            saved = get_peft_model_state_dict(merged, adapter_name=MERGED)  # SVD factors may be views: copied whole
+            adapter = ({k: v.detach().contiguous().clone() for k, v in saved.items()}, merged.peft_config[MERGED])
+            weights = merged.merge_and_unload().state_dict()
+        elif getattr(merger, "learns", False):  # AdaMerging: coefficients learned on unlabelled validation inputs
             model, batches = _unlabelled(config, loaded, heads)
             weights, learned = merger.learn(model, base_state, tuned, batches)  # type: ignore[attr-defined]
             chosen = {**chosen, "coefficients": learned}
@@ -80,6 +108,8 @@ def merge_runs(
         candidates.append({"settings": chosen, "validation_average_main_score": score})
         if best is None or score > best[0]:
             best = (score, chosen, {**state, **heads})
+            if lora:  # the chosen adapter, in peft's format
+                _save_adapter(*adapter, run_dir / "adapter")
     assert best is not None
     save_weights(best[2], run_dir / WEIGHTS_FILE)
     test = evaluate_run(run_dir, "test")
@@ -132,18 +162,81 @@ def _unlabelled(config: Config, loaded: list[Any], heads: dict[str, torch.Tensor
     return model, batches
 
 
-def _combined(loaded: list[Any], runs: Sequence[Path], output_dir: str | Path, name: str) -> Config:
-    """One config holding every run's tasks, the first run's model; the runs must fit together."""
+def _save_adapter(state: dict[str, torch.Tensor], config: Any, folder: Path) -> None:
+    """A LoRA adapter in peft's format (adapter_model.safetensors and adapter_config.json) in `folder`."""
+    from safetensors.torch import save_file
+
+    from multitune.core.files import atomic_write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    config.save_pretrained(str(folder))
+
+
+def _lora_parts(loaded: list[Any], runs: Sequence[Path], kind: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The frozen backbone the LoRA runs share (a fresh module with their base weights) and each task's
+    adapter folder. Raises ConfigError when the runs' frozen weights differ."""
+    from multitune.runs.load import rebuilt_backbone
+
+    base_state: dict[str, torch.Tensor] | None = None
+    adapters: dict[str, str] = {}
+    for (config, _, model, _), run in zip(loaded, runs, strict=True):
+        state = {
+            key.replace(".base_layer", ""): value
+            for key, value in model.backbone.state_dict().items()
+            if "lora_" not in key
+        }
+        if base_state is None:
+            base_state = state
+        elif state.keys() != base_state.keys() or any(not torch.equal(state[k], base_state[k]) for k in state):
+            raise ConfigError(
+                "its frozen backbone differs from the first run's: the adapters do not share a base", file=str(run)
+            )
+        for task in config.tasks:
+            adapters[task] = str(run / "adapters" / task)
+    assert base_state is not None
+    base = rebuilt_backbone(runs[0] / "backbone", kind).model
+    base.load_state_dict(base_state)
+    return base.eval(), adapters
+
+
+def _lora_task_states(
+    base: torch.nn.Module, base_state: dict[str, torch.Tensor], adapters: dict[str, str]
+) -> list[dict[str, torch.Tensor]]:
+    """Each task's backbone as its adapter changes it (θ_0 + B·A·α/r on the adapted tensors), for the task
+    vector cosines."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    deltas = lora_deltas(model, names)
+    return [
+        {key: value + delta[key] if key in delta else value for key, value in base_state.items()} for delta in deltas
+    ]
+
+
+def _combined(loaded: list[Any], runs: Sequence[Path], output_dir: str | Path, name: str, lora: bool) -> Config:
+    """One config holding every run's tasks, the first run's model (without adapters: the merged run is one
+    backbone); the runs must fit together."""
     first = loaded[0][0]
-    if len(loaded) < 2:
-        raise ConfigError("name at least two runs to merge", field="runs")
+    tasks = sum(len(config.tasks) for config, *_ in loaded)
+    if (len(loaded) if not lora else tasks) < 2:
+        raise ConfigError(
+            "name at least two runs to merge" if not lora else "a LoRA merge needs two tasks' adapters", field="runs"
+        )
     seen: dict[str, Path] = {}
     for (config, _, model, _), run in zip(loaded, runs, strict=True):
         model_config = config.model
         if (model_config.backbone, model_config.kind) != (first.model.backbone, first.model.kind):
             raise ConfigError(f"not fine-tuned from {first.model.backbone}: {model_config.backbone}", file=str(run))
-        if model_config.peft is not None or model.architecture != "hard" or model_config.init_from is not None:
-            message = "only fully fine-tuned hard-sharing runs merge (no adapters, no init_from)"
+        peft = model_config.peft
+        if lora and (peft is None or peft.method != "lora" or peft.shared or peft.train_backbone):
+            message = "a LoRA merge takes runs whose every task has its own LoRA adapter on a frozen backbone"
+            raise ConfigError(message + " (no shared adapter, no train_backbone)", file=str(run))
+        if (not lora and peft is not None) or model.architecture != "hard" or model_config.init_from is not None:
+            message = "only fully fine-tuned hard-sharing runs, or per-task LoRA runs, merge (no init_from)"
             raise ConfigError(message, file=str(run))
         if config.run.seed != first.run.seed:
             raise ConfigError(
@@ -156,6 +249,7 @@ def _combined(loaded: list[Any], runs: Sequence[Path], output_dir: str | Path, n
                 raise ConfigError(f"task '{task}' is in two runs ({seen[task]} and {run})", file=str(run))
             seen[task] = run
     data = first.model_dump(mode="json")
+    data["model"]["peft"] = None
     data["tasks"] = {
         task: spec for config, *_ in loaded for task, spec in config.model_dump(mode="json")["tasks"].items()
     }
