@@ -215,3 +215,8 @@ def test_compare_merges_the_baselines_into_rows_beside_joint_training(tmp_path, 
     assert result["merges"]["ties"]["settings"]["density"] == 0.2
     markdown = (run / "comparison.md").read_text()
     assert "| merge: average |" in markdown and "| merge: ties (" in markdown and "| joint multi-task |" in markdown
+    report = (run / "report.html").read_text()
+    assert "Joint training against merging the single-task models" in report
+    for name in ("one model per task", "joint multi-task", "merge: average", "merge: ties"):
+        assert f"<td>{name}</td>" in report
+    assert f"<td>{result['merges']['ties']['delta_m_percent']:+.2f}%</td>" in report

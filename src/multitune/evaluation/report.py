@@ -221,6 +221,8 @@ def build_report(run_dir: Path) -> str:
             + _table(["task", "metric", "single-task", "multi-task", "change"], rows)
             + f"<p>Δm {comparison['delta_m_percent']:+.2f}%. {html.escape(comparison['verdict'])}</p>"
         )
+    if comparison and comparison.get("merges"):
+        sections.append(_merge_section(comparison))
     if affinity and affinity.get("groups"):
         groups = "; ".join(" + ".join(g) for g in affinity["groups"])
         sections.append(f"<h2>Suggested task groups</h2><p>{html.escape(groups)}</p>")
@@ -257,6 +259,56 @@ window.addEventListener("load", function () {{
 </script>
 </body></html>
 """
+
+
+def merge_models(comparison: dict[str, Any]) -> list[tuple[str, dict[str, float], float, int]]:
+    """The comparison's roads to one model side by side: (name, {task: main test score}, Δm %, stored bytes)
+    for one model per task, joint multi-task training, and each merge of the single-task models."""
+    tasks = comparison["tasks"]
+    storage = comparison.get("storage_bytes") or {}
+    models = [
+        ("one model per task", {t: e["single"] for t, e in tasks.items()}, 0.0, int(storage.get("single_total", 0))),
+        (
+            "joint multi-task",
+            {t: e["multi"] for t, e in tasks.items()},
+            comparison["delta_m_percent"],
+            int(storage.get("multi", 0)),
+        ),
+    ]
+    for method, row in comparison["merges"].items():
+        models.append((f"merge: {method}", row["tasks"], row["delta_m_percent"], int(row["storage_bytes"])))
+    return models
+
+
+def _merge_section(comparison: dict[str, Any]) -> str:
+    """The merge rows as a table and a plot of each model's Δm against its stored size."""
+    models = merge_models(comparison)
+    tasks = list(comparison["tasks"])
+    rows = [
+        [name, *(f"{scores[t]:.4f}" for t in tasks), f"{delta:+.2f}%", f"{stored / 1e6:.1f}"]
+        for name, scores, delta, stored in models
+    ]
+    table = _table(["model", *tasks, "Δm", "stored MB"], rows)
+
+    def draw(axes: Any) -> None:
+        names = [name for name, *_ in models]
+        deltas = [delta for _, _, delta, _ in models]
+        bars = axes.barh(names, deltas, color=["#7f7f7f", "#1f77b4", *["#ff7f0e"] * (len(models) - 2)])
+        for bar, (_, _, _, stored) in zip(bars, models, strict=True):
+            axes.annotate(
+                f" {stored / 1e6:.0f} MB",
+                (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                va="center",
+                fontsize=8,
+            )
+        axes.axvline(0.0, color="#333", linewidth=0.8)
+        axes.invert_yaxis()
+        axes.set_xlabel("Δm against one model per task (%); label: stored size")
+        axes.grid(alpha=0.3, axis="x")
+
+    title = "Joint training against merging the single-task models"
+    image = f'<img alt="{html.escape(title)}" src="data:image/png;base64,{_png(_figure(draw))}">'
+    return f"<h2>{html.escape(title)}</h2>{table}{image}"
 
 
 def write_report(run_dir: Path) -> Path:
