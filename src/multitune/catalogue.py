@@ -23,6 +23,7 @@ from multitune.config import (
     loading,
 )
 from multitune.config.rules import check_combinations
+from multitune.data.discovery import discovered_tasks
 from multitune.data.samplers import SAMPLER_INJECTED, SAMPLERS
 from multitune.errors import ConfigError
 from multitune.evaluation.metrics import METRICS
@@ -165,7 +166,7 @@ def check_balancing(
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A config file with its overrides, checked against the schema and the method registries."""
-    return loading.load_config(path, overrides, check=check_methods)
+    return loading.load_config(path, overrides, check=check_methods, expand=discovered_tasks)
 
 
 def load_run_config(path: str | Path, run_settings: dict[str, Any] | None = None) -> Config:
@@ -174,8 +175,13 @@ def load_run_config(path: str | Path, run_settings: dict[str, Any] | None = None
 
 
 def validate_config(data: dict[str, Any], file: str | None = None) -> Config:
-    """A config given as a mapping, checked as a file is."""
-    return loading.validate_config(data, file=file, check=check_methods)
+    """A config given as a mapping, checked as a file is (a `discover` group's paths relative to the current
+    folder)."""
+    config = loading.validate_config(data, file=file, check=None if data.get("discover") else check_methods)
+    if config.discover is not None:
+        data, lines = loading.with_discovered(data, {}, config, Path.cwd(), discovered_tasks, file)
+        config = loading.validate_config(data, file=file, lines=lines, check=check_methods)
+    return config
 
 
 def describe_methods() -> Iterable[dict[str, str]]:

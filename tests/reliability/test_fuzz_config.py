@@ -230,6 +230,8 @@ def setting(config: dict[str, Any], path: str, value: Any) -> None:
             node[part] = [None] if after == "0" else {}
         if part in ("sampling", "loss_weighting", "gradient_aggregation", "architecture"):
             node[part].setdefault("name", "equal" if part == "loss_weighting" else "hard")
+        if part == "discover":  # the group's required source, as the fixture's task has one
+            node[part].setdefault("source", {"format": "unified", "train": "x.jsonl"})
         node = node[part]
     if isinstance(node, list):
         node[int(parts[-1])] = value

@@ -334,9 +334,9 @@ def test_fewer_than_two_labels_is_refused_naming_the_key(tmp_path, kind):
 FOREIGN_CONFIGS = {
     "list": (b"- a\n- b\n", "the config must be a mapping of groups"),
     "scalar": (b"42\n", "the config must be a mapping of groups"),
-    "empty": (b"", "field 'tasks': required key is missing"),
-    "no tasks": (b"run:\n  name: x\ntraining:\n  steps: 3\n", "field 'tasks': required key is missing"),
-    "no run, no tasks": (b"training:\n  steps: 3\n", "field 'tasks': required key is missing"),
+    "empty": (b"", "field 'tasks': name at least one task"),
+    "no tasks": (b"run:\n  name: x\ntraining:\n  steps: 3\n", "field 'tasks': name at least one task"),
+    "no run, no tasks": (b"training:\n  steps: 3\n", "field 'tasks': name at least one task"),
     "binary": (bytes(range(256)) * 4, "not UTF-8 text"),
     "run not a group": (b"run: [1, 2]\ntasks: {}\n", ":1: field 'run': must be a group"),
     "wrong types": (b"run: {seed: many}\ntasks: 5\n", ":1: field 'run.seed': Input should be a valid integer"),

@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from multitune.config.rules import check_numbers
-from multitune.config.schema import PACKAGE_PREFIX, SPLITS, Config, known_keys
+from multitune.config.schema import PACKAGE_PREFIX, SPLITS, Config, DiscoverConfig, known_keys
 from multitune.errors import ConfigError
 
 # Bounds on what one YAML text may expand to. Aliases make a small text stand for a huge tree (nine
@@ -24,6 +24,7 @@ from multitune.errors import ConfigError
 # PyYAML builds them as shared objects, but every reader that walks the tree pays for the expansion.
 # A hand-written config is a few hundred values, a few levels deep.
 Check = Callable[[Config], None]  # a check a valid config must also pass; raises ConfigError with a field
+Expand = Callable[[DiscoverConfig], dict[str, dict[str, Any]]]  # the tasks a `discover` group finds in the data
 MAX_CONFIG_BYTES = 256 * 1024  # several thousand lines; loads in well under a second
 
 
@@ -256,10 +257,16 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, 
     return data, lines
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check: Check | None = None) -> Config:
+def load_config(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    check: Check | None = None,
+    expand: Expand | None = None,
+) -> Config:
     """The config file at `path` with `overrides` ("key.path=value") applied, validated against the schema and
     then by `check` (the method registries' checks live above this package: catalogue.load_config passes
-    them). Raises ConfigError naming the file, line and field."""
+    them); a `discover` group is expanded into tasks by `expand` (which reads the data: data/discovery.py).
+    Raises ConfigError naming the file, line and field."""
     path = Path(path)
     data, lines = read_config_file(path)
     overridden: dict[tuple[str, ...], str] = {}  # key path -> its value's repr
@@ -280,9 +287,60 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
                 )
         apply_override(data, key_path, value)
         overridden[key] = repr(value)
-    config = validate_config(data, file=str(path), lines=lines, overridden=set(overridden), check=check)
+    discovering = data.get("discover") is not None and expand is not None  # the checks wait for the tasks
+    config = validate_config(
+        data, file=str(path), lines=lines, overridden=set(overridden), check=None if discovering else check
+    )
+    if config.discover is not None and expand is not None:
+        data, lines = with_discovered(data, lines, config, path.parent, expand, str(path))
+        config = validate_config(data, file=str(path), lines=lines, overridden=set(overridden), check=check)
     resolve_paths(config, path.parent)
     return config
+
+
+def with_discovered(
+    data: dict[str, Any],
+    lines: dict[tuple[str, ...], int],
+    config: Config,
+    base: Path,
+    expand: Expand,
+    file: str | None,
+) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """`data` with the `discover` group replaced by the tasks it finds (paths resolved against `base`); an
+    error in a discovered task is located at the `discover` group. Raises ConfigError for a discovered task
+    the config also names."""
+    discover = config.discover
+    assert discover is not None
+    source = discover.source
+    for split in SPLITS:
+        value = getattr(source, split)
+        if isinstance(value, list):
+            setattr(source, split, [resolve_path(v, base) for v in value])
+        elif value:
+            setattr(source, split, resolve_path(value, base))
+    try:
+        found = expand(discover)
+    except ConfigError as error:
+        if error.file is None:
+            key = ("discover", *(error.field or "").split(".")[1:2])  # e.g. discover.source
+            error.file, error.line = file, lines.get(key) or lines.get(("discover",))
+        raise
+    named = data.get("tasks") or {}
+    both = sorted(set(named) & set(found))
+    if both:
+        raise ConfigError(
+            f"task '{both[0]}' is named in tasks and found by discover: give its own keys in discover.overrides",
+            file=file,
+            line=lines.get(("tasks", both[0])),
+            field=f"tasks.{both[0]}",
+        )
+    expanded = {key: value for key, value in data.items() if key != "discover"}
+    expanded["tasks"] = {**named, **found}
+    where = lines.get(("discover",))
+    located = dict(lines)
+    if where is not None:
+        located.update({("tasks", name): where for name in found})
+    return expanded, located
 
 
 def load_run_config(path: str | Path, run_settings: dict[str, Any] | None = None, check: Check | None = None) -> Config:

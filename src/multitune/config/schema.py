@@ -368,6 +368,20 @@ class TaskConfig(Group):
             raise ValueError("a generation task reads text sources (jsonl, csv, tsv, hf, unified, parallel), not conll")
 
 
+class DiscoverConfig(Group):
+    """Tasks found in the data instead of named one by one (data/discovery.py): with format `unified`, one
+    task per value of the records' `task` field; with a folder as `train` (jsonl, csv, tsv or conll files),
+    one task per file, named by its stem, its validation and test files the same names in the folders those
+    splits give. Every task gets `type`, the source, and `defaults` (any task key); `overrides` gives one
+    task's own keys over those. A task value that is not a valid task name (`flan/cot`) is named with `_`
+    for each character a name may not hold (`flan_cot`)."""
+
+    source: SourceConfig
+    type: TaskType = "generation"
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
 class Config(Group):
     recipe: Literal["recommended"] | None = None  # settings filled in under the config's own (config/recipes.py)
     run: RunConfig = Field(default_factory=RunConfig)
@@ -379,13 +393,14 @@ class Config(Group):
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
-    tasks: dict[str, TaskConfig]
+    discover: DiscoverConfig | None = None  # expanded into `tasks` when the config is loaded
+    tasks: dict[str, TaskConfig] = Field(default_factory=dict, validate_default=True)
 
     @field_validator("tasks")
     @classmethod
-    def _tasks(cls, tasks: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
-        if not tasks:
-            raise ValueError("name at least one task")
+    def _tasks(cls, tasks: dict[str, TaskConfig], info: ValidationInfo) -> dict[str, TaskConfig]:
+        if not tasks and info.data.get("discover") is None:
+            raise ValueError("name at least one task (or let `discover` find them in the data)")
         for name in tasks:
             _check_name(name, "task name")
         return tasks
