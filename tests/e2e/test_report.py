@@ -237,3 +237,23 @@ def test_comparison_table_config_and_data_are_on_the_page(tmp_path):
     assert "<h2>Config</h2><pre>run:\n  name: demo &lt;1&gt;\nmodel:\n  backbone: tiny\n</pre>" in page
     row = "<td>a</td><td>classification</td><td>train 54, validation 6</td><td>neg, pos</td><td>a.jsonl</td>"
     assert "<h2>Data</h2>" in page and row in page
+
+
+def test_hundreds_of_tasks_plot_the_ones_trained_most_and_say_so(tmp_path):
+    from multitune.evaluation.report import MAX_PLOTTED, report_figures
+
+    names = [f"t{i:02d}" for i in range(MAX_PLOTTED + 3)]
+    history = [{"step": s, "losses": {n: 1.0 / (s + i) for i, n in enumerate(names)}} for s in (1, 2, 3)]
+    history.append({"step": 3, "validation": {n: {"accuracy": i / 20} for i, n in enumerate(names)}})
+    metrics = {
+        "tasks": {n: {"main_metric": "accuracy"} for n in names},
+        "task_rows": {n: 100 * i for i, n in enumerate(names)},
+    }
+    run = write_run(tmp_path / "run", history, metrics)
+    expected = names[3:]  # the most rows: t03 .. t14
+    losses = figure(run, "Training loss per task (running mean)")
+    assert sorted(line.get_label() for line in losses.get_lines()) == expected
+    scores = figure(run, "Validation main metric per task")
+    assert sorted(line.get_label() for line in scores.get_lines()) == [f"{n} (accuracy)" for n in expected]
+    notes = report_figures(run)[1]
+    assert any(note.startswith(f"{len(names)} tasks: the plots show the {MAX_PLOTTED}") for note in notes)

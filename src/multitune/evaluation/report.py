@@ -130,6 +130,27 @@ def data_summary(tasks: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+MAX_PLOTTED = 12  # tasks per plot: more curves than colors, or a matrix of hundreds of rows, reads as noise
+
+
+def plotted_tasks(names: list[str], rows: dict[str, int]) -> list[str]:
+    """The tasks the plots show: all of them up to MAX_PLOTTED, else the MAX_PLOTTED that trained on the
+    most rows (ties by name), in name order."""
+    if len(names) <= MAX_PLOTTED:
+        return list(names)
+    ranked = sorted(names, key=lambda name: (-int(rows.get(name, 0)), name))
+    return sorted(ranked[:MAX_PLOTTED])
+
+
+def _only(entry: dict[str, Any], tasks: set[str]) -> dict[str, Any]:
+    """A history entry with its per-task mappings cut to `tasks`."""
+    out = dict(entry)
+    for key in ("losses", "weights", "probabilities", "validation"):
+        if isinstance(entry.get(key), dict):
+            out[key] = {name: value for name, value in entry[key].items() if name in tasks}
+    return out
+
+
 def report_figures(run_dir: Path) -> tuple[list[tuple[str, Any]], list[str]]:
     """The report's figures as (title, matplotlib figure), and a sentence for each plot left out because
     its curves are flat."""
@@ -148,9 +169,16 @@ def report_figures(run_dir: Path) -> tuple[list[tuple[str, Any]], list[str]]:
         "#bcbd22",
         "#17becf",
     ]
-    colors = {name: palette[i % len(palette)] for i, name in enumerate(task_names)}  # one color per task
     figures: list[tuple[str, Any]] = []
     notes: list[str] = []
+    shown = plotted_tasks(task_names, (metrics or {}).get("task_rows") or {})
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(shown)}  # one color per task
+    if len(shown) < len(task_names):
+        notes.append(
+            f"{len(task_names)} tasks: the plots show the {len(shown)} that trained on the most rows "
+            f"({', '.join(shown)}); metrics.json and history.jsonl hold every task."
+        )
+    history = [_only(entry, set(shown)) for entry in history]
 
     train_entries = [h for h in history if "losses" in h]
     if train_entries:
@@ -182,6 +210,16 @@ def report_figures(run_dir: Path) -> tuple[list[tuple[str, Any]], list[str]]:
             notes.append(f"{title.split(' over')[0]} stayed constant: {_constant(series)}.")
     if affinity:
         names = affinity["tasks"]
+        if len(names) > MAX_PLOTTED:  # the shown tasks' rows and columns of the matrices
+            keep = [i for i, name in enumerate(names) if name in shown]
+            affinity = {
+                **affinity,
+                **{
+                    k: [[affinity[k][i][j] for j in keep] for i in keep]
+                    for k in ("gradient_cosine", "lookahead_affinity")
+                },
+            }
+            names = [names[i] for i in keep]
         figures.append(
             (
                 "Gradient conflict: cosine of task gradients (mean over samples)",
