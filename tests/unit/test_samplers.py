@@ -124,3 +124,23 @@ def test_sequential_sampler_trains_tasks_in_stages():
     assert sampler.probabilities(60) == {"c": 0.0, "a": 1.0, "b": 0.0}
     with pytest.raises(ConfigError, match="order must name every task"):
         SAMPLERS.build("sequential", injected={"sizes": {"a": 1, "b": 1}, "total_steps": 10}, order=["a"])
+
+
+def test_token_mix_draws_inversely_to_row_length_so_token_shares_are_the_probabilities():
+    from multitune.data.samplers import SAMPLERS, ObservesTraining, token_mix
+
+    inner = SAMPLERS.build("uniform", injected={"sizes": {"a": 10, "b": 10}, "weights": None, "total_steps": 0})
+    mix = token_mix(inner, {"a": 10.0, "b": 30.0})
+    drawn = mix.draw_probabilities()
+    assert drawn == pytest.approx({"a": 0.75, "b": 0.25})  # (1/10) / (1/10 + 1/30)
+    assert mix.probabilities() == {"a": 0.5, "b": 0.5}  # the target: token shares
+    tokens = {n: drawn[n] * length for n, length in {"a": 10, "b": 30}.items()}
+    assert tokens["a"] / sum(tokens.values()) == pytest.approx(0.5)
+    rng = random.Random(0)
+    counts = {"a": 0, "b": 0}
+    for step in range(4000):
+        counts[mix.tasks_for_step(step, rng)[0]] += 1
+    assert counts["a"] / 4000 == pytest.approx(0.75, abs=0.03)
+    assert not isinstance(mix, ObservesTraining)
+    dynamic = SAMPLERS.build("dynamic", injected={"sizes": {"a": 10, "b": 10}, "weights": None, "total_steps": 10})
+    assert isinstance(token_mix(dynamic, {"a": 1.0, "b": 2.0}), ObservesTraining)

@@ -254,3 +254,34 @@ def test_two_stage_refinement_stops_when_its_validation_stalls(run_with):
         steps = [h["step"] for h in history if h.get("stage") == "finetune" and h.get("task") == name]
         validated = [h["step"] for h in history if h.get("task") == name and "validation" in h]
         assert validated == [3, 6, 9] and max(steps) == 9
+
+
+@pytest.mark.parametrize("mix_by", ["rows", "tokens"])
+def test_mix_by_tokens_gives_each_task_its_probability_of_the_training_tokens(
+    tmp_path, tiny_backbone, write_jsonl, mix_by
+):
+    """Two tasks, uniform sampling, one with rows about five times as long: drawn by rows the long task takes
+    about 5/6 of the tokens; by tokens each takes about half. The run counts each task's tokens (metrics.json,
+    history.jsonl) and the report plots the shares against the probabilities."""
+    short = [{"text": "good" if i % 2 else "bad", "label": "pos" if i % 2 else "neg"} for i in range(40)]
+    long = [
+        {"text": " ".join(["good" if i % 2 else "bad"] * 20), "label": "pos" if i % 2 else "neg"} for i in range(40)
+    ]
+    data = tiny_config(tiny_backbone, write_jsonl("s.jsonl", short), write_jsonl("l.jsonl", long), tmp_path / "runs")
+    data["tasks"]["ner"] = {"type": "classification", "source": {"format": "jsonl", "train": str(tmp_path / "l.jsonl")}}
+    data["training"].update(steps=40, batch_size=8, mixed_batches=True, eval_every=40, log_every=10, mix_by=mix_by)
+    data["sampling"] = {"name": "uniform"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    metrics = json.loads((run / "metrics.json").read_text())
+    tokens, rows = metrics["task_tokens"], metrics["task_rows"]
+    lengths = {name: tokens[name] / rows[name] for name in tokens}  # mean tokens per row: 3 and 22 ([CLS] ... [SEP])
+    assert lengths["sentiment"] == pytest.approx(3) and lengths["ner"] == pytest.approx(22)
+    share = tokens["ner"] / (tokens["ner"] + tokens["sentiment"])
+    assert share == pytest.approx(0.5 if mix_by == "tokens" else 22 / 25, abs=0.08)
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    last = [h for h in history if "token_shares" in h][-1]
+    assert last["token_shares"]["ner"] == pytest.approx(share, abs=1e-5)
+    assert "Share of training tokens per task against its sampling probability" in (run / "report.html").read_text()

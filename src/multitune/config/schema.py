@@ -184,6 +184,9 @@ class TrainingConfig(Group):
     deepspeed: DeepSpeedConfig | None = None  # several processes: DeepSpeed ZeRO stage 1 or 2
     gradient_accumulation: int = Field(1, ge=1)  # split each step's batch into this many backbone passes
     group_by_length: bool = False  # draw each task's rows in length-grouped order: less padding per batch
+    # what the sampler's probabilities share out: rows, or (tokens) training tokens, each task then drawn with
+    # probability ∝ p / its mean row length (data/samplers.py's TokenMix)
+    mix_by: Literal["rows", "tokens"] = "rows"
     packing: bool = False  # causal LMs: pack generation examples into rows of pack_length, no padding between
     pack_length: int | None = Field(None, ge=8)  # default: model.max_length
     compile: bool = False  # torch.compile the backbone (dynamic shapes)

@@ -320,6 +320,51 @@ class DynamicSampler:
         self.first, self.running, self.lag = dict(state["first"]), dict(state["running"]), dict(state["lag"])
 
 
+class TokenMix:
+    """Any sampler, its probabilities read as shares of training tokens instead of rows: task t is drawn with
+    probability ∝ p_t / L_t (L_t its mean training row length in tokens), so the expected share of the tokens
+    it receives is p_t whatever its row length. Drawing by rows gives a task with long rows more than its
+    share of tokens (and, packed, more than its share of every packed row). `probabilities` reports the
+    target token shares (the wrapped sampler's); `draw_probabilities` the row probabilities drawn from."""
+
+    def __init__(self, inner: TaskSampler, mean_lengths: dict[str, float]) -> None:
+        self.inner = inner
+        self.lengths = {name: max(float(length), 1.0) for name, length in mean_lengths.items()}
+
+    def draw_probabilities(self, step: int = 0) -> dict[str, float]:
+        target = self.inner.probabilities(step)
+        raw = {name: p / self.lengths[name] for name, p in target.items()}
+        total = sum(raw.values())
+        return {name: value / total for name, value in raw.items()}
+
+    def tasks_for_step(self, step: int, rng: random.Random) -> list[str]:
+        return draw_one(self.draw_probabilities(step), rng)
+
+    def probabilities(self, step: int = 0) -> dict[str, float]:
+        return self.inner.probabilities(step)
+
+
+class _ObservingTokenMix(TokenMix):
+    """TokenMix over a sampler that adapts to training: what it observes and its state pass through."""
+
+    def observe_losses(self, losses: dict[str, float], step: int) -> None:
+        self.inner.observe_losses(losses, step)  # type: ignore[attr-defined]
+
+    def observe_validation(self, scores: dict[str, float], step: int) -> None:
+        self.inner.observe_validation(scores, step)  # type: ignore[attr-defined]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()  # type: ignore[attr-defined,no-any-return]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)  # type: ignore[attr-defined]
+
+
+def token_mix(inner: TaskSampler, mean_lengths: dict[str, float]) -> TokenMix:
+    """`inner` drawn so that its probabilities are token shares (TokenMix), keeping what it observes."""
+    return (_ObservingTokenMix if isinstance(inner, ObservesTraining) else TokenMix)(inner, mean_lengths)
+
+
 def draw_one(probabilities: dict[str, float], rng: random.Random) -> list[str]:
     names = list(probabilities)
     return rng.choices(names, weights=[probabilities[n] for n in names], k=1)

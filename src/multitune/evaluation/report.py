@@ -145,10 +145,32 @@ def plotted_tasks(names: list[str], rows: dict[str, int]) -> list[str]:
 def _only(entry: dict[str, Any], tasks: set[str]) -> dict[str, Any]:
     """A history entry with its per-task mappings cut to `tasks`."""
     out = dict(entry)
-    for key in ("losses", "weights", "probabilities", "validation"):
+    for key in ("losses", "weights", "probabilities", "token_shares", "validation"):
         if isinstance(entry.get(key), dict):
             out[key] = {name: value for name, value in entry[key].items() if name in tasks}
     return out
+
+
+def token_mixture(entries: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """{task: (mean logged sampling probability, share of the training tokens at the last entry)} from the
+    history's training entries; empty when the run counted no tokens."""
+    last = next((e["token_shares"] for e in reversed(entries) if isinstance(e.get("token_shares"), dict)), None)
+    logged = [e["probabilities"] for e in entries if isinstance(e.get("probabilities"), dict)]
+    if not last or not logged:
+        return {}
+    names = sorted(set(last) | {n for p in logged for n in p})
+    return {n: (sum(p.get(n, 0.0) for p in logged) / len(logged), float(last.get(n, 0.0))) for n in names}
+
+
+def _share_bars(axes: Any, shares: dict[str, tuple[float, float]]) -> None:
+    names = list(shares)
+    xs = range(len(names))
+    axes.bar([x - 0.2 for x in xs], [shares[n][0] for n in names], width=0.4, label="sampling probability (mean)")
+    axes.bar([x + 0.2 for x in xs], [shares[n][1] for n in names], width=0.4, label="share of training tokens")
+    axes.set_xticks(list(xs), names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+    axes.set_ylabel("share")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    axes.grid(alpha=0.3, axis="y")
 
 
 def report_figures(run_dir: Path) -> tuple[list[tuple[str, Any]], list[str]]:
@@ -208,6 +230,14 @@ def report_figures(run_dir: Path) -> tuple[list[tuple[str, Any]], list[str]]:
             figures.append((title, _figure(lambda ax, series=series, label=label: _lines(ax, series, label, colors))))
         else:
             notes.append(f"{title.split(' over')[0]} stayed constant: {_constant(series)}.")
+    shares = token_mixture(train_entries)
+    if shares:
+        figures.append(
+            (
+                "Share of training tokens per task against its sampling probability",
+                _figure(lambda ax: _share_bars(ax, shares)),
+            )
+        )
     if affinity:
         names = affinity["tasks"]
         if len(names) > MAX_PLOTTED:  # the shown tasks' rows and columns of the matrices

@@ -182,6 +182,7 @@ class Session:
             "validation_average_main_score": round(best, 6) if math.isfinite(best) else None,
             "task_steps": state.task_steps,
             "task_rows": state.task_rows,
+            "task_tokens": state.task_tokens,
             "skipped_steps": state.skipped_steps,
             "stopped_early": state.stopped_early,
             "stopped_tasks": state.stopped_tasks,

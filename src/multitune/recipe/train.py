@@ -22,7 +22,7 @@ from multitune.config import Config, dump_config
 from multitune.config.schema import TrainingConfig
 from multitune.core.files import write_json, write_text
 from multitune.core.processes import Processes, from_accelerator
-from multitune.data.samplers import TaskSampler
+from multitune.data.samplers import TaskSampler, token_mix
 from multitune.data.streams import TaskStream
 from multitune.data.tokens import Encoded
 from multitune.errors import MultitunError
@@ -146,6 +146,11 @@ def _components(config: Config, prepared: Prepared) -> tuple[TaskSampler, Balanc
     sizes = {name: len(task.splits["train"]) for name, task in tasks.items()}
     sampling_weights = {name: task.config.sampling_weight for name, task in tasks.items()}
     sampler = build_sampler(config.sampling, sizes, sampling_weights, training.steps, training.schedule)
+    if training.mix_by == "tokens":  # the probabilities share out tokens: drawn ∝ p / mean row length
+        rows = {name: prepared.encoded[name]["train"] for name in tasks}
+        sampler = token_mix(
+            sampler, {name: sum(len(r.input_ids) for r in got) / len(got) for name, got in rows.items()}
+        )
     loss_weights = {name: task.loss_weight for name, task in config.tasks.items()}
     balancer = build_balancer(
         config.loss_weighting, config.gradient_aggregation, list(tasks), loss_weights, config.run.seed

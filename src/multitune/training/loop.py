@@ -60,6 +60,7 @@ class TrainState:
     seconds: float = 0.0
     task_steps: dict[str, int] = field(default_factory=dict)
     task_rows: dict[str, int] = field(default_factory=dict)  # training rows seen per task
+    task_tokens: dict[str, int] = field(default_factory=dict)  # their tokens (rows that are token sequences)
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
     stale_validations: int = 0  # early stopping on the average: validations since the last gain
@@ -128,6 +129,7 @@ class StepResult:
     """One optimizer step's outcome, for the history and the checks after it."""
 
     counts: dict[str, int]  # rows per task
+    tokens: dict[str, int]  # their tokens per task (empty for rows that are not token sequences)
     losses: dict[str, float]  # raw per-task losses
     total: float  # the objective that was differentiated
     penalty: float  # the regularizers' penalty
@@ -186,6 +188,7 @@ def optimizer_step(
     if reptile is not None:
         reptile.before_step(step)
     drawn = {name: parts.streams[name].take(n) for name, n in counts.items()}  # the global batch
+    tokens = {name: sum(len(getattr(row, "input_ids", ())) for row in rows) for name, rows in drawn.items()}
     group, shares = parts.processes, None
     if group.several:  # this process's rows of every task, and its share of each task's loss
         mine = {name: group.shard(task_rows) for name, task_rows in drawn.items()}
@@ -216,7 +219,9 @@ def optimizer_step(
         log({"step": step + 1, "skipped": problem})
     parts.scheduler.step()
     state.step = step + 1
-    return StepResult(counts, step_losses, float(result.total), float(penalty), problem)
+    return StepResult(
+        counts, {n: t for n, t in tokens.items() if t}, step_losses, float(result.total), float(penalty), problem
+    )
 
 
 def after_step(
@@ -240,6 +245,8 @@ def after_step(
     running = state.running_losses  # exponential moving average of each task's loss, for the log and the bar
     for name, rows in result.counts.items():
         state.task_rows[name] = state.task_rows.get(name, 0) + rows
+    for name, tokens in result.tokens.items():
+        state.task_tokens[name] = state.task_tokens.get(name, 0) + tokens
     for name, value in result.losses.items():
         if math.isfinite(value):
             running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
@@ -255,6 +262,7 @@ def after_step(
                 "losses": dict(running),
                 "weights": parts.balancer.weighting.weights(),
                 "probabilities": sampler.probabilities(state.step),
+                **({"token_shares": token_shares(state.task_tokens)} if state.task_tokens else {}),
                 "lr": parts.scheduler.get_last_lr()[0],
                 **({"penalty": result.penalty} if parts.regularizers else {}),
             }
@@ -280,6 +288,12 @@ class Validation:
     score: float  # what picks the best weights: the average main score
     task_scores: dict[str, float]  # each task's main score, as the metric reports it
     signed_scores: dict[str, float]  # the same, negated where lower is better (so higher is always better)
+
+
+def token_shares(tokens: dict[str, int]) -> dict[str, float]:
+    """Each task's share of the training tokens so far (sums to 1)."""
+    total = sum(tokens.values())
+    return {name: round(count / total, 6) for name, count in tokens.items()} if total else {}
 
 
 def early_stop(
