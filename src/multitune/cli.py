@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1 (default: $MULTITUNE_SERVE_TOKEN)")
+    serve.add_argument(
+        "--admin-token",
+        help="turn on /v1/admin/tasks (load and unload tasks at run time) behind this bearer token "
+        "(default: $MULTITUNE_ADMIN_TOKEN; off when neither is set)",
+    )
     serve.add_argument("--max-inputs", type=int, default=64, help="records per request")
     serve.add_argument("--max-chars", type=int, default=10_000, help="characters of text per record")
     serve.add_argument("--max-batch-rows", type=int, default=64, help="rows gathered into one model call")
@@ -242,10 +247,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             write_text(Path(args.output), lines)
     elif args.command == "serve":
-        from multitune.serving.app import TOKEN_VARIABLE, ServeSettings, serve
+        from multitune.serving.app import ADMIN_TOKEN_VARIABLE, TOKEN_VARIABLE, ServeSettings, serve
 
         settings = ServeSettings(
             token=args.token or os.environ.get(TOKEN_VARIABLE) or None,
+            admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_VARIABLE) or None,
             max_inputs=args.max_inputs,
             max_chars=args.max_chars,
             max_batch_rows=args.max_batch_rows,

@@ -8,6 +8,8 @@ Routes (all JSON; the OpenAPI schema is at /openapi.json, and /docs shows it as 
 - POST /v1/predict                     {"inputs": [{"task": name, "input": record}, ...]}: several tasks at once
 - POST /v1/tasks/{task}/generate       {"input": record, "stream": true} streams server-sent events
 - GET  /v1/models, POST /v1/chat/completions, POST /v1/completions: OpenAI-compatible (serving/openai.py)
+- GET, POST /v1/admin/tasks, DELETE /v1/admin/tasks/{task}: list, load (from another run) and unload tasks at
+  run time; only with an admin token (`--admin-token` or $MULTITUNE_ADMIN_TOKEN), which they require
 
 A record holds what its task's schema says (runs/predict.py's input_schema: the task's own text fields or the
 generic `text`/`text_pair`/`tokens`), checked by the same function as in `multitune predict` (checked_input), and
@@ -34,9 +36,10 @@ from multitune.serving.guards import RequestGuard, guarded_protocol
 from multitune.serving.metrics import CountRequests, ServerMetrics
 from multitune.serving.settings import ServeSettings
 
-__all__ = ["TOKEN_VARIABLE", "ServeSettings", "create_app", "serve"]
+__all__ = ["ADMIN_TOKEN_VARIABLE", "TOKEN_VARIABLE", "ServeSettings", "create_app", "serve"]
 
 TOKEN_VARIABLE = "MULTITUNE_SERVE_TOKEN"
+ADMIN_TOKEN_VARIABLE = "MULTITUNE_ADMIN_TOKEN"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005)
 
@@ -76,6 +79,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
     routes.add_predict_routes(v1, answering, models)
     routes.add_generate_route(v1, answering, models)
     add_openai_routes(v1, answering)
+    if settings.admin_token:  # off unless asked for: loading reads any run the server's user can read
+        routes.add_admin_routes(app, engine, batcher, settings.admin_token)
     app.include_router(v1)
     metrics = ServerMetrics(batcher)
     routes.add_metrics(app, metrics)

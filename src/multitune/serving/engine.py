@@ -39,6 +39,22 @@ PADDING_SLACK = 64  # padded positions a batch may add rather than run one more 
 Part = tuple[str, Sequence[PredictionRow]]  # one task's encoded records, as one request sent them
 
 
+UNLOADED: list[dict[str, Any]] = []  # a part whose task was unloaded while it waited (the routes answer 404)
+
+
+@dataclass
+class Loaded:
+    """A task of another run, loaded and checked, waiting to be registered (Engine.loadable)."""
+
+    task: str
+    run: str
+    model: MultiTaskModel
+    data: TaskData
+    schema: InputSchema
+    bounds: Any
+    metrics: dict[str, Any] | None
+
+
 @dataclass
 class Stats:
     """What the inference thread has done so far (for /healthz and the load test)."""
@@ -67,7 +83,7 @@ class Engine:
         self.batch_size = batch_size or config.training.eval_batch_size
         pad = backbone.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
-        self.models: list[MultiTaskModel] = []
+        self.models: list[MultiTaskModel | None] = []  # None: a model whose tasks were all unloaded
         self.model_of: dict[str, int] = {}
         finetuned = self.run_dir / FINETUNED
         if one_model_per_task or finetuned.is_dir():  # a full copy per task
@@ -88,7 +104,63 @@ class Engine:
             self.model_of = dict.fromkeys(self.tasks, 0)
         metrics = self.run_dir / "metrics.json"
         self.metrics: dict[str, Any] = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else {}
+        self.task_metrics: dict[str, Any] = dict(self.metrics.get("tasks") or {})
+        self.sources: dict[str, str] = dict.fromkeys(self.tasks, str(self.run_dir))  # each task's run
         self.stats = Stats()
+
+    # --- tasks loaded and unloaded at run time --------------------------------------------------
+
+    def loadable(self, run_dir: str | Path, task: str) -> Loaded:
+        """Task `task` of another run, ready to register: its model (its refined copy merged in, for a two-stage
+        run) answers it alone. Slow (reads the weights); touches nothing of this engine, so it may run on any
+        thread. Raises MultitunError (one line) for a run that is not a finished run, lacks the task, or was
+        not trained on this run's backbone, model kind and max_length (requests are encoded with this run's
+        tokenizer)."""
+        run = Path(run_dir)
+        config, manifest, model, _ = load_run(run)
+        if task not in config.tasks:
+            raise MultitunError(f"no task '{task}' in that run (tasks: {', '.join(config.tasks)})", file=str(run))
+        mine, theirs = self.config.model, config.model
+        for key in ("backbone", "kind", "max_length"):
+            if getattr(mine, key) != getattr(theirs, key):
+                raise MultitunError(
+                    f"not compatible: its model.{key} is {getattr(theirs, key)!r}, "
+                    f"this server's {getattr(mine, key)!r}",
+                    file=str(run),
+                )
+        load_refined(model, run, task)
+        model.eval()
+        data = task_from_manifest(task, config.tasks[task], manifest[task])
+        found = run / "metrics.json"
+        scores = json.loads(found.read_text(encoding="utf-8")).get("tasks", {}).get(task) if found.is_file() else None
+        return Loaded(task, str(run.resolve()), model, data, input_schema(task, config.tasks[task]),
+                      prediction_bounds(data, manifest[task]), scores)  # fmt: skip
+
+    def register(self, loaded: Loaded) -> None:
+        """Answer `loaded`'s task from now on (call on the inference thread, between batches). Raises
+        MultitunError when a task of that name is already served."""
+        if loaded.task in self.tasks:
+            raise MultitunError(f"task '{loaded.task}' is already served (from {self.sources[loaded.task]})")
+        self.models.append(loaded.model)
+        self.model_of[loaded.task] = len(self.models) - 1
+        self.schemas[loaded.task], self.bounds[loaded.task] = loaded.schema, loaded.bounds
+        self.task_metrics[loaded.task], self.sources[loaded.task] = loaded.metrics, loaded.run
+        self.tasks[loaded.task] = loaded.data  # last: the routes find the task only once it is complete
+
+    def unload(self, task: str) -> None:
+        """Stop answering `task` (call on the inference thread, between batches); a model no task uses any
+        more is let go. Requests for it still queued are answered 404. Raises MultitunError for an unknown task
+        or the last one."""
+        if task not in self.tasks:
+            raise unknown_task(task, list(self.tasks))
+        if len(self.tasks) == 1:
+            raise MultitunError(f"'{task}' is the only task served: a server answers at least one")
+        del self.tasks[task]  # first: the routes stop finding it
+        index = self.model_of.pop(task)
+        for table in (self.schemas, self.bounds, self.task_metrics, self.sources):
+            table.pop(task, None)
+        if index not in self.model_of.values():
+            self.models[index] = None  # keeps the other tasks' indices
 
     # --- requests -> rows -----------------------------------------------------------------------
 
@@ -110,8 +182,15 @@ class Engine:
         go through the backbone together, in length-sorted batches of at most `batch_size` rows."""
         expanded = [expand(records) for _, records in parts]  # a long token record: one row per window
         results: list[list[dict[str, Any]]] = [[{} for _ in rows] for rows, _ in expanded]
+        gone = {p for p, (task, _) in enumerate(parts) if task not in self.model_of}  # unloaded while queued
         for index, model in enumerate(self.models):
-            mine = [(p, task, expanded[p][0]) for p, (task, _) in enumerate(parts) if self.model_of[task] == index]
+            if model is None:
+                continue
+            mine = [
+                (p, task, expanded[p][0])
+                for p, (task, _) in enumerate(parts)
+                if p not in gone and self.model_of[task] == index
+            ]
             heads = [
                 (p, i, task, row)
                 for p, task, rows in mine
@@ -129,7 +208,10 @@ class Engine:
                 for (p, i, _), text in zip(flat, texts, strict=True):
                     results[p][i] = text
                 self._count(len(flat), 1)
-        return [gather(records, results[p], expanded[p][1]) for p, (_, records) in enumerate(parts)]
+        return [
+            UNLOADED if p in gone else gather(records, results[p], expanded[p][1])
+            for p, (_, records) in enumerate(parts)
+        ]
 
     def _forward(
         self, model: MultiTaskModel, chunk: list[tuple[int, int, str, Encoded]], results: list[list[dict[str, Any]]]
@@ -154,6 +236,8 @@ class Engine:
     def generate_one(self, task: str, row: Encoded, streamer: Any, max_new_tokens: int | None = None) -> str:
         """One greedy generation for `task` (at most `max_new_tokens` new tokens, default the task's own), each
         new piece of text handed to `streamer` (if any) as it comes."""
+        if task not in self.model_of:  # unloaded while the request waited
+            raise unknown_task(task, list(self.tasks))
         model: Any = self.models[self.model_of[task]]
         prompt = row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
         limit = max_new_tokens or self.tasks[task].config.max_new_tokens
@@ -187,7 +271,8 @@ class Engine:
             "input_schema": schema.json_schema(),
             "prediction_range": list(bounds) if bounds is not None else None,
             "streaming": kind == "generation",
-            "metrics": self.metrics.get("tasks", {}).get(task),
+            "metrics": self.task_metrics.get(task),
+            "run": self.sources.get(task),
         }
 
 

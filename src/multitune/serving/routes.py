@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from multitune.errors import MultitunError
 from multitune.serving.batcher import Busy, MicroBatcher
-from multitune.serving.engine import Engine
+from multitune.serving.engine import UNLOADED, Engine
 from multitune.serving.schemas import (
     GenerateBody,
     MixedBody,
@@ -137,9 +137,13 @@ class Answering:
 
     async def answer(self, parts: list[Any]) -> list[list[dict[str, Any]]]:
         try:
-            return await self.batcher.submit(parts)
+            answers = await self.batcher.submit(parts)
         except Busy as error:
             raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+        for (task, _), answer in zip(parts, answers, strict=True):
+            if answer is UNLOADED:
+                raise HTTPException(404, f"task '{task}' was unloaded while the request waited")
+        return answers
 
     async def predict(self, task: str, request: PredictBody) -> dict[str, Any]:
         rows = self.encode(task, request.records(), "inputs" if request.inputs is not None else "input")
@@ -244,6 +248,65 @@ def add_generate_route(v1: APIRouter, answering: Answering, models: RequestModel
         """A generation task's text for one input; with `stream: true`, server-sent events: `token` events
         with each new piece of text, then one `done` event with the whole prediction."""
         return await answering.generate(answering.task_or_404(task), request)  # type: ignore[arg-type]
+
+
+def add_admin_routes(app: FastAPI, engine: Engine, batcher: MicroBatcher, token: str) -> None:
+    """/v1/admin/tasks: list, load and unload tasks while the server runs, behind their own bearer token. A task
+    is loaded from another finished run of the same backbone (its own model answers it, its refined copy for
+    a two-stage run): the weights are read off the inference thread, and the task is registered, or removed,
+    on it between two batches, so no request in flight sees a half-loaded task."""
+    import asyncio
+
+    from pydantic import BaseModel, ConfigDict
+
+    class LoadBody(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        run: str  # a finished run's directory, on the server's file system
+        task: str  # the task of that run to serve
+
+    admin = APIRouter(prefix="/v1/admin", dependencies=[Depends(authorizer(token))])
+
+    @admin.get("/tasks")
+    async def served() -> dict[str, Any]:
+        """Every task served now, with its type and the run it comes from."""
+        return {
+            "tasks": [
+                {"name": name, "type": data.config.type, "run": engine.sources.get(name)}
+                for name, data in list(engine.tasks.items())
+            ]
+        }
+
+    @admin.post("/tasks", status_code=201)
+    async def load(body: LoadBody) -> dict[str, Any]:
+        """Serve `task` of the finished run `run` (same backbone, model kind and max_length) from now on."""
+        if body.task in engine.tasks:
+            raise HTTPException(409, f"task '{body.task}' is already served (from {engine.sources.get(body.task)})")
+        try:
+            loaded = await asyncio.get_running_loop().run_in_executor(None, engine.loadable, body.run, body.task)
+        except MultitunError as error:
+            raise HTTPException(400, " ".join(str(error).split())) from None
+        try:
+            await batcher.call(engine.register, loaded)
+        except Busy as error:
+            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+        except MultitunError as error:
+            raise HTTPException(409, str(error)) from None
+        return {"loaded": body.task, "run": loaded.run}
+
+    @admin.delete("/tasks/{task}")
+    async def unload(task: str) -> dict[str, Any]:
+        """Stop serving `task`; its requests still queued are answered 404."""
+        if task not in engine.tasks:
+            raise HTTPException(404, _unknown(task, engine))
+        try:
+            await batcher.call(engine.unload, task)
+        except Busy as error:
+            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+        except MultitunError as error:
+            raise HTTPException(409, str(error)) from None
+        return {"unloaded": task}
+
+    app.include_router(admin)
 
 
 async def _events(streamer: Any, done: Any) -> AsyncIterator[str]:

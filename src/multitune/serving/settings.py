@@ -14,6 +14,7 @@ class ServeSettings:
     """Limits and batching of the server (the `multitune serve` options)."""
 
     token: str | None = None  # when set, every /v1 route needs `Authorization: Bearer <token>`
+    admin_token: str | None = None  # when set, /v1/admin/tasks loads and unloads tasks (with this bearer token)
     max_inputs: int = 64  # records per request
     max_chars: int = 10_000  # characters of text per record
     max_body_bytes: int = 2_000_000
