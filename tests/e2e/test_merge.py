@@ -13,13 +13,19 @@ from multitune.cli import main
 from tests.conftest import classification_rows, tiny_config, token_rows
 
 
+def task_files(folder):
+    """The two tasks' training files (sentiment, ner) in `folder`."""
+    a, b = folder / "a.jsonl", folder / "b.jsonl"
+    for path, rows in ((a, classification_rows(40)), (b, token_rows(40))):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return a, b
+
+
 @pytest.fixture(scope="module")
 def single_runs(tmp_path_factory, tiny_backbone):
     """Two single-task runs (sentiment, ner) fine-tuned from the tiny backbone with the same seed."""
     folder = tmp_path_factory.mktemp("merge")
-    a, b = folder / "a.jsonl", folder / "b.jsonl"
-    for path, rows in ((a, classification_rows(40)), (b, token_rows(40))):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    a, b = task_files(folder)
     runs = []
     for task in ("sentiment", "ner"):
         data = tiny_config(tiny_backbone, a, b, folder / "runs", steps=8, lr=5e-3)
@@ -111,9 +117,7 @@ def test_adamerging_learns_coefficients_and_merges_with_them(single_runs, tiny_b
 def lora_run(tmp_path_factory, tiny_backbone):
     """One run with a LoRA adapter per task (sentiment, ner) on the frozen tiny backbone."""
     folder = tmp_path_factory.mktemp("lora-merge")
-    a, b = folder / "a.jsonl", folder / "b.jsonl"
-    for path, rows in ((a, classification_rows(40)), (b, token_rows(40))):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    a, b = task_files(folder)
     data = tiny_config(tiny_backbone, a, b, folder / "runs", steps=8, lr=5e-2)
     data["model"]["peft"] = {"method": "lora", "r": 2, "alpha": 4, "dropout": 0.0}
     path = folder / "lora.yaml"

@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from multitune.config.rules import check_numbers
-from multitune.config.schema import PACKAGE_PREFIX, SPLITS, Config, DiscoverConfig, known_keys
+from multitune.config.schema import PACKAGE_PREFIX, SPLITS, Config, DiscoverConfig, SourceConfig, known_keys
 from multitune.errors import ConfigError
 
 # Bounds on what one YAML text may expand to. Aliases make a small text stand for a huge tree (nine
@@ -311,13 +311,7 @@ def with_discovered(
     the config also names."""
     discover = config.discover
     assert discover is not None
-    source = discover.source
-    for split in SPLITS:
-        value = getattr(source, split)
-        if isinstance(value, list):
-            setattr(source, split, [resolve_path(v, base) for v in value])
-        elif value:
-            setattr(source, split, resolve_path(value, base))
+    resolve_source(discover.source, base)
     try:
         found = expand(discover)
     except ConfigError as error:
@@ -425,21 +419,25 @@ def resolve_path(value: str, base: Path) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
+def resolve_source(source: SourceConfig, base: Path) -> None:
+    """A source's split files and data_files made absolute (relative ones are relative to `base`)."""
+    for split in SPLITS:
+        value = getattr(source, split)
+        if isinstance(value, list):
+            setattr(source, split, [resolve_path(v, base) for v in value])
+        elif value:
+            setattr(source, split, resolve_path(value, base))
+    if source.data_files:
+        source.data_files = {
+            split: [resolve_path(v, base) for v in files] if isinstance(files, list) else resolve_path(files, base)
+            for split, files in source.data_files.items()
+        }
+
+
 def resolve_paths(config: Config, base: Path) -> None:
     """Make data paths absolute so a saved config runs from anywhere."""
     for task in config.tasks.values():
-        source = task.source
-        for split in SPLITS:
-            value = getattr(source, split)
-            if isinstance(value, list):
-                setattr(source, split, [resolve_path(v, base) for v in value])
-            elif value:
-                setattr(source, split, resolve_path(value, base))
-        if source.data_files:
-            source.data_files = {
-                split: [resolve_path(v, base) for v in files] if isinstance(files, list) else resolve_path(files, base)
-                for split, files in source.data_files.items()
-            }
+        resolve_source(task.source, base)
     if config.guard.baselines_from:
         config.guard.baselines_from = resolve_path(config.guard.baselines_from, base)
     if config.model.init_from:
