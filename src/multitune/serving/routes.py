@@ -266,6 +266,16 @@ def add_admin_routes(app: FastAPI, engine: Engine, batcher: MicroBatcher, token:
 
     admin = APIRouter(prefix="/v1/admin", dependencies=[Depends(authorizer(token))])
 
+    async def between_batches(change: Callable[[Any], None], argument: Any) -> None:
+        """`change(argument)` on the inference thread between two batches: 503 when the queue is full, 409 when
+        the engine refuses it."""
+        try:
+            await batcher.call(change, argument)
+        except Busy as error:
+            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+        except MultitunError as error:
+            raise HTTPException(409, str(error)) from None
+
     @admin.get("/tasks")
     async def served() -> dict[str, Any]:
         """Every task served now, with its type and the run it comes from."""
@@ -285,12 +295,7 @@ def add_admin_routes(app: FastAPI, engine: Engine, batcher: MicroBatcher, token:
             loaded = await asyncio.get_running_loop().run_in_executor(None, engine.loadable, body.run, body.task)
         except MultitunError as error:
             raise HTTPException(400, " ".join(str(error).split())) from None
-        try:
-            await batcher.call(engine.register, loaded)
-        except Busy as error:
-            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
-        except MultitunError as error:
-            raise HTTPException(409, str(error)) from None
+        await between_batches(engine.register, loaded)
         return {"loaded": body.task, "run": loaded.run}
 
     @admin.delete("/tasks/{task}")
@@ -298,12 +303,7 @@ def add_admin_routes(app: FastAPI, engine: Engine, batcher: MicroBatcher, token:
         """Stop serving `task`; its requests still queued are answered 404."""
         if task not in engine.tasks:
             raise HTTPException(404, _unknown(task, engine))
-        try:
-            await batcher.call(engine.unload, task)
-        except Busy as error:
-            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
-        except MultitunError as error:
-            raise HTTPException(409, str(error)) from None
+        await between_batches(engine.unload, task)
         return {"unloaded": task}
 
     app.include_router(admin)
