@@ -9,7 +9,8 @@
 #   throughput  causal-LM SFT throughput and MFU on a Qwen2-0.5B-shaped decoder (bf16, sdpa): a plain
 #               padded loop beside multitune's padded step (fused chunked LM loss) and its packed step,
 #               in one process; the BERT-base encoder's step beside its plain loop in the same run;
-#   flex        the causal comparison with multitune's steps on flex attention (the plain loops on sdpa);
+#   flex        the causal comparison with multitune's steps on flex attention (the plain loops on sdpa), then
+#               3 steps of each variant under torch.profiler: device busy time, idle share, top ops (--profile);
 #   compile     the causal comparison with the backbone compiled (torch.compile, dynamic shapes).
 #
 # Each part has its own time limit, cut to what is left of BUDGET_S (default 460 s), so a part that
@@ -66,8 +67,8 @@ part tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider tests/generation/test
   tests/contracts/test_balancing_devices.py
 part throughput 110 $PY benchmarks/throughput.py --model both --dtype bf16 --steps 20 \
   --output "$OUT/throughput_sdpa.json"
-part flex 120 $PY benchmarks/throughput.py --model causal --dtype bf16 --steps 10 --batch-size 64 \
-  --attn flex_attention --output "$OUT/throughput_flex.json"
+part flex 150 $PY benchmarks/throughput.py --model causal --dtype bf16 --steps 10 --batch-size 64 \
+  --attn flex_attention --profile 3 --output "$OUT/throughput_flex.json"
 part balancers 150 $PY benchmarks/balancing_overhead.py --model bert-base --device cuda --rows 64 --length 128 \
   --bf16 --rounds 5 --out "$OUT/balancing_overhead_bert_base.json"
 part compile 150 $PY benchmarks/throughput.py --model causal --dtype bf16 --steps 10 --batch-size 64 \

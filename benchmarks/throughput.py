@@ -376,6 +376,7 @@ def interleaved(
             torch.cuda.reset_peak_memory_stats(device)
         for rows in variant.batches[:2]:
             train_step(variant, optimizer, rows, autocast)
+        profile = profiled(variant, optimizer, autocast, device) if PROFILE_STEPS else None
         timed = variant.batches[warmup:]
         seconds = sum(times[k])
         results.append(
@@ -387,10 +388,49 @@ def interleaved(
                 "samples_per_s": sum(len(rows) for rows in timed) / seconds,
                 "tokens_per_s": sum(tokens(rows) for rows in timed) / seconds,
                 "peak_memory_bytes": peak_memory(device),
+                **({"profile": profile} if profile else {}),
             }
         )
         print(f"  {variant.name}: {results[-1]['samples_per_s']:.2f} samples/s", flush=True)
     return results
+
+
+PROFILE_STEPS = 0  # --profile N: N more steps of each variant under torch.profiler
+
+
+def profiled(variant: Variant, optimizer: torch.optim.Optimizer, autocast: Any, device: torch.device) -> dict[str, Any]:
+    """Where a step's time goes (torch.profiler over PROFILE_STEPS steps): wall time, the device's busy
+    time (the sum of kernel times; wall minus it is the time the device waited for the host), the host's
+    own time in the step outside torch ops, and the ops with the most self time on the device (CPU: host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rows = variant.batches[2 : 2 + PROFILE_STEPS] or variant.batches[:PROFILE_STEPS]
+    sync(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as trace:
+        for batch in rows:
+            train_step(variant, optimizer, batch, autocast)
+        sync(device)
+    wall = time.perf_counter() - started
+    events = trace.key_averages()
+    on_device = device.type == "cuda"
+
+    def own(event: Any) -> float:  # microseconds of self time where the step's time is spent
+        return float(event.self_device_time_total if on_device else event.self_cpu_time_total)
+
+    busy = sum(own(e) for e in events) / 1e6 if on_device else None
+    top = sorted(events, key=own, reverse=True)[:15]
+    return {
+        "steps": len(rows),
+        "wall_seconds": round(wall, 4),
+        "device_busy_seconds": None if busy is None else round(busy, 4),
+        "device_idle_share": None if busy is None else round(max(0.0, 1 - busy / wall), 3),
+        "top_ops": [
+            {"op": e.key, "calls": e.count, "self_ms": round(own(e) / 1e3, 2), "share": round(own(e) / 1e6 / wall, 3)}
+            for e in top
+        ],
+    }
 
 
 def finish(title: str, model: nn.Module, results: list[dict[str, Any]], peak: float) -> dict[str, Any]:
@@ -524,6 +564,9 @@ def main() -> None:
         "--attn", default=None, help="multitune's attention for the causal LM (the plain loops keep the default)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile multitune's backbone")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="N more steps of each variant under torch.profiler: where the time goes"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--write-lengths", action="store_true", help="tokenise the real data into benchmarks/data/")
@@ -534,6 +577,8 @@ def main() -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged models; no network
         write_lengths(args.config, args.translation, 2000, args.seed)
         return
+    global PROFILE_STEPS
+    PROFILE_STEPS = args.profile
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if cuda else "fp32")]
