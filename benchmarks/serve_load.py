@@ -8,6 +8,8 @@ Starts each server in its own process on 127.0.0.1, one after the other:
 Then `--clients` concurrent httpx clients send `--requests` single-input requests, a seeded mix over all
 tasks of the run built from the tasks' own test (or validation) data, until all are answered or the time
 limit passes. Reports throughput, p50/p99 latency and the count of 5xx answers; writes a JSON file.
+With `--rates 20,40,80` the load is offered instead (open loop): Poisson arrivals at each rate for
+`--duration` seconds, latency counted from each request's arrival; p50/p90/p99, timeouts and 5xx per rate.
 """
 
 from __future__ import annotations
@@ -169,6 +171,71 @@ async def load(url: str, mix: list[tuple[str, dict[str, Any]]], clients: int, ti
     }
 
 
+async def open_loop(
+    url: str, mix: list[tuple[str, dict[str, Any]]], rate: float, duration: float, seed: int, grace: float
+) -> dict[str, Any]:
+    """An offered load: requests arrive at `rate` per second (Poisson: seeded exponential gaps) for `duration`
+    seconds, each sent at its arrival time whatever the earlier ones are doing. Latency counts from the
+    arrival (so a server that falls behind is charged for the wait, no coordinated omission); a request not
+    answered within `grace` seconds after the last arrival is a timeout."""
+    import httpx
+
+    rng = random.Random(seed)
+    arrivals, moment = [], 0.0
+    while True:
+        moment += rng.expovariate(rate)
+        if moment >= duration:
+            break
+        arrivals.append(moment)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    failures: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=900, max_keepalive_connections=900)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=duration + grace) as http:
+        for task, record in mix[:16]:  # warm up, not counted
+            await http.post(f"/v1/tasks/{task}/predict", json={"input": record})
+        began = time.perf_counter()
+
+        async def one(at: float, task: str, record: dict[str, Any]) -> None:
+            delay = began + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                response = await http.post(f"/v1/tasks/{task}/predict", json={"input": record})
+            except httpx.HTTPError as error:
+                failures[type(error).__name__] = failures.get(type(error).__name__, 0) + 1
+                return
+            latencies.append(time.perf_counter() - began - at)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        jobs = [asyncio.create_task(one(at, *mix[i % len(mix)])) for i, at in enumerate(arrivals)]
+        _, late = await asyncio.wait(jobs, timeout=duration + grace)
+        for job in late:
+            job.cancel()
+        seconds = time.perf_counter() - began
+        health = (await http.get("/healthz")).json()
+    latencies.sort()
+
+    def quantile(q: float) -> float:
+        return round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1) if latencies else 0.0
+
+    return {
+        "offered_rps": rate,
+        "offered": len(arrivals),
+        "answered": len(latencies),
+        "timeouts": len(late),
+        "seconds": round(seconds, 2),
+        "throughput_rps": round(len(latencies) / seconds, 1),
+        "p50_ms": quantile(0.50),
+        "p90_ms": quantile(0.90),
+        "p99_ms": quantile(0.99),
+        "status_counts": statuses,
+        "server_errors_5xx": sum(n for s, n in statuses.items() if s >= 500),
+        "transport_failures": failures,
+        "server": health,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
@@ -178,6 +245,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of each server (0: default)")
     parser.add_argument("--only", choices=["multitune", "naive"], help="test one server only")
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
+    parser.add_argument(
+        "--rates",
+        default=None,
+        help="offered loads, requests/s, comma-separated (e.g. 20,40,80): open-loop Poisson arrivals instead of "
+        "--clients closed-loop clients",
+    )
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per offered load")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds to wait for answers after the last arrival")
+    parser.add_argument("--server-option", action="append", default=[], help="extra `multitune serve` option")
     parser.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,6 +272,7 @@ def main() -> None:
             "4096",
             "--threads",
             str(args.threads),
+            *(part for option in args.server_option for part in option.split()),
         ],
         "naive": [sys.executable, __file__, args.run_dir, "--naive-server", "--threads", str(args.threads)],
     }
@@ -217,7 +294,14 @@ def main() -> None:
         process = start([*command, "--port", str(port)], url)
         try:
             cpu_before = cpu_seconds(process.pid)
-            results[name] = asyncio.run(load(url, mix, args.clients, args.time_limit))
+            if args.rates:  # open loop: each offered load in turn on the same server
+                rates = [float(r) for r in args.rates.split(",")]
+                runs = [asyncio.run(open_loop(url, mix, r, args.duration, 7, args.grace)) for r in rates]
+                results[name] = {"loads": runs, "requests": sum(r["answered"] for r in runs)}
+                for run in runs:
+                    print(name, json.dumps({k: v for k, v in run.items() if k != "server"}), flush=True)
+            else:
+                results[name] = asyncio.run(load(url, mix, args.clients, args.time_limit))
             used = cpu_seconds(process.pid) - cpu_before
             results[name]["server_cpu_ms_per_request"] = round(1000 * used / max(results[name]["requests"], 1), 1)
             results[name]["server_rss_mib"] = resident_mib(process.pid)
@@ -228,6 +312,16 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if args.rates:
+        print("| server | offered (req/s) | answered | timeouts | throughput (req/s) | p50 | p90 | p99 (ms) | 5xx |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name in servers:
+            for r in results.get(name, {}).get("loads", []):
+                print(
+                    f"| {name} | {r['offered_rps']:g} | {r['answered']} | {r['timeouts']} | {r['throughput_rps']} | "
+                    f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['server_errors_5xx']} |"
+                )
+        return
     print("| server | requests | seconds | throughput (req/s) | p50 (ms) | p99 (ms) | 5xx | CPU ms/request | RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in servers:
