@@ -106,3 +106,35 @@ def test_admin_routes_refuse_what_they_must(runs):
         assert last.status_code == 409 and "only task served" in last.json()["detail"]
     with running_server(served) as url:  # off unless an admin token is given
         assert httpx.get(f"{url}/v1/admin/tasks", timeout=10).status_code == 404
+
+
+def test_a_loaded_generation_task_joins_the_openai_routes_and_the_openapi_document(generation_run, tmp_path):
+    """Loaded: /v1/models lists it, a chat completion answers it, /openapi.json shows its own route. Unloaded:
+    gone from all three, and its routes answer 404 (not 500)."""
+    import yaml
+
+    config = yaml.safe_load((generation_run / "config.yaml").read_text())
+    config["tasks"] = {"echo": config["tasks"]["copy"]}
+    config["run"].update(name="echo", output_dir=str(tmp_path / "runs"))
+    config["training"]["steps"] = 2
+    other = train(tmp_path, config)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    chat = {"model": "echo", "messages": [{"role": "user", "content": "a dog runs"}], "max_tokens": 3}
+    with running_server(generation_run, "--admin-token", ADMIN) as url:
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).status_code == 404
+        loaded = httpx.post(
+            f"{url}/v1/admin/tasks", json={"run": str(other), "task": "echo"}, headers=admin, timeout=60
+        )
+        assert loaded.status_code == 201, loaded.text
+        assert {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]} == {"copy", "echo"}
+        answer = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"] == "echo"
+        assert "/v1/tasks/echo/generate" in httpx.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+        assert httpx.delete(f"{url}/v1/admin/tasks/echo", headers=admin, timeout=60).status_code == 200
+        assert {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]} == {"copy"}
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).status_code == 404
+        for route in ("generate", "predict"):
+            body = {"input": {"text": "a dog"}}
+            assert httpx.post(f"{url}/v1/tasks/echo/{route}", json=body, timeout=60).status_code == 404
+        assert "/v1/tasks/echo/generate" not in httpx.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+        assert httpx.delete(f"{url}/v1/admin/tasks/copy", headers=admin, timeout=60).status_code == 409  # the last

@@ -128,3 +128,84 @@ def test_no_task_at_all_is_refused():
     with pytest.raises(ConfigError, match="name at least one task") as caught:
         validate_config({"model": {}})
     assert caught.value.field == "tasks"
+
+
+def test_dots_blank_values_and_hidden_files(tmp_path, tiny_backbone):
+    from multitune.catalogue import validate_config
+
+    with pytest.raises(ConfigError, match=r"task name 'a\.b' may not contain '\.'") as caught:
+        validate_config({"tasks": {"a.b": {"type": "classification", "source": {"format": "jsonl", "train": "x"}}}})
+    assert caught.value.field == "tasks"
+    mixture(tmp_path, tasks=("flan.cot", "news"))
+    path = write_config(
+        tmp_path, UNIFIED.format(backbone=tiny_backbone, out=tmp_path / "runs").split("  overrides:")[0]
+    )
+    assert list(load_config(path).tasks) == ["flan_cot", "news"]
+    mixture(tmp_path, tasks=("news", "  "))
+    with pytest.raises(DataError, match="a task value must not be blank") as blank:
+        load_config(path)
+    assert (blank.value.line, blank.value.field) == (2, "task")
+    for name in ("alpha.jsonl", ".alpha.jsonl.swp.jsonl", ".hidden.jsonl"):
+        write_jsonl(tmp_path / "folder" / name, classification_rows(8))
+    text = (
+        f"model: {{backbone: {tiny_backbone}}}\n"
+        "discover: {source: {format: jsonl, train: folder}, type: classification}\n"
+    )
+    assert list(load_config(write_config(tmp_path, text)).tasks) == ["alpha"]
+
+
+@pytest.mark.parametrize(
+    "group,message,field,line",
+    [
+        (
+            "  defaults: {sampling_wieght: 2.0}\n",
+            "unknown task key (did you mean 'sampling_weight'?)",
+            "discover.defaults.sampling_wieght",
+            7,
+        ),
+        (
+            "  defaults: {source: {format: jsonl, train: x.jsonl}}\n",
+            "defaults may not set 'source'",
+            "discover.defaults.source",
+            7,
+        ),
+        (
+            "  overrides: {flan/sst: {sampling_weight: 2.0}}\n",
+            "(as a task it is named 'flan_sst')",
+            "discover.overrides",
+            7,
+        ),
+    ],
+)
+def test_defaults_and_overrides_are_checked_at_their_own_line(tmp_path, tiny_backbone, group, message, field, line):
+    mixture(tmp_path)
+    text = UNIFIED.format(backbone=tiny_backbone, out=tmp_path / "runs").split("  defaults:")[0] + group
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert message in caught.value.message and caught.value.field == field and caught.value.line == line, caught.value
+
+
+def test_an_override_of_a_discovered_tasks_key_is_that_tasks_own(tmp_path, tiny_backbone):
+    mixture(tmp_path)
+    path = write_config(tmp_path, UNIFIED.format(backbone=tiny_backbone, out=tmp_path / "runs"))
+    config = load_config(path, ["tasks.news.sampling_weight=3.0"])
+    assert config.tasks["news"].sampling_weight == 3.0 and config.tasks["news"].source.task_key == "news"
+    with pytest.raises(ConfigError, match="unknown task key") as caught:
+        load_config(path, ["discover.defaults.nope=1"])
+    assert caught.value.file == "override"
+
+
+def test_a_runs_saved_config_may_be_larger_than_a_hand_written_one(tmp_path):
+    """A mixture of hundreds of discovered tasks saves a config over the 256 KiB a hand-written one may have:
+    the run's own commands (evaluate, resume, serve) read it."""
+    from multitune.catalogue import load_run_config
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", classification_rows(8))
+    text = yaml.safe_dump(
+        {"tasks": {"a": {"type": "classification", "source": {"format": "jsonl", "train": str(rows)}}}}
+    )
+    path = write_config(tmp_path, text + "# " + "x" * (300 * 1024) + "\n")
+    with pytest.raises(ConfigError, match="larger than 256 KiB"):
+        load_config(path)
+    assert list(load_run_config(path).tasks) == ["a"]

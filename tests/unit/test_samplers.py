@@ -144,3 +144,19 @@ def test_token_mix_draws_inversely_to_row_length_so_token_shares_are_the_probabi
     assert not isinstance(mix, ObservesTraining)
     dynamic = SAMPLERS.build("dynamic", injected={"sizes": {"a": 10, "b": 10}, "weights": None, "total_steps": 10})
     assert isinstance(token_mix(dynamic, {"a": 1.0, "b": 2.0}), ObservesTraining)
+
+
+@pytest.mark.parametrize(
+    "sampling,schedule", [("all_tasks", "joint"), ("round_robin", "joint"), ("uniform", "sequential")]
+)
+def test_mix_by_tokens_refuses_samplers_that_do_not_draw_by_probability(sampling, schedule):
+    from multitune.catalogue import validate_config
+
+    data = {
+        "sampling": {"name": sampling},
+        "training": {"mix_by": "tokens", "schedule": {"name": schedule}},
+        "tasks": {n: {"type": "classification", "source": {"format": "jsonl", "train": "x.jsonl"}} for n in "ab"},
+    }
+    with pytest.raises(ConfigError, match="picks tasks by a rule") as caught:
+        validate_config(data)
+    assert caught.value.field == "training.mix_by"

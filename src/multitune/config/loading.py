@@ -16,7 +16,15 @@ from pydantic import (
 )
 
 from multitune.config.rules import check_numbers
-from multitune.config.schema import PACKAGE_PREFIX, SPLITS, Config, DiscoverConfig, SourceConfig, known_keys
+from multitune.config.schema import (
+    PACKAGE_PREFIX,
+    SPLITS,
+    Config,
+    DiscoverConfig,
+    SourceConfig,
+    TaskConfig,
+    known_keys,
+)
 from multitune.errors import ConfigError
 
 # Bounds on what one YAML text may expand to. Aliases make a small text stand for a huge tree (nine
@@ -26,6 +34,9 @@ from multitune.errors import ConfigError
 Check = Callable[[Config], None]  # a check a valid config must also pass; raises ConfigError with a field
 Expand = Callable[[DiscoverConfig], dict[str, dict[str, Any]]]  # the tasks a `discover` group finds in the data
 MAX_CONFIG_BYTES = 256 * 1024  # several thousand lines; loads in well under a second
+# a run's saved config lists every task with every setting (about 1 KiB a task): a mixture of thousands of
+# discovered tasks is several MiB, which the run's own commands must still read
+MAX_RUN_CONFIG_BYTES = 64 * 1024 * 1024
 
 
 MAX_DEPTH = 64  # nesting levels, aliases expanded
@@ -226,20 +237,23 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+def read_config_file(
+    path: str | Path, limit: int = MAX_CONFIG_BYTES
+) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     """A YAML config file as (data, key lines); anything that is not a YAML mapping is a one-line ConfigError
-    naming the file (and the line, where there is one)."""
+    naming the file (and the line, where there is one); so is a file over `limit` bytes."""
     path = Path(path)
     file = str(path)
     try:
         with path.open("rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
+            raw = handle.read(limit + 1)
     except FileNotFoundError:
         raise ConfigError("config file not found", file=file) from None
     except OSError as error:
         raise ConfigError(f"cannot read config: {error.strerror or error}", file=file) from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config", file=file)
+    if len(raw) > limit:
+        size = f"{limit // 1024} KiB" if limit < 1024 * 1024 else f"{limit // (1024 * 1024)} MiB"
+        raise ConfigError(f"larger than {size}: not a config", file=file)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -289,13 +303,27 @@ def load_config(
         overridden[key] = repr(value)
     discovering = data.get("discover") is not None and expand is not None  # the checks wait for the tasks
     config = validate_config(
-        data, file=str(path), lines=lines, overridden=set(overridden), check=None if discovering else check
+        without_task_keys(data) if discovering else data,
+        file=str(path),
+        lines=lines,
+        overridden=set(overridden),
+        check=None if discovering else check,
     )
     if config.discover is not None and expand is not None:
-        data, lines = with_discovered(data, lines, config, path.parent, expand, str(path))
+        data, lines = with_discovered(data, lines, config, path.parent, expand, str(path), set(overridden))
         config = validate_config(data, file=str(path), lines=lines, overridden=set(overridden), check=check)
     resolve_paths(config, path.parent)
     return config
+
+
+def without_task_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` without the `tasks` entries that hold no source: before discovery they may be a discovered
+    task's own keys (`tasks.NAME.KEY=VALUE` overrides), checked once discovery has found the task."""
+    tasks = data.get("tasks")
+    if not isinstance(tasks, dict):
+        return data
+    kept = {name: entry for name, entry in tasks.items() if not (isinstance(entry, dict) and "source" not in entry)}
+    return {**data, "tasks": kept}
 
 
 def with_discovered(
@@ -305,42 +333,56 @@ def with_discovered(
     base: Path,
     expand: Expand,
     file: str | None,
+    overridden: set[tuple[str, ...]] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    """`data` with the `discover` group replaced by the tasks it finds (paths resolved against `base`); an
-    error in a discovered task is located at the `discover` group. Raises ConfigError for a discovered task
-    the config also names."""
+    """`data` with the `discover` group replaced by the tasks it finds (paths resolved against `base`). A key
+    of `defaults` or `overrides` that no task takes is an error at its own line; an error in a discovered task
+    is located at the `discover` group. A `tasks` entry without a source for a discovered task (as an
+    override `tasks.NAME.KEY=VALUE` makes) is that task's own keys; a full entry for one is a ConfigError."""
     discover = config.discover
     assert discover is not None
+    keys = set(TaskConfig.model_fields)
+    given: list[tuple[tuple[str, ...], str]] = [(("discover", "defaults", k), k) for k in discover.defaults]
+    given += [(("discover", "overrides", n, k), k) for n, own in discover.overrides.items() for k in own]
+    for path, key in given:
+        if key not in keys:
+            close = difflib.get_close_matches(key, sorted(keys), n=1)
+            source, line = _locate(path, file, lines, overridden)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown task key{hint}", file=source, line=line, field=".".join(path))
     resolve_source(discover.source, base)
     try:
         found = expand(discover)
     except ConfigError as error:
         if error.file is None:
-            key = ("discover", *(error.field or "").split(".")[1:2])  # e.g. discover.source
-            error.file, error.line = file, lines.get(key) or lines.get(("discover",))
+            error.file, error.line = _locate(tuple((error.field or "discover").split(".")), file, lines, overridden)
         raise
-    named = data.get("tasks") or {}
-    both = sorted(set(named) & set(found))
-    if both:
+    named = dict(data.get("tasks") or {})
+    for name in sorted(set(named) & set(found)):
+        own = named[name]
+        if isinstance(own, dict) and "source" not in own:  # a task's own keys, e.g. from an override
+            found[name] = {**found[name], **own}
+            del named[name]
+            continue
         raise ConfigError(
-            f"task '{both[0]}' is named in tasks and found by discover: give its own keys in discover.overrides",
+            f"task '{name}' is named in tasks and found by discover: give its own keys in discover.overrides",
             file=file,
-            line=lines.get(("tasks", both[0])),
-            field=f"tasks.{both[0]}",
+            line=lines.get(("tasks", name)),
+            field=f"tasks.{name}",
         )
     expanded = {key: value for key, value in data.items() if key != "discover"}
     expanded["tasks"] = {**named, **found}
-    where = lines.get(("discover",))
+    at = lines.get(("discover",))
     located = dict(lines)
-    if where is not None:
-        located.update({("tasks", name): where for name in found})
+    if at is not None:
+        located.update({("tasks", name): at for name in found})
     return expanded, located
 
 
 def load_run_config(path: str | Path, run_settings: dict[str, Any] | None = None, check: Check | None = None) -> Config:
     """A run directory's saved config.yaml (resume, evaluate, predict, serve, export), with `run_settings`
     replacing keys of its run group; a file that is not a multitune config is a one-line ConfigError."""
-    data, lines = read_config_file(path)
+    data, lines = read_config_file(path, MAX_RUN_CONFIG_BYTES)
     if run_settings:
         group = data.setdefault("run", {})
         if not isinstance(group, dict):

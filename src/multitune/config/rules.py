@@ -50,9 +50,21 @@ def check_refinement(config: Config) -> None:
         )
 
 
+NOT_DRAWN = ("all_tasks", "round_robin", "sequential")  # samplers that pick tasks by a rule, not by probability
+
+
 def check_speed_options(config: Config) -> None:
-    """Packing and gradient accumulation: where they apply."""
+    """Packing, gradient accumulation and mixing by tokens: where they apply."""
     training = config.training
+    if training.mix_by == "tokens":
+        ruled = config.sampling.name if config.sampling.name in NOT_DRAWN else None
+        ruled = ruled or ("sequential" if training.schedule.name == "sequential" else None)
+        if ruled is not None:
+            raise ConfigError(
+                f"mix_by: tokens reweights the tasks' draws; the {ruled} sampler picks tasks by a rule, not by "
+                "probability",
+                field="training.mix_by",
+            )
     if training.packing:
         not_generation = [name for name, task in config.tasks.items() if task.type != "generation"]
         if config.model.kind != "causal_lm" or not_generation:

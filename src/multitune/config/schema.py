@@ -406,6 +406,8 @@ class Config(Group):
             raise ValueError("name at least one task (or let `discover` find them in the data)")
         for name in tasks:
             _check_name(name, "task name")
+            if "." in name:  # a task names a head and an adapter: torch's module names cannot hold a dot
+                raise ValueError(f"task name '{name}' may not contain '.' (use '_' or '-')")
         return tasks
 
     @model_validator(mode="before")

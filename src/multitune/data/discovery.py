@@ -23,7 +23,7 @@ from multitune.config import NAME_PATTERN, SPLITS, DiscoverConfig
 from multitune.data.readers import read_unified
 from multitune.errors import ConfigError
 
-SUFFIXES = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "tsv": (".tsv",), "conll": (".conll", ".txt", ".bio")}
+SUFFIXES = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "tsv": (".tsv",), "conll": (".conll", ".bio", ".iob")}
 FIELD = "discover"
 
 
@@ -44,10 +44,23 @@ def discovered_tasks(discover: DiscoverConfig) -> dict[str, dict[str, Any]]:
             field=f"{FIELD}.source.format",
         )
     if not found:
-        raise ConfigError("the data holds no task", field=f"{FIELD}.source.train")
+        suffixes = ", ".join(SUFFIXES.get(discover.source.format, ()))
+        where = f" (no {suffixes} file in the folder)" if discover.source.format in SUFFIXES else ""
+        raise ConfigError(f"the data holds no task{where}", field=f"{FIELD}.source.train")
+    for key in ("source", "type"):  # what discover itself sets
+        if key in discover.defaults:
+            raise ConfigError(f"defaults may not set '{key}': discover sets it", field=f"{FIELD}.defaults.{key}")
     unknown = sorted(set(discover.overrides) - set(found))
     if unknown:
-        raise ConfigError(f"overrides names '{unknown[0]}', a task the data does not hold", field=f"{FIELD}.overrides")
+        named = f" (as a task it is named '{task_name(unknown[0])}')" if task_name(unknown[0]) in found else ""
+        raise ConfigError(
+            f"overrides names '{unknown[0]}', a task the data does not hold{named}", field=f"{FIELD}.overrides"
+        )
+    for name, own in discover.overrides.items():
+        if "source" in own:
+            raise ConfigError(
+                "an override may not set 'source': discover finds each task's data", field=f"{FIELD}.overrides.{name}"
+            )
     tasks = {}
     for name, task_source in found.items():
         entry: dict[str, Any] = {"type": discover.type, **copy.deepcopy(discover.defaults), "source": task_source}
@@ -57,8 +70,9 @@ def discovered_tasks(discover: DiscoverConfig) -> dict[str, dict[str, Any]]:
 
 
 def task_name(value: str) -> str:
-    """A valid task name for a data value: each character a name may not hold becomes `_`."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", value)[:64]
+    """A valid task name for a data value: each character a task name may not hold (anything but letters,
+    digits, `_` and `-`) becomes `_`."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", value)[:64]
     return name if NAME_PATTERN.match(name) else f"t{name}"[:64]
 
 
@@ -70,6 +84,8 @@ def _unified_names(discover: DiscoverConfig) -> dict[str, str]:
     for path in files:
         for row in read_unified(path, discover.source.encoding):
             value = str(row.get("task"))
+            if not value.strip():
+                raise row.error("a task value must not be blank", "task")
             name = task_name(value)
             if names.get(name, value) != value:
                 raise row.error(f"task '{value}' and task '{names[name]}' both become the task name '{name}'", "task")
@@ -80,6 +96,8 @@ def _unified_names(discover: DiscoverConfig) -> dict[str, str]:
 def _folder_tasks(discover: DiscoverConfig, source: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """One task per file of the train folder; the same name in the validation and test folders."""
     train = discover.source.train
+    if isinstance(train, str) and not Path(train).exists():
+        raise ConfigError(f"folder not found: {train}", field=f"{FIELD}.source.train")
     if not isinstance(train, str) or not Path(train).is_dir():
         raise ConfigError(
             "discover with this format reads a folder of files, one per task: give the folder as train",
@@ -88,13 +106,15 @@ def _folder_tasks(discover: DiscoverConfig, source: dict[str, Any]) -> dict[str,
     suffixes = SUFFIXES[discover.source.format]
     folders = {split: getattr(discover.source, split) for split in SPLITS}
     for split, folder in folders.items():
+        if isinstance(folder, str) and not Path(folder).exists():
+            raise ConfigError(f"folder not found: {folder}", field=f"{FIELD}.source.{split}")
         if folder is not None and not (isinstance(folder, str) and Path(folder).is_dir()):
             raise ConfigError(f"{split} must be a folder too, beside the train folder", field=f"{FIELD}.source.{split}")
     tasks: dict[str, dict[str, Any]] = {}
     stems: dict[str, str] = {}
     for path in sorted(Path(train).iterdir()):
-        if not path.is_file() or path.suffix.lower() not in suffixes:
-            continue
+        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in suffixes:
+            continue  # hidden files (editors', the OS's) are not tasks
         name = task_name(path.stem)
         if name in stems:
             raise ConfigError(

@@ -71,7 +71,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
     add_docs(app)
     routes.add_error_handlers(app)
     routes.add_health(app, engine, batcher)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(routes.authorizer(settings.token))])
+    v1_auth = routes.authorizer(settings.token)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(v1_auth)])
     routes.add_tasks(v1, engine)
     answering = routes.Answering(engine, batcher)
     for name in engine.tasks:
@@ -80,7 +81,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
     routes.add_generate_route(v1, answering, models)
     add_openai_routes(v1, answering)
     if settings.admin_token:  # off unless asked for: loading reads any run the server's user can read
-        routes.add_admin_routes(app, engine, batcher, settings.admin_token)
+        routes.add_admin_routes(app, answering, models, settings.admin_token, v1_auth)
+        app.openapi = routes.served_openapi(app, engine)  # type: ignore[method-assign]
     app.include_router(v1)
     metrics = ServerMetrics(batcher)
     routes.add_metrics(app, metrics)

@@ -42,6 +42,10 @@ Part = tuple[str, Sequence[PredictionRow]]  # one task's encoded records, as one
 UNLOADED: list[dict[str, Any]] = []  # a part whose task was unloaded while it waited (the routes answer 404)
 
 
+class TaskGone(MultitunError):
+    """The task is not (or no longer) served: a 404, not a bad record."""
+
+
 @dataclass
 class Loaded:
     """A task of another run, loaded and checked, waiting to be registered (Engine.loadable)."""
@@ -167,12 +171,19 @@ class Engine:
     def encode(self, task: str, records: Sequence[dict[str, Any]]) -> Sequence[PredictionRow]:
         """Request records of `task` as model rows (a long token record as its windows); a bad record raises
         MultitunError naming its index."""
-        data = self.tasks[task]
+        data = self.tasks.get(task)
+        if data is None:  # unloaded meanwhile
+            raise TaskGone(str(unknown_task(task, list(self.tasks))))
         rows = [Row(dict(record), f"inputs[{i}]", 0) for i, record in enumerate(records)]
         return encode_for_prediction(self.config.model, data, self.request_tokenizer, rows)
 
     def is_generative(self, task: str) -> bool:
-        return self.tasks[task].config.type == "generation"
+        data = self.tasks.get(task)
+        return data is not None and data.config.type == "generation"
+
+    def generation_tasks(self) -> list[str]:
+        """The generation tasks served now (tasks may be loaded and unloaded at run time)."""
+        return [name for name, data in list(self.tasks.items()) if data.config.type == "generation"]
 
     # --- inference (one thread) -----------------------------------------------------------------
 
@@ -237,7 +248,7 @@ class Engine:
         """One greedy generation for `task` (at most `max_new_tokens` new tokens, default the task's own), each
         new piece of text handed to `streamer` (if any) as it comes."""
         if task not in self.model_of:  # unloaded while the request waited
-            raise unknown_task(task, list(self.tasks))
+            raise TaskGone(str(unknown_task(task, list(self.tasks))))
         model: Any = self.models[self.model_of[task]]
         prompt = row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
         limit = max_new_tokens or self.tasks[task].config.max_new_tokens

@@ -27,6 +27,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from multitune.serving.batcher import Busy
+from multitune.serving.engine import TaskGone
 from multitune.serving.routes import Answering
 
 MAX_TOKENS = 4096  # the most new tokens one request may ask for
@@ -64,14 +65,16 @@ class CompletionRequest(Sampling):
 
 def add_openai_routes(v1: APIRouter, answering: Answering) -> None:
     engine = answering.engine
-    generative = [name for name in engine.tasks if engine.is_generative(name)]
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
         """The generation tasks, as OpenAI lists models (`id` is the task's name)."""
         return {
             "object": "list",
-            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "multitune"} for name in generative],
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "multitune"}
+                for name in engine.generation_tasks()
+            ],
         }
 
     @v1.post("/chat/completions", response_model=None)
@@ -81,21 +84,21 @@ def add_openai_routes(v1: APIRouter, answering: Answering) -> None:
         if not users:
             raise HTTPException(422, "messages: no user message to answer")
         system = [m.text() for m in request.messages if m.role in ("system", "developer")]
-        return await _complete(answering, generative, request, users[-1].text(), system[-1] if system else None, True)
+        return await _complete(answering, request, users[-1].text(), system[-1] if system else None, True)
 
     @v1.post("/completions", response_model=None)
     async def completions(request: CompletionRequest) -> Any:
         """OpenAI's (legacy) text completion: `prompt` is the task's input text."""
-        return await _complete(answering, generative, request, request.prompt, None, False)
+        return await _complete(answering, request, request.prompt, None, False)
 
 
-async def _complete(
-    answering: Answering, generative: list[str], request: Any, text: str, instruction: str | None, chat: bool
-) -> Any:
+async def _complete(answering: Answering, request: Any, text: str, instruction: str | None, chat: bool) -> Any:
     engine, task = answering.engine, request.model
-    if task not in generative:
+    generative = engine.generation_tasks()  # served now: tasks load and unload at run time
+    schema = engine.schemas.get(task)
+    if task not in generative or schema is None:
         raise HTTPException(404, f"no generation task '{task}' in this run (models: {', '.join(generative)})")
-    fields = engine.schemas[task].generic
+    fields = schema.generic
     if len(fields) != 1:
         raise HTTPException(422, f"task '{task}' takes {len(fields)} texts: use /v1/tasks/{task}/generate")
     record: dict[str, Any] = {fields[0]: text}
@@ -109,6 +112,8 @@ async def _complete(
             text = await answering.batcher.call(engine.generate_one, task, rows[0], None, limit)
         except Busy as error:
             raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+        except TaskGone as error:  # unloaded while the request waited
+            raise HTTPException(404, str(error)) from None
         return reply.whole(text, len(engine.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]))
     from transformers import TextIteratorStreamer
 

@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from multitune.errors import MultitunError
 from multitune.serving.batcher import Busy, MicroBatcher
-from multitune.serving.engine import UNLOADED, Engine
+from multitune.serving.engine import UNLOADED, Engine, TaskGone
 from multitune.serving.schemas import (
     GenerateBody,
     MixedBody,
@@ -132,6 +132,8 @@ class Answering:
     def encode(self, task: str, records: list[Record], where: str = "inputs") -> Any:
         try:
             return self.engine.encode(task, records)
+        except TaskGone as error:
+            raise HTTPException(404, str(error)) from None
         except MultitunError as error:
             raise HTTPException(422, _one_line(error, where)) from None
 
@@ -174,7 +176,10 @@ class Answering:
 
     async def generate(self, task: str, request: GenerateBody) -> Any:
         if not self.engine.is_generative(task):
-            kind = self.engine.tasks[task].config.type
+            data = self.engine.tasks.get(task)
+            if data is None:
+                raise HTTPException(404, _unknown(task, self.engine))
+            kind = data.config.type
             raise HTTPException(
                 422, f"task '{task}' is a {kind} task, not a generation task: use /v1/tasks/{task}/predict"
             )
@@ -200,7 +205,7 @@ def add_own_routes(v1: APIRouter, name: str, answering: Answering, models: Reque
     predict_body, generate_body = models.own(name)
 
     async def predict_route(request: predict_body) -> dict[str, Any]:  # type: ignore[valid-type]
-        return await answering.predict(name, request)  # type: ignore[arg-type]
+        return await answering.predict(answering.task_or_404(name), request)  # type: ignore[arg-type]
 
     v1.add_api_route(
         f"/tasks/{name}/predict",
@@ -214,7 +219,7 @@ def add_own_routes(v1: APIRouter, name: str, answering: Answering, models: Reque
     if answering.engine.is_generative(name):
 
         async def generate_route(request: generate_body) -> Any:  # type: ignore[valid-type]
-            return await answering.generate(name, request)  # type: ignore[arg-type]
+            return await answering.generate(answering.task_or_404(name), request)  # type: ignore[arg-type]
 
         v1.add_api_route(
             f"/tasks/{name}/generate",
@@ -250,7 +255,7 @@ def add_generate_route(v1: APIRouter, answering: Answering, models: RequestModel
         return await answering.generate(answering.task_or_404(task), request)  # type: ignore[arg-type]
 
 
-def add_admin_routes(app: FastAPI, engine: Engine, batcher: MicroBatcher, token: str) -> None:
+def add_admin_routes(app: FastAPI, answering: Answering, models: RequestModels, token: str, v1_auth: Any) -> None:
     """/v1/admin/tasks: list, load and unload tasks while the server runs, behind their own bearer token. A task
     is loaded from another finished run of the same backbone (its own model answers it, its refined copy for
     a two-stage run): the weights are read off the inference thread, and the task is registered, or removed,
@@ -258,6 +263,20 @@ def add_admin_routes(app: FastAPI, engine: Engine, batcher: MicroBatcher, token:
     import asyncio
 
     from pydantic import BaseModel, ConfigDict
+
+    engine, batcher = answering.engine, answering.batcher
+
+    routed = set(engine.tasks)  # tasks with their own routes (an unloaded task's answer 404 and are not shown)
+
+    def document(task: str, served: bool) -> None:
+        """The OpenAPI document follows: a loaded task gets its own routes (once), and served_openapi leaves
+        out those of tasks not served."""
+        if served and task not in routed:
+            router = APIRouter(prefix="/v1", dependencies=[Depends(v1_auth)])
+            add_own_routes(router, task, answering, models)
+            app.include_router(router)
+            routed.add(task)
+        app.openapi_schema = None  # rebuilt at the next request for it
 
     class LoadBody(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -296,6 +315,7 @@ def add_admin_routes(app: FastAPI, engine: Engine, batcher: MicroBatcher, token:
         except MultitunError as error:
             raise HTTPException(400, " ".join(str(error).split())) from None
         await between_batches(engine.register, loaded)
+        document(body.task, served=True)
         return {"loaded": body.task, "run": loaded.run}
 
     @admin.delete("/tasks/{task}")
@@ -304,9 +324,30 @@ def add_admin_routes(app: FastAPI, engine: Engine, batcher: MicroBatcher, token:
         if task not in engine.tasks:
             raise HTTPException(404, _unknown(task, engine))
         await between_batches(engine.unload, task)
+        document(task, served=False)
         return {"unloaded": task}
 
     app.include_router(admin)
+
+
+OWN_ROUTE = re.compile(r"^/v1/tasks/([^/{}]+)/(predict|generate)$")
+
+
+def served_openapi(app: FastAPI, engine: Engine) -> Callable[[], dict[str, Any]]:
+    """app.openapi for a server whose tasks change at run time: FastAPI's document of every route, less the own
+    routes of tasks no longer served."""
+    whole = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = whole()
+        paths = {
+            path: operations
+            for path, operations in schema.get("paths", {}).items()
+            if (found := OWN_ROUTE.match(path)) is None or found.group(1) in engine.tasks
+        }
+        return {**schema, "paths": paths}
+
+    return openapi
 
 
 async def _events(streamer: Any, done: Any) -> AsyncIterator[str]:
