@@ -21,10 +21,15 @@ class FakeEngine:
         self.delay = delay
         self.release = threading.Event()
 
-    def run(self, parts: list[Any]) -> list[list[dict[str, Any]]]:
+    def run(self, parts: list[Any], done: Any = None) -> list[list[dict[str, Any]]]:
         self.calls.append(list(parts))
-        time.sleep(self.delay)
-        return [[{"prediction": f"{task}:{row}"} for row in rows] for task, rows in parts]
+        answers = []
+        for p, (task, rows) in enumerate(parts):  # one part after another, each told as soon as it is answered
+            time.sleep(self.delay / max(len(parts), 1))
+            answers.append([{"prediction": f"{task}:{row}"} for row in rows])
+            if done is not None:
+                done(p, answers[-1])
+        return answers
 
 
 def test_concurrent_requests_of_several_tasks_share_a_call():
@@ -42,6 +47,31 @@ def test_concurrent_requests_of_several_tasks_share_a_call():
     answers = asyncio.run(scenario())
     assert [a[0][0]["prediction"] for a in answers] == [f"{t}:{i}" for i in range(12) for t in ("a", "b")]
     assert len(engine.calls) < 24 and any({task for task, _ in call} == {"a", "b"} for call in engine.calls)
+
+
+def test_a_request_is_answered_when_its_own_rows_are_not_when_the_whole_call_ends():
+    engine = FakeEngine(delay=0.6)  # three parts in one call, 0.2 s each
+
+    async def scenario() -> list[float]:
+        batcher = MicroBatcher(engine, max_rows=64, max_wait_ms=50)  # type: ignore[arg-type]
+        await batcher.start()
+        began = time.perf_counter()
+        answered: list[float] = []
+
+        async def one(task: str) -> None:
+            await batcher.submit([(task, [0])])
+            answered.append(time.perf_counter() - began)
+
+        try:
+            await asyncio.gather(*(one(task) for task in ("a", "b", "c")))
+        finally:
+            await batcher.stop()
+        return answered
+
+    answered = asyncio.run(scenario())
+    assert len(engine.calls) == 1 and len(engine.calls[0]) == 3
+    # all at the call's end, the three answers would come together; told part by part, 0.4 s apart
+    assert answered[2] - answered[0] > 0.2, answered
 
 
 def test_a_full_queue_refuses_with_busy():
@@ -69,3 +99,20 @@ def test_padded_chunks_split_where_padding_would_cost_more_than_a_forward():
     chunks = padded_chunks(list(range(6)), lengths, batch_size=3, slack=64)
     assert chunks == [[0, 1, 2], [3], [4, 5]]
     assert padded_chunks([0, 1], [5, 5], batch_size=8) == [[0, 1]]
+
+
+def test_the_engine_tells_each_part_as_its_rows_are_answered(tiny_run):
+    """Engine.run's `done`: each part is told once its last row is answered, rows in length order (the short
+    part first, though it came second), with the answer the call returns."""
+    from multitune.serving.engine import Engine
+
+    engine = Engine(tiny_run)
+    long = {"text": " ".join(["good"] * 25)}
+    parts = [
+        ("sentiment", engine.encode("sentiment", [long])),
+        ("sentiment", engine.encode("sentiment", [{"text": "bad"}])),
+    ]
+    told: list[tuple[int, Any]] = []
+    returned = engine.run(parts, lambda p, answer: told.append((p, answer)))
+    assert [p for p, _ in told] == [1, 0]
+    assert [answer for _, answer in sorted(told, key=lambda item: item[0])] == returned

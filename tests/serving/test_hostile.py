@@ -145,7 +145,7 @@ def test_a_fault_of_the_server_is_a_json_500(tiny_run):
 
     engine = Engine(tiny_run)
 
-    def broken(parts: Any) -> Any:
+    def broken(parts: Any, done: Any = None) -> Any:
         raise RuntimeError("a bug, with a\nmultiline message that must not leak")
 
     engine.run = broken  # type: ignore[method-assign]

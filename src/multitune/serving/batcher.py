@@ -1,6 +1,7 @@
 """Dynamic micro-batching: requests of any task wait in one bounded queue; a worker takes what is there (up to
 `max_rows` rows, waiting at most `max_wait_ms` for more when the queue runs dry) and answers it with one
 `Engine.run` call on the inference thread, so concurrent requests of different tasks share backbone forwards.
+Each request is answered as soon as its own rows are (Engine.run's `done`), not when the whole call ends.
 
 The model runs on one dedicated thread: the event loop keeps accepting (and refusing) requests meanwhile,
 and per-task adapter routing, which is state on the model, is never used by two calls at once.
@@ -32,6 +33,27 @@ class Job:
     @property
     def rows(self) -> int:
         return sum(len(rows) for _, rows in self.parts)
+
+
+def early(jobs: Sequence[Job], loop: asyncio.AbstractEventLoop) -> Callable[[int, Any], None]:
+    """Engine.run's `done` for a batch of jobs: a job's future is set (on the event loop) as soon as its last
+    part is answered, before the rest of the batch is."""
+    owner = [(j, k) for j, job in enumerate(jobs) for k in range(len(job.parts))]
+    answers: list[list[Any]] = [[None] * len(job.parts) for job in jobs]
+    left = [len(job.parts) for job in jobs]
+
+    def resolve(job: Job, value: list[Any]) -> None:
+        if not job.future.done():
+            job.future.set_result(value)
+
+    def done(p: int, answer: Any) -> None:  # on the inference thread
+        j, k = owner[p]
+        answers[j][k] = answer
+        left[j] -= 1
+        if left[j] == 0:
+            loop.call_soon_threadsafe(resolve, jobs[j], answers[j])
+
+    return done
 
 
 class MicroBatcher:
@@ -105,7 +127,7 @@ class MicroBatcher:
             try:
                 started = loop.time()
                 answers = await loop.run_in_executor(
-                    self.executor, self.engine.run, [part for job in live for part in job.parts]
+                    self.executor, self.engine.run, [part for job in live for part in job.parts], early(live, loop)
                 )
                 for observe in self.observers:
                     observe(sum(job.rows for job in live), loop.time() - started)

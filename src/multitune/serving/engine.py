@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -188,12 +188,34 @@ class Engine:
     # --- inference (one thread) -----------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, parts: Sequence[Part]) -> list[list[dict[str, Any]]]:
+    def run(
+        self, parts: Sequence[Part], done: Callable[[int, list[dict[str, Any]]], None] | None = None
+    ) -> list[list[dict[str, Any]]]:
         """Each part's predictions, as `multitune predict` gives them; rows of all tasks that share a model
-        go through the backbone together, in length-sorted batches of at most `batch_size` rows."""
+        go through the backbone together, in length-sorted batches of at most `batch_size` rows. `done(p,
+        answer)`, when given, hears of each part as soon as its last row is answered (a part of short rows
+        before the long rows' forward runs), so a server can reply without waiting for the whole call. A
+        part whose task was unloaded while it waited gets UNLOADED."""
         expanded = [expand(records) for _, records in parts]  # a long token record: one row per window
         results: list[list[dict[str, Any]]] = [[{} for _ in rows] for rows, _ in expanded]
         gone = {p for p, (task, _) in enumerate(parts) if task not in self.model_of}  # unloaded while queued
+        left = [len(rows) for rows, _ in expanded]
+        answers: list[list[dict[str, Any]] | None] = [None] * len(parts)
+
+        def finished(p: int) -> None:
+            answers[p] = UNLOADED if p in gone else gather(parts[p][1], results[p], expanded[p][1])
+            if done is not None:
+                done(p, answers[p])  # type: ignore[arg-type]
+
+        def answered(items: Sequence[int]) -> None:
+            for p in items:
+                left[p] -= 1
+                if left[p] == 0:
+                    finished(p)
+
+        for p in range(len(parts)):
+            if p in gone or not left[p]:
+                finished(p)
         for index, model in enumerate(self.models):
             if model is None:
                 continue
@@ -211,6 +233,7 @@ class Engine:
             heads.sort(key=lambda item: len(item[3].input_ids))  # less padding per batch
             for chunk in padded_chunks(heads, [len(item[3].input_ids) for item in heads], self.batch_size):
                 self._forward(model, chunk, results)
+                answered([p for p, *_ in chunk])
             for task in dict.fromkeys(task for _, task, _ in mine if self.is_generative(task)):
                 flat = [(p, i, row) for p, name, rows in mine if name == task for i, row in enumerate(rows)]
                 texts = generate_predictions(
@@ -219,10 +242,8 @@ class Engine:
                 for (p, i, _), text in zip(flat, texts, strict=True):
                     results[p][i] = text
                 self._count(len(flat), 1)
-        return [
-            UNLOADED if p in gone else gather(records, results[p], expanded[p][1])
-            for p, (_, records) in enumerate(parts)
-        ]
+                answered([p for p, *_ in flat])
+        return [answer if answer is not None else [] for answer in answers]
 
     def _forward(
         self, model: MultiTaskModel, chunk: list[tuple[int, int, str, Encoded]], results: list[list[dict[str, Any]]]
