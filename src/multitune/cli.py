@@ -113,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-inputs", type=int, default=64, help="records per request")
     serve.add_argument("--max-chars", type=int, default=10_000, help="characters of text per record")
     serve.add_argument("--max-batch-rows", type=int, default=64, help="rows gathered into one model call")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a lone request waits for company")
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=0.0, help="how long a lone request waits for company (default: none)"
+    )
     serve.add_argument("--max-queue", type=int, default=512, help="queued requests before 503")
     serve.add_argument("--threads", type=int, help="torch CPU threads for inference (default: torch's choice)")
     serve.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers (408)")

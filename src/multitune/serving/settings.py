@@ -19,7 +19,9 @@ class ServeSettings:
     max_chars: int = 10_000  # characters of text per record
     max_body_bytes: int = 2_000_000
     max_batch_rows: int = 64  # rows the batcher gathers for one Engine.run
-    max_wait_ms: float = 5.0  # how long a lone request waits for company
+    # how long a lone request waits for company; none by default: while a batch runs, the next one gathers by
+    # itself, and a wait only adds latency below capacity (BENCHMARKS.md, offered loads)
+    max_wait_ms: float = 0.0
     max_queue: int = 512  # requests waiting; more are refused with 503
     threads: int | None = None  # torch's CPU threads for inference (default: torch's own choice)
     # slow clients: a connection must deliver a request's headers within header_timeout seconds (of opening,
