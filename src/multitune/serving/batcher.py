@@ -59,7 +59,7 @@ def early(jobs: Sequence[Job], loop: asyncio.AbstractEventLoop) -> Callable[[int
 class MicroBatcher:
     """One queue, one worker, one inference thread. Start it inside the server's event loop."""
 
-    def __init__(self, engine: Engine, max_rows: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256) -> None:
+    def __init__(self, engine: Engine, max_rows: int = 32, max_wait_ms: float = 0.0, max_queue: int = 256) -> None:
         self.engine = engine
         self.max_rows, self.max_wait, self.max_queue = max_rows, max_wait_ms / 1000, max_queue
         self.observers: list[Callable[[int, float], None]] = []  # each batch's (rows, seconds), e.g. /metrics
