@@ -33,8 +33,10 @@ def test_affinity_is_measured_at_each_validation(affinity_run, capsys):
 
 def test_report_holds_every_plot(affinity_run):
     page = (affinity_run / "report.html").read_text()
-    # losses, validation, 2 heatmaps; equal weights and temperature sampling of equal-sized tasks are flat
-    assert page.count('src="data:image/png;base64,') == 4
+    # losses, validation, token shares against probabilities, 2 heatmaps; equal weights and temperature
+    # sampling of equal-sized tasks are flat
+    assert page.count('src="data:image/png;base64,') == 5
+    assert "Share of training tokens per task against its sampling probability" in page
     assert "Loss weights stayed constant: ner 1, sentiment 1." in page
     assert "Sampling probabilities stayed constant: ner 0.5, sentiment 0.5." in page
     assert "Scores" in page and "Suggested task groups" in page
@@ -62,8 +64,8 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(affinity_ru
         text=True,
         timeout=120,
     )
-    assert 'data-images="4"' in result.stdout, result.stderr[-2000:]
-    assert 'data-images-loaded="4"' in result.stdout
+    assert 'data-images="5"' in result.stdout, result.stderr[-2000:]
+    assert 'data-images-loaded="5"' in result.stdout
 
 
 def test_guard_drops_a_task_that_hurts_the_others(tmp_path, tiny_backbone, write_jsonl, monkeypatch):
