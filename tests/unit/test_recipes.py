@@ -20,7 +20,7 @@ def test_the_configs_own_settings_win_and_another_method_replaces_the_recipes_wh
     assert merged["training"]["schedule"] == {**schedule, "finetune_steps": 9}
     assert merged["training"]["early_stopping"] == {"patience": 3, "per_task": True, "count": "own_steps"}
     assert merged["sampling"] == {"name": "uniform"}  # no temperature leaking into the uniform sampler
-    assert RECIPES["recommended"]["training"]["schedule"]["finetune_steps"] == 2000  # the recipe is not changed
+    assert RECIPES["recommended"]["training"]["schedule"]["finetune_steps"] == 400  # the recipe is not changed
 
 
 def test_an_unknown_recipe_is_a_config_error(tmp_path, tiny_backbone):
