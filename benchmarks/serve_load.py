@@ -122,6 +122,16 @@ def start(command: list[str], url: str) -> subprocess.Popen[bytes]:
     raise SystemExit(f"server did not start: {' '.join(command)}")
 
 
+def quantiles(latencies: list[float]) -> Any:
+    """q -> the q-quantile of `latencies` (seconds) in milliseconds, 0 without any."""
+    ordered = sorted(latencies)
+
+    def quantile(q: float) -> float:
+        return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1) if ordered else 0.0
+
+    return quantile
+
+
 async def load(url: str, mix: list[tuple[str, dict[str, Any]]], clients: int, time_limit: float) -> dict[str, Any]:
     """Send the mix with `clients` concurrent clients until done or out of time."""
     import httpx
@@ -153,10 +163,7 @@ async def load(url: str, mix: list[tuple[str, dict[str, Any]]], clients: int, ti
         await asyncio.gather(*(client(http) for _ in range(clients)))
         seconds = time.perf_counter() - began
         health = (await http.get("/healthz")).json()
-    latencies.sort()
-
-    def quantile(q: float) -> float:
-        return round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1) if latencies else 0.0
+    quantile = quantiles(latencies)
 
     return {
         "requests": len(latencies),
@@ -214,10 +221,7 @@ async def open_loop(
             job.cancel()
         seconds = time.perf_counter() - began
         health = (await http.get("/healthz")).json()
-    latencies.sort()
-
-    def quantile(q: float) -> float:
-        return round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1) if latencies else 0.0
+    quantile = quantiles(latencies)
 
     return {
         "offered_rps": rate,
