@@ -82,3 +82,8 @@ def test_a_recipes_baseline_is_the_plain_configs_baseline(tmp_path, tiny_backbon
         assert mine.training.schedule.name == "joint" and mine.recipe is None
         assert not mine.training.early_stopping.per_task and mine.training.early_stopping.patience == 2
         assert _fingerprint(mine, task) == _fingerprint(theirs, task)
+        shown = mine.model_copy(deep=True)  # a run without a progress bar or with TensorBoard: the same baseline
+        shown.training.progress, shown.training.tensorboard = False, True
+        assert _fingerprint(shown, task) == _fingerprint(mine, task)
+        shown.training.lr *= 2
+        assert _fingerprint(shown, task) != _fingerprint(mine, task)

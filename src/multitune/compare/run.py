@@ -38,13 +38,20 @@ BASELINES = ".baselines"
 SIDES = ("single_total", "multi")  # the two sides' keys in comparison.json's cost fields
 
 
+UNLEARNED = ("progress", "tensorboard")  # training settings that change no weight and no score
+
+
 def _fingerprint(config: Config, task: str) -> str:
     """Hash of what decides a baseline: the task's config and data files, the model, training and seed.
-    Only settings that differ from their defaults enter it, so a newly added option leaves caches valid."""
+    Only settings that differ from their defaults enter it, so a newly added option leaves caches valid, and
+    none that only change what a run shows (progress bars, TensorBoard files)."""
     digest = hashlib.sha256()
     task_config = config.tasks[task]
     for group in (task_config, config.model, config.training, config.regularization):
-        digest.update(json.dumps(group.model_dump(mode="json", exclude_defaults=True), sort_keys=True).encode())
+        settings = group.model_dump(mode="json", exclude_defaults=True)
+        if group is config.training:  # what a run shows, not what it learns: a bar, TensorBoard files
+            settings = {k: v for k, v in settings.items() if k not in UNLEARNED}
+        digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(str(config.run.seed).encode())
     for split in SPLITS:
         paths = getattr(task_config.source, split) or []
