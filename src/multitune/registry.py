@@ -12,7 +12,7 @@ from multitune.errors import ConfigError
 
 T = TypeVar("T")
 
-MODEL_KINDS = frozenset({"encoder", "causal_lm", "seq2seq"})
+MODEL_KINDS = frozenset({"encoder", "causal_lm", "seq2seq", "vision"})
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Capabilities:
     """What a registered method supports, declared where it is registered. The combination rules
     (config/rules.py) read these declarations and never compare a method's name.
 
-    - `model_kinds`: the backbones it works on (model.kind: encoder, causal_lm, seq2seq).
+    - `model_kinds`: the backbones it works on (model.kind: encoder, causal_lm, seq2seq, vision).
     - `shares_parameters`: (architectures) the tasks share trainable parameters, so per-task gradients of them
       exist (the `parameters` gradient source, task affinity and the negative-transfer guard need them).
     - `takes_adapters`: (architectures) per-task adapters may be attached to its backbone.

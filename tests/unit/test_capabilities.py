@@ -11,16 +11,17 @@ from multitune.models.architectures import ARCHITECTURES
 from multitune.registry import Capabilities
 
 ENCODER = frozenset({"encoder"})
-ALL_KINDS = frozenset({"encoder", "causal_lm", "seq2seq"})
+ALL_KINDS = frozenset({"encoder", "causal_lm", "seq2seq", "vision"})
+POOLED = frozenset({"encoder", "vision"})  # on pooled features: a vision backbone's too
 
 ARCHITECTURE_CAPABILITIES = {
     "hard": Capabilities(model_kinds=ALL_KINDS, shares_parameters=True, takes_adapters=True, sharded=True),
-    "soft": Capabilities(model_kinds=ENCODER, shares_parameters=False, takes_adapters=False, sharded=False),
+    "soft": Capabilities(model_kinds=POOLED, shares_parameters=False, takes_adapters=False, sharded=False),
     # one backbone per task, but the stitch units are shared by every task
     "cross_stitch": Capabilities(model_kinds=ENCODER, shares_parameters=True, takes_adapters=False, sharded=False),
     "hybrid": Capabilities(model_kinds=ENCODER, shares_parameters=True, takes_adapters=True, sharded=False),
-    "mmoe": Capabilities(model_kinds=ENCODER, shares_parameters=True, takes_adapters=True, sharded=False),
-    "ple": Capabilities(model_kinds=ENCODER, shares_parameters=True, takes_adapters=True, sharded=False),
+    "mmoe": Capabilities(model_kinds=POOLED, shares_parameters=True, takes_adapters=True, sharded=False),
+    "ple": Capabilities(model_kinds=POOLED, shares_parameters=True, takes_adapters=True, sharded=False),
 }
 
 ADAPTER_KINDS = {

@@ -181,7 +181,7 @@ def _weigh(
     if group.several:
         assert shares is not None, "several processes need each task's share of the rows"
         names = list(shares)  # the global step's tasks, in the same order on every process
-        device = next(iter(losses.values())).device if losses else batch.inputs["input_ids"].device
+        device = next(iter(losses.values())).device if losses else batch.inputs["attention_mask"].device
         zero = torch.zeros((), device=device)  # a task without rows on this process
         local = torch.stack([losses.get(n, zero) for n in names])  # [T]
         scaled = local * torch.tensor([shares[n] for n in names], device=device, dtype=local.dtype)
@@ -279,7 +279,7 @@ def encode_in_parts(model: BalancedModel, batch: Any, parts: int) -> tuple[Tenso
             pieces.append(model.encode(batch.rows(a, b)))
     after = rng_state()
     first = pieces[0]
-    hidden = first.new_zeros((size, *batch.inputs["input_ids"].shape[1:], *first.shape[2:]))
+    hidden = first.new_zeros((size, *batch.inputs["attention_mask"].shape[1:], *first.shape[2:]))
     for (a, b), piece in zip(bounds, pieces, strict=True):
         hidden[a:b, : piece.shape[1]] = piece
     del pieces

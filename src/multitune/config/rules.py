@@ -119,7 +119,8 @@ def check_combinations(config: Config, methods: Capable) -> None:
     if model.kind not in architecture.model_kinds:
         shared_by = methods.supporting("architecture", lambda c: model.kind in c.model_kinds)
         raise ConfigError(
-            f"a {model.kind} LM (or any generation task) is shared by {either(shared_by)} sharing only",
+            f"a {model.kind} backbone{' (image tasks)' if model.kind == 'vision' else ' (or any generation task)'} "
+            f"is shared by {either(shared_by)} sharing only",
             field="model.architecture.name",
         )
     gradient = config.gradient_aggregation
@@ -135,7 +136,7 @@ def check_combinations(config: Config, methods: Capable) -> None:
         if model.kind not in methods.capabilities("adapter", method).model_kinds:
             usable = methods.supporting("adapter", lambda c: model.kind in c.model_kinds)
             raise ConfigError(
-                f"per-task {method} adapters are not available for a {model.kind} LM; use {either(usable)}",
+                f"per-task {method} adapters are not available for a {model.kind} backbone; use {either(usable)}",
                 field="model.peft.method",
             )
         if not architecture.takes_adapters:

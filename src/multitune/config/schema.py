@@ -30,10 +30,15 @@ PACKAGE_PREFIX = "multitune:"
 SPLITS = ("train", "validation", "test")
 
 TaskType = Literal["classification", "pair_classification", "regression", "token_classification", "generation"]
-DataFormat = Literal["jsonl", "csv", "tsv", "conll", "hf", "unified", "parallel"]
-# what the backbone is: an encoder with task heads, or a causal or encoder-decoder (seq2seq) LM that also
-# generates (models/causal_lm.py); "auto": causal_lm when any task is a generation task, else encoder
-ModelKind = Literal["auto", "encoder", "causal_lm", "seq2seq"]
+# image tasks: `type: image_classification` is `type: classification` with `modality: image` (and so for
+# regression); the config keeps the second form, so every rule about a task's type holds for images too
+IMAGE_TYPES = {"image_classification": "classification", "image_regression": "regression"}
+Modality = Literal["text", "image"]
+DataFormat = Literal["jsonl", "csv", "tsv", "conll", "hf", "unified", "parallel", "imagefolder"]
+# what the backbone is: an encoder with task heads, a causal or encoder-decoder (seq2seq) LM that also
+# generates (models/causal_lm.py), or a vision model with task heads on its pooled features (models/vision.py);
+# "auto": vision when every task is an image task, causal_lm when any task is a generation task, else encoder
+ModelKind = Literal["auto", "encoder", "causal_lm", "seq2seq", "vision"]
 
 
 def _check_name(value: str, what: str) -> str:
@@ -252,6 +257,7 @@ class SourceConfig(Group):
     # unified: records {"task", "instruction", "input", "output"}
     task_key: str | None = None  # the value of "task" routed here; default: the task's name
     # parallel: each split is [source_file, target_file], two line-aligned plain-text files (Moses style)
+    # imagefolder: each split is a folder holding one sub-folder of images per class, named by the class
 
     @model_validator(mode="after")
     def _complete(self) -> SourceConfig:
@@ -259,7 +265,9 @@ class SourceConfig(Group):
             if not self.dataset:
                 raise ValueError("format 'hf' needs 'dataset' (a hub id, or a builder such as 'json' with data_files)")
         elif not self.train:
-            raise ValueError(f"format '{self.format}' needs a 'train' file")
+            raise ValueError(
+                f"format '{self.format}' needs a 'train' {'folder' if self.format == 'imagefolder' else 'file'}"
+            )
         if self.delimiter is not None and len(self.delimiter) != 1:
             raise ValueError("delimiter must be one character")
         if self.format == "parallel":
@@ -295,10 +303,16 @@ DEFAULT_TEXT_FIELDS: dict[str, list[str | int]] = {
 }
 
 
+IMAGE_FORMATS = ("imagefolder", "hf", "jsonl", "csv", "tsv")
+
+
 class TaskConfig(Group):
     type: TaskType
     source: SourceConfig
-    text_fields: list[str | int] | None = None  # default by type; pair tasks name two
+    # what a row's input is: text, or (classification and regression) one image, read by a vision backbone's
+    # image processor: an image file (path relative to the data file) or a Hugging Face Image column
+    modality: Modality = "text"
+    text_fields: list[str | int] | None = None  # default by type; pair tasks name two; image tasks: the image
     label_field: str | int = "label"
     labels: list[str] | None = None  # given order; default: sorted labels seen in train
     positive_label: str | None = None  # for the `f1` metric
@@ -318,6 +332,16 @@ class TaskConfig(Group):
     target_format: str | None = None  # a number as target text, e.g. "{:.1f}" (3.8 -> "3.8")
     max_new_tokens: int = Field(32, ge=1, le=4096)  # greedy generation length at evaluation
 
+    @model_validator(mode="before")
+    @classmethod
+    def _image_type(cls, data: Any) -> Any:
+        """`type: image_classification` -> `type: classification, modality: image` (likewise regression)."""
+        if isinstance(data, dict) and data.get("type") in IMAGE_TYPES:
+            if data.get("modality", "image") != "image":
+                raise ValueError(f"type {data['type']} reads images: modality must be image, not {data['modality']}")
+            return {**data, "type": IMAGE_TYPES[data["type"]], "modality": "image"}
+        return data
+
     @field_validator("labels")
     @classmethod
     def _labels(cls, labels: list[str] | None, info: ValidationInfo) -> list[str] | None:
@@ -331,8 +355,9 @@ class TaskConfig(Group):
 
     @model_validator(mode="after")
     def _complete(self) -> TaskConfig:
+        self._check_image()
         if self.text_fields is None:
-            self.text_fields = list(DEFAULT_TEXT_FIELDS[self.type])
+            self.text_fields = ["image"] if self.modality == "image" else list(DEFAULT_TEXT_FIELDS[self.type])
         want = 2 if self.type == "pair_classification" else (1, 2)
         n = len(self.text_fields)
         if (isinstance(want, int) and n != want) or (isinstance(want, tuple) and n not in want):
@@ -349,6 +374,20 @@ class TaskConfig(Group):
             raise ValueError(f"main_metric '{self.main_metric}' is not in metrics {self.metrics}")
         self._check_generation()
         return self
+
+    def _check_image(self) -> None:
+        if self.modality == "text":
+            if self.source.format == "imagefolder":
+                raise ValueError("source format 'imagefolder' feeds image tasks (type: image_classification)")
+            return
+        if self.type not in IMAGE_TYPES.values():
+            raise ValueError(f"an image task is a classification or regression task, not {self.type}")
+        if self.source.format not in IMAGE_FORMATS:
+            raise ValueError(f"an image task reads {', '.join(IMAGE_FORMATS)} sources, not {self.source.format}")
+        if self.source.format == "imagefolder" and self.type != "classification":
+            raise ValueError("an imagefolder names each image's class by its folder: it feeds image_classification")
+        if self.text_fields is not None and len(self.text_fields) != 1:
+            raise ValueError(f"text_fields: an image task takes one field (the image), got {len(self.text_fields)}")
 
     def _check_generation(self) -> None:
         if self.type != "generation":
@@ -420,10 +459,21 @@ class Config(Group):
     @model_validator(mode="after")
     def _kind(self) -> Config:
         generative = [name for name, task in self.tasks.items() if task.type == "generation"]
+        images = [name for name, task in self.tasks.items() if task.modality == "image"]
+        texts = [name for name in self.tasks if name not in images]
+        if images and texts:
+            raise ValueError(
+                f"model.kind: image task '{images[0]}' and text task '{texts[0]}' need one backbone that reads both, "
+                "and multitune's vision backbones read images only: train them as two runs"
+            )
         if self.model.kind == "auto":
-            self.model.kind = "causal_lm" if generative else "encoder"
+            self.model.kind = "vision" if images else "causal_lm" if generative else "encoder"
         elif self.model.kind == "encoder" and generative:
             raise ValueError(f"model.kind: generation task '{generative[0]}' needs a causal_lm or seq2seq backbone")
+        elif (self.model.kind == "vision") != bool(images) and self.tasks:
+            which = f"image task '{images[0]}'" if images else f"text task '{texts[0]}'"
+            want = "a vision backbone (model.kind: vision)" if images else "a text backbone, not a vision one"
+            raise ValueError(f"model.kind: {which} needs {want}")
         return self
 
 

@@ -29,7 +29,8 @@ class TaskRows:
 class Batch:
     """One backbone forward: inputs of all tasks padded together, plus each task's rows and labels."""
 
-    inputs: dict[str, Tensor]  # input_ids, attention_mask[, token_type_ids | position_ids]: [B, L]
+    inputs: dict[str, Tensor]  # input_ids, attention_mask[, token_type_ids | position_ids]: [B, L];
+    # image rows: pixel_values [B, C, H, W] and an attention_mask of ones [B, 1] (one pooled feature per row)
     tasks: dict[str, TaskRows]
 
     def to(self, device: torch.device | str) -> Batch:
@@ -59,13 +60,13 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return int(self.inputs["input_ids"].shape[0])
+        return int(self.inputs["attention_mask"].shape[0])
 
     def rows(self, start: int, stop: int) -> Batch:
         """Rows [start, stop) as a batch of their own (tasks cut to their rows there, padding trimmed)."""
         mask = self.inputs["attention_mask"][start:stop]
         length = self.inputs["input_ids"].shape[1] if self.packed else max(int(mask.sum(1).max()), 1)
-        inputs = {k: v[start:stop, :length] for k, v in self.inputs.items()}
+        inputs = {k: v[start:stop, :length] if v.ndim == 2 else v[start:stop] for k, v in self.inputs.items()}
         tasks = {}
         for name, part in self.tasks.items():
             first, last = max(part.rows.start, start), min(part.rows.stop, stop)
@@ -81,8 +82,18 @@ class Batch:
 
 
 def collate(rows_by_task: dict[str, list[Encoded]], pad_id: int) -> Batch:
-    """Right-pad every row to the longest in the batch; token labels are padded with IGNORE_INDEX."""
+    """Right-pad every row to the longest in the batch; token labels are padded with IGNORE_INDEX.
+    Image rows are stacked: pixel_values [B, C, H, W] (every image of one size, as the processor makes them)."""
     every = [row for rows in rows_by_task.values() for row in rows]
+    if every[0].pixel_values is not None:
+        return _task_rows(
+            rows_by_task,
+            {
+                "pixel_values": torch.stack([row.pixel_values for row in every]),
+                "attention_mask": torch.ones((len(every), 1), dtype=torch.long),
+            },
+            1,
+        )
     length = max(len(row.input_ids) for row in every)
     input_ids = torch.full((len(every), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(every), length), dtype=torch.long)
@@ -97,6 +108,11 @@ def collate(rows_by_task: dict[str, list[Encoded]], pad_id: int) -> Batch:
     inputs = {"input_ids": input_ids, "attention_mask": attention}
     if type_ids is not None:
         inputs["token_type_ids"] = type_ids
+    return _task_rows(rows_by_task, inputs, length)
+
+
+def _task_rows(rows_by_task: dict[str, list[Encoded]], inputs: dict[str, Tensor], length: int) -> Batch:
+    """The batch of `inputs` whose rows are each task's rows in turn, with their labels."""
     tasks: dict[str, TaskRows] = {}
     start = 0
     for name, rows in rows_by_task.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from multitune.data.images import open_image, pixel_values
 from multitune.data.prompts import encode_generation, encode_seq2seq
 from multitune.data.tasks import (
     Example,
@@ -37,6 +38,8 @@ def encode(
         return encode_generation(examples, data, tokenizer, max_length, with_labels)
     if kind == "token_classification":
         return _encode_tokens(examples, data, tokenizer, max_length, with_labels)
+    if data.config.modality == "image":
+        return _encode_images(examples, data, tokenizer, with_labels)
     firsts = [e.texts[0] for e in examples]
     seconds = [e.texts[1] if len(e.texts) > 1 else None for e in examples]
     pairs = any(s is not None for s in seconds)
@@ -48,16 +51,41 @@ def encode(
         split_special_tokens=True,
     )
     type_ids = batch.get("token_type_ids")
+    labels = _row_labels(examples, data, with_labels)
+    return [
+        Encoded(batch["input_ids"][i], type_ids[i] if type_ids is not None else None, label)
+        for i, label in enumerate(labels)
+    ]
+
+
+def _row_labels(examples: Sequence[Example], data: TaskData, with_labels: bool) -> list[int | float | None]:
+    """Each example's label as the head trains on it: a class id, or a standardised target (regression)."""
     index = {label: i for i, label in enumerate(data.labels or [])}
-    out = []
-    for i, example in enumerate(examples):
+    out: list[int | float | None] = []
+    for example in examples:
         label: int | float | None = None
         if with_labels and example.label is not None:
-            if kind == "regression":
+            if data.config.type == "regression":
                 label = (float(example.label) - data.target_mean) / data.target_std  # type: ignore[arg-type]
             else:
                 label = index[str(example.label)]
-        out.append(Encoded(batch["input_ids"][i], type_ids[i] if type_ids is not None else None, label))
+        out.append(label)
+    return out
+
+
+IMAGE_CHUNK = 64  # images opened and processed at a time: the decoded images of one chunk are in memory at once
+
+
+def _encode_images(examples: Sequence[Example], data: TaskData, processor: Any, with_labels: bool) -> list[Encoded]:
+    """Each example's image opened and made pixel values [C, H, W] by the backbone's image processor."""
+    labels = _row_labels(examples, data, with_labels)
+    field = str((data.config.text_fields or ["image"])[0])
+    out = []
+    for start in range(0, len(examples), IMAGE_CHUNK):
+        chunk = examples[start : start + IMAGE_CHUNK]
+        images = [open_image(e.image, e.file, e.line, field) for e in chunk]
+        values = pixel_values(images, processor)
+        out += [Encoded([], None, labels[start + i], pixel_values=values[i]) for i in range(len(chunk))]
     return out
 
 

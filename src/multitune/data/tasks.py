@@ -11,6 +11,7 @@ from typing import Any
 
 from multitune.config import SPLITS, SourceConfig, TaskConfig
 from multitune.data.generative import input_texts, instruction_of, read_parallel, target_text
+from multitune.data.images import image_reference, read_image_folder
 from multitune.data.readers import Row, read_conll, read_delimited, read_hf, read_jsonl, read_unified, row_number
 from multitune.errors import DataError
 
@@ -25,11 +26,12 @@ DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() also reads other scripts' di
 class Example:
     """One input of a task: one or two texts, or a token list; its label when known; where it came from."""
 
-    texts: tuple[str, ...]  # one text, a pair, or the tokens of a token task
+    texts: tuple[str, ...]  # one text, a pair, or the tokens of a token task; an image task: its image's path
     label: str | float | tuple[str, ...] | None  # generation tasks: the target text
     file: str = ""
     line: int = 0
     instruction: str | None = None  # generation tasks: what the prompt asks for
+    image: Any = None  # image tasks: a file path, or a Hugging Face Image value (data/images.py)
 
     def error(self, message: str, field_name: str) -> DataError:
         return DataError(message, file=self.file or None, line=self.line or None, field=field_name)
@@ -131,6 +133,10 @@ def digit_names(labels: list[str]) -> bool:
 
 def example_from_fields(row: Row, task: TaskConfig) -> Example:
     fields = task.text_fields or []
+    if task.modality == "image":
+        image = image_reference(row, row.get(fields[0]), fields[0])
+        label = _label(row, row.get(task.label_field), task.label_field, task)
+        return Example((image,) if isinstance(image, str) else (), label, row.file, row.line, image=image)
     if task.type == "token_classification":
         tokens = _tokens(row, row.get(fields[0]), fields[0])
         label = _label(row, row.get(task.label_field), task.label_field, task)
@@ -248,6 +254,12 @@ def read_split(
         return None
     if source.format == "parallel":
         return _parallel_examples(task, paths[0], paths[1])
+    if source.format == "imagefolder":
+        return [
+            example_from_fields(row, task)
+            for p in ([paths] if isinstance(paths, str) else paths)
+            for row in read_image_folder(p)
+        ]
     examples: list[Example] = []
     for path in [paths] if isinstance(paths, str) else paths:
         examples += _read_file(name, task, path, unified)

@@ -29,3 +29,4 @@ class Encoded:
     word_starts: list[int] | None = None  # token tasks: each word's first sub-token, or -1
     prompt_length: int | None = None  # generation tasks: input_ids[:prompt_length] is the prompt
     aligned: bool = True  # list labels align with input_ids (tags, causal LM); False: a decoder's target ids
+    pixel_values: Any = None  # image tasks: the image as a [C, H, W] float32 tensor (input_ids is then empty)

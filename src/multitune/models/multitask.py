@@ -17,6 +17,7 @@ from multitune.data.collate import Batch
 from multitune.models.heads import Head
 from multitune.models.peft_tasks import SHARED, TaskAdapters
 from multitune.models.regularization import Regularizer
+from multitune.models.vision import PIXELS, image_features
 
 
 def pool(hidden: Tensor, mask: Tensor, how: str) -> Tensor:
@@ -54,10 +55,17 @@ class MultiTaskModel(nn.Module):
         put in front of the tokens, their positions dropped again from the output)."""
         adapters = self.task_adapters
         with self.routed(batch):
-            if adapters is None:
-                return module(**batch.inputs).last_hidden_state  # type: ignore[no-any-return]
+            if adapters is None or PIXELS in batch.inputs:  # no prompt goes in front of an image
+                return self.hidden_states(module, batch.inputs)
             hidden = module(**adapters.prompted_inputs(module, batch.inputs)).last_hidden_state
             return hidden[:, adapters.prompt_length() :]  # type: ignore[no-any-return]
+
+    def hidden_states(self, module: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        """`module`'s features of a batch's inputs: its last hidden states [B, L, H], or for images one
+        pooled feature per image [B, 1, H] (models/vision.py)."""
+        if PIXELS in inputs:
+            return image_features(module(pixel_values=inputs[PIXELS]), self.pooling)
+        return module(**inputs).last_hidden_state  # type: ignore[no-any-return]
 
     def routed(self, batch: Batch) -> AbstractContextManager[None]:
         if self.task_adapters is None:

@@ -47,8 +47,7 @@ class Prepared:
 
     @property
     def pad_id(self) -> int:
-        pad = self.backbone.tokenizer.pad_token_id
-        return int(pad if pad is not None else 0)
+        return self.backbone.pad_id
 
 
 def prepare(config: Config, resumed: Path | None = None) -> Prepared:

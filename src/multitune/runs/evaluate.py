@@ -36,7 +36,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     encoded = encode_splits(tasks, backbone.tokenizer, config.model.max_length, config.model.kind == "seq2seq")
     scored = scoring_rows(tasks, encoded, backbone.tokenizer, config.model.max_length)
     device = torch.device("cpu")
-    pad = backbone.tokenizer.pad_token_id or 0
+    pad = backbone.pad_id
     finetuned = Path(run_dir) / FINETUNED
     size, show = config.training.eval_batch_size, config.training.progress
     if finetuned.is_dir():  # a two-stage run: each task is answered by its own fine-tuned copy, if it has one

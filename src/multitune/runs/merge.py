@@ -151,7 +151,7 @@ def _unlabelled(config: Config, loaded: list[Any], heads: dict[str, torch.Tensor
     model = build_model(config.model, tasks, backbone)
     model.load_state_dict(heads, strict=False)
     encoded = encode_splits(tasks, backbone.tokenizer, config.model.max_length, config.model.kind == "seq2seq")
-    pad = backbone.tokenizer.pad_token_id or 0
+    pad = backbone.pad_id
     batches = {
         name: [
             collate({name: encoded[name]["validation"][start : start + rows]}, pad)

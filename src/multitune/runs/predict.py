@@ -12,6 +12,7 @@ import torch
 
 from multitune.config import ModelConfig, TaskConfig
 from multitune.data.encoding import encode
+from multitune.data.images import decode_base64_image, image_reference
 from multitune.data.readers import Row, json_rows, read_jsonl
 from multitune.data.tasks import (
     Example,
@@ -41,6 +42,7 @@ class InputSchema:
     words: bool  # token_classification: one list of words
     optional: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
+    image: bool = False  # an image task: one image, a file path or a data: URL of base64 image bytes
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -50,6 +52,8 @@ class InputSchema:
         """The inputs in words, for error messages: `two texts, 'premise' and 'hypothesis' (or 'text' and
         'text_pair')`."""
         what = "a list of words" if self.words else "one text" if len(self.fields) == 1 else "two texts"
+        if self.image:
+            what = "one image (a file path, or a data: URL of its base64 bytes)"
         names = [" and ".join(f"'{name}'" for name in spelling) for spelling in self.spellings]
         others = f" (or {' or '.join(names[1:])})" if len(names) > 1 else ""
         return f"{what}, {names[0]}{others}"
@@ -58,6 +62,11 @@ class InputSchema:
         """The record as a JSON schema, for /v1/tasks and the OpenAPI document."""
         text = {"type": "string", "minLength": 1, "pattern": "\\S", "description": "not blank"}
         value = {"type": "array", "items": text, "minItems": 1} if self.words else text
+        if self.image:
+            value = {
+                **text,
+                "description": "the image: a data: URL (or plain base64) of its bytes; a file path in predict",
+            }
         extra: dict[str, Any] = {name: {"type": ["string", "null"]} for name in self.optional}
         extra.update({name: {"description": "the label, if the record has one: not read"} for name in self.ignored})
         variants = [
@@ -76,8 +85,10 @@ class InputSchema:
 def input_schema(name: str, task: TaskConfig) -> InputSchema:
     """The one definition of a task's prediction input (see InputSchema)."""
     own = list(task.text_fields or [])
-    if task.type == "token_classification":
-        generic: tuple[str, ...] = ("tokens",)
+    if task.modality == "image":
+        generic: tuple[str, ...] = ("image",)
+    elif task.type == "token_classification":
+        generic = ("tokens",)
     else:
         generic = GENERIC_TEXT_FIELDS[: len(own)]
     named = tuple(f for f in own if isinstance(f, str))
@@ -92,7 +103,8 @@ def input_schema(name: str, task: TaskConfig) -> InputSchema:
     if isinstance(task.label_field, str):
         labels.insert(0, task.label_field)
     ignored = tuple(f for f in dict.fromkeys(labels) if f not in taken and f not in optional)
-    return InputSchema(name, task.type, unique, generic, task.type == "token_classification", optional, ignored)
+    words = task.type == "token_classification"
+    return InputSchema(name, task.type, unique, generic, words, optional, ignored, task.modality == "image")
 
 
 def checked_input(schema: InputSchema, row: Row) -> tuple[tuple[str, ...], str | None]:
@@ -157,22 +169,37 @@ def _found(values: dict[str, Any]) -> str:
     return f" (the record has {', '.join(shown)}{more})" if shown else " (the record is empty)"
 
 
-def example_for_prediction(row: Row, schema: InputSchema, task: TaskConfig) -> Example:
+def example_for_prediction(row: Row, schema: InputSchema, task: TaskConfig, local_files: bool = True) -> Example:
     """A checked prediction record as an example without a label; a generation record's own instruction
-    wins over the task's."""
+    wins over the task's. An image is a data: URL of base64 bytes, or (`local_files`: `multitune predict`,
+    not the server) a file path, relative to the input file's folder."""
     texts, instruction = checked_input(schema, row)
+    if schema.image:
+        field = schema.fields[0] if texts else "image"
+        return Example((), None, row.file, row.line, image=_image_input(row, texts[0], field, local_files))
     if task.type == "generation":
         return Example(texts, None, row.file, row.line, instruction or task.instruction)
     return Example(texts, None, row.file, row.line)
 
 
+def _image_input(row: Row, value: str, field: str, local_files: bool) -> Any:
+    if value.startswith("data:") or not local_files:
+        try:
+            return decode_base64_image(value)
+        except ValueError as error:
+            where = "" if local_files else " (the server reads no files: send the image's bytes)"
+            raise row.error(f"{error}{where}", field) from None
+    return image_reference(row, value, field)
+
+
 def encode_for_prediction(
-    model: ModelConfig, task: TaskData, tokenizer: Any, rows: Sequence[Row]
+    model: ModelConfig, task: TaskData, tokenizer: Any, rows: Sequence[Row], local_files: bool = True
 ) -> Sequence[PredictionRow]:
     """Prediction inputs (records naming the task's fields) tokenized as `predict` takes them; `multitune
-    predict` and `multitune serve` share this path, so they accept, refuse and answer alike."""
+    predict` and `multitune serve` share this path, so they accept, refuse and answer alike (but for image
+    files, which only `predict` reads: `local_files`)."""
     schema = input_schema(task.name, task.config)
-    examples = [example_for_prediction(row, schema, task.config) for row in rows]
+    examples = [example_for_prediction(row, schema, task.config, local_files) for row in rows]
     if task.config.type == "token_classification":  # a record longer than max_length: tagged by windows
         return encode_for_tagging(examples, task, tokenizer, model.max_length)
     return encode(examples, task, tokenizer, model.max_length, False, model.kind == "seq2seq")
@@ -206,7 +233,7 @@ def predict_run(run_dir: str | Path, task_name: str, source: TextIO, name: str =
     load_refined(model, run_dir, task_name)  # a two-stage run: this task's refined predictor, if it has one
     rows = list(_rows(source, name))
     encoded = encode_for_prediction(config.model, task, backbone.tokenizer, rows)
-    pad = backbone.tokenizer.pad_token_id or 0
+    pad = backbone.pad_id
     label = f"predict {task_name}" if config.training.progress else None
     results = predict(model, task, encoded, config.training.eval_batch_size, torch.device("cpu"), pad, label)
     bounds = prediction_bounds(task, manifest[task_name])

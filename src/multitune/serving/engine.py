@@ -85,8 +85,7 @@ class Engine:
         self.schemas: dict[str, InputSchema] = {name: input_schema(name, config.tasks[name]) for name in config.tasks}
         self.bounds = {name: prediction_bounds(task, manifest[name]) for name, task in self.tasks.items()}
         self.batch_size = batch_size or config.training.eval_batch_size
-        pad = backbone.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else 0)
+        self.pad_id = backbone.pad_id
         self.models: list[MultiTaskModel | None] = []  # None: a model whose tasks were all unloaded
         self.model_of: dict[str, int] = {}
         finetuned = self.run_dir / FINETUNED
@@ -175,7 +174,7 @@ class Engine:
         if data is None:  # unloaded meanwhile
             raise TaskGone(str(unknown_task(task, list(self.tasks))))
         rows = [Row(dict(record), f"inputs[{i}]", 0) for i, record in enumerate(records)]
-        return encode_for_prediction(self.config.model, data, self.request_tokenizer, rows)
+        return encode_for_prediction(self.config.model, data, self.request_tokenizer, rows, local_files=False)
 
     def is_generative(self, task: str) -> bool:
         data = self.tasks.get(task)

@@ -33,7 +33,8 @@ from multitune.registry import Capabilities
 
 # every model kind; not on a sharded backbone (FSDP) yet
 @ADAPTERS.register(
-    "lora", capabilities=Capabilities(model_kinds=frozenset({"encoder", "causal_lm", "seq2seq"}), sharded=False)
+    "lora",
+    capabilities=Capabilities(model_kinds=frozenset({"encoder", "causal_lm", "seq2seq", "vision"}), sharded=False),
 )
 class LoRA:
     """LoRA through peft: a low-rank update of the chosen projections per task; exports merged."""
@@ -55,6 +56,8 @@ class LoRA:
         self.config = LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules
         )
+        if self.target_modules is None:
+            self.config.target_modules = attention_targets(backbone) or self.config.target_modules
         try:
             for name in names:
                 with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point
@@ -123,3 +126,19 @@ class LoRA:
 def _lora_update(module: Any, name: str, x: Tensor) -> Tensor:
     a, b = module.lora_A[name], module.lora_B[name]
     return b(a(module.lora_dropout[name](x.to(a.weight.dtype)))) * module.scaling[name]  # type: ignore[no-any-return]
+
+
+# the query and value projections under the names transformers gives them (BERT and older ViTs; ViT, DeiT
+# and Llama-style models): LoRA's own choice (Hu et al. 2021, section 7.1)
+ATTENTION_PAIRS = (("query", "value"), ("q_proj", "v_proj"))
+
+
+def attention_targets(backbone: nn.Module) -> set[str] | None:
+    """LoRA's targets for a model type peft has no default for (a ViT): its query and value projections,
+    found by name; None when peft has a default or no such pair exists (peft then says what to set)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if getattr(getattr(backbone, "config", None), "model_type", None) in DEFAULTS:
+        return None
+    names = {name.rsplit(".", 1)[-1] for name, _ in backbone.named_modules()}
+    return next((set(pair) for pair in ATTENTION_PAIRS if set(pair) <= names), None)
