@@ -177,13 +177,7 @@ def load_run_config(path: str | Path, run_settings: dict[str, Any] | None = None
 def validate_config(data: dict[str, Any], file: str | None = None) -> Config:
     """A config given as a mapping, checked as a file is (a `discover` group's paths relative to the current
     folder)."""
-    discovering = data.get("discover") is not None
-    first = loading.without_task_keys(data) if discovering else data
-    config = loading.validate_config(first, file=file, check=None if discovering else check_methods)
-    if config.discover is not None:
-        data, lines = loading.with_discovered(data, {}, config, Path.cwd(), discovered_tasks, file)
-        config = loading.validate_config(data, file=file, lines=lines, check=check_methods)
-    return config
+    return loading.validate_discovering(data, Path.cwd(), file, check=check_methods, expand=discovered_tasks)
 
 
 def describe_methods() -> Iterable[dict[str, str]]:

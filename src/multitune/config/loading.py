@@ -301,18 +301,35 @@ def load_config(
                 )
         apply_override(data, key_path, value)
         overridden[key] = repr(value)
+    config = validate_discovering(data, path.parent, str(path), lines, set(overridden), check, expand)
+    resolve_paths(config, path.parent)
+    return config
+
+
+def validate_discovering(
+    data: dict[str, Any],
+    base: Path,
+    file: str | None = None,
+    lines: dict[tuple[str, ...], int] | None = None,
+    overridden: set[tuple[str, ...]] = frozenset(),  # type: ignore[assignment]
+    check: Check | None = None,
+    expand: Expand | None = None,
+) -> Config:
+    """`validate_config`, with a `discover` group expanded by `expand` (its paths relative to `base`): the
+    config is validated without the tasks' own keys first, discovery finds the tasks, then the whole config
+    is validated and checked. The one path of a config file and of a config given as a mapping."""
+    lines = lines if lines is not None else {}
     discovering = data.get("discover") is not None and expand is not None  # the checks wait for the tasks
     config = validate_config(
         without_task_keys(data) if discovering else data,
-        file=str(path),
+        file=file,
         lines=lines,
-        overridden=set(overridden),
+        overridden=overridden,
         check=None if discovering else check,
     )
     if config.discover is not None and expand is not None:
-        data, lines = with_discovered(data, lines, config, path.parent, expand, str(path), set(overridden))
-        config = validate_config(data, file=str(path), lines=lines, overridden=set(overridden), check=check)
-    resolve_paths(config, path.parent)
+        data, lines = with_discovered(data, lines, config, base, expand, file, overridden)
+        config = validate_config(data, file=file, lines=lines, overridden=overridden, check=check)
     return config
 
 

@@ -68,6 +68,21 @@ class Stats:
     tasks_per_batch: dict[int, int] = field(default_factory=dict)  # number of tasks -> batches with that many
 
 
+def served_task(
+    config: Config, manifest: dict[str, Any], name: str
+) -> tuple[TaskData, InputSchema, tuple[float, float] | None]:
+    """Task `name` of a run as the server answers it: its data (labels, target scaling), the input schema its
+    requests are checked by, and the range its regression predictions are held to."""
+    data = task_from_manifest(name, config.tasks[name], manifest[name])
+    return data, input_schema(name, config.tasks[name]), prediction_bounds(data, manifest[name])
+
+
+def run_metrics(run: Path) -> dict[str, Any]:
+    """A run's metrics.json, or {} for a run without one."""
+    path = run / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}  # type: ignore[no-any-return]
+
+
 class Engine:
     """A run's models and tasks; `run` and `generate_one` must be called from one thread at a time."""
 
@@ -79,11 +94,10 @@ class Engine:
         # requests are tokenized on the event loop while the inference thread may decode: a fast tokenizer
         # must not be used from two threads at once ("Already borrowed"), so requests get their own copy
         self.request_tokenizer = copy.deepcopy(backbone.tokenizer)
-        self.tasks: dict[str, TaskData] = {
-            name: task_from_manifest(name, config.tasks[name], manifest[name]) for name in config.tasks
-        }
-        self.schemas: dict[str, InputSchema] = {name: input_schema(name, config.tasks[name]) for name in config.tasks}
-        self.bounds = {name: prediction_bounds(task, manifest[name]) for name, task in self.tasks.items()}
+        served = {name: served_task(config, manifest, name) for name in config.tasks}
+        self.tasks: dict[str, TaskData] = {name: data for name, (data, _, _) in served.items()}
+        self.schemas: dict[str, InputSchema] = {name: schema for name, (_, schema, _) in served.items()}
+        self.bounds = {name: bounds for name, (_, _, bounds) in served.items()}
         self.batch_size = batch_size or config.training.eval_batch_size
         self.pad_id = backbone.pad_id
         self.models: list[MultiTaskModel | None] = []  # None: a model whose tasks were all unloaded
@@ -105,8 +119,7 @@ class Engine:
         else:
             self.models.append(model)
             self.model_of = dict.fromkeys(self.tasks, 0)
-        metrics = self.run_dir / "metrics.json"
-        self.metrics: dict[str, Any] = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else {}
+        self.metrics: dict[str, Any] = run_metrics(self.run_dir)
         self.task_metrics: dict[str, Any] = dict(self.metrics.get("tasks") or {})
         self.sources: dict[str, str] = dict.fromkeys(self.tasks, str(self.run_dir))  # each task's run
         self.stats = Stats()
@@ -133,11 +146,9 @@ class Engine:
                 )
         load_refined(model, run, task)
         model.eval()
-        data = task_from_manifest(task, config.tasks[task], manifest[task])
-        found = run / "metrics.json"
-        scores = json.loads(found.read_text(encoding="utf-8")).get("tasks", {}).get(task) if found.is_file() else None
-        return Loaded(task, str(run.resolve()), model, data, input_schema(task, config.tasks[task]),
-                      prediction_bounds(data, manifest[task]), scores)  # fmt: skip
+        data, schema, bounds = served_task(config, manifest, task)
+        scores = (run_metrics(run).get("tasks") or {}).get(task)
+        return Loaded(task, str(run.resolve()), model, data, schema, bounds, scores)
 
     def register(self, loaded: Loaded) -> None:
         """Answer `loaded`'s task from now on (call on the inference thread, between batches). Raises
