@@ -4,6 +4,7 @@ trained, evaluated, predicted and served on the bundled digits with a small rand
 from __future__ import annotations
 
 import base64
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,8 @@ def test_image_types_are_classification_and_regression_on_images_and_pick_a_visi
         ),
         (lambda d: d["tasks"]["digit"].update(modality="text"), "modality must be image"),
         (
-            lambda d: d["model"].update(architecture={"name": "hybrid"}),
-            "is shared by hard, mmoe, ple or soft sharing only",
+            lambda d: d["model"].update(architecture={"name": "cross_stitch"}),
+            "is shared by hard, hybrid, mmoe, ple or soft sharing only",
         ),
         (
             lambda d: d["model"].update(peft={"method": "prefix"}),
@@ -218,6 +219,47 @@ def test_a_cnn_gives_its_own_pooled_output_and_a_vit_its_first_token(tiny_vit):
     assert torch.allclose(image_features(vit.model(pixel_values=pixels), "cls")[:, 0], tokens[:, 0], atol=1e-6)
     assert torch.allclose(image_features(vit.model(pixel_values=pixels), "mean")[:, 0], tokens.mean(1), atol=1e-6)
     assert isinstance(AutoModel.from_config(vit.model.config), ViTModel)
+
+
+@pytest.mark.parametrize("family", ["resnet", "convnext", "vit"])
+def test_hybrid_towers_start_as_the_models_own_top_blocks(tiny_vit, family):
+    """Cut into shared lower blocks and per-task top blocks, the untrained hybrid gives every task the features
+    the whole model gives (its own pooled output), computed here by the model before the cut."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    from multitune.models.architectures import ARCHITECTURES
+    from multitune.models.vision import image_features, load_vision_backbone
+
+    torch.manual_seed(0)
+    if family == "convnext":
+        model = ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16, 24], depths=[1, 1, 1], num_stages=3)).eval()
+    else:
+        model = load_vision_backbone(str(TINY_RESNET if family == "resnet" else tiny_vit), random_init=True).model
+    model.eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    whole = copy.deepcopy(model)(pixel_values=pixels)
+    expected = whole.last_hidden_state[:, 0] if family == "vit" else whole.pooler_output.flatten(1)
+    if family == "vit":  # ViT's own features: its final layer norm, then the first token
+        assert torch.equal(expected, image_features(whole, "cls")[:, 0])
+    heads = {"a": torch.nn.Linear(expected.shape[1], 2), "b": torch.nn.Linear(expected.shape[1], 3)}
+    injected = {"backbone": model, "heads": heads, "pooling": "cls", "hidden_size": 0, "model_kind": "vision"}
+    hybrid = ARCHITECTURES.build("hybrid", injected=injected, task_layers=1).eval()
+    hidden = hybrid.backbone(pixel_values=pixels).last_hidden_state
+    for name in heads:
+        features = hybrid.task_features(name, hidden, torch.ones(2, 1, dtype=torch.long))
+        assert features.shape == (2, 1, expected.shape[1])
+        assert torch.allclose(features[:, 0], expected, atol=1e-5)
+    assert hybrid.towers["a"]["blocks"][0] is not hybrid.towers["b"]["blocks"][0]
+    with pytest.raises(ConfigError, match="task_layers must be between 1 and the backbone's"):
+        ARCHITECTURES.build("hybrid", injected={**injected, "backbone": copy.deepcopy(hybrid.backbone)}, task_layers=9)
+
+
+def test_hybrid_trains_on_images_with_micro_batch_replay(tmp_path):
+    data = recipe(tmp_path, steps=2, architecture={"name": "hybrid", "task_layers": 1})
+    data["training"].update(mixed_batches=True, gradient_accumulation=2)
+    data["gradient_aggregation"] = {"name": "pcgrad", "source": "representation"}
+    assert main(["train", str(write(tmp_path, data))]) == 0
+    assert main(["evaluate", str(tmp_path / "runs" / "image_tasks"), "--split", "test"]) == 0
 
 
 # --- the recipe, end to end ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ ARCHITECTURE_CAPABILITIES = {
     "soft": Capabilities(model_kinds=POOLED, shares_parameters=False, takes_adapters=False, sharded=False),
     # one backbone per task, but the stitch units are shared by every task
     "cross_stitch": Capabilities(model_kinds=ENCODER, shares_parameters=True, takes_adapters=False, sharded=False),
-    "hybrid": Capabilities(model_kinds=ENCODER, shares_parameters=True, takes_adapters=True, sharded=False),
+    "hybrid": Capabilities(model_kinds=POOLED, shares_parameters=True, takes_adapters=True, sharded=False),
     "mmoe": Capabilities(model_kinds=POOLED, shares_parameters=True, takes_adapters=True, sharded=False),
     "ple": Capabilities(model_kinds=POOLED, shares_parameters=True, takes_adapters=True, sharded=False),
 }

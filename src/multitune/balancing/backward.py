@@ -279,7 +279,9 @@ def encode_in_parts(model: BalancedModel, batch: Any, parts: int) -> tuple[Tenso
             pieces.append(model.encode(batch.rows(a, b)))
     after = rng_state()
     first = pieces[0]
-    hidden = first.new_zeros((size, *batch.inputs["attention_mask"].shape[1:], *first.shape[2:]))
+    # [B, L, H] padded to the batch's length; any other features (a CNN's [B, C, h, w]) are one size for all rows
+    length = batch.inputs["attention_mask"].shape[1:] if first.ndim == 3 else first.shape[1:2]
+    hidden = first.new_zeros((size, *length, *first.shape[2:]))
     for (a, b), piece in zip(bounds, pieces, strict=True):
         hidden[a:b, : piece.shape[1]] = piece
     del pieces

@@ -1,7 +1,8 @@
 """Ways to share a backbone between tasks, chosen by `model.architecture.name`.
 
 - hard: one backbone, a head per task (MultiTaskModel itself).
-- hybrid: shared lower layers; each task gets its own copy of the top `task_layers` layers, then its head.
+- hybrid: shared lower layers; each task gets its own copy of the top `task_layers` layers, then its head
+  (a vision backbone: its top stages or ViT layers, and its final norm).
 - soft: a backbone per task, pulled together by an L2 penalty on their differences.
 - cross_stitch: a backbone per task whose layer outputs are mixed by learned T×T units after every layer
   (Misra et al., CVPR 2016, "Cross-stitch networks for multi-task learning").
@@ -28,10 +29,11 @@ from multitune.data.collate import Batch
 from multitune.errors import ConfigError
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.regularization import PullTogether, Regularizer
+from multitune.models.vision import PIXELS, final_norm, pooled_tail, probe_pixels, vision_blocks
 from multitune.registry import EVERYTHING, Capabilities, Registry
 
 ARCHITECTURES: Registry[MultiTaskModel] = Registry("architecture")
-ARCHITECTURE_INJECTED = ("backbone", "heads", "pooling", "hidden_size")
+ARCHITECTURE_INJECTED = ("backbone", "heads", "pooling", "hidden_size", "model_kind")
 FIELD = "model.architecture"
 
 # Each architecture declares what it supports on registration; the combination rules read these. All but hard
@@ -77,7 +79,7 @@ def embed(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     return embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))  # type: ignore[no-any-return]
 
 
-# --- hard and hybrid ----------------------------------------------------------------------------
+# --- hard and hybrid (on an encoder, or on a vision model's blocks) ----------------------------
 
 
 @ARCHITECTURES.register("hard", capabilities=EVERYTHING)
@@ -114,9 +116,77 @@ class HybridSharing(MultiTaskModel):
         return self.towers[name].parameters()
 
 
-@ARCHITECTURES.register("hybrid", capabilities=ENCODER_ONLY)
-def hybrid(backbone: nn.Module, heads: dict[str, nn.Module], pooling: str, task_layers: int = 2) -> MultiTaskModel:
+class VisionHybrid(MultiTaskModel):
+    """Hybrid sharing on a vision backbone: shared lower blocks (ResNet or ConvNeXt stages, ViT layers), a
+    per-task copy of the top `task_layers` blocks and of the model's final norm, then the task's head."""
+
+    architecture = "hybrid"
+    backbone_features = False
+
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], pooling: str, task_layers: int) -> None:
+        owner, attribute = vision_blocks(backbone)
+        blocks = getattr(owner, attribute)
+        if not 1 <= task_layers <= len(blocks):
+            raise ConfigError(
+                f"task_layers must be between 1 and the backbone's {len(blocks)} blocks, not {task_layers}",
+                field=f"{FIELD}.task_layers",
+            )
+        cut = len(blocks) - task_layers
+        top = nn.ModuleList(blocks[cut:])
+        setattr(owner, attribute, nn.ModuleList(blocks[:cut]))
+        norm = final_norm(backbone)
+        super().__init__(backbone, heads, pooling)
+        self.towers = nn.ModuleDict(
+            {name: nn.ModuleDict({"blocks": copy.deepcopy(top), "norm": copy.deepcopy(norm)}) for name in heads}
+        )
+        self._probe(next(iter(heads)))
+
+    def _probe(self, name: str) -> None:
+        """One blank image through the shared blocks and a tower: a model whose blocks take more than the
+        features (Swin's take the feature map's size too) is refused here, not at the first training step."""
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                pixels = probe_pixels(self.backbone)
+                hidden = self.backbone(pixel_values=pixels).last_hidden_state
+                self.task_features(name, hidden, torch.ones(1, 1, dtype=torch.long))
+        except (TypeError, RuntimeError, ValueError) as error:
+            raise ConfigError(
+                f"hybrid sharing cannot run {type(self.backbone).__name__}'s blocks one by one: "
+                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}",
+                field="model.architecture.name",
+            ) from None
+        finally:
+            self.train(was)
+
+    def encode(self, batch: Batch) -> Tensor:
+        """The shared blocks' raw features: [B, C, h, w] (a CNN) or [B, L, H] (a ViT)."""
+        with self.routed(batch):
+            return self.backbone(pixel_values=batch.inputs[PIXELS]).last_hidden_state  # type: ignore[no-any-return]
+
+    def task_features(self, name: str, hidden: Tensor, mask: Tensor) -> Tensor:
+        tower: Any = self.towers[name]
+        for block in tower["blocks"]:
+            out = block(hidden)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return pooled_tail(hidden, tower["norm"], self.pooling)
+
+    def pretrained_parameters(self) -> Iterator[nn.Parameter]:
+        yield from super().pretrained_parameters()
+        yield from self.towers.parameters()
+
+    def extra_task_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        return self.towers[name].parameters()
+
+
+@ARCHITECTURES.register("hybrid", capabilities=POOLED_TOO)
+def hybrid(
+    backbone: nn.Module, heads: dict[str, nn.Module], pooling: str, task_layers: int = 2, model_kind: str = "encoder"
+) -> MultiTaskModel:
     """Hybrid: shared lower layers, a per-task copy of the top `task_layers` layers, then heads."""
+    if model_kind == "vision":
+        return VisionHybrid(backbone, heads, pooling, task_layers)
     return HybridSharing(backbone, heads, pooling, task_layers)
 
 

@@ -58,6 +58,7 @@ def build_model(model_config: ModelConfig, tasks: dict[str, TaskData], backbone:
                 "heads": heads,
                 "pooling": model_config.pooling,
                 "hidden_size": backbone.hidden_size,
+                "model_kind": model_config.kind,
             },
             **architecture.params,
         )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from multitune.errors import ConfigError
 from multitune.models.backbone import Backbone, load_kwargs, load_with_fallback
 
 PIXELS = "pixel_values"
@@ -92,3 +93,48 @@ def vision_from_run(folder: Path) -> Backbone:
     processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
     model = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))
     return _fitted(model, processor, str(folder))
+
+
+# --- a vision model cut into shared lower blocks and per-task top blocks (hybrid sharing) -------------------
+
+
+def vision_blocks(model: nn.Module) -> tuple[nn.Module, str]:
+    """(owner, attribute) of a vision model's sequence of blocks, each taking and returning the features:
+    a CNN's stages (ResNet, ConvNeXt: `encoder.stages`) or a ViT's transformer layers (`layers` or
+    `encoder.layer`). Raises ConfigError for a model of another layout."""
+    encoder = getattr(model, "encoder", None)
+    for owner, attribute in ((encoder, "stages"), (model, "layers"), (encoder, "layer")):
+        if owner is not None and isinstance(getattr(owner, attribute, None), nn.ModuleList):
+            return owner, attribute
+    raise ConfigError(
+        f"hybrid sharing cuts a vision model into blocks (ResNet or ConvNeXt stages, ViT layers); "
+        f"{type(model).__name__} exposes none",
+        field="model.architecture.name",
+    )
+
+
+def pooled_tail(hidden: Tensor, norm: nn.Module, pooling: str) -> Tensor:
+    """The features after a vision model's last block as one vector per image, [b, 1, H], the way the model
+    ends: a CNN's [b, C, h, w] averaged over positions, then its final norm if it has one (ConvNeXt); a ViT's
+    [b, L, H] through its final layer norm, then token 0 (`cls`) or the token mean."""
+    if hidden.ndim == 4:
+        return norm(hidden.mean((2, 3))).unsqueeze(1)  # type: ignore[no-any-return]
+    hidden = norm(hidden)
+    return (hidden[:, 0] if pooling == "cls" else hidden.mean(1)).unsqueeze(1)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The model's norm after its last block (ViT's and ConvNeXt's `layernorm`), replaced in the model by an
+    identity so that its output is the raw features of its (shared) blocks; an identity for a model without."""
+    norm = getattr(model, "layernorm", None)
+    if isinstance(norm, nn.Module):
+        model.layernorm = nn.Identity()  # type: ignore[assignment]
+        return norm
+    return nn.Identity()
+
+
+def probe_pixels(model: nn.Module) -> Tensor:
+    """A blank batch of one image of the size the model's config names (ViT's image_size; else 64 pixels)."""
+    config: Any = getattr(model, "config", None)
+    size = int(getattr(config, "image_size", 64) or 64)
+    return torch.zeros(1, int(getattr(config, "num_channels", 3) or 3), size, size)
