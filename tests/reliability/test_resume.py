@@ -22,10 +22,15 @@ from tests.conftest import classification_rows, tiny_config, token_rows
 STEPS = 24
 
 
-def write_config(tmp_path, tiny_backbone, write_jsonl, name, **overrides):
+def write_config(tmp_path, tiny_backbone, write_jsonl, name, streamed=False, **overrides):
     a, b = write_jsonl("a.jsonl", classification_rows(40)), write_jsonl("b.jsonl", token_rows(40))
     config = tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=STEPS, eval_every=8, checkpoint_every=1)
     config["run"]["name"] = name
+    if streamed:  # train splits read as they are drawn, through a buffer smaller than the split
+        validation = {"sentiment": classification_rows(8, seed=1), "ner": token_rows(8, seed=1)}
+        for task, rows in validation.items():
+            path = write_jsonl(f"{task}_val.jsonl", rows)
+            config["tasks"][task]["source"].update(validation=str(path), streaming=True, shuffle_buffer=7)
     for key, value in overrides.items():
         config[key] = value
     path = tmp_path / f"{name}.yaml"
@@ -61,11 +66,15 @@ STATEFUL = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stateful", [False, True], ids=["equal", "famo-dynamic-pcgrad"])
-def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path, tiny_backbone, write_jsonl, stateful):
+@pytest.mark.parametrize(
+    ("stateful", "streamed"),
+    [(False, False), (True, False), (False, True)],
+    ids=["equal", "famo-dynamic-pcgrad", "streamed"],
+)
+def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path, tiny_backbone, write_jsonl, stateful, streamed):
     overrides = STATEFUL if stateful else {}
-    reference = write_config(tmp_path, tiny_backbone, write_jsonl, "reference", **overrides)
-    crashed = write_config(tmp_path, tiny_backbone, write_jsonl, "crashed", **overrides)
+    reference = write_config(tmp_path, tiny_backbone, write_jsonl, "reference", streamed, **overrides)
+    crashed = write_config(tmp_path, tiny_backbone, write_jsonl, "crashed", streamed, **overrides)
     extra = ["training.log_every=1"] + (["training.mixed_batches=true", "training.batch_size=8"] if stateful else [])
     assert main(["train", str(reference), *extra]) == 0
 

@@ -34,7 +34,8 @@ TaskType = Literal["classification", "pair_classification", "regression", "token
 # regression); the config keeps the second form, so every rule about a task's type holds for images too
 IMAGE_TYPES = {"image_classification": "classification", "image_regression": "regression"}
 Modality = Literal["text", "image"]
-DataFormat = Literal["jsonl", "csv", "tsv", "conll", "hf", "unified", "parallel", "imagefolder"]
+DataFormat = Literal["jsonl", "csv", "tsv", "conll", "hf", "unified", "parallel", "imagefolder", "parquet"]
+STREAMABLE = ("jsonl", "csv", "tsv", "conll", "hf", "unified", "parallel", "parquet")
 # what the backbone is: an encoder with task heads, a causal or encoder-decoder (seq2seq) LM that also
 # generates (models/causal_lm.py), or a vision model with task heads on its pooled features (models/vision.py);
 # "auto": vision when every task is an image task, causal_lm when any task is a generation task, else encoder
@@ -258,6 +259,14 @@ class SourceConfig(Group):
     task_key: str | None = None  # the value of "task" routed here; default: the task's name
     # parallel: each split is [source_file, target_file], two line-aligned plain-text files (Moses style)
     # imagefolder: each split is a folder holding one sub-folder of images per class, named by the class
+    # parquet: columns by name, read a batch of rows at a time
+    # streaming (data/streaming.py): the train split is read lazily, shuffled in a buffer of shuffle_buffer rows
+    # and tokenized when drawn, never held whole; validation and test are read into memory, at most max_rows
+    # (default STREAMED_EVAL_ROWS) each, a seeded sample. num_rows: the train rows the sampler counts (default:
+    # counted in one pass over the files, without parsing them)
+    streaming: bool = False
+    num_rows: int | None = Field(None, ge=1)
+    shuffle_buffer: int = Field(10_000, ge=1)
 
     @model_validator(mode="after")
     def _complete(self) -> SourceConfig:
@@ -270,6 +279,10 @@ class SourceConfig(Group):
             )
         if self.delimiter is not None and len(self.delimiter) != 1:
             raise ValueError("delimiter must be one character")
+        if self.streaming and self.format not in STREAMABLE:
+            raise ValueError(f"streaming reads {', '.join(STREAMABLE)} sources, not {self.format}")
+        if self.num_rows is not None and not self.streaming:
+            raise ValueError("num_rows: only a streamed source (streaming: true) takes it; other splits are counted")
         if self.format == "parallel":
             for split in SPLITS:
                 files = getattr(self, split)
@@ -356,6 +369,7 @@ class TaskConfig(Group):
     @model_validator(mode="after")
     def _complete(self) -> TaskConfig:
         self._check_image()
+        self._check_streaming()
         if self.text_fields is None:
             self.text_fields = ["image"] if self.modality == "image" else list(DEFAULT_TEXT_FIELDS[self.type])
         want = 2 if self.type == "pair_classification" else (1, 2)
@@ -374,6 +388,16 @@ class TaskConfig(Group):
             raise ValueError(f"main_metric '{self.main_metric}' is not in metrics {self.metrics}")
         self._check_generation()
         return self
+
+    def _check_streaming(self) -> None:
+        if not self.source.streaming:
+            return
+        if self.max_rows.train is not None:
+            raise ValueError("max_rows.train: a streamed train split is read whole, epoch after epoch")
+        if self.shuffle_labels:
+            raise ValueError("shuffle_labels permutes the train labels in memory: not with streaming")
+        if self.modality == "image":
+            raise ValueError("streaming: image tasks are read into memory (their pixel values are kept)")
 
     def _check_image(self) -> None:
         if self.modality == "text":

@@ -67,10 +67,18 @@ def _row_labels(examples: Sequence[Example], data: TaskData, with_labels: bool) 
         if with_labels and example.label is not None:
             if data.config.type == "regression":
                 label = (float(example.label) - data.target_mean) / data.target_std  # type: ignore[arg-type]
-            else:
+            elif str(example.label) in index:
                 label = index[str(example.label)]
+            else:  # a streamed row drawn late, with a label its task does not know
+                raise _unknown(example, str(example.label), data)
         out.append(label)
     return out
+
+
+def _unknown(example: Example, label: str, data: TaskData) -> Exception:
+    field = "output" if data.config.source.format == "unified" else str(data.config.label_field)
+    known = ", ".join(data.labels or [])
+    return example.error(f"unknown label '{label}' (task '{data.name}' knows: {known})", field)
 
 
 IMAGE_CHUNK = 64  # images opened and processed at a time: the decoded images of one chunk are in memory at once
@@ -111,7 +119,10 @@ def _encode_tokens(
             if word is not None and word != previous:
                 starts[word] = position
                 if with_labels and example.label is not None:
-                    labels[position] = index[example.label[word]]  # type: ignore[index]
+                    tag = example.label[word]  # type: ignore[index]
+                    if tag not in index:
+                        raise _unknown(example, tag, data)
+                    labels[position] = index[tag]
             previous = word
         label = labels if with_labels and example.label is not None else None
         out.append(Encoded(batch["input_ids"][i], type_ids[i] if type_ids is not None else None, label, starts))

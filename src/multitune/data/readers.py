@@ -84,29 +84,54 @@ def row_number(row: Row, value: Any, field: str | int, needs: str) -> float:
 
 def decoded_lines(path: str, encoding: str) -> Iterator[tuple[int, str]]:
     """(line number, text) with a clear error on a missing file or on bytes that do not decode."""
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        raise DataError("file not found", file=path) from None
-    except IsADirectoryError:
-        raise DataError("is a directory, not a file", file=path) from None
-    except OSError as error:
-        raise DataError(f"cannot open: {error.strerror}", file=path) from None
+    return ((number, text) for number, _, text in offset_lines(path, encoding))
+
+
+def offset_lines(path: str, encoding: str) -> Iterator[tuple[int, int, str]]:
+    """(line number, byte offset of the line, text): decoded_lines with where each line starts, so that a
+    streamed reader can come back to a line (data/streaming.py)."""
+    handle = _open(path)
     try:
         decoder = codecs.getincrementaldecoder(encoding)()
     except LookupError:
         handle.close()
         raise DataError(f"unknown encoding '{encoding}'", file=path, field="encoding") from None
     with handle:
+        offset = 0
         for number, raw in enumerate(handle, start=1):
-            try:
-                text = decoder.decode(raw)
-            except UnicodeDecodeError as error:
-                raise DataError(f"bytes that are not {encoding} ({error.reason})", file=path, line=number) from None
-            if len(text) > MAX_LINE_CHARS:
-                raise DataError(f"line longer than {MAX_LINE_CHARS:,} characters", file=path, line=number)
-            check_text(text, path, number)
-            yield number, text
+            yield number, offset, _checked_line(decoder, raw, encoding, path, number)
+            offset += len(raw)
+
+
+def lines_at(path: str, encoding: str, places: Iterable[tuple[int, int]]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the lines at the given (line number, byte offset) places, in that order."""
+    with _open(path) as handle:
+        for number, offset in places:
+            handle.seek(offset)
+            decoder = codecs.getincrementaldecoder(encoding)()  # a byte-order mark can only open line 1
+            yield number, _checked_line(decoder, handle.readline(), encoding, path, number)
+
+
+def _open(path: str) -> Any:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise DataError("file not found", file=path) from None
+    except IsADirectoryError:
+        raise DataError("is a directory, not a file", file=path) from None
+    except OSError as error:
+        raise DataError(f"cannot open: {error.strerror}", file=path) from None
+
+
+def _checked_line(decoder: Any, raw: bytes, encoding: str, path: str, number: int) -> str:
+    try:
+        text: str = decoder.decode(raw)
+    except UnicodeDecodeError as error:
+        raise DataError(f"bytes that are not {encoding} ({error.reason})", file=path, line=number) from None
+    if len(text) > MAX_LINE_CHARS:
+        raise DataError(f"line longer than {MAX_LINE_CHARS:,} characters", file=path, line=number)
+    check_text(text, path, number)
+    return text
 
 
 def check_text(text: str, file: str, line: int, field: str | None = None) -> None:
@@ -298,14 +323,50 @@ def read_conll(path: str, token_column: int = 0, tag_column: int = -1, encoding:
         yield Row({"tokens": tokens, "tags": tags}, path, first)
 
 
+PARQUET_BATCH = 1024  # rows decoded at a time: a Parquet file is never read whole
+
+
+def read_parquet(path: str) -> Iterator[Row]:
+    """Rows of a Parquet file, columns by name, read a batch at a time (pyarrow); `line` is the row number
+    from 1. Raises DataError for a file pyarrow cannot read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"not a readable Parquet file: {error}", file=path) from None
+    number = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH):
+            for values in batch.to_pylist():
+                number += 1
+                yield Row(values, path, number)
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"Parquet file damaged after row {number}: {error}", file=path, line=number + 1) from None
+
+
+def parquet_rows(path: str) -> int:
+    """The rows of a Parquet file, from its footer (nothing else is read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"not a readable Parquet file: {error}", file=path) from None
+
+
 def read_hf(
     dataset: str,
     split: str,
     subset: str | None = None,
     data_files: dict[str, str | list[str]] | None = None,
     trust_remote_code: bool = False,
+    streaming: bool = False,
 ) -> Iterator[Row]:
-    """Rows of a Hugging Face dataset split: a hub id when online, or a builder with local data_files.
+    """Rows of a Hugging Face dataset split: a hub id when online, or a builder with local data_files;
+    `streaming`: an IterableDataset, its rows read as they are drawn (nothing downloaded or cached whole).
 
     Class ids become their names. An id of -1 or None (GLUE's unlabelled test splits) names no class: the
     column is listed in `Row.hidden` and its value is None, for the task to refuse or leave unscored."""
@@ -314,6 +375,8 @@ def read_hf(
     where = f"{dataset}[{split}]"
     try:
         kwargs: dict[str, Any] = {"split": split}
+        if streaming:
+            kwargs["streaming"] = True
         if data_files:
             kwargs["data_files"] = data_files
         if trust_remote_code:
@@ -326,7 +389,7 @@ def read_hf(
         while isinstance(cause.__cause__, Exception):  # the innermost cause is the parser's, naming the row
             cause = cause.__cause__
         raise DataError(f"cannot load dataset: {type(cause).__name__}: {cause}", file=where) from None
-    names = _class_label_names(loaded.features)
+    names = _class_label_names(loaded.features) if loaded.features is not None else {}
     for index, record in enumerate(loaded):
         values = dict(record)
         hidden = set()

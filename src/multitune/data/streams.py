@@ -12,10 +12,22 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+
 GROUP_WINDOW = 50  # groups per sorting window: larger packs tighter, smaller keeps more randomness
+
+
+class RowStream(Protocol[T]):
+    """A task's endless stream of training rows, checkpointable: TaskStream (rows in memory) or
+    data/streaming.py's StreamedRows (rows read from their files as they are drawn)."""
+
+    def take(self, n: int) -> list[T]: ...
+
+    def state_dict(self) -> dict[str, int]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class TaskStream(Generic[T]):

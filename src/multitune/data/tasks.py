@@ -12,8 +12,26 @@ from typing import Any
 from multitune.config import SPLITS, SourceConfig, TaskConfig
 from multitune.data.generative import input_texts, instruction_of, read_parallel, target_text
 from multitune.data.images import image_reference, read_image_folder
-from multitune.data.readers import Row, read_conll, read_delimited, read_hf, read_jsonl, read_unified, row_number
-from multitune.errors import DataError
+from multitune.data.readers import (
+    Row,
+    parquet_rows,
+    read_conll,
+    read_delimited,
+    read_hf,
+    read_jsonl,
+    read_parquet,
+    read_unified,
+    row_number,
+)
+from multitune.data.streaming import (
+    STREAMED_EVAL_ROWS,
+    StreamSource,
+    UnifiedIndex,
+    count_blocks,
+    count_lines,
+    reservoir,
+)
+from multitune.errors import ConfigError, DataError
 
 # regression targets train as float32, raw (normalize_targets: false) or standardised; the squared error of a
 # raw target must stay far inside float32's range (3.4e38) and the float64 mean and spread of any number of
@@ -48,6 +66,13 @@ class TaskData:
     target_mean: float = 0.0  # regression: targets are standardised with these
     target_std: float = 1.0
     notes: list[str] = field(default_factory=list)
+    stream: StreamSource | None = None  # a streamed train split (then `splits` has no "train")
+    target_range: tuple[float, float] | None = None  # a streamed regression task's smallest and largest target
+
+    @property
+    def train_rows(self) -> int:
+        """The training rows the sampler counts: those in memory, or a streamed split's `num_rows`."""
+        return self.stream.num_rows if self.stream is not None else len(self.splits["train"])
 
 
 # --- value extraction ---------------------------------------------------------------------------
@@ -197,6 +222,13 @@ class UnifiedFiles:
     def __init__(self, routes: dict[str, set[str]]) -> None:
         self._routes = routes  # path -> the task keys configured on it
         self._cache: dict[str, dict[str, list[Row]]] = {}
+        self._indexes: dict[str, UnifiedIndex] = {}
+
+    def index(self, path: str, key: str, encoding: str) -> UnifiedIndex:
+        """Where each task's records start in the file (built once per file): streamed tasks read there."""
+        if path not in self._indexes:
+            self._indexes[path] = UnifiedIndex(path, encoding, self._routes.get(path, {key}))
+        return self._indexes[path]
 
     def rows(self, path: str, key: str, encoding: str) -> list[Row]:
         if path not in self._cache:
@@ -296,6 +328,11 @@ def _without_labels(task: TaskConfig, split: str, rows: list[Row], notes: list[s
 
 
 def _read_file(name: str, task: TaskConfig, path: str, unified: UnifiedFiles) -> list[Example]:
+    return list(file_examples(name, task, path, unified))
+
+
+def file_examples(name: str, task: TaskConfig, path: str, unified: UnifiedFiles) -> Iterator[Example]:
+    """The examples of one file, read lazily (a streamed unified file: at its index of the task's records)."""
     source = task.source
     rows: Iterator[Row] | list[Row]
     extract: Callable[[Row, TaskConfig], Example] = example_from_fields
@@ -304,13 +341,18 @@ def _read_file(name: str, task: TaskConfig, path: str, unified: UnifiedFiles) ->
     elif source.format in ("csv", "tsv"):
         delimiter = source.delimiter or ("," if source.format == "csv" else "\t")
         rows = read_delimited(path, delimiter, source.quoting, source.header, source.columns, source.encoding)
+    elif source.format == "parquet":
+        rows = read_parquet(path)
     elif source.format == "conll":
         rows = read_conll(path, source.token_column, source.tag_column, source.encoding)
-        return [Example(tuple(r.values["tokens"]), tuple(r.values["tags"]), r.file, r.line) for r in rows]  # type: ignore[call-overload]
+        return (Example(tuple(r.values["tokens"]), tuple(r.values["tags"]), r.file, r.line) for r in rows)  # type: ignore[call-overload]
+    elif source.streaming:
+        rows = unified.index(path, source.task_key or name, source.encoding).rows(source.task_key or name)
+        extract = example_from_record
     else:
         rows = unified.rows(path, source.task_key or name, source.encoding)
         extract = example_from_record
-    return [extract(row, task) for row in rows]
+    return (extract(row, task) for row in rows)
 
 
 def _parallel_examples(task: TaskConfig, source_file: str, target_file: str) -> list[Example]:
@@ -349,6 +391,8 @@ def split_source(task: TaskConfig, split: str) -> str | None:
 def load_task(
     name: str, task: TaskConfig, seed: int, unified: UnifiedFiles, trust_remote_code: bool = False
 ) -> TaskData:
+    if task.source.streaming:
+        return load_streamed_task(name, task, seed, unified, trust_remote_code)
     splits: dict[str, list[Example]] = {}
     notes: list[str] = []
     for split in SPLITS:
@@ -389,6 +433,154 @@ def load_task(
     return data
 
 
+# --- streamed tasks (data/streaming.py) ----------------------------------------------------------------
+
+
+def split_examples(
+    name: str, task: TaskConfig, split: str, unified: UnifiedFiles, trust_remote_code: bool = False
+) -> Iterator[Example] | None:
+    """A streamed source's split as examples read lazily, or None when the source has no such split."""
+    source = task.source
+    if source.format == "hf":
+        hf_split = source.split_names.get(split, split)
+        if source.data_files is not None and hf_split not in source.data_files:
+            return None
+        named = source.data_files is not None or split == "train" or split in source.split_names
+        if not named and not _hf_has_split(source, hf_split):
+            return None
+        rows = read_hf(source.dataset or "", hf_split, source.subset, source.data_files, trust_remote_code, True)
+        return (example_from_fields(row, task) for row in rows)
+    paths = getattr(source, split)
+    if not paths:
+        return None
+    if source.format == "parallel":
+        return iter(_parallel_lazily(task, paths[0], paths[1]))
+    files = [paths] if isinstance(paths, str) else paths
+    examples = (example for path in files for example in file_examples(name, task, path, unified))
+    if task.type == "token_classification" and task.tag_scheme == "iob1":
+        return (Example(e.texts, to_iob2(e.label), e.file, e.line) for e in examples)  # type: ignore[arg-type]
+    return examples
+
+
+def _parallel_lazily(task: TaskConfig, source_file: str, target_file: str) -> Iterator[Example]:
+    for row in read_parallel(source_file, target_file, task.source.encoding):
+        values = row.values
+        assert isinstance(values, dict)
+        target = target_text(Row(values, target_file, row.line), values["target"], "target", task)
+        yield Example((values["source"],), target, row.file, row.line, task.instruction)
+
+
+def counted_rows(name: str, task: TaskConfig, unified: UnifiedFiles) -> int:
+    """A streamed train split's rows, counted without parsing them: lines (JSONL, CSV/TSV less a header,
+    parallel), blocks (CoNLL), a Parquet footer, a unified file's index, or a dataset's own split info.
+    Raises ConfigError where no count is to be had (a dataset without split sizes): declare num_rows."""
+    source = task.source
+    if source.format == "hf":
+        count = _hf_split_rows(source, source.split_names.get("train", "train"))
+        if count is None:
+            raise ConfigError(
+                f"task '{name}': the dataset does not say how many train rows it has: declare source.num_rows",
+                field=f"tasks.{name}.source.num_rows",
+            )
+        return count
+    paths = source.train or []
+    if source.format == "parallel":
+        return count_lines(paths[0], source.encoding)
+    total = 0
+    for path in [paths] if isinstance(paths, str) else paths:
+        if source.format == "conll":
+            total += count_blocks(path, source.encoding)
+        elif source.format == "parquet":
+            total += parquet_rows(path)
+        elif source.format == "unified":
+            total += unified.index(path, source.task_key or name, source.encoding).count(source.task_key or name)
+        else:
+            total += count_lines(path, source.encoding) - (source.format in ("csv", "tsv") and source.header)
+    return total
+
+
+def _hf_split_rows(source: SourceConfig, split: str) -> int | None:
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(source.dataset or "", source.subset, data_files=source.data_files)
+        splits = builder.info.splits or {}
+        return int(splits[split].num_examples) if split in splits and splits[split].num_examples else None
+    except Exception:  # offline, or a builder that knows no sizes before reading
+        return None
+
+
+def load_streamed_task(
+    name: str, task: TaskConfig, seed: int, unified: UnifiedFiles, trust_remote_code: bool = False
+) -> TaskData:
+    """A task whose train split streams: validation and test read into memory (a seeded sample of at most
+    max_rows, default STREAMED_EVAL_ROWS, in one pass), the train split counted, and, when the config does
+    not give them, its labels (classification, tags) or its targets' mean, spread and range (regression)
+    gathered in one pass over it. A streamed task needs a validation split of its own."""
+    splits: dict[str, list[Example]] = {}
+    notes: list[str] = []
+    for split in ("validation", "test"):
+        rows = split_examples(name, task, split, unified, trust_remote_code)
+        if rows is None:
+            continue
+        limit = getattr(task.max_rows, split) or STREAMED_EVAL_ROWS
+        splits[split] = reservoir(rows, limit, f"{seed}:{name}:{split}")
+        if not splits[split]:
+            raise DataError(f"task '{name}' has no {split} rows", file=split_source(task, split))
+    train_file = split_source(task, "train")
+    if "validation" not in splits:
+        raise DataError(
+            f"task '{name}' streams its train split: give it a validation split (carving one from train would "
+            "read the whole split into memory)",
+            file=train_file,
+        )
+    num_rows = task.source.num_rows or counted_rows(name, task, unified)
+    if num_rows < 1:
+        raise DataError(f"task '{name}' has no training rows", file=train_file)
+
+    def train() -> Iterator[Example]:
+        found = split_examples(name, task, "train", unified, trust_remote_code)
+        if found is None:
+            raise DataError(f"task '{name}' has no training rows", file=train_file)
+        return found
+
+    source = StreamSource(train, num_rows, task.source.shuffle_buffer, train_file or name)
+    data = TaskData(name, task, splits, notes=notes, stream=source)
+    notes.append(f"train: streamed, {num_rows} rows ({'declared' if task.source.num_rows else 'counted'})")
+    _streamed_statistics(data, train())
+    return data
+
+
+def _streamed_statistics(data: TaskData, rows: Iterator[Example]) -> None:
+    """What a streamed task's head needs from its train split, gathered in one pass when the config does not
+    give it: the label vocabulary, or the regression targets' mean, spread (Welford) and range."""
+    task = data.config
+    if task.type == "generation":
+        return
+    if task.type == "regression":
+        count, mean, square, low, high = 0, 0.0, 0.0, math.inf, -math.inf
+        for example in rows:
+            value = float(example.label)  # type: ignore[arg-type]
+            count += 1
+            delta = value - mean
+            mean += delta / count
+            square += delta * (value - mean)
+            low, high = min(low, value), max(high, value)
+        if count == 0:
+            raise DataError(f"task '{data.name}' has no training rows", file=split_source(task, "train"))
+        data.target_range = (low, high)
+        if task.normalize_targets:
+            data.target_mean = mean
+            data.target_std = math.sqrt(square / count) if square > 0 else 1.0
+        return
+    seen: set[str] | None = None
+    if task.labels is None:
+        seen = set()
+        for example in rows:
+            seen.update(example.label if isinstance(example.label, tuple) else (str(example.label),))
+    data.labels = label_vocabulary(data, seen)
+
+
 def carve(examples: list[Example], fraction: float, seed: str) -> tuple[list[Example], list[Example]]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -402,8 +594,9 @@ def label_field_name(task: TaskConfig) -> str:
     return "output" if task.source.format == "unified" else str(task.label_field)
 
 
-def label_vocabulary(data: TaskData) -> list[str]:
-    """The configured labels, or those seen in train (sorted; `O` first for tags); others are errors."""
+def label_vocabulary(data: TaskData, seen_in_train: set[str] | None = None) -> list[str]:
+    """The configured labels, or those seen in train (sorted; `O` first for tags); others are errors.
+    `seen_in_train`: a streamed task's train labels, gathered in its pass over the split."""
     task = data.config
     field_name = label_field_name(task)
 
@@ -414,7 +607,11 @@ def label_vocabulary(data: TaskData) -> list[str]:
         vocabulary = list(task.labels)
         check = list(data.splits)
     else:
-        seen = {label for example in data.splits["train"] for label in labels_of(example)}
+        seen = (
+            seen_in_train
+            if seen_in_train is not None
+            else {label for example in data.splits["train"] for label in labels_of(example)}
+        )
         vocabulary = sorted(
             seen, key=lambda tag: (tag != "O", tag[2:], tag) if task.type == "token_classification" else tag
         )

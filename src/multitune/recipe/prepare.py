@@ -3,20 +3,25 @@ is created: tasks read, backbone loaded, model assembled, splits encoded."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from multitune.config import Config
-from multitune.data.encoding import encode_splits
+from multitune.data.encoding import encode, encode_splits
+from multitune.data.streaming import StreamedRows
+from multitune.data.streams import RowStream
 from multitune.data.tasks import (
+    Example,
     TaskData,
     load_tasks,
 )
 from multitune.data.tokens import Encoded
 from multitune.data.windows import PredictionRow, scoring_rows
+from multitune.errors import ConfigError
 from multitune.models.assemble import (
     LOADERS,
     backbone_modules,
@@ -30,6 +35,7 @@ from multitune.models.causal_lm import (
     CausalLMMultiTask,
 )
 from multitune.models.multitask import MultiTaskModel
+from multitune.recipe.components import build_stream
 from multitune.runs.layout import match_resumed_data
 
 
@@ -44,6 +50,34 @@ class Prepared:
     encoded: dict[str, dict[str, list[Encoded]]]  # task -> split -> rows
     scored: dict[str, dict[str, Sequence[PredictionRow]]]  # the rows evaluation predicts (token tasks: windows)
     rows_added: bool = False  # resuming: rows were appended to the data since the run started
+
+    def encoder(self, name: str) -> Callable[[list[Example]], list[Encoded]]:
+        """Task `name`'s examples -> Encoded rows, as its splits were encoded (a streamed split's rows)."""
+        task, model = self.tasks[name], self.config.model
+        tokenizer = self.backbone.tokenizer
+        return lambda examples: encode(
+            examples, task, tokenizer, model.max_length, decoder_targets=model.kind == "seq2seq"
+        )
+
+    def training_stream(self, name: str, seed: str) -> RowStream[Encoded]:
+        """Task `name`'s training rows as an endless seeded stream: its encoded rows, or a streamed split."""
+        stream = self.tasks[name].stream
+        if stream is None:
+            return build_stream(self.encoded[name]["train"], seed, self.config.training)
+        if self.config.training.group_by_length:
+            raise ConfigError(
+                f"task '{name}' streams its train split, which is never whole: it cannot be grouped by length",
+                field="training.group_by_length",
+            )
+        return StreamedRows(stream, self.encoder(name), seed)
+
+    def training_sample(self, name: str, rows: int = 256) -> list[Encoded]:
+        """Up to `rows` encoded training rows of task `name` (a streamed split's first ones): e.g. for its
+        mean row length."""
+        stream = self.tasks[name].stream
+        if stream is None:
+            return self.encoded[name]["train"]
+        return self.encoder(name)(list(itertools.islice(stream.open(), rows)))
 
     @property
     def pad_id(self) -> int:

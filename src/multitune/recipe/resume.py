@@ -20,7 +20,7 @@ from multitune.core.files import WEIGHTS_FILE, atomic_write
 from multitune.core.processes import Processes
 from multitune.core.rng import rng_state, set_rng_state
 from multitune.data.samplers import ObservesTraining, TaskSampler
-from multitune.data.streams import TaskStream
+from multitune.data.streams import RowStream
 from multitune.data.tokens import Encoded
 from multitune.errors import ConfigError
 from multitune.training.checkpoint import (
@@ -47,7 +47,7 @@ class TrainingParts:
     scheduler: Any
     sampler: TaskSampler
     balancer: Balancer
-    streams: dict[str, TaskStream[Encoded]]
+    streams: dict[str, RowStream[Encoded]]
     guard: NegativeTransferGuard | None = None
     reptile: Reptile | None = None
     sharded: bool = False  # the backbone is sharded across processes: whole tensors are gathered to save

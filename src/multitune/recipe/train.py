@@ -23,7 +23,7 @@ from multitune.config.schema import TrainingConfig
 from multitune.core.files import write_json, write_text
 from multitune.core.processes import Processes, from_accelerator
 from multitune.data.samplers import TaskSampler, token_mix
-from multitune.data.streams import TaskStream
+from multitune.data.streams import RowStream
 from multitune.data.tokens import Encoded
 from multitune.errors import MultitunError
 from multitune.evaluation.evaluate import average_main_score, evaluate, format_table
@@ -36,7 +36,6 @@ from multitune.recipe.components import (
     build_optimizer,
     build_regularizers,
     build_sampler,
-    build_stream,
     require_shared_parameters,
 )
 from multitune.recipe.launch import build_accelerator, check_distributed
@@ -140,14 +139,14 @@ def _train_run(config: Config, stop: StopSignal, scratch: contextlib.ExitStack) 
     return run_dir
 
 
-def _components(config: Config, prepared: Prepared) -> tuple[TaskSampler, Balancer, dict[str, TaskStream[Encoded]]]:
+def _components(config: Config, prepared: Prepared) -> tuple[TaskSampler, Balancer, dict[str, RowStream[Encoded]]]:
     """The sampler, the balancer and each task's training stream, built from their config groups."""
     tasks, training = prepared.tasks, config.training
-    sizes = {name: len(task.splits["train"]) for name, task in tasks.items()}
+    sizes = {name: task.train_rows for name, task in tasks.items()}
     sampling_weights = {name: task.config.sampling_weight for name, task in tasks.items()}
     sampler = build_sampler(config.sampling, sizes, sampling_weights, training.steps, training.schedule)
     if training.mix_by == "tokens":  # the probabilities share out tokens: drawn ∝ p / mean row length
-        rows = {name: prepared.encoded[name]["train"] for name in tasks}
+        rows = {name: prepared.training_sample(name) for name in tasks}
         sampler = token_mix(
             sampler, {name: sum(len(r.input_ids) for r in got) / len(got) for name, got in rows.items()}
         )
@@ -156,10 +155,7 @@ def _components(config: Config, prepared: Prepared) -> tuple[TaskSampler, Balanc
         config.loss_weighting, config.gradient_aggregation, list(tasks), loss_weights, config.run.seed
     )
     require_shared_parameters(prepared.model, balancer)
-    streams = {
-        name: build_stream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:stream", training)
-        for name in tasks
-    }
+    streams = {name: prepared.training_stream(name, f"{config.run.seed}:{name}:stream") for name in tasks}
     return sampler, balancer, streams
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from multitune.config import Config, EarlyStopping, MethodConfig, ScheduleConfig, TrainingConfig
 from multitune.data.collate import collate
 from multitune.data.samplers import SAMPLERS
-from multitune.data.streams import TaskStream
+from multitune.data.streams import RowStream, TaskStream
 from multitune.evaluation.evaluate import average_main_score, evaluate
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.refinement import add_lora, lora_targets, save_refinement, unload
@@ -46,7 +46,7 @@ class Refinement:
     seed: int
     accelerator: Any
     pad_id: int
-    stream: Callable[[str], TaskStream[Any]]  # a task's training rows
+    stream: Callable[[str], RowStream[Any]]  # a task's training rows
     score: Callable[[str, str], dict[str, dict[str, Any]]]  # (task, split) -> {task: its results}
     collate_rows: Callable[[dict[str, list[Any]], int], Any] = collate
     keep: Callable[[str, MultiTaskModel], None] | None = None  # sees each kept refined predictor (merged)
@@ -69,7 +69,9 @@ def finetune_per_task(
             prepared.model, only, prepared.scored, split, size, accelerator.device, prepared.pad_id, progress=show
         )
 
-    def stream(name: str) -> TaskStream[Any]:
+    def stream(name: str) -> RowStream[Any]:
+        if prepared.tasks[name].stream is not None:
+            return prepared.training_stream(name, f"{config.run.seed}:{name}:finetune")
         return TaskStream(prepared.encoded[name]["train"], f"{config.run.seed}:{name}:finetune")
 
     parts = Refinement(

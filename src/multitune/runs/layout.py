@@ -69,7 +69,7 @@ def task_manifest(tasks: dict[str, TaskData]) -> dict[str, Any]:
                 task.target_mean,
                 task.target_std,
                 target_range(task),
-                {split: len(examples) for split, examples in task.splits.items()},
+                {"train": task.train_rows, **{split: len(examples) for split, examples in task.splits.items()}},
             ),
             "notes": task.notes,
             "fingerprint": data_fingerprint(task),
@@ -81,6 +81,8 @@ def task_manifest(tasks: dict[str, TaskData]) -> dict[str, Any]:
 def target_range(task: TaskData) -> tuple[float, float] | None:
     """A regression task's smallest and largest training target: predict and serve hold their answers to
     this range (runs/predict.py, held_to_range). None for other tasks."""
+    if task.stream is not None:  # gathered in the streamed split's pass
+        return task.target_range
     targets = [float(e.label) for e in task.splits.get("train", []) if isinstance(e.label, (int, float))]
     if task.config.type != "regression" or not targets:
         return None

@@ -7,7 +7,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from multitune.config import EarlyStopping
 from multitune.core.processes import ALONE, Processes, is_sharded
 from multitune.data.collate import Batch, collate
 from multitune.data.samplers import ObservesTraining, TaskSampler, examples_per_task
-from multitune.data.streams import TaskStream
+from multitune.data.streams import RowStream
 from multitune.errors import MultitunError
 from multitune.models.multitask import MultiTaskModel
 from multitune.models.regularization import Regularizer
@@ -98,7 +98,7 @@ class LoopParts:
     """The live objects one training loop drives (LoopSettings holds the plain values)."""
 
     model: MultiTaskModel
-    streams: dict[str, TaskStream[Any]]
+    streams: Mapping[str, RowStream[Any]]
     sampler: TaskSampler
     balancer: Balancer
     optimizer: torch.optim.Optimizer

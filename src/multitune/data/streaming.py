@@ -1,0 +1,168 @@
+"""Streamed training splits (`source.streaming: true`): a task's training rows are read lazily from their
+files, shuffled in a bounded buffer, and tokenized when they are drawn, so memory does not grow with the data.
+
+- Order: each epoch, the rows pass through a shuffle buffer of `shuffle_buffer` rows seeded by (seed, epoch)
+  (as tf.data's and Hugging Face's streaming shuffles): the buffer is filled, then each drawn row is a random
+  one of the buffer, replaced by the next row read. A split that fits in the buffer is drawn in exactly the
+  permutation an in-memory task stream uses (data/streams.py), so a small streamed task trains on the same
+  batches as the same task read into memory.
+- Position: two numbers, the epoch and the rows drawn in it; a resumed run reads the epoch again up to that
+  row (parsing, not tokenizing, the rows before it) and continues exactly where it stopped.
+- Row counts: the sampler's sizes are `num_rows` when declared, else counted in one pass over the files
+  without parsing them (lines, blocks or a Parquet footer). Labels and regression statistics, when the
+  config does not give them, take one parsing pass (data/tasks.py).
+- A unified file feeds many tasks: one pass indexes where each task's records start (8 bytes per record),
+  and each task's stream reads its own records there.
+- A bad row found late is an error at its file and line, raised where the row is drawn.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from multitune.data.readers import Row, json_rows, lines_at, offset_lines
+from multitune.data.tokens import Encoded
+from multitune.errors import DataError
+
+T = TypeVar("T")
+STREAMED_EVAL_ROWS = 2000  # a streamed task's validation and test rows kept in memory, unless max_rows says
+
+
+@dataclass
+class StreamSource:
+    """A streamed training split: `open()` reads its examples again from the first; `num_rows` is what the
+    sampler counts (declared, or counted); `buffer` the shuffle buffer's rows."""
+
+    open: Callable[[], Iterator[Any]]
+    num_rows: int
+    buffer: int
+    where: str  # the file(s) or dataset, for errors
+
+
+def shuffled(rows: Iterator[T], buffer: int, rng: random.Random) -> Iterator[T]:
+    """`rows` in the order of a seeded shuffle buffer of `buffer` rows; rows that all fit in the buffer come
+    in the permutation `rng.shuffle` gives their indices (as TaskStream's)."""
+    held = list(itertools.islice(rows, buffer))
+    if len(held) < buffer:
+        order = list(range(len(held)))
+        rng.shuffle(order)
+        yield from (held[i] for i in order)
+        return
+    for row in rows:
+        slot = rng.randrange(buffer)
+        yield held[slot]
+        held[slot] = row
+    order = list(range(len(held)))
+    rng.shuffle(order)
+    yield from (held[i] for i in order)
+
+
+class StreamedRows:
+    """A task stream (data/streams.py's protocol: take, state_dict, load_state_dict) over a streamed split:
+    endless, epoch after epoch, each epoch through a shuffle buffer seeded by (seed, epoch); rows are encoded
+    (`encode`: examples -> Encoded rows) when drawn."""
+
+    def __init__(self, source: StreamSource, encode: Callable[[list[Any]], list[Encoded]], seed: str) -> None:
+        self.source, self.encode, self.seed = source, encode, seed
+        self.epoch = 0
+        self.offset = 0  # rows drawn in this epoch
+        self._rows = self._epoch(0)
+
+    def _epoch(self, epoch: int) -> Iterator[Any]:
+        return shuffled(self.source.open(), self.source.buffer, random.Random(f"{self.seed}:{epoch}"))
+
+    def take_examples(self, n: int) -> list[Any]:
+        out: list[Any] = []
+        while len(out) < n:
+            row = next(self._rows, None)
+            if row is None:
+                if self.offset == 0:
+                    raise DataError("a streamed train split holds no rows", file=self.source.where)
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._rows = self._epoch(self.epoch)
+                continue
+            out.append(row)
+            self.offset += 1
+        return out
+
+    def take(self, n: int) -> list[Encoded]:
+        return self.encode(self.take_examples(n))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at (epoch, offset): the epoch is read again and its first `offset` rows passed over."""
+        self.epoch, self.offset = int(state["epoch"]), 0
+        self._rows = self._epoch(self.epoch)
+        skip = int(state["offset"])
+        for _ in range(skip):
+            if next(self._rows, None) is None:
+                raise DataError(
+                    f"the streamed train split has fewer rows than the checkpoint's position ({skip}): it changed",
+                    file=self.source.where,
+                )
+        self.offset = skip
+
+
+def reservoir(rows: Iterator[T], k: int, seed: str) -> list[T]:
+    """A seeded uniform sample of k rows in one pass, in their order in the data (Algorithm R's keys, as a
+    k-smallest selection of random keys); all rows when there are at most k."""
+    rng = random.Random(seed)
+    keyed = heapq.nsmallest(k, ((rng.random(), index, row) for index, row in enumerate(rows)), key=lambda t: t[:2])
+    return [row for _, _, row in sorted(keyed, key=lambda t: t[1])]
+
+
+# --- counting without parsing -------------------------------------------------------------------------
+
+
+def count_lines(path: str, encoding: str) -> int:
+    """Non-blank lines (JSONL records, CSV rows of one line each, parallel pairs)."""
+    return sum(1 for _, _, text in offset_lines(path, encoding) if text.strip())
+
+
+def count_blocks(path: str, encoding: str) -> int:
+    """Blank-line-separated blocks (CoNLL sentences)."""
+    blocks, inside = 0, False
+    for _, _, text in offset_lines(path, encoding):
+        filled = bool(text.strip())
+        blocks += filled and not inside
+        inside = filled
+    return blocks
+
+
+# --- a unified file indexed by task -------------------------------------------------------------------
+
+
+class UnifiedIndex:
+    """Where each task's records start in one unified file: one pass (each line parsed for its `task`),
+    then 8 + 8 bytes per record; `rows(key)` reads one task's records at their places, in file order."""
+
+    def __init__(self, path: str, encoding: str, known: set[str]) -> None:
+        self.path, self.encoding = path, encoding
+        self.places: dict[str, tuple[array[int], array[int]]] = {}
+        for number, offset, text in offset_lines(path, encoding):
+            if not text.strip():
+                continue
+            row = next(json_rows([(number, text)], path))
+            task = row.get("task")
+            if not isinstance(task, str) or not task:
+                raise row.error("must be a non-empty string", "task")
+            if task not in known:
+                raise row.error(f"no configured task '{task}' (this file feeds: {', '.join(sorted(known))})", "task")
+            lines, offsets = self.places.setdefault(task, (array("q"), array("q")))
+            lines.append(number)
+            offsets.append(offset)
+
+    def count(self, key: str) -> int:
+        return len(self.places.get(key, (array("q"),))[0])
+
+    def rows(self, key: str) -> Iterator[Row]:
+        lines, offsets = self.places.get(key, (array("q"), array("q")))
+        return json_rows(lines_at(self.path, self.encoding, zip(lines, offsets, strict=True)), self.path)

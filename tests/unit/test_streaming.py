@@ -1,0 +1,192 @@
+"""Streamed train splits (data/streaming.py): the shuffle buffer, positions and resume, sampling evaluation
+rows in one pass, counting without parsing, the unified index; and a streamed run against the same run read
+into memory."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from multitune.cli import main
+from multitune.data.streaming import (
+    StreamedRows,
+    StreamSource,
+    UnifiedIndex,
+    count_blocks,
+    count_lines,
+    reservoir,
+    shuffled,
+)
+from multitune.data.streams import TaskStream
+from multitune.errors import DataError
+from tests.conftest import classification_rows, tiny_config, token_rows
+
+
+def source(rows: list[Any], buffer: int) -> StreamSource:
+    return StreamSource(lambda: iter(rows), len(rows), buffer, "rows")
+
+
+def identity(rows: list[Any]) -> list[Any]:
+    return rows
+
+
+def test_a_split_that_fits_the_buffer_comes_in_the_in_memory_streams_permutation():
+    rows = list(range(23))
+    memory = TaskStream(rows, "7:task:stream")
+    streamed = StreamedRows(source(rows, buffer=100), identity, "7:task:stream")
+    for n in (5, 9, 20, 23, 1):  # across epoch boundaries
+        assert streamed.take(n) == memory.take(n)
+    assert streamed.state_dict() == memory.state_dict()
+
+
+def test_a_buffer_smaller_than_the_split_still_draws_every_row_once_an_epoch_in_a_seeded_order():
+    rows = list(range(100))
+    first = list(shuffled(iter(rows), 10, random.Random("s:0")))
+    assert sorted(first) == rows and first != rows
+    assert first == list(shuffled(iter(rows), 10, random.Random("s:0")))
+    assert first != list(shuffled(iter(rows), 10, random.Random("s:1")))
+    # a row can only leave the buffer after it entered: row i is drawn at position >= i - 10
+    assert all(position >= row - 10 for position, row in enumerate(first))
+    stream = StreamedRows(source(rows, buffer=10), identity, "s")
+    epoch = stream.take(100)
+    assert sorted(epoch) == rows and stream.state_dict() == {"epoch": 0, "offset": 100}
+    assert sorted(stream.take(100)) == rows and stream.state_dict() == {"epoch": 1, "offset": 100}
+
+
+def test_a_stream_resumes_exactly_where_it_stopped():
+    rows = list(range(37))
+    original = StreamedRows(source(rows, buffer=8), identity, "r")
+    original.take(50)  # into the second epoch
+    state = original.state_dict()
+    assert state == {"epoch": 1, "offset": 13}
+    resumed = StreamedRows(source(rows, buffer=8), identity, "r")
+    resumed.load_state_dict(state)
+    assert resumed.take(40) == original.take(40)
+    shorter = StreamedRows(source(rows[:10], buffer=8), identity, "r")
+    with pytest.raises(DataError, match="fewer rows than the checkpoint's position"):
+        shorter.load_state_dict(state)
+
+
+def test_a_reservoir_sample_is_seeded_uniform_and_keeps_the_data_order():
+    rows = list(range(1000))
+    sample = reservoir(iter(rows), 50, "seed")
+    assert len(sample) == 50 and sample == sorted(sample) and sample == reservoir(iter(rows), 50, "seed")
+    assert reservoir(iter(rows[:30]), 50, "seed") == rows[:30]
+    # uniform: over many seeds every row is kept about k/n of the time (here 5%: 500 draws of 20 of 200)
+    counts = [0] * 200
+    for seed in range(500):
+        for row in reservoir(iter(range(200)), 20, str(seed)):
+            counts[row] += 1
+    assert sum(counts) == 500 * 20 and min(counts) > 20 and max(counts) < 90  # mean 50
+
+
+def test_rows_are_counted_without_parsing(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"x": 1}\n\n{"x": 2}\nnot json at all\n', encoding="utf-8")
+    assert count_lines(str(jsonl), "utf-8") == 3  # blank lines are not rows; nothing is parsed
+    conll = tmp_path / "a.conll"
+    conll.write_text("a O\nb O\n\n\nc O\n\nd O\ne O\n", encoding="utf-8")
+    assert count_blocks(str(conll), "utf-8") == 3
+
+
+def test_a_unified_index_reads_each_tasks_records_in_file_order(tmp_path):
+    path = tmp_path / "mix.jsonl"
+    records = [{"task": "ab"[i % 3 == 0], "input": f"text {i}", "output": str(i)} for i in range(10)]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n", encoding="utf-8")
+    index = UnifiedIndex(str(path), "utf-8", {"a", "b"})
+    assert index.count("b") == 4 and index.count("a") == 6
+    got = [(row.line, row.values["output"]) for row in index.rows("b")]
+    assert got == [(1, "0"), (4, "3"), (7, "6"), (10, "9")]
+    path.write_text(path.read_text() + json.dumps({"task": "c", "input": "x", "output": "y"}) + "\n")
+    with pytest.raises(DataError, match="no configured task 'c'") as caught:
+        UnifiedIndex(str(path), "utf-8", {"a", "b"})
+    assert caught.value.line == 12
+
+
+# --- runs ------------------------------------------------------------------------------------------------
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def streamed_config(tiny_backbone: Path, tmp_path: Path, streaming: bool, **training: Any) -> Path:
+    """Two tasks with a validation file each, streamed or read into memory."""
+    a = write_rows(tmp_path / "a.jsonl", classification_rows(40))
+    a_val = write_rows(tmp_path / "a_val.jsonl", classification_rows(12, seed=1))
+    b = write_rows(tmp_path / "b.jsonl", token_rows(30))
+    b_val = write_rows(tmp_path / "b_val.jsonl", token_rows(10, seed=1))
+    config = tiny_config(tiny_backbone, a, b, tmp_path / "runs", **training)
+    config["tasks"]["sentiment"]["source"].update(validation=str(a_val), streaming=streaming)
+    config["tasks"]["ner"]["source"].update(validation=str(b_val), streaming=streaming)
+    path = tmp_path / f"streamed-{streaming}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def history(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def test_a_streamed_run_trains_on_the_same_batches_as_the_same_data_in_memory(tiny_backbone, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    for streaming in (False, True):
+        path = streamed_config(tiny_backbone, tmp_path, streaming, log_every=1)
+        assert main(["train", str(path), f"run.name=s{streaming}"]) == 0
+    memory, streamed = tmp_path / "runs" / "sFalse", tmp_path / "runs" / "sTrue"
+
+    def timeless(run: Path) -> list[dict[str, Any]]:
+        return [{k: v for k, v in h.items() if "second" not in k and "time" not in k} for h in history(run)]
+
+    assert len(timeless(memory)) > 6 and timeless(memory) == timeless(streamed)  # every step's losses
+    a, b = load_file(str(memory / "model.safetensors")), load_file(str(streamed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((streamed / "tasks.json").read_text())
+    assert manifest["sentiment"]["rows"] == {"train": 40, "validation": 12}
+    assert any("streamed, 40 rows (counted)" in note for note in manifest["sentiment"]["notes"])
+
+
+def test_a_bad_row_found_late_in_a_stream_is_a_one_line_error_and_the_checkpoint_survives(
+    tiny_backbone, tmp_path, capsys
+):
+    rows = classification_rows(40)
+    text = (
+        "".join(json.dumps(r) + "\n" for r in rows[:30])
+        + '{"text": "cut short\n'
+        + "".join(json.dumps(r) + "\n" for r in rows[30:])
+    )
+    (tmp_path / "late.jsonl").write_text(text, encoding="utf-8")
+    val = write_rows(tmp_path / "val.jsonl", classification_rows(8, seed=1))
+    config = tiny_config(tiny_backbone, tmp_path / "late.jsonl", write_rows(tmp_path / "b.jsonl", token_rows(20)),
+                         tmp_path / "runs", steps=30, checkpoint_every=2, eval_every=30)  # fmt: skip
+    config["tasks"]["sentiment"]["source"].update(
+        validation=str(val), streaming=True, num_rows=41, shuffle_buffer=1
+    )  # declared rows and labels: nothing reads the file before training, the bad line is met when drawn
+    config["tasks"]["sentiment"]["labels"] = ["neg", "pos"]
+    config["sampling"] = {"name": "manual", "probabilities": {"sentiment": 0.999, "ner": 0.001}}
+    path = tmp_path / "late.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("multitune: error: ") and "late.jsonl:31" in error and "invalid JSON" in error
+    checkpoints = sorted((tmp_path / "runs" / "tiny" / "checkpoints").iterdir())
+    assert checkpoints, "the checkpoints written before the bad row are kept"
+
+
+def test_streaming_refuses_what_would_read_the_whole_split(tiny_backbone, tmp_path, capsys):
+    path = streamed_config(tiny_backbone, tmp_path, True)
+    for override, words in (
+        ("tasks.sentiment.max_rows.train=10", "a streamed train split is read whole"),
+        ("training.group_by_length=true", "cannot be grouped by length"),
+        ("tasks.sentiment.source.validation=null", "give it a validation split"),
+    ):
+        assert main(["train", str(path), override]) == 2
+        assert words in capsys.readouterr().err
