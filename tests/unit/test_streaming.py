@@ -190,3 +190,124 @@ def test_streaming_refuses_what_would_read_the_whole_split(tiny_backbone, tmp_pa
     ):
         assert main(["train", str(path), override]) == 2
         assert words in capsys.readouterr().err
+
+
+# --- every streamed reader, against the same data read into memory ----------------------------------------
+
+
+def formats(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """One small classification or tagging task per source format, each with a validation split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train, val = classification_rows(30), classification_rows(8, seed=1)
+    write_rows(tmp_path / "t.jsonl", train)
+    write_rows(tmp_path / "v.jsonl", val)
+    for name, rows in (("t", train), ("v", val)):
+        (tmp_path / f"{name}.csv").write_text(
+            "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows), encoding="utf-8"
+        )
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet", row_group_size=7)
+        tags = token_rows(20 if name == "t" else 6, seed=len(name))
+        (tmp_path / f"{name}.conll").write_text(
+            "".join("".join(f"{w} {t}\n" for w, t in zip(r["tokens"], r["tags"], strict=True)) + "\n" for r in tags)
+        )
+    unified = [{"task": "u", "input": r["text"], "output": r["label"]} for r in train]
+    unified += [{"task": "other", "input": r["text"], "output": r["label"]} for r in val]
+    write_rows(tmp_path / "mix.jsonl", unified)
+    write_rows(tmp_path / "mix_val.jsonl", [{"task": "u", "input": r["text"], "output": r["label"]} for r in val])
+
+    def task(fmt: str, suffix: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "type": "classification",
+            "source": {
+                "format": fmt,
+                "train": str(tmp_path / f"t.{suffix}"),
+                "validation": str(tmp_path / f"v.{suffix}"),
+            },
+            **extra,
+        }
+
+    return {
+        "jsonl": task("jsonl", "jsonl"),
+        "csv": task("csv", "csv"),
+        "parquet": task("parquet", "parquet"),
+        "conll": {**task("conll", "conll"), "type": "token_classification"},
+        "hf": {
+            "type": "classification",
+            "source": {
+                "format": "hf",
+                "dataset": "json",
+                "data_files": {"train": str(tmp_path / "t.jsonl"), "validation": str(tmp_path / "v.jsonl")},
+            },
+        },
+        "unified": {
+            "type": "classification",
+            "source": {
+                "format": "unified",
+                "train": str(tmp_path / "mix.jsonl"),
+                "validation": str(tmp_path / "mix_val.jsonl"),
+                "task_key": "u",
+            },
+        },
+    }
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "conll", "hf", "unified"])
+def test_each_reader_streams_the_rows_it_reads_into_memory(tmp_path, fmt):
+    from multitune.config import TaskConfig
+    from multitune.data.tasks import UnifiedFiles, load_task
+
+    entry = formats(tmp_path)[fmt]
+    memory = load_task(
+        "t", TaskConfig.model_validate(entry), 3, UnifiedFiles({str(tmp_path / "mix.jsonl"): {"u", "other"}})
+    )
+    entry["source"]["streaming"] = True
+    streamed_config = TaskConfig.model_validate(entry)
+    unified = UnifiedFiles({str(tmp_path / "mix.jsonl"): {"u", "other"}})
+    streamed = load_task("t", streamed_config, 3, unified)
+    assert streamed.stream is not None and "train" not in streamed.splits
+    rows = list(streamed.stream.open())
+    assert streamed.stream.num_rows == len(rows) == len(memory.splits["train"])  # counted without parsing
+    assert [(e.texts, e.label) for e in rows] == [(e.texts, e.label) for e in memory.splits["train"]]
+    assert streamed.labels == memory.labels
+    assert [(e.texts, e.label) for e in streamed.splits["validation"]] == [
+        (e.texts, e.label) for e in memory.splits["validation"]
+    ]
+
+
+def test_a_streamed_regression_tasks_scaling_and_range_come_from_its_pass(tmp_path):
+    from multitune.config import TaskConfig
+    from multitune.data.tasks import UnifiedFiles, load_task
+
+    targets = [0.5, 2.0, 4.5, 1.0, 3.0]
+    write_rows(tmp_path / "r.jsonl", [{"text": f"row {i}", "label": t} for i, t in enumerate(targets)])
+    write_rows(tmp_path / "rv.jsonl", [{"text": "v", "label": 1.5}])
+    entry = {"type": "regression", "source": {"format": "jsonl", "train": str(tmp_path / "r.jsonl"),
+                                              "validation": str(tmp_path / "rv.jsonl"), "streaming": True}}  # fmt: skip
+    task = load_task("r", TaskConfig.model_validate(entry), 3, UnifiedFiles({}))
+    mean = sum(targets) / 5
+    std = (sum((t - mean) ** 2 for t in targets) / 5) ** 0.5
+    assert task.target_mean == pytest.approx(mean) and task.target_std == pytest.approx(std)
+    assert task.target_range == (0.5, 4.5)
+
+
+def test_a_discovered_mixture_streams_each_task_from_the_unified_files_index(tiny_backbone, tmp_path):
+    records = []
+    for i, row in enumerate(classification_rows(60)):
+        records.append({"task": ("a", "b", "c")[i % 3], "input": row["text"], "output": row["label"]})
+    write_rows(tmp_path / "mix.jsonl", records[:45])
+    write_rows(tmp_path / "mix_val.jsonl", records[45:])
+    config = {
+        "model": {"backbone": str(tiny_backbone), "max_length": 32},
+        "run": {"name": "mix", "output_dir": str(tmp_path / "runs"), "seed": 3},
+        "training": {"steps": 4, "batch_size": 6, "eval_every": 4, "progress": False, "mixed_batches": True},
+        "discover": {
+            "source": {"format": "unified", "train": "mix.jsonl", "validation": "mix_val.jsonl", "streaming": True},
+            "type": "classification",
+        },
+    }
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(tmp_path / "mix.yaml")]) == 0
+    manifest = json.loads((tmp_path / "runs" / "mix" / "tasks.json").read_text())
+    assert {name: entry["rows"]["train"] for name, entry in manifest.items()} == {"a": 15, "b": 15, "c": 15}

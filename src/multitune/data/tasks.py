@@ -31,7 +31,7 @@ from multitune.data.streaming import (
     count_lines,
     reservoir,
 )
-from multitune.errors import ConfigError, DataError
+from multitune.errors import DataError
 
 # regression targets train as float32, raw (normalize_targets: false) or standardised; the squared error of a
 # raw target must stay far inside float32's range (3.4e38) and the float64 mean and spread of any number of
@@ -472,15 +472,15 @@ def _parallel_lazily(task: TaskConfig, source_file: str, target_file: str) -> It
 
 def counted_rows(name: str, task: TaskConfig, unified: UnifiedFiles) -> int:
     """A streamed train split's rows, counted without parsing them: lines (JSONL, CSV/TSV less a header,
-    parallel), blocks (CoNLL), a Parquet footer, a unified file's index, or a dataset's own split info.
-    Raises ConfigError where no count is to be had (a dataset without split sizes): declare num_rows."""
+    parallel), blocks (CoNLL), a Parquet footer, a unified file's index, or a dataset's own split sizes (a
+    dataset that has none, such as local data_files, is read through once: declare num_rows to skip it)."""
     source = task.source
     if source.format == "hf":
-        count = _hf_split_rows(source, source.split_names.get("train", "train"))
-        if count is None:
-            raise ConfigError(
-                f"task '{name}': the dataset does not say how many train rows it has: declare source.num_rows",
-                field=f"tasks.{name}.source.num_rows",
+        split = source.split_names.get("train", "train")
+        count = _hf_split_rows(source, split)
+        if count is None:  # a dataset without split sizes (local data_files): one pass over its rows
+            count = sum(
+                1 for _ in read_hf(source.dataset or "", split, source.subset, source.data_files, streaming=True)
             )
         return count
     paths = source.train or []

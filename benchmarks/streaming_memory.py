@@ -1,0 +1,164 @@
+"""Memory flat in the data: synthetic instruction mixtures of 10k, 100k and 1M rows across 10 and 300 tasks
+(a folder of JSONL files, one per task, found by `discover`), trained a few steps on a tiny causal LM with
+streamed train splits, beside the in-memory path. Each run is its own process; it records its peak RSS,
+its time to the first step (everything before training: reading, counting, tokenizing, building) and its
+training steps per second. The in-memory and streamed runs on 10k rows are also compared step by step:
+with every task's rows inside the shuffle buffer both draw the same rows, so their loss curves must agree.
+
+    python benchmarks/streaming_memory.py --out benchmarks/results/streaming_memory.json [--sizes 10000,100000,1000000]
+
+Nothing is downloaded: the data is generated here and the model is a 2-layer Llama with a word-level
+tokenizer, built from a config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = [f"w{i}" for i in range(400)]
+CHILD = """
+import json, resource, sys, time
+started = time.perf_counter()
+from multitune.cli import main
+code = main(["train", sys.argv[1], *sys.argv[2:]])
+wall = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"code": code, "wall_seconds": wall, "peak_rss_mb": peak}))
+"""
+
+
+def build_model(folder: Path) -> Path:
+    """A 2-layer, 64-wide Llama with a word-level tokenizer and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate([*special, *WORDS, "user", "assistant", "\n"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
+        eos_token_id=vocab["<|im_end|>"], bos_token_id=vocab["<|im_start|>"],
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def write_mixture(folder: Path, rows: int, tasks: int, seed: int = 0) -> None:
+    """`rows` training rows spread evenly over `tasks` JSONL files (folder/train/task_K.jsonl) and 20
+    validation rows per task (folder/validation/): {"text": 8-24 words, "label": 2-6 words}."""
+    rng = random.Random(seed)
+    for split, per_task in (("train", None), ("validation", 20)):
+        (folder / split).mkdir(parents=True)
+        for task in range(tasks):
+            n = per_task or rows // tasks + (task < rows % tasks)
+            with open(folder / split / f"task_{task:03d}.jsonl", "w", encoding="utf-8") as out:
+                for _ in range(n):
+                    text = " ".join(rng.choices(WORDS, k=rng.randint(8, 24)))
+                    label = " ".join(rng.choices(WORDS, k=rng.randint(2, 6)))
+                    out.write(json.dumps({"text": text, "label": label}) + "\n")
+
+
+def config(data: Path, model: Path, out: Path, streaming: bool, steps: int) -> dict:
+    source = {"format": "jsonl", "train": str(data / "train"), "validation": str(data / "validation")}
+    if streaming:
+        source["streaming"] = True
+    return {
+        "run": {"name": "run", "output_dir": str(out), "seed": 13},
+        "model": {"backbone": str(model), "max_length": 64},
+        "training": {
+            "steps": steps, "batch_size": 8, "lr": 1e-3, "eval_every": steps, "eval_batch_size": 64,
+            "log_every": 1, "progress": False, "checkpoint_every": None, "mixed_batches": True,
+        },
+        "discover": {
+            "source": source, "type": "generation", "defaults": {"max_new_tokens": 4, "metrics": ["exact_match"]}
+        },
+    }  # fmt: skip
+
+
+def run(data: Path, model: Path, work: Path, streaming: bool, steps: int) -> dict:
+    import yaml
+
+    out = work / f"runs-{'streamed' if streaming else 'memory'}-{time.time_ns()}"
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config(data, model, out, streaming, steps)), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"run failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    history = [json.loads(line) for line in (out / "run" / "history.jsonl").read_text().splitlines()]
+    train = float(metrics["train_seconds"])
+    result.update(
+        steps=metrics["steps"],
+        train_seconds=train,
+        steps_per_second=metrics["steps"] / train,
+        first_step_seconds=result["wall_seconds"] - train,  # reading, counting, tokenizing, building, final test
+        losses=[h["loss"] for h in history if "loss" in h],
+    )
+    shutil.rmtree(out)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--tasks", default="10,300")
+    parser.add_argument("--memory-sizes", default="10000,100000", help="row counts also run in memory")
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    memory_sizes = {int(s) for s in args.memory_sizes.split(",") if s}
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        model = build_model(work / "model")
+        write_mixture(work / "warm", 200, 2)  # one run first, not recorded: later runs find the imports cached
+        run(work / "warm", model, work, True, 2)
+        for tasks in (int(t) for t in args.tasks.split(",")):
+            for rows in sizes:
+                data = work / f"data-{rows}-{tasks}"
+                started = time.perf_counter()
+                write_mixture(data, rows, tasks)
+                generated = time.perf_counter() - started
+                size_mb = sum(f.stat().st_size for f in (data / "train").iterdir()) / 2**20
+                for streaming in (True, False) if rows in memory_sizes else (True,):
+                    result = run(data, model, work, streaming, args.steps)
+                    entry = {"rows": rows, "tasks": tasks, "streaming": streaming, "train_mb": round(size_mb, 1),
+                             "generate_seconds": round(generated, 1), **result}  # fmt: skip
+                    results.append(entry)
+                    shown = {k: v for k, v in entry.items() if k != "losses"}
+                    print(json.dumps(shown), flush=True)
+                shutil.rmtree(data)
+    same = {}
+    for tasks in {r["tasks"] for r in results}:
+        pair = [r for r in results if r["tasks"] == tasks and r["rows"] == min(sizes)]
+        if len(pair) == 2:
+            same[str(tasks)] = pair[0]["losses"] == pair[1]["losses"]
+    Path(args.out).write_text(json.dumps({"runs": results, "same_losses_streamed_vs_memory": same}, indent=1))
+    print(json.dumps({"same_losses_streamed_vs_memory": same}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
