@@ -266,7 +266,9 @@ class SourceConfig(Group):
     # counted in one pass over the files, without parsing them)
     streaming: bool = False
     num_rows: int | None = Field(None, ge=1)
-    shuffle_buffer: int = Field(10_000, ge=1)
+    # default: data/streaming.py's buffer_rows, 10,000 rows a task or fewer, all streamed tasks together at most
+    # 100,000 (a mixture of hundreds of tasks holds no more than one of ten)
+    shuffle_buffer: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _complete(self) -> SourceConfig:

@@ -32,6 +32,16 @@ from multitune.errors import DataError
 
 T = TypeVar("T")
 STREAMED_EVAL_ROWS = 2000  # a streamed task's validation and test rows kept in memory, unless max_rows says
+BUFFER_ROWS = 10_000  # a streamed task's shuffle buffer, by default
+BUFFER_BUDGET = 100_000  # ... all streamed tasks' buffers together, by default
+MIN_BUFFER_ROWS = 256
+
+
+def buffer_rows(streamed_tasks: int) -> int:
+    """A streamed task's default shuffle buffer: BUFFER_ROWS, or fewer when many tasks stream, so that their
+    buffers together hold at most BUFFER_BUDGET rows (each at least MIN_BUFFER_ROWS): memory stays bounded
+    whatever the number of tasks (300 tasks: 333 rows each)."""
+    return max(MIN_BUFFER_ROWS, min(BUFFER_ROWS, BUFFER_BUDGET // max(streamed_tasks, 1)))
 
 
 @dataclass

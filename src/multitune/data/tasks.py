@@ -24,9 +24,11 @@ from multitune.data.readers import (
     row_number,
 )
 from multitune.data.streaming import (
+    BUFFER_ROWS,
     STREAMED_EVAL_ROWS,
     StreamSource,
     UnifiedIndex,
+    buffer_rows,
     count_blocks,
     count_lines,
     reservoir,
@@ -389,10 +391,16 @@ def split_source(task: TaskConfig, split: str) -> str | None:
 
 
 def load_task(
-    name: str, task: TaskConfig, seed: int, unified: UnifiedFiles, trust_remote_code: bool = False
+    name: str,
+    task: TaskConfig,
+    seed: int,
+    unified: UnifiedFiles,
+    trust_remote_code: bool = False,
+    buffer: int = BUFFER_ROWS,
 ) -> TaskData:
+    """Task `name`'s data; `buffer`: a streamed train split's shuffle buffer unless its source sets one."""
     if task.source.streaming:
-        return load_streamed_task(name, task, seed, unified, trust_remote_code)
+        return load_streamed_task(name, task, seed, unified, trust_remote_code, buffer)
     splits: dict[str, list[Example]] = {}
     notes: list[str] = []
     for split in SPLITS:
@@ -511,7 +519,12 @@ def _hf_split_rows(source: SourceConfig, split: str) -> int | None:
 
 
 def load_streamed_task(
-    name: str, task: TaskConfig, seed: int, unified: UnifiedFiles, trust_remote_code: bool = False
+    name: str,
+    task: TaskConfig,
+    seed: int,
+    unified: UnifiedFiles,
+    trust_remote_code: bool = False,
+    buffer: int = BUFFER_ROWS,
 ) -> TaskData:
     """A task whose train split streams: validation and test read into memory (a seeded sample of at most
     max_rows, default STREAMED_EVAL_ROWS, in one pass), the train split counted, and, when the config does
@@ -544,7 +557,7 @@ def load_streamed_task(
             raise DataError(f"task '{name}' has no training rows", file=train_file)
         return found
 
-    source = StreamSource(train, num_rows, task.source.shuffle_buffer, train_file or name)
+    source = StreamSource(train, num_rows, task.source.shuffle_buffer or buffer, train_file or name)
     data = TaskData(name, task, splits, notes=notes, stream=source)
     notes.append(f"train: streamed, {num_rows} rows ({'declared' if task.source.num_rows else 'counted'})")
     _streamed_statistics(data, train())
@@ -660,4 +673,5 @@ def _check_iob2(data: TaskData, vocabulary: list[str], labels_of: Callable[[Exam
 
 def load_tasks(tasks: dict[str, TaskConfig], seed: int, trust_remote_code: bool = False) -> dict[str, TaskData]:
     unified = UnifiedFiles(unified_routes(tasks))
-    return {name: load_task(name, task, seed, unified, trust_remote_code) for name, task in tasks.items()}
+    buffer = buffer_rows(sum(task.source.streaming for task in tasks.values()))
+    return {name: load_task(name, task, seed, unified, trust_remote_code, buffer) for name, task in tasks.items()}
