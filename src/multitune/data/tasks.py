@@ -359,13 +359,7 @@ def file_examples(name: str, task: TaskConfig, path: str, unified: UnifiedFiles)
 
 def _parallel_examples(task: TaskConfig, source_file: str, target_file: str) -> list[Example]:
     """A generation task's examples from a source file and its line-aligned target file."""
-    examples = []
-    for row in read_parallel(source_file, target_file, task.source.encoding):
-        values = row.values
-        assert isinstance(values, dict)
-        target = target_text(Row(values, target_file, row.line), values["target"], "target", task)
-        examples.append(Example((values["source"],), target, row.file, row.line, task.instruction))
-    return examples
+    return list(_parallel_lazily(task, source_file, target_file))
 
 
 def _hf_has_split(source: SourceConfig, split: str) -> bool:
@@ -471,6 +465,7 @@ def split_examples(
 
 
 def _parallel_lazily(task: TaskConfig, source_file: str, target_file: str) -> Iterator[Example]:
+    """A generation task's examples from a source file and its line-aligned target file, read lazily."""
     for row in read_parallel(source_file, target_file, task.source.encoding):
         values = row.values
         assert isinstance(values, dict)

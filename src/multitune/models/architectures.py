@@ -88,20 +88,23 @@ def hard(backbone: nn.Module, heads: dict[str, nn.Module], pooling: str) -> Mult
     return MultiTaskModel(backbone, heads, pooling)
 
 
+def cut_top(blocks: nn.ModuleList, task_layers: int, unit: str) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """(the top `task_layers` blocks, the ones below them). Raises ConfigError unless 1 <= task_layers <= all."""
+    if not 1 <= task_layers <= len(blocks):
+        raise ConfigError(
+            f"task_layers must be between 1 and the backbone's {len(blocks)} {unit}, not {task_layers}",
+            field=f"{FIELD}.task_layers",
+        )
+    cut = len(blocks) - task_layers
+    return nn.ModuleList(blocks[cut:]), nn.ModuleList(blocks[:cut])
+
+
 class HybridSharing(MultiTaskModel):
     architecture = "hybrid"
     backbone_features = False
 
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], pooling: str, task_layers: int) -> None:
-        layers = encoder_layers(backbone, "hybrid")
-        if not 1 <= task_layers <= len(layers):
-            raise ConfigError(
-                f"task_layers must be between 1 and the backbone's {len(layers)} layers, not {task_layers}",
-                field=f"{FIELD}.task_layers",
-            )
-        cut = len(layers) - task_layers
-        top = nn.ModuleList(layers[cut:])
-        backbone.encoder.layer = nn.ModuleList(layers[:cut])  # type: ignore[union-attr]
+        top, backbone.encoder.layer = cut_top(encoder_layers(backbone, "hybrid"), task_layers, "layers")  # type: ignore[union-attr]
         super().__init__(backbone, heads, pooling)
         self.towers = nn.ModuleDict({name: copy.deepcopy(top) for name in heads})
 
@@ -125,15 +128,8 @@ class VisionHybrid(MultiTaskModel):
 
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], pooling: str, task_layers: int) -> None:
         owner, attribute = vision_blocks(backbone)
-        blocks = getattr(owner, attribute)
-        if not 1 <= task_layers <= len(blocks):
-            raise ConfigError(
-                f"task_layers must be between 1 and the backbone's {len(blocks)} blocks, not {task_layers}",
-                field=f"{FIELD}.task_layers",
-            )
-        cut = len(blocks) - task_layers
-        top = nn.ModuleList(blocks[cut:])
-        setattr(owner, attribute, nn.ModuleList(blocks[:cut]))
+        top, lower = cut_top(getattr(owner, attribute), task_layers, "blocks")
+        setattr(owner, attribute, lower)
         norm = final_norm(backbone)
         super().__init__(backbone, heads, pooling)
         self.towers = nn.ModuleDict(

@@ -85,16 +85,22 @@ def load_kwargs(source: str, revision: str | None, trust_remote_code: bool) -> d
     return kwargs
 
 
+def auto_model(source: str, kwargs: dict[str, Any], random_init: bool) -> nn.Module:
+    """transformers' AutoModel of `source`: its weights, or (random_init) its config with random weights."""
+    from transformers import AutoConfig, AutoModel
+
+    if random_init:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        return AutoModel.from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))  # type: ignore[no-any-return]
+    return AutoModel.from_pretrained(source, **kwargs)  # type: ignore[no-any-return]
+
+
 def _from(source: str, revision: str | None, trust_remote_code: bool, random_init: bool) -> Backbone:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     kwargs = load_kwargs(source, revision, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    if random_init:
-        model = AutoModel.from_config(AutoConfig.from_pretrained(source, **kwargs), trust_remote_code=trust_remote_code)
-    else:
-        model = AutoModel.from_pretrained(source, **kwargs)
-    return Backbone(model, tokenizer, source)
+    return Backbone(auto_model(source, kwargs, random_init), tokenizer, source)
 
 
 def load_backbone(

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from multitune.errors import ConfigError
-from multitune.models.backbone import Backbone, load_kwargs, load_with_fallback
+from multitune.models.backbone import Backbone, auto_model, load_kwargs, load_with_fallback
 
 PIXELS = "pixel_values"
 
@@ -65,15 +65,11 @@ def _fitted(model: nn.Module, processor: Any, source: str) -> Backbone:
 
 
 def _from(source: str, revision: str | None, trust_remote_code: bool, random_init: bool) -> Backbone:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import AutoImageProcessor
 
     kwargs = load_kwargs(source, revision, trust_remote_code)
     processor = AutoImageProcessor.from_pretrained(source, **kwargs)
-    if random_init:
-        model = AutoModel.from_config(AutoConfig.from_pretrained(source, **kwargs), trust_remote_code=trust_remote_code)
-    else:
-        model = AutoModel.from_pretrained(source, **kwargs)
-    return _fitted(model, processor, source)
+    return _fitted(auto_model(source, kwargs, random_init), processor, source)
 
 
 def load_vision_backbone(
