@@ -311,3 +311,11 @@ def test_a_discovered_mixture_streams_each_task_from_the_unified_files_index(tin
     assert main(["train", str(tmp_path / "mix.yaml")]) == 0
     manifest = json.loads((tmp_path / "runs" / "mix" / "tasks.json").read_text())
     assert {name: entry["rows"]["train"] for name, entry in manifest.items()} == {"a": 15, "b": 15, "c": 15}
+
+
+def test_counting_reads_bytes_but_decodes_encodings_whose_line_breaks_are_wider(tmp_path):
+    path = tmp_path / "u16.jsonl"
+    path.write_text('{"x": 1}\n\n{"x": 2}\n', encoding="utf-16")
+    assert count_lines(str(path), "utf-16") == 2
+    with pytest.raises(DataError, match="unknown encoding"):
+        count_lines(str(path), "no-such-codec")

@@ -90,7 +90,7 @@ def decoded_lines(path: str, encoding: str) -> Iterator[tuple[int, str]]:
 def offset_lines(path: str, encoding: str) -> Iterator[tuple[int, int, str]]:
     """(line number, byte offset of the line, text): decoded_lines with where each line starts, so that a
     streamed reader can come back to a line (data/streaming.py)."""
-    handle = _open(path)
+    handle = open_binary(path)
     try:
         decoder = codecs.getincrementaldecoder(encoding)()
     except LookupError:
@@ -105,14 +105,15 @@ def offset_lines(path: str, encoding: str) -> Iterator[tuple[int, int, str]]:
 
 def lines_at(path: str, encoding: str, places: Iterable[tuple[int, int]]) -> Iterator[tuple[int, str]]:
     """(line number, text) of the lines at the given (line number, byte offset) places, in that order."""
-    with _open(path) as handle:
+    with open_binary(path) as handle:
         for number, offset in places:
             handle.seek(offset)
             decoder = codecs.getincrementaldecoder(encoding)()  # a byte-order mark can only open line 1
             yield number, _checked_line(decoder, handle.readline(), encoding, path, number)
 
 
-def _open(path: str) -> Any:
+def open_binary(path: str) -> Any:
+    """The file opened for reading bytes; a DataError naming it when it cannot be."""
     try:
         return open(path, "rb")
     except FileNotFoundError:

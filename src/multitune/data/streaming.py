@@ -18,6 +18,7 @@ files, shuffled in a bounded buffer, and tokenized when they are drawn, so memor
 
 from __future__ import annotations
 
+import codecs
 import heapq
 import itertools
 import random
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from multitune.data.readers import Row, json_rows, lines_at, offset_lines
+from multitune.data.readers import Row, json_rows, lines_at, offset_lines, open_binary
 from multitune.data.tokens import Encoded
 from multitune.errors import DataError
 
@@ -133,18 +134,47 @@ def reservoir(rows: Iterator[T], k: int, seed: str) -> list[T]:
 
 
 def count_lines(path: str, encoding: str) -> int:
-    """Non-blank lines (JSONL records, CSV rows of one line each, parallel pairs)."""
-    return sum(1 for _, _, text in offset_lines(path, encoding) if text.strip())
+    """Non-blank lines (JSONL records, CSV rows of one line each, parallel pairs), read as bytes: nothing is
+    decoded or parsed (bytes that do not decode are an error where the row is drawn)."""
+    with _binary(path, encoding) as handle:
+        return sum(1 for raw in handle if raw.strip())
 
 
 def count_blocks(path: str, encoding: str) -> int:
-    """Blank-line-separated blocks (CoNLL sentences)."""
+    """Blank-line-separated blocks (CoNLL sentences), read as bytes."""
     blocks, inside = 0, False
-    for _, _, text in offset_lines(path, encoding):
-        filled = bool(text.strip())
-        blocks += filled and not inside
-        inside = filled
+    with _binary(path, encoding) as handle:
+        for raw in handle:
+            filled = bool(raw.strip())
+            blocks += filled and not inside
+            inside = filled
     return blocks
+
+
+def _binary(path: str, encoding: str) -> Any:
+    """The file opened for counting; an encoding whose line breaks are not single bytes is decoded instead."""
+    try:
+        byte_lines = codecs.lookup(encoding).name.replace("-", "_") in BYTE_LINES
+    except LookupError:  # decoding says so, in one line
+        byte_lines = False
+    return open_binary(path) if byte_lines else _Decoded(path, encoding)
+
+
+class _Decoded:
+    """Decoded lines as a context manager of lines (UTF-16 and other encodings with multi-byte line breaks)."""
+
+    def __init__(self, path: str, encoding: str) -> None:
+        self.lines = (text for _, _, text in offset_lines(path, encoding))
+
+    def __enter__(self) -> Iterator[str]:
+        return self.lines
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+# encodings whose line break is the byte 0x0A and whose other characters never hold it (ASCII-compatible)
+BYTE_LINES = {"utf_8", "utf_8_sig", "ascii", "latin_1", "iso8859_1", "cp1252", "iso8859_15", "mbcs"}
 
 
 # --- a unified file indexed by task -------------------------------------------------------------------
