@@ -103,3 +103,23 @@ def test_task_vector_cosines_overall_and_per_layer_by_hand():
     overall, per_layer = task_vector_cosines(base, tuned)
     assert overall == [[1.0, 0.5], [0.5, 1.0]]
     assert per_layer == {"encoder.layer.0": [[1.0, 0.0], [0.0, 1.0]], "encoder.layer.1": [[1.0, 1.0], [1.0, 1.0]]}
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare", "dare_ties"])
+def test_running_statistics_are_the_fine_tuned_models_mean_never_a_merged_task_vector(name):
+    """BatchNorm's running variance of 1.0 tuned to 0.2 and 0.4: a scaled or trimmed difference would give
+    1 + λ·(−0.8 − 0.6) < 0 for λ = 1; the mean, 0.3, is what the merged model keeps."""
+    from multitune.models.merging import task_vector_cosines
+
+    base = {"w": torch.zeros(2), "bn.running_var": torch.ones(2), "bn.num_batches_tracked": torch.tensor(5)}
+    tuned = [
+        {"w": torch.tensor([1.0, 0.0]), "bn.running_var": torch.tensor([0.2, 0.2]), "bn.num_batches_tracked": torch.tensor(9)},
+        {"w": torch.tensor([0.0, 1.0]), "bn.running_var": torch.tensor([0.4, 0.4]), "bn.num_batches_tracked": torch.tensor(7)},
+    ]  # fmt: skip
+    statistics = {"bn.running_var", "bn.num_batches_tracked"}
+    settings = {"density": 1.0} if name != "task_arithmetic" else {}
+    merged = merge_weights(base, tuned, MERGE_METHODS.build(name, scaling=1.0, **settings), statistics)
+    assert torch.allclose(merged["bn.running_var"], torch.tensor([0.3, 0.3]))
+    assert int(merged["bn.num_batches_tracked"]) == 5
+    overall, _ = task_vector_cosines(base, tuned, statistics)
+    assert overall[0][1] == 0.0  # the weights' vectors alone: orthogonal (the statistics' differences would add)

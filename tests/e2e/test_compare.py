@@ -220,3 +220,15 @@ def test_compare_merges_the_baselines_into_rows_beside_joint_training(tmp_path, 
     for name in ("one model per task", "joint multi-task", "merge: average", "merge: ties"):
         assert f"<td>{name}</td>" in report
     assert f"<td>{result['merges']['ties']['delta_m_percent']:+.2f}%</td>" in report
+
+
+def test_merging_a_randomly_initialised_backbone_is_refused_before_anything_trains(
+    tmp_path, tiny_backbone, write_jsonl, capsys
+):
+    a, b = write_jsonl("a.jsonl", classification_rows(20)), write_jsonl("b.jsonl", token_rows(20))
+    config = tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=2)
+    config["model"]["random_init"] = True
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["compare", str(path), "--merge", "ties"]) == 2
+    assert "model.random_init" in capsys.readouterr().err and not (tmp_path / "runs").exists()

@@ -406,3 +406,134 @@ def test_gradient_aggregation_balances_image_tasks_in_mixed_batches(tmp_path, so
     assert main(["train", str(write(tmp_path, data))]) == 0
     metrics = json.loads((tmp_path / "runs" / "image_tasks" / "metrics.json").read_text())
     assert sum(metrics["task_steps"].values()) > metrics["steps"]
+
+
+def test_per_task_lora_on_swin_routes_each_windowed_row_to_its_own_task(tmp_path):
+    """Swin's attention runs on every window of every image ([B · windows, ...]): each example's windows take
+    its task's adapter. With adapters made different, a mixed batch answers each task as its rows alone do."""
+    from transformers import SwinConfig, ViTImageProcessor
+
+    from multitune.catalogue import load_config
+    from multitune.data.collate import collate
+    from multitune.recipe.prepare import prepare
+
+    folder = tmp_path / "swin"
+    SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=2
+    ).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    data = recipe(tmp_path, steps=2, backbone=str(folder), peft={"method": "lora", "r": 2})
+    prepared = prepare(load_config(write(tmp_path, data)))
+    model = prepared.model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    digit, parity = prepared.encoded["digit"]["validation"][:3], prepared.encoded["parity"]["validation"][:3]
+    with torch.no_grad():
+        mixed = model(collate({"digit": digit, "parity": parity}, 0))
+        alone = {
+            "digit": model(collate({"digit": digit}, 0))["digit"],
+            "parity": model(collate({"parity": parity}, 0))["parity"],
+        }
+    for task in ("digit", "parity"):
+        assert torch.allclose(mixed[task], alone[task], atol=1e-5)
+    assert main(["train", str(write(tmp_path, {**data, "training": {**data["training"], "mixed_batches": True}}))]) == 0
+
+
+# --- images read alike everywhere -------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied_on_every_route_as_hugging_face_decodes_it(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 (rotate 90°): our reader and the `datasets` Image
+    decoder give the same upright pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from multitune.data.images import open_image
+
+    stored = np.zeros((16, 32), dtype=np.uint8)
+    stored[:, :16] = 255  # left half white as stored; upright (rotated 90° clockwise) the top half is white
+    image = Image.fromarray(stored, mode="L")
+    exif = image.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.jpg"
+    image.save(path, exif=exif, quality=100)
+    ours = np.asarray(open_image(str(path)).convert("L"), dtype=float)
+    assert ours.shape == (32, 16)  # width and height swapped: turned upright
+    assert ours[:16].mean() > 200 and ours[16:].mean() < 50
+    import datasets
+
+    theirs = datasets.Image().decode_example({"path": str(path), "bytes": None})
+    assert np.abs(np.asarray(open_image(theirs).convert("L"), dtype=float) - ours).max() <= 1
+
+
+def test_sixteen_bit_and_float_grey_levels_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from multitune.data.images import open_image
+
+    levels = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(levels).save(path)  # mode I;16
+    assert Image.open(path).mode.startswith("I")
+    assert np.asarray(open_image(str(path)).convert("L"))[0].tolist() == [0, 64, 128, 255]
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
+    assert np.asarray(open_image(floats).convert("L"))[0].tolist() == [0, 128, 255]
+
+
+def test_hidden_files_and_macos_forks_in_an_image_folder_are_skipped(tmp_path):
+    png(tmp_path / "train" / "a" / "x.png", 10)
+    (tmp_path / "train" / "a" / "._x.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+    png(tmp_path / "train" / "__MACOSX" / "a" / "x.png", 10)
+    png(tmp_path / "train" / "b" / "y.png", 20)
+    rows = list(read_image_folder(str(tmp_path / "train")))
+    assert [(Path(r.values["image"]).name, r.values["label"]) for r in rows] == [("x.png", "a"), ("y.png", "b")]
+
+
+def test_base64_images_are_read_as_clients_send_them():
+    import base64 as b64
+
+    from multitune.data.images import decode_base64_image
+
+    raw = bytes(range(256)) * 3
+    expected = {"bytes": raw}
+    assert decode_base64_image(b64.encodebytes(raw).decode()) == expected  # MIME lines of 76 characters
+    assert decode_base64_image(b64.b64encode(raw).decode().rstrip("=")) == expected  # no padding
+    assert decode_base64_image("  DATA:image/png;base64," + b64.b64encode(raw).decode() + "\n") == expected
+    with pytest.raises(ValueError, match="expected an image as base64"):
+        decode_base64_image("not base64 at all!")
+
+
+def test_a_changed_image_changes_the_data_fingerprint_so_resume_and_compare_see_it(tmp_path):
+    from multitune.data.tasks import load_tasks
+    from multitune.runs.layout import data_fingerprint
+
+    for label, shade in (("a", 0), ("b", 255)):
+        for i in range(3):
+            png(tmp_path / "train" / label / f"{i}.png", shade)
+    task = {"type": "image_classification", "source": {"format": "imagefolder", "train": str(tmp_path / "train")}}
+    config = load_config(write(tmp_path, {**recipe(tmp_path), "tasks": {"t": task}}))
+
+    def fingerprint() -> Any:
+        return data_fingerprint(load_tasks(config.tasks, 13)["t"])
+
+    before = fingerprint()
+    png(tmp_path / "train" / "a" / "1.png", 99)  # same name, other pixels
+    assert fingerprint() != before
+
+
+def test_images_the_processor_leaves_in_several_sizes_are_refused_before_the_run_exists(tmp_path, tiny_vit, capsys):
+    import shutil
+
+    from transformers import ViTImageProcessor
+
+    model = tmp_path / "vit"
+    shutil.copytree(tiny_vit, model)
+    ViTImageProcessor(do_resize=False).save_pretrained(model)  # 8x8 digits stay 8x8: the ViT wants 32x32
+    data = recipe(tmp_path, steps=2, backbone=str(model))
+    assert main(["train", str(write(tmp_path, data))]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "the backbone cannot read task" in error and "\n" not in error and not (tmp_path / "runs").exists()

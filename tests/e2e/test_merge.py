@@ -61,6 +61,8 @@ def test_weight_averaging_gives_the_mean_backbone_and_keeps_each_head(single_run
     assert {n: t["metrics"] for n, t in again["tasks"].items()} == {
         n: t["metrics"] for n, t in metrics["tasks"].items()
     }
+    assert main(["report", str(merged_dir)]) == 0  # a merged run trained no steps: the report says so
+    assert "merged by average, without training" in (merged_dir / "report.html").read_text()
 
 
 def test_settings_are_chosen_on_validation(single_runs):

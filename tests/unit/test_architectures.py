@@ -157,6 +157,20 @@ def test_soft_sharing_refuses_the_parameters_gradient_source(make_config):
         validate_config(data)
 
 
+@pytest.mark.parametrize("group", ["analysis", "guard"])
+def test_task_relations_need_shared_trainable_parameters_beside_per_task_adapters(make_config, group, tmp_path):
+    data = make_config("hard")
+    data["model"]["peft"] = {"method": "lora", "r": 2}
+    data[group] = {"task_affinity": True} if group == "analysis" else {"enabled": True}
+    with pytest.raises(ConfigError, match="per-task adapters on a frozen backbone share none"):
+        validate_config(data)
+    data["model"]["peft"]["shared"] = True  # a shared adapter is what every task trains: measured on it
+    data["training"]["mixed_batches"] = True
+    path = tmp_path / "relations.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+
+
 @pytest.mark.parametrize("name", ["hybrid", "soft", "mmoe", "ple", "cross_stitch"])
 def test_a_run_trains_saves_and_evaluates_identically(make_config, tmp_path, name, capsys):
     data = make_config(name)

@@ -29,10 +29,11 @@ from multitune.compare.seeds import aggregate, format_seeds
 from multitune.config import SPLITS, Config
 from multitune.config.schema import EarlyStopping, TrainingConfig
 from multitune.core.files import write_json, write_text
-from multitune.errors import MultitunError
+from multitune.data.tasks import load_tasks
+from multitune.errors import ConfigError, MultitunError
 from multitune.evaluation.evaluate import change_text
 from multitune.evaluation.report import write_report
-from multitune.runs.layout import create_run_dir
+from multitune.runs.layout import create_run_dir, data_fingerprint
 
 BASELINES = ".baselines"
 SIDES = ("single_total", "multi")  # the two sides' keys in comparison.json's cost fields
@@ -42,7 +43,8 @@ UNLEARNED = ("progress", "tensorboard")  # training settings that change no weig
 
 
 def _fingerprint(config: Config, task: str) -> str:
-    """Hash of what decides a baseline: the task's config and data files, the model, training and seed.
+    """Hash of what decides a baseline: the task's config and data files (an image task: every image's bytes),
+    the model, training and seed.
     Only settings that differ from their defaults enter it, so a newly added option leaves caches valid, and
     none that only change what a run shows (progress bars, TensorBoard files)."""
     digest = hashlib.sha256()
@@ -53,6 +55,9 @@ def _fingerprint(config: Config, task: str) -> str:
             settings = {k: v for k, v in settings.items() if k not in UNLEARNED}
         digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(str(config.run.seed).encode())
+    if task_config.modality == "image":  # the files name images: their bytes decide the baseline too
+        loaded = load_tasks({task: task_config}, config.run.seed, config.model.trust_remote_code)[task]
+        digest.update(json.dumps(data_fingerprint(loaded), sort_keys=True).encode())
     for split in SPLITS:
         paths = getattr(task_config.source, split) or []
         for path in [paths] if isinstance(paths, str) else paths:
@@ -166,11 +171,17 @@ def compare(
     written to OUTPUT_DIR/NAME-seeds/ (per task: mean and standard deviation of each side; Δm per seed)."""
     budget = budget if isinstance(budget, Budget) else Budget(factor=budget)
     budget.check()
+    config = load_config(config_path, overrides)
+    if merges and config.model.random_init:  # refused before anything trains
+        raise ConfigError(
+            "merging adds task vectors to the backbone's pretrained weights, and this config builds the backbone "
+            "with random weights (model.random_init): there are none to merge onto",
+            field="--merge",
+        )
     if not seeds:
-        return compare_once(load_config(config_path, overrides), budget, merges)
+        return compare_once(config, budget, merges)
     if len(set(seeds)) != len(seeds):
         raise MultitunError(f"--seeds names a seed twice: {seeds}")
-    config = load_config(config_path, overrides)
     results = []
     for seed in seeds:
         seeded = config.model_copy(deep=True)

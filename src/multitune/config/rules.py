@@ -57,6 +57,8 @@ def check_speed_options(config: Config) -> None:
     """Packing, gradient accumulation and mixing by tokens: where they apply."""
     training = config.training
     if training.mix_by == "tokens":
+        if config.model.kind == "vision":
+            raise ConfigError("mix_by: tokens shares out text tokens; image tasks have none", field="training.mix_by")
         ruled = config.sampling.name if config.sampling.name in NOT_DRAWN else None
         ruled = ruled or ("sequential" if training.schedule.name == "sequential" else None)
         if ruled is not None:
@@ -145,6 +147,14 @@ def check_combinations(config: Config, methods: Capable) -> None:
                 f"per-task adapters already give every task its own weights; use them with {either(hosts)}, not {name}",
                 field="model.peft",
             )
+    peft = model.peft
+    frozen = peft is not None and not peft.train_backbone and not peft.shared
+    if frozen and (config.analysis.task_affinity or config.guard.enabled):
+        raise ConfigError(
+            "task affinity is measured on shared trainable parameters, and per-task adapters on a frozen backbone "
+            "share none: set model.peft.train_backbone or model.peft.shared",
+            field="analysis.task_affinity" if config.analysis.task_affinity else "guard.enabled",
+        )
     if not architecture.shares_parameters and (config.analysis.task_affinity or config.guard.enabled):
         raise ConfigError(
             f"task affinity is measured on shared parameters, and {name} sharing has none",

@@ -92,9 +92,24 @@ def _encode_images(examples: Sequence[Example], data: TaskData, processor: Any, 
     for start in range(0, len(examples), IMAGE_CHUNK):
         chunk = examples[start : start + IMAGE_CHUNK]
         images = [open_image(e.image, e.file, e.line, field) for e in chunk]
-        values = pixel_values(images, processor)
+        try:
+            values = pixel_values(images, processor)
+        except (ValueError, TypeError) as error:  # e.g. images of several sizes and no resizing
+            raise chunk[0].error(_unstackable(error), field) from None
         out += [Encoded([], None, labels[start + i], pixel_values=values[i]) for i in range(len(chunk))]
+        if out[0].pixel_values.shape != values.shape[1:]:
+            raise chunk[0].error(
+                _unstackable(f"{list(values.shape[1:])} beside {list(out[0].pixel_values.shape)}"), field
+            )
     return out
+
+
+def _unstackable(cause: object) -> str:
+    first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    return (
+        f"the image processor does not make every image one size ({first}): "
+        "give its preprocessor_config.json a fixed size (do_resize and size, or crop_size)"
+    )
 
 
 def _encode_tokens(

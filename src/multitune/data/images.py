@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,16 +32,23 @@ def read_image_folder(path: str) -> Iterator[Row]:
     root = Path(path)
     if not root.is_dir():
         raise DataError("not a folder of class sub-folders (imagefolder)", file=path)
-    classes = sorted(child for child in root.iterdir() if child.is_dir() and not child.name.startswith("."))
+    classes = sorted(child for child in root.iterdir() if child.is_dir() and not _hidden(child.name))
     if not classes:
         raise DataError("no class sub-folders: an imagefolder holds one folder of images per class", file=path)
     for folder in classes:
-        files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f.name)
+        )
         if not files:
             kinds = ", ".join(sorted(IMAGE_SUFFIXES))
             raise DataError(f"class folder '{folder.name}' holds no images ({kinds})", file=str(folder))
         for file in files:
             yield Row({"image": str(file), "label": folder.name}, path, 0)  # an unreadable image names its own file
+
+
+def _hidden(name: str) -> bool:
+    """A file or folder no image set means: hidden (`.DS_Store`, macOS's `._x.png` forks) or `__MACOSX`."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def image_reference(row: Row, value: Any, name: str | int) -> Any:
@@ -49,6 +57,11 @@ def image_reference(row: Row, value: Any, name: str | int) -> Any:
     if isinstance(value, str):
         if not value.strip():
             raise row.error("empty image path", name)
+        if is_data_url(value):
+            try:
+                return decode_base64_image(value)
+            except ValueError as error:
+                raise row.error(str(error), name) from None
         path = Path(value)
         if not path.is_absolute() and row.file and Path(row.file).is_file():
             path = Path(row.file).parent / path
@@ -61,8 +74,11 @@ def image_reference(row: Row, value: Any, name: str | int) -> Any:
 
 
 def open_image(reference: Any, file: str = "", line: int = 0, field: str = "image") -> Any:
-    """The image as an RGB PIL image. Raises DataError naming the file (and line) when it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    """The image as an RGB PIL image, turned upright by its EXIF orientation (as Hugging Face datasets decodes
+    an Image column, so a file reads the same in training, predict and serve), with 16-bit and floating-point
+    grey levels scaled to 8 bits rather than clipped. Raises DataError naming the file (and line) when it
+    cannot be read."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     where = {"file": file or None, "line": line or None, "field": field}
     try:
@@ -76,21 +92,71 @@ def open_image(reference: Any, file: str = "", line: int = 0, field: str = "imag
             image = reference
         if image.width * image.height > MAX_PIXELS:
             raise DataError(f"image of {image.width} x {image.height} pixels is beyond {MAX_PIXELS:,}", **where)  # type: ignore[arg-type]
-        return image.convert("RGB")
+        return _eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
     except FileNotFoundError:
-        raise DataError(f"image file not found: {reference}", **where) from None  # type: ignore[arg-type]
+        raise DataError(f"image file not found: {_shown(reference)}", **where) from None  # type: ignore[arg-type]
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"not a readable image: {error}", **where) from None  # type: ignore[arg-type]
 
 
+def _eight_bit(image: Any) -> Any:
+    """A 16-bit ("I;16"), 32-bit integer ("I") or floating-point ("F") grey image as 8 bits, scaled by the
+    range its mode can hold (16-bit: /257; "I" holding values above 255: /257 up to 65535, else by its
+    maximum; "F" in [0, 1]: ×255, else by its maximum); `convert("RGB")` would clip every level above 255.
+    Other modes are returned as they are."""
+    import numpy as np
+    from PIL import Image
+
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode.startswith("I;16") or (image.mode == "I" and 255 < top <= 65535):
+        scale = 1 / 257
+    elif image.mode == "F" and float(values.min()) >= 0 and top <= 1:
+        scale = 255.0
+    else:
+        scale = 255 / top if top > 255 else 1.0
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+
+
+def _shown(reference: Any) -> str:
+    text = str(reference)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def is_data_url(text: str) -> bool:
+    return text[:5].lower() == "data:"
+
+
 def decode_base64_image(text: str) -> dict[str, bytes]:
-    """An image sent as base64 text (optionally a `data:image/...;base64,` URL) as an Image value of bytes.
-    Raises ValueError for text that is not base64."""
-    payload = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+    """An image sent as base64 text (optionally a `data:image/...;base64,` URL, its prefix in any case) as an
+    Image value of bytes. Line breaks and spaces in the text (MIME's 76-character lines) and missing `=`
+    padding are accepted. Raises ValueError for text that is not base64."""
+    payload = text.split(",", 1)[1] if is_data_url(text.strip()) and "," in text else text
+    payload = "".join(payload.split())  # MIME line breaks, spaces around it
+    payload += "=" * (-len(payload) % 4)
     try:
         return {"bytes": base64.b64decode(payload, validate=True)}
     except (binascii.Error, ValueError):
         raise ValueError("expected an image as base64 text (or a data: URL)") from None
+
+
+def image_digest(reference: Any) -> str:
+    """The sha256 of an image's bytes (a file's, a Hugging Face Image value's, or a decoded image's pixels),
+    so that a changed image changes a run's data fingerprint (resume refuses it, compare retrains); a file that
+    cannot be read digests its path (the read itself reports it)."""
+    digest = hashlib.sha256()
+    try:
+        if isinstance(reference, str):
+            digest.update(Path(reference).read_bytes())
+        elif isinstance(reference, dict):
+            digest.update(reference.get("bytes") or Path(reference["path"]).read_bytes())
+        else:
+            digest.update(f"{reference.mode}:{reference.size}".encode() + reference.tobytes())
+    except OSError:
+        digest.update(str(reference).encode())
+    return digest.hexdigest()
 
 
 def pixel_values(images: Sequence[Any], processor: Any) -> Any:

@@ -274,11 +274,14 @@ def build_report(run_dir: Path) -> str:
     if metrics:
         rows = table_rows(metrics["tasks"])
         sections.append("<h2>Scores</h2>" + _table(TABLE_HEADER, rows))
-        sections.append(
-            f"<p>Average main score {metrics['average_main_score']:.4f}; {metrics['steps']} steps, "
-            f"{metrics['train_seconds']:.1f} s of training; "
-            f"best validation at step {metrics.get('best_step', '?')}.</p>"
-        )
+        if "steps" in metrics:
+            trained = (
+                f"{metrics['steps']} steps, {metrics['train_seconds']:.1f} s of training; "
+                f"best validation at step {metrics.get('best_step', '?')}."
+            )
+        else:  # a merged run (multitune merge) trains nothing: its merge section says what it did
+            trained = f"merged by {metrics.get('merge', {}).get('method', '?')}, without training."
+        sections.append(f"<p>Average main score {metrics['average_main_score']:.4f}; {trained}</p>")
     if comparison:
         rows = [
             [t, e["metric"], f"{e['single']:.4f}", f"{e['multi']:.4f}", change_text(e)]

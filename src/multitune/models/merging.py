@@ -17,7 +17,7 @@ Methods (MERGE_METHODS), each called with a tensor's stacked task vectors [T, ..
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -127,11 +127,16 @@ class DareTies(_Dare):
 
 
 def merge_weights(
-    base: Mapping[str, Tensor], tuned: Sequence[Mapping[str, Tensor]], method: object
+    base: Mapping[str, Tensor],
+    tuned: Sequence[Mapping[str, Tensor]],
+    method: object,
+    statistics: Collection[str] = (),
 ) -> dict[str, Tensor]:
     """θ_0 + method([θ_t − θ_0 for each t]) for every floating-point tensor of `base` (others, such as integer
-    position ids, are kept as they are). Raises ValueError when a fine-tuned model lacks a tensor or has
-    another shape: then they are not copies of one backbone."""
+    position ids, are kept as they are). `statistics`: keys of tensors the models measured rather than learned
+    (BatchNorm's running mean and variance): they are no task vectors, and a trimmed or rescaled difference of
+    variances can be negative, so they are the mean of the fine-tuned models'. Raises ValueError when a
+    fine-tuned model lacks a tensor or has another shape: then they are not copies of one backbone."""
     merged = {}
     for key, start in base.items():
         for index, state in enumerate(tuned):
@@ -140,9 +145,22 @@ def merge_weights(
         if not start.is_floating_point():
             merged[key] = start.clone()
             continue
+        if key in statistics:
+            merged[key] = mean_of(tuned, key).to(start.dtype)
+            continue
         vectors = torch.stack([state[key].float() - start.float() for state in tuned])  # [T, ...]
         merged[key] = (start.float() + method(vectors)).to(start.dtype)  # type: ignore[operator]
     return merged
+
+
+def mean_of(tuned: Sequence[Mapping[str, Tensor]], key: str) -> Tensor:
+    """The fine-tuned models' mean of tensor `key` (float32)."""
+    return torch.stack([state[key].float() for state in tuned]).mean(0)
+
+
+def keys_of(base: Mapping[str, Tensor], statistics: Collection[str]) -> list[str]:
+    """The floating-point running statistics among `base`'s tensors."""
+    return [key for key in statistics if key in base and base[key].is_floating_point()]
 
 
 MERGED = "merged"  # the merged LoRA adapter's name
@@ -191,7 +209,7 @@ def lora_deltas(model: Any, names: Sequence[str]) -> list[dict[str, Tensor]]:
 
 
 def task_vector_cosines(
-    base: Mapping[str, Tensor], tuned: Sequence[Mapping[str, Tensor]]
+    base: Mapping[str, Tensor], tuned: Sequence[Mapping[str, Tensor]], statistics: Collection[str] = ()
 ) -> tuple[list[list[float]], dict[str, list[list[float]]]]:
     """Cosine similarity between the task vectors τ_t = θ_t − θ_0: over all floating-point tensors together
     ([T, T]), and per layer ({layer: [T, T]}, a layer being a key's path up to its first number, e.g.
@@ -200,7 +218,7 @@ def task_vector_cosines(
     count = len(tuned)
     dots: dict[str, Tensor] = {}
     for key, start in base.items():
-        if not start.is_floating_point():
+        if not start.is_floating_point() or key in statistics:  # running statistics are not task vectors
             continue
         vectors = torch.stack([(state[key].float() - start.float()).flatten() for state in tuned])  # [T, P]
         layer = layer_of(key)
@@ -247,19 +265,23 @@ class AdaMerging:
         base: Mapping[str, Tensor],
         tuned: Sequence[Mapping[str, Tensor]],
         batches: Mapping[str, Sequence[object]],
+        statistics: Collection[str] = (),
     ) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
         """The merged backbone weights and the learned coefficients ({layer or "all": [T]}). `model` is the
         multi-task model whose `backbone` the weights are for (its heads fixed); `batches` gives each task's
-        unlabelled input batches (collated Batch objects; their labels are not read)."""
+        unlabelled input batches (collated Batch objects; their labels are not read); `statistics` (running
+        statistics) are averaged, not learned, as in merge_weights."""
         from torch.func import functional_call
 
-        keys = [key for key, value in base.items() if value.is_floating_point()]
+        keys = [key for key, value in base.items() if value.is_floating_point() and key not in statistics]
         groups = sorted({layer_of(key) for key in keys}) if self.granularity == "layer" else ["all"]
         index = {key: groups.index(layer_of(key)) if self.granularity == "layer" else 0 for key in keys}
         vectors = {key: torch.stack([state[key].float() - base[key].float() for state in tuned]) for key in keys}
         coefficients = torch.nn.Parameter(torch.full((len(groups), len(tuned)), self.init))  # [G, T]
         optimizer = torch.optim.Adam([coefficients], lr=self.lr)
         fixed = {f"backbone.{key}": value for key, value in base.items() if key not in vectors}
+        for key in keys_of(base, statistics):  # the running statistics: the fine-tuned models' mean
+            fixed[f"backbone.{key}"] = mean_of(tuned, key).to(base[key].dtype)
 
         def weights() -> dict[str, Tensor]:
             merged = {}

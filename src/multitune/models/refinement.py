@@ -29,15 +29,16 @@ TARGETS = "all-linear"
 
 
 def lora_targets(model: nn.Module) -> Any:
-    """The projections a refinement adapts: peft's "all-linear" on a transformers model (its LM head left
-    out), else every linear and convolution layer of the backbone, by name (any backbone of `fit`).
+    """The projections a refinement adapts: peft's "all-linear" on a transformers model with linear layers (its
+    LM head left out), else every linear and convolution layer of the backbone, by name (any backbone of `fit`,
+    a ResNet).
     Raises MultitunError where there is none."""
     from transformers import PreTrainedModel
 
     backbone = model.get_submodule("backbone")
-    if isinstance(backbone, PreTrainedModel):
+    if isinstance(backbone, PreTrainedModel) and any(isinstance(m, nn.Linear) for m in backbone.modules()):
         return TARGETS
-    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # a CNN (ResNet, ConvNeXt's stem) has convolutions
     names = sorted(name for name, module in backbone.named_modules() if name and isinstance(module, layers))
     if not names:
         raise MultitunError("the backbone has no linear or convolution layer to refine with LoRA", field="refine")

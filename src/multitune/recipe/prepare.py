@@ -108,5 +108,34 @@ def prepare(config: Config, resumed: Path | None = None) -> Prepared:
     if config.training.compile:
         compile_backbone(model)
     encoded = encode_splits(tasks, backbone.tokenizer, model_config.max_length, model_config.kind == "seq2seq")
+    if model_config.kind == "vision":
+        check_images(model, encoded)
     scored = scoring_rows(tasks, encoded, backbone.tokenizer, model_config.max_length)
     return Prepared(config, tasks, backbone, model, encoded, scored, rows_added)
+
+
+def check_images(model: MultiTaskModel, encoded: dict[str, dict[str, list[Encoded]]]) -> None:
+    """Every task's images are one size (they share batches) and the model reads them: one row of each task
+    through the model, before the run directory exists. Raises DataError naming the task otherwise."""
+    from multitune.data.collate import collate
+    from multitune.errors import DataError
+
+    shapes = {name: rows[0].pixel_values.shape for name, splits in encoded.items() for rows in splits.values() if rows}
+    if len(set(shapes.values())) > 1:
+        described = ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
+        raise DataError(f"the tasks' images are not one size after processing ({described})", field="model.backbone")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for name, splits in encoded.items():
+                rows = next((rows[:1] for rows in splits.values() if rows), [])
+                try:
+                    model(collate({name: rows}, 0))
+                except (RuntimeError, ValueError, TypeError) as error:
+                    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    raise DataError(
+                        f"the backbone cannot read task '{name}''s images: {first}", field="model.backbone"
+                    ) from None
+    finally:
+        model.train(was)

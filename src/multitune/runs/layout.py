@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from multitune.config import TaskConfig
+from multitune.data.images import image_digest
 from multitune.data.tasks import (
     Example,
     TaskData,
@@ -122,6 +123,8 @@ def _digest(rows: list[Example], prefix: int = -1) -> tuple[str, str | None]:
         if i == prefix:
             head = digest.hexdigest()
         digest.update(json.dumps([example.texts, example.label, example.instruction]).encode() + b"\n")
+        if example.image is not None:  # an image task: the image's own bytes, not only its path
+            digest.update(image_digest(example.image).encode() + b"\n")
     if prefix == len(rows):
         head = digest.hexdigest()
     return digest.hexdigest(), head

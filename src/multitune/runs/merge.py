@@ -76,7 +76,9 @@ def merge_runs(
         base = loader(model_config.backbone, model_config.revision, model_config.trust_remote_code, False).model
         base_state = {key: value.detach() for key, value in base.state_dict().items()}
         tuned = [model.backbone.state_dict() for _, _, model, _ in loaded]
-    overall, per_layer = task_vector_cosines(base_state, tuned)
+    # what the models measured, not learned (BatchNorm's running statistics): averaged, never merged as vectors
+    statistics = {name for name, _ in base.named_buffers()}
+    overall, per_layer = task_vector_cosines(base_state, tuned, statistics)
     heads = {
         key: value for _, _, model, _ in loaded for key, value in model.state_dict().items() if key.startswith("heads.")
     }
@@ -98,10 +100,10 @@ def merge_runs(
             weights = merged.merge_and_unload().state_dict()
         elif getattr(merger, "learns", False):  # AdaMerging: coefficients learned on unlabelled validation inputs
             model, batches = _unlabelled(config, loaded, heads)
-            weights, learned = merger.learn(model, base_state, tuned, batches)  # type: ignore[attr-defined]
+            weights, learned = merger.learn(model, base_state, tuned, batches, statistics)  # type: ignore[attr-defined]
             chosen = {**chosen, "coefficients": learned}
         else:
-            weights = merge_weights(base_state, tuned, merger)
+            weights = merge_weights(base_state, tuned, merger, statistics)
         state = {f"backbone.{key}": value for key, value in weights.items()}
         save_weights({**state, **heads}, run_dir / WEIGHTS_FILE)
         score = evaluate_run(run_dir, "validation")["average_main_score"]

@@ -12,7 +12,7 @@ import torch
 
 from multitune.config import ModelConfig, TaskConfig
 from multitune.data.encoding import encode
-from multitune.data.images import decode_base64_image, image_reference
+from multitune.data.images import decode_base64_image, image_reference, is_data_url
 from multitune.data.readers import Row, json_rows, read_jsonl
 from multitune.data.tasks import (
     Example,
@@ -183,7 +183,7 @@ def example_for_prediction(row: Row, schema: InputSchema, task: TaskConfig, loca
 
 
 def _image_input(row: Row, value: str, field: str, local_files: bool) -> Any:
-    if value.startswith("data:") or not local_files:
+    if is_data_url(value.strip()) or not local_files:
         try:
             return decode_base64_image(value)
         except ValueError as error:

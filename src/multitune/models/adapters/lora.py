@@ -74,7 +74,8 @@ class LoRA:
     def _route(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # peft's layer computes only the frozen base projection ("__base__" rows); _add_updates adds the adapters
         if self.routing.rows is not None:
-            kwargs["adapter_names"] = [BASE] * len(self.routing.rows)
+            x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+            kwargs["adapter_names"] = [BASE] * (x.shape[0] if isinstance(x, Tensor) else len(self.routing.rows))
         return args, kwargs
 
     def _add_updates(self, module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor:
@@ -93,7 +94,7 @@ class LoRA:
         a = torch.stack([module.lora_A[n].weight for n in names])  # [R, r, in]
         b = torch.stack([module.lora_B[n].weight for n in names])  # [R, out, r]
         scale = torch.tensor([module.scaling[n] for n in names], dtype=a.dtype, device=a.device)
-        run_of_row = self.routing.run_of_row.to(x.device)
+        run_of_row = _per_input_row(self.routing.run_of_row.to(x.device), x.shape[0])
         flat = module.lora_dropout[names[0]](x.to(a.dtype)).reshape(x.shape[0], -1, x.shape[-1])  # [B, L, in]
         down = torch.bmm(flat, a[run_of_row].transpose(1, 2))  # [B, L, r]
         up = torch.bmm(down, b[run_of_row].transpose(1, 2)) * scale[run_of_row, None, None]  # [B, L, out]
@@ -126,6 +127,18 @@ class LoRA:
 def _lora_update(module: Any, name: str, x: Tensor) -> Tensor:
     a, b = module.lora_A[name], module.lora_B[name]
     return b(a(module.lora_dropout[name](x.to(a.weight.dtype)))) * module.scaling[name]  # type: ignore[no-any-return]
+
+
+def _per_input_row(run_of_row: Tensor, rows: int) -> Tensor:
+    """Each input row's run, where a layer sees several rows per example: Swin's windowed attention runs on
+    [B · windows, ...], each example's windows one after another (window partitioning keeps the batch dimension
+    outermost), so every example's run repeats once per window. Raises ValueError for any other layout."""
+    examples = run_of_row.shape[0]
+    if rows == examples:
+        return run_of_row
+    if rows % examples:
+        raise ValueError(f"a LoRA layer saw {rows} rows for a batch of {examples}: its rows cannot be routed to tasks")
+    return run_of_row.repeat_interleave(rows // examples)
 
 
 # the query and value projections under the names transformers gives them (BERT and older ViTs; ViT, DeiT
