@@ -113,9 +113,9 @@ def test_running_statistics_are_the_fine_tuned_models_mean_never_a_merged_task_v
 
     base = {"w": torch.zeros(2), "bn.running_var": torch.ones(2), "bn.num_batches_tracked": torch.tensor(5)}
     tuned = [
-        {"w": torch.tensor([1.0, 0.0]), "bn.running_var": torch.tensor([0.2, 0.2]), "bn.num_batches_tracked": torch.tensor(9)},
-        {"w": torch.tensor([0.0, 1.0]), "bn.running_var": torch.tensor([0.4, 0.4]), "bn.num_batches_tracked": torch.tensor(7)},
-    ]  # fmt: skip
+        {"w": torch.tensor(w), "bn.running_var": torch.tensor([v, v]), "bn.num_batches_tracked": torch.tensor(n)}
+        for w, v, n in (([1.0, 0.0], 0.2, 9), ([0.0, 1.0], 0.4, 7))
+    ]
     statistics = {"bn.running_var", "bn.num_batches_tracked"}
     settings = {"density": 1.0} if name != "task_arithmetic" else {}
     merged = merge_weights(base, tuned, MERGE_METHODS.build(name, scaling=1.0, **settings), statistics)
