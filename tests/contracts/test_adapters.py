@@ -9,7 +9,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import (
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViTConfig,
+    ViTModel,
+)
 
 from multitune.errors import ConfigError
 from multitune.models.adapters import ADAPTERS, SHARED
@@ -34,6 +43,17 @@ MAKERS = {
     ),
     "seq2seq": lambda: T5ForConditionalGeneration(
         T5Config(vocab_size=60, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+    ),
+    "vision": lambda: ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=16,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
     ),
 }
 
@@ -79,7 +99,9 @@ def test_every_row_goes_through_its_own_tasks_adapter_whatever_the_batch_layout(
         mixed = features(backbone, adapters, ids, row_tasks)
         for i, task in enumerate(row_tasks):  # each row alone, through its own task's adapter
             alone = features(backbone, adapters, ids[i : i + 1], [task])
-            assert torch.allclose(mixed[i : i + 1], alone, atol=1e-5)
+            # float32 kernels of other batch shapes round differently (up to ~2e-5 of the value); a row routed
+            # to another task's adapter differs by O(1)
+            assert torch.allclose(mixed[i : i + 1], alone, rtol=1e-4, atol=1e-4)
 
     check()
     ids = torch.randint(5, 60, (2, 6), generator=torch.Generator().manual_seed(1))
