@@ -18,10 +18,16 @@ class MultitunError(Exception):
     def __str__(self) -> str:
         where = ""
         if self.file is not None:
-            where = self.file if self.line is None else f"{self.file}:{self.line}"
-        parts = [p for p in (where, f"field '{self.field}'" if self.field else "") if p]
+            where = _one_line(self.file) if self.line is None else f"{_one_line(self.file)}:{self.line}"
+        parts = [p for p in (where, f"field '{_one_line(self.field)}'" if self.field else "") if p]
         text = " ".join(self.message.split())  # always one line
         return f"{': '.join(parts)}: {text}" if parts else text
+
+
+def _one_line(name: str) -> str:
+    """A file or field name as it can be printed on one line: line breaks and other control characters
+    escaped (a YAML key may hold any character)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
 
 
 class ConfigError(MultitunError):

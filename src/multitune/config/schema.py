@@ -270,6 +270,13 @@ class SourceConfig(Group):
     # 100,000 (a mixture of hundreds of tasks holds no more than one of ten)
     shuffle_buffer: int | None = Field(None, ge=1)
 
+    @field_validator("num_rows")
+    @classmethod
+    def _declared_rows(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("streaming"):
+            raise ValueError("only a streamed source (streaming: true) takes num_rows; other splits are counted")
+        return value
+
     @model_validator(mode="after")
     def _complete(self) -> SourceConfig:
         if self.format == "hf":
@@ -283,8 +290,6 @@ class SourceConfig(Group):
             raise ValueError("delimiter must be one character")
         if self.streaming and self.format not in STREAMABLE:
             raise ValueError(f"streaming reads {', '.join(STREAMABLE)} sources, not {self.format}")
-        if self.num_rows is not None and not self.streaming:
-            raise ValueError("num_rows: only a streamed source (streaming: true) takes it; other splits are counted")
         if self.format == "parallel":
             for split in SPLITS:
                 files = getattr(self, split)
