@@ -126,6 +126,26 @@ def test_seeds_aggregate_means_spreads_and_delta_m():
     assert summary["storage_bytes"] == {"single_total": 800, "multi": 442}  # round(mean(441, 442)) = 442 (banker's)
     assert summary["wall_seconds"]["single_total"] == {"mean": 11.5, "std": pytest.approx(0.707107, abs=1e-6)}
     assert summary["runs"] == ["runs/x-seed1", "runs/x-seed2"] and "steps" not in summary["budget"]
+    assert "merges" not in summary
+
+    def merged(seed, sst, dm):
+        row = {"tasks": {"sst": sst, "sts": 2.5}, "delta_m_percent": dm, "average_main_score": (sst + 2.5) / 2,
+               "settings": {"scaling": 0.3 * seed}, "storage_bytes": 400 + 2 * seed}  # fmt: skip
+        return {**result(seed, 0.84, 1.8, 4.0), "merges": {"ties": row}}
+
+    summary = aggregate([merged(1, 0.70, -10.0), merged(2, 0.74, -6.0)], [1, 2])
+    ties = summary["merges"]["ties"]
+    assert ties["delta_m_percent"] == {
+        "per_seed": [-10.0, -6.0],
+        "mean": -8.0,
+        "std": pytest.approx(2.828427, abs=1e-6),
+    }
+    assert ties["tasks"]["sst"] == {"mean": 0.72, "std": pytest.approx(0.028284, abs=1e-6)}
+    assert ties["average_main_score"]["mean"] == pytest.approx((0.72 + 2.5) / 2)
+    assert ties["settings"] == [{"scaling": 0.3}, {"scaling": 0.6}] and ties["storage_bytes"] == 403
+    from multitune.compare.seeds import format_seeds
+
+    assert "| ties | 0.7200 ± 0.0283 | 2.5000 ± 0.0000 | 1.6100 | -8.00% ± 2.83 |" in format_seeds(summary)
 
 
 @pytest.mark.slow

@@ -58,7 +58,25 @@ def aggregate(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]
         "train_seconds": {k: _spread([r["train_seconds"][k] for r in results]) for k in ("single_total", "multi")},
         "budget": {key: value for key, value in results[0]["budget"].items() if key not in ("rows_per_task", "steps")},
         "runs": [r["multi_run"] for r in results if "multi_run" in r],
+        **({"merges": _merges(results)} if all(r.get("merges") for r in results) else {}),
     }
+
+
+def _merges(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each merge method over the seeds: Δm per seed with its mean and spread, each task's score and the
+    average main score (mean ± standard deviation), the settings chosen per seed, the mean storage."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in results[0]["merges"]:
+        rows = [r["merges"][method] for r in results]
+        per_seed = [row["delta_m_percent"] for row in rows]
+        out[method] = {
+            "delta_m_percent": {"per_seed": per_seed, **_spread(per_seed)},
+            "average_main_score": _spread([row["average_main_score"] for row in rows]),
+            "tasks": {task: _spread([row["tasks"][task] for row in rows]) for task in rows[0]["tasks"]},
+            "settings": [row["settings"] for row in rows],
+            "storage_bytes": round(statistics.fmean(row["storage_bytes"] for row in rows)),
+        }
+    return out
 
 
 def format_seeds(summary: dict[str, Any]) -> str:
@@ -87,4 +105,15 @@ def format_seeds(summary: dict[str, Any]) -> str:
         "",
     ]
     lines += [f"{task}: {e['verdict']} ({e['change']})" for task, e in summary["tasks"].items()]
+    merges = summary.get("merges") or {}
+    if merges:
+        tasks = list(summary["tasks"])
+        lines += ["", "Merged baselines (mean ± standard deviation over the seeds; Δm against the same baselines):", ""]
+        lines += [f"| method | {' | '.join(tasks)} | average | Δm |", "|---" * (len(tasks) + 3) + "|"]
+        for method, row in merges.items():
+            cells = [f"{row['tasks'][t]['mean']:.4f} ± {row['tasks'][t]['std']:.4f}" for t in tasks]
+            average, dm = row["average_main_score"], row["delta_m_percent"]
+            lines.append(
+                f"| {method} | {' | '.join(cells)} | {average['mean']:.4f} | {dm['mean']:+.2f}% ± {dm['std']:.2f} |"
+            )
     return "\n".join(lines)
