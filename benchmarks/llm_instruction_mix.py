@@ -49,7 +49,7 @@ def main() -> int:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow --out, as the usage line shows them
     started = time.perf_counter()
     zero = step_zero(args.config, args.overrides)
     zero_seconds = time.perf_counter() - started
