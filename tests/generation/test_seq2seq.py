@@ -76,3 +76,28 @@ def test_a_seq2seq_run_trains_evaluates_and_predicts(tiny_t5, tmp_path, write_js
     out = tmp_path / "out.jsonl"
     assert main(["predict", str(run), "--task", "sentiment", "--input", str(inputs), "--output", str(out)]) == 0
     assert isinstance(json.loads(out.read_text())["prediction"], str)
+
+
+def test_each_generation_tasks_decoder_runs_through_its_own_lora_adapter(tiny_t5, tmp_path, write_jsonl):
+    """The decoder runs in the task's head, after the shared encoder: changing one task's adapters changes
+    that task's loss and no other's (a decoder left unrouted runs every task through one adapter)."""
+    from multitune.recipe.prepare import prepare
+
+    config = generation_config(tiny_t5, tmp_path, write_jsonl)
+    config["model"].update(kind="seq2seq", peft={"method": "lora", "r": 2})
+    prepared = prepare(validate_config(config))
+    model = prepared.model.eval()
+    batch = collate({name: prepared.encoded[name]["train"][:2] for name in prepared.tasks}, prepared.pad_id)
+
+    def losses() -> dict[str, float]:
+        with torch.no_grad():
+            return {name: float(loss) for name, loss in model.losses(batch).items()}
+
+    before = losses()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "decoder" in name and "lora_B.copy" in name:
+                parameter.normal_(0, 1.0)
+    after = losses()
+    assert after["sentiment"] == before["sentiment"]
+    assert abs(after["copy"] - before["copy"]) > 1e-3

@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -192,12 +193,20 @@ class CausalLMMultiTask(MultiTaskModel):
         for name, part in batch.tasks.items():
             rows, rows_mask = hidden[part.rows], mask[part.rows]
             if name in self.generation_tasks:
-                outputs[name] = self.generation_logits(rows, rows_mask, part.labels)
+                with self.task_routing(name, rows.shape[0]):
+                    outputs[name] = self.generation_logits(rows, rows_mask, part.labels)
                 continue
             head = self.heads[name]
             features = self.task_features(name, rows, rows_mask)
             outputs[name] = head(features if head.level == "token" else pool(features, rows_mask, self.pooling))
         return outputs
+
+    def task_routing(self, task: str, rows: int) -> AbstractContextManager[None]:
+        """Per-task adapters routed to `task` for `rows` rows while its generation head runs: a seq2seq LM's
+        decoder runs there, and its adapters must be the task's own (a causal LM's LM head has none)."""
+        if self.task_adapters is None:
+            return contextlib.nullcontext()
+        return self.task_adapters.route([task] * rows)
 
     def generation_logits(self, rows: Tensor, rows_mask: Tensor, labels: Tensor | None) -> Tensor:
         """LM logits [N, V] at the N labelled positions (without labels: at each row's last real token)."""
@@ -216,7 +225,8 @@ class CausalLMMultiTask(MultiTaskModel):
         for name, part in batch.tasks.items():
             assert part.labels is not None, f"batch for task '{name}' has no labels"
             if name in generation:
-                losses[name] = self.generation_loss(hidden[part.rows], mask[part.rows], part.labels)
+                with self.task_routing(name, part.rows.stop - (part.rows.start or 0)):
+                    losses[name] = self.generation_loss(hidden[part.rows], mask[part.rows], part.labels)
             else:
                 losses[name] = self.heads[name].loss(outputs[name], part.labels)  # type: ignore[operator]
         return losses
