@@ -101,3 +101,68 @@ def test_each_generation_tasks_decoder_runs_through_its_own_lora_adapter(tiny_t5
     after = losses()
     assert after["sentiment"] == before["sentiment"]
     assert abs(after["copy"] - before["copy"]) > 1e-3
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_a_seq2seq_prefix_is_the_decoders_loads_with_plain_peft_and_generates_as_recomputed(
+    tiny_t5, tmp_path, write_jsonl, projection
+):
+    """Prefix tuning on a T5: each task's prefix sits in front of the decoder's own keys and values (the
+    encoder reads the tokens alone, as peft places a seq2seq prefix). PeftModel.from_pretrained on the plain T5
+    gives the logits multitune's model gives; greedy generation through the growing cache equals decoding by
+    recomputing the whole target each step."""
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
+
+    from multitune.runs.load import load_run
+
+    config = generation_config(tiny_t5, tmp_path, write_jsonl)
+    config["model"].update(
+        kind="seq2seq", peft={"method": "prefix", "virtual_tokens": 3, "prefix_projection": projection}
+    )
+    config["training"].update(mixed_batches=True, lr=5e-2, steps=8)
+    path = tmp_path / "prefix.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "runs" / "gen"
+    _, _, model, _ = load_run(run)
+    model.eval()
+    ids, targets = torch.tensor([[5, 9, 12, 7, 30, 4]]), torch.tensor([[8, 11, 6, 1]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), model.task_routing("copy", 1):
+        states = model.encode(_plain(ids))
+        ours = model.generation_logits(states, mask, targets)
+        base = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_t5)).eval()
+        theirs = PeftModel.from_pretrained(base, str(run / "adapters" / "copy")).eval()
+        peft_logits = theirs(input_ids=ids, attention_mask=mask, labels=targets).logits[0]
+        plain = (
+            AutoModelForSeq2SeqLM.from_pretrained(str(tiny_t5))
+            .eval()(input_ids=ids, attention_mask=mask, labels=targets)
+            .logits[0]
+        )
+    assert torch.allclose(ours, peft_logits, atol=1e-5) and not torch.allclose(ours, plain, atol=1e-3)
+
+    eos = model.tokenizer.eos_token_id
+    for task in ("copy", "sentiment"):
+        prompt = [5, 9, 12, 7]
+        text = model.generate_texts([prompt], 5, pad_id=0, task=task)[0]
+        target: list[int] = []
+        for _ in range(5):  # recomputed: the target so far through the decoder, with a fresh prefix
+            start = int(model.backbone.config.decoder_start_token_id)
+            with torch.no_grad(), model.task_routing(task, 1):
+                decoder = torch.tensor([[start, *target]])
+                output = model.backbone(
+                    input_ids=torch.tensor([prompt]),
+                    decoder_input_ids=decoder,
+                    **model.decoder_prefix(torch.device("cpu")),
+                )
+            target.append(int(output.logits[0, -1].argmax()))
+            if target[-1] == eos:
+                break
+        assert text == model.tokenizer.decode(target, skip_special_tokens=True).strip()
+
+
+def _plain(ids: torch.Tensor):
+    from multitune.data.collate import Batch, TaskRows
+
+    return Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"copy": TaskRows(slice(0, 1), None)})

@@ -27,7 +27,7 @@ ARCHITECTURE_CAPABILITIES = {
 ADAPTER_KINDS = {
     "lora": ALL_KINDS,
     "prompt": ENCODER,  # not on causal_lm nor seq2seq
-    "prefix": frozenset({"encoder", "causal_lm"}),  # not on seq2seq (three attention kinds to prefix)
+    "prefix": frozenset({"encoder", "causal_lm", "seq2seq"}),  # seq2seq: the decoder's self-attention
     "bottleneck": frozenset({"encoder", "causal_lm"}),  # not on seq2seq
 }
 

@@ -272,8 +272,7 @@ class CausalLMMultiTask(MultiTaskModel):
         with routing:
             if adapters is not None and task and not adapters.inside_backbone:  # a prefix cache
                 placed = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
-                inputs = adapters.prompted_inputs(self.backbone, placed)
-                new = self._greedy_from_cache(inputs, max_new_tokens, pad_id, eos, streamer, device)
+                new = self._generate_with_prefix(placed, max_new_tokens, pad_id, eos, streamer, device)
             else:
                 generated = self.backbone.generate(  # type: ignore[operator]
                     input_ids=input_ids.to(device),
@@ -284,6 +283,14 @@ class CausalLMMultiTask(MultiTaskModel):
                 new = generated[:, length:] if self.left_padded else generated  # an encoder-decoder: only new ones
         texts = self.tokenizer.batch_decode(new.tolist(), skip_special_tokens=True)
         return [str(text).strip() for text in texts]
+
+    def _generate_with_prefix(
+        self, placed: dict[str, Tensor], max_new_tokens: int, pad_id: int, eos: int | None, streamer: Any, device: Any
+    ) -> Tensor:
+        """Greedy continuations [B, ≤ max_new_tokens] through the routed task's prefix (a key/value cache)."""
+        assert self.task_adapters is not None
+        inputs = self.task_adapters.prompted_inputs(self.backbone, placed)
+        return self._greedy_from_cache(inputs, max_new_tokens, pad_id, eos, streamer, device)
 
     def _greedy_from_cache(
         self, inputs: dict[str, Any], max_new_tokens: int, pad_id: int, eos: int | None, streamer: Any, device: Any
@@ -336,6 +343,19 @@ class Seq2SeqMultiTask(CausalLMMultiTask):
     def body(self) -> nn.Module:
         return self.backbone.get_encoder()  # type: ignore[operator,no-any-return]
 
+    def encode(self, batch: Batch) -> Tensor:
+        adapters = self.task_adapters
+        if adapters is None or adapters.inside_backbone:
+            return super().encode(batch)
+        # a prefix is the decoder's (as peft places it): the encoder reads the tokens alone
+        inputs = {"input_ids": batch.inputs["input_ids"], "attention_mask": batch.inputs["attention_mask"]}
+        return self.body(**inputs).last_hidden_state  # type: ignore[no-any-return]
+
+    def decoder_prefix(self, device: torch.device) -> dict[str, Any]:
+        """The decoder's cache holding the routed task's prefix (prefix tuning), or nothing."""
+        cache = self.task_adapters.decoder_cache(device) if self.task_adapters is not None else None
+        return {"past_key_values": cache} if cache is not None else {}
+
     def generation_logits(self, rows: Tensor, rows_mask: Tensor, labels: Tensor | None) -> Tensor:
         from transformers.modeling_outputs import BaseModelOutput
 
@@ -348,8 +368,43 @@ class Seq2SeqMultiTask(CausalLMMultiTask):
             encoder_outputs=BaseModelOutput(last_hidden_state=rows),
             attention_mask=rows_mask,
             decoder_input_ids=decoder_inputs,
+            **self.decoder_prefix(rows.device),
         ).logits  # [n, T, V]: targets are short, so full logits over them are cheap
         return logits[labels != IGNORE_INDEX] if labels is not None else logits[:, -1]
+
+    @torch.no_grad()
+    def _generate_with_prefix(
+        self, placed: dict[str, Tensor], max_new_tokens: int, pad_id: int, eos: int | None, streamer: Any, device: Any
+    ) -> Tensor:
+        """Greedy decoding from the encoder's states with the task's prefix in front of the decoder's own
+        tokens (its cache grows by one token a step); a finished row continues with padding."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        encoded = BaseModelOutput(last_hidden_state=self.body(**placed).last_hidden_state)
+        config: Any = self.backbone.config
+        rows = placed["input_ids"].shape[0]
+        token = torch.full((rows,), int(config.decoder_start_token_id), dtype=torch.long, device=device)
+        cache = self.decoder_prefix(device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        tokens: list[Tensor] = []
+        if streamer is not None:
+            streamer.put(placed["input_ids"].cpu())  # a streamer skips the prompt it is shown first
+        for _ in range(max_new_tokens):
+            output = self.backbone(
+                encoder_outputs=encoded, attention_mask=placed["attention_mask"], decoder_input_ids=token[:, None],
+                use_cache=True, **cache,
+            )  # fmt: skip
+            token = output.logits[:, -1].argmax(-1).masked_fill(done, pad_id)
+            tokens.append(token)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            done |= token == eos if eos is not None else torch.zeros_like(done)
+            if bool(done.all()):
+                break
+            cache = {"past_key_values": output.past_key_values}
+        if streamer is not None:
+            streamer.end()
+        return torch.stack(tokens, dim=1) if tokens else torch.zeros(rows, 0, dtype=torch.long)
 
 
 def build_seq2seq_model(

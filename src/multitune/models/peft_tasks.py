@@ -76,6 +76,12 @@ class TaskAdapters(nn.Module):
         its token embeddings)."""
         return self.adapter_method.backbone_inputs(backbone, inputs, self.routing)
 
+    def decoder_cache(self, device: torch.device) -> Any:
+        """An encoder-decoder LM's decoder cache holding the routed rows' prefixes (prefix tuning), or None
+        for a method that puts nothing there."""
+        build = getattr(self.adapter_method, "decoder_cache", None)
+        return build(self.routing, device) if build is not None else None
+
     @contextlib.contextmanager
     def route(self, row_tasks: list[str]) -> Iterator[None]:
         """Within this block, row i of every backbone forward uses task row_tasks[i]'s adapter."""
