@@ -116,9 +116,9 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def streamed_config(tiny_backbone: Path, tmp_path: Path, streaming: bool, **training: Any) -> Path:
+def streamed_config(tiny_backbone: Path, tmp_path: Path, streaming: bool, rows: int = 40, **training: Any) -> Path:
     """Two tasks with a validation file each, streamed or read into memory."""
-    a = write_rows(tmp_path / "a.jsonl", classification_rows(40))
+    a = write_rows(tmp_path / "a.jsonl", classification_rows(rows))
     a_val = write_rows(tmp_path / "a_val.jsonl", classification_rows(12, seed=1))
     b = write_rows(tmp_path / "b.jsonl", token_rows(30))
     b_val = write_rows(tmp_path / "b_val.jsonl", token_rows(10, seed=1))
@@ -319,3 +319,52 @@ def test_counting_reads_bytes_but_decodes_encodings_whose_line_breaks_are_wider(
     assert count_lines(str(path), "utf-16") == 2
     with pytest.raises(DataError, match="unknown encoding"):
         count_lines(str(path), "no-such-codec")
+
+
+def test_csv_records_with_quoted_line_breaks_and_conll_docstart_count_as_rows(tmp_path):
+    from multitune.config import TaskConfig
+    from multitune.data.tasks import UnifiedFiles, counted_rows
+
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text('text,label\n"two\nlines",a\nplain,b\n"three\n\nlines",a\n', encoding="utf-8")
+    conll = tmp_path / "t.conll"
+    conll.write_text("-DOCSTART- O\n\na B-x\nb O\n\nc O\n", encoding="utf-8")
+    for path, fmt, want in ((csv_path, "csv", 3), (conll, "conll", 2)):
+        task = TaskConfig.model_validate(
+            {"type": "token_classification" if fmt == "conll" else "classification",
+             "source": {"format": fmt, "train": str(path), "validation": str(path), "streaming": True}}
+        )  # fmt: skip
+        assert counted_rows("t", task, UnifiedFiles({})) == want
+
+
+def test_streaming_options_on_a_source_that_does_not_stream_are_refused(tiny_backbone, tmp_path, capsys):
+    path = streamed_config(tiny_backbone, tmp_path, False)
+    for key in ("shuffle_buffer", "num_rows"):
+        assert main(["train", str(path), f"tasks.sentiment.source.{key}=5"]) == 2
+        assert f"only a streamed source (streaming: true) takes {key}" in capsys.readouterr().err
+
+
+def test_mixing_by_tokens_and_task_relations_read_a_streamed_split_as_the_in_memory_run_does(tiny_backbone, tmp_path):
+    for streaming in (False, True):
+        # 300 rows: more than a sample of the split's first rows would hold, all inside the shuffle buffer
+        path = streamed_config(tiny_backbone, tmp_path, streaming, rows=300, log_every=1, mix_by="tokens")
+        assert main(["train", str(path), f"run.name=t{streaming}", "analysis.task_affinity=true"]) == 0
+    memory, streamed = (history(tmp_path / "runs" / f"t{flag}") for flag in (False, True))
+    keep = ("loss", "losses", "token_shares", "probabilities", "affinity", "gradient_cosine")
+    assert [{k: h.get(k) for k in keep} for h in memory] == [{k: h.get(k) for k in keep} for h in streamed]
+
+
+def test_resume_refuses_a_streamed_split_whose_rows_changed_and_evaluate_keeps_to_stored_splits(
+    tiny_backbone, tmp_path, capsys
+):
+    path = streamed_config(tiny_backbone, tmp_path, True, steps=4, checkpoint_every=2)
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    assert main(["evaluate", str(run), "--split", "train"]) == 2
+    assert "streams its train split" in capsys.readouterr().err
+    with open(tmp_path / "a.jsonl", "a", encoding="utf-8") as out:  # three rows appended
+        out.write("".join(json.dumps(r) + "\n" for r in classification_rows(3, seed=9)))
+    (run / "metrics.json").unlink()  # as if it had stopped after its step-4 checkpoint
+    assert main(["resume", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert "has 43 rows, the run being resumed started with 40" in error and "\n" not in error.strip()

@@ -270,11 +270,11 @@ class SourceConfig(Group):
     # 100,000 (a mixture of hundreds of tasks holds no more than one of ten)
     shuffle_buffer: int | None = Field(None, ge=1)
 
-    @field_validator("num_rows")
+    @field_validator("num_rows", "shuffle_buffer")
     @classmethod
-    def _declared_rows(cls, value: int | None, info: ValidationInfo) -> int | None:
+    def _streamed_only(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and not info.data.get("streaming"):
-            raise ValueError("only a streamed source (streaming: true) takes num_rows; other splits are counted")
+            raise ValueError(f"only a streamed source (streaming: true) takes {info.field_name}")
         return value
 
     @model_validator(mode="after")

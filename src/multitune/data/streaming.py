@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import heapq
 import itertools
+import logging
 import random
 from array import array
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from multitune.data.tokens import Encoded
 from multitune.errors import DataError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 STREAMED_EVAL_ROWS = 2000  # a streamed task's validation and test rows kept in memory, unless max_rows says
 BUFFER_ROWS = 10_000  # a streamed task's shuffle buffer, by default
 BUFFER_BUDGET = 100_000  # ... all streamed tasks' buffers together, by default
@@ -95,6 +97,12 @@ class StreamedRows:
             if row is None:
                 if self.offset == 0:
                     raise DataError("a streamed train split holds no rows", file=self.source.where)
+                if self.epoch == 0 and self.offset != self.source.num_rows:
+                    log.warning(
+                        "%s: an epoch of the streamed train split held %d rows, not the %d its num_rows declares "
+                        "(the sampler's probabilities use the declared number)",
+                        self.source.where, self.offset, self.source.num_rows,
+                    )  # fmt: skip
                 self.epoch, self.offset = self.epoch + 1, 0
                 self._rows = self._epoch(self.epoch)
                 continue
@@ -130,7 +138,7 @@ def reservoir(rows: Iterator[T], k: int, seed: str) -> list[T]:
     return [row for _, _, row in sorted(keyed, key=lambda t: t[1])]
 
 
-# --- counting without parsing -------------------------------------------------------------------------
+# --- counting rows without making examples of them -----------------------------------------------------
 
 
 def count_lines(path: str, encoding: str) -> int:
@@ -141,11 +149,13 @@ def count_lines(path: str, encoding: str) -> int:
 
 
 def count_blocks(path: str, encoding: str) -> int:
-    """Blank-line-separated blocks (CoNLL sentences), read as bytes."""
+    """Blank-line-separated blocks (CoNLL sentences; a `-DOCSTART-` line, which read_conll skips, is no
+    token), read as bytes."""
     blocks, inside = 0, False
     with _binary(path, encoding) as handle:
         for raw in handle:
-            filled = bool(raw.strip())
+            text = raw.strip()
+            filled = bool(text) and not text.startswith(b"-DOCSTART-" if isinstance(text, bytes) else "-DOCSTART-")
             blocks += filled and not inside
             inside = filled
     return blocks

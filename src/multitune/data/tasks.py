@@ -474,9 +474,10 @@ def _parallel_lazily(task: TaskConfig, source_file: str, target_file: str) -> It
 
 
 def counted_rows(name: str, task: TaskConfig, unified: UnifiedFiles) -> int:
-    """A streamed train split's rows, counted without parsing them: lines (JSONL, CSV/TSV less a header,
-    parallel), blocks (CoNLL), a Parquet footer, a unified file's index, or a dataset's own split sizes (a
-    dataset that has none, such as local data_files, is read through once: declare num_rows to skip it)."""
+    """A streamed train split's rows, counted without making examples of them: lines read as bytes (JSONL,
+    parallel), CSV/TSV records (the csv reader's, so a quoted line break stays inside its record), CoNLL
+    sentences, a Parquet footer, a unified file's index, or a dataset's own split sizes (a dataset that has
+    none, such as local data_files, is read through once). Declare num_rows to skip the count."""
     source = task.source
     if source.format == "hf":
         split = source.split_names.get("train", "train")
@@ -497,8 +498,12 @@ def counted_rows(name: str, task: TaskConfig, unified: UnifiedFiles) -> int:
             total += parquet_rows(path)
         elif source.format == "unified":
             total += unified.index(path, source.task_key or name, source.encoding).count(source.task_key or name)
+        elif source.format in ("csv", "tsv"):  # the csv reader's records: a quoted line break is inside one
+            delimiter = source.delimiter or ("," if source.format == "csv" else "\t")
+            records = read_delimited(path, delimiter, source.quoting, source.header, source.columns, source.encoding)
+            total += sum(1 for _ in records)
         else:
-            total += count_lines(path, source.encoding) - (source.format in ("csv", "tsv") and source.header)
+            total += count_lines(path, source.encoding)
     return total
 
 

@@ -3,7 +3,6 @@ is created: tasks read, backbone loaded, model assembled, splits encoded."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 
 from multitune.config import Config
 from multitune.data.encoding import encode, encode_splits
-from multitune.data.streaming import StreamedRows
+from multitune.data.streaming import StreamedRows, reservoir
 from multitune.data.streams import RowStream
 from multitune.data.tasks import (
     Example,
@@ -71,13 +70,15 @@ class Prepared:
             )
         return StreamedRows(stream, self.encoder(name), seed)
 
-    def training_sample(self, name: str, rows: int = 256) -> list[Encoded]:
-        """Up to `rows` encoded training rows of task `name` (a streamed split's first ones): e.g. for its
-        mean row length."""
+    def training_sample(self, name: str) -> list[Encoded]:
+        """Task `name`'s encoded training rows: all of them, or of a streamed split a seeded uniform sample as
+        large as its shuffle buffer (one pass over the split; all its rows when it fits the buffer), e.g. for
+        its mean row length (mix_by: tokens) or the task-relation probes."""
         stream = self.tasks[name].stream
         if stream is None:
             return self.encoded[name]["train"]
-        return self.encoder(name)(list(itertools.islice(stream.open(), rows)))
+        sample = reservoir(stream.open(), stream.buffer, f"{self.config.run.seed}:{name}:sample")
+        return self.encoder(name)(sample)
 
     @property
     def pad_id(self) -> int:

@@ -18,10 +18,10 @@ from multitune.recipe.prepare import Prepared
 
 def probe_batches(prepared: Prepared, training: TrainingConfig, seed: int, split: str = "train") -> dict[str, Batch]:
     """A fixed, seeded batch (training.batch_size rows) of one split's rows per task, on which task relations
-    are measured."""
+    are measured (a streamed train split: of its sample, Prepared.training_sample)."""
     out = {}
     for name in prepared.tasks:
-        rows = prepared.encoded[name][split]
+        rows = prepared.training_sample(name) if split == "train" else prepared.encoded[name][split]
         picks = random.Random(f"{seed}:{name}:probe:{split}").sample(
             range(len(rows)), min(len(rows), training.batch_size)
         )

@@ -250,6 +250,14 @@ def match_resumed_data(run_dir: Path, tasks: dict[str, TaskData]) -> bool:
             )
         if task.config.type == "regression":  # the head learned targets scaled as at the start
             task.target_mean, task.target_std = float(saved["target_mean"]), float(saved["target_std"])
+        started = (saved.get("rows") or {}).get("train")
+        if task.stream is not None and task.config.source.num_rows is None and started not in (None, task.train_rows):
+            raise DataError(  # its epochs' order depends on the rows: the saved position would repeat and skip rows
+                f"task '{name}': its streamed train split has {task.train_rows} rows, the run being resumed started "
+                f"with {started}: resuming would repeat some rows of the epoch and skip others; restore the file or "
+                "start a new run",
+                file=split_source(task.config, "train"),
+            )
         fingerprint = saved.get("fingerprint")
         if not isinstance(fingerprint, dict):
             unchecked.append(name)
