@@ -252,3 +252,13 @@ def test_merging_a_randomly_initialised_backbone_is_refused_before_anything_trai
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     assert main(["compare", str(path), "--merge", "ties"]) == 2
     assert "model.random_init" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("dm", "word"), [(0.004, "level"), (-0.004, "level"), (0.5, "better"), (-0.5, "worse")])
+def test_the_verdict_says_what_the_printed_delta_m_shows(dm, word):
+    from multitune.compare.run import verdict
+
+    task = {"single": 0.5, "multi": 0.5, "higher_is_better": True}
+    result = {"delta_m_percent": dm, "params": {"multi_total": 1, "single_total": 2},
+              "train_seconds": {"multi": 1.0, "single_total": 2.0}, "tasks": {"t": task}}  # fmt: skip
+    assert verdict(result).startswith(f"multi-task is {word} on average")

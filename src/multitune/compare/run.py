@@ -362,7 +362,7 @@ def verdict(result: dict[str, Any]) -> str:
     worse = [
         t for t, e in result["tasks"].items() if (e["multi"] - e["single"]) * (1 if e["higher_is_better"] else -1) < 0
     ]
-    outcome = "better" if dm > 0 else "worse"
+    outcome = "better" if round(dm, 2) > 0 else "worse" if round(dm, 2) < 0 else "level"  # as Δm is printed
     hurt = f"; worse on {', '.join(worse)}" if worse else ""
     return (
         f"multi-task is {outcome} on average (Δm {dm:+.2f}%) with {size:.0%} of the parameters "
