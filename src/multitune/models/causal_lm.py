@@ -18,7 +18,7 @@ import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -298,30 +298,54 @@ class CausalLMMultiTask(MultiTaskModel):
         """Greedy decoding [B, ≤ max_new_tokens] of left-padded prompts whose `inputs` carry a key/value cache
         in front of them (a per-task prefix) and the attention mask over both. transformers' generate cannot
         take a cache that holds no tokens of input_ids, so this loop feeds it: positions count from the mask,
-        as generate's do (the prefix's P positions first), and a finished row continues with padding."""
+        as generate's do (the prefix's P positions first)."""
         cache_name = "cache" if "cache" in inputs else "past_key_values"
         mask = inputs["attention_mask"].to(device)
-        step_inputs = {**inputs, "input_ids": inputs["input_ids"].to(device), "attention_mask": mask}
-        rows = mask.shape[0]
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        tokens: list[Tensor] = []
+        given: dict[str, Any] = {**inputs, "input_ids": inputs["input_ids"].to(device), "attention_mask": mask}
+
+        def step(token: Tensor | None) -> Tensor:
+            nonlocal given, mask
+            if token is not None:  # the cache so far, the new token, the mask one longer
+                mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=device)], dim=1)
+                given = {"input_ids": token[:, None], "attention_mask": mask, cache_name: given[cache_name]}
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -given["input_ids"].shape[1] :]
+            output = self.backbone(**given, position_ids=positions, use_cache=True)
+            given[cache_name] = output.past_key_values
+            return output.logits[:, -1]  # type: ignore[no-any-return]
+
+        return greedy_decode(step, inputs["input_ids"], max_new_tokens, pad_id, eos, streamer)
+
+
+@torch.no_grad()
+def greedy_decode(
+    step: Callable[[Tensor | None], Tensor],
+    prompts: Tensor,
+    max_new_tokens: int,
+    pad_id: int,
+    eos: int | None,
+    streamer: Any,
+) -> Tensor:
+    """Greedy decoding [B, ≤ max_new_tokens]: `step(previous token [B] or None)` gives the next logits [B, V]
+    (the model and its cache are the caller's); a finished row continues with padding; a transformers streamer
+    is shown the prompts [B, L] first (it skips them), then each new token."""
+    rows = prompts.shape[0]
+    done = torch.zeros(rows, dtype=torch.bool)
+    tokens: list[Tensor] = []
+    if streamer is not None:
+        streamer.put(prompts.cpu())
+    token = None
+    for _ in range(max_new_tokens):
+        token = step(token).argmax(-1)
+        token = token.masked_fill(done.to(token.device), pad_id)
+        tokens.append(token)
         if streamer is not None:
-            streamer.put(inputs["input_ids"].cpu())  # a streamer skips the prompt it is shown first
-        for _ in range(max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_inputs["input_ids"].shape[1] :]
-            output = self.backbone(**step_inputs, position_ids=positions, use_cache=True)
-            token = output.logits[:, -1].argmax(-1).masked_fill(done, pad_id)  # [B]
-            tokens.append(token)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            done |= token == eos if eos is not None else torch.zeros_like(done)
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
-            step_inputs = {"input_ids": token[:, None], "attention_mask": mask, cache_name: output.past_key_values}
-        if streamer is not None:
-            streamer.end()
-        return torch.stack(tokens, dim=1) if tokens else torch.zeros(rows, 0, dtype=torch.long)
+            streamer.put(token.cpu())
+        done |= (token == eos).cpu() if eos is not None else torch.zeros_like(done)
+        if bool(done.all()):
+            break
+    if streamer is not None:
+        streamer.end()
+    return torch.stack(tokens, dim=1) if tokens else torch.zeros(rows, 0, dtype=torch.long)
 
 
 def build_causal_model(
@@ -383,28 +407,18 @@ class Seq2SeqMultiTask(CausalLMMultiTask):
         encoded = BaseModelOutput(last_hidden_state=self.body(**placed).last_hidden_state)
         config: Any = self.backbone.config
         rows = placed["input_ids"].shape[0]
-        token = torch.full((rows,), int(config.decoder_start_token_id), dtype=torch.long, device=device)
+        start = torch.full((rows,), int(config.decoder_start_token_id), dtype=torch.long, device=device)
         cache = self.decoder_prefix(device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        tokens: list[Tensor] = []
-        if streamer is not None:
-            streamer.put(placed["input_ids"].cpu())  # a streamer skips the prompt it is shown first
-        for _ in range(max_new_tokens):
+
+        def step(token: Tensor | None) -> Tensor:
             output = self.backbone(
-                encoder_outputs=encoded, attention_mask=placed["attention_mask"], decoder_input_ids=token[:, None],
-                use_cache=True, **cache,
+                encoder_outputs=encoded, attention_mask=placed["attention_mask"],
+                decoder_input_ids=(start if token is None else token)[:, None], use_cache=True, **cache,
             )  # fmt: skip
-            token = output.logits[:, -1].argmax(-1).masked_fill(done, pad_id)
-            tokens.append(token)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            done |= token == eos if eos is not None else torch.zeros_like(done)
-            if bool(done.all()):
-                break
-            cache = {"past_key_values": output.past_key_values}
-        if streamer is not None:
-            streamer.end()
-        return torch.stack(tokens, dim=1) if tokens else torch.zeros(rows, 0, dtype=torch.long)
+            cache["past_key_values"] = output.past_key_values  # the prefix, then every token so far
+            return output.logits[:, -1]  # type: ignore[no-any-return]
+
+        return greedy_decode(step, placed["input_ids"], max_new_tokens, pad_id, eos, streamer)
 
 
 def build_seq2seq_model(
