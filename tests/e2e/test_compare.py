@@ -262,3 +262,24 @@ def test_the_verdict_says_what_the_printed_delta_m_shows(dm, word):
     result = {"delta_m_percent": dm, "params": {"multi_total": 1, "single_total": 2},
               "train_seconds": {"multi": 1.0, "single_total": 2.0}, "tasks": {"t": task}}  # fmt: skip
     assert verdict(result).startswith(f"multi-task is {word} on average")
+
+
+def test_the_merge_table_shows_learned_coefficients_beside_chosen_numbers():
+    from multitune.compare.merges import format_merges
+
+    row = {"tasks": {"t": 0.5}, "delta_m_percent": -10.0, "storage_bytes": 10, "wall_seconds": 1.0}
+    result = {
+        "tasks": {"t": {"single": 0.6, "multi": 0.55}},
+        "delta_m_percent": -8.3,
+        "storage_bytes": {"single_total": 20, "multi": 10},
+        "wall_seconds": {"single_total": 2.0, "multi": 1.5},
+        "merges": {
+            "ties": {**row, "settings": {"density": 0.2, "scaling": 1.0}},
+            "adamerging": {**row, "settings": {"granularity": "task", "coefficients": {"all": [0.3271, 0.5]}}},
+            "layered": {**row, "settings": {"coefficients": {"encoder.layer.0": [0.1], "other": [0.2]}}},
+        },
+    }
+    table = "\n".join(format_merges(result))
+    assert "merge: ties (density=0.2, scaling=1)" in table
+    assert "merge: adamerging (granularity=task, coefficients=[0.327, 0.5])" in table
+    assert "coefficients=learned for 2 layers (comparison.json)" in table

@@ -71,10 +71,23 @@ def format_merges(result: dict[str, Any]) -> list[str]:
         f"{result['wall_seconds']['multi']:.1f} |",
     ]
     for method, row in merges.items():
-        settings = ", ".join(f"{k}={v:g}" for k, v in row["settings"].items())
+        settings = ", ".join(f"{k}={_setting(v)}" for k, v in row["settings"].items())
         lines.append(
             f"| merge: {method}{f' ({settings})' if settings else ''} | "
             + " | ".join(f"{row['tasks'][t]:.4f}" for t in tasks)
             + f" | {row['delta_m_percent']:+.2f}% | {row['storage_bytes']:,} | {row['wall_seconds']:.1f} |"
         )
     return lines
+
+
+def _setting(value: Any) -> str:
+    """A chosen setting as comparison.md shows it: a number, or AdaMerging's learned coefficients
+    ({layer or "all": [λ per task]}) as their one list or the number of layers they cover."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}"
+    if isinstance(value, dict) and len(value) == 1:
+        (only,) = value.values()
+        return "[" + ", ".join(f"{v:.3g}" for v in only) + "]" if isinstance(only, list) else str(only)
+    if isinstance(value, dict):
+        return f"learned for {len(value)} layers (comparison.json)"
+    return str(value)
