@@ -151,6 +151,7 @@ def test_a_streamed_run_trains_on_the_same_batches_as_the_same_data_in_memory(ti
     assert all(torch.equal(a[k], b[k]) for k in a)
     manifest = json.loads((streamed / "tasks.json").read_text())
     assert manifest["sentiment"]["rows"] == {"train": 40, "validation": 12}
+    assert "a.jsonl (streamed), a_val.jsonl" in (streamed / "report.html").read_text()
     assert any("streamed, 40 rows (counted)" in note for note in manifest["sentiment"]["notes"])
 
 

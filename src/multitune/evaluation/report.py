@@ -125,7 +125,10 @@ def data_summary(tasks: dict[str, Any]) -> list[list[str]]:
         splits = ", ".join(f"{split} {n}" for split, n in (task.get("rows") or {}).items())
         labels = task.get("labels") or []
         shown = ", ".join(map(str, labels[:8])) + (f", ... ({len(labels)} in all)" if len(labels) > 8 else "")
-        files = ", ".join(Path(str(f)).name for f in (task.get("fingerprint") or {}))
+        names = [Path(str(f)).name for f in (task.get("fingerprint") or {})]
+        if task.get("streamed_train"):  # a streamed train split: its files, not fingerprinted
+            names = [f"{Path(f.strip()).name} (streamed)" for f in str(task["streamed_train"]).split(",")] + names
+        files = ", ".join(names)
         rows.append([name, str(task.get("type", "")), splits, shown, files])
     return rows
 

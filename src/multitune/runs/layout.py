@@ -74,6 +74,7 @@ def task_manifest(tasks: dict[str, TaskData]) -> dict[str, Any]:
             ),
             "notes": task.notes,
             "fingerprint": data_fingerprint(task),
+            **({"streamed_train": task.stream.where} if task.stream is not None else {}),  # not fingerprinted
         }
         for name, task in tasks.items()
     }
