@@ -19,6 +19,7 @@ files, shuffled in a bounded buffer, and tokenized when they are drawn, so memor
 from __future__ import annotations
 
 import codecs
+import contextlib
 import heapq
 import itertools
 import logging
@@ -167,20 +168,9 @@ def _binary(path: str, encoding: str) -> Any:
         byte_lines = codecs.lookup(encoding).name.replace("-", "_") in BYTE_LINES
     except LookupError:  # decoding says so, in one line
         byte_lines = False
-    return open_binary(path) if byte_lines else _Decoded(path, encoding)
-
-
-class _Decoded:
-    """Decoded lines as a context manager of lines (UTF-16 and other encodings with multi-byte line breaks)."""
-
-    def __init__(self, path: str, encoding: str) -> None:
-        self.lines = (text for _, _, text in offset_lines(path, encoding))
-
-    def __enter__(self) -> Iterator[str]:
-        return self.lines
-
-    def __exit__(self, *_: object) -> None:
-        return None
+    if byte_lines:
+        return open_binary(path)
+    return contextlib.nullcontext(text for _, _, text in offset_lines(path, encoding))
 
 
 # encodings whose line break is the byte 0x0A and whose other characters never hold it (ASCII-compatible)

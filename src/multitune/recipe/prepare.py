@@ -4,7 +4,7 @@ is created: tasks read, backbone loaded, model assembled, splits encoded."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ class Prepared:
     encoded: dict[str, dict[str, list[Encoded]]]  # task -> split -> rows
     scored: dict[str, dict[str, Sequence[PredictionRow]]]  # the rows evaluation predicts (token tasks: windows)
     rows_added: bool = False  # resuming: rows were appended to the data since the run started
+    samples: dict[str, list[Encoded]] = field(default_factory=dict)  # streamed splits' samples (training_sample)
 
     def encoder(self, name: str) -> Callable[[list[Example]], list[Encoded]]:
         """Task `name`'s examples -> Encoded rows, as its splits were encoded (a streamed split's rows)."""
@@ -77,8 +78,10 @@ class Prepared:
         stream = self.tasks[name].stream
         if stream is None:
             return self.encoded[name]["train"]
-        sample = reservoir(stream.open(), stream.buffer, f"{self.config.run.seed}:{name}:sample")
-        return self.encoder(name)(sample)
+        if name not in self.samples:  # one pass per task, however many users ask
+            sample = reservoir(stream.open(), stream.buffer, f"{self.config.run.seed}:{name}:sample")
+            self.samples[name] = self.encoder(name)(sample)
+        return self.samples[name]
 
     @property
     def pad_id(self) -> int:
