@@ -369,3 +369,17 @@ def test_resume_refuses_a_streamed_split_whose_rows_changed_and_evaluate_keeps_t
     assert main(["resume", str(run)]) == 2
     error = capsys.readouterr().err
     assert "has 43 rows, the run being resumed started with 40" in error and "\n" not in error.strip()
+
+
+def test_scoring_a_finished_streamed_run_never_reads_its_train_split(tiny_backbone, tmp_path):
+    path = streamed_config(tiny_backbone, tmp_path, True, steps=4)
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    assert main(["evaluate", str(run), "--split", "validation"]) == 0
+    before = json.loads((run / "evaluation_validation.json").read_text())
+    # the train files are gone (a mixture too large to keep beside the run): the labels and target scaling
+    # come from the run's tasks.json, so scoring the stored splits does not need them
+    (tmp_path / "a.jsonl").unlink()
+    (tmp_path / "b.jsonl").write_text("not json\n", encoding="utf-8")
+    assert main(["evaluate", str(run), "--split", "validation"]) == 0
+    assert json.loads((run / "evaluation_validation.json").read_text()) == before

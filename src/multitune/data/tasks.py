@@ -391,10 +391,12 @@ def load_task(
     unified: UnifiedFiles,
     trust_remote_code: bool = False,
     buffer: int = BUFFER_ROWS,
+    train_pass: bool = True,
 ) -> TaskData:
-    """Task `name`'s data; `buffer`: a streamed train split's shuffle buffer unless its source sets one."""
+    """Task `name`'s data; `buffer`: a streamed train split's shuffle buffer unless its source sets one;
+    `train_pass` False: a streamed train split is neither counted nor read (see `load_streamed_task`)."""
     if task.source.streaming:
-        return load_streamed_task(name, task, seed, unified, trust_remote_code, buffer)
+        return load_streamed_task(name, task, seed, unified, trust_remote_code, buffer, train_pass)
     splits: dict[str, list[Example]] = {}
     notes: list[str] = []
     for split in SPLITS:
@@ -525,11 +527,15 @@ def load_streamed_task(
     unified: UnifiedFiles,
     trust_remote_code: bool = False,
     buffer: int = BUFFER_ROWS,
+    train_pass: bool = True,
 ) -> TaskData:
     """A task whose train split streams: validation and test read into memory (a seeded sample of at most
     max_rows, default STREAMED_EVAL_ROWS, in one pass), the train split counted, and, when the config does
     not give them, its labels (classification, tags) or its targets' mean, spread and range (regression)
-    gathered in one pass over it. A streamed task needs a validation split of its own."""
+    gathered in one pass over it. A streamed task needs a validation split of its own.
+    With `train_pass` False (scoring a finished run, whose tasks.json holds the labels and target scaling the
+    heads were trained with), the train split is not read at all: its row count is the declared `num_rows`
+    or 0, and the labels and target statistics are left for the caller to set."""
     splits: dict[str, list[Example]] = {}
     notes: list[str] = []
     for split in ("validation", "test"):
@@ -547,6 +553,9 @@ def load_streamed_task(
             "read the whole split into memory)",
             file=train_file,
         )
+    if not train_pass:
+        source = StreamSource(lambda: iter(()), task.source.num_rows or 0, 1, train_file or name)
+        return TaskData(name, task, splits, notes=[*notes, "train: streamed, not read"], stream=source)
     num_rows = task.source.num_rows or counted_rows(name, task, unified)
     if num_rows < 1:
         raise DataError(f"task '{name}' has no training rows", file=train_file)
@@ -671,7 +680,13 @@ def _check_iob2(data: TaskData, vocabulary: list[str], labels_of: Callable[[Exam
         raise DataError(f"tag '{bad}' is not IOB2 (O, B-TYPE or I-TYPE), which entity_f1 needs", field="labels")
 
 
-def load_tasks(tasks: dict[str, TaskConfig], seed: int, trust_remote_code: bool = False) -> dict[str, TaskData]:
+def load_tasks(
+    tasks: dict[str, TaskConfig], seed: int, trust_remote_code: bool = False, train_pass: bool = True
+) -> dict[str, TaskData]:
+    """Every task's data (see `load_task`)."""
     unified = UnifiedFiles(unified_routes(tasks))
     buffer = buffer_rows(sum(task.source.streaming for task in tasks.values()))
-    return {name: load_task(name, task, seed, unified, trust_remote_code, buffer) for name, task in tasks.items()}
+    return {
+        name: load_task(name, task, seed, unified, trust_remote_code, buffer, train_pass)
+        for name, task in tasks.items()
+    }

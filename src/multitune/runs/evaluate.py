@@ -9,30 +9,25 @@ import torch
 
 from multitune.core.files import WEIGHTS_FILE, write_json
 from multitune.data.encoding import encode_splits
-from multitune.data.tasks import (
-    label_field_name,
-    load_tasks,
-)
+from multitune.data.tasks import label_field_name
 from multitune.data.windows import scoring_rows
 from multitune.errors import ConfigError
 from multitune.evaluation.evaluate import average_main_score, evaluate, format_table
 from multitune.runs.layout import FINETUNED
-from multitune.runs.load import load_refined, load_run, task_from_manifest
+from multitune.runs.load import load_refined, load_run, scored_tasks
 from multitune.training.checkpoint import load_weights
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     config, manifest, model, backbone = load_run(run_dir)
-    tasks = load_tasks(config.tasks, config.run.seed, config.model.trust_remote_code)
+    tasks = scored_tasks(config, manifest)
     streamed = [name for name, task in tasks.items() if task.stream is not None]
     if split == "train" and streamed:
         raise ConfigError(
             f"task '{streamed[0]}' streams its train split, which is never held whole: score validation or test",
             field="--split",
         )
-    for name, task in tasks.items():  # the labels the heads were trained with, not those re-inferred
-        saved = task_from_manifest(name, task.config, manifest[name])
-        task.labels, task.target_mean, task.target_std = saved.labels, saved.target_mean, saved.target_std
+    for name, task in tasks.items():
         known = set(task.labels or [])
         for example in task.splits.get(split, task.splits["validation"]):
             for label in example.label if isinstance(example.label, tuple) else (example.label,):

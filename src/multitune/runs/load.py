@@ -10,6 +10,7 @@ from multitune.config import Config, TaskConfig
 from multitune.core.files import WEIGHTS_FILE
 from multitune.data.tasks import (
     TaskData,
+    load_tasks,
 )
 from multitune.errors import MultitunError
 from multitune.models.assemble import FROM_RUN, build_model
@@ -64,6 +65,17 @@ def rebuilt_backbone(folder: Path, kind: str) -> Backbone:
 
 def task_from_manifest(name: str, config: TaskConfig, entry: dict[str, Any]) -> TaskData:
     return TaskData(name, config, {}, entry["labels"], entry["target_mean"], entry["target_std"])
+
+
+def scored_tasks(config: Config, manifest: dict[str, dict[str, Any]]) -> dict[str, TaskData]:
+    """A finished run's tasks read again to be scored: their validation and test splits, with the labels and
+    target scaling the heads were trained with (tasks.json), not ones inferred again. A streamed train split
+    is not read (no count, no pass for labels): scoring never needs it."""
+    tasks = load_tasks(config.tasks, config.run.seed, config.model.trust_remote_code, train_pass=False)
+    for name, task in tasks.items():
+        saved = task_from_manifest(name, task.config, manifest[name])
+        task.labels, task.target_mean, task.target_std = saved.labels, saved.target_mean, saved.target_std
+    return tasks
 
 
 def refined(run_dir: str | Path, task: str) -> Path | None:

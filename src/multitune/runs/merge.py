@@ -140,16 +140,12 @@ def _unlabelled(config: Config, loaded: list[Any], heads: dict[str, torch.Tensor
     inputs in batches of `rows` (their labels are not read): what a merge that learns its coefficients needs."""
     from multitune.data.collate import collate
     from multitune.data.encoding import encode_splits
-    from multitune.data.tasks import load_tasks
     from multitune.models.assemble import build_model
-    from multitune.runs.load import task_from_manifest
+    from multitune.runs.load import scored_tasks
 
     backbone = loaded[0][3]
     manifest = {task: entry for _, own, _, _ in loaded for task, entry in own.items()}
-    tasks = load_tasks(config.tasks, config.run.seed, config.model.trust_remote_code)
-    for name, task in tasks.items():  # the heads' labels and target scaling, as trained
-        saved = task_from_manifest(name, task.config, manifest[name])
-        task.labels, task.target_mean, task.target_std = saved.labels, saved.target_mean, saved.target_std
+    tasks = scored_tasks(config, manifest)
     model = build_model(config.model, tasks, backbone)
     model.load_state_dict(heads, strict=False)
     encoded = encode_splits(tasks, backbone.tokenizer, config.model.max_length, config.model.kind == "seq2seq")
