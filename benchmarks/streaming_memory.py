@@ -8,6 +8,9 @@ the shuffle buffer both draw the same rows, so their loss curves must agree.
 
     python benchmarks/streaming_memory.py --out benchmarks/results/streaming_memory.json [--sizes 10000,100000,1000000]
 
+With `--read-ahead 0,64` each streamed case runs once reading in the loop and once with 64 rows per task
+read and tokenized ahead on the reader thread (training.read_ahead), side by side: their losses must agree.
+
 Nothing is downloaded: the data is generated here and the model is a 2-layer Llama with a word-level
 tokenizer, built from a config.
 """
@@ -93,7 +96,7 @@ def write_mixture(folder: Path, rows: int, tasks: int, seed: int = 0) -> None:
                     out.write(json.dumps({"text": text, "label": label}) + "\n")
 
 
-def config(data: Path, model: Path, out: Path, streaming: bool, steps: int) -> dict:
+def config(data: Path, model: Path, out: Path, streaming: bool, steps: int, read_ahead: int = 64) -> dict:
     source = {"format": "jsonl", "train": str(data / "train"), "validation": str(data / "validation")}
     if streaming:
         source["streaming"] = True
@@ -103,6 +106,7 @@ def config(data: Path, model: Path, out: Path, streaming: bool, steps: int) -> d
         "training": {
             "steps": steps, "batch_size": 8, "lr": 1e-3, "eval_every": steps, "eval_batch_size": 64,
             "log_every": 1, "progress": False, "checkpoint_every": None, "mixed_batches": True,
+            "read_ahead": read_ahead,
         },
         "discover": {
             "source": source, "type": "generation", "defaults": {"max_new_tokens": 4, "metrics": ["exact_match"]}
@@ -110,12 +114,12 @@ def config(data: Path, model: Path, out: Path, streaming: bool, steps: int) -> d
     }  # fmt: skip
 
 
-def run(data: Path, model: Path, work: Path, streaming: bool, steps: int) -> dict:
+def run(data: Path, model: Path, work: Path, streaming: bool, steps: int, read_ahead: int = 64) -> dict:
     import yaml
 
     out = work / f"runs-{'streamed' if streaming else 'memory'}-{time.time_ns()}"
     path = work / "config.yaml"
-    path.write_text(yaml.safe_dump(config(data, model, out, streaming, steps)), encoding="utf-8")
+    path.write_text(yaml.safe_dump(config(data, model, out, streaming, steps, read_ahead)), encoding="utf-8")
     child = [sys.executable, "-c", CHILD, str(path), str(out / "run")]
     done = subprocess.run(child, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -146,7 +150,9 @@ def main() -> int:
     parser.add_argument("--tasks", default="10,300")
     parser.add_argument("--memory-sizes", default="10000,100000", help="row counts also run in memory")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--read-ahead", default="64", help="streamed runs: training.read_ahead values, each run")
     args = parser.parse_args()
+    aheads = [int(a) for a in args.read_ahead.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
     memory_sizes = {int(s) for s in args.memory_sizes.split(",") if s}
     results = []
@@ -162,21 +168,28 @@ def main() -> int:
                 write_mixture(data, rows, tasks)
                 generated = time.perf_counter() - started
                 size_mb = sum(f.stat().st_size for f in (data / "train").iterdir()) / 2**20
-                for streaming in (True, False) if rows in memory_sizes else (True,):
-                    result = run(data, model, work, streaming, args.steps)
+                cases = [(True, ahead) for ahead in aheads] + [(False, 0)] * (rows in memory_sizes)
+                for streaming, ahead in cases:
+                    result = run(data, model, work, streaming, args.steps, ahead)
                     entry = {"rows": rows, "tasks": tasks, "streaming": streaming, "train_mb": round(size_mb, 1),
-                             "generate_seconds": round(generated, 1), **result}  # fmt: skip
+                             "read_ahead": ahead if streaming else None, "generate_seconds": round(generated, 1),
+                             **result}  # fmt: skip
                     results.append(entry)
                     shown = {k: v for k, v in entry.items() if k != "losses"}
                     print(json.dumps(shown), flush=True)
                 shutil.rmtree(data)
-    same = {}
+    same, ahead_same = {}, {}
     for tasks in {r["tasks"] for r in results}:
         pair = [r for r in results if r["tasks"] == tasks and r["rows"] == min(sizes)]
-        if len(pair) == 2:
-            same[str(tasks)] = pair[0]["losses"] == pair[1]["losses"]
-    Path(args.out).write_text(json.dumps({"runs": results, "same_losses_streamed_vs_memory": same}, indent=1))
-    print(json.dumps({"same_losses_streamed_vs_memory": same}))
+        if len(pair) >= 2:  # every run on the smallest mixture: streamed (each read-ahead) and in memory
+            same[str(tasks)] = all(r["losses"] == pair[0]["losses"] for r in pair)
+        for rows in sizes:
+            streamed = [r for r in results if r["tasks"] == tasks and r["rows"] == rows and r["streaming"]]
+            if len(streamed) >= 2:
+                ahead_same[f"{tasks}x{rows}"] = all(r["losses"] == streamed[0]["losses"] for r in streamed)
+    summary = {"same_losses_streamed_vs_memory": same, "same_losses_by_read_ahead": ahead_same}
+    Path(args.out).write_text(json.dumps({"runs": results, **summary}, indent=1))
+    print(json.dumps(summary))
     return 0
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from multitune.cli import main
 from multitune.data.streaming import (
+    ReadAheadRows,
     StreamedRows,
     StreamSource,
     UnifiedIndex,
@@ -70,6 +71,70 @@ def test_a_stream_resumes_exactly_where_it_stopped():
     shorter = StreamedRows(source(rows[:10], buffer=8), identity, "r")
     with pytest.raises(DataError, match="fewer rows than the checkpoint's position"):
         shorter.load_state_dict(state)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_reading_ahead_hands_out_the_rows_and_positions_of_reading_in_the_loop(chunk):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = list(range(37))
+    worker = ThreadPoolExecutor(1)
+    encode = lambda xs: [x * 10 for x in xs]  # noqa: E731
+    loop = StreamedRows(source(rows, buffer=5), encode, "s")
+    ahead = ReadAheadRows(source(rows, buffer=5), encode, "s", worker, chunk)
+    for n in (4, 0, 9, 30, 1, 37, 2):  # across epoch boundaries
+        assert ahead.take(n) == loop.take(n)
+        assert ahead.state_dict() == loop.state_dict()
+    saved = ahead.state_dict()
+    later = ahead.take(11)
+    resumed = ReadAheadRows(source(rows, buffer=5), encode, "s", worker, chunk)
+    resumed.load_state_dict(saved)
+    assert resumed.take(11) == later
+    ahead.load_state_dict(saved)  # moved back while rows were read ahead: they are dropped
+    assert ahead.take(11) == later
+
+
+def bad_at(position: int, rows: list[int]) -> StreamSource:
+    def read() -> Any:
+        for row in rows:
+            if row == position:
+                raise DataError("bad row", file="data.jsonl", line=position + 1)
+            yield row
+
+    return StreamSource(read, len(rows), 1, "data.jsonl")
+
+
+@pytest.mark.parametrize("where", ["reading", "encoding"])
+def test_reading_ahead_raises_a_bad_row_when_the_loop_reaches_it_not_before(where):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = list(range(20))
+
+    def encode(xs: list[int]) -> list[int]:
+        if where == "encoding" and 13 in xs:
+            raise DataError("does not encode", file="data.jsonl", line=14)
+        return xs
+
+    def made() -> StreamSource:
+        return bad_at(13, rows) if where == "reading" else source(rows, buffer=1)
+
+    def outcomes(stream: Any) -> list[Any]:
+        out: list[Any] = []
+        for n in (5, 7, 1, 1, 1):
+            try:
+                out.append((stream.take(n), stream.state_dict()))
+            except DataError as error:
+                out.append(str(error))
+                break
+        return out
+
+    loop = outcomes(StreamedRows(made(), encode, "s"))
+    first, second = (list(range(5)), {"epoch": 0, "offset": 5}), (list(range(5, 12)), {"epoch": 0, "offset": 12})
+    if where == "reading":  # the reader holds one row in its buffer of 1: reading row 13 fails as row 12 is drawn
+        assert loop == [first, second, "data.jsonl:14: bad row"]
+    else:
+        assert loop == [first, second, ([12], {"epoch": 0, "offset": 13}), "data.jsonl:14: does not encode"]
+    assert outcomes(ReadAheadRows(made(), encode, "s", ThreadPoolExecutor(1), chunk=8)) == loop
 
 
 def test_a_reservoir_sample_is_seeded_uniform_and_keeps_the_data_order():
@@ -141,14 +206,17 @@ def test_a_streamed_run_trains_on_the_same_batches_as_the_same_data_in_memory(ti
     for streaming in (False, True):
         path = streamed_config(tiny_backbone, tmp_path, streaming, log_every=1)
         assert main(["train", str(path), f"run.name=s{streaming}"]) == 0
+    assert main(["train", str(path), "run.name=in_loop", "training.read_ahead=0"]) == 0  # no reader thread
     memory, streamed = tmp_path / "runs" / "sFalse", tmp_path / "runs" / "sTrue"
 
     def timeless(run: Path) -> list[dict[str, Any]]:
         return [{k: v for k, v in h.items() if "second" not in k and "time" not in k} for h in history(run)]
 
     assert len(timeless(memory)) > 6 and timeless(memory) == timeless(streamed)  # every step's losses
+    assert timeless(tmp_path / "runs" / "in_loop") == timeless(streamed)
     a, b = load_file(str(memory / "model.safetensors")), load_file(str(streamed / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(str(tmp_path / "runs" / "in_loop" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
     manifest = json.loads((streamed / "tasks.json").read_text())
     assert manifest["sentiment"]["rows"] == {"train": 40, "validation": 12}
     assert "a.jsonl (streamed), a_val.jsonl" in (streamed / "report.html").read_text()
@@ -175,11 +243,14 @@ def test_a_bad_row_found_late_in_a_stream_is_a_one_line_error_and_the_checkpoint
     config["sampling"] = {"name": "manual", "probabilities": {"sentiment": 0.999, "ner": 0.001}}
     path = tmp_path / "late.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    assert main(["train", str(path)]) == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("multitune: error: ") and "late.jsonl:31" in error and "invalid JSON" in error
-    checkpoints = sorted((tmp_path / "runs" / "tiny" / "checkpoints").iterdir())
-    assert checkpoints, "the checkpoints written before the bad row are kept"
+    kept = {}
+    for ahead in (0, 8):  # read in the loop, or ahead on the reader thread: the run stops at the same step
+        assert main(["train", str(path), f"run.name=ahead{ahead}", f"training.read_ahead={ahead}"]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("multitune: error: ") and "late.jsonl:31" in error and "invalid JSON" in error
+        kept[ahead] = sorted(p.name for p in (tmp_path / "runs" / f"ahead{ahead}" / "checkpoints").iterdir())
+    assert kept[0], "the checkpoints written before the bad row are kept"
+    assert kept[8] == kept[0]
 
 
 def test_streaming_refuses_what_would_read_the_whole_split(tiny_backbone, tmp_path, capsys):

@@ -39,7 +39,7 @@ BASELINES = ".baselines"
 SIDES = ("single_total", "multi")  # the two sides' keys in comparison.json's cost fields
 
 
-UNLEARNED = ("progress", "tensorboard")  # training settings that change no weight and no score
+UNLEARNED = ("progress", "tensorboard", "read_ahead")  # training settings that change no weight and no score
 
 
 def _fingerprint(config: Config, task: str) -> str:

@@ -196,6 +196,9 @@ class TrainingConfig(Group):
     packing: bool = False  # causal LMs: pack generation examples into rows of pack_length, no padding between
     pack_length: int | None = Field(None, ge=8)  # default: model.max_length
     compile: bool = False  # torch.compile the backbone (dynamic shapes)
+    # streamed train splits: rows of a task read and tokenized ahead, per batch of this many, on a background
+    # thread while the loop trains (the same rows in the same order); 0: read in the loop
+    read_ahead: int = Field(64, ge=0)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int | None = Field(500, ge=1)  # also at the end and on SIGTERM / SIGINT
     keep_checkpoints: int = Field(2, ge=1)

@@ -14,6 +14,11 @@ files, shuffled in a bounded buffer, and tokenized when they are drawn, so memor
 - A unified file feeds many tasks: one pass indexes where each task's records start (8 bytes per record),
   and each task's stream reads its own records there.
 - A bad row found late is an error at its file and line, raised where the row is drawn.
+- Read-ahead (`training.read_ahead`, on by default): one background thread reads, parses and tokenizes each
+  streamed task's next rows while the training loop runs the forward and backward passes (torch and a fast
+  tokenizer release the GIL while they work). It tokenizes with its own copy of the tokenizer (a fast
+  tokenizer must not serve two threads at once). The rows, their order, the checkpointed position and the
+  step at which a bad row stops the run are those of reading in the loop: only the time differs.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import itertools
 import logging
 import random
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -119,6 +126,9 @@ class StreamedRows:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue at (epoch, offset): the epoch is read again and its first `offset` rows passed over."""
+        self._seek(state)
+
+    def _seek(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), 0
         self._rows = self._epoch(self.epoch)
         skip = int(state["offset"])
@@ -129,6 +139,80 @@ class StreamedRows:
                     file=self.source.where,
                 )
         self.offset = skip
+
+
+class ReadAheadRows(StreamedRows):
+    """StreamedRows whose next `chunk` rows are read and encoded on `worker` (a one-thread executor shared by
+    every streamed task of a run) while the caller trains on the rows before them. The stream's position
+    (state_dict) is that of the last row handed out, so a checkpoint resumes exactly where the loop stopped,
+    whatever was read ahead. A row that cannot be read or encoded raises when the loop reaches it, as
+    reading in the loop would; the rows before it are handed out first."""
+
+    def __init__(
+        self,
+        source: StreamSource,
+        encode: Callable[[list[Any]], list[Encoded]],
+        seed: str,
+        worker: Executor,
+        chunk: int,
+    ) -> None:
+        super().__init__(source, encode, seed)
+        self.worker, self.chunk = worker, chunk
+        self._ready: deque[tuple[Encoded, tuple[int, int]]] = deque()
+        self._pending: Future[tuple[list[tuple[Encoded, tuple[int, int]]], BaseException | None]] | None = None
+        self._error: BaseException | None = None
+        self._handed = (0, 0)  # (epoch, offset) after the last row handed out
+
+    def take(self, n: int) -> list[Encoded]:
+        while len(self._ready) < n:
+            if self._error is not None:
+                raise self._error
+            future = self._pending or self.worker.submit(self._read)
+            self._pending = None
+            rows, self._error = future.result()
+            self._ready.extend(rows)
+        out = [self._ready.popleft() for _ in range(n)]
+        if out:
+            self._handed = out[-1][1]
+        if self._pending is None and self._error is None:  # the next rows, read while these train
+            self._pending = self.worker.submit(self._read)
+        return [row for row, _ in out]
+
+    def _read(self) -> tuple[list[tuple[Encoded, tuple[int, int]]], BaseException | None]:
+        """On the worker: the next `chunk` rows encoded, each with the position after it; and the error that
+        ended the chunk early, if one did (a bad row: the rows before it are kept)."""
+        examples: list[Any] = []
+        positions: list[tuple[int, int]] = []
+        error: BaseException | None = None
+        try:
+            for _ in range(self.chunk):
+                examples.extend(self.take_examples(1))
+                positions.append((self.epoch, self.offset))
+        except Exception as failure:  # raised in the loop when it reaches this row
+            error = failure
+        try:
+            encoded = self.encode(examples)
+        except Exception:  # one row does not encode: encode one by one to hand out those before it
+            encoded = []
+            for example in examples:
+                try:
+                    encoded.extend(self.encode([example]))
+                except Exception as failure:
+                    error = failure
+                    break
+        return list(zip(encoded, positions[: len(encoded)], strict=True)), error
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._handed[0], "offset": self._handed[1]}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self._pending is not None:  # let the worker finish with the reader before it is moved
+            self._pending.result()
+            self._pending = None
+        self._ready.clear()
+        self._error = None
+        self._seek(state)
+        self._handed = (self.epoch, self.offset)
 
 
 def reservoir(rows: Iterator[T], k: int, seed: str) -> list[T]:

@@ -3,15 +3,18 @@ is created: tasks read, backbone loaded, model assembled, splits encoded."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from multitune.config import Config
 from multitune.data.encoding import encode, encode_splits
-from multitune.data.streaming import StreamedRows, reservoir
+from multitune.data.streaming import ReadAheadRows, StreamedRows, reservoir
 from multitune.data.streams import RowStream
 from multitune.data.tasks import (
     Example,
@@ -50,11 +53,13 @@ class Prepared:
     scored: dict[str, dict[str, Sequence[PredictionRow]]]  # the rows evaluation predicts (token tasks: windows)
     rows_added: bool = False  # resuming: rows were appended to the data since the run started
     samples: dict[str, list[Encoded]] = field(default_factory=dict)  # streamed splits' samples (training_sample)
+    read_ahead: tuple[ThreadPoolExecutor, Any] | None = None  # streamed splits' reader thread and its tokenizer
 
-    def encoder(self, name: str) -> Callable[[list[Example]], list[Encoded]]:
-        """Task `name`'s examples -> Encoded rows, as its splits were encoded (a streamed split's rows)."""
+    def encoder(self, name: str, tokenizer: Any = None) -> Callable[[list[Example]], list[Encoded]]:
+        """Task `name`'s examples -> Encoded rows, as its splits were encoded (a streamed split's rows); with
+        `tokenizer`, a copy of the backbone's, for use on another thread."""
         task, model = self.tasks[name], self.config.model
-        tokenizer = self.backbone.tokenizer
+        tokenizer = self.backbone.tokenizer if tokenizer is None else tokenizer
         return lambda examples: encode(
             examples, task, tokenizer, model.max_length, decoder_targets=model.kind == "seq2seq"
         )
@@ -69,7 +74,13 @@ class Prepared:
                 f"task '{name}' streams its train split, which is never whole: it cannot be grouped by length",
                 field="training.group_by_length",
             )
-        return StreamedRows(stream, self.encoder(name), seed)
+        chunk = self.config.training.read_ahead
+        if not chunk:
+            return StreamedRows(stream, self.encoder(name), seed)
+        if self.read_ahead is None:  # one thread, one tokenizer copy, for every streamed task
+            self.read_ahead = (ThreadPoolExecutor(1, "multitune-read-ahead"), copy.deepcopy(self.backbone.tokenizer))
+        worker, tokenizer = self.read_ahead
+        return ReadAheadRows(stream, self.encoder(name, tokenizer), seed, worker, chunk)
 
     def training_sample(self, name: str) -> list[Encoded]:
         """Task `name`'s encoded training rows: all of them, or of a streamed split a seeded uniform sample as
