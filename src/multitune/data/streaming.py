@@ -142,8 +142,9 @@ class StreamedRows:
 
 
 class ReadAheadRows(StreamedRows):
-    """StreamedRows whose next `chunk` rows are read and encoded on `worker` (a one-thread executor shared by
-    every streamed task of a run) while the caller trains on the rows before them. The stream's position
+    """StreamedRows whose next rows (twice the last draw, at most `chunk`) are read and encoded on `worker` (a
+    one-thread executor shared by every streamed task of a run) while the caller trains on the rows before
+    them. The stream's position
     (state_dict) is that of the last row handed out, so a checkpoint resumes exactly where the loop stopped,
     whatever was read ahead. A row that cannot be read or encoded raises when the loop reaches it, as
     reading in the loop would; the rows before it are handed out first."""
@@ -167,25 +168,28 @@ class ReadAheadRows(StreamedRows):
         while len(self._ready) < n:
             if self._error is not None:
                 raise self._error
-            future = self._pending or self.worker.submit(self._read)
+            future = self._pending or self.worker.submit(self._read, n - len(self._ready))
             self._pending = None
             rows, self._error = future.result()
             self._ready.extend(rows)
         out = [self._ready.popleft() for _ in range(n)]
         if out:
             self._handed = out[-1][1]
-        if self._pending is None and self._error is None:  # the next rows, read while these train
-            self._pending = self.worker.submit(self._read)
+        # the next rows, read while these train: as many as twice this draw (at most `chunk`), so that a task
+        # drawn a row at a time among hundreds does not have rows read for it that a run never reaches
+        target = min(self.chunk, 2 * n)
+        if self._pending is None and self._error is None and len(self._ready) < target:
+            self._pending = self.worker.submit(self._read, target - len(self._ready))
         return [row for row, _ in out]
 
-    def _read(self) -> tuple[list[tuple[Encoded, tuple[int, int]]], BaseException | None]:
-        """On the worker: the next `chunk` rows encoded, each with the position after it; and the error that
-        ended the chunk early, if one did (a bad row: the rows before it are kept)."""
+    def _read(self, count: int) -> tuple[list[tuple[Encoded, tuple[int, int]]], BaseException | None]:
+        """On the worker: the next `count` rows encoded, each with the position after it; and the error that
+        ended them early, if one did (a bad row: the rows before it are kept)."""
         examples: list[Any] = []
         positions: list[tuple[int, int]] = []
         error: BaseException | None = None
         try:
-            for _ in range(self.chunk):
+            for _ in range(count):
                 examples.extend(self.take_examples(1))
                 positions.append((self.epoch, self.offset))
         except Exception as failure:  # raised in the loop when it reaches this row
