@@ -263,7 +263,7 @@ def test_card_code_holds_regression_answers_to_the_range_and_leaves_words_past_t
     assert tags[30:] == [None] * 20 and None not in tags[:30]
 
 
-def test_vllm_export_holds_the_base_and_each_tasks_lora_adapter_that_plain_peft_reproduces(tmp_path):
+def test_vllm_export_holds_the_base_and_each_tasks_lora_adapter_that_plain_peft_reproduces(tmp_path, capsys):
     """--format vllm: base/ loads with plain transformers, adapters/TASK with plain peft on it, and greedy
     generation through each equals `multitune predict` on the same records; the README names the command."""
     import torch
@@ -293,6 +293,8 @@ def test_vllm_export_holds_the_base_and_each_tasks_lora_adapter_that_plain_peft_
     assert main(["export", str(run), "--format", "vllm", str(out)]) == 0
     readme = (out / "README.md").read_text()
     assert "--enable-lora" in readme and "copy=./adapters/copy echo=./adapters/echo" in readme
+    # rank 4 is not a size vLLM's --max-lora-rank takes (1, 8, 16, ...): the command names 8
+    assert "--max-lora-rank 8 " in readme and "| copy | translate |" in readme and "| echo | rate |" in readme
     records = [{"text": "the cat sits"}, {"text": "a dog runs in paris"}]
     run_config, manifest, _, backbone = load_run(run)
     tokenizer = AutoTokenizer.from_pretrained(str(out / "base"))
@@ -316,6 +318,15 @@ def test_vllm_export_holds_the_base_and_each_tasks_lora_adapter_that_plain_peft_
             got.append(tokenizer.decode(new[0, prompt.shape[1] :], skip_special_tokens=True).strip())
         assert got == expected
     assert main(["export", str(run), "--format", "vllm", str(tmp_path / "again")]) == 0
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    for where in (blocked / "sub", tmp_path / ("n" * 300)):  # not a folder; a name too long: one line, exit 2
+        for fmt in (["--format", "vllm"], ["--task", "copy"]):
+            capsys.readouterr()
+            assert main(["export", str(run), *fmt, str(where)]) == 2
+            error = capsys.readouterr().err.strip()
+            assert error.startswith("multitune: error: ") and "\n" not in error and "Traceback" not in error
+            assert not list(tmp_path.glob(".*"))  # no staging folder left behind
     assert main(["export", str(run), "--format", "vllm", str(out)]) == 2  # not empty: refused, left as it was
     assert (out / "README.md").read_text() == readme
 

@@ -3,9 +3,11 @@ recorded first, so a crash's leftovers are known as ours (training/checkpoint.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,37 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if isinstance(error, Exception):
             raise MultitunError(f"cannot write: {write_failure(error)}", file=str(path)) from None
         raise
+
+
+def new_folder(out: str | Path) -> Path:
+    """`out` resolved, checked to be a folder that a write may create: absent, or an empty folder. Raises
+    MultitunError (one line naming it) otherwise, or when the path cannot even be looked at (too long...)."""
+    try:
+        target = Path(out).resolve()
+        taken = target.exists() and (not target.is_dir() or any(target.iterdir()))
+    except OSError as error:
+        raise MultitunError(f"cannot use this folder: {write_failure(error)}", file=str(out)) from None
+    if taken:
+        raise MultitunError("the output folder exists and is not empty: choose a new one", file=str(target))
+    return target
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A new hidden folder beside `target` to write into; renamed onto `target` (absent or empty) when the
+    body ends, removed when it fails. A failed write (the disk full, the folder not writable) is one
+    MultitunError naming `target`; nothing is left behind."""
+    staging = target.parent / f".{target.name}.{os.urandom(6).hex()}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()  # as a plain mkdir makes it (0777 less the umask), not mkdtemp's 0700: it is shared
+        yield staging
+        os.replace(staging, target)  # atomic; replaces an empty target folder
+    except OSError as error:
+        raise MultitunError(f"cannot write: {write_failure(error)}", file=str(target)) from None
+    finally:
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -20,7 +20,6 @@ With `--onnx`, the encoder and head are also exported to `model.onnx` (needs the
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from multitune.config import ModelConfig
-from multitune.core.files import atomic_write
+from multitune.core.files import atomic_write, new_folder, staged_folder
 from multitune.data.readers import Row
 from multitune.data.tasks import TaskData
 from multitune.errors import ConfigError, MultitunError
@@ -40,7 +39,6 @@ from multitune.models.multitask import MultiTaskModel, pool
 from multitune.models.peft_tasks import SHARED
 from multitune.runs.load import load_refined, load_run, task_from_manifest
 from multitune.runs.predict import encode_for_prediction, input_schema, prediction_bounds
-from multitune.training.checkpoint import discard_staging
 
 HEAD_WEIGHTS = "multitune_head.safetensors"
 HEAD_CONFIG = "multitune_head.json"
@@ -119,9 +117,7 @@ print(tokenizer.decode(model.generate(**inputs)[0], skip_special_tokens=True))
 
 def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool = False) -> Path:
     """Write task `task_name` of a finished run into the new folder `out`; returns it."""
-    run, target = Path(run_dir), Path(out).resolve()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigError("the output folder exists and is not empty: choose a new one", file=str(target))
+    run, target = Path(run_dir), new_folder(out)
     config, manifest, model, backbone = load_run(run)
     if task_name not in config.tasks:
         raise ConfigError(f"no task '{task_name}' in this run (tasks: {', '.join(config.tasks)})", field="--task")
@@ -140,10 +136,7 @@ def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool
         )
     load_refined(model, run, task_name)  # a two-stage run: this task's refined predictor, if it has one
     plain = merged_backbone(model, run, config.model, task_name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.{os.urandom(6).hex()}"
-    staging.mkdir()  # as a plain mkdir makes it (0777 less the umask), not mkdtemp's 0700: the folder is shared
-    try:
+    with staged_folder(target) as staging:
         bounds = prediction_bounds(task, manifest[task_name])
         records = _probe_records(task)  # encoded as `multitune predict` encodes its inputs
         probes = encode_for_prediction(config.model, task, backbone.tokenizer, records) if records else []
@@ -153,9 +146,6 @@ def export_task(run_dir: str | Path, task_name: str, out: str | Path, onnx: bool
             export_onnx(model, backbone.tokenizer, task, staging / "model.onnx")
         card = model_card(run, config.model, list(config.tasks), task, loader, checked, onnx)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        os.replace(staging, target)  # atomic; replaces an empty target folder
-    finally:
-        discard_staging(staging)
     return target
 
 
