@@ -79,8 +79,25 @@ def test_a_task_loads_and_unloads_under_load_without_a_failed_request(runs, tmp_
         assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
 
 
-def test_admin_routes_refuse_what_they_must(runs):
+def reordered_vocabulary(run: Path, into: Path) -> Path:
+    """A copy of `run` whose saved tokenizer gives two tokens each other's ids: the same backbone name and
+    settings, other encodings."""
+    import json
+    import shutil
+
+    copy = shutil.copytree(run, into)
+    path = copy / "backbone" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[-2:]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    path.write_text(json.dumps(tokenizer), encoding="utf-8")
+    return copy
+
+
+def test_admin_routes_refuse_what_they_must(runs, tmp_path):
     served, other, wide = runs
+    reordered = reordered_vocabulary(other, tmp_path / "reordered")
     admin = {"Authorization": f"Bearer {ADMIN}"}
     with running_server(served, "--admin-token", ADMIN) as url:
         body = {"run": str(other), "task": "topic"}
@@ -95,6 +112,8 @@ def test_admin_routes_refuse_what_they_must(runs):
             ({"run": str(other / "nowhere"), "task": "topic"}, 400, "not a finished multitune run"),
             ({"run": str(other), "task": "nope"}, 400, "no task 'nope' in that run"),
             ({"run": str(wide), "task": "topic"}, 400, "not compatible: its model.max_length is 48"),
+            ({"run": str(reordered), "task": "topic"}, 400, "not compatible: its tokenizer"),
+            ({"run": "/" + "a" * 300, "task": "topic"}, 400, "not a run folder"),  # a name too long
             ({"run": str(served), "task": "sentiment"}, 409, "already served"),
         ]:
             reply = httpx.post(f"{url}/v1/admin/tasks", json=bad, headers=admin, timeout=60)

@@ -221,6 +221,8 @@ def test_metrics_count_each_response_by_route_and_status_in_prometheus_format(se
     assert httpx.post(own, json={"input": {"wrong": 1}}, headers=AUTH).status_code == 422
     assert httpx.post(own, json={"input": TEXTS[0]}).status_code == 401
     assert httpx.get(f"{server}/nowhere").status_code == 404
+    for made_up in ("FOOBAR", "QWERTY"):  # methods no route has: counted, under one label value
+        assert httpx.request(made_up, f"{server}/x").status_code in (404, 405)
     after = scrape(server)
 
     def moved(name: str, **labels: str) -> float:
@@ -232,6 +234,10 @@ def test_metrics_count_each_response_by_route_and_status_in_prometheus_format(se
     assert moved("multitune_requests_total", **route, status="422") == 1
     assert moved("multitune_requests_total", **route, status="401") == 1
     assert moved("multitune_requests_total", route="unmatched", method="GET", status="404") == 1
+    made_up = [key for key in after if ("method", "FOOBAR") in key[1] or ("method", "QWERTY") in key[1]]
+    counted = [dict(labels) for name, labels in after if name == "multitune_requests_total"]
+    other = [labels for labels in counted if labels["method"] == "other"]
+    assert not made_up and sum(moved("multitune_requests_total", **labels) for labels in other) == 2
     assert moved("multitune_request_duration_seconds_count", route="/v1/tasks/sentiment/predict") == 6
     assert moved("multitune_batch_rows_sum") == 4  # one row per answered prediction, in however many batches
     assert 1 <= moved("multitune_batch_rows_count") <= 4

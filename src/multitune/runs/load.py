@@ -26,7 +26,11 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any], MultiTaskMode
     one-line MultitunError naming it (and the task and field), never a traceback."""
     run = Path(run_dir)
     for required in ("config.yaml", "tasks.json", WEIGHTS_FILE, "backbone"):
-        if not (run / required).exists():
+        try:
+            found = (run / required).exists()
+        except OSError as error:  # a name too long, a path through a file...: not a run folder either
+            raise MultitunError(f"not a run folder: {error.strerror or error}", file=str(run)) from None
+        if not found:
             raise MultitunError(f"not a finished multitune run: {required} is missing", file=str(run))
     config = load_run_config(run / "config.yaml")
     manifest = read_manifest(run / "tasks.json", config.tasks)

@@ -133,17 +133,23 @@ class Engine:
         not trained on this run's backbone, model kind and max_length (requests are encoded with this run's
         tokenizer)."""
         run = Path(run_dir)
-        config, manifest, model, _ = load_run(run)
+        config, manifest, model, backbone = load_run(run)
         if task not in config.tasks:
             raise MultitunError(f"no task '{task}' in that run (tasks: {', '.join(config.tasks)})", file=str(run))
         mine, theirs = self.config.model, config.model
-        for key in ("backbone", "kind", "max_length"):
+        for key in ("backbone", "revision", "kind", "max_length"):
             if getattr(mine, key) != getattr(theirs, key):
                 raise MultitunError(
                     f"not compatible: its model.{key} is {getattr(theirs, key)!r}, "
                     f"this server's {getattr(mine, key)!r}",
                     file=str(run),
                 )
+        differs = input_difference(self.backbone.tokenizer, backbone.tokenizer)
+        if differs is not None:  # the same name, other files (a local folder changed, another machine's copy)
+            raise MultitunError(
+                f"not compatible: {differs} differs from this server's (its requests would be encoded wrongly)",
+                file=str(run / "backbone"),
+            )
         load_refined(model, run, task)
         model.eval()
         data, schema, bounds = served_task(config, manifest, task)
@@ -316,6 +322,27 @@ class Engine:
             "metrics": self.task_metrics.get(task),
             "run": self.sources.get(task),
         }
+
+
+def input_difference(mine: Any, theirs: Any) -> str | None:
+    """What differs between two backbones' input processing, or None: a tokenizer's whole pipeline
+    (normalizer, vocabulary, special tokens), its chat template and added tokens; an image processor's
+    settings."""
+    if hasattr(mine, "backend_tokenizer") and hasattr(theirs, "backend_tokenizer"):  # fast tokenizers
+        if mine.backend_tokenizer.to_str() != theirs.backend_tokenizer.to_str():
+            return "its tokenizer (vocabulary, normalizer or special tokens)"
+    elif hasattr(mine, "get_vocab") and hasattr(theirs, "get_vocab"):
+        if mine.get_vocab() != theirs.get_vocab():
+            return "its tokenizer's vocabulary"
+    elif hasattr(mine, "to_dict") and hasattr(theirs, "to_dict"):  # image processors
+        return None if mine.to_dict() == theirs.to_dict() else "its image processor"
+    elif type(mine) is not type(theirs):
+        return "its input processor"
+    if getattr(mine, "chat_template", None) != getattr(theirs, "chat_template", None):
+        return "its chat template"
+    if getattr(mine, "all_special_tokens", None) != getattr(theirs, "all_special_tokens", None):
+        return "its special tokens"
+    return None
 
 
 def padded_chunks(items: list[T], lengths: list[int], batch_size: int, slack: int = PADDING_SLACK) -> list[list[T]]:

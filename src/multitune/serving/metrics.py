@@ -2,7 +2,8 @@
 so that an operator's Prometheus scrapes it like any other service.
 
 - `multitune_requests_total{route, method, status}`: responses sent, by route template (e.g.
-  `/v1/tasks/{task}/predict`, so the label set stays small; `unmatched` for a path no route has) and status;
+  `/v1/tasks/{task}/predict`, so the label set stays small; `unmatched` for a path no route has), method
+  (`other` for one that HTTP does not define) and status;
 - `multitune_request_duration_seconds{route}`: a histogram of the time from a request's arrival to the end
   of its response (a streamed answer included);
 - `multitune_queue_depth`: the requests waiting for an inference batch now;
@@ -21,6 +22,9 @@ from multitune.serving.batcher import MicroBatcher
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# the `method` label's values (RFC 9110's methods and PATCH); any other is counted as "other", so a client
+# sending made-up methods cannot add series without end
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
 class ServerMetrics:
@@ -90,5 +94,7 @@ class CountRequests:
             await self.app(scope, receive, sending)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.labels(route, scope.get("method", ""), str(status[0])).inc()
+            method = scope.get("method", "")  # any token is a valid HTTP method: unknown ones share a label
+            method = method if method in HTTP_METHODS else "other"
+            self.metrics.requests.labels(route, method, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
