@@ -243,6 +243,15 @@ class CausalLMMultiTask(MultiTaskModel):
         return F.cross_entropy(self.generation_logits(rows, rows_mask, labels).float(), targets)
 
     @torch.no_grad()
+    def context_room(self, prompt_tokens: int) -> int | None:
+        """New tokens that fit after a prompt of `prompt_tokens` in a decoder-only model's context (its
+        config's max_position_embeddings, GPT-2's n_positions included); None where there is no such limit
+        (an encoder-decoder's decoder, a config without one)."""
+        if not self.left_padded:
+            return None
+        context = getattr(getattr(self.backbone, "config", None), "max_position_embeddings", None)
+        return context - prompt_tokens if isinstance(context, int) else None
+
     def generate_texts(
         self,
         prompts: Sequence[Sequence[int]],
@@ -257,6 +266,11 @@ class CausalLMMultiTask(MultiTaskModel):
 
         device = next(self.backbone.parameters()).device
         length = max(len(p) for p in prompts)
+        room = self.context_room(length)
+        if room is not None:  # past its position embeddings a model fails (GPT-2) or degrades (RoPE)
+            max_new_tokens = min(max_new_tokens, room)
+            if max_new_tokens < 1:
+                return [""] * len(prompts)
         input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), length), dtype=torch.long)
         for i, prompt in enumerate(prompts):

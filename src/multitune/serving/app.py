@@ -74,7 +74,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
     v1_auth = routes.authorizer(settings.token)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(v1_auth)])
     routes.add_tasks(v1, engine)
-    answering = routes.Answering(engine, batcher)
+    answering = routes.Answering(engine, batcher, settings.max_chars)
     for name in engine.tasks:
         routes.add_own_routes(v1, name, answering, models)
     routes.add_predict_routes(v1, answering, models)

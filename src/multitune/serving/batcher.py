@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multitune-inference")
         self.queue: asyncio.Queue[Job] | None = None
         self.worker: asyncio.Task[None] | None = None
+        self.calls = 0  # work handed to the inference thread by `call`, queued or running
 
     async def start(self) -> None:
         self.queue = asyncio.Queue(self.max_queue)
@@ -80,7 +82,8 @@ class MicroBatcher:
 
     @property
     def depth(self) -> int:
-        return self.queue.qsize() if self.queue is not None else 0
+        """Requests waiting for the inference thread: queued jobs, and calls queued or running on it."""
+        return (self.queue.qsize() if self.queue is not None else 0) + self.calls
 
     async def submit(self, parts: Sequence[Part]) -> list[list[dict[str, Any]]]:
         """Each part's predictions, once a batch that holds them has run; Busy when the queue is full."""
@@ -92,11 +95,31 @@ class MicroBatcher:
             raise Busy(self.busy_message()) from None
         return await job.future
 
-    def call(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run `function` on the inference thread, between batches (streaming generation)."""
+    def call(self, function: Callable[..., T], *args: Any, rows: int = 0) -> asyncio.Future[T]:
+        """Run `function` on the inference thread, between batches (one generation, an admin change). It
+        counts toward the queue's bound (Busy when full) while it waits and runs; with `rows`, its time is
+        reported to the observers as a batch of that many rows."""
         if self.depth >= self.max_queue:
             raise Busy(self.busy_message())
-        return asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        taken: list[float] = []
+
+        def timed() -> T:
+            started = time.perf_counter()
+            try:
+                return function(*args)
+            finally:
+                taken.append(time.perf_counter() - started)
+
+        def finished(_: Any) -> None:
+            self.calls -= 1
+            if rows and taken:
+                for observe in self.observers:
+                    observe(rows, taken[0])
+
+        self.calls += 1
+        future = asyncio.get_running_loop().run_in_executor(self.executor, timed)
+        future.add_done_callback(finished)
+        return future
 
     def busy_message(self) -> str:
         return f"the server is busy: {self.max_queue} requests are already queued; retry shortly"

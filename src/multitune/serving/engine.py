@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from multitune.errors import MultitunError
 from multitune.evaluation.evaluate import decode
 from multitune.evaluation.generation import generate_predictions
 from multitune.models.backbone import Backbone
+from multitune.models.causal_lm import CausalLMMultiTask
 from multitune.models.multitask import MultiTaskModel
 from multitune.runs.layout import FINETUNED
 from multitune.runs.load import load_refined, load_run, refined, task_from_manifest
@@ -44,6 +46,38 @@ UNLOADED: list[dict[str, Any]] = []  # a part whose task was unloaded while it w
 
 class TaskGone(MultitunError):
     """The task is not (or no longer) served: a 404, not a bad record."""
+
+
+class Cancelled(MultitunError):
+    """A generation was stopped before its end because its client left."""
+
+
+class Watch:
+    """A transformers streamer (put, end) that watches one generation: it counts the new tokens, keeps the
+    last one, hands each to `inner` (e.g. a TextIteratorStreamer) and stops the generation, by raising
+    Cancelled from `put`, once `cancel` is set (its client left). Generation shows a streamer the prompt
+    first, then each new token."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.inner = inner
+        self.cancel = threading.Event()
+        self.tokens = 0  # new tokens so far
+        self.last: int | None = None  # the last new token's id
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("the client left: generation stopped")
+        if self._prompt_seen:
+            self.tokens += int(value.numel())
+            self.last = int(value.reshape(-1)[-1])
+        self._prompt_seen = True
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
 
 
 @dataclass
@@ -280,20 +314,37 @@ class Engine:
         self.stats.rows += rows
         self.stats.tasks_per_batch[tasks] = self.stats.tasks_per_batch.get(tasks, 0) + 1
 
+    def generation_limit(self, task: str, prompt_tokens: int, asked: int | None = None) -> int:
+        """The most new tokens a generation for `task` may take after a prompt of `prompt_tokens`: `asked` (a
+        request's max_tokens), else the task's max_new_tokens, held to what is left of the model's context.
+        Raises MultitunError (field max_tokens) when `asked` does not fit in it."""
+        model = self.models[self.model_of[task]] if task in self.model_of else None
+        room = model.context_room(prompt_tokens) if isinstance(model, CausalLMMultiTask) else None
+        if asked is not None and room is not None and asked > room:
+            raise MultitunError(
+                f"the prompt takes {prompt_tokens} tokens of the model's {prompt_tokens + room}-token context: "
+                f"at most {max(room, 0)} new tokens fit, not {asked}",
+                field="max_tokens",
+            )
+        limit = asked or self.tasks[task].config.max_new_tokens
+        return limit if room is None else max(0, min(limit, room))
+
     @torch.inference_mode()
-    def generate_one(self, task: str, row: Encoded, streamer: Any, max_new_tokens: int | None = None) -> str:
-        """One greedy generation for `task` (at most `max_new_tokens` new tokens, default the task's own), each
-        new piece of text handed to `streamer` (if any) as it comes."""
-        if task not in self.model_of:  # unloaded while the request waited
-            raise TaskGone(str(unknown_task(task, list(self.tasks))))
-        model: Any = self.models[self.model_of[task]]
-        prompt = row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
-        limit = max_new_tokens or self.tasks[task].config.max_new_tokens
+    def generate_one(
+        self, task: str, row: Encoded, watch: Watch | None = None, max_new_tokens: int | None = None
+    ) -> str:
+        """One greedy generation for `task` (at most `max_new_tokens` new tokens, default the task's own, held
+        to the model's context), each new token shown to `watch` (if any), which may stop it (Cancelled)."""
         try:
-            texts = model.generate_texts([prompt], limit, self.pad_id, task, streamer)
+            if task not in self.model_of:  # unloaded while the request waited
+                raise TaskGone(str(unknown_task(task, list(self.tasks))))
+            model: Any = self.models[self.model_of[task]]
+            prompt = row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
+            limit = self.generation_limit(task, len(prompt), max_new_tokens)
+            texts = model.generate_texts([prompt], limit, self.pad_id, task, watch)
         except BaseException:
-            if streamer is not None:
-                streamer.end()  # a reader waiting for the next piece is released
+            if watch is not None:
+                watch.end()  # a reader waiting for the next piece is released
             raise
         self._count(1, 1)
         return str(texts[0])

@@ -8,7 +8,10 @@ on them) call multitune: `model` names the task.
 - POST /v1/completions        `prompt` (one string) is the task's input text; streams `text_completion` chunks.
 
 Generation is greedy, as everywhere in multitune (sampling settings such as `temperature` are accepted and
-ignored); `max_tokens` caps the new tokens (default: the task's `max_new_tokens`). A task whose input has more
+ignored); `max_tokens` caps the new tokens (default: the task's `max_new_tokens`; more than the model's
+context leaves room for is a 422), `stop` ends the text before the first of up to four strings, and
+`finish_reason` is "length" when the text was cut at the cap. A generation counts toward `--max-queue` (503
+when full) and is stopped when its client leaves. A task whose input has more
 than one text field is not reachable here (its own /v1/tasks/NAME/generate route takes every field). Errors are
 JSON `{"detail": ...}` with the status codes of the other routes, which OpenAI's clients raise as their
 `APIStatusError`s.
@@ -20,25 +23,30 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
+from multitune.errors import MultitunError
 from multitune.serving.batcher import Busy
 from multitune.serving.engine import TaskGone
+from multitune.serving.generation import Generation
 from multitune.serving.routes import Answering
 
-MAX_TOKENS = 4096  # the most new tokens one request may ask for
+MAX_TOKENS = 4096  # the most new tokens one request may ask for (the model's context may allow fewer)
+MAX_STOPS = 4  # stop sequences per request, as OpenAI allows
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]]
+    content: str | list[dict[str, Any]] | None = None  # an assistant's tool-call turn has none
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
@@ -49,10 +57,16 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    n: int = Field(1, ge=1, le=1)  # one choice per request
-    stream: bool = False
+    max_tokens: Annotated[int, Strict(), Field(ge=1, le=MAX_TOKENS)] | None = None
+    max_completion_tokens: Annotated[int, Strict(), Field(ge=1, le=MAX_TOKENS)] | None = None
+    n: Annotated[int, Strict(), Field(ge=1, le=1)] = 1  # one choice per request
+    stream: Annotated[bool, Strict()] | None = False
+    # where to end the text (not included in it): one string or up to MAX_STOPS, as OpenAI's `stop`
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+
+    def stops(self) -> list[str]:
+        found = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [stop for stop in found if stop]
 
 
 class ChatRequest(Sampling):
@@ -66,63 +80,80 @@ class CompletionRequest(Sampling):
 def add_openai_routes(v1: APIRouter, answering: Answering) -> None:
     engine = answering.engine
 
+    def listed(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "multitune"}
+
     @v1.get("/models")
     async def models() -> dict[str, Any]:
         """The generation tasks, as OpenAI lists models (`id` is the task's name)."""
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "multitune"}
-                for name in engine.generation_tasks()
-            ],
-        }
+        return {"object": "list", "data": [listed(name) for name in engine.generation_tasks()]}
+
+    @v1.get("/models/{model}")
+    async def model(model: str) -> dict[str, Any]:
+        """One generation task, as OpenAI describes a model."""
+        if model not in engine.generation_tasks():
+            raise HTTPException(404, _no_model(model, engine.generation_tasks()))
+        return listed(model)
 
     @v1.post("/chat/completions", response_model=None)
-    async def chat(request: ChatRequest) -> Any:
+    async def chat(request: ChatRequest, http: Request) -> Any:
         """OpenAI's chat completion: the last user message is the task's input text."""
         users = [m for m in request.messages if m.role == "user"]
         if not users:
             raise HTTPException(422, "messages: no user message to answer")
         system = [m.text() for m in request.messages if m.role in ("system", "developer")]
-        return await _complete(answering, request, users[-1].text(), system[-1] if system else None, True)
+        return await _complete(answering, http, request, users[-1].text(), system[-1] if system else None, True)
 
     @v1.post("/completions", response_model=None)
-    async def completions(request: CompletionRequest) -> Any:
+    async def completions(request: CompletionRequest, http: Request) -> Any:
         """OpenAI's (legacy) text completion: `prompt` is the task's input text."""
-        return await _complete(answering, request, request.prompt, None, False)
+        return await _complete(answering, http, request, request.prompt, None, False)
 
 
-async def _complete(answering: Answering, request: Any, text: str, instruction: str | None, chat: bool) -> Any:
+def _no_model(task: str, generative: list[str]) -> str:
+    return f"no generation task '{task}' in this run (models: {', '.join(generative)})"
+
+
+async def _complete(
+    answering: Answering, http: Request, request: Any, text: str, instruction: str | None, chat: bool
+) -> Any:
     engine, task = answering.engine, request.model
+    where = "messages" if chat else "prompt"
     generative = engine.generation_tasks()  # served now: tasks load and unload at run time
     schema = engine.schemas.get(task)
     if task not in generative or schema is None:
-        raise HTTPException(404, f"no generation task '{task}' in this run (models: {', '.join(generative)})")
+        raise HTTPException(404, _no_model(task, generative))
     fields = schema.generic
     if len(fields) != 1:
         raise HTTPException(422, f"task '{task}' takes {len(fields)} texts: use /v1/tasks/{task}/generate")
+    size = len(text) + len(instruction or "")
+    if size > answering.max_chars:
+        raise HTTPException(422, f"{where}: {size} characters of text; at most {answering.max_chars} are allowed")
     record: dict[str, Any] = {fields[0]: text}
     if instruction is not None:
         record["instruction"] = instruction
-    rows = answering.encode(task, [record], "messages" if chat else "prompt")
-    limit = request.max_completion_tokens or request.max_tokens
-    reply = Reply(task, chat, len(rows[0].input_ids[: rows[0].prompt_length or None]))
-    if not request.stream:
-        try:
-            text = await answering.batcher.call(engine.generate_one, task, rows[0], None, limit)
-        except Busy as error:
-            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
-        except TaskGone as error:  # unloaded while the request waited
-            raise HTTPException(404, str(error)) from None
-        return reply.whole(text, len(engine.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]))
-    from transformers import TextIteratorStreamer
-
-    streamer = TextIteratorStreamer(engine.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    rows = answering.encode(task, [record], where, exact=True)
+    prompt_tokens = len(rows[0].input_ids[: rows[0].prompt_length or None])
     try:
-        done = answering.batcher.call(engine.generate_one, task, rows[0], streamer, limit)
+        limit = engine.generation_limit(task, prompt_tokens, request.max_completion_tokens or request.max_tokens)
+    except TaskGone as error:
+        raise HTTPException(404, str(error)) from None
+    except MultitunError as error:
+        raise HTTPException(422, f"{error.field}: {error.message}") from None
+    reply = Reply(task, chat, prompt_tokens)
+    try:
+        generation = Generation(engine, answering.batcher, task, rows[0], limit, request.stops(), http)
     except Busy as error:
         raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
-    return StreamingResponse(reply.chunks(streamer, done), media_type="text/event-stream")
+    if request.stream:
+        return StreamingResponse(reply.chunks(generation), media_type="text/event-stream")
+    try:
+        text = "".join([piece async for piece in generation.pieces()]).strip()
+    except TaskGone as error:  # unloaded while the request waited
+        raise HTTPException(404, str(error)) from None
+    if generation.gone:  # nobody reads the answer: say so in the log and metrics
+        raise HTTPException(499, "the client closed the request")
+    return reply.whole(text, generation.watch.tokens, generation.finish or "stop")
 
 
 class Reply:
@@ -145,11 +176,11 @@ class Reply:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.task, "choices": choices}
 
-    def whole(self, text: str, completion_tokens: int) -> dict[str, Any]:
+    def whole(self, text: str, completion_tokens: int, finish: str) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         else:
-            choice = self._choice(text, "stop")
+            choice = self._choice(text, finish)
         usage = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -157,25 +188,21 @@ class Reply:
         }
         return {**self._envelope([choice], chunk=False), "usage": usage}
 
-    async def chunks(self, streamer: Any, done: Any) -> AsyncIterator[str]:
-        """`data: {chunk}` events as the text comes, a last one with finish_reason "stop", then `data: [DONE]`."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
+    async def chunks(self, generation: Generation) -> AsyncIterator[str]:
+        """`data: {chunk}` events as the text comes, a last one with its finish_reason ("stop" or "length"),
+        then `data: [DONE]`."""
         first = True
-        while True:
-            piece = await loop.run_in_executor(None, next, streamer, None)
-            if piece is None:
-                break
-            if piece or first:
-                yield _event(self._envelope([self._choice(piece, None, first)], chunk=True))
-                first = False
         try:
-            await done
+            async for piece in generation.pieces():
+                if piece or first:
+                    yield _event(self._envelope([self._choice(piece, None, first)], chunk=True))
+                    first = False
         except Exception as error:  # the headers are sent: report it in the stream, as OpenAI does
             yield _event({"error": {"message": str(error) or type(error).__name__, "type": "server_error"}})
             return
-        yield _event(self._envelope([self._choice(None, "stop", first)], chunk=True))
+        if generation.gone:
+            return
+        yield _event(self._envelope([self._choice(None, generation.finish or "stop", first)], chunk=True))
         yield "data: [DONE]\n\n"
 
 

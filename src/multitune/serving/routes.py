@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from multitune.errors import MultitunError
 from multitune.serving.batcher import Busy, MicroBatcher
 from multitune.serving.engine import UNLOADED, Engine, TaskGone
+from multitune.serving.generation import Generation
 from multitune.serving.schemas import (
     GenerateBody,
     MixedBody,
@@ -121,21 +122,22 @@ class Answering:
     """What every predict and generate route does: find the task, encode its records (a bad one is a 422
     naming it), and queue them on the batcher (a full queue is a 503)."""
 
-    def __init__(self, engine: Engine, batcher: MicroBatcher) -> None:
-        self.engine, self.batcher = engine, batcher
+    def __init__(self, engine: Engine, batcher: MicroBatcher, max_chars: int = 10_000) -> None:
+        self.engine, self.batcher, self.max_chars = engine, batcher, max_chars
 
     def task_or_404(self, task: str) -> str:
         if task not in self.engine.tasks:
             raise HTTPException(404, str(_unknown(task, self.engine)))
         return task
 
-    def encode(self, task: str, records: list[Record], where: str = "inputs") -> Any:
+    def encode(self, task: str, records: list[Record], where: str = "inputs", exact: bool = False) -> Any:
+        """`exact`: a bad record is named `where` itself (a request whose text is not a list of inputs)."""
         try:
             return self.engine.encode(task, records)
         except TaskGone as error:
             raise HTTPException(404, str(error)) from None
         except MultitunError as error:
-            raise HTTPException(422, _one_line(error, where)) from None
+            raise HTTPException(422, _one_line(error, where, exact)) from None
 
     async def answer(self, parts: list[Any]) -> list[list[dict[str, Any]]]:
         try:
@@ -174,7 +176,7 @@ class Answering:
                 out[i] = {"task": task, **prediction}
         return {"predictions": out}
 
-    async def generate(self, task: str, request: GenerateBody) -> Any:
+    async def generate(self, task: str, request: GenerateBody, http: Request) -> Any:
         if not self.engine.is_generative(task):
             data = self.engine.tasks.get(task)
             if data is None:
@@ -187,14 +189,15 @@ class Answering:
         if not request.stream:
             [[prediction]] = await self.answer([(task, rows)])
             return {"task": task, **prediction}
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.engine.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        prompt = len(rows[0].input_ids[: rows[0].prompt_length or None])
         try:
-            done = self.batcher.call(self.engine.generate_one, task, rows[0], streamer)
+            limit = self.engine.generation_limit(task, prompt)
+            generation = Generation(self.engine, self.batcher, task, rows[0], limit, [], http)
+        except TaskGone as error:
+            raise HTTPException(404, str(error)) from None
         except Busy as error:
             raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
-        return StreamingResponse(_events(streamer, done), media_type="text/event-stream")
+        return StreamingResponse(_events(generation), media_type="text/event-stream")
 
 
 def add_own_routes(v1: APIRouter, name: str, answering: Answering, models: RequestModels) -> None:
@@ -218,8 +221,8 @@ def add_own_routes(v1: APIRouter, name: str, answering: Answering, models: Reque
     )
     if answering.engine.is_generative(name):
 
-        async def generate_route(request: generate_body) -> Any:  # type: ignore[valid-type]
-            return await answering.generate(answering.task_or_404(name), request)  # type: ignore[arg-type]
+        async def generate_route(request: generate_body, http: Request) -> Any:  # type: ignore[valid-type]
+            return await answering.generate(answering.task_or_404(name), request, http)  # type: ignore[arg-type]
 
         v1.add_api_route(
             f"/tasks/{name}/generate",
@@ -249,10 +252,10 @@ def add_generate_route(v1: APIRouter, answering: Answering, models: RequestModel
     generate_request = models.generate
 
     @v1.post("/tasks/{task}/generate", response_model=None)
-    async def generate(task: str, request: generate_request) -> Any:  # type: ignore[valid-type]
+    async def generate(task: str, request: generate_request, http: Request) -> Any:  # type: ignore[valid-type]
         """A generation task's text for one input; with `stream: true`, server-sent events: `token` events
         with each new piece of text, then one `done` event with the whole prediction."""
-        return await answering.generate(answering.task_or_404(task), request)  # type: ignore[arg-type]
+        return await answering.generate(answering.task_or_404(task), request, http)  # type: ignore[arg-type]
 
 
 def add_admin_routes(app: FastAPI, answering: Answering, models: RequestModels, token: str, v1_auth: Any) -> None:
@@ -350,19 +353,14 @@ def served_openapi(app: FastAPI, engine: Engine) -> Callable[[], dict[str, Any]]
     return openapi
 
 
-async def _events(streamer: Any, done: Any) -> AsyncIterator[str]:
-    """Server-sent events from a TextIteratorStreamer fed on the inference thread."""
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    while True:
-        piece = await loop.run_in_executor(None, next, streamer, None)
-        if piece is None:
-            break
-        if piece:
-            yield f"event: token\ndata: {json.dumps({'token': piece}, ensure_ascii=False)}\n\n"
+async def _events(generation: Generation) -> AsyncIterator[str]:
+    """Server-sent events: a `token` event per piece of text as it comes, then `done` with the whole text (as
+    the route answers it unstreamed), or `error`."""
     try:
-        text = await done
+        async for piece in generation.pieces():
+            if piece:
+                yield f"event: token\ndata: {json.dumps({'token': piece}, ensure_ascii=False)}\n\n"
+        text = await generation.done
     except Exception as error:  # the headers are sent: report it in the stream
         yield f"event: error\ndata: {json.dumps({'detail': str(error) or type(error).__name__})}\n\n"
         return
