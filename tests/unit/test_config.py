@@ -396,3 +396,16 @@ def test_a_misspelt_choice_suggests_the_closest(tmp_path, old, new, message):
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert "did you mean" not in str(caught.value)  # nothing close: no guess
+
+
+def test_a_backbone_folder_beside_the_config_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "lm").mkdir()  # a local model folder named like a hub id, beside the config
+    path = write(folder, MINIMAL + "model:\n  backbone: lm\n")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "lm").mkdir(parents=True)  # the same name where the command runs: not the one meant
+    monkeypatch.chdir(elsewhere)
+    assert load_config(path).model.backbone == str(folder / "lm")
+    hub = write(folder, MINIMAL + "model:\n  backbone: org/name\n")  # no such folder: a hub id, left as it is
+    assert load_config(hub).model.backbone == "org/name"

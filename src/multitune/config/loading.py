@@ -502,7 +502,9 @@ def resolve_paths(config: Config, base: Path) -> None:
     if config.model.init_from:
         config.model.init_from = resolve_path(config.model.init_from, base)
     backbone = config.model.backbone
-    if backbone.startswith((".", "/", "~", PACKAGE_PREFIX)):
+    # a path, or a bare name that is a folder beside the config (as data paths are), not one beside wherever
+    # the command runs; other names are hub ids
+    if backbone.startswith((".", "/", "~", PACKAGE_PREFIX)) or (base / backbone).is_dir():
         config.model.backbone = resolve_path(backbone, base)
 
 
