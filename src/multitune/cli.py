@@ -276,6 +276,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from multitune.export import export_task, export_vllm
 
         if args.format == "vllm":
+            if args.task is not None or args.onnx:
+                raise ConfigError(
+                    "--format vllm exports every generation task, as peft adapters: --task and --onnx are for "
+                    "--format hf",
+                    field="--task" if args.task is not None else "--onnx",
+                )
             print(export_vllm(args.run_dir, args.out))
         elif args.task is None:
             raise ConfigError("name the task to export with --task (or use --format vllm)", field="--task")

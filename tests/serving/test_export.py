@@ -318,6 +318,9 @@ def test_vllm_export_holds_the_base_and_each_tasks_lora_adapter_that_plain_peft_
             got.append(tokenizer.decode(new[0, prompt.shape[1] :], skip_special_tokens=True).strip())
         assert got == expected
     assert main(["export", str(run), "--format", "vllm", str(tmp_path / "again")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "vllm", "--task", "copy", str(tmp_path / "one")]) == 2
+    assert "--task and --onnx are for --format hf" in capsys.readouterr().err and not (tmp_path / "one").exists()
     blocked = tmp_path / "a-file"
     blocked.write_text("x")
     for where in (blocked / "sub", tmp_path / ("n" * 300)):  # not a folder; a name too long: one line, exit 2

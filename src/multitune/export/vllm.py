@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from multitune.config import TaskConfig
@@ -82,6 +83,13 @@ def export_vllm(run_dir: str | Path, out: str | Path) -> Path:
             "--format vllm needs one LoRA adapter per task and no shared one (model.peft: {method: lora, "
             "shared: false}): vLLM applies one adapter per request",
             field="model.peft",
+        )
+    others = [name for name in config.tasks if name not in tasks]
+    if others:  # vLLM serves text generation only: say which tasks stay with multitune serve
+        print(
+            f"multitune: note: {', '.join(others)} (not generation tasks) are not exported; multitune serve "
+            "answers them",
+            file=sys.stderr,
         )
     with staged_folder(target) as staging:
         save_hf_model(base_backbone(model, run, config.model), staging / "base")

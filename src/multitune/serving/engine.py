@@ -155,7 +155,7 @@ class Engine:
             self.model_of = dict.fromkeys(self.tasks, 0)
         self.metrics: dict[str, Any] = run_metrics(self.run_dir)
         self.task_metrics: dict[str, Any] = dict(self.metrics.get("tasks") or {})
-        self.sources: dict[str, str] = dict.fromkeys(self.tasks, str(self.run_dir))  # each task's run
+        self.sources: dict[str, str] = dict.fromkeys(self.tasks, str(self.run_dir.resolve()))  # each task's run
         self.stats = Stats()
 
     # --- tasks loaded and unloaded at run time --------------------------------------------------
