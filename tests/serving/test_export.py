@@ -323,7 +323,8 @@ def test_vllm_export_holds_the_base_and_each_tasks_lora_adapter_that_plain_peft_
     assert "--task and --onnx are for --format hf" in capsys.readouterr().err and not (tmp_path / "one").exists()
     blocked = tmp_path / "a-file"
     blocked.write_text("x")
-    for where in (blocked / "sub", tmp_path / ("n" * 300)):  # not a folder; a name too long: one line, exit 2
+    # not a folder; a name too long; a name that fits but whose staging name (12 more characters) does not
+    for where in (blocked / "sub", tmp_path / ("n" * 300), tmp_path / ("n" * 250)):
         for fmt in (["--format", "vllm"], ["--task", "copy"]):
             capsys.readouterr()
             assert main(["export", str(run), *fmt, str(where)]) == 2

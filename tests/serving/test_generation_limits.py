@@ -145,3 +145,39 @@ def test_a_stream_for_a_task_unloaded_while_it_waited_ends_and_the_server_stays_
             body = {"model": "echo", "prompt": "a dog", "max_tokens": 3, "stream": True}
             reply = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
             assert reply.status_code == 200 and reply.text.rstrip().endswith("data: [DONE]")
+
+
+def test_a_prompt_that_fills_the_context_generates_nothing_and_still_ends_its_stream(endless_run):
+    from transformers import TextIteratorStreamer
+
+    from multitune.data.tokens import Encoded
+    from multitune.serving.engine import Engine, Watch
+
+    engine = Engine(endless_run)
+    row = Encoded([7] * CONTEXT, None, None, prompt_length=CONTEXT)  # no position left after it
+    assert engine.generation_limit("copy", CONTEXT) == 0
+    streamer = TextIteratorStreamer(engine.backbone.tokenizer, skip_prompt=True, timeout=5)
+    watch = Watch(streamer)
+    assert engine.generate_one("copy", row, watch) == ""
+    assert list(streamer) == [""] and watch.tokens == 0  # the reader hears the end at once
+
+
+def test_the_context_counts_the_positions_a_prefix_puts_in_front(prefix_generation_run):
+    from multitune.serving.engine import Engine
+
+    model = Engine(prefix_generation_run).models[0]
+    # the tiny LM's 256 positions, less the prefix's 4 virtual tokens, less the prompt's 10
+    assert model.context_room(10) == 256 - 4 - 10
+
+
+def test_an_admin_load_compares_tokenizers_without_their_last_truncation_state(endless_run):
+    from transformers import AutoTokenizer
+
+    from multitune.serving.engine import input_difference
+
+    a = AutoTokenizer.from_pretrained(str(endless_run / "backbone"))
+    b = AutoTokenizer.from_pretrained(str(endless_run / "backbone"))
+    b("a dog", truncation=True, max_length=8)  # leaves truncation on in its backend, as a classification encode
+    assert input_difference(a, b) is None
+    b.add_tokens(["zzz-new-token"])
+    assert input_difference(a, b) is not None

@@ -76,13 +76,18 @@ def staged_folder(target: Path) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()  # as a plain mkdir makes it (0777 less the umask), not mkdtemp's 0700: it is shared
+    except OSError as error:
+        raise MultitunError(f"cannot write: {write_failure(error)}", file=str(target)) from None
+    try:
         yield staging
         os.replace(staging, target)  # atomic; replaces an empty target folder
     except OSError as error:
+        written = [str(name) for name in (error.filename, error.filename2) if name]
+        if written and not any(name.startswith((str(staging), str(target))) for name in written):
+            raise  # a file read on the way (not one written here) failed: not a write failure
         raise MultitunError(f"cannot write: {write_failure(error)}", file=str(target)) from None
     finally:
-        if staging.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; ignored when never made
 
 
 def write_text(path: Path, text: str) -> None:

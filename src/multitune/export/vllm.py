@@ -17,7 +17,7 @@ from pathlib import Path
 
 from multitune.config import TaskConfig
 from multitune.core.files import new_folder, staged_folder
-from multitune.errors import ConfigError
+from multitune.errors import ConfigError, MultitunError
 from multitune.export.model import base_backbone, save_hf_model
 from multitune.runs.load import load_run
 
@@ -84,6 +84,9 @@ def export_vllm(run_dir: str | Path, out: str | Path) -> Path:
             "shared: false}): vLLM applies one adapter per request",
             field="model.peft",
         )
+    for name in tasks:
+        if not (run / "adapters" / name / "adapter_config.json").is_file():
+            raise MultitunError(f"the run has no LoRA adapter for task '{name}' (damaged?)", file=str(run / "adapters"))
     others = [name for name in config.tasks if name not in tasks]
     if others:  # vLLM serves text generation only: say which tasks stay with multitune serve
         print(

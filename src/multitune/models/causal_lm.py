@@ -242,16 +242,22 @@ class CausalLMMultiTask(MultiTaskModel):
             return linear_cross_entropy(rows[labels != IGNORE_INDEX], head.weight, head.bias, targets, self.loss_chunk)
         return F.cross_entropy(self.generation_logits(rows, rows_mask, labels).float(), targets)
 
-    @torch.no_grad()
     def context_room(self, prompt_tokens: int) -> int | None:
         """New tokens that fit after a prompt of `prompt_tokens` in a decoder-only model's context (its
-        config's max_position_embeddings, GPT-2's n_positions included); None where there is no such limit
-        (an encoder-decoder's decoder, a config without one)."""
+        config's max_position_embeddings, GPT-2's n_positions included), less the positions per-task prefix or
+        prompt tuning puts in front; None where there is no such limit (an encoder-decoder's decoder, a config
+        without one)."""
         if not self.left_padded:
             return None
         context = getattr(getattr(self.backbone, "config", None), "max_position_embeddings", None)
-        return context - prompt_tokens if isinstance(context, int) else None
+        if not isinstance(context, int):
+            return None
+        adapters, virtual = self.task_adapters, 0
+        if adapters is not None and not adapters.inside_backbone:  # prefix / prompt tuning: positions in front
+            virtual = int(getattr(adapters.adapter_method, "virtual_tokens", 0)) * (2 if adapters.shared else 1)
+        return context - virtual - prompt_tokens
 
+    @torch.no_grad()
     def generate_texts(
         self,
         prompts: Sequence[Sequence[int]],
@@ -269,8 +275,10 @@ class CausalLMMultiTask(MultiTaskModel):
         room = self.context_room(length)
         if room is not None:  # past its position embeddings a model fails (GPT-2) or degrades (RoPE)
             max_new_tokens = min(max_new_tokens, room)
-            if max_new_tokens < 1:
-                return [""] * len(prompts)
+        if max_new_tokens < 1:  # no room: nothing to generate (a streamer still hears the end)
+            if streamer is not None:
+                streamer.end()
+            return [""] * len(prompts)
         input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), length), dtype=torch.long)
         for i, prompt in enumerate(prompts):

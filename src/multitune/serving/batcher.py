@@ -89,6 +89,8 @@ class MicroBatcher:
         """Each part's predictions, once a batch that holds them has run; Busy when the queue is full."""
         assert self.queue is not None, "MicroBatcher.start() was not called"
         job = Job(parts, asyncio.get_running_loop().create_future())
+        if self.depth >= self.max_queue:  # generations running or waiting count too
+            raise Busy(self.busy_message())
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -97,28 +99,30 @@ class MicroBatcher:
 
     def call(self, function: Callable[..., T], *args: Any, rows: int = 0) -> asyncio.Future[T]:
         """Run `function` on the inference thread, between batches (one generation, an admin change). It
-        counts toward the queue's bound (Busy when full) while it waits and runs; with `rows`, its time is
-        reported to the observers as a batch of that many rows."""
+        counts toward the queue's bound (Busy when full) from now until it has run, even when its caller
+        stops waiting; with `rows`, its time is reported to the observers as a batch of that many rows."""
         if self.depth >= self.max_queue:
             raise Busy(self.busy_message())
-        taken: list[float] = []
+        loop = asyncio.get_running_loop()
 
-        def timed() -> T:
-            started = time.perf_counter()
-            try:
-                return function(*args)
-            finally:
-                taken.append(time.perf_counter() - started)
-
-        def finished(_: Any) -> None:
+        def ran(seconds: float | None) -> None:  # on the event loop
             self.calls -= 1
-            if rows and taken:
+            if rows and seconds is not None:
                 for observe in self.observers:
-                    observe(rows, taken[0])
+                    observe(rows, seconds)
 
+        def timed() -> T:  # on the inference thread
+            started, seconds = time.perf_counter(), None
+            try:
+                result = function(*args)
+                seconds = time.perf_counter() - started
+                return result
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+                    loop.call_soon_threadsafe(ran, seconds)
+
+        future = loop.run_in_executor(self.executor, timed)
         self.calls += 1
-        future = asyncio.get_running_loop().run_in_executor(self.executor, timed)
-        future.add_done_callback(finished)
         return future
 
     def busy_message(self) -> str:

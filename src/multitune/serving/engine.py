@@ -318,7 +318,10 @@ class Engine:
         """The most new tokens a generation for `task` may take after a prompt of `prompt_tokens`: `asked` (a
         request's max_tokens), else the task's max_new_tokens, held to what is left of the model's context.
         Raises MultitunError (field max_tokens) when `asked` does not fit in it."""
-        model = self.models[self.model_of[task]] if task in self.model_of else None
+        index, data = self.model_of.get(task), self.tasks.get(task)
+        if index is None or data is None:  # unloaded meanwhile
+            raise TaskGone(str(unknown_task(task, list(self.tasks))))
+        model = self.models[index]
         room = model.context_room(prompt_tokens) if isinstance(model, CausalLMMultiTask) else None
         if asked is not None and room is not None and asked > room:
             raise MultitunError(
@@ -326,7 +329,7 @@ class Engine:
                 f"at most {max(room, 0)} new tokens fit, not {asked}",
                 field="max_tokens",
             )
-        limit = asked or self.tasks[task].config.max_new_tokens
+        limit = asked or data.config.max_new_tokens
         return limit if room is None else max(0, min(limit, room))
 
     @torch.inference_mode()
@@ -340,8 +343,8 @@ class Engine:
                 raise TaskGone(str(unknown_task(task, list(self.tasks))))
             model: Any = self.models[self.model_of[task]]
             prompt = row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
-            limit = self.generation_limit(task, len(prompt), max_new_tokens)
-            texts = model.generate_texts([prompt], limit, self.pad_id, task, watch)
+            limit = self.generation_limit(task, len(prompt)) if max_new_tokens is None else max_new_tokens
+            texts = model.generate_texts([prompt], limit, self.pad_id, task, watch)  # held to the context there
         except BaseException:
             if watch is not None:
                 watch.end()  # a reader waiting for the next piece is released
@@ -380,7 +383,7 @@ def input_difference(mine: Any, theirs: Any) -> str | None:
     (normalizer, vocabulary, special tokens), its chat template and added tokens; an image processor's
     settings."""
     if hasattr(mine, "backend_tokenizer") and hasattr(theirs, "backend_tokenizer"):  # fast tokenizers
-        if mine.backend_tokenizer.to_str() != theirs.backend_tokenizer.to_str():
+        if _pipeline(mine) != _pipeline(theirs):
             return "its tokenizer (vocabulary, normalizer or special tokens)"
     elif hasattr(mine, "get_vocab") and hasattr(theirs, "get_vocab"):
         if mine.get_vocab() != theirs.get_vocab():
@@ -394,6 +397,15 @@ def input_difference(mine: Any, theirs: Any) -> str | None:
     if getattr(mine, "all_special_tokens", None) != getattr(theirs, "all_special_tokens", None):
         return "its special tokens"
     return None
+
+
+def _pipeline(tokenizer: Any) -> dict[str, Any]:
+    """A fast tokenizer's whole pipeline, less the truncation and padding state its last call left (saved
+    with it, and not part of how a text becomes ids)."""
+    pipeline: dict[str, Any] = json.loads(tokenizer.backend_tokenizer.to_str())
+    pipeline.pop("truncation", None)
+    pipeline.pop("padding", None)
+    return pipeline
 
 
 def padded_chunks(items: list[T], lengths: list[int], batch_size: int, slack: int = PADDING_SLACK) -> list[list[T]]:

@@ -148,12 +148,13 @@ async def _complete(
     if request.stream:
         return StreamingResponse(reply.chunks(generation), media_type="text/event-stream")
     try:
-        text = "".join([piece async for piece in generation.pieces()]).strip()
+        async for _ in generation.pieces():
+            pass
     except TaskGone as error:  # unloaded while the request waited
         raise HTTPException(404, str(error)) from None
     if generation.gone:  # nobody reads the answer: say so in the log and metrics
         raise HTTPException(499, "the client closed the request")
-    return reply.whole(text, generation.watch.tokens, generation.finish or "stop")
+    return reply.whole(generation.text, generation.tokens, generation.finish or "stop")
 
 
 class Reply:

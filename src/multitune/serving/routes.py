@@ -360,7 +360,9 @@ async def _events(generation: Generation) -> AsyncIterator[str]:
         async for piece in generation.pieces():
             if piece:
                 yield f"event: token\ndata: {json.dumps({'token': piece}, ensure_ascii=False)}\n\n"
-        text = await generation.done
+        if generation.gone:
+            return
+        text = generation.text
     except Exception as error:  # the headers are sent: report it in the stream
         yield f"event: error\ndata: {json.dumps({'detail': str(error) or type(error).__name__})}\n\n"
         return
