@@ -409,3 +409,9 @@ def test_a_backbone_folder_beside_the_config_is_found_from_any_working_directory
     assert load_config(path).model.backbone == str(folder / "lm")
     hub = write(folder, MINIMAL + "model:\n  backbone: org/name\n")  # no such folder: a hub id, left as it is
     assert load_config(hub).model.backbone == "org/name"
+
+
+def test_a_task_type_that_is_not_a_string_is_a_one_line_error(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("    type: classification", "    type: {run: 1}"))
+    with pytest.raises(ConfigError, match="type"):
+        load_config(path)

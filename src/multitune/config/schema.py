@@ -359,7 +359,7 @@ class TaskConfig(Group):
     @classmethod
     def _image_type(cls, data: Any) -> Any:
         """`type: image_classification` -> `type: classification, modality: image` (likewise regression)."""
-        if isinstance(data, dict) and data.get("type") in IMAGE_TYPES:
+        if isinstance(data, dict) and isinstance(data.get("type"), str) and data["type"] in IMAGE_TYPES:
             if data.get("modality", "image") != "image":
                 raise ValueError(f"type {data['type']} reads images: modality must be image, not {data['modality']}")
             return {**data, "type": IMAGE_TYPES[data["type"]], "modality": "image"}
