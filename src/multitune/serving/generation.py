@@ -57,6 +57,9 @@ class Generation:
         self.done = batcher.call(engine.generate_one, task, row, self.watch, limit, rows=1)
         self.done.add_done_callback(_retrieved)  # a stopped generation's Cancelled is expected, not a warning
 
+    def __del__(self) -> None:  # never read (a response dropped before its body was iterated): stop it
+        self.watch.cancel.set()
+
     async def _next(self) -> str | None:
         """The next piece of text; None at the end, or once the client has left (looked at every
         POLL_SECONDS, whether pieces come or not: a server may not notice otherwise until it writes)."""
