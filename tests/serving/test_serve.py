@@ -219,6 +219,8 @@ def test_metrics_count_each_response_by_route_and_status_in_prometheus_format(se
     for record in TEXTS:
         assert httpx.post(own, json={"input": record}, headers=AUTH).status_code == 200
     assert httpx.post(own, json={"input": {"wrong": 1}}, headers=AUTH).status_code == 422
+    bad_json = {**AUTH, "content-type": "application/json"}  # refused by the body guard, before routing
+    assert httpx.post(own, content=b'{"input": ', headers=bad_json).status_code == 422
     assert httpx.post(own, json={"input": TEXTS[0]}).status_code == 401
     assert httpx.get(f"{server}/nowhere").status_code == 404
     for made_up in ("FOOBAR", "QWERTY"):  # methods no route has: counted, under one label value
@@ -231,14 +233,14 @@ def test_metrics_count_each_response_by_route_and_status_in_prometheus_format(se
 
     route = {"route": "/v1/tasks/sentiment/predict", "method": "POST"}
     assert moved("multitune_requests_total", **route, status="200") == 4
-    assert moved("multitune_requests_total", **route, status="422") == 1
+    assert moved("multitune_requests_total", **route, status="422") == 2  # the guard's refusal: its route too
     assert moved("multitune_requests_total", **route, status="401") == 1
     assert moved("multitune_requests_total", route="unmatched", method="GET", status="404") == 1
     made_up = [key for key in after if ("method", "FOOBAR") in key[1] or ("method", "QWERTY") in key[1]]
     counted = [dict(labels) for name, labels in after if name == "multitune_requests_total"]
     other = [labels for labels in counted if labels["method"] == "other"]
     assert not made_up and sum(moved("multitune_requests_total", **labels) for labels in other) == 2
-    assert moved("multitune_request_duration_seconds_count", route="/v1/tasks/sentiment/predict") == 6
+    assert moved("multitune_request_duration_seconds_count", route="/v1/tasks/sentiment/predict") == 7
     assert moved("multitune_batch_rows_sum") == 4  # one row per answered prediction, in however many batches
     assert 1 <= moved("multitune_batch_rows_count") <= 4
     assert after[("multitune_queue_depth", ())] == 0

@@ -87,7 +87,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
     metrics = ServerMetrics(batcher)
     routes.add_metrics(app, metrics)
     app.add_middleware(RequestGuard, limit=settings.max_body_bytes, body_timeout=settings.body_timeout)
-    app.add_middleware(CountRequests, metrics=metrics)  # outermost: it sees the guard's refusals too
+    # outermost: it sees the guard's refusals too, and names their routes by the OpenAPI document's paths
+    app.add_middleware(CountRequests, metrics=metrics, templates=lambda: list(app.openapi()["paths"]))
     return app
 
 

@@ -15,7 +15,9 @@ Each app has its own registry (no process-wide state), so several servers in one
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from multitune.serving.batcher import MicroBatcher
@@ -75,8 +77,25 @@ class CountRequests:
     """ASGI middleware (outermost, so it sees every response, the guards' refusals included) counting each
     response by the route template that matched and timing it."""
 
-    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: ServerMetrics, templates: Callable[[], Iterable[str]] | None = None) -> None:
+        self.app, self.metrics, self.templates = app, metrics, templates
+        self._compiled: list[tuple[re.Pattern[str], str]] | None = None
+
+    def template(self, scope: dict[str, Any]) -> str:
+        """The route template that matched, or (a request refused before routing, e.g. by the body guard) the
+        first of `templates` (the OpenAPI document's paths, in route order) its path fits; `unmatched` for a
+        path no route has."""
+        found = getattr(scope.get("route"), "path", None)
+        if found is not None:
+            return str(found)
+        if self.templates is None:
+            return "unmatched"
+        if self._compiled is None:
+            from starlette.routing import compile_path
+
+            self._compiled = [(compile_path(path)[0], path) for path in self.templates()]
+        path = str(scope.get("path", ""))
+        return next((template for pattern, template in self._compiled if pattern.match(path)), "unmatched")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -93,7 +112,7 @@ class CountRequests:
         try:
             await self.app(scope, receive, sending)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = self.template(scope)
             method = scope.get("method", "")  # any token is a valid HTTP method: unknown ones share a label
             method = method if method in HTTP_METHODS else "other"
             self.metrics.requests.labels(route, method, str(status[0])).inc()
