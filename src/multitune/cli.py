@@ -31,8 +31,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _add_compare(commands: Any) -> None:
     """`multitune compare`: its budget options (equal rows, or to convergence) and its seeds."""
     compare = commands.add_parser("compare", help="multi-task against one model per task, on the same budget")
-    compare.add_argument("config", help="YAML config file")
+    compare.add_argument("config", nargs="?", help="YAML config file (or --from-run)")
     compare.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    compare.add_argument(
+        "--from-run",
+        metavar="RUN_DIR",
+        help="compare this finished multi-task run instead of training one from a config",
+    )
     compare.add_argument(
         "--baseline-budget",
         type=float,
@@ -212,10 +217,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         train.train_run(load_config(args.config, args.overrides))
     elif args.command == "compare":
-        from multitune.compare import Budget, compare
+        from multitune.compare import Budget, compare, compare_run
 
         budget = Budget(args.baseline_budget, args.converge, args.patience, args.max_steps)
-        compare(args.config, args.overrides, budget, args.seeds, args.merge or ())
+        if args.from_run is not None:
+            if args.config is not None or args.overrides or args.seeds:
+                raise ConfigError(
+                    "--from-run compares one finished run as it was trained: no config, overrides or --seeds",
+                    field="--from-run",
+                )
+            compare_run(args.from_run, budget, args.merge or ())
+        elif args.config is None:
+            raise ConfigError("name a config to train and compare, or a finished run with --from-run", field="config")
+        else:
+            compare(args.config, args.overrides, budget, args.seeds, args.merge or ())
     elif args.command == "affinity":
         from multitune.catalogue import load_config
 

@@ -283,3 +283,36 @@ def test_the_merge_table_shows_learned_coefficients_beside_chosen_numbers():
     assert "merge: ties (density=0.2, scaling=1)" in table
     assert "merge: adamerging (granularity=task, coefficients=[0.327, 0.5])" in table
     assert "coefficients=learned for 2 layers (comparison.json)" in table
+
+
+def test_a_finished_two_stage_run_is_compared_without_training_it_again_and_its_time_counts_both_stages(
+    tmp_path, tiny_backbone, write_jsonl, capsys
+):
+    a, b = write_jsonl("a.jsonl", classification_rows(40)), write_jsonl("b.jsonl", token_rows(40))
+    data = tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=6, eval_every=2, batch_size=4)
+    data["training"]["schedule"] = {"name": "two_stage", "finetune_steps": 2}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    argv = ["--converge", "--patience", "1", "--max-steps", "6"]
+    assert main(["compare", str(path), *argv]) == 0
+    run = tmp_path / "runs" / "tiny"
+    first = json.loads((run / "comparison.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    both = metrics["train_seconds"] + metrics["finetune_seconds"]
+    assert metrics["finetune_seconds"] > 0 and first["train_seconds"]["multi"] == pytest.approx(both, abs=0.02)
+    weights = (run / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["compare", "--from-run", str(run), *argv]) == 0
+    assert "reused from the cache" in capsys.readouterr().err  # the baselines; and the run is not retrained:
+    assert (run / "model.safetensors").stat().st_mtime_ns == weights and not (tmp_path / "runs" / "tiny-2").exists()
+    again = json.loads((run / "comparison.json").read_text())
+    for task, entry in again["tasks"].items():  # the same scores; the baselines now come from the cache
+        assert {k: v for k, v in entry.items() if k != "cached_baseline"} == {
+            k: v for k, v in first["tasks"][task].items() if k != "cached_baseline"
+        }
+    assert again["train_seconds"] == first["train_seconds"]
+    assert again["budget"]["multi_time"].startswith("an existing run")
+    assert main(["compare", "--from-run", str(run), "--converge", "--patience", "3"]) == 2  # not its rule
+    assert "give the run's own" in capsys.readouterr().err
+    assert main(["compare", "--from-run", str(tmp_path)]) == 2  # not a run
+    assert main(["compare", "--from-run", str(run), str(path)]) == 2  # a config too

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from multitune.catalogue import load_config
+from multitune.catalogue import load_config, load_run_config
 from multitune.compare.measures import delta_m, delta_m_tasks, deployment_bytes
 from multitune.compare.merges import format_merges, merge_rows
 from multitune.compare.processes import Progress, _train_subprocess
@@ -196,15 +196,46 @@ def compare(
     return summary
 
 
-def compare_once(config: Config, budget: Budget, merges: Sequence[str] = ()) -> dict[str, Any]:
-    """One multi-task run against its baselines (cached), written into the multi-task run's folder."""
+def compare_run(run_dir: str | Path, budget: Budget | float = 1.0, merges: Sequence[str] = ()) -> dict[str, Any]:
+    """A finished multi-task run against its baselines (from the cache, or trained now), without training the
+    run again: comparison.json in the run's folder. Its time is what its training loops took (every stage,
+    from metrics.json); the baselines' is their processes' wall time. Raises MultitunError for a folder
+    that is not a finished run, and, with --converge, for a run not trained by that budget's rule."""
+    budget = budget if isinstance(budget, Budget) else Budget(factor=budget)
+    budget.check()
+    run = Path(run_dir)
+    if not (run / "metrics.json").is_file() or not (run / "config.yaml").is_file():
+        raise MultitunError("not a finished multitune run (config.yaml and metrics.json)", file=str(run))
+    config = load_run_config(run / "config.yaml")
+    if budget.converge:  # the baselines train by the same rule as the run did, or the comparison is unfair
+        rule = budget.applied(config).training
+        if (rule.steps, rule.early_stopping) != (config.training.steps, config.training.early_stopping):
+            raise MultitunError(
+                f"the run trained at most {config.training.steps} steps with early stopping "
+                f"{config.training.early_stopping}; --converge with these --patience and --max-steps means "
+                f"{rule.steps} steps with {rule.early_stopping}: give the run's own",
+                field="--from-run",
+            )
+    multi = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    seconds = float(multi["train_seconds"]) + float(multi.get("finetune_seconds") or 0.0)
+    return compare_once(config, budget, merges, trained=(run, seconds))
+
+
+def compare_once(
+    config: Config, budget: Budget, merges: Sequence[str] = (), trained: tuple[Path, float] | None = None
+) -> dict[str, Any]:
+    """One multi-task run against its baselines (cached), written into the multi-task run's folder; with
+    `trained` (its folder and seconds) the run exists already and is not trained again."""
     config = budget.applied(config)
     root = Path(config.run.output_dir)
     live = config.training.progress and sys.stderr.isatty()
     progress = Progress(1 + len(config.tasks), config.training.steps)
-    progress.start(f"multi-task model '{config.run.name}'", config.training.steps)
-    multi_dir, multi_seconds = _train_subprocess(config, root / ".configs", live)
-    progress.finished(config.training.steps, multi_seconds)
+    if trained is None:
+        progress.start(f"multi-task model '{config.run.name}'", config.training.steps)
+        multi_dir, multi_seconds = _train_subprocess(config, root / ".configs", live)
+        progress.finished(config.training.steps, multi_seconds)
+    else:
+        (multi_dir, multi_seconds), progress.done = trained, 1
     multi = json.loads((multi_dir / "metrics.json").read_text(encoding="utf-8"))
     tasks: dict[str, dict[str, Any]] = {}
     single_wall: dict[str, float] = {}
@@ -242,6 +273,8 @@ def compare_once(config: Config, budget: Budget, merges: Sequence[str] = ()) -> 
     }
     result["seed"] = config.run.seed
     result["multi_run"] = str(multi_dir)
+    if trained is not None:
+        result["budget"]["multi_time"] = "an existing run: its training loops' time (every stage), not a wall time"
     if merges:  # the other road to one model: the baselines merged, each method a row
         runs = {task: Path(records[task][0]["run_dir"]) for task in baselines}
         result["merges"] = merge_rows(merges, runs, tasks, sum(single_wall.values()), multi_dir / "merged")
@@ -342,9 +375,9 @@ def _result(
             # base model + T adapters (+ heads): with per-task PEFT this is the multi-task deployment itself
             "adapters_total": multi_total if per_task_adapters else None,
         },
-        "train_seconds": {
+        "train_seconds": {  # every stage: a two-stage run's refinements too
             "single_total": round(sum(float(m["train_seconds"]) for m in singles.values()), 2),
-            "multi": multi["train_seconds"],
+            "multi": round(float(multi["train_seconds"]) + float(multi.get("finetune_seconds") or 0.0), 2),
         },
         "wall_seconds": {"single_total": round(sum(single_wall.values()), 2), "multi": round(multi_seconds, 2)},
         "peak_memory_bytes": {
