@@ -217,8 +217,12 @@ def compare_run(run_dir: str | Path, budget: Budget | float = 1.0, merges: Seque
                 field="--from-run",
             )
     multi = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    seconds = float(multi["train_seconds"]) + float(multi.get("finetune_seconds") or 0.0)
-    return compare_once(config, budget, merges, trained=(run, seconds))
+    return compare_once(config, budget, merges, trained=(run, loop_seconds(multi)))
+
+
+def loop_seconds(metrics: dict[str, Any]) -> float:
+    """Seconds a run spent in its training loops, every stage: a two-stage run's refinements too."""
+    return float(metrics["train_seconds"]) + float(metrics.get("finetune_seconds") or 0.0)
 
 
 def compare_once(
@@ -375,9 +379,9 @@ def _result(
             # base model + T adapters (+ heads): with per-task PEFT this is the multi-task deployment itself
             "adapters_total": multi_total if per_task_adapters else None,
         },
-        "train_seconds": {  # every stage: a two-stage run's refinements too
+        "train_seconds": {
             "single_total": round(sum(float(m["train_seconds"]) for m in singles.values()), 2),
-            "multi": round(float(multi["train_seconds"]) + float(multi.get("finetune_seconds") or 0.0), 2),
+            "multi": round(loop_seconds(multi), 2),
         },
         "wall_seconds": {"single_total": round(sum(single_wall.values()), 2), "multi": round(multi_seconds, 2)},
         "peak_memory_bytes": {

@@ -88,21 +88,16 @@ class MicroBatcher:
     async def submit(self, parts: Sequence[Part]) -> list[list[dict[str, Any]]]:
         """Each part's predictions, once a batch that holds them has run; Busy when the queue is full."""
         assert self.queue is not None, "MicroBatcher.start() was not called"
+        self._admit()
         job = Job(parts, asyncio.get_running_loop().create_future())
-        if self.depth >= self.max_queue:  # generations running or waiting count too
-            raise Busy(self.busy_message())
-        try:
-            self.queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise Busy(self.busy_message()) from None
+        self.queue.put_nowait(job)  # it has room: its bound is max_queue, and depth counts it
         return await job.future
 
     def call(self, function: Callable[..., T], *args: Any, rows: int = 0) -> asyncio.Future[T]:
         """Run `function` on the inference thread, between batches (one generation, an admin change). It
         counts toward the queue's bound (Busy when full) from now until it has run, even when its caller
         stops waiting; with `rows`, its time is reported to the observers as a batch of that many rows."""
-        if self.depth >= self.max_queue:
-            raise Busy(self.busy_message())
+        self._admit()
         loop = asyncio.get_running_loop()
 
         def ran(seconds: float | None) -> None:  # on the event loop
@@ -125,8 +120,10 @@ class MicroBatcher:
         self.calls += 1
         return future
 
-    def busy_message(self) -> str:
-        return f"the server is busy: {self.max_queue} requests are already queued; retry shortly"
+    def _admit(self) -> None:
+        """Busy when `max_queue` requests wait or run already: queued jobs and generations alike."""
+        if self.depth >= self.max_queue:
+            raise Busy(f"the server is busy: {self.max_queue} requests are already queued; retry shortly")
 
     async def _work(self) -> None:
         assert self.queue is not None

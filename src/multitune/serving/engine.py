@@ -318,10 +318,7 @@ class Engine:
         """The most new tokens a generation for `task` may take after a prompt of `prompt_tokens`: `asked` (a
         request's max_tokens), else the task's max_new_tokens, held to what is left of the model's context.
         Raises MultitunError (field max_tokens) when `asked` does not fit in it."""
-        index, data = self.model_of.get(task), self.tasks.get(task)
-        if index is None or data is None:  # unloaded meanwhile
-            raise TaskGone(str(unknown_task(task, list(self.tasks))))
-        model = self.models[index]
+        model = self._model(task)
         room = model.context_room(prompt_tokens) if isinstance(model, CausalLMMultiTask) else None
         if asked is not None and room is not None and asked > room:
             raise MultitunError(
@@ -329,8 +326,15 @@ class Engine:
                 f"at most {max(room, 0)} new tokens fit, not {asked}",
                 field="max_tokens",
             )
-        limit = asked or data.config.max_new_tokens
+        limit = asked or self.tasks[task].config.max_new_tokens
         return limit if room is None else max(0, min(limit, room))
+
+    def _model(self, task: str) -> Any:
+        """The model answering `task`; TaskGone when it is not (or no longer) served."""
+        index = self.model_of.get(task)
+        if index is None or task not in self.tasks:  # unloaded meanwhile
+            raise TaskGone(str(unknown_task(task, list(self.tasks))))
+        return self.models[index]
 
     @torch.inference_mode()
     def generate_one(
@@ -339,9 +343,7 @@ class Engine:
         """One greedy generation for `task` (at most `max_new_tokens` new tokens, default the task's own, held
         to the model's context), each new token shown to `watch` (if any), which may stop it (Cancelled)."""
         try:
-            if task not in self.model_of:  # unloaded while the request waited
-                raise TaskGone(str(unknown_task(task, list(self.tasks))))
-            model: Any = self.models[self.model_of[task]]
+            model = self._model(task)  # TaskGone: unloaded while the request waited
             prompt = row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
             limit = self.generation_limit(task, len(prompt)) if max_new_tokens is None else max_new_tokens
             texts = model.generate_texts([prompt], limit, self.pad_id, task, watch)  # held to the context there

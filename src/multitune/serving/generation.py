@@ -5,7 +5,7 @@ its client leaves or a stop sequence comes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from transformers import TextStreamer
@@ -42,12 +42,23 @@ class Generation:
     the text was cut at `limit` new tokens; `tokens` the new tokens generated; `text` the whole answer."""
 
     def __init__(
-        self, engine: Engine, batcher: MicroBatcher, task: str, row: Any, limit: int, stops: list[str], http: Any
+        self,
+        engine: Engine,
+        batcher: MicroBatcher,
+        task: str,
+        row: Any,
+        http: Any,
+        asked: int | None = None,
+        stops: Sequence[str] = (),
     ) -> None:
+        """`asked`: a request's max_tokens. Raises TaskGone, MultitunError (max_tokens past the model's context,
+        see Engine.generation_limit) and Busy before anything is queued."""
+        self.prompt_tokens = len(row.input_ids[: row.prompt_length or None])
+        limit = engine.generation_limit(task, self.prompt_tokens, asked)
         self.streamer = LoopStreamer(engine.backbone.tokenizer, asyncio.get_running_loop())
         self.watch = Watch(self.streamer)
         self.eos = engine.backbone.tokenizer.eos_token_id
-        self.limit, self.stops, self.http = limit, stops, http
+        self.limit, self.stops, self.http = limit, list(stops), http
         self.finish: str | None = None  # "stop" or "length", once known
         self.tokens = 0  # new tokens, once known
         self.gone = False  # the client left

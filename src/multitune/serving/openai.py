@@ -29,8 +29,6 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
-from multitune.errors import MultitunError
-from multitune.serving.batcher import Busy
 from multitune.serving.engine import TaskGone
 from multitune.serving.generation import Generation
 from multitune.serving.routes import Answering
@@ -133,18 +131,9 @@ async def _complete(
     if instruction is not None:
         record["instruction"] = instruction
     rows = answering.encode(task, [record], where, exact=True)
-    prompt_tokens = len(rows[0].input_ids[: rows[0].prompt_length or None])
-    try:
-        limit = engine.generation_limit(task, prompt_tokens, request.max_completion_tokens or request.max_tokens)
-    except TaskGone as error:
-        raise HTTPException(404, str(error)) from None
-    except MultitunError as error:
-        raise HTTPException(422, f"{error.field}: {error.message}") from None
-    reply = Reply(task, chat, prompt_tokens)
-    try:
-        generation = Generation(engine, answering.batcher, task, rows[0], limit, request.stops(), http)
-    except Busy as error:
-        raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+    asked = request.max_completion_tokens or request.max_tokens
+    generation = answering.generation(task, rows[0], http, asked, request.stops())
+    reply = Reply(task, chat, generation.prompt_tokens)
     if request.stream:
         return StreamingResponse(reply.chunks(generation), media_type="text/event-stream")
     try:

@@ -143,7 +143,7 @@ class Answering:
         try:
             answers = await self.batcher.submit(parts)
         except Busy as error:
-            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+            raise busy(error) from None
         for (task, _), answer in zip(parts, answers, strict=True):
             if answer is UNLOADED:
                 raise HTTPException(404, f"task '{task}' was unloaded while the request waited")
@@ -189,15 +189,19 @@ class Answering:
         if not request.stream:
             [[prediction]] = await self.answer([(task, rows)])
             return {"task": task, **prediction}
-        prompt = len(rows[0].input_ids[: rows[0].prompt_length or None])
+        return StreamingResponse(_events(self.generation(task, rows[0], http)), media_type="text/event-stream")
+
+    def generation(self, task: str, row: Any, http: Request, asked: int | None = None, stops: Any = ()) -> Generation:
+        """One generation of `task` for `row`, queued on the inference thread: 404 for a task gone, 422 for a
+        max_tokens past the model's context, 503 when the queue is full."""
         try:
-            limit = self.engine.generation_limit(task, prompt)
-            generation = Generation(self.engine, self.batcher, task, rows[0], limit, [], http)
+            return Generation(self.engine, self.batcher, task, row, http, asked, stops)
         except TaskGone as error:
             raise HTTPException(404, str(error)) from None
+        except MultitunError as error:
+            raise HTTPException(422, f"{error.field}: {error.message}") from None
         except Busy as error:
-            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
-        return StreamingResponse(_events(generation), media_type="text/event-stream")
+            raise busy(error) from None
 
 
 def add_own_routes(v1: APIRouter, name: str, answering: Answering, models: RequestModels) -> None:
@@ -294,7 +298,7 @@ def add_admin_routes(app: FastAPI, answering: Answering, models: RequestModels, 
         try:
             await batcher.call(change, argument)
         except Busy as error:
-            raise HTTPException(503, str(error), {"Retry-After": "1"}) from None
+            raise busy(error) from None
         except MultitunError as error:
             raise HTTPException(409, str(error)) from None
 
@@ -367,6 +371,11 @@ async def _events(generation: Generation) -> AsyncIterator[str]:
         yield f"event: error\ndata: {json.dumps({'detail': str(error) or type(error).__name__})}\n\n"
         return
     yield f"event: done\ndata: {json.dumps({'prediction': text}, ensure_ascii=False)}\n\n"
+
+
+def busy(error: Busy) -> HTTPException:
+    """A full queue as the client sees it: 503, retry after a second."""
+    return HTTPException(503, str(error), {"Retry-After": "1"})
 
 
 def _unknown(task: str, engine: Engine) -> str:
