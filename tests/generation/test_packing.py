@@ -15,7 +15,7 @@ from multitune.data.encoding import encode
 from multitune.data.tasks import Example, TaskData
 from multitune.data.tokens import IGNORE_INDEX
 from multitune.models.causal_lm import CausalLMMultiTask, load_causal_lm
-from multitune.models.lm_loss import linear_cross_entropy
+from multitune.models.lm_loss import linear_cross_entropy, linear_cross_entropy_per_task
 from tests.conftest import WORDS
 
 
@@ -111,6 +111,78 @@ def test_fused_linear_cross_entropy_equals_plain_cross_entropy(bias, chunk):
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
+
+
+def _per_task_case(bias: bool):
+    torch.manual_seed(1)
+    hidden = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, requires_grad=True) if bias else None
+    targets = torch.randint(0, 40, (30,))
+    tasks = torch.tensor([2] * 4 + [0] * 19 + [2] * 7)  # task 1 has no rows; task 2's rows in two runs
+    leaves = [hidden, weight, *([b] if b is not None else [])]
+
+    def plain() -> list[torch.Tensor]:  # each task's mean cross-entropy on its own rows; no rows: 0
+        logits = F.linear(hidden, weight, b)
+        return [
+            F.cross_entropy(logits[tasks == j], targets[tasks == j]) if (tasks == j).any() else logits.sum() * 0.0
+            for j in range(3)
+        ]
+
+    return hidden, weight, b, targets, tasks, leaves, plain
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 6, 1000])
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.5, 0.5, 0.5), (0.3, 2.0, 1.5)])
+def test_fused_per_task_losses_and_gradients_equal_plain_cross_entropy(bias, chunk, weights):
+    hidden, weight, b, targets, tasks, leaves, plain = _per_task_case(bias)
+    fused = linear_cross_entropy_per_task(hidden, weight, b, targets, tasks, 3, chunk)
+    got = torch.autograd.grad(sum(w * loss for w, loss in zip(weights, fused, strict=True)), leaves)
+    want_losses = plain()
+    want = torch.autograd.grad(sum(w * loss for w, loss in zip(weights, want_losses, strict=True)), leaves)
+    torch.testing.assert_close(fused.double(), torch.stack(want_losses), rtol=1e-6, atol=1e-9)
+    assert fused[1].item() == 0.0
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
+
+
+def test_each_tasks_gradient_from_the_one_fused_pass(model_and_rows):
+    """A gradient method takes every task's gradient from the same node in turn (the graph retained): each
+    equals that task's plain gradient, and asking twice gives the same answer."""
+    hidden, weight, b, targets, tasks, leaves, plain = _per_task_case(True)
+    fused = linear_cross_entropy_per_task(hidden, weight, b, targets, tasks, 3, 5)
+    want_losses = plain()
+    for j in (0, 2, 0, 1):
+        got = torch.autograd.grad(fused[j], leaves, retain_graph=True)
+        want = torch.autograd.grad(want_losses[j], leaves, retain_graph=True, allow_unused=True)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.double(), torch.zeros_like(g) if w is None else w, rtol=1e-5, atol=1e-7)
+
+
+def test_one_fused_pass_for_every_generation_task_of_a_batch(model_and_rows, monkeypatch):
+    """A mixed batch of three generation tasks: one pass through the LM head, and the same losses and
+    weighted gradients as the plain cross-entropy of each task."""
+    import multitune.models.causal_lm as causal_lm
+
+    model, rows, pad = model_and_rows
+    batch = collate(rows, pad)
+    calls = []
+    real = causal_lm.linear_cross_entropy_per_task
+    monkeypatch.setattr(causal_lm, "linear_cross_entropy_per_task", lambda *a: calls.append(a[-2]) or real(*a))
+    weights = {"a": 0.2, "b": 1.0, "c": 3.0}
+    model.loss_chunk = 7
+    fused = model.losses(batch)
+    fused_grads = _grads(model, {n: weights[n] * loss for n, loss in fused.items()})
+    assert calls == [3]
+    model.loss_chunk = 0
+    plain = model.losses(batch)
+    plain_grads = _grads(model, {n: weights[n] * loss for n, loss in plain.items()})
+    for name in plain:
+        assert fused[name].item() == pytest.approx(plain[name].item(), rel=1e-5)
+    assert set(fused_grads) == set(plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
 def test_fused_loss_is_what_the_model_trains_on(model_and_rows):

@@ -21,18 +21,18 @@ import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multitune.core.files import atomic_write
-from multitune.data.collate import Batch
+from multitune.data.collate import Batch, TaskRows
 from multitune.data.tokens import IGNORE_INDEX
 from multitune.errors import ConfigError
 from multitune.models.backbone import Backbone, load_kwargs, load_with_fallback
-from multitune.models.lm_loss import linear_cross_entropy
+from multitune.models.lm_loss import linear_cross_entropy, linear_cross_entropy_per_task
 from multitune.models.multitask import MultiTaskModel, pool
 
 log = logging.getLogger(__name__)
@@ -221,9 +221,11 @@ class CausalLMMultiTask(MultiTaskModel):
         others = Batch(batch.inputs, {n: p for n, p in batch.tasks.items() if n not in generation})
         outputs = self.head_outputs(hidden, others) if others.tasks else {}
         mask = batch.inputs["attention_mask"]
-        losses = {}
+        losses = self._fused_generation_losses(hidden, generation) if self._fuses_loss else {}
         for name, part in batch.tasks.items():
             assert part.labels is not None, f"batch for task '{name}' has no labels"
+            if name in losses:
+                continue
             if name in generation:
                 with self.task_routing(name, part.rows.stop - (part.rows.start or 0)):
                     losses[name] = self.generation_loss(hidden[part.rows], mask[part.rows], part.labels)
@@ -231,14 +233,38 @@ class CausalLMMultiTask(MultiTaskModel):
                 losses[name] = self.heads[name].loss(outputs[name], part.labels)  # type: ignore[operator]
         return losses
 
+    @property
+    def _fuses_loss(self) -> bool:
+        """Whether generation losses go through the LM head fused with cross-entropy (a plain linear head:
+        one with an adapter of its own takes the plain route)."""
+        return self.fused_loss and self.loss_chunk > 0 and type(self.lm_head) is nn.Linear
+
+    def _fused_generation_losses(self, hidden: Tensor, parts: dict[str, TaskRows]) -> dict[str, Tensor]:
+        """Every generation task's mean cross-entropy from one fused pass through the LM head over all their
+        labelled positions (models/lm_loss.py): the cost of a mixed batch does not grow with its task count."""
+        if not parts:
+            return {}
+        picked, targets, owner = [], [], []
+        for j, part in enumerate(parts.values()):
+            assert part.labels is not None, "a generation task's batch has no labels"
+            keep = part.labels != IGNORE_INDEX
+            picked.append(hidden[part.rows][keep])  # [n_j, H]: gather first, then project
+            targets.append(part.labels[keep])
+            owner.append(torch.full((targets[-1].shape[0],), j, dtype=torch.long, device=hidden.device))
+        head = cast(nn.Linear, self.lm_head)
+        per_task = linear_cross_entropy_per_task(
+            torch.cat(picked), head.weight, head.bias, torch.cat(targets), torch.cat(owner), len(parts), self.loss_chunk
+        )
+        return dict(zip(parts, per_task.unbind(0), strict=True))
+
     def generation_loss(self, rows: Tensor, rows_mask: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy over the labelled positions; all targets truncated away: a zero loss that is
         still connected to the graph."""
         targets = labels[labels != IGNORE_INDEX]
         if not targets.numel():
             return rows.sum() * 0.0
-        head = self.lm_head
-        if self.fused_loss and self.loss_chunk > 0 and type(head) is nn.Linear:
+        head = cast(nn.Linear, self.lm_head)
+        if self._fuses_loss:
             return linear_cross_entropy(rows[labels != IGNORE_INDEX], head.weight, head.bias, targets, self.loss_chunk)
         return F.cross_entropy(self.generation_logits(rows, rows_mask, labels).float(), targets)
 
