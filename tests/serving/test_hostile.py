@@ -312,3 +312,82 @@ def test_a_bound_that_is_no_bound_is_refused_naming_the_option(tmp_path, capsys,
     assert main(["serve", str(tmp_path / "a-run"), option, value]) == 2  # refused before the run is read
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"field '{option}'" in err
+
+
+# --- the token before the body; HEAD ----------------------------------------------------------------------------
+
+
+def test_a_caller_without_the_token_gets_401_whatever_its_body(tiny_run):
+    """The token is checked before the body is read: bad JSON, a wrong content type or a body over the limit
+    from a caller without it is a 401, never the 422/415/413 that would tell it the routes' checks."""
+    from starlette.testclient import TestClient
+
+    from multitune.serving.app import ServeSettings, create_app
+    from multitune.serving.engine import Engine
+
+    settings = ServeSettings(token=TOKEN, max_body_bytes=1000)
+    with TestClient(create_app(Engine(tiny_run), settings)) as client:
+        for body, kind in (
+            (b"{not json", "application/json"),
+            (b"a=1", "text/plain"),
+            (b"x" * 5000, "application/json"),
+        ):
+            response = client.post(PREDICT, content=body, headers={"content-type": kind})
+            assert response.status_code == 401, (body[:10], response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert one_line_json(response).startswith("missing bearer token")
+            wrong = client.post(PREDICT, content=body, headers={"content-type": kind, "authorization": "Bearer no"})
+            assert wrong.status_code == 401 and one_line_json(wrong).startswith("wrong bearer token")
+        # with the token, the body's own problems as before
+        assert (
+            client.post(PREDICT, content=b"{not json", headers={**AUTH, "content-type": "application/json"}).status_code
+            == 422
+        )
+        assert (
+            client.post(PREDICT, content=b"x" * 5000, headers={**AUTH, "content-type": "application/json"}).status_code
+            == 413
+        )
+        assert (
+            client.post(
+                PREDICT, json={"input": {"text": "a"}}, headers={"authorization": f"bearer {TOKEN}"}
+            ).status_code
+            == 200
+        )
+
+
+def test_the_api_description_needs_the_token_and_health_does_not(tiny_run):
+    """/docs and /openapi.json name every task and label, as /v1/tasks does: behind the token when one is set."""
+    from starlette.testclient import TestClient
+
+    from multitune.serving.app import ServeSettings, create_app
+    from multitune.serving.engine import Engine
+
+    with TestClient(create_app(Engine(tiny_run), ServeSettings(token=TOKEN))) as client:
+        for path in ("/docs", "/openapi.json", "/v1/tasks", "/v1/models", "/v1"):
+            assert client.get(path).status_code == 401, path
+        assert client.get("/docs", headers=AUTH).status_code == 200
+        assert "/v1/predict" in client.get("/openapi.json", headers=AUTH).json()["paths"]
+        assert client.get("/v1", headers=AUTH).status_code == 404  # past the token: an unknown path
+        for path in ("/healthz", "/metrics"):
+            assert client.get(path).status_code == 200, path
+        assert client.get("/nope").status_code == 404
+    with TestClient(create_app(Engine(tiny_run))) as client:  # no token set: open
+        assert client.get("/openapi.json").status_code == 200 and client.get("/docs").status_code == 200
+
+
+def test_head_is_answered_as_get_without_a_body(tiny_run):
+    from starlette.testclient import TestClient
+
+    from multitune.serving.app import ServeSettings, create_app
+    from multitune.serving.engine import Engine
+
+    with TestClient(create_app(Engine(tiny_run), ServeSettings(token=TOKEN))) as client:
+        for path, headers in (("/healthz", {}), ("/metrics", {}), ("/v1/tasks", AUTH), ("/openapi.json", AUTH)):
+            got, head = client.get(path, headers=headers), client.head(path, headers=headers)
+            assert head.status_code == got.status_code == 200, path
+            assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
+        assert int(client.head("/v1/tasks", headers=AUTH).headers["content-length"]) == len(
+            client.get("/v1/tasks", headers=AUTH).content
+        )
+        assert client.head("/v1/tasks").status_code == 401  # the token rule as for GET
+        assert client.head(PREDICT, headers=AUTH).status_code == 405  # a POST route has no GET to answer as

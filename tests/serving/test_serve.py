@@ -94,7 +94,7 @@ def test_tasks_and_openapi(server):
     assert set(described["sentiment"]["labels"]) == {"pos", "neg"}
     assert described["ner"]["input_fields"] == ["tokens"] and "O" in described["ner"]["labels"]
     assert described["sentiment"]["metrics"]["main_metric"] == "accuracy"
-    schema = httpx.get(f"{server}/openapi.json").json()
+    schema = httpx.get(f"{server}/openapi.json", headers=AUTH).json()
     assert {"/v1/tasks/{task}/predict", "/v1/predict", "/v1/tasks", "/healthz"} <= set(schema["paths"])
 
 

@@ -1,6 +1,7 @@
 """`multitune serve RUN_DIR`: one HTTP JSON API for every task of a run, on one shared backbone.
 
-Routes (all JSON; the OpenAPI schema is at /openapi.json, and /docs shows it as a page that needs no network):
+Routes (all JSON; the OpenAPI schema is at /openapi.json, and /docs shows it as a page that needs no network;
+both need the bearer token when one is set; every GET route also answers HEAD):
 - GET  /healthz                        liveness, queue depth and batching counters (never needs a token)
 - GET  /metrics                        the same and more in Prometheus' text format (serving/metrics.py; no token)
 - GET  /v1/tasks                       each task's name, type, labels, input fields and metrics
@@ -32,7 +33,7 @@ from typing import Any
 from multitune.errors import MultitunError
 from multitune.serving.batcher import MicroBatcher
 from multitune.serving.engine import Engine
-from multitune.serving.guards import RequestGuard, guarded_protocol
+from multitune.serving.guards import Access, RequestGuard, guarded_protocol
 from multitune.serving.metrics import CountRequests, ServerMetrics
 from multitune.serving.settings import ServeSettings
 
@@ -46,10 +47,10 @@ SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005)
 
 def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
     """The FastAPI app answering `engine`'s tasks through a micro-batcher: the routes in the order they match
-    (each task's own routes before the `{task}` ones), the bearer token in front of /v1, RequestGuard in front
-    of everything."""
+    (each task's own routes before the `{task}` ones), RequestGuard in front of everything: the bearer token of
+    /v1, /docs and /openapi.json checked before a body is read."""
     # FastAPI is the optional `serve` extra: the modules that import it load only when an app is built
-    from fastapi import APIRouter, Depends, FastAPI
+    from fastapi import APIRouter, FastAPI
 
     from multitune.serving import routes
     from multitune.serving.docs import add_docs
@@ -71,8 +72,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
     add_docs(app)
     routes.add_error_handlers(app)
     routes.add_health(app, engine, batcher)
-    v1_auth = routes.authorizer(settings.token)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(v1_auth)])
+    v1 = APIRouter(prefix="/v1", dependencies=[routes.bearer()])
     routes.add_tasks(v1, engine)
     answering = routes.Answering(engine, batcher, settings.max_chars)
     for name in engine.tasks:
@@ -81,12 +81,13 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> Any:
     routes.add_generate_route(v1, answering, models)
     add_openai_routes(v1, answering)
     if settings.admin_token:  # off unless asked for: loading reads any run the server's user can read
-        routes.add_admin_routes(app, answering, models, settings.admin_token, v1_auth)
+        routes.add_admin_routes(app, answering, models)
         app.openapi = routes.served_openapi(app, engine)  # type: ignore[method-assign]
     app.include_router(v1)
     metrics = ServerMetrics(batcher)
     routes.add_metrics(app, metrics)
-    app.add_middleware(RequestGuard, limit=settings.max_body_bytes, body_timeout=settings.body_timeout)
+    access = Access(settings.token, settings.admin_token or None)
+    app.add_middleware(RequestGuard, limit=settings.max_body_bytes, body_timeout=settings.body_timeout, access=access)
     # outermost: it sees the guard's refusals too, and names their routes by the OpenAPI document's paths
     app.add_middleware(CountRequests, metrics=metrics, templates=lambda: list(app.openapi()["paths"]))
     return app

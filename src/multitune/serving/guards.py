@@ -1,14 +1,17 @@
-"""The HTTP layer's guards, in front of every route: the whole request body read within a time and a size
-(RequestGuard), refused as JSON unless it is a JSON object of valid text, and uvicorn's connections bounded in
-number and in how long their headers may take (guarded_protocol). Every refusal is JSON like every route's."""
+"""The HTTP layer's guards, in front of every route: the bearer token a path needs checked before its body is
+read (Access), the whole request body read within a time and a size (RequestGuard), refused as JSON unless it
+is a JSON object of valid text, a HEAD answered as its GET without the body, and uvicorn's connections bounded
+in number and in how long their headers may take (guarded_protocol). Every refusal is JSON like every route's."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import math
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -25,20 +28,64 @@ SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how a lone surrogate can
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class RequestGuard:
-    """ASGI middleware in front of every route: reads the whole body within `body_timeout` seconds (else 408)
-    and at most `limit` bytes (else 413), and refuses a body the routes could not read as text: not declared
-    JSON (415), not UTF-8, not JSON, not an object, nested past the parser or holding a lone UTF-16
-    surrogate (422). The routes then only ever see valid text; every refusal is JSON."""
+@dataclass(frozen=True)
+class Access:
+    """The bearer token each path needs: under /v1/admin the admin token (where admin routes are on), the rest
+    of /v1 and the API's description (/docs, /openapi.json: they name every task and label) the serving token
+    (where one is set); /healthz and /metrics none."""
 
-    def __init__(self, app: Any, limit: int, body_timeout: float = 30.0) -> None:
+    token: str | None = None
+    admin_token: str | None = None
+
+    def needed(self, path: str) -> str | None:
+        if self.admin_token is not None and _under(path, "/v1/admin"):
+            return self.admin_token
+        if _under(path, "/v1") or path in ("/docs", "/openapi.json"):
+            return self.token
+        return None
+
+    def problem(self, path: str, authorization: bytes | None) -> str | None:
+        """Why a request for `path` with this Authorization header may not pass (one line), or None. The
+        token is compared as the bytes that were sent with the bytes that were set (UTF-8), in constant time."""
+        expected = self.needed(path)
+        if expected is None:
+            return None
+        scheme, _, given = (authorization or b"").partition(b" ")
+        if authorization is None or scheme.lower() != b"bearer":
+            return "missing bearer token: send 'Authorization: Bearer <token>'"
+        if not hmac.compare_digest(given, expected.encode("utf-8", "surrogateescape")):
+            return "wrong bearer token: send 'Authorization: Bearer <token>'"
+        return None
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+class RequestGuard:
+    """ASGI middleware in front of every route. It answers a HEAD as the GET of that path with no body, and
+    refuses a request without the bearer token its path needs (401, `access`) before reading any of its body.
+    It then reads the whole body within `body_timeout` seconds (else 408) and at most `limit` bytes (else
+    413), and refuses a body the routes could not read as text: not declared JSON (415), not UTF-8, not JSON,
+    not an object, nested past the parser or holding a lone UTF-16 surrogate (422). The routes then only ever
+    see valid text from an allowed caller; every refusal is JSON."""
+
+    def __init__(self, app: Any, limit: int, body_timeout: float = 30.0, access: Access | None = None) -> None:
         self.app, self.limit, self.body_timeout = app, limit, body_timeout
+        self.access = access or Access()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope.get("method") == "HEAD":  # the routes are GETs; the server itself sends no body for a HEAD
+            scope, send = {**scope, "method": "GET"}, _headers_only(send)
         headers = dict(scope.get("headers", []))
+        refused = self.access.problem(scope.get("path", ""), headers.get(b"authorization"))
+        if refused is not None:  # a body, if any, stays unread: the connection cannot carry another request
+            has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+            await refuse(send, 401, refused, close=has_body, extra=[(b"www-authenticate", b"Bearer")])
+            return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await refuse(send, 413, f"request body over {self.limit} bytes", close=True)
@@ -161,8 +208,24 @@ def error_body(status: int, detail: str, close: bool = False) -> tuple[bytes, li
     return body, headers
 
 
-async def refuse(send: Send, status: int, detail: str, close: bool = False) -> None:
+def _headers_only(send: Send) -> Send:
+    """`send` with every body part dropped (one empty last part kept): a HEAD's answer, headers as the GET's."""
+
+    async def headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            if message.get("more_body"):
+                return
+            message = {"type": "http.response.body", "body": b"", "more_body": False}
+        await send(message)
+
+    return headers_only
+
+
+async def refuse(
+    send: Send, status: int, detail: str, close: bool = False, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body, headers = error_body(status, detail, close)
+    headers += extra or []
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -1,9 +1,8 @@
 """The routes of the HTTP API, one group per function: health, the /v1 task list, each task's own routes,
-predict and generate; with the bearer-token check in front of /v1 and JSON for every error. What the routes
+predict and generate; JSON for every error (the bearer token is checked in front of them: guards.py). What the routes
 share (a task by name, a record encoded, an answer from the batcher) is Answering's."""
 
 # no `from __future__ import annotations`: FastAPI reads the routes' parameter annotations at runtime
-import hmac
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -13,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
 from multitune.errors import MultitunError
 from multitune.serving.batcher import Busy, MicroBatcher
@@ -42,21 +41,10 @@ def lifespan(batcher: MicroBatcher) -> Callable[[FastAPI], AbstractAsyncContextM
     return running
 
 
-def authorizer(token: str | None) -> Callable[..., None]:
-    """The /v1 routes' dependency: with a token set, a request without `Authorization: Bearer <token>` is a 401."""
-    bearer = HTTPBearer(auto_error=False)
-
-    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if token is None:
-            return
-        given = credentials.credentials if credentials is not None else ""
-        # compared as the bytes that were sent (headers arrive decoded as latin-1) and as the bytes that were set
-        expected = token.encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given.encode("latin-1"), expected):
-            detail = "missing bearer token" if credentials is None else "wrong bearer token"
-            raise HTTPException(401, f"{detail}: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
-
-    return authorize
+def bearer() -> Any:
+    """The dependency that shows the bearer-token scheme in the OpenAPI document. It checks nothing: the token
+    is RequestGuard's (serving/guards.py Access), before the body is read."""
+    return Depends(HTTPBearer(auto_error=False))
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -262,7 +250,7 @@ def add_generate_route(v1: APIRouter, answering: Answering, models: RequestModel
         return await answering.generate(answering.task_or_404(task), request, http)  # type: ignore[arg-type]
 
 
-def add_admin_routes(app: FastAPI, answering: Answering, models: RequestModels, token: str, v1_auth: Any) -> None:
+def add_admin_routes(app: FastAPI, answering: Answering, models: RequestModels) -> None:
     """/v1/admin/tasks: list, load and unload tasks while the server runs, behind their own bearer token. A task
     is loaded from another finished run of the same backbone (its own model answers it, its refined copy for
     a two-stage run): the weights are read off the inference thread, and the task is registered, or removed,
@@ -279,7 +267,7 @@ def add_admin_routes(app: FastAPI, answering: Answering, models: RequestModels, 
         """The OpenAPI document follows: a loaded task gets its own routes (once), and served_openapi leaves
         out those of tasks not served."""
         if served and task not in routed:
-            router = APIRouter(prefix="/v1", dependencies=[Depends(v1_auth)])
+            router = APIRouter(prefix="/v1", dependencies=[bearer()])
             add_own_routes(router, task, answering, models)
             app.include_router(router)
             routed.add(task)
@@ -290,7 +278,7 @@ def add_admin_routes(app: FastAPI, answering: Answering, models: RequestModels, 
         run: str  # a finished run's directory, on the server's file system
         task: str  # the task of that run to serve
 
-    admin = APIRouter(prefix="/v1/admin", dependencies=[Depends(authorizer(token))])
+    admin = APIRouter(prefix="/v1/admin", dependencies=[bearer()])
 
     async def between_batches(change: Callable[[Any], None], argument: Any) -> None:
         """`change(argument)` on the inference thread between two batches: 503 when the queue is full, 409 when
