@@ -35,10 +35,13 @@ started = time.perf_counter()
 history = Path(sys.argv[2]) / "history.jsonl"
 seen = {}  # history lines (one per step, log_every 1) -> when they were first there
 
-def watch():
+def watch():  # only the bytes added since the last look: the file grows by a line of every task's values a step
+    lines, handle = 0, None
     while not done.is_set():
-        if history.exists():
-            lines = history.read_bytes().count(b"\\n")
+        if handle is None and history.exists():
+            handle = open(history, "rb")
+        if handle is not None:
+            lines += handle.read().count(b"\\n")
             seen.setdefault(lines, time.perf_counter() - started)
         time.sleep(0.005)
 
