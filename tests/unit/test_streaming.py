@@ -5,6 +5,7 @@ into memory."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -199,14 +200,23 @@ def history(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
 
-def test_a_streamed_run_trains_on_the_same_batches_as_the_same_data_in_memory(tiny_backbone, tmp_path):
+def test_a_streamed_run_trains_on_the_same_batches_as_the_same_data_in_memory(tiny_backbone, tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
+
+    from multitune.data.workers import TokenizerPool
+
+    pooled: list[str] = []  # the tasks whose rows the worker processes encoded
+    plain = TokenizerPool.encoder
+    monkeypatch.setattr(TokenizerPool, "encoder", lambda self, name: pooled.append(name) or plain(self, name))
 
     for streaming in (False, True):
         path = streamed_config(tiny_backbone, tmp_path, streaming, log_every=1)
         assert main(["train", str(path), f"run.name=s{streaming}"]) == 0
     assert main(["train", str(path), "run.name=in_loop", "training.read_ahead=0"]) == 0  # no reader thread
+    assert not pooled
+    assert main(["train", str(path), "run.name=workers", "training.tokenize_workers=2"]) == 0  # two processes
+    assert set(pooled) == {"sentiment", "ner"}
     memory, streamed = tmp_path / "runs" / "sFalse", tmp_path / "runs" / "sTrue"
 
     def timeless(run: Path) -> list[dict[str, Any]]:
@@ -214,9 +224,11 @@ def test_a_streamed_run_trains_on_the_same_batches_as_the_same_data_in_memory(ti
 
     assert len(timeless(memory)) > 6 and timeless(memory) == timeless(streamed)  # every step's losses
     assert timeless(tmp_path / "runs" / "in_loop") == timeless(streamed)
+    assert timeless(tmp_path / "runs" / "workers") == timeless(streamed)
     a, b = load_file(str(memory / "model.safetensors")), load_file(str(streamed / "model.safetensors"))
     c = load_file(str(tmp_path / "runs" / "in_loop" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    d = load_file(str(tmp_path / "runs" / "workers" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) and torch.equal(a[k], d[k]) for k in a)
     manifest = json.loads((streamed / "tasks.json").read_text())
     assert manifest["sentiment"]["rows"] == {"train": 40, "validation": 12}
     assert "a.jsonl (streamed), a_val.jsonl" in (streamed / "report.html").read_text()
@@ -244,13 +256,50 @@ def test_a_bad_row_found_late_in_a_stream_is_a_one_line_error_and_the_checkpoint
     path = tmp_path / "late.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     kept = {}
-    for ahead in (0, 8):  # read in the loop, or ahead on the reader thread: the run stops at the same step
-        assert main(["train", str(path), f"run.name=ahead{ahead}", f"training.read_ahead={ahead}"]) == 2
+    # read in the loop, ahead on the reader thread, or tokenized by worker processes: the same stop
+    for ahead, workers in ((0, 0), (8, 0), (8, 2)):
+        name = f"ahead{ahead}-{workers}"
+        overrides = [f"run.name={name}", f"training.read_ahead={ahead}", f"training.tokenize_workers={workers}"]
+        assert main(["train", str(path), *overrides]) == 2
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert error.startswith("multitune: error: ") and "late.jsonl:31" in error and "invalid JSON" in error
-        kept[ahead] = sorted(p.name for p in (tmp_path / "runs" / f"ahead{ahead}" / "checkpoints").iterdir())
-    assert kept[0], "the checkpoints written before the bad row are kept"
-    assert kept[8] == kept[0]
+        kept[name] = sorted(p.name for p in (tmp_path / "runs" / name / "checkpoints").iterdir())
+    assert kept["ahead0-0"], "the checkpoints written before the bad row are kept"
+    assert kept["ahead8-0"] == kept["ahead0-0"] == kept["ahead8-2"]
+
+
+def test_a_label_a_worker_process_cannot_encode_is_a_one_line_error_at_its_row(tiny_backbone, tmp_path, capsys):
+    """A row that parses but does not encode (a label its task does not know), met late in a stream whose rows
+    the worker processes tokenize: the error raised in the worker reaches the user as one line naming the
+    file, line and field, at the step reading in the loop stops at, the checkpoints before it kept."""
+    rows = classification_rows(40)
+    rows[30] = {**rows[30], "label": "maybe"}
+    write_rows(tmp_path / "late.jsonl", rows)
+    val = write_rows(tmp_path / "val.jsonl", classification_rows(8, seed=1))
+    config = tiny_config(tiny_backbone, tmp_path / "late.jsonl", write_rows(tmp_path / "b.jsonl", token_rows(20)),
+                         tmp_path / "runs", steps=30, checkpoint_every=2, eval_every=30)  # fmt: skip
+    config["tasks"]["sentiment"]["source"].update(validation=str(val), streaming=True, num_rows=40, shuffle_buffer=1)
+    config["tasks"]["sentiment"]["labels"] = ["neg", "pos"]
+    config["sampling"] = {"name": "manual", "probabilities": {"sentiment": 0.999, "ner": 0.001}}
+    path = tmp_path / "late.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    steps = {}
+    for workers, ahead in ((0, 0), (2, 8)):
+        assert main(["train", str(path), f"run.name=w{workers}", f"training.tokenize_workers={workers}",
+                     f"training.read_ahead={ahead}"]) == 2  # fmt: skip
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("multitune: error: ") and "late.jsonl:31: field 'label': unknown label 'maybe'" in error
+        steps[workers] = max(
+            int(p.name.split("-")[-1]) for p in (tmp_path / "runs" / f"w{workers}" / "checkpoints").iterdir()
+        )
+    assert steps[0] > 0 and steps[2] == steps[0]
+
+
+def test_tokenizing_in_processes_needs_rows_read_ahead(tiny_backbone, tmp_path, capsys):
+    path = streamed_config(tiny_backbone, tmp_path, True)
+    assert main(["train", str(path), "training.read_ahead=0", "training.tokenize_workers=2"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "field 'training.tokenize_workers'" in error and "training.read_ahead above 0" in error
 
 
 def test_streaming_refuses_what_would_read_the_whole_split(tiny_backbone, tmp_path, capsys):
@@ -454,3 +503,29 @@ def test_scoring_a_finished_streamed_run_never_reads_its_train_split(tiny_backbo
     (tmp_path / "b.jsonl").write_text("not json\n", encoding="utf-8")
     assert main(["evaluate", str(run), "--split", "validation"]) == 0
     assert json.loads((run / "evaluation_validation.json").read_text()) == before
+
+
+def test_the_tokenizer_pool_encodes_in_other_processes_as_encode_does(tiny_backbone, tmp_path):
+    from transformers import AutoTokenizer
+
+    from multitune.config import Config
+    from multitune.data.encoding import encode
+    from multitune.data.tasks import load_tasks
+    from multitune.data.workers import TokenizerPool
+
+    a = write_rows(tmp_path / "a.jsonl", classification_rows(30))
+    b = write_rows(tmp_path / "b.jsonl", token_rows(20))
+    tasks = load_tasks(Config.model_validate(tiny_config(tiny_backbone, a, b, tmp_path / "runs")).tasks, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone))
+    pool = TokenizerPool(3, {name: (data, tokenizer, 16, False) for name, data in tasks.items()})
+    try:
+        for name, data in tasks.items():
+            examples = data.splits["train"][:10]  # 10 rows over 3 processes: parts of 4, 4 and 2, in order
+            assert pool.encoder(name)(examples) == encode(examples, data, tokenizer, 16)
+            assert pool.encoder(name)([]) == []
+        pids = {pool.pool.submit(os.getpid).result() for _ in range(12)}
+        assert pids and os.getpid() not in pids
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="at least one worker"):
+        TokenizerPool(0, {})

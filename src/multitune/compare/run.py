@@ -39,7 +39,8 @@ BASELINES = ".baselines"
 SIDES = ("single_total", "multi")  # the two sides' keys in comparison.json's cost fields
 
 
-UNLEARNED = ("progress", "tensorboard", "read_ahead")  # training settings that change no weight and no score
+# training settings that change no weight and no score
+UNLEARNED = ("progress", "tensorboard", "read_ahead", "tokenize_workers")
 
 
 def _fingerprint(config: Config, task: str) -> str:

@@ -199,6 +199,9 @@ class TrainingConfig(Group):
     # streamed train splits: rows of a task read and tokenized ahead, per batch of this many, on a background
     # thread while the loop trains (the same rows in the same order); 0: read in the loop
     read_ahead: int = Field(64, ge=0)
+    # streamed train splits read ahead: tokenized by this many worker processes (data/workers.py) instead of
+    # on the reader thread; 0: on the thread
+    tokenize_workers: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int | None = Field(500, ge=1)  # also at the end and on SIGTERM / SIGINT
     keep_checkpoints: int = Field(2, ge=1)

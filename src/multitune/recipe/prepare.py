@@ -23,6 +23,7 @@ from multitune.data.tasks import (
 )
 from multitune.data.tokens import Encoded
 from multitune.data.windows import PredictionRow, scoring_rows
+from multitune.data.workers import TokenizerPool
 from multitune.errors import ConfigError
 from multitune.models.assemble import (
     LOADERS,
@@ -54,6 +55,16 @@ class Prepared:
     rows_added: bool = False  # resuming: rows were appended to the data since the run started
     samples: dict[str, list[Encoded]] = field(default_factory=dict)  # streamed splits' samples (training_sample)
     read_ahead: tuple[ThreadPoolExecutor, Any] | None = None  # streamed splits' reader thread and its tokenizer
+    tokenizer_pool: TokenizerPool | None = None  # training.tokenize_workers: the processes that tokenize them
+
+    def close(self) -> None:
+        """Stop the reader thread and the tokenizing processes, if any ran."""
+        if self.read_ahead is not None:
+            self.read_ahead[0].shutdown(wait=True, cancel_futures=True)
+            self.read_ahead = None
+        if self.tokenizer_pool is not None:
+            self.tokenizer_pool.close()
+            self.tokenizer_pool = None
 
     def encoder(self, name: str, tokenizer: Any = None) -> Callable[[list[Example]], list[Encoded]]:
         """Task `name`'s examples -> Encoded rows, as its splits were encoded (a streamed split's rows); with
@@ -74,13 +85,24 @@ class Prepared:
                 f"task '{name}' streams its train split, which is never whole: it cannot be grouped by length",
                 field="training.group_by_length",
             )
-        chunk = self.config.training.read_ahead
+        chunk, processes = self.config.training.read_ahead, self.config.training.tokenize_workers
         if not chunk:
+            if processes:
+                raise ConfigError(
+                    "tokenizing in worker processes needs rows read ahead: set training.read_ahead above 0",
+                    field="training.tokenize_workers",
+                )
             return StreamedRows(stream, self.encoder(name), seed)
         if self.read_ahead is None:  # one thread, one tokenizer copy, for every streamed task
             self.read_ahead = (ThreadPoolExecutor(1, "multitune-read-ahead"), copy.deepcopy(self.backbone.tokenizer))
         worker, tokenizer = self.read_ahead
-        return ReadAheadRows(stream, self.encoder(name, tokenizer), seed, worker, chunk)
+        if processes and self.tokenizer_pool is None:  # every streamed task's encoding, sent once per process
+            model = self.config.model
+            streamed = {n: t for n, t in self.tasks.items() if t.stream is not None}
+            definitions = {n: (t, tokenizer, model.max_length, model.kind == "seq2seq") for n, t in streamed.items()}
+            self.tokenizer_pool = TokenizerPool(processes, definitions)
+        encoder = self.encoder(name, tokenizer) if self.tokenizer_pool is None else self.tokenizer_pool.encoder(name)
+        return ReadAheadRows(stream, encoder, seed, worker, chunk)
 
     def training_sample(self, name: str) -> list[Encoded]:
         """Task `name`'s encoded training rows: all of them, or of a streamed split a seeded uniform sample as

@@ -77,6 +77,7 @@ def _train_run(config: Config, stop: StopSignal, scratch: contextlib.ExitStack) 
         )
         return resume_dir
     prepared = prepare(config, resume_dir)
+    scratch.callback(prepared.close)  # the streamed splits' reader thread and tokenizing processes
     training = config.training
     sampler, balancer, streams = _components(config, prepared)
     accelerator, group, zero = _launch(config, balancer)
