@@ -10,6 +10,8 @@ the shuffle buffer both draw the same rows, so their loss curves must agree.
 
 With `--read-ahead 0,64` each streamed case runs once reading in the loop and once with 64 rows per task
 read and tokenized ahead on the reader thread (training.read_ahead), side by side: their losses must agree.
+With `--tokenize-workers 0,2` each read-ahead case also runs with its rows tokenized by 2 worker processes
+(training.tokenize_workers); the losses must agree too.
 
 Nothing is downloaded: the data is generated here and the model is a 2-layer Llama with a word-level
 tokenizer, built from a config.
@@ -52,7 +54,8 @@ code = main(["train", sys.argv[1]])
 done.set()
 wall = time.perf_counter() - started
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"code": code, "wall_seconds": wall, "peak_rss_mb": peak, "seen": seen}))
+worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest tokenizing process, if any
+print(json.dumps({"code": code, "wall_seconds": wall, "peak_rss_mb": peak, "worker_peak_rss_mb": worker, "seen": seen}))
 """
 
 
@@ -99,7 +102,9 @@ def write_mixture(folder: Path, rows: int, tasks: int, seed: int = 0) -> None:
                     out.write(json.dumps({"text": text, "label": label}) + "\n")
 
 
-def config(data: Path, model: Path, out: Path, streaming: bool, steps: int, read_ahead: int = 64) -> dict:
+def config(
+    data: Path, model: Path, out: Path, streaming: bool, steps: int, read_ahead: int = 64, workers: int = 0
+) -> dict:
     source = {"format": "jsonl", "train": str(data / "train"), "validation": str(data / "validation")}
     if streaming:
         source["streaming"] = True
@@ -109,7 +114,7 @@ def config(data: Path, model: Path, out: Path, streaming: bool, steps: int, read
         "training": {
             "steps": steps, "batch_size": 8, "lr": 1e-3, "eval_every": steps, "eval_batch_size": 64,
             "log_every": 1, "progress": False, "checkpoint_every": None, "mixed_batches": True,
-            "read_ahead": read_ahead,
+            "read_ahead": read_ahead, "tokenize_workers": workers,
         },
         "discover": {
             "source": source, "type": "generation", "defaults": {"max_new_tokens": 4, "metrics": ["exact_match"]}
@@ -117,12 +122,14 @@ def config(data: Path, model: Path, out: Path, streaming: bool, steps: int, read
     }  # fmt: skip
 
 
-def run(data: Path, model: Path, work: Path, streaming: bool, steps: int, read_ahead: int = 64) -> dict:
+def run(
+    data: Path, model: Path, work: Path, streaming: bool, steps: int, read_ahead: int = 64, workers: int = 0
+) -> dict:
     import yaml
 
     out = work / f"runs-{'streamed' if streaming else 'memory'}-{time.time_ns()}"
     path = work / "config.yaml"
-    path.write_text(yaml.safe_dump(config(data, model, out, streaming, steps, read_ahead)), encoding="utf-8")
+    path.write_text(yaml.safe_dump(config(data, model, out, streaming, steps, read_ahead, workers)), encoding="utf-8")
     child = [sys.executable, "-c", CHILD, str(path), str(out / "run")]
     done = subprocess.run(child, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -154,8 +161,10 @@ def main() -> int:
     parser.add_argument("--memory-sizes", default="10000,100000", help="row counts also run in memory")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--read-ahead", default="64", help="streamed runs: training.read_ahead values, each run")
+    parser.add_argument("--tokenize-workers", default="0", help="streamed runs read ahead: training.tokenize_workers")
     args = parser.parse_args()
     aheads = [int(a) for a in args.read_ahead.split(",")]
+    workers = [int(w) for w in args.tokenize_workers.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
     memory_sizes = {int(s) for s in args.memory_sizes.split(",") if s}
     results = []
@@ -171,12 +180,13 @@ def main() -> int:
                 write_mixture(data, rows, tasks)
                 generated = time.perf_counter() - started
                 size_mb = sum(f.stat().st_size for f in (data / "train").iterdir()) / 2**20
-                cases = [(True, ahead) for ahead in aheads] + [(False, 0)] * (rows in memory_sizes)
-                for streaming, ahead in cases:
-                    result = run(data, model, work, streaming, args.steps, ahead)
+                cases = [(True, ahead, w) for ahead in aheads for w in workers if ahead or not w]
+                cases += [(False, 0, 0)] * (rows in memory_sizes)
+                for streaming, ahead, pool in cases:
+                    result = run(data, model, work, streaming, args.steps, ahead, pool)
                     entry = {"rows": rows, "tasks": tasks, "streaming": streaming, "train_mb": round(size_mb, 1),
-                             "read_ahead": ahead if streaming else None, "generate_seconds": round(generated, 1),
-                             **result}  # fmt: skip
+                             "read_ahead": ahead if streaming else None, "tokenize_workers": pool,
+                             "generate_seconds": round(generated, 1), **result}  # fmt: skip
                     results.append(entry)
                     shown = {k: v for k, v in entry.items() if k != "losses"}
                     print(json.dumps(shown), flush=True)
