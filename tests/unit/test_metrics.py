@@ -76,3 +76,27 @@ def test_average_negates_lower_is_better_and_table_lists_tasks():
 def test_build_metrics_passes_the_positive_label():
     (f1,) = build_metrics(["f1"], positive_label="yes")
     assert f1(["yes", "no"], ["yes", "yes"]) == pytest.approx(2 / 3)
+
+
+def test_a_table_of_many_tasks_prints_the_weakest_and_strongest_around_a_count():
+    """25 tasks, limit 6: the 3 lowest and 3 highest signed main scores (an error metric counts negated), weakest
+    first, and one row for the 19 left out naming where every score is; 6 tasks or fewer: every row."""
+    results = {
+        f"t{i:02d}": {"split": "test", "n": 4, "metrics": {"accuracy": i / 100}, "main_metric": "accuracy",
+                      "main_score": i / 100, "higher_is_better": True}
+        for i in range(24)
+    }  # fmt: skip
+    results["err"] = {
+        "split": "test",
+        "n": 4,
+        "metrics": {"mse": 0.5},
+        "main_metric": "mse",
+        "main_score": 0.5,
+        "higher_is_better": False,
+    }  # fmt: skip  (signed -0.5: the weakest)
+    lines = format_table(results, 0.1, limit=6, where="runs/x/metrics.json").splitlines()
+    names = [line.split()[0] for line in lines[2:]]
+    assert names == ["err", "t00", "t01", "...", "t21", "t22", "t23", "average"]
+    assert "19 more tasks" in lines[5] and "every task's scores: runs/x/metrics.json" in lines[5]
+    few = {n: results[n] for n in ["t05", "t01", "err"]}
+    assert [line.split()[0] for line in format_table(few, limit=6).splitlines()[2:]] == ["t05", "t01", "err"]

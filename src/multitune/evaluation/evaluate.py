@@ -151,8 +151,12 @@ def evaluate(
 
 def average_main_score(results: dict[str, dict[str, Any]]) -> float:
     """Mean over tasks of the main score, negated where lower is better: the one number to select on."""
-    signed = [r["main_score"] if r["higher_is_better"] else -r["main_score"] for r in results.values()]
+    signed = [_signed(r) for r in results.values()]
     return round(sum(signed) / len(signed), 6)
+
+
+def _signed(result: dict[str, Any]) -> float:
+    return float(result["main_score"] if result["higher_is_better"] else -result["main_score"])
 
 
 TABLE_HEADER = ["task", "split", "n", "main metric", "score", "all metrics"]
@@ -173,9 +177,25 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
     ]
 
 
-def format_table(results: dict[str, dict[str, Any]], average: float | None = None) -> str:
+PRINTED_TASKS = 20  # tasks a printed table shows at most: a mixture of hundreds reads as noise on a terminal
+
+
+def format_table(
+    results: dict[str, dict[str, Any]], average: float | None = None, limit: int | None = None, where: str = ""
+) -> str:
+    """The scores as a text table, one row per task, then the average. With more than `limit` tasks, only the
+    limit/2 weakest and the limit/2 strongest by signed main score (higher is better, as the average counts
+    it), weakest first, around one row saying how many are left out and `where` every score is."""
     header = TABLE_HEADER
-    rows = table_rows(results)
+    if limit is not None and len(results) > limit:
+        ranked = sorted(results, key=lambda n: (_signed(results[n]), n))
+        low, high = ranked[: limit // 2], ranked[len(ranked) - (limit - limit // 2) :]
+        left_out = len(results) - len(low) - len(high)
+        every = f"every task's scores: {where}" if where else ""
+        middle = ["...", "", "", f"{left_out} more tasks", "", every]
+        rows = [*table_rows({n: results[n] for n in low}), middle, *table_rows({n: results[n] for n in high})]
+    else:
+        rows = table_rows(results)
     if average is not None:
         rows.append(["average", "", "", "main score", f"{average:.4f}", ""])
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]

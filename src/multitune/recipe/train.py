@@ -26,7 +26,7 @@ from multitune.data.samplers import TaskSampler, token_mix
 from multitune.data.streams import RowStream
 from multitune.data.tokens import Encoded
 from multitune.errors import MultitunError
-from multitune.evaluation.evaluate import average_main_score, evaluate, format_table
+from multitune.evaluation.evaluate import PRINTED_TASKS, average_main_score, evaluate, format_table
 from multitune.evaluation.report import write_report
 from multitune.models.multitask import MultiTaskModel
 from multitune.recipe.components import (
@@ -316,7 +316,7 @@ def _finish(
         session.write("affinity.json", summary)
         print(format_relations(summary))
     write_report(run_dir)
-    print(format_table(results, metrics["average_main_score"]))
+    print(format_table(results, metrics["average_main_score"], PRINTED_TASKS, str(run_dir / "metrics.json")))
     ended = " (stopped early)" if state.stopped_early else ""
     print(f"trained {state.step} steps{ended} in {state.seconds:.1f} s; best validation at step {state.best_step}")
     print(f"saved to {run_dir}")

@@ -12,7 +12,7 @@ from multitune.data.encoding import encode_splits
 from multitune.data.tasks import label_field_name
 from multitune.data.windows import scoring_rows
 from multitune.errors import ConfigError
-from multitune.evaluation.evaluate import average_main_score, evaluate, format_table
+from multitune.evaluation.evaluate import PRINTED_TASKS, average_main_score, evaluate, format_table
 from multitune.runs.layout import FINETUNED
 from multitune.runs.load import load_refined, load_run, scored_tasks
 from multitune.training.checkpoint import load_weights
@@ -52,5 +52,5 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     average = average_main_score(results)
     out = {"tasks": results, "average_main_score": average}
     write_json(Path(run_dir) / f"evaluation_{split}.json", out)
-    print(format_table(results, average))
+    print(format_table(results, average, PRINTED_TASKS, str(Path(run_dir) / f"evaluation_{split}.json")))
     return out
