@@ -287,3 +287,20 @@ def test_packing_refuses_per_task_adapters_even_beside_a_shared_one(
     with pytest.raises(ConfigError, match="a packed row holds several tasks' examples") as error:
         validate_config(data)
     assert error.value.field == "training.packing"
+
+
+def test_mixed_generation_batches_train_in_bf16_with_the_fused_head_across_chunks(
+    tiny_causal_lm, tmp_path, write_jsonl
+):
+    """bf16 mixed precision (accelerate's autocast on the CPU) with both generation tasks in every batch and a
+    loss chunk smaller than a batch's target tokens: the one fused LM-head pass runs over several chunks in
+    bf16 and trains (its first chunk's gradient was bf16 and the next chunk's in-place add refused fp32)."""
+    config = generation_config(tiny_causal_lm, tmp_path, write_jsonl)
+    config["training"].update(mixed_precision="bf16", mixed_batches=True, batch_size=8, log_every=1)
+    config["model"]["lm_loss_chunk"] = 4
+    path = tmp_path / "bf16.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    history = [json.loads(line) for line in (tmp_path / "runs" / "gen" / "history.jsonl").read_text().splitlines()]
+    steps = [h for h in history if "losses" in h]
+    assert len(steps) == 6 and all(len(h["losses"]) == 2 and 0 < h["loss"] < 100 for h in steps)

@@ -147,6 +147,30 @@ def test_fused_per_task_losses_and_gradients_equal_plain_cross_entropy(bias, chu
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.3, 2.0)])
+def test_the_fused_pass_under_bf16_autocast_matches_plain_cross_entropy_under_it(weights):
+    """Mixed precision (accelerate's autocast): the head's products in bf16, several chunks (gradients summed
+    across chunks in float32), fp32 leaves. Plain cross-entropy under the same autocast is the reference, to
+    bf16's precision; the fp32 result bounds both."""
+    torch.manual_seed(2)
+    hidden = torch.randn(70, 16, requires_grad=True)
+    weight = (0.3 * torch.randn(50, 16)).requires_grad_()
+    b = (0.1 * torch.randn(50)).requires_grad_()
+    targets, tasks = torch.randint(0, 50, (70,)), torch.tensor([0] * 30 + [1] * 40)
+    leaves = [hidden, weight, b]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy_per_task(hidden, weight, b, targets, tasks, 2, 16)  # 5 chunks
+        logits = F.linear(hidden, weight, b).float()
+        plain = torch.stack([F.cross_entropy(logits[tasks == j], targets[tasks == j]) for j in range(2)])
+    assert fused.dtype == torch.float32
+    got = torch.autograd.grad(sum(w * x for w, x in zip(weights, fused, strict=True)), leaves)
+    want = torch.autograd.grad(sum(w * x for w, x in zip(weights, plain, strict=True)), leaves)
+    torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-3)
+
+
 def test_each_tasks_gradient_from_the_one_fused_pass(model_and_rows):
     """A gradient method takes every task's gradient from the same node in turn (the graph retained): each
     equals that task's plain gradient, and asking twice gives the same answer."""

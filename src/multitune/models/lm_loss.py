@@ -25,11 +25,30 @@ import torch
 from torch import Tensor
 
 
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype of the head's matmuls: autocast's where it is on (bf16/fp16 mixed precision), else the
+    weight's. The Function casts explicitly and runs with autocast off, so every product has one dtype."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """h [n, H] and weight [V, H] in the compute dtype -> float32 logits [n, V]."""
     logits = (h @ weight.t()).float()
     if bias is not None:
         logits += bias.float()
     return logits
+
+
+def _add_product(total: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """total + a @ b, kept in float32 whatever the dtype of a and b (the first product starts it)."""
+    if total is None:
+        return (a @ b).float()
+    if a.dtype == torch.float32:
+        return total.addmm_(a, b)  # in place: no [V, H] temporary
+    return total.add_(a @ b)
 
 
 def _softmax_minus_onehot(logits: Tensor, lse: Tensor, t: Tensor, row_scale: Tensor) -> Tensor:
@@ -56,31 +75,32 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight: Tensor | None = None
+        grad_weight: Tensor | None = None  # float32 while it accumulates
         grad_bias: Tensor | None = None
         totals = torch.zeros(k, dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = _chunk_logits(h, weight, bias)
-            lse = torch.logsumexp(logits, dim=-1)
-            totals.index_add_(0, tasks[start : start + chunk], lse - logits.gather(1, t[:, None]).squeeze(1))
-            if not (need_h or need_w or need_b):
-                continue
-            probs = _softmax_minus_onehot(logits, lse, t, row_scale[start : start + chunk])
-            if grad_hidden is not None:
-                grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:  # the first chunk writes, later ones add in place: no [V, H] zeros, no extra copies
-                part = probs.t().to(weight.dtype)
-                if grad_weight is None:
-                    grad_weight = part @ h.to(weight.dtype)
-                else:
-                    grad_weight.addmm_(part, h.to(weight.dtype))
-            if need_b:
-                grad_bias = probs.sum(0) if grad_bias is None else grad_bias.add_(probs.sum(0))
+        compute = _compute_dtype(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute)
+            for start in range(0, hidden.shape[0], chunk):
+                h, t = hidden[start : start + chunk].to(compute), targets[start : start + chunk]
+                logits = _chunk_logits(h, w, bias)
+                lse = torch.logsumexp(logits, dim=-1)
+                totals.index_add_(0, tasks[start : start + chunk], lse - logits.gather(1, t[:, None]).squeeze(1))
+                if not (need_h or need_w or need_b):
+                    continue
+                probs = _softmax_minus_onehot(logits, lse, t, row_scale[start : start + chunk])
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk] = (probs.to(compute) @ w).to(hidden.dtype)
+                if need_w:
+                    grad_weight = _add_product(grad_weight, probs.t().to(compute), h)
+                if need_b:
+                    grad_bias = probs.sum(0) if grad_bias is None else grad_bias.add_(probs.sum(0))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
         # kept as saved tensors: freed after the backward unless the graph is retained (a gradient method
         # takes each task's gradient from this one node in turn)
         ctx.save_for_backward(hidden, weight, bias, targets, tasks, row_scale, grad_hidden, grad_weight, grad_bias)
-        ctx.chunk, ctx.bias_dtype = chunk, None if bias is None else bias.dtype
+        ctx.chunk, ctx.compute, ctx.bias_dtype = chunk, compute, None if bias is None else bias.dtype
         return totals / counts
 
     @staticmethod
@@ -96,7 +116,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             factor = g[tasks]  # [N]
             grads = [None if grad_hidden is None else grad_hidden * factor[:, None].to(grad_hidden.dtype), None, None]
             if grad_weight is not None or grad_bias is not None:
-                grads[1], grads[2] = _weight_gradients(hidden, weight, bias, targets, row_scale * factor, ctx.chunk)
+                grads[1], grads[2] = _weight_gradients(
+                    hidden, weight, bias, targets, row_scale * factor, ctx.chunk, ctx.compute
+                )
                 grads[1] = None if grad_weight is None else grads[1]
                 grads[2] = None if grad_bias is None else grads[2]
         if grads[2] is not None and ctx.bias_dtype is not None:
@@ -105,24 +127,33 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def _weight_gradients(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, row_scale: Tensor, chunk: int
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    row_scale: Tensor,
+    chunk: int,
+    compute: torch.dtype,
 ) -> tuple[Tensor, Tensor | None]:
     """Gradients of Σ_rows row_scale · CE for the head's weight [V, H] and bias [V], over the rows whose
-    scale is not zero (the logits computed again, by chunks)."""
+    scale is not zero (the logits computed again, by chunks, in the forward's compute dtype). Also run when
+    only the hidden states' gradient is asked for (autograd.grad of one task's loss): backward cannot tell
+    which inputs a call wants; its cost is that task's rows, as a pass of its own would be."""
     keep = row_scale != 0
     hidden, targets, row_scale = hidden[keep], targets[keep], row_scale[keep]
-    grad_weight = torch.zeros_like(weight)
+    grad_weight: Tensor | None = None
     grad_bias = None if bias is None else torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(compute)
         for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = _chunk_logits(h, weight, bias)
+            h, t = hidden[start : start + chunk].to(compute), targets[start : start + chunk]
+            logits = _chunk_logits(h, w, bias)
             lse = torch.logsumexp(logits, dim=-1)
             probs = _softmax_minus_onehot(logits, lse, t, row_scale[start : start + chunk])
-            grad_weight.addmm_(probs.t().to(weight.dtype), h.to(weight.dtype))
+            grad_weight = _add_product(grad_weight, probs.t().to(compute), h)
             if grad_bias is not None:
                 grad_bias += probs.sum(0)
-    return grad_weight, grad_bias
+    return (torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)), grad_bias
 
 
 def linear_cross_entropy_per_task(
