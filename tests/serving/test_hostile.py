@@ -391,3 +391,19 @@ def test_head_is_answered_as_get_without_a_body(tiny_run):
         )
         assert client.head("/v1/tasks").status_code == 401  # the token rule as for GET
         assert client.head(PREDICT, headers=AUTH).status_code == 405  # a POST route has no GET to answer as
+
+
+def test_the_token_holds_under_a_mount_point(tiny_run):
+    """Served under a root path (uvicorn --root-path, or mounted in another app): the routes match the path
+    less that prefix, and so does the token check (which once saw '/api/v1/tasks' as no /v1 route)."""
+    from starlette.testclient import TestClient
+
+    from multitune.serving.app import ServeSettings, create_app
+    from multitune.serving.engine import Engine
+
+    app = create_app(Engine(tiny_run), ServeSettings(token=TOKEN))
+    with TestClient(app, root_path="/api") as client:
+        for path in ("/api/v1/tasks", "/api/openapi.json", "/api/docs"):
+            assert client.get(path).status_code == 401, path
+        assert client.get("/api/v1/tasks", headers=AUTH).json()["tasks"]
+        assert client.get("/api/healthz").status_code == 200

@@ -529,3 +529,36 @@ def test_the_tokenizer_pool_encodes_in_other_processes_as_encode_does(tiny_backb
         pool.close()
     with pytest.raises(ValueError, match="at least one worker"):
         TokenizerPool(0, {})
+
+
+def test_tokenizer_workers_outlive_ctrl_c_and_a_dead_one_is_a_one_line_error(tiny_backbone, tmp_path):
+    """Ctrl-C reaches every process of the group: the workers ignore it, so the training process can finish
+    its step and checkpoint. A worker killed outright is a MultitunError naming the setting, not a bad row."""
+    import signal
+
+    from transformers import AutoTokenizer
+
+    from multitune.config import Config
+    from multitune.data.tasks import load_tasks
+    from multitune.data.workers import TokenizerPool
+    from multitune.errors import MultitunError
+
+    a = write_rows(tmp_path / "a.jsonl", classification_rows(30))
+    b = write_rows(tmp_path / "b.jsonl", token_rows(20))
+    tasks = load_tasks(Config.model_validate(tiny_config(tiny_backbone, a, b, tmp_path / "runs")).tasks, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_backbone))
+    pool = TokenizerPool(2, {name: (data, tokenizer, 16, False) for name, data in tasks.items()})
+    examples = tasks["sentiment"].splits["train"][:8]
+    try:
+        first = pool.encoder("sentiment")(examples)
+        pids = list(pool.pool._processes)  # started by the first call
+        for pid in pids:
+            os.kill(pid, signal.SIGINT)
+        assert pool.encoder("sentiment")(examples) == first
+        os.kill(pids[0], signal.SIGKILL)
+        with pytest.raises(MultitunError, match="tokenizing worker process ended") as raised:
+            for _ in range(20):  # the pool notices the death at its next call
+                pool.encoder("sentiment")(examples)
+        assert raised.value.field == "training.tokenize_workers"
+    finally:
+        pool.close()

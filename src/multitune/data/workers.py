@@ -17,19 +17,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from multitune.data.encoding import encode
 from multitune.data.tasks import Example, TaskData
 from multitune.data.tokens import Encoded
+from multitune.errors import MultitunError
 
 _TASKS: dict[str, tuple[TaskData, Any, int, bool]] = {}  # in a worker: each streamed task's encoding
 
 
 def _install(tasks: dict[str, tuple[TaskData, Any, int, bool]]) -> None:
+    # Ctrl-C reaches the whole process group: the training process turns it into a checkpoint at the end of
+    # the step (training/loop.py's StopSignal), for which its workers must still be alive
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _TASKS.update(tasks)
     if "torch" in sys.modules:  # one thread per worker: the processes are the parallelism
         sys.modules["torch"].set_num_threads(1)
@@ -65,8 +71,15 @@ class TokenizerPool:
             if not examples:
                 return []
             size = math.ceil(len(examples) / self.workers)
-            parts = [self.pool.submit(_encode, name, examples[i : i + size]) for i in range(0, len(examples), size)]
-            return [row for part in parts for row in part.result()]
+            try:
+                parts = [self.pool.submit(_encode, name, examples[i : i + size]) for i in range(0, len(examples), size)]
+                return [row for part in parts for row in part.result()]
+            except BrokenProcessPool:
+                raise MultitunError(
+                    "a tokenizing worker process ended without an answer (killed, or out of memory?): fewer "
+                    "workers, or 0 to tokenize on the reader thread; checkpoints written before it are intact",
+                    field="training.tokenize_workers",
+                ) from None
 
         return encode_rows
 

@@ -62,6 +62,15 @@ def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/")
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes match: the request's path less the app's mount point (`root_path`: uvicorn's
+    --root-path, or an app mounted inside another), as Starlette's router takes it off before matching."""
+    path, root = str(scope.get("path", "")), str(scope.get("root_path", ""))
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :]
+    return path
+
+
 class RequestGuard:
     """ASGI middleware in front of every route. It answers a HEAD as the GET of that path with no body, and
     refuses a request without the bearer token its path needs (401, `access`) before reading any of its body.
@@ -81,7 +90,7 @@ class RequestGuard:
         if scope.get("method") == "HEAD":  # the routes are GETs; the server itself sends no body for a HEAD
             scope, send = {**scope, "method": "GET"}, _headers_only(send)
         headers = dict(scope.get("headers", []))
-        refused = self.access.problem(scope.get("path", ""), headers.get(b"authorization"))
+        refused = self.access.problem(route_path(scope), headers.get(b"authorization"))
         if refused is not None:  # a body, if any, stays unread: the connection cannot carry another request
             has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
             await refuse(send, 401, refused, close=has_body, extra=[(b"www-authenticate", b"Bearer")])
