@@ -76,3 +76,47 @@ def test_openai_clients_call_the_generation_tasks(generation_run, tmp_path):
             client.chat.completions.create(model="nothing", messages=[{"role": "user", "content": "x"}])
         with pytest.raises(openai.UnprocessableEntityError):
             client.chat.completions.create(model="copy", messages=[{"role": "system", "content": "x"}])
+
+
+def test_two_prefix_tasks_in_one_request_each_answered_through_its_own_prefix(tmp_path_factory, tmp_path):
+    """A run with a prefix per generation task: one /v1/predict call mixing both tasks' records answers each
+    as `multitune predict` does for that task alone (its own prefix, not the other's or none)."""
+    import torch
+    from starlette.testclient import TestClient
+
+    from multitune.serving.app import create_app
+    from multitune.serving.engine import Engine
+    from tests.generation.conftest import build_tiny_causal_lm, copy_rows
+    from tests.serving.conftest import train, write_rows
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("two-prefix-run")
+    lm = build_tiny_causal_lm(folder / "lm")
+    task = {"type": "generation", "label_field": "target", "metrics": ["exact_match"], "max_new_tokens": 5}
+    constant = [{"text": row["text"], "target": "paris"} for row in copy_rows(20, 2)]  # one answer to learn
+    config = {
+        "run": {"name": "two", "output_dir": str(folder / "runs"), "seed": 3},
+        "model": {"backbone": str(lm), "max_length": 48, "peft": {"method": "prefix", "virtual_tokens": 4}},
+        "training": {"steps": 30, "batch_size": 8, "lr": 0.3, "eval_every": 30, "progress": False,
+                     "mixed_batches": True},
+        "tasks": {
+            "copy": {**task, "instruction": "translate",
+                     "source": {"format": "jsonl", "train": str(write_rows(folder / "a.jsonl", copy_rows(20)))}},
+            "echo": {**task, "instruction": "repeat",
+                     "source": {"format": "jsonl", "train": str(write_rows(folder / "b.jsonl", constant))}},
+        },
+    }  # fmt: skip
+    run = train(folder, config)
+    records = [{"text": "the cat sits"}, {"text": "a dog runs in paris"}]
+    expected = {}
+    for name in ("copy", "echo"):
+        source, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}-out.jsonl"
+        source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        assert main(["predict", str(run), "--task", name, "--input", str(source), "--output", str(out)]) == 0
+        expected[name] = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
+    assert expected["copy"] != expected["echo"], f"the two prefixes answer alike: {expected}"
+    mixed = [{"task": name, "input": record} for record in records for name in ("echo", "copy")]
+    with TestClient(create_app(Engine(run))) as client:
+        body = client.post("/v1/predict", json={"inputs": mixed}).json()
+    got = [answer["prediction"] for answer in body["predictions"]]
+    assert got == [expected[item["task"]][records.index(item["input"])] for item in mixed]
