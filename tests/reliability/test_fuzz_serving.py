@@ -60,6 +60,11 @@ ROUTES = {
         ("POST", "/v1/tasks/copy/predict"),
         ("POST", "/v1/predict"),
         ("GET", "/v1/tasks"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/copy"),
+        ("HEAD", "/v1/models"),
     ],
 }
 TASKS = ["sentiment", "ner", "copy", "nope", "\ud800", ""]
@@ -117,6 +122,17 @@ def shaped(draw: Any, path: str) -> Any:
         }
     if path.endswith("/generate"):
         return {"input": record, "stream": draw(st.booleans())}
+    if path.endswith("completions"):  # OpenAI's shapes, the model a task or not, hostile text and settings
+        settings = {
+            "model": draw(st.sampled_from([*TASKS, "base"])),
+            "stream": draw(st.one_of(st.booleans(), values)),
+            **draw(st.dictionaries(st.sampled_from(["max_tokens", "stop", "n", "temperature"]), values, max_size=2)),
+        }
+        if path.endswith("/chat/completions"):
+            roles = st.sampled_from(["user", "system", "assistant", "tool", "nobody"])
+            message = st.fixed_dictionaries({"role": roles, "content": st.one_of(hostile_text, values)})
+            return {**settings, "messages": draw(st.lists(message, max_size=4))}
+        return {**settings, "prompt": draw(st.one_of(hostile_text, values))}
     return draw(st.sampled_from([{"input": record}, {"inputs": [record, record]}]))
 
 
@@ -183,6 +199,9 @@ def test_hostile_requests_get_a_4xx_and_one_json_line_on_every_route(servers, se
     response = servers["client"].request(method, servers[server] + path, content=body, headers=headers)
     assert response.status_code < 500, (method, path, body[:200], response.text[:300])
     event(f"HTTP {response.status_code}")
+    if method == "HEAD":  # a GET's headers, no body
+        assert response.content == b"", response.content[:200]
+        return
     if response.headers.get("content-type", "").startswith("text/event-stream"):
         assert response.status_code == 200
         return
