@@ -55,6 +55,7 @@ from multitune.models.architectures import ARCHITECTURE_INJECTED, ARCHITECTURES
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
 from multitune.recipe.components import build_balancer, build_optimizer, build_sampler, require_shared_parameters
+from multitune.recipe.launch import fresh_accelerator
 from multitune.recipe.session import Session, loop_settings
 from multitune.recipe.two_stage import Refinement, record_finetune, refine_per_task
 from multitune.runs.layout import create_run_dir, manifest_entry
@@ -292,10 +293,9 @@ def _train_fitted(
     run_dir: Path | None,
 ) -> FittedModel:
     """The training session (recipe/session.py, as the YAML recipe runs it) on in-memory tensors."""
-    from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
 
-    accelerator = Accelerator(cpu=cpu)
+    accelerator = fresh_accelerator(training.mixed_precision, cpu=cpu)
     optimizer = build_optimizer(model, balancer.weighting, training)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(training.warmup_ratio * training.steps), training.steps)
     prepared_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

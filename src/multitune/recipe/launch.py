@@ -24,14 +24,27 @@ from multitune.training.zero import (
 )
 
 
+def fresh_accelerator(mixed_precision: str, cpu: bool = False) -> Any:
+    """accelerate's Accelerator for one run, with this run's mixed precision and device. accelerate keeps
+    its state for the whole process: a second run in the same process (multitune.fit twice in a notebook,
+    the runs of a test session) would be refused another mixed precision, or silently keep the first run's
+    when it names none. So each run starts from a clean AcceleratorState; the process group (PartialState)
+    is kept where several processes were launched, and rebuilt otherwise."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=int(os.environ.get("WORLD_SIZE", "1")) <= 1)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
 def build_accelerator(training: TrainingConfig) -> tuple[Any, bool, ZeroSettings | None]:
     """accelerate's Accelerator (launched as several processes without a GPU, they train on CPUs, gloo);
     whether the backbone is to be sharded (training.fsdp, or an accelerate config asking for FSDP: multitune
     shards it itself, training/distributed.py); and the DeepSpeed ZeRO settings (training.deepspeed, or an
     accelerate DeepSpeed config: multitune drives the engine itself, training/zero.py)."""
     import os
-
-    from accelerate import Accelerator
 
     several_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     zero = zero_from_accelerate()
@@ -40,7 +53,7 @@ def build_accelerator(training: TrainingConfig) -> tuple[Any, bool, ZeroSettings
     if zero is not None:
         check_zero(zero, training)
         import_deepspeed()  # accelerate's DeepSpeed state needs it, and its CPU accelerator without a GPU
-    accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=several_cpus)
+    accelerator = fresh_accelerator(training.mixed_precision, cpu=several_cpus)
     engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
     if engine == "DEEPSPEED":  # with a GPU: accelerate would drive an engine of its own
         accelerator = ZeroAccelerator(accelerator, training.mixed_precision)
