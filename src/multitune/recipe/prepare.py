@@ -69,11 +69,15 @@ class Prepared:
     def encoder(self, name: str, tokenizer: Any = None) -> Callable[[list[Example]], list[Encoded]]:
         """Task `name`'s examples -> Encoded rows, as its splits were encoded (a streamed split's rows); with
         `tokenizer`, a copy of the backbone's, for use on another thread."""
-        task, model = self.tasks[name], self.config.model
+        task, tokenizer, max_length, decoder_targets = self.encoding(name, tokenizer)
+        return lambda examples: encode(examples, task, tokenizer, max_length, decoder_targets=decoder_targets)
+
+    def encoding(self, name: str, tokenizer: Any = None) -> tuple[TaskData, Any, int, bool]:
+        """What encoding task `name`'s rows takes: its data, the tokenizer (the backbone's unless given), the
+        model's max_length and whether targets go to a decoder (a seq2seq LM)."""
+        model = self.config.model
         tokenizer = self.backbone.tokenizer if tokenizer is None else tokenizer
-        return lambda examples: encode(
-            examples, task, tokenizer, model.max_length, decoder_targets=model.kind == "seq2seq"
-        )
+        return self.tasks[name], tokenizer, model.max_length, model.kind == "seq2seq"
 
     def training_stream(self, name: str, seed: str) -> RowStream[Encoded]:
         """Task `name`'s training rows as an endless seeded stream: its encoded rows, or a streamed split."""
@@ -97,10 +101,8 @@ class Prepared:
             self.read_ahead = (ThreadPoolExecutor(1, "multitune-read-ahead"), copy.deepcopy(self.backbone.tokenizer))
         worker, tokenizer = self.read_ahead
         if processes and self.tokenizer_pool is None:  # every streamed task's encoding, sent once per process
-            model = self.config.model
-            streamed = {n: t for n, t in self.tasks.items() if t.stream is not None}
-            definitions = {n: (t, tokenizer, model.max_length, model.kind == "seq2seq") for n, t in streamed.items()}
-            self.tokenizer_pool = TokenizerPool(processes, definitions)
+            streamed = [n for n, t in self.tasks.items() if t.stream is not None]
+            self.tokenizer_pool = TokenizerPool(processes, {n: self.encoding(n, tokenizer) for n in streamed})
         encoder = self.encoder(name, tokenizer) if self.tokenizer_pool is None else self.tokenizer_pool.encoder(name)
         return ReadAheadRows(stream, encoder, seed, worker, chunk)
 
