@@ -16,6 +16,7 @@ from typing import Any
 
 from multitune.data.tasks import Example, TaskData
 from multitune.data.tokens import IGNORE_INDEX, Encoded, control_ids, text_ids
+from multitune.errors import MultitunError
 
 INPUT_MARK = "\u0000multitune-input\u0000"  # where the input goes in the rendered prompt
 MESSAGE_MARK = "\u0000multitune-message\u0000"  # where the user turn's text goes in the rendered template
@@ -210,3 +211,47 @@ def encode_seq2seq(
             label = target_ids(tokenizer, str(example.label))[:max_length]
         out.append(Encoded(prompt, None, label, prompt_length=len(prompt), aligned=False))
     return out
+
+
+def conversation_ids(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> list[int]:
+    """A whole conversation ([(role, text), ...], OpenAI's roles) as the prompt of a model's next turn, for the
+    pretrained model itself (no task's instruction or format): the tokenizer's chat template with its
+    generation prompt, or, without a template, the texts one per line with the tokenizer's own bos / eos.
+    The texts are data text, as in `prompt_ids`: a control token spelled in one never ends its turn. Raises
+    MultitunError (field messages.I.content) for a text that spells a control token when the template does
+    not keep the texts apart from its markup, and (field messages) for a template that refuses the
+    conversation (e.g. roles out of order)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return text_ids(tokenizer, "\n".join(text for _, text in messages) + "\n", add_special_tokens=True)
+    turns = [{"role": "system" if role == "developer" else role, "content": text} for role, text in messages]
+    marks = [f"{MESSAGE_MARK}{i}\u0000" for i in range(len(turns))]
+    try:
+        rendered = str(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
+        marked = str(
+            tokenizer.apply_chat_template(
+                [{**turn, "content": mark} for turn, mark in zip(turns, marks, strict=True)],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        )
+    except Exception as error:  # jinja's TemplateError, or a template's own raise_exception
+        raise MultitunError(f"the model's chat template refuses this conversation: {error}", field="messages") from None
+    parts: list[Part] = []
+    rest = marked
+    for (_, text), mark in zip(messages, marks, strict=True):
+        before, found, rest = rest.partition(mark)
+        if not found:  # the template dropped or changed a turn: its texts cannot be told from its markup
+            parts = []
+            break
+        parts += [(before, False), (text, True)]
+    if parts and "".join(p for p, _ in parts) + rest == rendered:
+        return markup_ids(tokenizer, [*parts, (rest, False)])
+    for i, (_, text) in enumerate(messages):
+        name = spelled_control(tokenizer, text)
+        if name is not None:
+            raise MultitunError(
+                f"the text spells the control token {name!r}, and this model's chat template does not keep the"
+                " text apart from its markup, so it cannot be encoded as text",
+                field=f"messages.{i}.content",
+            )
+    return markup_ids(tokenizer, [(rendered, False)])

@@ -22,9 +22,10 @@ import torch
 
 from multitune.config import Config
 from multitune.data.collate import collate
+from multitune.data.prompts import conversation_ids
 from multitune.data.readers import Row
 from multitune.data.tasks import TaskData
-from multitune.data.tokens import Encoded
+from multitune.data.tokens import Encoded, text_ids
 from multitune.data.windows import PredictionRow, expand, gather
 from multitune.errors import MultitunError
 from multitune.evaluation.evaluate import decode
@@ -41,6 +42,8 @@ PADDING_SLACK = 64  # padded positions a batch may add rather than run one more 
 Part = tuple[str, Sequence[PredictionRow]]  # one task's encoded records, as one request sent them
 
 
+BASE = "base"  # the name the OpenAI routes give the pretrained model itself (every task's adapter off)
+BASE_MAX_NEW_TOKENS = 256  # the base model's default cap on new tokens, where the run has no generation task
 UNLOADED: list[dict[str, Any]] = []  # a part whose task was unloaded while it waited (the routes answer 404)
 
 
@@ -137,6 +140,9 @@ class Engine:
         self.models: list[MultiTaskModel | None] = []  # None: a model whose tasks were all unloaded
         self.model_of: dict[str, int] = {}
         finetuned = self.run_dir / FINETUNED
+        # the pretrained model answers as BASE where the run left its weights as they were (per-task adapters
+        # on a frozen backbone) and no refinement is merged into the model that holds it
+        self.base: CausalLMMultiTask | None = pretrained_model(config, model)
         if one_model_per_task or finetuned.is_dir():  # a full copy per task
             # a two-stage run that kept the better predictor per task: the shared model answers the others
             shared = [] if one_model_per_task else [n for n in self.tasks if refined(self.run_dir, n) is None]
@@ -147,6 +153,8 @@ class Engine:
                 if name in shared:
                     continue
                 copied = model if not self.models else copy.deepcopy(model)  # `model` itself while it is unused
+                if copied is model:  # a refinement goes into its weights: it is not the pretrained model any more
+                    self.base = None
                 load_refined(copied, self.run_dir, name)  # its own copy's weights, or a LoRA refinement merged in
                 self.model_of[name] = len(self.models)
                 self.models.append(copied)
@@ -195,6 +203,8 @@ class Engine:
         MultitunError when a task of that name is already served."""
         if loaded.task in self.tasks:
             raise MultitunError(f"task '{loaded.task}' is already served (from {self.sources[loaded.task]})")
+        if loaded.task == BASE and self.base is not None:
+            raise MultitunError(f"'{BASE}' names this server's pretrained model: a task of that name cannot be loaded")
         self.models.append(loaded.model)
         self.model_of[loaded.task] = len(self.models) - 1
         self.schemas[loaded.task], self.bounds[loaded.task] = loaded.schema, loaded.bounds
@@ -234,6 +244,26 @@ class Engine:
     def generation_tasks(self) -> list[str]:
         """The generation tasks served now (tasks may be loaded and unloaded at run time)."""
         return [name for name, data in list(self.tasks.items()) if data.config.type == "generation"]
+
+    def encode_base(self, messages: Sequence[tuple[str, str]] | None, prompt: str | None = None) -> Encoded:
+        """The pretrained model's prompt row: a conversation ([(role, text), ...]) through the chat template
+        (data/prompts.py's conversation_ids), or a plain `prompt` to continue. Raises TaskGone where the run
+        keeps no pretrained model (BASE), MultitunError for text that cannot be encoded or that leaves the
+        model's context no room (field messages or prompt)."""
+        if self.base is None:
+            raise TaskGone(f"no '{BASE}' model: {no_base(self.config)}")
+        tokenizer = self.request_tokenizer
+        if messages is not None:
+            ids, where = conversation_ids(tokenizer, messages), "messages"
+        else:
+            ids, where = text_ids(tokenizer, prompt or "", add_special_tokens=True), "prompt"
+        room = self.base.context_room(len(ids))
+        if room is not None and room < 1:
+            raise MultitunError(
+                f"{len(ids)} tokens: they leave no room for an answer in the model's {len(ids) + room}-token context",
+                field=where,
+            )
+        return Encoded(ids, None, None, prompt_length=len(ids))
 
     # --- inference (one thread) -----------------------------------------------------------------
 
@@ -326,11 +356,22 @@ class Engine:
                 f"at most {max(room, 0)} new tokens fit, not {asked}",
                 field="max_tokens",
             )
-        limit = asked or self.tasks[task].config.max_new_tokens
+        limit = asked or self._default_new_tokens(task)
         return limit if room is None else max(0, min(limit, room))
 
+    def _default_new_tokens(self, task: str) -> int:
+        if task == BASE and task not in self.tasks:  # the longest of the run's generation tasks
+            generative = [self.tasks[name].config.max_new_tokens for name in self.generation_tasks()]
+            return max(generative, default=BASE_MAX_NEW_TOKENS)
+        return self.tasks[task].config.max_new_tokens
+
     def _model(self, task: str) -> Any:
-        """The model answering `task`; TaskGone when it is not (or no longer) served."""
+        """The model answering `task` (BASE: the pretrained model); TaskGone when it is not (or no longer)
+        served."""
+        if task == BASE and task not in self.tasks:
+            if self.base is None:
+                raise TaskGone(f"no '{BASE}' model: {no_base(self.config)}")
+            return self.base
         index = self.model_of.get(task)
         if index is None or task not in self.tasks:  # unloaded meanwhile
             raise TaskGone(str(unknown_task(task, list(self.tasks))))
@@ -346,7 +387,8 @@ class Engine:
             model = self._model(task)  # TaskGone: unloaded while the request waited
             prompt = row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
             limit = self.generation_limit(task, len(prompt)) if max_new_tokens is None else max_new_tokens
-            texts = model.generate_texts([prompt], limit, self.pad_id, task, watch)  # held to the context there
+            adapter = None if task == BASE and task not in self.tasks else task  # BASE: every adapter off
+            texts = model.generate_texts([prompt], limit, self.pad_id, adapter, watch)  # held to the context there
         except BaseException:
             if watch is not None:
                 watch.end()  # a reader waiting for the next piece is released
@@ -378,6 +420,28 @@ class Engine:
             "metrics": self.task_metrics.get(task),
             "run": self.sources.get(task),
         }
+
+
+def pretrained_model(config: Config, model: MultiTaskModel) -> CausalLMMultiTask | None:
+    """`model` when it can answer as the pretrained LM itself: a (causal or seq2seq) LM whose own weights
+    training left as they were (per-task adapters on a frozen backbone), so that with every adapter off it
+    is the pretrained model; else None. A run with a task named BASE keeps that name for its task."""
+    peft = config.model.peft
+    frozen = peft is not None and not peft.train_backbone and model.task_adapters is not None
+    if not isinstance(model, CausalLMMultiTask) or not frozen or BASE in config.tasks:
+        return None
+    return model
+
+
+def no_base(config: Config) -> str:
+    """Why a run serves no BASE model (the 404's explanation)."""
+    if BASE in config.tasks:
+        return f"'{BASE}' is a task of this run"
+    if config.model.kind not in ("causal_lm", "seq2seq"):
+        return "this run's backbone is not a language model"
+    if config.model.peft is None or config.model.peft.train_backbone:
+        return "this run trained the backbone's own weights, so the pretrained model is not part of it"
+    return "this run merges a refinement into the model that would answer it"
 
 
 def input_difference(mine: Any, theirs: Any) -> str | None:

@@ -1,11 +1,17 @@
 """OpenAI-compatible routes for the run's generation tasks, so that OpenAI's own clients (and the tools built
 on them) call multitune: `model` names the task.
 
-- GET  /v1/models             the generation tasks, as OpenAI lists models;
+- GET  /v1/models             the generation tasks, as OpenAI lists models, and `base` where the run has it;
 - POST /v1/chat/completions   the last user message is the task's input text (a system message, if any,
                               its instruction in place of the task's own); `stream: true` sends
                               `chat.completion.chunk` server-sent events and then `data: [DONE]`;
 - POST /v1/completions        `prompt` (one string) is the task's input text; streams `text_completion` chunks.
+
+`model: "base"` is the pretrained model itself, every task's adapter off: the whole conversation goes through
+the model's chat template (a completion's prompt is continued as it is). A run has it where training left the
+backbone's own weights as they were (per-task adapters on a frozen backbone: LoRA, prefix, prompt and
+bottleneck adapters) and no task is called `base`; elsewhere it is a 404 saying why. Its default `max_tokens`
+is the longest `max_new_tokens` of the run's generation tasks.
 
 Generation is greedy, as everywhere in multitune (sampling settings such as `temperature` are accepted and
 ignored); `max_tokens` caps the new tokens (default: the task's `max_new_tokens`; more than the model's
@@ -29,7 +35,8 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
-from multitune.serving.engine import TaskGone
+from multitune.errors import MultitunError
+from multitune.serving.engine import BASE, TaskGone
 from multitune.serving.generation import Generation
 from multitune.serving.routes import Answering
 
@@ -81,16 +88,20 @@ def add_openai_routes(v1: APIRouter, answering: Answering) -> None:
     def listed(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "multitune"}
 
+    def offered() -> list[str]:  # served now: tasks load and unload at run time
+        return engine.generation_tasks() + ([BASE] if engine.base is not None else [])
+
     @v1.get("/models")
     async def models() -> dict[str, Any]:
-        """The generation tasks, as OpenAI lists models (`id` is the task's name)."""
-        return {"object": "list", "data": [listed(name) for name in engine.generation_tasks()]}
+        """The generation tasks, as OpenAI lists models (`id` is the task's name), and `base` (the pretrained
+        model) where the run has it."""
+        return {"object": "list", "data": [listed(name) for name in offered()]}
 
     @v1.get("/models/{model}")
     async def model(model: str) -> dict[str, Any]:
-        """One generation task, as OpenAI describes a model."""
-        if model not in engine.generation_tasks():
-            raise HTTPException(404, _no_model(model, engine.generation_tasks()))
+        """One generation task (or `base`), as OpenAI describes a model."""
+        if model not in offered():
+            raise HTTPException(404, _no_model(model, offered()))
         return listed(model)
 
     @v1.post("/chat/completions", response_model=None)
@@ -99,40 +110,64 @@ def add_openai_routes(v1: APIRouter, answering: Answering) -> None:
         users = [m for m in request.messages if m.role == "user"]
         if not users:
             raise HTTPException(422, "messages: no user message to answer")
+        if request.model == BASE and BASE not in engine.tasks:  # the whole conversation, as the model's chat
+            turns: list[tuple[str, str]] = [(m.role, m.text()) for m in request.messages]
+            return await _complete(answering, http, request, _base_row(answering, turns, None), True)
         system = [m.text() for m in request.messages if m.role in ("system", "developer")]
-        return await _complete(answering, http, request, users[-1].text(), system[-1] if system else None, True)
+        row = _task_row(answering, request.model, users[-1].text(), system[-1] if system else None, "messages")
+        return await _complete(answering, http, request, row, True)
 
     @v1.post("/completions", response_model=None)
     async def completions(request: CompletionRequest, http: Request) -> Any:
-        """OpenAI's (legacy) text completion: `prompt` is the task's input text."""
-        return await _complete(answering, http, request, request.prompt, None, False)
+        """OpenAI's (legacy) text completion: `prompt` is the task's input text (`base`: the text to continue)."""
+        if request.model == BASE and BASE not in engine.tasks:
+            return await _complete(answering, http, request, _base_row(answering, None, request.prompt), False)
+        row = _task_row(answering, request.model, request.prompt, None, "prompt")
+        return await _complete(answering, http, request, row, False)
 
 
-def _no_model(task: str, generative: list[str]) -> str:
-    return f"no generation task '{task}' in this run (models: {', '.join(generative)})"
+def _no_model(task: str, offered: list[str]) -> str:
+    return f"no generation task '{task}' in this run (models: {', '.join(offered)})"
 
 
-async def _complete(
-    answering: Answering, http: Request, request: Any, text: str, instruction: str | None, chat: bool
-) -> Any:
-    engine, task = answering.engine, request.model
-    where = "messages" if chat else "prompt"
+def _checked_size(answering: Answering, where: str, size: int) -> None:
+    if size > answering.max_chars:
+        raise HTTPException(422, f"{where}: {size} characters of text; at most {answering.max_chars} are allowed")
+
+
+def _task_row(answering: Answering, task: str, text: str, instruction: str | None, where: str) -> Any:
+    """The encoded row of a generation task's request: `text` its input, `instruction` in place of its own."""
+    engine = answering.engine
     generative = engine.generation_tasks()  # served now: tasks load and unload at run time
     schema = engine.schemas.get(task)
     if task not in generative or schema is None:
-        raise HTTPException(404, _no_model(task, generative))
+        raise HTTPException(404, _no_model(task, generative + ([BASE] if engine.base is not None else [])))
     fields = schema.generic
     if len(fields) != 1:
         raise HTTPException(422, f"task '{task}' takes {len(fields)} texts: use /v1/tasks/{task}/generate")
-    size = len(text) + len(instruction or "")
-    if size > answering.max_chars:
-        raise HTTPException(422, f"{where}: {size} characters of text; at most {answering.max_chars} are allowed")
+    _checked_size(answering, where, len(text) + len(instruction or ""))
     record: dict[str, Any] = {fields[0]: text}
     if instruction is not None:
         record["instruction"] = instruction
-    rows = answering.encode(task, [record], where, exact=True)
+    return answering.encode(task, [record], where, exact=True)[0]
+
+
+def _base_row(answering: Answering, turns: list[tuple[str, str]] | None, prompt: str | None) -> Any:
+    """The pretrained model's row: the whole conversation (`turns`), or a prompt to continue."""
+    where = "messages" if turns is not None else "prompt"
+    _checked_size(answering, where, sum(len(text) for _, text in turns) if turns is not None else len(prompt or ""))
+    try:
+        return answering.engine.encode_base(turns, prompt)
+    except TaskGone as error:
+        raise HTTPException(404, str(error)) from None
+    except MultitunError as error:
+        raise HTTPException(422, f"{error.field}: {error.message}") from None
+
+
+async def _complete(answering: Answering, http: Request, request: Any, row: Any, chat: bool) -> Any:
+    task = request.model
     asked = request.max_completion_tokens or request.max_tokens
-    generation = answering.generation(task, rows[0], http, asked, request.stops())
+    generation = answering.generation(task, row, http, asked, request.stops())
     reply = Reply(task, chat, generation.prompt_tokens)
     if request.stream:
         return StreamingResponse(reply.chunks(generation), media_type="text/event-stream")

@@ -72,10 +72,12 @@ class LoRA:
         return {}
 
     def _route(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # peft's layer computes only the frozen base projection ("__base__" rows); _add_updates adds the adapters
-        if self.routing.rows is not None:
-            x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-            kwargs["adapter_names"] = [BASE] * (x.shape[0] if isinstance(x, Tensor) else len(self.routing.rows))
+        # peft's layer computes only the frozen base projection ("__base__" rows); _add_updates adds the routed
+        # rows' adapters. Outside `route` too: peft would otherwise add its active adapter (the last injected,
+        # e.g. the shared one), and the model outside `route` is the pretrained one (Routing's contract)
+        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+        rows = x.shape[0] if isinstance(x, Tensor) else len(self.routing.rows or [])
+        kwargs["adapter_names"] = [BASE] * rows
         return args, kwargs
 
     def _add_updates(self, module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor:
