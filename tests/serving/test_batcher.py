@@ -116,3 +116,52 @@ def test_the_engine_tells_each_part_as_its_rows_are_answered(tiny_run):
     returned = engine.run(parts, lambda p, answer: told.append((p, answer)))
     assert [p for p, _ in told] == [1, 0]
     assert [answer for _, answer in sorted(told, key=lambda item: item[0])] == returned
+
+
+def test_a_prediction_runs_between_the_tokens_of_a_generation(tmp_path_factory):
+    """A generation holds the inference thread for all its tokens: a prediction queued meanwhile runs
+    between two of them (before the generation ends), through its own task's adapter, and both answers
+    equal those each gives alone (the generation's routing is restored after the prediction's batch)."""
+    from multitune.serving.engine import Engine, Watch
+    from tests.serving.conftest import trained_generation_run
+
+    engine = Engine(trained_generation_run(tmp_path_factory, {"method": "lora", "r": 4}))
+    prompt = engine.encode("copy", [{"text": "a dog runs in paris"}])[0]
+    asked = engine.encode("copy", [{"text": "the cat sits"}])
+    alone_text = engine.generate_one("copy", prompt, None, 6)
+    alone_prediction = engine.run([("copy", asked)])
+    order: list[str] = []  # on the inference thread
+    run = engine.run
+
+    def recorded_run(*args: Any) -> Any:
+        order.append("prediction")
+        return run(*args)
+
+    engine.run = recorded_run  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[Any, str]:
+        batcher = MicroBatcher(engine, max_rows=8)
+        await batcher.start()
+
+        class Holding:  # the generation's streamer: at its first new token, waits until a prediction is queued
+            seen = 0
+
+            def put(self, value: Any) -> None:
+                self.seen += 1
+                deadline = time.monotonic() + 20
+                while self.seen == 2 and not batcher.pending and time.monotonic() < deadline:
+                    time.sleep(0.01)
+
+            def end(self) -> None:
+                order.append("generation ended")
+
+        try:
+            generation = batcher.call(engine.generate_one, "copy", prompt, Watch(Holding(), batcher.run_pending), 6)
+            prediction = await batcher.submit([("copy", asked)])
+            return prediction, await generation
+        finally:
+            await batcher.stop()
+
+    prediction, text = asyncio.run(scenario())
+    assert order == ["prediction", "generation ended"]
+    assert prediction == alone_prediction and text == alone_text

@@ -4,12 +4,17 @@
 Each request is answered as soon as its own rows are (Engine.run's `done`), not when the whole call ends.
 
 The model runs on one dedicated thread: the event loop keeps accepting (and refusing) requests meanwhile,
-and per-task adapter routing, which is state on the model, is never used by two calls at once.
+and per-task adapter routing, which is state on the model, is never used by two calls at once. A streamed
+generation holds that thread for all its tokens, so the batches that come meanwhile run between two of its
+tokens (`run_pending`, called by the generation's Watch): a prediction waits for one token, not for a whole
+answer. Routing is restored after each batch (TaskAdapters.route), and the generation's cache is its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import Callable, Sequence
@@ -68,6 +73,10 @@ class MicroBatcher:
         self.queue: asyncio.Queue[Job] | None = None
         self.worker: asyncio.Task[None] | None = None
         self.calls = 0  # work handed to the inference thread by `call`, queued or running
+        # batches for the inference thread, run by whichever comes first there: their own task on the executor,
+        # or a generation's next token (run_pending)
+        self.pending: collections.deque[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]]
+        self.pending = collections.deque()
 
     async def start(self) -> None:
         self.queue = asyncio.Queue(self.max_queue)
@@ -120,6 +129,29 @@ class MicroBatcher:
         self.calls += 1
         return future
 
+    def _on_thread(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """`function(*args)` on the inference thread: by a task queued on its executor, or sooner, between two
+        tokens of a generation running there (run_pending)."""
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self.pending.append((done, function, args))
+        self.executor.submit(self.run_pending)
+        return asyncio.wrap_future(done)
+
+    def run_pending(self) -> None:
+        """Run the batches waiting for the inference thread, now; call it only on that thread (a generation
+        calls it between its tokens). Each batch's result or error goes to its future."""
+        while True:
+            try:
+                done, function, args = self.pending.popleft()
+            except IndexError:
+                return
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(function(*args))
+            except BaseException as error:  # handed to the waiting worker, which answers its requests with it
+                done.set_exception(error)
+
     def _admit(self) -> None:
         """Busy when `max_queue` requests wait or run already: queued jobs and generations alike."""
         if self.depth >= self.max_queue:
@@ -150,8 +182,8 @@ class MicroBatcher:
                 continue
             try:
                 started = loop.time()
-                answers = await loop.run_in_executor(
-                    self.executor, self.engine.run, [part for job in live for part in job.parts], early(live, loop)
+                answers = await self._on_thread(
+                    self.engine.run, [part for job in live for part in job.parts], early(live, loop)
                 )
                 for observe in self.observers:
                     observe(sum(job.rows for job in live), loop.time() - started)

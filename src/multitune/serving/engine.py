@@ -57,12 +57,15 @@ class Cancelled(MultitunError):
 
 class Watch:
     """A transformers streamer (put, end) that watches one generation: it counts the new tokens, keeps the
-    last one, hands each to `inner` (e.g. a TextIteratorStreamer) and stops the generation, by raising
-    Cancelled from `put`, once `cancel` is set (its client left). Generation shows a streamer the prompt
-    first, then each new token."""
+    last one, hands each to `inner` (e.g. a TextIteratorStreamer), calls `between` (other work for the
+    generation's thread) and stops the generation, by raising Cancelled from `put`, once `cancel` is set
+    (its client left). Generation shows a streamer the prompt first, then each new token."""
 
-    def __init__(self, inner: Any = None) -> None:
+    def __init__(self, inner: Any = None, between: Callable[[], None] | None = None) -> None:
+        """`between`: called after each token on the generation's thread (the batcher runs the batches
+        waiting for that thread there)."""
         self.inner = inner
+        self.between = between
         self.cancel = threading.Event()
         self.tokens = 0  # new tokens so far
         self.last: int | None = None  # the last new token's id
@@ -77,6 +80,8 @@ class Watch:
         self._prompt_seen = True
         if self.inner is not None:
             self.inner.put(value)
+        if self.between is not None:
+            self.between()
 
     def end(self) -> None:
         if self.inner is not None:

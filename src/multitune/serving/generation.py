@@ -56,7 +56,7 @@ class Generation:
         self.prompt_tokens = len(row.input_ids[: row.prompt_length or None])
         limit = engine.generation_limit(task, self.prompt_tokens, asked)
         self.streamer = LoopStreamer(engine.backbone.tokenizer, asyncio.get_running_loop())
-        self.watch = Watch(self.streamer)
+        self.watch = Watch(self.streamer, between=batcher.run_pending)  # predictions run between its tokens
         self.eos = engine.backbone.tokenizer.eos_token_id
         self.limit, self.stops, self.http = limit, list(stops), http
         self.finish: str | None = None  # "stop" or "length", once known
