@@ -98,6 +98,30 @@ class TaskAdapters(nn.Module):
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         return self.adapter_method.adapter_parameters(name)
 
+    def can_adopt(self, other: TaskAdapters) -> str | None:
+        """None when `other`'s task adapters can join these (`adopt`): both LoRA, no shared adapter (it would
+        apply to every row of both), the same rank, scaling and adapted layers; else why not."""
+        from multitune.models.adapters.lora import LoRA
+
+        mine, theirs = self.adapter_method, other.adapter_method
+        if not isinstance(mine, LoRA) or not isinstance(theirs, LoRA):
+            return "only LoRA adapters join another model's"
+        if self.shared or other.shared:
+            return "a shared adapter applies to every row"
+        if (mine.r, mine.alpha) != (theirs.r, theirs.alpha) or len(mine.lora_layers) != len(theirs.lora_layers):
+            return "another rank, alpha or set of adapted layers"
+        return None
+
+    def adopt(self, backbone: nn.Module, name: str, other: TaskAdapters) -> None:
+        """Task `name`'s adapter from `other` (see can_adopt) added to this backbone, routed from now on."""
+        self.adapter_method.adopt(backbone, name, other.adapter_method)  # type: ignore[attr-defined]
+        self.tasks.append(name)
+
+    def drop(self, name: str) -> None:
+        """Remove task `name`'s adapter (one adopted from another model)."""
+        self.adapter_method.drop(name)  # type: ignore[attr-defined]
+        self.tasks.remove(name)
+
     def save(self, backbone: nn.Module, folder: Path) -> list[Path]:
         """Each adapter in peft's format under folder/NAME, loadable with `PeftModel.from_pretrained` (LoRA
         and prompts; bottleneck adapters are not a peft method and live in the run's weights only)."""

@@ -99,6 +99,7 @@ class Loaded:
     schema: InputSchema
     bounds: Any
     metrics: dict[str, Any] | None
+    host: int | None = None  # the served model whose backbone it joins (its head and LoRA adapter only), if any
 
 
 @dataclass
@@ -169,16 +170,17 @@ class Engine:
         self.metrics: dict[str, Any] = run_metrics(self.run_dir)
         self.task_metrics: dict[str, Any] = dict(self.metrics.get("tasks") or {})
         self.sources: dict[str, str] = dict.fromkeys(self.tasks, str(self.run_dir.resolve()))  # each task's run
+        self.adopted: set[str] = set()  # loaded tasks that joined a served model (head and adapter only)
         self.stats = Stats()
 
     # --- tasks loaded and unloaded at run time --------------------------------------------------
 
     def loadable(self, run_dir: str | Path, task: str) -> Loaded:
-        """Task `task` of another run, ready to register: its model (its refined copy merged in, for a two-stage
-        run) answers it alone. Slow (reads the weights); touches nothing of this engine, so it may run on any
-        thread. Raises MultitunError (one line) for a run that is not a finished run, lacks the task, or was
-        not trained on this run's backbone, model kind and max_length (requests are encoded with this run's
-        tokenizer)."""
+        """Task `task` of another run, ready to register: where it fits (`_host`), only its head and LoRA adapter
+        join a served model; else its own model (its refined copy merged in, for a two-stage run) answers it.
+        Slow (reads the weights); touches nothing of this engine, so it may run on any thread. Raises
+        MultitunError (one line) for a run that is not a finished run, lacks the task, or was not trained on
+        this run's backbone, model kind and max_length (requests are encoded with this run's tokenizer)."""
         run = Path(run_dir)
         config, manifest, model, backbone = load_run(run)
         if task not in config.tasks:
@@ -197,11 +199,34 @@ class Engine:
                 f"not compatible: {differs} differs from this server's (its requests would be encoded wrongly)",
                 file=str(run / "backbone"),
             )
+        host = None if refined(run, task) is not None else self._host(config, model, task)
         load_refined(model, run, task)
         model.eval()
         data, schema, bounds = served_task(config, manifest, task)
         scores = (run_metrics(run).get("tasks") or {}).get(task)
-        return Loaded(task, str(run.resolve()), model, data, schema, bounds, scores)
+        return Loaded(task, str(run.resolve()), model, data, schema, bounds, scores, host)
+
+    def _host(self, config: Config, model: MultiTaskModel, task: str) -> int | None:
+        """The served model that task `task` of `model` can join for the cost of its head and LoRA adapter, or
+        None. Both must be per-task LoRA (no shared adapter) on a frozen backbone whose own features each task
+        reads (hard sharing, an LM), of the same model class, pooling, rank, alpha and adapted layers, with
+        every backbone weight equal, and the host must hold no adapter of that name already."""
+        theirs = model.task_adapters
+        if theirs is None or config.model.peft is None or config.model.peft.train_backbone:
+            return None
+        if self.config.model.peft is None or self.config.model.peft.train_backbone:
+            return None
+        weights = _base_weights(model)
+        for index, host in enumerate(list(self.models)):
+            mine = getattr(host, "task_adapters", None)
+            if host is None or mine is None or type(host) is not type(model) or not host.backbone_features:
+                continue
+            if host.pooling != model.pooling or task in mine.tasks or mine.can_adopt(theirs) is not None:
+                continue
+            own = _base_weights(host)
+            if own.keys() == weights.keys() and all(torch.equal(own[k], weights[k]) for k in own):
+                return index
+        return None
 
     def register(self, loaded: Loaded) -> None:
         """Answer `loaded`'s task from now on (call on the inference thread, between batches). Raises
@@ -210,8 +235,14 @@ class Engine:
             raise MultitunError(f"task '{loaded.task}' is already served (from {self.sources[loaded.task]})")
         if loaded.task == BASE and self.base is not None:
             raise MultitunError(f"'{BASE}' names this server's pretrained model: a task of that name cannot be loaded")
-        self.models.append(loaded.model)
-        self.model_of[loaded.task] = len(self.models) - 1
+        host = self.models[loaded.host] if loaded.host is not None else None
+        if host is not None and host.task_adapters is not None and loaded.task not in host.task_adapters.tasks:
+            adopt(host, loaded.model, loaded.task)  # its head and adapter join a served backbone
+            self.model_of[loaded.task] = loaded.host  # type: ignore[assignment]
+            self.adopted.add(loaded.task)
+        else:  # its whole model, beside the others
+            self.models.append(loaded.model)
+            self.model_of[loaded.task] = len(self.models) - 1
         self.schemas[loaded.task], self.bounds[loaded.task] = loaded.schema, loaded.bounds
         self.task_metrics[loaded.task], self.sources[loaded.task] = loaded.metrics, loaded.run
         self.tasks[loaded.task] = loaded.data  # last: the routes find the task only once it is complete
@@ -228,6 +259,9 @@ class Engine:
         index = self.model_of.pop(task)
         for table in (self.schemas, self.bounds, self.task_metrics, self.sources):
             table.pop(task, None)
+        if task in self.adopted:  # its head and adapter leave the backbone they joined
+            self.adopted.discard(task)
+            release(self.models[index], task)  # type: ignore[arg-type]
         if index not in self.model_of.values():
             self.models[index] = None  # keeps the other tasks' indices
 
@@ -425,6 +459,30 @@ class Engine:
             "metrics": self.task_metrics.get(task),
             "run": self.sources.get(task),
         }
+
+
+def _base_weights(model: MultiTaskModel) -> dict[str, torch.Tensor]:
+    """The backbone's own weights and buffers, without any adapter's (LoRA's lora_ tensors)."""
+    return {k: v for k, v in model.backbone.state_dict().items() if "lora_" not in k}
+
+
+def adopt(host: MultiTaskModel, model: MultiTaskModel, task: str) -> None:
+    """Task `task` of `model` answered by `host` from now on: its head moved over, its LoRA adapter copied into
+    host's backbone (Engine._host decided that they fit)."""
+    assert host.task_adapters is not None and model.task_adapters is not None
+    host.task_adapters.adopt(host.backbone, task, model.task_adapters)
+    host.heads[task] = model.heads[task]
+    if isinstance(host, CausalLMMultiTask) and task in getattr(model, "generation_tasks", ()):
+        host.generation_tasks = host.generation_tasks | {task}
+
+
+def release(host: MultiTaskModel, task: str) -> None:
+    """Undo `adopt`: task `task`'s head and adapter leave `host`."""
+    assert host.task_adapters is not None
+    host.task_adapters.drop(task)
+    del host.heads[task]
+    if isinstance(host, CausalLMMultiTask):
+        host.generation_tasks = host.generation_tasks - {task}
 
 
 def pretrained_model(config: Config, model: MultiTaskModel) -> CausalLMMultiTask | None:

@@ -252,8 +252,9 @@ def add_generate_route(v1: APIRouter, answering: Answering, models: RequestModel
 
 def add_admin_routes(app: FastAPI, answering: Answering, models: RequestModels) -> None:
     """/v1/admin/tasks: list, load and unload tasks while the server runs, behind their own bearer token. A task
-    is loaded from another finished run of the same backbone (its own model answers it, its refined copy for
-    a two-stage run): the weights are read off the inference thread, and the task is registered, or removed,
+    is loaded from another finished run of the same backbone (its head and LoRA adapter joining a served model
+    where they fit, Engine._host; else its own model, its refined copy for a two-stage run): the weights are
+    read off the inference thread, and the task is registered, or removed,
     on it between two batches, so no request in flight sees a half-loaded task."""
     import asyncio
 
@@ -292,10 +293,16 @@ def add_admin_routes(app: FastAPI, answering: Answering, models: RequestModels) 
 
     @admin.get("/tasks")
     async def served() -> dict[str, Any]:
-        """Every task served now, with its type and the run it comes from."""
+        """Every task served now, with its type, the run it comes from and whether it was loaded as its head and
+        adapter only, onto a backbone served already (`adapter_only`)."""
         return {
             "tasks": [
-                {"name": name, "type": data.config.type, "run": engine.sources.get(name)}
+                {
+                    "name": name,
+                    "type": data.config.type,
+                    "run": engine.sources.get(name),
+                    "adapter_only": name in engine.adopted,
+                }
                 for name, data in list(engine.tasks.items())
             ]
         }

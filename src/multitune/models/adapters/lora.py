@@ -102,6 +102,30 @@ class LoRA:
         up = torch.bmm(down, b[run_of_row].transpose(1, 2)) * scale[run_of_row, None, None]  # [B, L, out]
         return output + up.reshape(output.shape).to(output.dtype)
 
+    def adopt(self, backbone: nn.Module, name: str, source: LoRA) -> None:
+        """Adapter `name` of another model's LoRA layers (`source`: the same backbone, target modules and rank)
+        added to this backbone's layers, its weights copied, routed like the others from now on: a task of
+        another run served on this model for the cost of its adapter. Raises ValueError when the layers do not
+        correspond."""
+        from peft import inject_adapter_in_model
+
+        if len(source.lora_layers) != len(self.lora_layers):
+            raise ValueError(f"{len(source.lora_layers)} LoRA layers, not {len(self.lora_layers)}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(self.config, backbone, adapter_name=name)
+        with torch.no_grad():
+            for mine, theirs in zip(self.lora_layers, source.lora_layers, strict=True):
+                mine.lora_A[name].weight.copy_(theirs.lora_A[name].weight)
+                mine.lora_B[name].weight.copy_(theirs.lora_B[name].weight)
+                mine.scaling[name] = theirs.scaling[name]
+                mine.train(mine.training)  # the new adapter's dropout in its layer's mode (peft builds it training)
+
+    def drop(self, name: str) -> None:
+        """Remove adapter `name` from every layer (its weights are let go)."""
+        for layer in self.lora_layers:
+            layer.delete_adapter(name)
+
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         for layer in self.lora_layers:
             yield from layer.lora_A[name].parameters()
