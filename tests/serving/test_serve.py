@@ -87,6 +87,55 @@ def test_concurrent_requests_of_both_tasks_are_batched_and_answered_alike(server
     assert health["rows"] >= 30 and health["batches"] < health["rows"]  # requests shared model calls
 
 
+def test_64_clients_in_a_closed_loop_get_every_answer_within_the_bound(server):
+    """64 clients, each sending its next request as soon as the last is answered, for a bounded time: every good
+    request is a 200 with the same answer as alone, every bad one a 4xx, none waits past the bound, and the
+    server still answers afterwards."""
+    import time
+
+    alone = {
+        (task, json.dumps(record)): httpx.post(
+            f"{server}/v1/tasks/{task}/predict", json={"input": record}, headers=AUTH, timeout=30
+        ).json()["predictions"][0]["prediction"]
+        for task, record in [("sentiment", TEXTS[0]), ("ner", TOKENS[1]), ("sentiment", TEXTS[2])]
+    }
+    bad = [("sentiment", {"txet": "typo"}), ("ner", {"tokens": "not a list"}), ("nope", TEXTS[0])]
+    seen: list[tuple[int, float, bool]] = []  # status, seconds, whether the request was a good one
+    wrong: list[str] = []
+
+    async def client(k: int, until: float) -> None:
+        good = list(alone)
+        async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=60) as http:
+            i = k
+            while time.monotonic() < until:
+                i += 1
+                is_good = i % 8 != 0  # one request in eight is bad input
+                task, record = (
+                    (good[i % len(good)][0], json.loads(good[i % len(good)][1])) if is_good else bad[i % len(bad)]
+                )
+                started = time.monotonic()
+                reply = await http.post(f"/v1/tasks/{task}/predict", json={"input": record})
+                seen.append((reply.status_code, time.monotonic() - started, is_good))
+                if is_good and reply.status_code == 200:
+                    answer = reply.json()["predictions"][0]["prediction"]
+                    if answer != alone[(task, json.dumps(record))]:
+                        wrong.append(f"{task} {record}: {answer}")
+
+    async def fire() -> None:
+        until = time.monotonic() + 6.0
+        await asyncio.gather(*(client(k, until) for k in range(64)))
+
+    asyncio.run(fire())
+    good = [(status, seconds) for status, seconds, is_good in seen if is_good]
+    refused = [status for status, _, is_good in seen if not is_good]
+    assert len(good) >= 64 and refused, (len(good), len(refused))
+    assert {status for status, _ in good} == {200}, sorted({status for status, _ in good})
+    assert all(400 <= status < 500 for status in refused), sorted(set(refused))
+    assert not wrong, wrong[:3]
+    assert max(seconds for _, seconds in good) < 30.0  # no request waits unboundedly behind the others
+    assert httpx.get(f"{server}/healthz", timeout=10).status_code == 200
+
+
 def test_tasks_and_openapi(server):
     tasks = httpx.get(f"{server}/v1/tasks", headers=AUTH).json()
     described = {t["name"]: t for t in tasks["tasks"]}
