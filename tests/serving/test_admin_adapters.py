@@ -133,3 +133,24 @@ def test_a_generation_task_joins_a_served_lm_as_its_adapter(tmp_path_factory, tm
     engine.unload("echo")
     assert engine.generation_tasks() == ["copy"] and "echo" not in engine.models[0].generation_tasks
     assert engine.generate_one("base", base, max_new_tokens=5) == before  # the pretrained model throughout
+
+
+def test_the_admin_routes_load_a_task_as_its_adapter_and_list_it_so(runs):
+    httpx = pytest.importorskip("httpx")
+    from tests.serving.conftest import running_server
+
+    served, other, wider = runs
+    admin = {"Authorization": "Bearer adm1n"}
+    expected = answers(Engine(other), [("topic", RECORDS)])[0]
+    with running_server(served, "--admin-token", "adm1n") as url:
+        for run in (other, wider):
+            body = {"run": str(run), "task": "topic"}
+            assert httpx.post(f"{url}/v1/admin/tasks", json=body, headers=admin, timeout=60).status_code == 201
+            listed = {
+                t["name"]: t for t in httpx.get(f"{url}/v1/admin/tasks", headers=admin, timeout=10).json()["tasks"]
+            }
+            assert listed["topic"]["adapter_only"] is (run == other) and not listed["sentiment"]["adapter_only"]
+            if run == other:
+                reply = httpx.post(f"{url}/v1/tasks/topic/predict", json={"inputs": RECORDS}, timeout=60)
+                same(reply.json()["predictions"], expected)
+            assert httpx.delete(f"{url}/v1/admin/tasks/topic", headers=admin, timeout=60).status_code == 200
