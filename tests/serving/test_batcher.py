@@ -165,3 +165,138 @@ def test_a_prediction_runs_between_the_tokens_of_a_generation(tmp_path_factory):
     prediction, text = asyncio.run(scenario())
     assert order == ["prediction", "generation ended"]
     assert prediction == alone_prediction and text == alone_text
+
+
+@pytest.fixture(scope="module")
+def two_lora_tasks(tmp_path_factory):
+    """An engine whose one LM serves two generation tasks through their own LoRA adapters ('copy', and 'echo'
+    of another run joined as its adapter), beside the pretrained model ('base'); and the other run's folder."""
+    import yaml
+
+    from multitune.serving.engine import Engine
+    from tests.serving.conftest import train, trained_generation_run
+
+    served = trained_generation_run(tmp_path_factory, {"method": "lora", "r": 4})
+    config = yaml.safe_load((served / "config.yaml").read_text())
+    config["tasks"] = {"echo": config["tasks"]["copy"]}
+    folder = tmp_path_factory.mktemp("echo")
+    config["run"].update(name="echo", output_dir=str(folder / "runs"), seed=7)
+    config["training"]["steps"] = 4
+    other = train(folder, config)
+    engine = Engine(served)
+    engine.register(engine.loadable(other, "echo"))
+    return engine, served, other
+
+
+class Tokens:
+    """A streamer that keeps what it is shown (the prompt, then each new token) and whether it ended."""
+
+    def __init__(self) -> None:
+        self.shown: list[list[int]] = []
+        self.ended = 0
+
+    def put(self, value: Any) -> None:
+        self.shown.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended += 1
+
+
+def test_generations_of_several_tasks_run_as_one_batch_each_as_it_runs_alone(two_lora_tasks):
+    """Engine.generate_many: rows of two LoRA tasks share one batch (the pretrained model's rows their own),
+    each row's text and streamed tokens equal to those of its generation alone, each held to its own limit."""
+    from multitune.serving.engine import BASE, Asked, Engine, Watch
+
+    engine, served, other = two_lora_tasks
+    copy_alone, echo_alone = Engine(served), Engine(other)  # each task on its own run's model
+    texts = ["a dog runs in paris", "the cat", "one two three four five six"]
+    asked, expected = [], []
+    for i, text in enumerate(texts):
+        for task, alone in (("copy", copy_alone), ("echo", echo_alone)):
+            limit = 6 if i != 1 else 2
+            asked.append(Asked(task, engine.encode(task, [{"text": text}])[0], Watch(Tokens()), limit))
+            expected.append(alone.generate_one(task, alone.encode(task, [{"text": text}])[0], None, limit))
+    base_row = engine.encode_base(None, "the cat sat")
+    asked.append(Asked(BASE, base_row, Watch(Tokens()), 4))
+    expected.append(copy_alone.generate_one(BASE, base_row, None, 4))
+    engine.stats.tasks_per_batch.clear()
+    got = engine.generate_many(asked)
+    assert got == expected
+    assert engine.stats.tasks_per_batch == {2: 1, 1: 1}  # the six task rows in one batch, the base row apart
+    for item, text in zip(asked, got, strict=True):
+        streamed = item.watch.inner
+        assert streamed.ended == 1 and item.watch.tokens <= item.max_new_tokens
+        tokens = [t for [t] in streamed.shown[1:]]  # after the prompt, one token per step until its end
+        decoded = engine.backbone.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        assert decoded == text
+
+
+def test_a_batched_generation_whose_client_leaves_stops_for_it_alone(two_lora_tasks):
+    from multitune.serving.engine import Asked, Cancelled, Watch
+
+    engine, _, _ = two_lora_tasks
+
+    class Leaving(Tokens):
+        def __init__(self, watch_of: list[Watch]) -> None:
+            super().__init__()
+            self.watch_of = watch_of
+
+        def put(self, value: Any) -> None:
+            super().put(value)
+            if len(self.shown) == 2:  # its first new token: the client leaves
+                self.watch_of[0].cancel.set()
+
+    rows = [engine.encode("copy", [{"text": text}])[0] for text in ("a dog runs", "the cat sits down")]
+    alone = engine.generate_one("copy", rows[1], None, 6)
+    holder: list[Watch] = []
+    leaving = Watch(Leaving(holder))
+    holder.append(leaving)
+    staying = Watch(Tokens())
+    got = engine.generate_many([Asked("copy", rows[0], leaving, 6), Asked("copy", rows[1], staying, 6)])
+    assert isinstance(got[0], Cancelled) and got[1] == alone
+    assert leaving.inner.ended == 1 and leaving.tokens == 1 and staying.inner.ended == 1
+    everyone_leaves = Watch(Leaving([]))
+    everyone_leaves.inner.watch_of.append(everyone_leaves)
+    [gone] = engine.generate_many([Asked("copy", rows[0], everyone_leaves, 6)])
+    assert isinstance(gone, Cancelled) and everyone_leaves.tokens == 1  # stopped at once, not run to its limit
+
+
+def test_generations_waiting_together_run_in_one_call(two_lora_tasks):
+    """MicroBatcher.generate: generations queued while the inference thread is busy run in one generate_many
+    call when it is free, each future getting its own text."""
+    import threading
+
+    from multitune.serving.engine import Asked
+
+    engine, _, _ = two_lora_tasks
+    rows = [engine.encode(task, [{"text": "a dog runs in paris"}])[0] for task in ("copy", "echo", "copy")]
+    alone = [engine.generate_one(task, row, None, 5) for task, row in zip(("copy", "echo", "copy"), rows, strict=True)]
+    calls: list[int] = []
+    many = engine.generate_many
+
+    def counted(asked: Any) -> Any:
+        calls.append(len(asked))
+        return many(asked)
+
+    engine.generate_many = counted  # type: ignore[method-assign]
+    free = threading.Event()
+
+    async def scenario() -> list[str]:
+        batcher = MicroBatcher(engine, max_rows=8)
+        await batcher.start()
+        try:
+            busy = batcher.call(free.wait, 20)  # the inference thread is held until the three are queued
+            futures = [
+                batcher.generate(Asked(task, row, None, 5))
+                for task, row in zip(("copy", "echo", "copy"), rows, strict=True)
+            ]
+            assert batcher.depth == 4
+            free.set()
+            await busy
+            return list(await asyncio.gather(*futures))
+        finally:
+            engine.generate_many = many  # type: ignore[method-assign]
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == alone
+    assert calls == [3]

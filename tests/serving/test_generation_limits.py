@@ -130,7 +130,9 @@ def test_a_stream_for_a_task_unloaded_while_it_waited_ends_and_the_server_stays_
         long = threading.Thread(target=completion, args=(url,), kwargs={"model": "echo", "max_tokens": CONTEXT - 40})
         long.start()
         time.sleep(0.3)  # the inference thread is busy with it
-        unload = threading.Thread(target=httpx.delete, args=(f"{url}/v1/admin/tasks/copy",), kwargs={"headers": admin})
+        unload = threading.Thread(
+            target=httpx.delete, args=(f"{url}/v1/admin/tasks/copy",), kwargs={"headers": admin, "timeout": 60}
+        )
         unload.start()
         time.sleep(0.2)  # queued after it: the copy stream below waits behind the unload
         for _ in range(3):  # three rounds once leaked reader threads until no stream answered

@@ -289,11 +289,14 @@ class CausalLMMultiTask(MultiTaskModel):
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
         pad_id: int,
-        task: str | None = None,
+        task: str | Sequence[str] | None = None,
         streamer: Any = None,
+        limits: Sequence[int] | None = None,
     ) -> list[str]:
-        """Greedy continuations of left-padded prompts (through `task`'s adapter when adapters are attached),
-        decoded without special tokens and stripped; a transformers streamer (one prompt) sees each new token."""
+        """Greedy continuations of left-padded prompts (through `task`'s adapter when adapters are attached; a
+        sequence: each prompt's own task, mixed in one batch where the adapters sit inside the backbone, LoRA),
+        decoded without special tokens and stripped. Row i keeps at most `limits[i]` new tokens (default: all
+        `max_new_tokens`). A transformers streamer sees the prompts [B, L], then each step's new tokens [B]."""
         from transformers import GenerationConfig
 
         device = next(self.backbone.parameters()).device
@@ -316,9 +319,13 @@ class CausalLMMultiTask(MultiTaskModel):
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos
         )
         adapters = self.task_adapters
-        routing = adapters.route([task] * len(prompts)) if adapters is not None and task else contextlib.nullcontext()
+        rows = [task] * len(prompts) if isinstance(task, str) or task is None else list(task)
+        if len(rows) != len(prompts):
+            raise ValueError(f"{len(rows)} tasks for {len(prompts)} prompts")
+        routed = adapters is not None and bool(task)
+        routing = adapters.route(rows) if adapters is not None and task else contextlib.nullcontext()  # type: ignore[arg-type]
         with routing:
-            if adapters is not None and task and not adapters.inside_backbone:  # a prefix cache
+            if routed and adapters is not None and not adapters.inside_backbone:  # a prefix cache
                 placed = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
                 new = self._generate_with_prefix(placed, max_new_tokens, pad_id, eos, streamer, device)
             else:
@@ -329,7 +336,10 @@ class CausalLMMultiTask(MultiTaskModel):
                     streamer=streamer,
                 )
                 new = generated[:, length:] if self.left_padded else generated  # an encoder-decoder: only new ones
-        texts = self.tokenizer.batch_decode(new.tolist(), skip_special_tokens=True)
+        kept = (
+            new.tolist() if limits is None else [ids[:limit] for ids, limit in zip(new.tolist(), limits, strict=True)]
+        )
+        texts = self.tokenizer.batch_decode(kept, skip_special_tokens=True)
         return [str(text).strip() for text in texts]
 
     def _generate_with_prefix(

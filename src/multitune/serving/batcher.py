@@ -8,6 +8,8 @@ and per-task adapter routing, which is state on the model, is never used by two 
 generation holds that thread for all its tokens, so the batches that come meanwhile run between two of its
 tokens (`run_pending`, called by the generation's Watch): a prediction waits for one token, not for a whole
 answer. Routing is restored after each batch (TaskAdapters.route), and the generation's cache is its own.
+Generations waiting together for the inference thread run as one batch per model (`generate`,
+Engine.generate_many), each row exactly as it would run alone.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from multitune.serving.engine import Engine, Part
+from multitune.serving.engine import Asked, Engine, Part
 
 T = TypeVar("T")
 
@@ -77,6 +79,10 @@ class MicroBatcher:
         # or a generation's next token (run_pending)
         self.pending: collections.deque[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]]
         self.pending = collections.deque()
+        # generations waiting for the inference thread, each with its future and loop: run together, as one
+        # batch per model, by the first of their tasks on the executor to come (Engine.generate_many)
+        self.generations: collections.deque[tuple[Asked, asyncio.Future[str], asyncio.AbstractEventLoop]]
+        self.generations = collections.deque()
 
     async def start(self) -> None:
         self.queue = asyncio.Queue(self.max_queue)
@@ -128,6 +134,51 @@ class MicroBatcher:
         future = loop.run_in_executor(self.executor, timed)
         self.calls += 1
         return future
+
+    def generate(self, asked: Asked) -> asyncio.Future[str]:
+        """The text of one generation, run on the inference thread together with the other generations waiting
+        then (up to `max_rows`; Engine.generate_many batches them per model). It counts toward the queue's
+        bound (Busy when full) until it has run; its error (TaskGone, Cancelled) is the future's."""
+        self._admit()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        self.generations.append((asked, future, loop))
+        self.calls += 1
+        self.executor.submit(self._generate_waiting)
+        return future
+
+    def _generate_waiting(self) -> None:
+        """On the inference thread: every generation waiting now (up to max_rows), in one generate_many call;
+        nothing when an earlier call took them."""
+        taken: list[tuple[Asked, asyncio.Future[str], asyncio.AbstractEventLoop]] = []
+        while self.generations and len(taken) < self.max_rows:
+            taken.append(self.generations.popleft())
+        if not taken:
+            return
+        started = time.perf_counter()
+        try:
+            results: list[Any] = list(self.engine.generate_many([asked for asked, _, _ in taken]))
+        except BaseException as error:  # a failure of the batch: each of its generations hears of it
+            results = [error] * len(taken)
+        seconds = time.perf_counter() - started
+        for (_, future, loop), result in zip(taken, results, strict=True):
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+                loop.call_soon_threadsafe(self._settle, future, result)
+        with contextlib.suppress(RuntimeError):
+            taken[0][2].call_soon_threadsafe(self._observe, len(taken), seconds)
+
+    def _settle(self, future: asyncio.Future[str], result: Any) -> None:  # on the event loop
+        self.calls -= 1
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    def _observe(self, rows: int, seconds: float) -> None:  # on the event loop
+        for observe in self.observers:
+            observe(rows, seconds)
 
     def _on_thread(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """`function(*args)` on the inference thread: by a task queued on its executor, or sooner, between two

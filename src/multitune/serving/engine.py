@@ -89,6 +89,81 @@ class Watch:
 
 
 @dataclass
+class Asked:
+    """One generation asked of the engine: `task` (or BASE) continues `row` by at most `max_new_tokens` new
+    tokens, each shown to `watch` (if any)."""
+
+    task: str
+    row: Encoded
+    watch: Watch | None
+    max_new_tokens: int
+
+    @property
+    def prompt(self) -> Sequence[int]:
+        row = self.row
+        return row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
+
+
+class RowsStreamer:
+    """The streamer of a batched generation (put [B, L] prompts, then [B] new tokens per step; end). It keeps
+    each row's new tokens (`ids`) up to its end of sequence or its own `limits[i]`, and shows them to
+    `watches[i]`, whose end comes as soon as its row's does (its client need not wait for the longest row). A
+    watch whose client left (Cancelled) ends its row alone; once no row is left going and a client has left,
+    the generation stops (Cancelled), its rows' tokens kept."""
+
+    def __init__(self, watches: Sequence[Watch | None], limits: Sequence[int], eos: int | None) -> None:
+        self.watches, self.limits, self.eos = list(watches), list(limits), eos
+        self.live = [True] * len(self.watches)
+        self.cancelled = [False] * len(self.watches)
+        self.ids: list[list[int]] = [[] for _ in self.watches]
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the prompts: each watch sees its own first (and skips it)
+            self._prompt_seen = True
+            for i, watch in enumerate(self.watches):
+                if watch is not None:
+                    self._show(i, watch, value[i : i + 1])
+                if self.live[i] and self.limits[i] < 1:  # no room for a token: it ends here
+                    self._finish(i)
+        else:
+            tokens = value.reshape(-1)
+            for i, watch in enumerate(self.watches):
+                if not self.live[i]:
+                    continue
+                token = tokens[i : i + 1]
+                self.ids[i].append(int(token))
+                if watch is not None:
+                    self._show(i, watch, token)
+                if self.live[i] and (int(token) == self.eos or len(self.ids[i]) >= self.limits[i]):
+                    self._finish(i)
+        if not any(self.live) and any(self.cancelled):
+            raise Cancelled("every row of the batch has ended, a client having left: generation stopped")
+
+    def _show(self, i: int, watch: Watch, value: torch.Tensor) -> None:
+        try:
+            watch.put(value)
+        except Cancelled:
+            self.cancelled[i] = True
+            self._finish(i)
+
+    def _finish(self, i: int) -> None:
+        self.live[i] = False
+        watch = self.watches[i]
+        if watch is not None:
+            watch.end()
+
+    def end(self) -> None:
+        for i, live in enumerate(self.live):
+            if live:
+                self._finish(i)
+
+    def texts(self, tokenizer: Any) -> list[str]:
+        """Each row's new tokens as text, special tokens left out (as generate_texts decodes them)."""
+        return [str(text).strip() for text in tokenizer.batch_decode(self.ids, skip_special_tokens=True)]
+
+
+@dataclass
 class Loaded:
     """A task of another run, loaded and checked, waiting to be registered (Engine.loadable)."""
 
@@ -416,24 +491,85 @@ class Engine:
             raise TaskGone(str(unknown_task(task, list(self.tasks))))
         return self.models[index]
 
-    @torch.inference_mode()
     def generate_one(
         self, task: str, row: Encoded, watch: Watch | None = None, max_new_tokens: int | None = None
     ) -> str:
         """One greedy generation for `task` (at most `max_new_tokens` new tokens, default the task's own, held
-        to the model's context), each new token shown to `watch` (if any), which may stop it (Cancelled)."""
+        to the model's context), each new token shown to `watch` (if any), which may stop it (Cancelled):
+        generate_many with one row."""
         try:
-            model = self._model(task)  # TaskGone: unloaded while the request waited
             prompt = row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
             limit = self.generation_limit(task, len(prompt)) if max_new_tokens is None else max_new_tokens
-            adapter = None if task == BASE and task not in self.tasks else task  # BASE: every adapter off
-            texts = model.generate_texts([prompt], limit, self.pad_id, adapter, watch)  # held to the context there
-        except BaseException:
+        except BaseException:  # TaskGone: unloaded while the request waited
             if watch is not None:
                 watch.end()  # a reader waiting for the next piece is released
             raise
-        self._count(1, 1)
-        return str(texts[0])
+        [text] = self.generate_many([Asked(task, row, watch, limit)])
+        if isinstance(text, BaseException):
+            raise text
+        return text
+
+    @torch.inference_mode()
+    def generate_many(self, asked: Sequence[Asked]) -> list[str | BaseException]:
+        """Several greedy generations at once: those answered by one model go through it in batches of at most
+        `batch_size` rows, tasks mixed where their adapters sit inside the backbone (LoRA, or a model without
+        per-task adapters), the pretrained model's (BASE) rows apart, and a prefix-tuned task's rows apart.
+        Each row is exactly its generation alone: at most its own max_new_tokens, each new token shown to its
+        own watch (RowsStreamer). Each generation's text, or the error that ended it (TaskGone for a task
+        unloaded while it waited, Cancelled for one whose client left)."""
+        out: list[str | BaseException] = [""] * len(asked)
+        groups: dict[tuple[int, str], list[int]] = {}
+        for k, item in enumerate(asked):
+            try:
+                model = self._model(item.task)
+            except TaskGone as error:
+                out[k] = error
+                if item.watch is not None:
+                    item.watch.end()
+                continue
+            adapters = model.task_adapters
+            base = item.task == BASE and item.task not in self.tasks
+            kind = "base" if base else "tasks" if adapters is None or adapters.inside_backbone else item.task
+            groups.setdefault((id(model), kind), []).append(k)
+        for (_, kind), members in groups.items():
+            model = self._model(asked[members[0]].task)
+            members.sort(key=lambda k: len(asked[k].prompt))
+            for chunk in self._generation_chunks(model, [asked[k] for k in members]):
+                items = [members[j] for j in chunk]
+                self._generate_chunk(model, kind, [asked[k] for k in items], items, out)
+        return out
+
+    def _generation_chunks(self, model: Any, asked: Sequence[Asked]) -> list[list[int]]:
+        """Consecutive rows (sorted by prompt length) in chunks of at most batch_size, each chunk's longest
+        prompt leaving every row of it its own max_new_tokens in the model's context (padded to the longest
+        prompt, a row has that much less room than alone)."""
+        chunks: list[list[int]] = []
+        for j, item in enumerate(asked):
+            if chunks and len(chunks[-1]) < self.batch_size:
+                room = model.context_room(len(item.prompt))  # the longest so far: rows are sorted by length
+                if room is None or max(asked[i].max_new_tokens for i in [*chunks[-1], j]) <= room:
+                    chunks[-1].append(j)
+                    continue
+            chunks.append([j])
+        return chunks
+
+    def _generate_chunk(
+        self, model: Any, kind: str, asked: Sequence[Asked], where: Sequence[int], out: list[str | BaseException]
+    ) -> None:
+        limits = [item.max_new_tokens for item in asked]
+        streamer = RowsStreamer([item.watch for item in asked], limits, self.backbone.tokenizer.eos_token_id)
+        tasks = None if kind == "base" else [item.task for item in asked]
+        try:
+            model.generate_texts([item.prompt for item in asked], max(limits), self.pad_id, tasks, streamer, limits)
+        except Cancelled:  # every row has ended, some because their client left: the others' tokens are kept
+            pass
+        except BaseException:
+            streamer.end()  # readers waiting for a next piece are released
+            raise
+        texts = streamer.texts(self.backbone.tokenizer)
+        for j, k in enumerate(where):
+            out[k] = Cancelled("the client left: generation stopped") if streamer.cancelled[j] else texts[j]
+        self._count(len(asked), len(set(tasks or [BASE])))
 
     # --- describing the run ---------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from typing import Any
 from transformers import TextStreamer
 
 from multitune.serving.batcher import MicroBatcher
-from multitune.serving.engine import Engine, Watch
+from multitune.serving.engine import Asked, Engine, Watch
 
 POLL_SECONDS = 0.5  # how often a generation's reader looks whether its client is still there
 
@@ -65,7 +65,7 @@ class Generation:
         self._look_at = 0.0  # when to look again whether the client is there
         self._sent: list[str] = []  # the text handed out
         self._stopped = False  # by a stop sequence
-        self.done = batcher.call(engine.generate_one, task, row, self.watch, limit, rows=1)
+        self.done = batcher.generate(Asked(task, row, self.watch, limit))  # batched with others waiting
         self.done.add_done_callback(_retrieved)  # a stopped generation's Cancelled is expected, not a warning
 
     def __del__(self) -> None:  # never read (a response dropped before its body was iterated): stop it
