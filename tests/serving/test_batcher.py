@@ -300,3 +300,61 @@ def test_generations_waiting_together_run_in_one_call(two_lora_tasks):
 
     assert asyncio.run(scenario()) == alone
     assert calls == [3]
+
+
+def test_a_batch_stops_once_every_row_has_ended(two_lora_tasks):
+    """One row ends at its own limit, the other at its end of sequence: no further step runs (generate alone
+    would go on to the longest limit), so nothing waits behind forwards whose tokens nobody keeps."""
+    from multitune.serving.engine import Asked, Watch
+
+    engine, _, _ = two_lora_tasks
+    model = engine._model("copy")
+    tokenizer = engine.backbone.tokenizer
+    short, ending = engine.encode("echo", [{"text": "the cat"}])[0], engine.encode("copy", [{"text": "the cat"}])[0]
+    first = Watch(Tokens())
+    engine.generate_one("copy", ending, first, 3)
+    eos = first.inner.shown[1][0]  # its first new token, taken as the end of sequence below
+    forwards = [0]
+    hook = model.backbone.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    real_eos = tokenizer.eos_token_id
+    try:
+        tokenizer.eos_token_id = eos
+        got = engine.generate_many(
+            [Asked("echo", short, Watch(Tokens()), 1), Asked("copy", ending, Watch(Tokens()), 20)]
+        )
+    finally:
+        tokenizer.eos_token_id = real_eos
+        hook.remove()
+    assert got[1] == tokenizer.decode([eos], skip_special_tokens=True).strip() or got[1] == ""
+    assert forwards[0] == 1  # one step made both rows' last tokens; 20 before the fix
+
+
+def test_a_failing_chunk_fails_its_own_rows_only(two_lora_tasks):
+    """Rows answered by an earlier chunk keep their texts, a later chunk still runs, and every watch hears its
+    end, when one chunk's generate raises."""
+    from multitune.serving.engine import Asked, Watch
+
+    engine, _, _ = two_lora_tasks
+    model = engine._model("copy")
+    texts = ["a b", "a much longer prompt than that", "the longest prompt of all three of these prompts"]
+    rows = [engine.encode("copy", [{"text": text}])[0] for text in texts]
+    alone = [engine.generate_one("copy", row, None, 3) for row in rows]
+    real, calls = model.generate_texts, [0]
+
+    def second_fails(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    watches = [Watch(Tokens()) for _ in rows]
+    engine.batch_size, size = 1, engine.batch_size  # one chunk per row
+    model.generate_texts = second_fails  # type: ignore[method-assign]
+    try:
+        got = engine.generate_many([Asked("copy", row, watch, 3) for row, watch in zip(rows, watches, strict=True)])
+    finally:
+        engine.batch_size = size
+        del model.generate_texts
+    assert got[0] == alone[0] and got[2] == alone[2]
+    assert isinstance(got[1], RuntimeError) and "simulated" in str(got[1])
+    assert [watch.inner.ended for watch in watches] == [1, 1, 1]

@@ -94,6 +94,9 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.worker
         self.executor.shutdown(wait=True, cancel_futures=True)
+        while self.generations:  # generations whose turn never came: their readers hear the end
+            _, future, _ = self.generations.popleft()
+            future.cancel()
 
     @property
     def depth(self) -> int:

@@ -108,8 +108,9 @@ class RowsStreamer:
     """The streamer of a batched generation (put [B, L] prompts, then [B] new tokens per step; end). It keeps
     each row's new tokens (`ids`) up to its end of sequence or its own `limits[i]`, and shows them to
     `watches[i]`, whose end comes as soon as its row's does (its client need not wait for the longest row). A
-    watch whose client left (Cancelled) ends its row alone; once no row is left going and a client has left,
-    the generation stops (Cancelled), its rows' tokens kept."""
+    watch whose client left (Cancelled) ends its row alone; once no row is left going, for whatever reason,
+    the generation stops (Cancelled, which Engine.generate_many expects), its rows' tokens kept: no step runs
+    for a batch whose rows have all ended."""
 
     def __init__(self, watches: Sequence[Watch | None], limits: Sequence[int], eos: int | None) -> None:
         self.watches, self.limits, self.eos = list(watches), list(limits), eos
@@ -137,8 +138,8 @@ class RowsStreamer:
                     self._show(i, watch, token)
                 if self.live[i] and (int(token) == self.eos or len(self.ids[i]) >= self.limits[i]):
                     self._finish(i)
-        if not any(self.live) and any(self.cancelled):
-            raise Cancelled("every row of the batch has ended, a client having left: generation stopped")
+        if not any(self.live):  # every row has ended (its end of sequence, its limit, its client gone): no more steps
+            raise Cancelled("every row of the batch has ended: generation stopped")
 
     def _show(self, i: int, watch: Watch, value: torch.Tensor) -> None:
         try:
@@ -246,6 +247,9 @@ class Engine:
         self.task_metrics: dict[str, Any] = dict(self.metrics.get("tasks") or {})
         self.sources: dict[str, str] = dict.fromkeys(self.tasks, str(self.run_dir.resolve()))  # each task's run
         self.adopted: set[str] = set()  # loaded tasks that joined a served model (head and adapter only)
+        # held while an adapter joins or leaves a served model, and while `_host` reads that model's weights off
+        # the inference thread (peft's injection changes the module dicts that state_dict walks)
+        self.adapters_changing = threading.Lock()
         self.stats = Stats()
 
     # --- tasks loaded and unloaded at run time --------------------------------------------------
@@ -298,7 +302,8 @@ class Engine:
                 continue
             if host.pooling != model.pooling or task in mine.tasks or mine.can_adopt(theirs) is not None:
                 continue
-            own = _base_weights(host)
+            with self.adapters_changing:
+                own = _base_weights(host)
             if own.keys() == weights.keys() and all(torch.equal(own[k], weights[k]) for k in own):
                 return index
         return None
@@ -312,7 +317,8 @@ class Engine:
             raise MultitunError(f"'{BASE}' names this server's pretrained model: a task of that name cannot be loaded")
         host = self.models[loaded.host] if loaded.host is not None else None
         if host is not None and host.task_adapters is not None and loaded.task not in host.task_adapters.tasks:
-            adopt(host, loaded.model, loaded.task)  # its head and adapter join a served backbone
+            with self.adapters_changing:
+                adopt(host, loaded.model, loaded.task)  # its head and adapter join a served backbone
             self.model_of[loaded.task] = loaded.host  # type: ignore[assignment]
             self.adopted.add(loaded.task)
         else:  # its whole model, beside the others
@@ -336,7 +342,8 @@ class Engine:
             table.pop(task, None)
         if task in self.adopted:  # its head and adapter leave the backbone they joined
             self.adopted.discard(task)
-            release(self.models[index], task)  # type: ignore[arg-type]
+            with self.adapters_changing:
+                release(self.models[index], task)  # type: ignore[arg-type]
         if index not in self.model_of.values():
             self.models[index] = None  # keeps the other tasks' indices
 
@@ -536,7 +543,11 @@ class Engine:
             members.sort(key=lambda k: len(asked[k].prompt))
             for chunk in self._generation_chunks(model, [asked[k] for k in members]):
                 items = [members[j] for j in chunk]
-                self._generate_chunk(model, kind, [asked[k] for k in items], items, out)
+                try:
+                    self._generate_chunk(model, kind, [asked[k] for k in items], items, out)
+                except Exception as error:  # this chunk's rows fail (their watches ended); the others stand
+                    for k in items:
+                        out[k] = error
         return out
 
     def _generation_chunks(self, model: Any, asked: Sequence[Asked]) -> list[list[int]]:
@@ -561,7 +572,7 @@ class Engine:
         tasks = None if kind == "base" else [item.task for item in asked]
         try:
             model.generate_texts([item.prompt for item in asked], max(limits), self.pad_id, tasks, streamer, limits)
-        except Cancelled:  # every row has ended, some because their client left: the others' tokens are kept
+        except Cancelled:  # every row has ended before generate's own end: the rows' tokens are kept
             pass
         except BaseException:
             streamer.end()  # readers waiting for a next piece are released
