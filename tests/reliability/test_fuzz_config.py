@@ -139,15 +139,16 @@ def test_alias_structures_load_or_fail_within_the_bounds(resolved):
     event(
         ", ".join(reason.split(" ")[0] + " " + reason.split(" ")[2] for reason, on in reasons.items() if on) or "loads"
     )
-    start = time.process_time()  # CPU seconds: the machine may be busy with other work
+    # CPU seconds, with room for a busy machine's slower cores: an unbounded expansion would take far longer
+    start = time.process_time()
     try:
         data, lines = parse_yaml(text, "a.yaml")
     except ConfigError as error:
-        assert time.process_time() - start < 1.0
+        assert time.process_time() - start < 2.5
         assert reasons.get(error.message), (error.message, total, depth)
         assert error.file == "a.yaml" and error.line is not None
     else:
-        assert time.process_time() - start < 1.0
+        assert time.process_time() - start < 2.5
         assert not any(reasons.values()), (total, depth)
 
         def expand(i: int) -> list[Any]:

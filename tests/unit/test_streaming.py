@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -531,6 +532,19 @@ def test_the_tokenizer_pool_encodes_in_other_processes_as_encode_does(tiny_backb
         TokenizerPool(0, {})
 
 
+def ignores_sigint(pid: int) -> bool:
+    """Whether process `pid` ignores SIGINT (Linux: the SigIgn mask of /proc/PID/status)."""
+    import signal
+
+    try:
+        status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(mask & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal masks from /proc (Linux)")
 def test_tokenizer_workers_outlive_ctrl_c_and_a_dead_one_is_a_one_line_error(tiny_backbone, tmp_path):
     """Ctrl-C reaches every process of the group: the workers ignore it, so the training process can finish
     its step and checkpoint. A worker killed outright is a MultitunError naming the setting, not a bad row."""
@@ -552,6 +566,9 @@ def test_tokenizer_workers_outlive_ctrl_c_and_a_dead_one_is_a_one_line_error(tin
     try:
         first = pool.encoder("sentiment")(examples)
         pids = list(pool.pool._processes)  # started by the first call
+        deadline = time.monotonic() + 60  # a worker still starting up has not yet set SIGINT aside
+        while not all(ignores_sigint(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
         for pid in pids:
             os.kill(pid, signal.SIGINT)
         assert pool.encoder("sentiment")(examples) == first
