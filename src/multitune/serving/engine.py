@@ -504,14 +504,15 @@ class Engine:
         """One greedy generation for `task` (at most `max_new_tokens` new tokens, default the task's own, held
         to the model's context), each new token shown to `watch` (if any), which may stop it (Cancelled):
         generate_many with one row."""
-        try:
-            prompt = row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
-            limit = self.generation_limit(task, len(prompt)) if max_new_tokens is None else max_new_tokens
-        except BaseException:  # TaskGone: unloaded while the request waited
-            if watch is not None:
-                watch.end()  # a reader waiting for the next piece is released
-            raise
-        [text] = self.generate_many([Asked(task, row, watch, limit)])
+        asked = Asked(task, row, watch, max_new_tokens or 0)
+        if max_new_tokens is None:
+            try:
+                asked.max_new_tokens = self.generation_limit(task, len(asked.prompt))
+            except BaseException:  # TaskGone: unloaded while the request waited
+                if watch is not None:
+                    watch.end()  # a reader waiting for the next piece is released
+                raise
+        [text] = self.generate_many([asked])
         if isinstance(text, BaseException):
             raise text
         return text
