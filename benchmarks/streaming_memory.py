@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from multitune.core.history import filled
+
 WORDS = [f"w{i}" for i in range(400)]
 CHILD = """
 import json, resource, sys, threading, time
@@ -136,7 +138,9 @@ def run(
         raise SystemExit(f"run failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     metrics = json.loads((out / "run" / "metrics.json").read_text())
-    history = [json.loads(line) for line in (out / "run" / "history.jsonl").read_text().splitlines()]
+    written = (out / "run" / "history.jsonl").read_text().splitlines()
+    history = filled(json.loads(line) for line in written)
+    trained = [(line, entry) for line, entry in zip(written, history, strict=True) if "losses" in entry]
     seen = {int(lines): at for lines, at in result.pop("seen").items()}
     first = min(at for lines, at in seen.items() if lines >= 1)  # the first step's line: everything before it
     # steady state: the steps between a quarter and three quarters of the run, by when their lines appeared
@@ -148,6 +152,10 @@ def run(
         first_step_seconds=first,  # process start to the first step: imports, reading, counting, building
         steps_per_second=(high - low) / (t_high - t_low),
         losses=[h["loss"] for h in history if "loss" in h],
+        # a training line's size as written (weights and probabilities only where they changed), and the
+        # same lines with them filled in: what a line held when every line carried them
+        history_line_bytes=sum(len(line) + 1 for line, _ in trained) / len(trained),
+        history_line_bytes_filled=sum(len(json.dumps(entry)) + 1 for _, entry in trained) / len(trained),
     )
     shutil.rmtree(out)
     return result

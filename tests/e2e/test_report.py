@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from multitune.cli import main
+from multitune.core.history import read_history
 from tests.conftest import classification_rows, tiny_config, token_rows
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -88,7 +89,7 @@ def test_guard_drops_a_task_that_hurts_the_others(tmp_path, tiny_backbone, write
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     assert main(["train", str(path)]) == 0
     run = tmp_path / "runs" / "tiny"
-    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    history = read_history(run / "history.jsonl")
     actions = [h for h in history if "guard" in h]
     assert [(h["step"], h["guard"]["task"], h["guard"]["action"]) for h in actions] == [(6, "noise", "drop")]
     assert "lookahead affinity -5.000e-02, mean over 2 validations" in actions[0]["guard"]["why"]

@@ -8,6 +8,7 @@ import yaml
 
 from multitune.catalogue import validate_config
 from multitune.cli import main
+from multitune.core.history import read_history
 from multitune.errors import ConfigError
 from multitune.training.schedules import Reptile
 from tests.conftest import classification_rows, tiny_config, token_rows
@@ -23,7 +24,7 @@ def run_with(tmp_path, tiny_backbone, write_jsonl):
         path.write_text(yaml.safe_dump(data), encoding="utf-8")
         assert main(["train", str(path)]) == 0
         run_dir = tmp_path / "runs" / "tiny"
-        history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+        history = read_history(run_dir / "history.jsonl")
         return run_dir, json.loads((run_dir / "metrics.json").read_text()), history
 
     return run

@@ -29,6 +29,7 @@ from multitune.compare.seeds import aggregate, format_seeds
 from multitune.config import SPLITS, Config
 from multitune.config.schema import EarlyStopping, TrainingConfig
 from multitune.core.files import write_json, write_text
+from multitune.core.history import read_history
 from multitune.data.tasks import load_tasks
 from multitune.errors import ConfigError, MultitunError
 from multitune.evaluation.evaluate import change_text
@@ -77,8 +78,7 @@ def validation_trajectory(run_dir: Path, task: str, batch_size: int) -> list[lis
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     main = metrics["tasks"][task]["main_metric"]
     out = []
-    for line in history.read_text(encoding="utf-8").splitlines():
-        entry = json.loads(line)
+    for entry in read_history(history):
         if "validation" in entry and task in entry["validation"]:
             out.append([entry["step"] * batch_size, entry["validation"][task][main]])
     return out

@@ -15,6 +15,7 @@ from typing import Any
 
 from multitune.analysis.affinity import NO_SELF_TRANSFER
 from multitune.core.files import write_text
+from multitune.core.history import read_history
 from multitune.evaluation.evaluate import TABLE_HEADER, table_rows
 
 
@@ -102,20 +103,6 @@ def _read(run_dir: Path, name: str) -> Any:
         return None
 
 
-def _history(run_dir: Path) -> list[dict[str, Any]]:
-    """history.jsonl's entries; a torn line (a crash mid-write) is skipped."""
-    path = run_dir / "history.jsonl"
-    entries = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
-            entries.append(entry)
-    return entries
-
-
 def data_summary(tasks: dict[str, Any]) -> list[list[str]]:
     """One row per task from tasks.json: its type, rows per split, labels and data files."""
     rows = []
@@ -179,7 +166,7 @@ def _share_bars(axes: Any, shares: dict[str, tuple[float, float]]) -> None:
 def report_figures(run_dir: Path) -> tuple[list[tuple[str, Any]], list[str]]:
     """The report's figures as (title, matplotlib figure), and a sentence for each plot left out because
     its curves are flat."""
-    history = _history(run_dir)
+    history = [e for e in read_history(run_dir / "history.jsonl") if isinstance(e.get("step"), int)]
     metrics, affinity = _read(run_dir, "metrics.json"), _read(run_dir, "affinity.json")
     task_names = sorted((metrics or {}).get("tasks", {}) or {n for h in history for n in (h.get("losses") or {})})
     palette = [

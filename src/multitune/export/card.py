@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from multitune.config import ModelConfig
+from multitune.core.history import read_history
 from multitune.data.tasks import TaskData
 from multitune.models.backbone import PACKAGED_MODELS, packaged_copy
 from multitune.runs.load import refined
@@ -126,12 +127,8 @@ def selection_scores(run: Path, task: str, best_step: Any) -> dict[str, Any] | N
     if best_step is None or not history.is_file() or refined(run, task) is not None:
         return None
     found = None
-    for line in history.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(entry, dict) or "stage" in entry or entry.get("step") != best_step:
+    for entry in read_history(history):
+        if "stage" in entry or entry.get("step") != best_step:
             continue
         scores = entry.get("validation")
         if isinstance(scores, dict) and isinstance(scores.get(task), dict):

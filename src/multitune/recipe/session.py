@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from multitune.balancing.backward import Balancer
 from multitune.config.schema import TrainingConfig
 from multitune.core.files import WEIGHTS_FILE, write_json
+from multitune.core.history import HistoryLines, read_history
 from multitune.errors import ConfigError
 from multitune.evaluation.evaluate import average_main_score
 from multitune.models.multitask import MultiTaskModel
@@ -98,6 +99,7 @@ class Session:
     sink: Callable[[dict[str, Any]], None] | None = None  # where else each entry goes (two-stage: tagged)
     entries: list[dict[str, Any]] = field(default_factory=list)
     _stream: TextIO | None = None
+    _lines: HistoryLines = field(default_factory=HistoryLines)  # weights/probabilities only when they change
     _scalars: Any = None
     _best: dict[str, Tensor] | None = None
 
@@ -108,7 +110,9 @@ class Session:
     def open(self, tensorboard: bool = False) -> None:
         """Start appending to the run's history (the main process; nothing without a run directory)."""
         if self.run_dir is not None and self.main:
-            self._stream = (self.run_dir / "history.jsonl").open("a", encoding="utf-8")
+            path = self.run_dir / "history.jsonl"
+            self._lines.seen(read_history(path))  # a resumed run continues the file's carried values
+            self._stream = path.open("a", encoding="utf-8")
             self._scalars = tensorboard_writer(self.run_dir) if tensorboard else None
 
     def close(self) -> None:
@@ -127,7 +131,7 @@ class Session:
         if self.sink is not None:
             self.sink(entry)
         if self._stream is not None:
-            self._stream.write(json.dumps(entry) + "\n")
+            self._stream.write(json.dumps(self._lines.line(entry)) + "\n")
             self._stream.flush()
         if self._scalars is not None:
             write_scalars(self._scalars, entry)
