@@ -274,9 +274,9 @@ def test_generations_waiting_together_run_in_one_call(two_lora_tasks):
     calls: list[int] = []
     many = engine.generate_many
 
-    def counted(asked: Any) -> Any:
+    def counted(asked: Any, *rest: Any) -> Any:
         calls.append(len(asked))
-        return many(asked)
+        return many(asked, *rest)
 
     engine.generate_many = counted  # type: ignore[method-assign]
     free = threading.Event()
@@ -329,9 +329,10 @@ def test_a_batch_stops_once_every_row_has_ended(two_lora_tasks):
     assert forwards[0] == 1  # one step made both rows' last tokens; 20 before the fix
 
 
-def test_a_failing_chunk_fails_its_own_rows_only(two_lora_tasks):
-    """Rows answered by an earlier chunk keep their texts, a later chunk still runs, and every watch hears its
-    end, when one chunk's generate raises."""
+@pytest.mark.parametrize("failing", ["prefill", "step"])
+def test_a_failing_forward_fails_the_rows_it_ran_only(two_lora_tasks, failing):
+    """One row at a time (batch_size 1): when the second row's prefill, or the first row's second step,
+    raises, that row fails; the rows before and after keep their texts, and every watch hears its end."""
     from multitune.serving.engine import Asked, Watch
 
     engine, _, _ = two_lora_tasks
@@ -339,22 +340,138 @@ def test_a_failing_chunk_fails_its_own_rows_only(two_lora_tasks):
     texts = ["a b", "a much longer prompt than that", "the longest prompt of all three of these prompts"]
     rows = [engine.encode("copy", [{"text": text}])[0] for text in texts]
     alone = [engine.generate_one("copy", row, None, 3) for row in rows]
-    real, calls = model.generate_texts, [0]
+    calls = {"prefill": 0, "step": 0}
 
-    def second_fails(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 2:
+    def fails(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        kind = "prefill" if kwargs["input_ids"].shape[1] > 1 else "step"
+        calls[kind] += 1
+        if kind == failing and calls[kind] == 2:
             raise RuntimeError("out of memory (simulated)")
-        return real(*args, **kwargs)
 
     watches = [Watch(Tokens()) for _ in rows]
-    engine.batch_size, size = 1, engine.batch_size  # one chunk per row
-    model.generate_texts = second_fails  # type: ignore[method-assign]
+    engine.batch_size, size = 1, engine.batch_size
+    hook = model.backbone.register_forward_pre_hook(fails, with_kwargs=True)
     try:
         got = engine.generate_many([Asked("copy", row, watch, 3) for row, watch in zip(rows, watches, strict=True)])
     finally:
         engine.batch_size = size
-        del model.generate_texts
-    assert got[0] == alone[0] and got[2] == alone[2]
-    assert isinstance(got[1], RuntimeError) and "simulated" in str(got[1])
+        hook.remove()
+    broken = 1 if failing == "prefill" else 0
+    for i, text in enumerate(got):
+        if i == broken:
+            assert isinstance(text, RuntimeError) and "simulated" in str(text)
+        else:
+            assert text == alone[i]
     assert [watch.inner.ended for watch in watches] == [1, 1, 1]
+
+
+class Gate(Tokens):
+    """A streamer that, at its `at`-th new token, holds the inference thread until `ready()` (20 s at most)."""
+
+    def __init__(self, at: int, ready: Any) -> None:
+        super().__init__()
+        self.at, self.ready = at, ready
+
+    def put(self, value: Any) -> None:
+        super().put(value)
+        deadline = time.monotonic() + 20
+        while len(self.shown) == self.at + 1 and not self.ready() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+def test_generations_arriving_during_a_generation_join_it_and_end_first(two_lora_tasks):
+    """Continuous batching: two generations queued while a long one runs join its batch between two steps
+    (no second generate_many call), end and are answered while it still runs, and every text equals
+    transformers' generate of that row alone through its own adapter."""
+    import threading
+
+    from multitune.serving.engine import Asked, Watch
+
+    engine, _, _ = two_lora_tasks
+    model, pad = engine._model("copy"), engine.pad_id
+    long_row = engine.encode("copy", [{"text": "one two three four five six"}])[0]
+    [long_alone] = model.generate_texts([list(long_row.input_ids)], 30, pad, "copy")
+    shorts = [(task, engine.encode(task, [{"text": "a dog runs in paris"}])[0]) for task in ("copy", "echo")]
+    shorts_alone = [model.generate_texts([list(row.input_ids)], 3, pad, task)[0] for task, row in shorts]
+    calls: list[int] = []
+    many = engine.generate_many
+
+    def counted(asked: Any, *rest: Any) -> Any:
+        calls.append(len(asked))
+        return many(asked, *rest)
+
+    engine.generate_many = counted  # type: ignore[method-assign]
+    answered = threading.Event()
+
+    async def scenario() -> tuple[str, list[str], bool]:
+        batcher = MicroBatcher(engine, max_rows=8)
+        await batcher.start()
+        # the long row holds the thread at its 2nd token until both are queued, at its 20th until they are answered
+        gate = Gate(2, lambda: len(batcher.generations) == 2)
+        later = Gate(20, answered.is_set)
+        try:
+            long = batcher.generate(Asked("copy", long_row, Watch(Both(gate, later)), 30))
+            while len(gate.shown) < 3:
+                await asyncio.sleep(0.005)
+            texts = list(await asyncio.gather(*(batcher.generate(Asked(t, row, None, 3)) for t, row in shorts)))
+            still_running = not long.done()
+            answered.set()
+            return await long, texts, still_running
+        finally:
+            engine.generate_many = many  # type: ignore[method-assign]
+            await batcher.stop()
+
+    long_text, texts, still_running = asyncio.run(scenario())
+    assert calls == [1]  # the two joined the running batch
+    assert still_running and texts == shorts_alone and long_text == long_alone
+
+
+class Both:
+    """Two streamers shown the same tokens."""
+
+    def __init__(self, *streamers: Any) -> None:
+        self.streamers = streamers
+
+    def put(self, value: Any) -> None:
+        for streamer in self.streamers:
+            streamer.put(value)
+
+    def end(self) -> None:
+        for streamer in self.streamers:
+            streamer.end()
+
+
+def test_an_admin_change_queued_during_a_generation_runs_before_later_generations(two_lora_tasks):
+    """A change queued by `call` (loading or unloading a task) while a generation runs stops rows joining it:
+    the change runs when that batch ends, before a generation queued after it, which then runs on its own."""
+    from multitune.serving.engine import Asked, Watch
+
+    engine, _, _ = two_lora_tasks
+    row = engine.encode("copy", [{"text": "one two three four five six"}])[0]
+    order: list[str] = []
+    many = engine.generate_many
+
+    def counted(asked: Any, *rest: Any) -> Any:
+        order.append(f"generate {len(asked)}")
+        return many(asked, *rest)
+
+    engine.generate_many = counted  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(engine, max_rows=8)
+        await batcher.start()
+        gate = Gate(2, lambda: batcher.calls_waiting == 1 and len(batcher.generations) == 1)
+        try:
+            first = batcher.generate(Asked("copy", row, Watch(gate), 8))
+            while len(gate.shown) < 3:
+                await asyncio.sleep(0.005)
+            change = batcher.call(order.append, "change")
+            await asyncio.sleep(0)
+            second = batcher.generate(Asked("echo", row, None, 3))
+            await asyncio.gather(first, change, second)
+        finally:
+            engine.generate_many = many  # type: ignore[method-assign]
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert order == ["generate 1", "change", "generate 1"]

@@ -75,6 +75,7 @@ class MicroBatcher:
         self.queue: asyncio.Queue[Job] | None = None
         self.worker: asyncio.Task[None] | None = None
         self.calls = 0  # work handed to the inference thread by `call`, queued or running
+        self.calls_waiting = 0  # of those `call`s, the ones not started yet: a running generation takes no more rows
         # batches for the inference thread, run by whichever comes first there: their own task on the executor,
         # or a generation's next token (run_pending)
         self.pending: collections.deque[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]]
@@ -125,6 +126,7 @@ class MicroBatcher:
                     observe(rows, seconds)
 
         def timed() -> T:  # on the inference thread
+            self.calls_waiting -= 1
             started, seconds = time.perf_counter(), None
             try:
                 result = function(*args)
@@ -134,14 +136,16 @@ class MicroBatcher:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
                     loop.call_soon_threadsafe(ran, seconds)
 
+        self.calls_waiting += 1
         future = loop.run_in_executor(self.executor, timed)
         self.calls += 1
         return future
 
     def generate(self, asked: Asked) -> asyncio.Future[str]:
         """The text of one generation, run on the inference thread together with the other generations waiting
-        then (up to `max_rows`; Engine.generate_many batches them per model). It counts toward the queue's
-        bound (Busy when full) until it has run; its error (TaskGone, Cancelled) is the future's."""
+        then (up to `max_rows`; Engine.generate_many batches them per model), or joining a batch that runs
+        already (continuous batching, on a decoder-only LM). It counts toward the queue's bound (Busy when
+        full) until it has ended; its error (TaskGone, Cancelled) is the future's."""
         self._admit()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
@@ -151,24 +155,45 @@ class MicroBatcher:
         return future
 
     def _generate_waiting(self) -> None:
-        """On the inference thread: every generation waiting now (up to max_rows), in one generate_many call;
-        nothing when an earlier call took them."""
-        taken: list[tuple[Asked, asyncio.Future[str], asyncio.AbstractEventLoop]] = []
-        while self.generations and len(taken) < self.max_rows:
-            taken.append(self.generations.popleft())
-        if not taken:
-            return
-        started = time.perf_counter()
-        try:
-            results: list[Any] = list(self.engine.generate_many([asked for asked, _, _ in taken]))
-        except BaseException as error:  # a failure of the batch: each of its generations hears of it
-            results = [error] * len(taken)
-        seconds = time.perf_counter() - started
-        for (_, future, loop), result in zip(taken, results, strict=True):
+        """On the inference thread: every generation waiting now (up to max_rows), in one generate_many call
+        that more may join while it runs, each future settled as soon as its generation ends; nothing when an
+        earlier call took them. Batches of predictions waiting meanwhile run between its steps."""
+        owed: dict[int, tuple[asyncio.Future[str], asyncio.AbstractEventLoop]] = {}
+        ran = [0]  # generations that joined the running batch
+
+        def take(accept: Callable[[Asked], bool], room: int, joining: bool = True) -> list[Asked]:
+            taken: list[Asked] = []
+            # work queued by `call` (an admin change) waits for a running generate_many: no more rows join it
+            while self.generations and len(taken) < room and not (joining and self.calls_waiting):
+                asked = self.generations[0][0]
+                if not accept(asked):  # it runs after this batch; none behind it passes it
+                    break
+                _, future, loop = self.generations.popleft()
+                owed[id(asked)] = (future, loop)
+                taken.append(asked)
+            ran[0] += len(taken) if joining else 0
+            return taken
+
+        def done(asked: Asked, result: str | BaseException) -> None:
+            future, loop = owed.pop(id(asked))
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
                 loop.call_soon_threadsafe(self._settle, future, result)
-        with contextlib.suppress(RuntimeError):
-            taken[0][2].call_soon_threadsafe(self._observe, len(taken), seconds)
+
+        first = take(lambda _: True, self.max_rows, joining=False)
+        if not first:
+            return
+        loop = owed[id(first[0])][1]
+        started = time.perf_counter()
+        try:
+            self.engine.generate_many(first, take, done, self.run_pending)
+        except BaseException as error:  # a failure of the batch: each of its generations still owed hears of it
+            for future, future_loop in list(owed.values()):
+                with contextlib.suppress(RuntimeError):
+                    future_loop.call_soon_threadsafe(self._settle, future, error)
+            owed.clear()
+        seconds = time.perf_counter() - started
+        with contextlib.suppress(RuntimeError):  # every generation it ran, the ones that joined included
+            loop.call_soon_threadsafe(self._observe, len(first) + ran[0], seconds)
 
     def _settle(self, future: asyncio.Future[str], result: Any) -> None:  # on the event loop
         self.calls -= 1

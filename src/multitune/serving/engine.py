@@ -10,6 +10,7 @@ evaluation/evaluate.py's decoding).
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import threading
@@ -32,6 +33,7 @@ from multitune.evaluation.evaluate import decode
 from multitune.evaluation.generation import generate_predictions
 from multitune.models.backbone import Backbone
 from multitune.models.causal_lm import CausalLMMultiTask
+from multitune.models.decoding import JoiningBatch, can_join
 from multitune.models.multitask import MultiTaskModel
 from multitune.runs.layout import FINETUNED
 from multitune.runs.load import load_refined, load_run, refined, task_from_manifest
@@ -104,64 +106,85 @@ class Asked:
         return row.input_ids[: row.prompt_length] if row.prompt_length is not None else row.input_ids
 
 
-class RowsStreamer:
-    """The streamer of a batched generation (put [B, L] prompts, then [B] new tokens per step; end). It keeps
-    each row's new tokens (`ids`) up to its end of sequence or its own `limits[i]`, and shows them to
-    `watches[i]`, whose end comes as soon as its row's does (its client need not wait for the longest row). A
-    watch whose client left (Cancelled) ends its row alone; once no row is left going, for whatever reason,
-    the generation stops (Cancelled, which Engine.generate_many expects), its rows' tokens kept: no step runs
-    for a batch whose rows have all ended."""
+class GeneratedRow:
+    """One row of a batched generation: its new tokens (`ids`) up to its end of sequence or its own `limit`,
+    each shown to its watch, whose end comes as soon as the row's does (its client need not wait for the
+    batch's longest row). A watch whose client left (Cancelled) ends its row alone (`cancelled`)."""
 
-    def __init__(self, watches: Sequence[Watch | None], limits: Sequence[int], eos: int | None) -> None:
-        self.watches, self.limits, self.eos = list(watches), list(limits), eos
-        self.live = [True] * len(self.watches)
-        self.cancelled = [False] * len(self.watches)
-        self.ids: list[list[int]] = [[] for _ in self.watches]
+    def __init__(self, watch: Watch | None, limit: int, eos: int | None) -> None:
+        self.watch, self.limit, self.eos = watch, limit, eos
+        self.live, self.cancelled = True, False
+        self.ids: list[int] = []
+
+    def start(self, prompt: torch.Tensor) -> None:
+        """Show the watch the prompt [1, L] (a streamer skips it); a row with no room for a token ends here."""
+        if self.watch is not None:
+            self._show(prompt)
+        if self.live and self.limit < 1:
+            self.finish()
+
+    def add(self, token: int) -> None:
+        """The row's next new token (nothing once the row has ended)."""
+        if not self.live:
+            return
+        self.ids.append(token)
+        if self.watch is not None:
+            self._show(torch.tensor([token]))
+        if self.live and (token == self.eos or len(self.ids) >= self.limit):
+            self.finish()
+
+    def _show(self, value: torch.Tensor) -> None:
+        assert self.watch is not None
+        try:
+            self.watch.put(value)
+        except Cancelled:
+            self.cancelled = True
+            self.finish()
+
+    def finish(self) -> None:
+        if not self.live:
+            return
+        self.live = False
+        if self.watch is not None:
+            self.watch.end()
+
+    def result(self, tokenizer: Any) -> str | BaseException:
+        """Its text (special tokens left out, as generate_texts decodes), or Cancelled if its client left."""
+        if self.cancelled:
+            return Cancelled("the client left: generation stopped")
+        return str(tokenizer.decode(self.ids, skip_special_tokens=True)).strip()
+
+
+class RowsStreamer:
+    """The streamer of a batch generated whole (put [B, L] prompts, then [B] new tokens per step; end): each
+    row a GeneratedRow. Once no row is left going, for whatever reason, the generation stops (Cancelled,
+    which the engine expects), its rows' tokens kept: no step runs for a batch whose rows have all ended."""
+
+    def __init__(self, rows: Sequence[GeneratedRow]) -> None:
+        self.rows = list(rows)
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # the prompts: each watch sees its own first (and skips it)
             self._prompt_seen = True
-            for i, watch in enumerate(self.watches):
-                if watch is not None:
-                    self._show(i, watch, value[i : i + 1])
-                if self.live[i] and self.limits[i] < 1:  # no room for a token: it ends here
-                    self._finish(i)
+            for i, row in enumerate(self.rows):
+                row.start(value[i : i + 1])
         else:
-            tokens = value.reshape(-1)
-            for i, watch in enumerate(self.watches):
-                if not self.live[i]:
-                    continue
-                token = tokens[i : i + 1]
-                self.ids[i].append(int(token))
-                if watch is not None:
-                    self._show(i, watch, token)
-                if self.live[i] and (int(token) == self.eos or len(self.ids[i]) >= self.limits[i]):
-                    self._finish(i)
-        if not any(self.live):  # every row has ended (its end of sequence, its limit, its client gone): no more steps
+            for row, token in zip(self.rows, value.reshape(-1).tolist(), strict=True):
+                row.add(int(token))
+        if not any(row.live for row in self.rows):
             raise Cancelled("every row of the batch has ended: generation stopped")
 
-    def _show(self, i: int, watch: Watch, value: torch.Tensor) -> None:
-        try:
-            watch.put(value)
-        except Cancelled:
-            self.cancelled[i] = True
-            self._finish(i)
-
-    def _finish(self, i: int) -> None:
-        self.live[i] = False
-        watch = self.watches[i]
-        if watch is not None:
-            watch.end()
-
     def end(self) -> None:
-        for i, live in enumerate(self.live):
-            if live:
-                self._finish(i)
+        for row in self.rows:
+            row.finish()
 
-    def texts(self, tokenizer: Any) -> list[str]:
-        """Each row's new tokens as text, special tokens left out (as generate_texts decodes them)."""
-        return [str(text).strip() for text in tokenizer.batch_decode(self.ids, skip_special_tokens=True)]
+
+# more(accept, room): up to `room` generations waiting now that `accept` takes, from the front of the queue
+# and stopping at the first it refuses (so no other generation is passed over); Engine.generate_many's rows
+# that may join a running batch
+More = Callable[[Callable[["Asked"], bool], int], Sequence["Asked"]]
+Done = Callable[["Asked", "str | BaseException"], None]
 
 
 @dataclass
@@ -518,38 +541,128 @@ class Engine:
         return text
 
     @torch.inference_mode()
-    def generate_many(self, asked: Sequence[Asked]) -> list[str | BaseException]:
-        """Several greedy generations at once: those answered by one model go through it in batches of at most
-        `batch_size` rows, tasks mixed where their adapters sit inside the backbone (LoRA, or a model without
-        per-task adapters), the pretrained model's (BASE) rows apart, and a prefix-tuned task's rows apart.
-        Each row is exactly its generation alone: at most its own max_new_tokens, each new token shown to its
-        own watch (RowsStreamer). Each generation's text, or the error that ended it (TaskGone for a task
-        unloaded while it waited, Cancelled for one whose client left)."""
-        out: list[str | BaseException] = [""] * len(asked)
-        groups: dict[tuple[int, str], list[int]] = {}
-        for k, item in enumerate(asked):
+    def generate_many(
+        self,
+        asked: Sequence[Asked],
+        more: More | None = None,
+        done: Done | None = None,
+        between: Callable[[], None] | None = None,
+    ) -> list[str | BaseException]:
+        """Several greedy generations at once: those answered by one model go through it together, tasks mixed
+        where their adapters sit inside the backbone (LoRA, or a model without per-task adapters), the
+        pretrained model's (BASE) rows apart, and a prefix-tuned task's rows apart. Each row is exactly its
+        generation alone: at most its own max_new_tokens, each new token shown to its own watch.
+
+        On a decoder-only LM the batch runs continuously (models/decoding.py): at most `batch_size` rows at a
+        time, a row leaving as soon as it ends and the next one joining in its place, from `asked` and then
+        from `more` (generations that arrived meanwhile). Elsewhere rows run in chunks, each chunk to its
+        end. `done(item, result)` hears each generation as soon as it ends (a joined one included);
+        `between()` runs after each step of a running batch (other work for this thread).
+        Returns the text, or the error that ended it (TaskGone for a task unloaded while it waited,
+        Cancelled for one whose client left), of each of `asked`."""
+        results: dict[int, str | BaseException] = {}
+
+        def finish(item: Asked, result: str | BaseException) -> None:
+            results[id(item)] = result
+            if done is not None:
+                done(item, result)
+
+        groups: dict[tuple[int, str], list[Asked]] = {}
+        for item in asked:
             try:
-                model = self._model(item.task)
+                key = self._generation_group(item)
             except TaskGone as error:
-                out[k] = error
                 if item.watch is not None:
                     item.watch.end()
+                finish(item, error)
                 continue
-            adapters = model.task_adapters
-            base = item.task == BASE and item.task not in self.tasks
-            kind = "base" if base else "tasks" if adapters is None or adapters.inside_backbone else item.task
-            groups.setdefault((id(model), kind), []).append(k)
-        for (_, kind), members in groups.items():
-            model = self._model(asked[members[0]].task)
-            members.sort(key=lambda k: len(asked[k].prompt))
-            for chunk in self._generation_chunks(model, [asked[k] for k in members]):
+            groups.setdefault(key, []).append(item)
+        for key, members in groups.items():
+            model = self._model(members[0].task)
+            if can_join(model):
+                self._generate_joining(model, key, members, more, finish, between)
+                continue
+            members.sort(key=lambda item: len(item.prompt))
+            for chunk in self._generation_chunks(model, members):
                 items = [members[j] for j in chunk]
                 try:
-                    self._generate_chunk(model, kind, [asked[k] for k in items], items, out)
+                    self._generate_chunk(model, key[1], items, finish)
                 except Exception as error:  # this chunk's rows fail (their watches ended); the others stand
-                    for k in items:
-                        out[k] = error
-        return out
+                    for item in items:
+                        finish(item, error)
+        return [results[id(item)] for item in asked]
+
+    def _generation_group(self, item: Asked) -> tuple[int, str]:
+        """Which generations may share a batch: (the model, 'base' / 'tasks' / a prefix-tuned task's name).
+        Raises TaskGone for a task unloaded meanwhile."""
+        model = self._model(item.task)
+        adapters = model.task_adapters
+        base = item.task == BASE and item.task not in self.tasks
+        return id(model), "base" if base else "tasks" if adapters is None or adapters.inside_backbone else item.task
+
+    def _generate_joining(
+        self,
+        model: Any,
+        key: tuple[int, str],
+        members: list[Asked],
+        more: More | None,
+        finish: Done,
+        between: Callable[[], None] | None,
+    ) -> None:
+        """The generations of one group as one running batch that rows join and leave between steps."""
+        tokenizer = self.backbone.tokenizer
+        waiting = collections.deque(members)
+        batch = JoiningBatch(model, self.pad_id)
+        running: list[tuple[Asked, GeneratedRow]] = []
+
+        def accept(item: Asked) -> bool:
+            try:
+                return self._generation_group(item) == key
+            except TaskGone:
+                return False
+
+        while True:
+            room = self.batch_size - len(running) - len(waiting)
+            if more is not None and room > 0 and batch.open:
+                waiting.extend(more(accept, room))
+            joining: list[tuple[Asked, GeneratedRow]] = []
+            while waiting and len(running) + len(joining) < self.batch_size and batch.open:
+                item = waiting.popleft()
+                row = GeneratedRow(item.watch, item.max_new_tokens, tokenizer.eos_token_id)
+                row.start(torch.tensor([list(item.prompt)]))
+                if row.live:
+                    joining.append((item, row))
+                else:  # no room for a token, or its client left before it began
+                    finish(item, row.result(tokenizer))
+            if not running and not joining:
+                if not waiting:
+                    return
+                continue
+            running += joining
+            try:
+                if joining:  # newcomers are prefilled: their first tokens (the others wait one forward)
+                    tasks = [None if key[1] == "base" else item.task for item, _ in joining]
+                    tokens = batch.join([item.prompt for item, _ in joining], tasks).tolist()
+                    for (_, row), token in zip(joining, tokens, strict=True):
+                        row.add(int(token))
+                    self._count(len(joining), len({item.task for item, _ in running}))
+                else:
+                    for (_, row), token in zip(running, batch.step().tolist(), strict=True):
+                        row.add(int(token))
+            except Exception as error:  # the batch's rows fail (their watches end); those still waiting go on
+                for item, row in running:
+                    row.finish()
+                    finish(item, error)
+                running, batch = [], JoiningBatch(model, self.pad_id)
+                continue
+            keep = [i for i, (_, row) in enumerate(running) if row.live]
+            for item, row in running:
+                if not row.live:
+                    finish(item, row.result(tokenizer))
+            batch.leave(keep)
+            running = [running[i] for i in keep]
+            if between is not None:
+                between()
 
     def _generation_chunks(self, model: Any, asked: Sequence[Asked]) -> list[list[int]]:
         """Consecutive rows (sorted by prompt length) in chunks of at most batch_size, each chunk's longest
@@ -565,12 +678,13 @@ class Engine:
             chunks.append([j])
         return chunks
 
-    def _generate_chunk(
-        self, model: Any, kind: str, asked: Sequence[Asked], where: Sequence[int], out: list[str | BaseException]
-    ) -> None:
-        limits = [item.max_new_tokens for item in asked]
-        streamer = RowsStreamer([item.watch for item in asked], limits, self.backbone.tokenizer.eos_token_id)
+    def _generate_chunk(self, model: Any, kind: str, asked: Sequence[Asked], finish: Done) -> None:
+        """One chunk generated whole (a prefix-tuned task, an encoder-decoder)."""
+        tokenizer = self.backbone.tokenizer
+        rows = [GeneratedRow(item.watch, item.max_new_tokens, tokenizer.eos_token_id) for item in asked]
+        streamer = RowsStreamer(rows)
         tasks = None if kind == "base" else [item.task for item in asked]
+        limits = [item.max_new_tokens for item in asked]
         try:
             model.generate_texts([item.prompt for item in asked], max(limits), self.pad_id, tasks, streamer, limits)
         except Cancelled:  # every row has ended before generate's own end: the rows' tokens are kept
@@ -578,9 +692,9 @@ class Engine:
         except BaseException:
             streamer.end()  # readers waiting for a next piece are released
             raise
-        texts = streamer.texts(self.backbone.tokenizer)
-        for j, k in enumerate(where):
-            out[k] = Cancelled("the client left: generation stopped") if streamer.cancelled[j] else texts[j]
+        streamer.end()
+        for item, row in zip(asked, rows, strict=True):
+            finish(item, row.result(tokenizer))
         self._count(len(asked), len(set(tasks or [BASE])))
 
     # --- describing the run ---------------------------------------------------------------------
