@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -272,13 +274,6 @@ def test_generations_waiting_together_run_in_one_call(two_lora_tasks):
     rows = [engine.encode(task, [{"text": "a dog runs in paris"}])[0] for task in ("copy", "echo", "copy")]
     alone = [engine.generate_one(task, row, None, 5) for task, row in zip(("copy", "echo", "copy"), rows, strict=True)]
     calls: list[int] = []
-    many = engine.generate_many
-
-    def counted(asked: Any, *rest: Any) -> Any:
-        calls.append(len(asked))
-        return many(asked, *rest)
-
-    engine.generate_many = counted  # type: ignore[method-assign]
     free = threading.Event()
 
     async def scenario() -> list[str]:
@@ -295,10 +290,10 @@ def test_generations_waiting_together_run_in_one_call(two_lora_tasks):
             await busy
             return list(await asyncio.gather(*futures))
         finally:
-            engine.generate_many = many  # type: ignore[method-assign]
             await batcher.stop()
 
-    assert asyncio.run(scenario()) == alone
+    with generate_many_calls(engine, calls.append):
+        assert asyncio.run(scenario()) == alone
     assert calls == [3]
 
 
@@ -394,13 +389,6 @@ def test_generations_arriving_during_a_generation_join_it_and_end_first(two_lora
     shorts = [(task, engine.encode(task, [{"text": "a dog runs in paris"}])[0]) for task in ("copy", "echo")]
     shorts_alone = [model.generate_texts([list(row.input_ids)], 3, pad, task)[0] for task, row in shorts]
     calls: list[int] = []
-    many = engine.generate_many
-
-    def counted(asked: Any, *rest: Any) -> Any:
-        calls.append(len(asked))
-        return many(asked, *rest)
-
-    engine.generate_many = counted  # type: ignore[method-assign]
     answered = threading.Event()
 
     async def scenario() -> tuple[str, list[str], bool]:
@@ -418,10 +406,10 @@ def test_generations_arriving_during_a_generation_join_it_and_end_first(two_lora
             answered.set()
             return await long, texts, still_running
         finally:
-            engine.generate_many = many  # type: ignore[method-assign]
             await batcher.stop()
 
-    long_text, texts, still_running = asyncio.run(scenario())
+    with generate_many_calls(engine, calls.append):
+        long_text, texts, still_running = asyncio.run(scenario())
     assert calls == [1]  # the two joined the running batch
     assert still_running and texts == shorts_alone and long_text == long_alone
 
@@ -449,13 +437,6 @@ def test_an_admin_change_queued_during_a_generation_runs_before_later_generation
     engine, _, _ = two_lora_tasks
     row = engine.encode("copy", [{"text": "one two three four five six"}])[0]
     order: list[str] = []
-    many = engine.generate_many
-
-    def counted(asked: Any, *rest: Any) -> Any:
-        order.append(f"generate {len(asked)}")
-        return many(asked, *rest)
-
-    engine.generate_many = counted  # type: ignore[method-assign]
 
     async def scenario() -> None:
         batcher = MicroBatcher(engine, max_rows=8)
@@ -470,8 +451,24 @@ def test_an_admin_change_queued_during_a_generation_runs_before_later_generation
             second = batcher.generate(Asked("echo", row, None, 3))
             await asyncio.gather(first, change, second)
         finally:
-            engine.generate_many = many  # type: ignore[method-assign]
             await batcher.stop()
 
-    asyncio.run(scenario())
+    with generate_many_calls(engine, lambda n: order.append(f"generate {n}")):
+        asyncio.run(scenario())
     assert order == ["generate 1", "change", "generate 1"]
+
+
+@contextlib.contextmanager
+def generate_many_calls(engine: Any, record: Any) -> Iterator[None]:
+    """Within the block, each engine.generate_many call's number of generations is passed to `record`."""
+    many = engine.generate_many
+
+    def counted(asked: Any, *rest: Any) -> Any:
+        record(len(asked))
+        return many(asked, *rest)
+
+    engine.generate_many = counted
+    try:
+        yield
+    finally:
+        engine.generate_many = many

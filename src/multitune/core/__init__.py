@@ -1,1 +1,2 @@
-"""The bottom layer: helpers every other package may use (files, random state, process groups)."""
+"""The bottom layer: helpers every other package may use (files, random state, process groups, the history
+file's format)."""

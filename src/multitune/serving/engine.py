@@ -2,7 +2,9 @@
 
 Rows of every task that one model answers are padded into one `collate` batch, so a single backbone
 forward serves several tasks: the model routes each row to its task's head (and, with per-task adapters,
-to its task's adapter). Generation tasks go through the model's `generate_texts`, per task. A two-stage run
+to its task's adapter). Generations of several tasks share a batch too (generate_many): on a decoder-only LM
+a continuous one that rows join and leave between steps (models/decoding.py), elsewhere the model's
+`generate_texts` a chunk at a time. A two-stage run
 (`finetuned/TASK`) answers each task with its own fine-tuned copy, so its tasks cannot share a forward.
 The encoding and decoding are those of `multitune predict` (runs/predict.py's encode_for_prediction, and
 evaluation/evaluate.py's decoding).
