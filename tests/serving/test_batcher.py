@@ -334,7 +334,7 @@ def test_a_failing_forward_fails_the_rows_it_ran_only(two_lora_tasks, failing):
     model = engine._model("copy")
     texts = ["a b", "a much longer prompt than that", "the longest prompt of all three of these prompts"]
     rows = [engine.encode("copy", [{"text": text}])[0] for text in texts]
-    alone = [engine.generate_one("copy", row, None, 3) for row in rows]
+    alone = [model.generate_texts([list(row.input_ids)], 3, engine.pad_id, "copy")[0] for row in rows]
     calls = {"prefill": 0, "step": 0}
 
     def fails(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -472,3 +472,104 @@ def generate_many_calls(engine: Any, record: Any) -> Iterator[None]:
         yield
     finally:
         engine.generate_many = many
+
+
+def test_rows_of_another_batch_taken_together_do_not_wait_behind_a_running_one(two_lora_tasks):
+    """A task row and a base row taken together: the batch that takes arriving rows runs last, so rows that
+    keep arriving for the task's batch cannot hold the base row back."""
+    from multitune.serving.engine import BASE, Asked
+
+    engine, _, _ = two_lora_tasks
+    row = engine.encode("copy", [{"text": "a dog runs"}])[0]
+    base_row = engine.encode_base(None, "the cat sat")
+    arriving = [Asked("copy", row, None, 3) for _ in range(20)]
+    offered: list[int] = []
+
+    def more(accept: Any, room: int) -> list[Any]:
+        taken = []
+        while arriving and len(taken) < room and accept(arriving[0]):
+            taken.append(arriving.pop(0))
+        offered.append(len(taken))
+        return taken
+
+    ended: list[str] = []
+    engine.generate_many(
+        [Asked("copy", row, None, 3), Asked(BASE, base_row, None, 3)], more, lambda item, _: ended.append(item.task)
+    )
+    assert ended == ["copy", BASE] and len(arriving) == 20  # the base batch takes no task rows; none passed it
+
+
+def test_a_model_whose_generation_config_is_not_plain_greedy_generates_through_transformers(two_lora_tasks):
+    """A repetition penalty (from the checkpoint's generation_config) changes greedy decoding: such a model
+    takes no rows mid-run and generates through transformers' generate, which applies it."""
+    from multitune.models.decoding import can_join
+    from multitune.serving.engine import Asked
+
+    engine, _, _ = two_lora_tasks
+    model = engine._model("copy")
+    row = engine.encode("copy", [{"text": "one two three four five six"}])[0]
+    plain = engine.generate_many([Asked("copy", row, None, 12)])
+    config = model.backbone.generation_config
+    config.repetition_penalty, before = 5.0, config.repetition_penalty
+    try:
+        assert not can_join(model)
+        penalised = engine.generate_many([Asked("copy", row, None, 12)])
+        [expected] = model.generate_texts([list(row.input_ids)], 12, engine.pad_id, "copy")
+    finally:
+        config.repetition_penalty = before
+    assert can_join(model)
+    assert penalised == [expected] and penalised != plain
+
+
+def test_stopping_the_server_runs_no_queued_generation(two_lora_tasks):
+    """stop() while a generation runs: it ends, and the generations still queued are cancelled, not run
+    (they would otherwise join the running batch one after another)."""
+    from multitune.serving.engine import Asked, Watch
+
+    engine, _, _ = two_lora_tasks
+    row = engine.encode("copy", [{"text": "one two three four five six"}])[0]
+    calls: list[int] = []
+
+    async def scenario() -> list[bool]:
+        batcher = MicroBatcher(engine, max_rows=8)
+        await batcher.start()
+        gate = Gate(2, lambda: batcher.closing)
+        first = batcher.generate(Asked("copy", row, Watch(gate), 8))
+        while len(gate.shown) < 3:
+            await asyncio.sleep(0.005)
+        queued = [batcher.generate(Asked("echo", row, None, 4)) for _ in range(3)]
+        await batcher.stop()
+        await asyncio.sleep(0.05)  # the first generation's answer, sent while stop() held the loop
+        return [first.done() and not first.cancelled(), *(q.cancelled() for q in queued)]
+
+    with generate_many_calls(engine, calls.append):
+        assert asyncio.run(scenario()) == [True, True, True, True]
+    assert calls == [1]
+
+
+def test_a_call_given_up_before_it_ran_holds_no_generation_back(two_lora_tasks):
+    """A `call` whose caller is cancelled before it starts is not counted as waiting (nor in the queue's
+    depth): later generations still join running batches."""
+    import threading
+
+    engine, _, _ = two_lora_tasks
+    free = threading.Event()
+
+    async def scenario() -> tuple[int, int, int]:
+        batcher = MicroBatcher(engine, max_rows=8)
+        await batcher.start()
+        try:
+            busy = batcher.call(free.wait, 20)
+            change = batcher.call(lambda: None)
+            waiting = batcher.calls_waiting
+            change.cancel()
+            await asyncio.sleep(0.01)
+            after = (batcher.calls_waiting, batcher.depth)
+            free.set()
+            await busy
+            return waiting, *after
+        finally:
+            await batcher.stop()
+
+    waiting, after, depth = asyncio.run(scenario())
+    assert waiting == 1 and after == 0 and depth == 1  # only the call that runs still counts

@@ -21,15 +21,49 @@ from torch import Tensor
 
 from multitune.models.causal_lm import CausalLMMultiTask
 
+# generation_config settings with which transformers' greedy generate is not a plain argmax (logits
+# processors, stopping criteria), each with the values that leave it so: a model that sets any of them to
+# another value generates through generate itself
+NOT_PLAIN_GREEDY: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "guidance_scale": (None, 1.0),
+    **dict.fromkeys(
+        (
+            "bad_words_ids",
+            "suppress_tokens",
+            "begin_suppress_tokens",
+            "forced_bos_token_id",
+            "forced_eos_token_id",
+            "sequence_bias",
+            "exponential_decay_length_penalty",
+            "watermarking_config",
+            "stop_strings",
+        ),
+        (None, [], ()),
+    ),
+}
+
 
 def can_join(model: Any) -> bool:
     """Whether rows can join `model`'s running batch: a decoder-only LM whose per-task adapters, if any, sit
-    inside the backbone (LoRA: routed per row). A prefix or prompt lives in front of the cache, and an
-    encoder-decoder decodes from its encoder's states: those generate a batch at a time."""
+    inside the backbone (LoRA: routed per row), and whose generation config asks for plain greedy decoding
+    (none of NOT_PLAIN_GREEDY set). A prefix or prompt lives in front of the cache, and an encoder-decoder
+    decodes from its encoder's states: those generate a batch at a time."""
     if not isinstance(model, CausalLMMultiTask) or not model.left_padded:
         return False
     adapters = model.task_adapters
-    return adapters is None or adapters.inside_backbone
+    return (adapters is None or adapters.inside_backbone) and plain_greedy(model.backbone)
+
+
+def plain_greedy(backbone: Any) -> bool:
+    """Whether the backbone's generation config leaves greedy decoding a plain argmax."""
+    config = getattr(backbone, "generation_config", None)
+    return config is None or all(getattr(config, f, None) in plain for f, plain in NOT_PLAIN_GREEDY.items())
 
 
 class JoiningBatch:
@@ -64,7 +98,8 @@ class JoiningBatch:
     @torch.inference_mode()
     def join(self, prompts: Sequence[Sequence[int]], tasks: Sequence[str | None]) -> Tensor:
         """Prefill `prompts` (each through its task's adapter; None: no adapter) and append them to the batch.
-        Returns their first new tokens [N]. Raises ValueError when the batch is not `open`."""
+        Returns their first new tokens [N]. Raises ValueError when the batch is not `open`; whatever it raises
+        (out of memory...), the batch is left as it was."""
         if not self.open:
             raise ValueError("this model's cache cannot be merged: rows join only an empty batch")
         length = max(len(p) for p in prompts)
@@ -78,10 +113,13 @@ class JoiningBatch:
         first = logits.argmax(-1)
         if not self.tasks:
             self.cache, self.mask, self.next = cache, mask, first
-        else:
-            self.cache = _merged(self.cache, cache, self.mask.shape[1], length)
-            self.mask = torch.cat([_left_padded(self.mask, length), _left_padded(mask, self.mask.shape[1])])
-            self.next = torch.cat([self.next, first])
+        else:  # built aside, then put in place: nothing below can fail half-way
+            states = _merged(self.cache, cache, self.mask.shape[1], length)
+            merged_mask = torch.cat([_left_padded(self.mask, length), _left_padded(mask, self.mask.shape[1])])
+            merged_next = torch.cat([self.next, first])
+            for layer, (keys, values) in zip(self.cache.layers, states, strict=True):
+                layer.keys, layer.values = keys, values
+            self.mask, self.next = merged_mask, merged_next
         self.tasks += list(tasks)
         self._mergeable = self._mergeable and _plain(self.cache)
         return first
@@ -142,15 +180,18 @@ def _plain(cache: Any) -> bool:
     return layers is not None and all(type(layer) is DynamicLayer for layer in layers)
 
 
-def _merged(cache: Any, new: Any, length: int, new_length: int) -> Any:
-    """`cache` (its rows `length` positions long) with `new`'s rows appended, both padded on the left to the
-    longer length."""
+def _merged(cache: Any, new: Any, length: int, new_length: int) -> list[tuple[Tensor, Tensor]]:
+    """Each layer's keys and values of `cache` (its rows `length` positions long) with `new`'s rows appended,
+    both padded on the left to the longer length; new tensors, the caches unchanged."""
     target = max(length, new_length)
 
     def padded(states: Tensor, size: int) -> Tensor:
         return torch.nn.functional.pad(states, (0, 0, target - size, 0))
 
-    for layer, other in zip(cache.layers, new.layers, strict=True):
-        layer.keys = torch.cat([padded(layer.keys, length), padded(other.keys, new_length)])
-        layer.values = torch.cat([padded(layer.values, length), padded(other.values, new_length)])
-    return cache
+    return [
+        (
+            torch.cat([padded(layer.keys, length), padded(other.keys, new_length)]),
+            torch.cat([padded(layer.values, length), padded(other.values, new_length)]),
+        )
+        for layer, other in zip(cache.layers, new.layers, strict=True)
+    ]

@@ -18,6 +18,8 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import itertools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -75,14 +77,19 @@ class MicroBatcher:
         self.queue: asyncio.Queue[Job] | None = None
         self.worker: asyncio.Task[None] | None = None
         self.calls = 0  # work handed to the inference thread by `call`, queued or running
-        self.calls_waiting = 0  # of those `call`s, the ones not started yet: a running generation takes no more rows
+        # calls and generations in their order of arrival (numbered on the event loop): a generation that came
+        # after a call still waiting (an admin change) runs after it, and takes no place in a running batch
+        self._tickets = itertools.count()
+        self._calls_waiting: set[int] = set()  # tickets of calls not started (nor given up) yet
+        self._lock = threading.Lock()
+        self.closing = False  # stop() began: no generation starts or joins any more
         # batches for the inference thread, run by whichever comes first there: their own task on the executor,
         # or a generation's next token (run_pending)
         self.pending: collections.deque[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]]
         self.pending = collections.deque()
         # generations waiting for the inference thread, each with its future and loop: run together, as one
         # batch per model, by the first of their tasks on the executor to come (Engine.generate_many)
-        self.generations: collections.deque[tuple[Asked, asyncio.Future[str], asyncio.AbstractEventLoop]]
+        self.generations: collections.deque[tuple[int, Asked, asyncio.Future[str], asyncio.AbstractEventLoop]]
         self.generations = collections.deque()
 
     async def start(self) -> None:
@@ -90,13 +97,14 @@ class MicroBatcher:
         self.worker = asyncio.create_task(self._work())
 
     async def stop(self) -> None:
+        self.closing = True
         if self.worker is not None:
             self.worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.worker
         self.executor.shutdown(wait=True, cancel_futures=True)
         while self.generations:  # generations whose turn never came: their readers hear the end
-            _, future, _ = self.generations.popleft()
+            _, _, future, _ = self.generations.popleft()
             future.cancel()
 
     @property
@@ -118,15 +126,28 @@ class MicroBatcher:
         stops waiting; with `rows`, its time is reported to the observers as a batch of that many rows."""
         self._admit()
         loop = asyncio.get_running_loop()
+        ticket, counted = next(self._tickets), [True]
+
+        def uncount() -> None:  # on the event loop, once: it ran, or its caller gave up before it started
+            if counted[0]:
+                counted[0] = False
+                self.calls -= 1
 
         def ran(seconds: float | None) -> None:  # on the event loop
-            self.calls -= 1
+            uncount()
             if rows and seconds is not None:
                 for observe in self.observers:
                     observe(rows, seconds)
 
+        def given_up(future: asyncio.Future[T]) -> None:  # on the event loop
+            if future.cancelled():  # cancelled before it started, it never runs: it holds nothing back
+                with self._lock:
+                    self._calls_waiting.discard(ticket)
+                uncount()
+
         def timed() -> T:  # on the inference thread
-            self.calls_waiting -= 1
+            with self._lock:
+                self._calls_waiting.discard(ticket)
             started, seconds = time.perf_counter(), None
             try:
                 result = function(*args)
@@ -136,10 +157,18 @@ class MicroBatcher:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
                     loop.call_soon_threadsafe(ran, seconds)
 
-        self.calls_waiting += 1
+        with self._lock:
+            self._calls_waiting.add(ticket)
         future = loop.run_in_executor(self.executor, timed)
+        future.add_done_callback(given_up)
         self.calls += 1
         return future
+
+    @property
+    def calls_waiting(self) -> int:
+        """Calls queued for the inference thread and not started yet."""
+        with self._lock:
+            return len(self._calls_waiting)
 
     def generate(self, asked: Asked) -> asyncio.Future[str]:
         """The text of one generation, run on the inference thread together with the other generations waiting
@@ -149,7 +178,7 @@ class MicroBatcher:
         self._admit()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        self.generations.append((asked, future, loop))
+        self.generations.append((next(self._tickets), asked, future, loop))
         self.calls += 1
         self.executor.submit(self._generate_waiting)
         return future
@@ -163,12 +192,13 @@ class MicroBatcher:
 
         def take(accept: Callable[[Asked], bool], room: int, joining: bool = True) -> list[Asked]:
             taken: list[Asked] = []
-            # work queued by `call` (an admin change) waits for a running generate_many: no more rows join it
-            while self.generations and len(taken) < room and not (joining and self.calls_waiting):
-                asked = self.generations[0][0]
-                if not accept(asked):  # it runs after this batch; none behind it passes it
-                    break
-                _, future, loop = self.generations.popleft()
+            with self._lock:  # a generation queued after a call still waiting runs after that call
+                barrier = min(self._calls_waiting, default=None)
+            while self.generations and len(taken) < room and not self.closing:
+                ticket, asked, _, _ = self.generations[0]
+                if (barrier is not None and ticket > barrier) or not accept(asked):
+                    break  # it runs after this batch; none behind it passes it
+                _, _, future, loop = self.generations.popleft()
                 owed[id(asked)] = (future, loop)
                 taken.append(asked)
             ran[0] += len(taken) if joining else 0

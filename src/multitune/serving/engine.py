@@ -111,11 +111,13 @@ class Asked:
 class GeneratedRow:
     """One row of a batched generation: its new tokens (`ids`) up to its end of sequence or its own `limit`,
     each shown to its watch, whose end comes as soon as the row's does (its client need not wait for the
-    batch's longest row). A watch whose client left (Cancelled) ends its row alone (`cancelled`)."""
+    batch's longest row). A watch whose client left (Cancelled) ends its row alone (`cancelled`), as does a
+    watch that raises anything else (`failed`)."""
 
     def __init__(self, watch: Watch | None, limit: int, eos: int | None) -> None:
         self.watch, self.limit, self.eos = watch, limit, eos
         self.live, self.cancelled = True, False
+        self.failed: Exception | None = None
         self.ids: list[int] = []
 
     def start(self, prompt: torch.Tensor) -> None:
@@ -142,6 +144,9 @@ class GeneratedRow:
         except Cancelled:
             self.cancelled = True
             self.finish()
+        except Exception as error:  # its reader broke: this row ends with that error, the others go on
+            self.failed = error
+            self.finish()
 
     def finish(self) -> None:
         if not self.live:
@@ -154,6 +159,8 @@ class GeneratedRow:
         """Its text (special tokens left out, as generate_texts decodes), or Cancelled if its client left."""
         if self.cancelled:
             return Cancelled("the client left: generation stopped")
+        if self.failed is not None:
+            return self.failed
         return str(tokenizer.decode(self.ids, skip_special_tokens=True)).strip()
 
 
@@ -579,10 +586,13 @@ class Engine:
                 finish(item, error)
                 continue
             groups.setdefault(key, []).append(item)
-        for key, members in groups.items():
+        # the batches that take no rows mid-run go first; only the last batch takes rows that arrive (`more`),
+        # so no row taken here waits behind a batch that keeps running
+        ordered = sorted(groups.items(), key=lambda group: can_join(self._model(group[1][0].task)))
+        for n, (key, members) in enumerate(ordered):
             model = self._model(members[0].task)
             if can_join(model):
-                self._generate_joining(model, key, members, more, finish, between)
+                self._generate_joining(model, key, members, more if n == len(ordered) - 1 else None, finish, between)
                 continue
             members.sort(key=lambda item: len(item.prompt))
             for chunk in self._generation_chunks(model, members):
@@ -636,27 +646,32 @@ class Engine:
                     joining.append((item, row))
                 else:  # no room for a token, or its client left before it began
                     finish(item, row.result(tokenizer))
-            if not running and not joining:
-                if not waiting:
-                    return
-                continue
-            running += joining
-            try:
-                if joining:  # newcomers are prefilled: their first tokens (the others wait one forward)
+            if not running and not joining:  # every row has ended and none waits: the batch is done
+                return
+            if joining:  # newcomers are prefilled: their first tokens (the others wait one forward)
+                try:
                     tasks = [None if key[1] == "base" else item.task for item, _ in joining]
                     tokens = batch.join([item.prompt for item, _ in joining], tasks).tolist()
-                    for (_, row), token in zip(joining, tokens, strict=True):
-                        row.add(int(token))
-                    self._count(len(joining), len({item.task for item, _ in running}))
-                else:
-                    for (_, row), token in zip(running, batch.step().tolist(), strict=True):
-                        row.add(int(token))
-            except Exception as error:  # the batch's rows fail (their watches end); those still waiting go on
-                for item, row in running:
-                    row.finish()
-                    finish(item, error)
-                running, batch = [], JoiningBatch(model, self.pad_id)
-                continue
+                except Exception as error:  # the batch is as it was: only the newcomers fail
+                    for item, row in joining:
+                        row.finish()
+                        finish(item, error)
+                    continue
+                running += joining
+                self._count(len(joining), len({item.task for item, _ in running}))
+                stepped = joining
+            else:
+                try:
+                    tokens = batch.step().tolist()
+                except Exception as error:  # the batch is lost: its rows fail; those waiting go on
+                    for item, row in running:
+                        row.finish()
+                        finish(item, error)
+                    running, batch = [], JoiningBatch(model, self.pad_id)
+                    continue
+                stepped = running
+            for (_, row), token in zip(stepped, tokens, strict=True):
+                row.add(int(token))
             keep = [i for i, (_, row) in enumerate(running) if row.live]
             for item, row in running:
                 if not row.live:
