@@ -366,12 +366,18 @@ class CausalLMMultiTask(MultiTaskModel):
             if token is not None:  # the cache so far, the new token, the mask one longer
                 mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=device)], dim=1)
                 given = {"input_ids": token[:, None], "attention_mask": mask, cache_name: given[cache_name]}
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -given["input_ids"].shape[1] :]
+            positions = mask_positions(mask, given["input_ids"].shape[1])
             output = self.backbone(**given, position_ids=positions, use_cache=True)
             given[cache_name] = output.past_key_values
             return output.logits[:, -1]  # type: ignore[no-any-return]
 
         return greedy_decode(step, inputs["input_ids"], max_new_tokens, pad_id, eos, streamer)
+
+
+def mask_positions(mask: Tensor, last: int) -> Tensor:
+    """The position ids [B, last] of the `last` newest columns of a left-padded attention mask [B, T]: each
+    row counts its own tokens only, as transformers' generate does, so its padding shifts none of them."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)[:, -last:]
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from multitune.models.causal_lm import CausalLMMultiTask
+from multitune.models.causal_lm import CausalLMMultiTask, mask_positions
 
 # generation_config settings with which transformers' greedy generate is not a plain argmax (logits
 # processors, stopping criteria), each with the values that leave it so: a model that sets any of them to
@@ -151,7 +151,7 @@ class JoiningBatch:
 
     def _forward(self, ids: Tensor, mask: Tensor, cache: Any, tasks: list[str | None]) -> tuple[Tensor, Any]:
         """The logits at each row's last position [B, V] and the cache after `ids`."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        positions = mask_positions(mask, ids.shape[1])
         adapters = self.model.task_adapters
         routed = adapters is not None and all(task is not None for task in tasks)
         routing = adapters.route(tasks) if routed and adapters is not None else contextlib.nullcontext()  # type: ignore[arg-type]

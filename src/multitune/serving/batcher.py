@@ -188,9 +188,9 @@ class MicroBatcher:
         that more may join while it runs, each future settled as soon as its generation ends; nothing when an
         earlier call took them. Batches of predictions waiting meanwhile run between its steps."""
         owed: dict[int, tuple[asyncio.Future[str], asyncio.AbstractEventLoop]] = {}
-        ran = [0]  # generations that joined the running batch
+        taken_in_all = [0]  # every generation this call ran, the ones that joined included
 
-        def take(accept: Callable[[Asked], bool], room: int, joining: bool = True) -> list[Asked]:
+        def take(accept: Callable[[Asked], bool], room: int) -> list[Asked]:
             taken: list[Asked] = []
             with self._lock:  # a generation queued after a call still waiting runs after that call
                 barrier = min(self._calls_waiting, default=None)
@@ -201,7 +201,7 @@ class MicroBatcher:
                 _, _, future, loop = self.generations.popleft()
                 owed[id(asked)] = (future, loop)
                 taken.append(asked)
-            ran[0] += len(taken) if joining else 0
+            taken_in_all[0] += len(taken)
             return taken
 
         def done(asked: Asked, result: str | BaseException) -> None:
@@ -209,7 +209,7 @@ class MicroBatcher:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
                 loop.call_soon_threadsafe(self._settle, future, result)
 
-        first = take(lambda _: True, self.max_rows, joining=False)
+        first = take(lambda _: True, self.max_rows)
         if not first:
             return
         loop = owed[id(first[0])][1]
@@ -222,8 +222,8 @@ class MicroBatcher:
                     future_loop.call_soon_threadsafe(self._settle, future, error)
             owed.clear()
         seconds = time.perf_counter() - started
-        with contextlib.suppress(RuntimeError):  # every generation it ran, the ones that joined included
-            loop.call_soon_threadsafe(self._observe, len(first) + ran[0], seconds)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._observe, taken_in_all[0], seconds)
 
     def _settle(self, future: asyncio.Future[str], result: Any) -> None:  # on the event loop
         self.calls -= 1

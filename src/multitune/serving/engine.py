@@ -588,10 +588,10 @@ class Engine:
             groups.setdefault(key, []).append(item)
         # the batches that take no rows mid-run go first; only the last batch takes rows that arrive (`more`),
         # so no row taken here waits behind a batch that keeps running
-        ordered = sorted(groups.items(), key=lambda group: can_join(self._model(group[1][0].task)))
-        for n, (key, members) in enumerate(ordered):
-            model = self._model(members[0].task)
-            if can_join(model):
+        runs = [(key, members, self._model(members[0].task)) for key, members in groups.items()]
+        ordered = sorted(((can_join(model), key, members, model) for key, members, model in runs), key=lambda r: r[0])
+        for n, (joinable, key, members, model) in enumerate(ordered):
+            if joinable:
                 self._generate_joining(model, key, members, more if n == len(ordered) - 1 else None, finish, between)
                 continue
             members.sort(key=lambda item: len(item.prompt))
