@@ -49,7 +49,12 @@ def test_dare_ties_without_drops_is_ties_without_trimming():
     )
 
 
-PER_TENSOR = [name for name in MERGE_METHODS.names() if not getattr(MERGE_METHODS.get(name), "learns", False)]
+PER_TENSOR = [
+    name
+    for name in MERGE_METHODS.names()
+    if not getattr(MERGE_METHODS.get(name), "learns", False)
+    and not getattr(MERGE_METHODS.get(name), "needs_inputs", False)
+]
 
 
 @pytest.mark.parametrize("name", PER_TENSOR)
@@ -123,3 +128,87 @@ def test_running_statistics_are_the_fine_tuned_models_mean_never_a_merged_task_v
     assert int(merged["bn.num_batches_tracked"]) == 5
     overall, _ = task_vector_cosines(base, tuned, statistics)
     assert overall[0][1] == 0.0  # the weights' vectors alone: orthogonal (the statistics' differences would add)
+
+
+# --- RegMean: each linear layer merged from the inputs it saw in each model ---------------------------------
+
+
+def _gram_of(layer, x, mask=None):
+    """One model's LayerInputs for `layer`, collected by InputGrams from a forward over `x`."""
+    from multitune.models.merging import InputGrams
+
+    with InputGrams(layer) as grams:
+        grams.mask = mask
+        layer(x)
+    return grams.layers
+
+
+def test_regmean_with_alpha_one_is_the_least_squares_merge_of_the_layers_outputs():
+    """α = 1: the merged (W, b) minimises Σ_t ||X_t Wᵀ + b − (X_t W_tᵀ + b_t)||², computed here by numpy's
+    lstsq on the stacked inputs [X_1 1; X_2 1] and the two models' own outputs."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(3, 2)
+    first, second = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    x1, x2 = torch.randn(7, 3), torch.randn(5, 3) * 2 + 1
+    inputs = [_gram_of(first, x1), _gram_of(second, x2)]
+    merged = MERGE_METHODS.build("regmean", alpha=1.0).merge(
+        base.state_dict(), [first.state_dict(), second.state_dict()], inputs
+    )
+    design = np.concatenate([np.c_[x1.numpy(), np.ones(7)], np.c_[x2.numpy(), np.ones(5)]]).astype(np.float64)
+    targets = np.concatenate([first(x1).detach().numpy(), second(x2).detach().numpy()]).astype(np.float64)
+    solution = np.linalg.lstsq(design, targets, rcond=None)[0]  # [4, 2]: Wᵀ over b
+    assert np.allclose(merged["weight"].numpy(), solution[:3].T, atol=1e-5)
+    assert np.allclose(merged["bias"].numpy(), solution[3], atol=1e-5)
+
+
+def test_regmean_scales_the_off_diagonal_grams_by_alpha():
+    """α = 0.5 on a layer without bias: Θ = (Σ G̃_t)⁻¹ Σ G̃_t W_tᵀ with G̃ = 0.5 G + 0.5 diag(G), worked out
+    with numpy from the inputs; a tensor outside any linear layer (a norm's weight) is the average."""
+    import numpy as np
+
+    torch.manual_seed(1)
+    layers = [torch.nn.Linear(2, 2, bias=False) for _ in range(3)]
+    x1, x2 = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]]), torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    inputs = [_gram_of(layers[1], x1), _gram_of(layers[2], x2)]
+    states = [{**layer.state_dict(), "norm": torch.tensor([float(i)])} for i, layer in enumerate(layers)]
+    merged = MERGE_METHODS.build("regmean", alpha=0.5).merge(states[0], states[1:], inputs)
+    grams = []
+    for x in (x1.numpy().astype(np.float64), x2.numpy().astype(np.float64)):
+        g = x.T @ x
+        grams.append(0.5 * g + 0.5 * np.diag(np.diag(g)))
+    rhs = sum(g @ layer.weight.detach().numpy().T for g, layer in zip(grams, layers[1:], strict=True))
+    want = np.linalg.solve(grams[0] + grams[1], rhs).T
+    assert np.allclose(merged["weight"].numpy(), want, atol=1e-5)
+    assert merged["norm"].tolist() == [1.5]
+
+
+def test_regmean_counts_only_the_real_tokens_and_reads_gpt2_conv1d_weights_transposed():
+    """A [B, L, in] input with a [B, L] mask: the Gram is over the masked-in rows only. transformers' Conv1D
+    stores its weight [in, out]; merged with α = 1 from one model and a zero-input second model it is that
+    model's weight again (the second adds no equations, and the ridge is negligible)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(2)
+    x = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    conv = Conv1D(5, 3)
+    seen = _gram_of(conv, x, mask)
+    real = torch.cat([x[mask.bool()], torch.ones(5, 1)], dim=1).double()
+    assert seen[""].rows == 5 and seen[""].transposed and torch.allclose(seen[""].gram, real.T @ real)
+    other = Conv1D(5, 3)
+    rich = _gram_of(conv, torch.randn(50, 3))
+    merged = MERGE_METHODS.build("regmean", alpha=1.0).merge(
+        conv.state_dict(), [conv.state_dict(), other.state_dict()], [rich, _gram_of(other, torch.zeros(4, 3))]
+    )
+    assert torch.allclose(merged["weight"], conv.weight, atol=1e-3)
+    assert torch.allclose(merged["bias"], conv.bias, atol=1e-3)
+
+
+@pytest.mark.parametrize("settings", [{"alpha": 0.0}, {"alpha": 1.5}, {"rows": 0}])
+def test_regmean_bad_settings_are_refused(settings):
+    from multitune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must be"):
+        MERGE_METHODS.build("regmean", **settings)

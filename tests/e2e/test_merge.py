@@ -190,3 +190,31 @@ def test_lora_merges_by_ties_and_dare_and_refuse_adamerging(lora_run, capsys):
     assert main(["merge", str(run), "--method", "adamerging", "--output-dir", str(folder / "ada")]) == 2
     assert "does not merge LoRA adapters" in capsys.readouterr().err
     assert not (folder / "ada").exists()
+
+
+def test_regmean_merges_the_linear_layers_from_their_inputs_and_averages_the_rest(single_runs):
+    """Embeddings and norms are the two models' average; each linear layer is RegMean's solve, which is
+    neither model's weights nor their average; the grid's alpha is chosen on validation, and the merged run
+    evaluates like any other."""
+    folder, runs = single_runs
+    out = folder / "regmean"
+    argv = ["merge", *map(str, runs), "--method", "regmean", "--set", "rows=24", "--grid", "alpha=0.5,1.0"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    merge = json.loads((out / "merged" / "metrics.json").read_text())["merge"]
+    assert merge["paper"] == "Jin et al. 2023" and merge["chosen_on"] == "validation"
+    scores = {c["settings"]["alpha"]: c["validation_average_main_score"] for c in merge["candidates"]}
+    assert set(scores) == {0.5, 1.0} and merge["settings"] == {"rows": 24, "alpha": max(scores, key=scores.get)}
+    first, second = (load_file(str(run / "model.safetensors")) for run in runs)
+    merged = load_file(str(out / "merged" / "model.safetensors"))
+    linear = [k for k in merged if k.endswith("attention.self.query.weight")]
+    assert linear
+    for key, value in merged.items():
+        if not key.startswith("backbone.") or not value.is_floating_point():
+            continue
+        average = (first[key] + second[key]) / 2
+        if "embeddings" in key or "LayerNorm" in key:
+            assert torch.allclose(value, average, atol=1e-6), key
+    for key in linear:
+        assert not torch.allclose(merged[key], (first[key] + second[key]) / 2, atol=1e-6), key
+        assert torch.isfinite(merged[key]).all()
+    assert main(["evaluate", str(out / "merged"), "--split", "test"]) == 0

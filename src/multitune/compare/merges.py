@@ -18,6 +18,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
     "ties": {"scaling": [0.5, 0.7, 1.0]},
     "dare": {"scaling": [0.3, 0.5, 0.7, 1.0]},
     "dare_ties": {"scaling": [0.5, 0.7, 1.0]},
+    "regmean": {"alpha": [0.3, 0.6, 0.9, 1.0]},
 }
 FIXED: dict[str, dict[str, float]] = {"ties": {"density": 0.2}, "dare": {"density": 0.5}, "dare_ties": {"density": 0.5}}
 

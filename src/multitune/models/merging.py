@@ -13,15 +13,20 @@ Methods (MERGE_METHODS), each called with a tensor's stacked task vectors [T, ..
 - `dare`: λ·Σ DARE(τ_t): each entry dropped with probability 1 − `density` and the rest rescaled by
   1/`density` (Yu et al. 2024, "Language Models are Super Mario", ICML), seeded;
 - `dare_ties`: DARE's drop and rescale, then TIES' sign election and disjoint mean, times λ.
+
+Two methods look at more than the weights: `adamerging` learns its coefficients from the model's predictions
+on unlabelled inputs, and `regmean` merges each linear layer from the inputs that layer saw in each model
+(its Gram matrices, collected by `InputGrams`), every other tensor averaged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from multitune.registry import Registry
 
@@ -327,3 +332,128 @@ def prediction_entropy(outputs: Tensor, batch: object) -> Tensor:
         mask = batch.inputs["attention_mask"][:, : entropy.shape[1]].float()  # type: ignore[attr-defined]
         return (entropy * mask).sum() / mask.sum().clamp_min(1.0)
     return entropy.mean()
+
+
+@dataclass
+class LayerInputs:
+    """What one linear layer saw: `gram` = X̃ᵀX̃ [d, d] (float64) over its input rows X [N, in], with X̃ = X
+    and a column of ones appended when the layer has a bias (d = in + 1), else X̃ = X (d = in); `rows` = N.
+    `transposed`: the weight is stored [in, out] (transformers' Conv1D, GPT-2) rather than [out, in]."""
+
+    gram: Tensor
+    rows: int
+    bias: bool
+    transposed: bool
+
+
+class InputGrams:
+    """Forward hooks on every linear layer of `module` (nn.Linear, and transformers' Conv1D) that add each
+    forward's input rows to the layer's Gram matrix (`LayerInputs`), keyed by the layer's name in `module`.
+    Set `mask` ([B, L] bool or 0/1) before a forward whose linear inputs are [B, L, in] to count only the
+    real tokens; inputs of any other shape count every row of their last dimension. Use as a context
+    manager: the hooks are removed on exit."""
+
+    def __init__(self, module: nn.Module) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        self.layers: dict[str, LayerInputs] = {}
+        self.mask: Tensor | None = None
+        self._hooks = []
+        for name, layer in module.named_modules():
+            if isinstance(layer, (nn.Linear, Conv1D)):
+                transposed = isinstance(layer, Conv1D)
+                self._hooks.append(layer.register_forward_hook(self._hook(name, layer.bias is not None, transposed)))
+
+    def _hook(self, name: str, bias: bool, transposed: bool) -> Any:
+        def add(_module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
+            x = inputs[0].detach()
+            mask = self.mask
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask.bool()]  # [real tokens, in]
+            x = x.reshape(-1, x.shape[-1]).double()
+            if bias:
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+            gram = x.T @ x
+            seen = self.layers.get(name)
+            if seen is None:
+                self.layers[name] = LayerInputs(gram, len(x), bias, transposed)
+            else:
+                seen.gram += gram
+                seen.rows += len(x)
+
+        return add
+
+    def __enter__(self) -> InputGrams:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
+@MERGE_METHODS.register("regmean")
+class RegMean:
+    """Each linear layer's weights (and bias) that best reproduce every model's outputs on the inputs that
+    layer saw in that model (Jin et al. 2023); every other tensor averaged."""
+
+    paper = "Jin et al. 2023"
+    needs_inputs = True  # runs/merge.py collects each model's layer inputs (InputGrams) and calls `merge`
+
+    def __init__(self, alpha: float = 0.9, rows: int = 256) -> None:
+        """RegMean (Jin et al., ICLR 2023, "Dataless Knowledge Fusion by Merging Weights of Language
+        Models"). For a linear layer with weights Θ_t ([d, out]: Wᵀ, the bias as a last row) in model t and
+        input Gram matrix G_t = X̃_tᵀX̃_t from model t's own forward over `rows` of its task's training inputs
+        (labels not read), the merged weights minimise Σ_t ||X̃_t Θ − X̃_t Θ_t||²:
+        Θ = (Σ_t G̃_t)⁻¹ Σ_t G̃_t Θ_t, where G̃_t keeps G_t's diagonal and scales its off-diagonal entries by
+        `alpha` in (0, 1] (alpha 1: the exact least-squares merge; smaller values pull toward a
+        per-input-feature weighted average, which the paper found to generalise better). Embeddings, norms
+        and every tensor outside a linear layer are the fine-tuned models' average."""
+        if not 0 < alpha <= 1 or rows < 1:
+            raise ValueError(f"alpha must be in (0, 1] and rows at least 1, got alpha={alpha}, rows={rows}")
+        self.alpha, self.rows = alpha, rows
+
+    def __call__(self, vectors: Tensor) -> Tensor:
+        raise ValueError("regmean merges from the inputs each model's layers saw: runs/merge.py calls `merge`")
+
+    def merge(
+        self,
+        base: Mapping[str, Tensor],
+        tuned: Sequence[Mapping[str, Tensor]],
+        inputs: Sequence[Mapping[str, LayerInputs]],
+        statistics: Collection[str] = (),
+    ) -> dict[str, Tensor]:
+        """The merged backbone weights. `inputs[t]` is model t's `InputGrams.layers` (the same layers in
+        every model); a layer none of them saw keeps the average. Raises ValueError when the models saw
+        different layers."""
+        merged = merge_weights(base, tuned, Average(), statistics)
+        layers = set(inputs[0])
+        if any(set(seen) != layers for seen in inputs):
+            raise ValueError("the models' forwards went through different linear layers")
+        for name in sorted(layers):
+            first = inputs[0][name]
+            prefix = f"{name}." if name else ""  # the root module's own tensors have no prefix
+            weight, bias = f"{prefix}weight", f"{prefix}bias"
+            thetas = []
+            for state in tuned:
+                theta = state[weight].double() if first.transposed else state[weight].double().T  # [in, out]
+                if first.bias:
+                    theta = torch.cat([theta, state[bias].double()[None]], dim=0)  # [in + 1, out]
+                thetas.append(theta)
+            total = torch.zeros_like(first.gram)
+            target = torch.zeros_like(thetas[0])
+            for model_inputs, theta in zip(inputs, thetas, strict=True):
+                seen = model_inputs[name].gram
+                gram = self.alpha * seen + (1 - self.alpha) * torch.diag(seen.diagonal())
+                total += gram
+                target += gram @ theta
+            # a small ridge toward the average settles directions no input reached (an all-zero feature)
+            ridge = 1e-6 * float(total.diagonal().mean().clamp_min(1e-30))
+            average = torch.stack(thetas).mean(0)
+            eye = torch.eye(len(total), dtype=total.dtype)
+            solved = torch.linalg.solve(total + ridge * eye, target + ridge * average)  # [d, out]
+            if first.bias:
+                merged[bias] = solved[-1].to(base[bias].dtype)
+                solved = solved[:-1]
+            merged[weight] = (solved if first.transposed else solved.T).contiguous().to(base[weight].dtype)
+        return merged

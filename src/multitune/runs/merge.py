@@ -34,6 +34,8 @@ from multitune.models.backbone import load_backbone
 from multitune.models.merging import (
     MERGE_METHODS,
     MERGED,
+    InputGrams,
+    LayerInputs,
     lora_deltas,
     merge_lora_adapters,
     merge_weights,
@@ -89,6 +91,7 @@ def merge_runs(
     shutil.copytree(Path(run_dirs[0]) / "backbone", run_dir / "backbone")
     candidates = []
     best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
+    layer_inputs: dict[int, list[dict[str, LayerInputs]]] = {}  # RegMean's Gram matrices, by rows read
     for chosen in combos or [settings]:
         merger = MERGE_METHODS.build(method, field="--method", **chosen)
         if lora:
@@ -102,6 +105,11 @@ def merge_runs(
             model, batches = _unlabelled(config, loaded, heads)
             weights, learned = merger.learn(model, base_state, tuned, batches, statistics)  # type: ignore[attr-defined]
             chosen = {**chosen, "coefficients": learned}
+        elif getattr(merger, "needs_inputs", False):  # RegMean: from each model's own layer inputs
+            rows = merger.rows  # type: ignore[attr-defined]
+            if rows not in layer_inputs:  # collected once for every setting of the grid that reads as many
+                layer_inputs[rows] = [_layer_inputs(entry, rows) for entry in loaded]
+            weights = merger.merge(base_state, tuned, layer_inputs[rows], statistics)  # type: ignore[attr-defined]
         else:
             weights = merge_weights(base_state, tuned, merger, statistics)
         state = {f"backbone.{key}": value for key, value in weights.items()}
@@ -138,8 +146,6 @@ def merge_runs(
 def _unlabelled(config: Config, loaded: list[Any], heads: dict[str, torch.Tensor], rows: int = 16) -> tuple[Any, Any]:
     """The merged run's model (the first run's backbone module, every run's head) and each task's validation
     inputs in batches of `rows` (their labels are not read): what a merge that learns its coefficients needs."""
-    from multitune.data.collate import collate
-    from multitune.data.encoding import encode_splits
     from multitune.models.assemble import build_model
     from multitune.runs.load import scored_tasks
 
@@ -148,16 +154,44 @@ def _unlabelled(config: Config, loaded: list[Any], heads: dict[str, torch.Tensor
     tasks = scored_tasks(config, manifest)
     model = build_model(config.model, tasks, backbone)
     model.load_state_dict(heads, strict=False)
-    encoded = encode_splits(tasks, backbone.tokenizer, config.model.max_length, config.model.kind == "seq2seq")
-    pad = backbone.pad_id
     batches = {
-        name: [
-            collate({name: encoded[name]["validation"][start : start + rows]}, pad)
-            for start in range(0, len(encoded[name]["validation"]), rows)
-        ]
-        for name in tasks
+        name: _batches(task.splits["validation"], name, task, config, backbone, rows) for name, task in tasks.items()
     }
     return model, batches
+
+
+def _batches(examples: Sequence[Any], name: str, task: Any, config: Config, backbone: Any, rows: int) -> list[Any]:
+    """`examples` of task `name` encoded and collated into batches of `rows`."""
+    from multitune.data.collate import collate
+    from multitune.data.encoding import encode
+
+    seq2seq = config.model.kind == "seq2seq"
+    encoded = encode(examples, task, backbone.tokenizer, config.model.max_length, decoder_targets=seq2seq)
+    return [collate({name: encoded[start : start + rows]}, backbone.pad_id) for start in range(0, len(encoded), rows)]
+
+
+def _layer_inputs(entry: Any, rows: int, batch_rows: int = 16) -> dict[str, LayerInputs]:
+    """One run's linear-layer input Gram matrices (RegMean): its own model's forward over up to `rows` of each
+    of its tasks' training inputs, drawn with the run's seed (labels not read); a streamed training split,
+    which is not held in memory, gives its validation inputs instead."""
+    import random
+
+    from multitune.runs.load import scored_tasks
+
+    config, manifest, model, backbone = entry
+    tasks = scored_tasks(config, manifest)
+    was_training = model.training
+    model.eval()
+    with InputGrams(model.backbone) as grams, torch.no_grad():
+        for name, task in tasks.items():
+            train = task.splits.get("train")
+            pool = train if isinstance(train, list) and train else task.splits["validation"]
+            drawn = random.Random(config.run.seed).sample(range(len(pool)), min(rows, len(pool)))
+            for batch in _batches([pool[i] for i in sorted(drawn)], name, task, config, backbone, batch_rows):
+                grams.mask = batch.inputs.get("attention_mask")
+                model(batch)
+    model.train(was_training)
+    return grams.layers
 
 
 def _save_adapter(state: dict[str, torch.Tensor], config: Any, folder: Path) -> None:
