@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -116,59 +117,134 @@ def digit_tasks(seed: int = SEED) -> list[Task]:
     ]
 
 
-def compare_once(tasks: list[Task], steps: int, seed: int, recipe: str | None = None) -> dict[str, Any]:
-    """The joint run and one single-task baseline per task, as `multitune compare` writes one seed's
-    comparison (scores, Δm, stored bytes, seconds). Without a recipe each baseline trains on as many examples
-    as its task saw in the joint run; with `recipe` the joint side follows it (per-task early stopping, a
-    LoRA refinement per task kept where it is better) and each baseline trains to convergence (early stopping
-    on its validation score, patience 3, at most `steps` steps, best checkpoint), as `compare --converge`."""
+# The recipe's stages, each taken out in turn (`--ablation`): the fit arguments that replace that stage.
+WITHOUT: dict[str, dict[str, Any]] = {
+    "refinement": {"schedule": {"name": "joint"}},  # the joint stage alone
+    "per-task early stopping": {"early_stopping": EarlyStopping(patience=3)},  # one rule on the average
+    "temperature sampling": {"sampling": "proportional"},  # tasks drawn by their share of rows
+    "every stage": {"schedule": {"name": "joint"}, "early_stopping": EarlyStopping(patience=3)},
+}
+
+
+def train_joint(
+    tasks: list[Task], steps: int, seed: int, folder: str, recipe: str | None = None, **changes: Any
+) -> tuple[Any, float, int]:
+    """The joint run (the example's settings, `recipe` and then `changes` over them): the fitted model, its
+    seconds and the bytes its run folder stores."""
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    settings = {**SETTINGS, "seed": seed, **changes}
+    joint = fit(SmallResNet(), tasks, steps=steps, recipe=recipe, output_dir=folder, name="joint", **settings)
+    return joint, time.perf_counter() - started, deployment_bytes(Path(folder) / "joint")
+
+
+def train_baselines(
+    tasks: list[Task], steps: int, seed: int, folder: str, converge: bool, seen: dict[str, int]
+) -> tuple[dict[str, Any], float, int]:
+    """One single-task model per task, trained the same way on the same rows, only the other tasks gone:
+    to convergence (early stopping on its validation score, patience 3, at most `steps` steps, best
+    checkpoint) when `converge`, else for `seen[task]` examples. Each task's metrics, the seconds and the
+    bytes the runs store."""
+    metrics, seconds, stored = {}, 0.0, 0
     settings = {**SETTINGS, "seed": seed}
-    with tempfile.TemporaryDirectory() as folder:  # runs are written only to count what each side stores
+    for task in tasks:
+        budget: dict[str, Any] = (
+            {"steps": steps, "early_stopping": EarlyStopping(patience=3)}
+            if converge
+            else {"steps": math.ceil(seen[task.name] / BATCH_SIZE)}
+        )
         torch.manual_seed(seed)
         started = time.perf_counter()
-        joint = fit(SmallResNet(), tasks, steps=steps, recipe=recipe, output_dir=folder, name="joint", **settings)
-        joint_seconds = time.perf_counter() - started
-        joint_bytes = deployment_bytes(Path(folder) / "joint")
-        scores, single_seconds, single_bytes = {}, 0.0, 0
-        for task in tasks:  # the same rows and recipe: only the other tasks gone
-            seen = joint.metrics["task_rows"][task.name]
-            budget = {"steps": steps, "early_stopping": EarlyStopping(patience=3)} if recipe else {}
-            torch.manual_seed(seed)
-            started = time.perf_counter()
-            alone = fit(
-                SmallResNet(),
-                [task],
-                **{"steps": math.ceil(seen / BATCH_SIZE), **settings, **budget},
-                output_dir=folder,
-                name=task.name,
-            )
-            single_seconds += time.perf_counter() - started
-            single_bytes += deployment_bytes(Path(folder) / task.name)
-            multi, single = joint.metrics["tasks"][task.name], alone.metrics["tasks"][task.name]
-            scores[task.name] = {
-                "single": single["main_score"],
-                "multi": multi["main_score"],
-                "metric": multi["main_metric"],
-                "higher_is_better": multi["higher_is_better"],
-                "rows_seen": seen,
-            }
+        alone = fit(
+            SmallResNet(),
+            [task],
+            **{**settings, **budget},
+            output_dir=folder,
+            name=task.name,
+        )
+        seconds += time.perf_counter() - started
+        stored += deployment_bytes(Path(folder) / task.name)
+        metrics[task.name] = alone.metrics["tasks"][task.name]
+    return metrics, seconds, stored
+
+
+def comparison(
+    joint: Any, seconds: float, stored: int, baselines: tuple[dict[str, Any], float, int], seed: int, rule: str
+) -> dict[str, Any]:
+    """One seed's comparison as `multitune compare` writes it (scores, Δm, stored bytes, seconds)."""
+    single_metrics, single_seconds, single_bytes = baselines
+    scores = {}
+    for name, single in single_metrics.items():
+        multi = joint.metrics["tasks"][name]
+        scores[name] = {
+            "single": single["main_score"],
+            "multi": multi["main_score"],
+            "metric": multi["main_metric"],
+            "higher_is_better": multi["higher_is_better"],
+            "rows_seen": joint.metrics["task_rows"][name],
+        }
     return {
         "tasks": scores,
         "delta_m_percent": round(delta_m(scores), 3),
         "params": {"single_total": None, "multi_total": None},
-        "storage_bytes": {"single_total": single_bytes, "multi": joint_bytes},
-        "wall_seconds": {"single_total": round(single_seconds, 2), "multi": round(joint_seconds, 2)},
-        "train_seconds": {
-            "single_total": round(single_seconds, 2),
-            "multi": round(joint_seconds, 2),
-        },
-        "budget": {
-            "rule": "each side trains to convergence (patience 3, best checkpoint)"
-            if recipe
-            else "each baseline trains on as many examples of its task as the joint run saw"
-        },
+        "storage_bytes": {"single_total": single_bytes, "multi": stored},
+        "wall_seconds": {"single_total": round(single_seconds, 2), "multi": round(seconds, 2)},
+        "train_seconds": {"single_total": round(single_seconds, 2), "multi": round(seconds, 2)},
+        "budget": {"rule": rule},
         "seed": seed,
     }
+
+
+def compare_once(tasks: list[Task], steps: int, seed: int, recipe: str | None = None) -> dict[str, Any]:
+    """The joint run and one single-task baseline per task, as `multitune compare` writes one seed's
+    comparison. Without a recipe each baseline trains on as many examples as its task saw in the joint run;
+    with `recipe` the joint side follows it (per-task early stopping, a LoRA refinement per task kept where
+    it is better) and each baseline trains to convergence, as `compare --converge`."""
+    with tempfile.TemporaryDirectory() as folder:  # runs are written only to count what each side stores
+        joint, seconds, stored = train_joint(tasks, steps, seed, folder, recipe)
+        baselines = train_baselines(tasks, steps, seed, folder, bool(recipe), joint.metrics["task_rows"])
+    rule = (
+        "each side trains to convergence (patience 3, best checkpoint)"
+        if recipe
+        else "each baseline trains on as many examples of its task as the joint run saw"
+    )
+    return comparison(joint, seconds, stored, baselines, seed, rule)
+
+
+def ablation(tasks: list[Task], steps: int, seeds: list[int], recipe: str) -> dict[str, list[dict[str, Any]]]:
+    """The recipe, and the recipe without each of its stages (WITHOUT), against the same baselines trained
+    to convergence once per seed: each variant's comparison per seed."""
+    variants: dict[str, list[dict[str, Any]]] = {"recipe": [], **{f"without {stage}": [] for stage in WITHOUT}}
+    rule = "each side trains to convergence (patience 3, best checkpoint)"
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as folder:
+            baselines = train_baselines(tasks, steps, seed, folder, True, {})
+        for variant, changes in [("recipe", {}), *((f"without {k}", v) for k, v in WITHOUT.items())]:
+            with tempfile.TemporaryDirectory() as folder:
+                joint, seconds, stored = train_joint(tasks, steps, seed, folder, recipe, **changes)
+            variants[variant].append(comparison(joint, seconds, stored, baselines, seed, rule))
+    return variants
+
+
+def format_ablation(variants: dict[str, list[dict[str, Any]]], seeds: list[int]) -> str:
+    """One row per variant: each task's mean multi-task score, Δm mean ± standard deviation, storage and
+    time relative to the baselines (means over the seeds)."""
+    names = list(variants["recipe"][0]["tasks"])
+    lines = [
+        f"| variant | {' | '.join(names)} | Δm (%) | stored | time |",
+        "|---|" + "---|" * (len(names) + 3),
+    ]
+    baseline = [statistics.fmean(r["tasks"][n]["single"] for r in variants["recipe"]) for n in names]
+    lines.append(f"| one model per task | {' | '.join(f'{b:.4f}' for b in baseline)} | 0 | 1 | 1 |")
+    for variant, results in variants.items():
+        summary = aggregate(results, seeds)
+        scores = " | ".join(f"{summary['tasks'][n]['multi']['mean']:.4f}" for n in names)
+        spread = summary["delta_m_percent"]
+        stored = statistics.fmean(r["storage_bytes"]["multi"] / r["storage_bytes"]["single_total"] for r in results)
+        time_ratio = statistics.fmean(r["train_seconds"]["multi"] / r["train_seconds"]["single_total"] for r in results)
+        dm = f"{spread['mean']:+.2f} ± {spread['std']:.2f}"
+        lines.append(f"| {variant} | {scores} | {dm} | {stored:.2f}x | {time_ratio:.2f}x |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -176,12 +252,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS, help=f"joint training steps (default {STEPS})")
     parser.add_argument("--seeds", default=None, help="e.g. 13,14,15: one comparison per seed, and their mean")
     parser.add_argument("--recipe", default=None, help="e.g. recommended: the joint side's recipe (with --seeds)")
+    parser.add_argument(
+        "--ablation", action="store_true", help="with --seeds and --recipe: the recipe without each of its stages"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # a model this small runs fastest on one thread (and leaves the other core free)
     started = time.perf_counter()
     tasks = digit_tasks()
+    if args.ablation and not (args.seeds and args.recipe):
+        parser.error("--ablation takes --seeds and --recipe")
     if args.seeds:  # the table `multitune compare --seeds` prints
         seeds = [int(seed) for seed in args.seeds.split(",")]
+        if args.ablation:
+            print(format_ablation(ablation(tasks, args.steps, seeds, args.recipe), seeds))
+            print(f"at most {args.steps} joint steps per seed; {time.perf_counter() - started:.0f} s in all")
+            return
         results = [compare_once(tasks, args.steps, seed, args.recipe) for seed in seeds]
         print(format_seeds(aggregate(results, seeds)))
         print(f"{args.steps} joint steps per seed; {time.perf_counter() - started:.0f} s in all")

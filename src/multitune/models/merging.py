@@ -394,8 +394,7 @@ class InputGrams:
 
 @MERGE_METHODS.register("regmean")
 class RegMean:
-    """Each linear layer's weights (and bias) that best reproduce every model's outputs on the inputs that
-    layer saw in that model (Jin et al. 2023); every other tensor averaged."""
+    """Linear layers fitted to each model's outputs on the inputs they saw, the rest averaged (Jin et al. 2023)."""
 
     paper = "Jin et al. 2023"
     needs_inputs = True  # runs/merge.py collects each model's layer inputs (InputGrams) and calls `merge`
