@@ -329,6 +329,12 @@ def formats(tmp_path: Path) -> dict[str, dict[str, Any]]:
         (tmp_path / f"{name}.csv").write_text(
             "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows), encoding="utf-8"
         )
+        (tmp_path / f"{name}.tsv").write_text(
+            "text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in rows), encoding="utf-8"
+        )
+        # parallel text: line i of .src pairs with line i of .tgt (blank lines between pairs are skipped)
+        (tmp_path / f"{name}.src").write_text("".join(f"{r['text']}\n\n" for r in rows), encoding="utf-8")
+        (tmp_path / f"{name}.tgt").write_text("".join(f"{r['label']}\n\n" for r in rows), encoding="utf-8")
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet", row_group_size=7)
         tags = token_rows(20 if name == "t" else 6, seed=len(name))
         (tmp_path / f"{name}.conll").write_text(
@@ -353,6 +359,15 @@ def formats(tmp_path: Path) -> dict[str, dict[str, Any]]:
     return {
         "jsonl": task("jsonl", "jsonl"),
         "csv": task("csv", "csv"),
+        "tsv": task("tsv", "tsv"),
+        "parallel": {
+            "type": "generation",
+            "source": {
+                "format": "parallel",
+                "train": [str(tmp_path / "t.src"), str(tmp_path / "t.tgt")],
+                "validation": [str(tmp_path / "v.src"), str(tmp_path / "v.tgt")],
+            },
+        },
         "parquet": task("parquet", "parquet"),
         "conll": {**task("conll", "conll"), "type": "token_classification"},
         "hf": {
@@ -375,7 +390,7 @@ def formats(tmp_path: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "conll", "hf", "unified"])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv", "parquet", "conll", "parallel", "hf", "unified"])
 def test_each_reader_streams_the_rows_it_reads_into_memory(tmp_path, fmt):
     from multitune.config import TaskConfig
     from multitune.data.tasks import UnifiedFiles, load_task
