@@ -537,3 +537,31 @@ def test_images_the_processor_leaves_in_several_sizes_are_refused_before_the_run
     assert main(["train", str(write(tmp_path, data))]) == 2
     error = capsys.readouterr().err.strip()
     assert "the backbone cannot read task" in error and "\n" not in error and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("architecture", ["hard", "mmoe"])
+def test_a_timm_model_through_transformers_timm_wrapper_trains_and_predicts(tmp_path, architecture, capsys):
+    """A timm checkpoint as transformers' TimmWrapper folder (config.json holding timm's pretrained_cfg): its
+    pooled [B, C] features feed the heads. Runs where timm is installed (timm needs torchvision, which this
+    project does not require); hybrid sharing is refused in one line (the wrapper exposes no blocks)."""
+    timm = pytest.importorskip("timm")
+    from transformers import TimmWrapperConfig, TimmWrapperModel
+
+    pretrained = {**timm.create_model("resnet10t", pretrained=False).pretrained_cfg, "input_size": (3, 32, 32)}
+    folder = tmp_path / "resnet10t"
+    TimmWrapperModel(TimmWrapperConfig(architecture="resnet10t", pretrained_cfg=pretrained)).save_pretrained(folder)
+    data = recipe(tmp_path, steps=4, backbone=str(folder), random_init=False, architecture={"name": architecture})
+    assert main(["train", str(write(tmp_path, data))]) == 0
+    run = tmp_path / "runs" / "image_tasks"
+    assert set(json.loads((run / "metrics.json").read_text())["tasks"]) == {"digit", "parity", "value"}
+    image = next((ASSETS / "digit_images" / "parity" / "images").glob("*.png"))
+    (tmp_path / "in.jsonl").write_text(json.dumps({"image": str(image)}) + "\n")
+    argv = ["predict", str(run), "--task", "parity", "--input", str(tmp_path / "in.jsonl")]
+    assert main([*argv, "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert json.loads((tmp_path / "out.jsonl").read_text())["prediction"] in ("even", "odd")
+    hybrid = recipe(tmp_path, steps=2, backbone=str(folder), architecture={"name": "hybrid"})
+    hybrid["run"]["name"] = "hybrid"
+    capsys.readouterr()
+    assert main(["train", str(write(tmp_path, hybrid, "hybrid.yaml"))]) == 2
+    assert "TimmWrapperModel exposes none" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "hybrid").exists()
