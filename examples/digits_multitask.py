@@ -173,7 +173,7 @@ def train_baselines(
 def comparison(
     joint: Any, seconds: float, stored: int, baselines: tuple[dict[str, Any], float, int], seed: int, rule: str
 ) -> dict[str, Any]:
-    """One seed's comparison as `multitune compare` writes it (scores, Δm, stored bytes, seconds)."""
+    """One seed's comparison as `multitune compare` writes it, from the joint model and the baselines."""
     single_metrics, single_seconds, single_bytes = baselines
     scores = {}
     for name, single in single_metrics.items():
@@ -185,6 +185,20 @@ def comparison(
             "higher_is_better": multi["higher_is_better"],
             "rows_seen": joint.metrics["task_rows"][name],
         }
+    return comparison_row(scores, stored, single_bytes, seconds, single_seconds, seed, rule)
+
+
+def comparison_row(
+    scores: dict[str, dict[str, Any]],
+    stored: int,
+    single_bytes: int,
+    seconds: float,
+    single_seconds: float,
+    seed: int,
+    rule: str = "",
+) -> dict[str, Any]:
+    """{task: single and multi main scores} with the two sides' stored bytes and seconds as one seed's
+    comparison.json entry (Δm computed from the scores)."""
     return {
         "tasks": scores,
         "delta_m_percent": round(delta_m(scores), 3),
