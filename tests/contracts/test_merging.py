@@ -133,6 +133,16 @@ def test_running_statistics_are_the_fine_tuned_models_mean_never_a_merged_task_v
 # --- RegMean: each linear layer merged from the inputs it saw in each model ---------------------------------
 
 
+def _regmean(alpha, base, tuned, inputs):
+    """RegMean's merge of the models in `tuned` (state dicts) from their layers' inputs, one model at a time."""
+    from multitune.models.merging import add_layer_inputs
+
+    sums = {}
+    for seen, state in zip(inputs, tuned, strict=True):
+        add_layer_inputs(sums, seen, state)
+    return MERGE_METHODS.build("regmean", alpha=alpha).merge(base, tuned, sums)
+
+
 def _gram_of(layer, x, mask=None):
     """One model's LayerInputs for `layer`, collected by InputGrams from a forward over `x`."""
     from multitune.models.merging import InputGrams
@@ -153,9 +163,7 @@ def test_regmean_with_alpha_one_is_the_least_squares_merge_of_the_layers_outputs
     first, second = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     x1, x2 = torch.randn(7, 3), torch.randn(5, 3) * 2 + 1
     inputs = [_gram_of(first, x1), _gram_of(second, x2)]
-    merged = MERGE_METHODS.build("regmean", alpha=1.0).merge(
-        base.state_dict(), [first.state_dict(), second.state_dict()], inputs
-    )
+    merged = _regmean(1.0, base.state_dict(), [first.state_dict(), second.state_dict()], inputs)
     design = np.concatenate([np.c_[x1.numpy(), np.ones(7)], np.c_[x2.numpy(), np.ones(5)]]).astype(np.float64)
     targets = np.concatenate([first(x1).detach().numpy(), second(x2).detach().numpy()]).astype(np.float64)
     solution = np.linalg.lstsq(design, targets, rcond=None)[0]  # [4, 2]: Wᵀ over b
@@ -173,7 +181,7 @@ def test_regmean_scales_the_off_diagonal_grams_by_alpha():
     x1, x2 = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]]), torch.tensor([[2.0, 0.0], [1.0, 1.0]])
     inputs = [_gram_of(layers[1], x1), _gram_of(layers[2], x2)]
     states = [{**layer.state_dict(), "norm": torch.tensor([float(i)])} for i, layer in enumerate(layers)]
-    merged = MERGE_METHODS.build("regmean", alpha=0.5).merge(states[0], states[1:], inputs)
+    merged = _regmean(0.5, states[0], states[1:], inputs)
     grams = []
     for x in (x1.numpy().astype(np.float64), x2.numpy().astype(np.float64)):
         g = x.T @ x
@@ -199,9 +207,8 @@ def test_regmean_counts_only_the_real_tokens_and_reads_gpt2_conv1d_weights_trans
     assert seen[""].rows == 5 and seen[""].transposed and torch.allclose(seen[""].gram, real.T @ real)
     other = Conv1D(5, 3)
     rich = _gram_of(conv, torch.randn(50, 3))
-    merged = MERGE_METHODS.build("regmean", alpha=1.0).merge(
-        conv.state_dict(), [conv.state_dict(), other.state_dict()], [rich, _gram_of(other, torch.zeros(4, 3))]
-    )
+    tuned = [conv.state_dict(), other.state_dict()]
+    merged = _regmean(1.0, conv.state_dict(), tuned, [rich, _gram_of(other, torch.zeros(4, 3))])
     assert torch.allclose(merged["weight"], conv.weight, atol=1e-3)
     assert torch.allclose(merged["bias"], conv.bias, atol=1e-3)
 
@@ -212,3 +219,14 @@ def test_regmean_bad_settings_are_refused(settings):
 
     with pytest.raises(ConfigError, match="must be"):
         MERGE_METHODS.build("regmean", **settings)
+
+
+def test_regmean_refuses_models_whose_forwards_went_through_other_layers():
+    from multitune.models.merging import add_layer_inputs
+
+    one, two = torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2))
+    sums = add_layer_inputs({}, _gram_of(one, torch.randn(3, 2)), one.state_dict())
+    with pytest.raises(ValueError, match="different linear layers"):
+        add_layer_inputs(sums, _gram_of(two, torch.randn(3, 2)), two.state_dict())
+    with pytest.raises(ValueError, match="the inputs of 1 models, not 2"):
+        MERGE_METHODS.build("regmean").merge(one.state_dict(), [one.state_dict(), one.state_dict()], sums)

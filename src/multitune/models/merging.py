@@ -392,6 +392,56 @@ class InputGrams:
         self._hooks.clear()
 
 
+@dataclass
+class LayerSums:
+    """RegMean's sums over the models for one linear layer, with Θ_t [d, out] the layer's weights in model t
+    (Wᵀ, the bias as a last row when it has one) and G_t [d, d] its input Gram matrix there (`LayerInputs`):
+    `gram` Σ G_t, `weighted` Σ G_t Θ_t, `diagonal` Σ diag(G_t) Θ_t and `weights` Σ Θ_t (float64), over
+    `models` models. Every setting of `alpha` merges from these, and they are as large for eight models as
+    for two."""
+
+    gram: Tensor
+    weighted: Tensor
+    diagonal: Tensor
+    weights: Tensor
+    models: int
+    bias: bool
+    transposed: bool
+
+
+def _theta(state: Mapping[str, Tensor], name: str, seen: LayerInputs) -> Tensor:
+    """Layer `name`'s weights in `state` as one [d, out] matrix: Wᵀ over the bias."""
+    prefix = f"{name}." if name else ""  # the root module's own tensors have no prefix
+    weight = state[f"{prefix}weight"].double()
+    theta = weight if seen.transposed else weight.T  # [in, out]
+    if seen.bias:
+        theta = torch.cat([theta, state[f"{prefix}bias"].double()[None]], dim=0)  # [in + 1, out]
+    return theta
+
+
+def add_layer_inputs(
+    sums: dict[str, LayerSums], inputs: Mapping[str, LayerInputs], state: Mapping[str, Tensor]
+) -> dict[str, LayerSums]:
+    """`sums` with one more model folded in: its layers' inputs (`InputGrams.layers`) and its weights
+    (`state`, the backbone's state dict). Raises ValueError when its forward went through other linear
+    layers than the models before it."""
+    if sums and set(sums) != set(inputs):
+        raise ValueError("the models' forwards went through different linear layers")
+    for name, seen in inputs.items():
+        theta = _theta(state, name, seen)
+        weighted, diagonal = seen.gram @ theta, seen.gram.diagonal()[:, None] * theta
+        if name not in sums:
+            sums[name] = LayerSums(seen.gram.clone(), weighted, diagonal, theta, 1, seen.bias, seen.transposed)
+            continue
+        total = sums[name]
+        total.gram += seen.gram
+        total.weighted += weighted
+        total.diagonal += diagonal
+        total.weights += theta
+        total.models += 1
+    return sums
+
+
 @MERGE_METHODS.register("regmean")
 class RegMean:
     """Linear layers fitted to each model's outputs on the inputs they saw, the rest averaged (Jin et al. 2023)."""
@@ -419,40 +469,26 @@ class RegMean:
         self,
         base: Mapping[str, Tensor],
         tuned: Sequence[Mapping[str, Tensor]],
-        inputs: Sequence[Mapping[str, LayerInputs]],
+        sums: Mapping[str, LayerSums],
         statistics: Collection[str] = (),
     ) -> dict[str, Tensor]:
-        """The merged backbone weights. `inputs[t]` is model t's `InputGrams.layers` (the same layers in
-        every model); a layer none of them saw keeps the average. Raises ValueError when the models saw
-        different layers."""
+        """The merged backbone weights from the models' `sums` (`add_layer_inputs` over every model in
+        `tuned`); a tensor outside the summed layers is the models' average."""
         merged = merge_weights(base, tuned, Average(), statistics)
-        layers = set(inputs[0])
-        if any(set(seen) != layers for seen in inputs):
-            raise ValueError("the models' forwards went through different linear layers")
-        for name in sorted(layers):
-            first = inputs[0][name]
-            prefix = f"{name}." if name else ""  # the root module's own tensors have no prefix
-            weight, bias = f"{prefix}weight", f"{prefix}bias"
-            thetas = []
-            for state in tuned:
-                theta = state[weight].double() if first.transposed else state[weight].double().T  # [in, out]
-                if first.bias:
-                    theta = torch.cat([theta, state[bias].double()[None]], dim=0)  # [in + 1, out]
-                thetas.append(theta)
-            total = torch.zeros_like(first.gram)
-            target = torch.zeros_like(thetas[0])
-            for model_inputs, theta in zip(inputs, thetas, strict=True):
-                seen = model_inputs[name].gram
-                gram = self.alpha * seen + (1 - self.alpha) * torch.diag(seen.diagonal())
-                total += gram
-                target += gram @ theta
+        for name, total in sorted(sums.items()):
+            if total.models != len(tuned):
+                raise ValueError(f"layer '{name}' has the inputs of {total.models} models, not {len(tuned)}")
+            alpha = self.alpha  # G̃ = αG + (1 − α)·diag(G), summed over the models term by term
+            gram = alpha * total.gram + (1 - alpha) * torch.diag(total.gram.diagonal())
+            target = alpha * total.weighted + (1 - alpha) * total.diagonal
             # a small ridge toward the average settles directions no input reached (an all-zero feature)
-            ridge = 1e-6 * float(total.diagonal().mean().clamp_min(1e-30))
-            average = torch.stack(thetas).mean(0)
-            eye = torch.eye(len(total), dtype=total.dtype)
-            solved = torch.linalg.solve(total + ridge * eye, target + ridge * average)  # [d, out]
-            if first.bias:
-                merged[bias] = solved[-1].to(base[bias].dtype)
+            ridge = 1e-6 * float(gram.diagonal().mean().clamp_min(1e-30))
+            eye = torch.eye(len(gram), dtype=gram.dtype)
+            solved = torch.linalg.solve(gram + ridge * eye, target + ridge * total.weights / total.models)  # [d, out]
+            prefix = f"{name}." if name else ""
+            if total.bias:
+                merged[f"{prefix}bias"] = solved[-1].to(base[f"{prefix}bias"].dtype)
                 solved = solved[:-1]
-            merged[weight] = (solved if first.transposed else solved.T).contiguous().to(base[weight].dtype)
+            weight = f"{prefix}weight"
+            merged[weight] = (solved if total.transposed else solved.T).contiguous().to(base[weight].dtype)
         return merged

@@ -36,6 +36,8 @@ from multitune.models.merging import (
     MERGED,
     InputGrams,
     LayerInputs,
+    LayerSums,
+    add_layer_inputs,
     lora_deltas,
     merge_lora_adapters,
     merge_weights,
@@ -91,7 +93,7 @@ def merge_runs(
     shutil.copytree(Path(run_dirs[0]) / "backbone", run_dir / "backbone")
     candidates = []
     best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
-    layer_inputs: dict[int, list[dict[str, LayerInputs]]] = {}  # RegMean's Gram matrices, by rows read
+    layer_sums: dict[int, dict[str, LayerSums]] = {}  # RegMean's sums over the models, by rows read
     for chosen in combos or [settings]:
         merger = MERGE_METHODS.build(method, field="--method", **chosen)
         if lora:
@@ -107,9 +109,11 @@ def merge_runs(
             chosen = {**chosen, "coefficients": learned}
         elif getattr(merger, "needs_inputs", False):  # RegMean: from each model's own layer inputs
             rows = merger.rows  # type: ignore[attr-defined]
-            if rows not in layer_inputs:  # collected once for every setting of the grid that reads as many
-                layer_inputs[rows] = [_layer_inputs(entry, rows) for entry in loaded]
-            weights = merger.merge(base_state, tuned, layer_inputs[rows], statistics)  # type: ignore[attr-defined]
+            if rows not in layer_sums:  # collected once for every setting of the grid that reads as many
+                layer_sums[rows] = {}
+                for entry, state in zip(loaded, tuned, strict=True):  # one model's Gram matrices at a time
+                    add_layer_inputs(layer_sums[rows], _layer_inputs(entry, rows), state)
+            weights = merger.merge(base_state, tuned, layer_sums[rows], statistics)  # type: ignore[attr-defined]
         else:
             weights = merge_weights(base_state, tuned, merger, statistics)
         state = {f"backbone.{key}": value for key, value in weights.items()}
