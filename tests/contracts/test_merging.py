@@ -153,9 +153,20 @@ def _gram_of(layer, x, mask=None):
     return grams.layers
 
 
+def _weighted_lstsq(blocks):
+    """numpy's least squares over stacked (inputs, targets) blocks, each block's rows weighted by 1/its row
+    count (every model weighs alike): [in + 1, out], Wᵀ over the bias."""
+    import numpy as np
+
+    design = np.concatenate([np.c_[x, np.ones(len(x))] / np.sqrt(len(x)) for x, _ in blocks])
+    targets = np.concatenate([y / np.sqrt(len(y)) for _, y in blocks])
+    return np.linalg.lstsq(design.astype(np.float64), targets.astype(np.float64), rcond=None)[0]
+
+
 def test_regmean_with_alpha_one_is_the_least_squares_merge_of_the_layers_outputs():
-    """α = 1: the merged (W, b) minimises Σ_t ||X_t Wᵀ + b − (X_t W_tᵀ + b_t)||², computed here by numpy's
-    lstsq on the stacked inputs [X_1 1; X_2 1] and the two models' own outputs."""
+    """α = 1: the merged (W, b) minimises Σ_t ||X_t Wᵀ + b − (X_t W_tᵀ + b_t)||² / N_t, computed here by
+    numpy's lstsq on the stacked inputs [X_1 1; X_2 1], each block scaled by 1/√N_t, and the two models' own
+    outputs. Seven rows against five, at different scales: the row weighting matters."""
     import numpy as np
 
     torch.manual_seed(0)
@@ -164,38 +175,48 @@ def test_regmean_with_alpha_one_is_the_least_squares_merge_of_the_layers_outputs
     x1, x2 = torch.randn(7, 3), torch.randn(5, 3) * 2 + 1
     inputs = [_gram_of(first, x1), _gram_of(second, x2)]
     merged = _regmean(1.0, base.state_dict(), [first.state_dict(), second.state_dict()], inputs)
-    design = np.concatenate([np.c_[x1.numpy(), np.ones(7)], np.c_[x2.numpy(), np.ones(5)]]).astype(np.float64)
-    targets = np.concatenate([first(x1).detach().numpy(), second(x2).detach().numpy()]).astype(np.float64)
-    solution = np.linalg.lstsq(design, targets, rcond=None)[0]  # [4, 2]: Wᵀ over b
+    solution = _weighted_lstsq(
+        [(x1.numpy(), first(x1).detach().numpy()), (x2.numpy(), second(x2).detach().numpy())]
+    )  # [4, 2]: Wᵀ over b
     assert np.allclose(merged["weight"].numpy(), solution[:3].T, atol=1e-5)
     assert np.allclose(merged["bias"].numpy(), solution[3], atol=1e-5)
+    unweighted = np.linalg.lstsq(
+        np.r_[np.c_[x1.numpy(), np.ones(7)], np.c_[x2.numpy(), np.ones(5)]],
+        np.r_[first(x1).detach().numpy(), second(x2).detach().numpy()],
+        rcond=None,
+    )[0]
+    assert not np.allclose(unweighted[:3].T, solution[:3].T, atol=1e-3)  # the weighting is seen
 
 
 def test_regmean_scales_the_off_diagonal_grams_by_alpha():
-    """α = 0.5 on a layer without bias: Θ = (Σ G̃_t)⁻¹ Σ G̃_t W_tᵀ with G̃ = 0.5 G + 0.5 diag(G), worked out
-    with numpy from the inputs; a tensor outside any linear layer (a norm's weight) is the average."""
+    """α = 0.5 on a layer with a bias: Θ = (Σ G̃_t)⁻¹ Σ G̃_t Θ_t with G_t = X̃_tᵀX̃_t / N_t (X̃ the inputs
+    with a column of ones) and G̃ = 0.5 G + 0.5 diag(G), worked out with numpy from the inputs; a tensor
+    outside any linear layer (a norm's weight) is the average."""
     import numpy as np
 
     torch.manual_seed(1)
-    layers = [torch.nn.Linear(2, 2, bias=False) for _ in range(3)]
+    layers = [torch.nn.Linear(2, 2) for _ in range(3)]
     x1, x2 = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]]), torch.tensor([[2.0, 0.0], [1.0, 1.0]])
     inputs = [_gram_of(layers[1], x1), _gram_of(layers[2], x2)]
     states = [{**layer.state_dict(), "norm": torch.tensor([float(i)])} for i, layer in enumerate(layers)]
     merged = _regmean(0.5, states[0], states[1:], inputs)
-    grams = []
-    for x in (x1.numpy().astype(np.float64), x2.numpy().astype(np.float64)):
-        g = x.T @ x
+    grams, thetas = [], []
+    for x, layer in ((x1, layers[1]), (x2, layers[2])):
+        tilde = np.c_[x.numpy(), np.ones(len(x))].astype(np.float64)
+        g = tilde.T @ tilde / len(x)
         grams.append(0.5 * g + 0.5 * np.diag(np.diag(g)))
-    rhs = sum(g @ layer.weight.detach().numpy().T for g, layer in zip(grams, layers[1:], strict=True))
-    want = np.linalg.solve(grams[0] + grams[1], rhs).T
-    assert np.allclose(merged["weight"].numpy(), want, atol=1e-5)
+        thetas.append(np.r_[layer.weight.detach().numpy().T, layer.bias.detach().numpy()[None]])
+    want = np.linalg.solve(grams[0] + grams[1], grams[0] @ thetas[0] + grams[1] @ thetas[1])
+    assert np.allclose(merged["weight"].numpy(), want[:2].T, atol=1e-5)
+    assert np.allclose(merged["bias"].numpy(), want[2], atol=1e-5)
     assert merged["norm"].tolist() == [1.5]
 
 
 def test_regmean_counts_only_the_real_tokens_and_reads_gpt2_conv1d_weights_transposed():
     """A [B, L, in] input with a [B, L] mask: the Gram is over the masked-in rows only. transformers' Conv1D
-    stores its weight [in, out]; merged with α = 1 from one model and a zero-input second model it is that
-    model's weight again (the second adds no equations, and the ridge is negligible)."""
+    stores its weight [in, out] (y = x W + b); its merge at α = 1 is numpy's weighted least squares, biases
+    drawn at random."""
+    import numpy as np
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(2)
@@ -206,11 +227,15 @@ def test_regmean_counts_only_the_real_tokens_and_reads_gpt2_conv1d_weights_trans
     real = torch.cat([x[mask.bool()], torch.ones(5, 1)], dim=1).double()
     assert seen[""].rows == 5 and seen[""].transposed and torch.allclose(seen[""].gram, real.T @ real)
     other = Conv1D(5, 3)
-    rich = _gram_of(conv, torch.randn(50, 3))
-    tuned = [conv.state_dict(), other.state_dict()]
-    merged = _regmean(1.0, conv.state_dict(), tuned, [rich, _gram_of(other, torch.zeros(4, 3))])
-    assert torch.allclose(merged["weight"], conv.weight, atol=1e-3)
-    assert torch.allclose(merged["bias"], conv.bias, atol=1e-3)
+    for layer in (conv, other):
+        torch.nn.init.normal_(layer.bias)
+    x1, x2 = torch.randn(9, 3), torch.randn(6, 3) - 1
+    merged = _regmean(
+        1.0, conv.state_dict(), [conv.state_dict(), other.state_dict()], [_gram_of(conv, x1), _gram_of(other, x2)]
+    )
+    solution = _weighted_lstsq([(x1.numpy(), conv(x1).detach().numpy()), (x2.numpy(), other(x2).detach().numpy())])
+    assert np.allclose(merged["weight"].numpy(), solution[:3], atol=1e-5)  # [in, out], as Conv1D stores it
+    assert np.allclose(merged["bias"].numpy(), solution[3], atol=1e-5)
 
 
 @pytest.mark.parametrize("settings", [{"alpha": 0.0}, {"alpha": 1.5}, {"rows": 0}])

@@ -372,8 +372,8 @@ class InputGrams:
                 x = x[mask.bool()]  # [real tokens, in]
             x = x.reshape(-1, x.shape[-1]).double()
             if bias:
-                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-            gram = x.T @ x
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
+            gram = (x.T @ x).cpu()
             seen = self.layers.get(name)
             if seen is None:
                 self.layers[name] = LayerInputs(gram, len(x), bias, transposed)
@@ -395,21 +395,21 @@ class InputGrams:
 @dataclass
 class LayerSums:
     """RegMean's sums over the models for one linear layer, with Θ_t [d, out] the layer's weights in model t
-    (Wᵀ, the bias as a last row when it has one) and G_t [d, d] its input Gram matrix there (`LayerInputs`):
-    `gram` Σ G_t, `weighted` Σ G_t Θ_t, `diagonal` Σ diag(G_t) Θ_t and `weights` Σ Θ_t (float64), over
-    `models` models. Every setting of `alpha` merges from these, and they are as large for eight models as
-    for two."""
+    (Wᵀ, the bias as a last row when it has one) and G_t = X̃_tᵀX̃_t / N_t [d, d] its input Gram matrix there
+    (`LayerInputs`) divided by its N_t input rows, so that each model weighs the same whatever its tasks' text
+    lengths: `gram` Σ G_t, `weighted` Σ G_t Θ_t and `diagonal` Σ diag(G_t) Θ_t (float64), over `models`
+    models. Every setting of `alpha` merges from these; they hold one [d, d] and two [d, out] matrices per
+    layer however many models are folded in."""
 
     gram: Tensor
     weighted: Tensor
     diagonal: Tensor
-    weights: Tensor
     models: int
     bias: bool
     transposed: bool
 
 
-def _theta(state: Mapping[str, Tensor], name: str, seen: LayerInputs) -> Tensor:
+def _theta(state: Mapping[str, Tensor], name: str, seen: LayerInputs | LayerSums) -> Tensor:
     """Layer `name`'s weights in `state` as one [d, out] matrix: Wᵀ over the bias."""
     prefix = f"{name}." if name else ""  # the root module's own tensors have no prefix
     weight = state[f"{prefix}weight"].double()
@@ -429,15 +429,15 @@ def add_layer_inputs(
         raise ValueError("the models' forwards went through different linear layers")
     for name, seen in inputs.items():
         theta = _theta(state, name, seen)
-        weighted, diagonal = seen.gram @ theta, seen.gram.diagonal()[:, None] * theta
+        gram = seen.gram / max(seen.rows, 1)
+        weighted, diagonal = gram @ theta, gram.diagonal()[:, None] * theta
         if name not in sums:
-            sums[name] = LayerSums(seen.gram.clone(), weighted, diagonal, theta, 1, seen.bias, seen.transposed)
+            sums[name] = LayerSums(gram, weighted, diagonal, 1, seen.bias, seen.transposed)
             continue
         total = sums[name]
-        total.gram += seen.gram
+        total.gram += gram
         total.weighted += weighted
         total.diagonal += diagonal
-        total.weights += theta
         total.models += 1
     return sums
 
@@ -452,12 +452,15 @@ class RegMean:
     def __init__(self, alpha: float = 0.9, rows: int = 256) -> None:
         """RegMean (Jin et al., ICLR 2023, "Dataless Knowledge Fusion by Merging Weights of Language
         Models"). For a linear layer with weights Θ_t ([d, out]: Wᵀ, the bias as a last row) in model t and
-        input Gram matrix G_t = X̃_tᵀX̃_t from model t's own forward over `rows` of its task's training inputs
-        (labels not read), the merged weights minimise Σ_t ||X̃_t Θ − X̃_t Θ_t||²:
-        Θ = (Σ_t G̃_t)⁻¹ Σ_t G̃_t Θ_t, where G̃_t keeps G_t's diagonal and scales its off-diagonal entries by
-        `alpha` in (0, 1] (alpha 1: the exact least-squares merge; smaller values pull toward a
-        per-input-feature weighted average, which the paper found to generalise better). Embeddings, norms
-        and every tensor outside a linear layer are the fine-tuned models' average."""
+        input Gram matrix G_t = X̃_tᵀX̃_t / N_t over the N_t input rows (tokens) of model t's own forward on
+        `rows` of each of its tasks' training inputs (labels not read), the merged weights minimise
+        Σ_t ||X̃_t Θ − X̃_t Θ_t||² / N_t: Θ = (Σ_t G̃_t)⁻¹ Σ_t G̃_t Θ_t, where G̃_t keeps G_t's diagonal and
+        scales its off-diagonal entries by `alpha` in (0, 1] (alpha 1: the exact least-squares merge; smaller
+        values pull toward a per-input-feature weighted average, which the paper found to generalise
+        better). Dividing by N_t, as the common implementations do, weighs each model alike whatever the
+        length of its texts. A ridge of 1e-6 times the mean diagonal, toward the models' average weights,
+        settles directions that no input reached. Embeddings, norms and every tensor outside a linear layer
+        are the fine-tuned models' average."""
         if not 0 < alpha <= 1 or rows < 1:
             raise ValueError(f"alpha must be in (0, 1] and rows at least 1, got alpha={alpha}, rows={rows}")
         self.alpha, self.rows = alpha, rows
@@ -484,7 +487,8 @@ class RegMean:
             # a small ridge toward the average settles directions no input reached (an all-zero feature)
             ridge = 1e-6 * float(gram.diagonal().mean().clamp_min(1e-30))
             eye = torch.eye(len(gram), dtype=gram.dtype)
-            solved = torch.linalg.solve(gram + ridge * eye, target + ridge * total.weights / total.models)  # [d, out]
+            average = _theta(merged, name, total)  # merged holds the average so far
+            solved = torch.linalg.solve(gram + ridge * eye, target + ridge * average)  # [d, out]
             prefix = f"{name}." if name else ""
             if total.bias:
                 merged[f"{prefix}bias"] = solved[-1].to(base[f"{prefix}bias"].dtype)

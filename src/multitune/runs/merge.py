@@ -111,8 +111,11 @@ def merge_runs(
             rows = merger.rows  # type: ignore[attr-defined]
             if rows not in layer_sums:  # collected once for every setting of the grid that reads as many
                 layer_sums[rows] = {}
-                for entry, state in zip(loaded, tuned, strict=True):  # one model's Gram matrices at a time
-                    add_layer_inputs(layer_sums[rows], _layer_inputs(entry, rows), state)
+                for entry, state, run in zip(loaded, tuned, run_dirs, strict=True):  # one model's Grams at a time
+                    try:
+                        add_layer_inputs(layer_sums[rows], _layer_inputs(entry, rows), state)
+                    except ValueError as error:  # a forward through other layers than the runs before it
+                        raise ConfigError(str(error), file=str(run)) from None
             weights = merger.merge(base_state, tuned, layer_sums[rows], statistics)  # type: ignore[attr-defined]
         else:
             weights = merge_weights(base_state, tuned, merger, statistics)
