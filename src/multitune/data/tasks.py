@@ -371,7 +371,8 @@ def _hf_has_split(source: SourceConfig, split: str) -> bool:
         return split == "train"
 
 
-def seeded_subsample(examples: list[Example], k: int | None, seed: str) -> list[Example]:
+def seeded_subsample(examples: list[Example], k: int | None, seed: int | str) -> list[Example]:
+    """`k` of `examples` drawn with `seed`, in their order (all of them when there are no more than `k`)."""
     if k is None or len(examples) <= k:
         return examples
     keep = sorted(random.Random(seed).sample(range(len(examples)), k))

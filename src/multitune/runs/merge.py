@@ -181,8 +181,7 @@ def _layer_inputs(entry: Any, rows: int, batch_rows: int = 16) -> dict[str, Laye
     """One run's linear-layer input Gram matrices (RegMean): its own model's forward over up to `rows` of each
     of its tasks' training inputs, drawn with the run's seed (labels not read); a streamed training split,
     which is not held in memory, gives its validation inputs instead."""
-    import random
-
+    from multitune.data.tasks import seeded_subsample
     from multitune.runs.load import scored_tasks
 
     config, manifest, model, backbone = entry
@@ -193,8 +192,8 @@ def _layer_inputs(entry: Any, rows: int, batch_rows: int = 16) -> dict[str, Laye
         for name, task in tasks.items():
             train = task.splits.get("train")
             pool = train if isinstance(train, list) and train else task.splits["validation"]
-            drawn = random.Random(config.run.seed).sample(range(len(pool)), min(rows, len(pool)))
-            for batch in _batches([pool[i] for i in sorted(drawn)], name, task, config, backbone, batch_rows):
+            drawn = seeded_subsample(pool, rows, config.run.seed)
+            for batch in _batches(drawn, name, task, config, backbone, batch_rows):
                 grams.mask = batch.inputs.get("attention_mask")
                 model(batch)
     model.train(was_training)
