@@ -49,6 +49,54 @@ def test_dare_ties_without_drops_is_ties_without_trimming():
     )
 
 
+def test_tsv_keeps_tasks_with_orthogonal_singular_vectors_exactly():
+    """Two tasks of rank 2 on disjoint rows and columns of a 4 x 4 matrix: each keeps ⌊4 / 2⌋ = 2 singular
+    triplets, all four left (and right) vectors are already orthonormal, so the merge is the plain sum."""
+    first = torch.zeros(4, 4)
+    first[0, 1], first[1, 3] = 3.0, 1.0
+    second = torch.zeros(4, 4)
+    second[2, 0], second[3, 2] = 2.0, -0.5
+    expected = [[0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [2.0, 0.0, 0.0, 0.0], [0.0, 0.0, -0.5, 0.0]]
+    merged = MERGE_METHODS.build("tsv")(torch.stack([first, second]))
+    assert torch.allclose(merged, torch.tensor(expected), atol=1e-6)
+    halved = MERGE_METHODS.build("tsv", scaling=0.5)(torch.stack([first, second]))
+    assert torch.allclose(halved, 0.5 * torch.tensor(expected), atol=1e-6)
+
+
+def test_tsv_turns_overlapping_task_directions_orthogonal():
+    """τ1 = 2·a·e1ᵀ and τ2 = 1·c·e2ᵀ with a = (1, 0) and c at 60° from it (2 x 2, one triplet each). The
+    orthonormal pair nearest to (a, c) is the pair at ±45° around their bisector (30°): a' at −15°, c' at
+    75°; the merge is 2·a'·e1ᵀ + c'·e2ᵀ. The SVD's sign choices cancel (a flipped column flips back)."""
+    import math
+
+    a = torch.tensor([1.0, 0.0])
+    c = torch.tensor([math.cos(math.pi / 3), math.sin(math.pi / 3)])
+    first = 2.0 * torch.outer(a, torch.tensor([1.0, 0.0]))
+    second = torch.outer(c, torch.tensor([0.0, 1.0]))
+    rad = math.radians
+    expected = torch.tensor([[2 * math.cos(rad(-15)), math.cos(rad(75))], [2 * math.sin(rad(-15)), math.sin(rad(75))]])
+    merged = MERGE_METHODS.build("tsv")(torch.stack([first, second]))
+    assert torch.allclose(merged, expected, atol=1e-5)
+
+
+def test_tsv_averages_tensors_that_are_not_matrices_and_keeps_a_kernel_shape():
+    assert torch.allclose(MERGE_METHODS.build("tsv", scaling=2.0)(VECTORS), 2.0 * torch.tensor([2.0, 0.5, 0.125, -1.0]))
+    kernels = torch.randn(3, 4, 2, 3, 3)  # three tasks' convolution kernels [out, in, kh, kw]
+    assert MERGE_METHODS.build("tsv")(kernels).shape == (4, 2, 3, 3)
+
+
+def test_iso_c_flattens_the_summed_spectrum_to_its_mean():
+    """τ1 + τ2 = diag(3, −1): singular values 3 and 1 (mean 2), U·Vᵀ = diag(1, −1), so the merge is
+    diag(2, −2); rotated by R the sum is R·diag(3, 1) and the merge 2·R. Vectors are summed."""
+    first, second = torch.tensor([[3.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, -1.0]])
+    merged = MERGE_METHODS.build("iso_c")(torch.stack([first, second]))
+    assert torch.allclose(merged, torch.tensor([[2.0, 0.0], [0.0, -2.0]]), atol=1e-6)
+    rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]])
+    pair = torch.stack([rotation @ torch.diag(torch.tensor(d)) for d in ([3.0, 0.0], [0.0, 1.0])])
+    assert torch.allclose(MERGE_METHODS.build("iso_c", scaling=0.5)(pair), rotation, atol=1e-6)
+    assert MERGE_METHODS.build("iso_c", scaling=0.5)(VECTORS).tolist() == [2.0, 0.5, 0.125, -1.0]
+
+
 PER_TENSOR = [
     name
     for name in MERGE_METHODS.names()
@@ -110,7 +158,7 @@ def test_task_vector_cosines_overall_and_per_layer_by_hand():
     assert per_layer == {"encoder.layer.0": [[1.0, 0.0], [0.0, 1.0]], "encoder.layer.1": [[1.0, 1.0], [1.0, 1.0]]}
 
 
-@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare", "dare_ties"])
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare", "dare_ties", "tsv", "iso_c"])
 def test_running_statistics_are_the_fine_tuned_models_mean_never_a_merged_task_vector(name):
     """BatchNorm's running variance of 1.0 tuned to 0.2 and 0.4: a scaled or trimmed difference would give
     1 + λ·(−0.8 − 0.6) < 0 for λ = 1; the mean, 0.3, is what the merged model keeps."""
@@ -122,7 +170,7 @@ def test_running_statistics_are_the_fine_tuned_models_mean_never_a_merged_task_v
         for w, v, n in (([1.0, 0.0], 0.2, 9), ([0.0, 1.0], 0.4, 7))
     ]
     statistics = {"bn.running_var", "bn.num_batches_tracked"}
-    settings = {"density": 1.0} if name != "task_arithmetic" else {}
+    settings = {"density": 1.0} if name in ("ties", "dare", "dare_ties") else {}
     merged = merge_weights(base, tuned, MERGE_METHODS.build(name, scaling=1.0, **settings), statistics)
     assert torch.allclose(merged["bn.running_var"], torch.tensor([0.3, 0.3]))
     assert int(merged["bn.num_batches_tracked"]) == 5

@@ -218,3 +218,38 @@ def test_regmean_merges_the_linear_layers_from_their_inputs_and_averages_the_res
         assert not torch.allclose(merged[key], (first[key] + second[key]) / 2, atol=1e-6), key
         assert torch.isfinite(merged[key]).all()
     assert main(["evaluate", str(out / "merged"), "--split", "test"]) == 0
+
+
+@pytest.mark.parametrize(("method", "scaling"), [("tsv", 1.0), ("iso_c", 0.5)])
+def test_svd_merges_rebuild_the_matrices_and_leave_biases_and_norms_to_the_average(single_runs, method, scaling):
+    """At these scalings a tensor that is not a matrix ends at the two models' average (tsv: λ · the mean
+    task vector; iso_c: λ · the sum, λ = 1/2); each weight matrix is the method's SVD rebuild, neither model's
+    weights nor their average. The merged run evaluates like any other."""
+    folder, runs = single_runs
+    out = folder / method
+    argv = ["merge", *map(str, runs), "--method", method, "--set", f"scaling={scaling}"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    merge = json.loads((out / "merged" / "metrics.json").read_text())["merge"]
+    assert merge["method"] == method and merge["settings"] == {"scaling": scaling}
+    first, second = (load_file(str(run / "model.safetensors")) for run in runs)
+    merged = load_file(str(out / "merged" / "model.safetensors"))
+    matrices = 0
+    for key, value in merged.items():
+        if not key.startswith("backbone.") or not value.is_floating_point():
+            continue
+        average = (first[key] + second[key]) / 2
+        if value.dim() == 1:
+            assert torch.allclose(value, average, atol=1e-6), key
+        elif "encoder.layer" in key and not torch.equal(first[key], second[key]):
+            matrices += 1
+            assert torch.isfinite(value).all() and not torch.allclose(value, average, atol=1e-6), key
+    assert matrices > 0
+    assert main(["evaluate", str(out / "merged"), "--split", "test"]) == 0
+
+
+def test_lora_adapters_refuse_the_svd_merges(lora_run, capsys):
+    folder, run = lora_run
+    for method in ("tsv", "iso_c"):
+        assert main(["merge", str(run), "--method", method, "--output-dir", str(folder / method)]) == 2
+        assert "does not merge LoRA adapters" in capsys.readouterr().err
+        assert not (folder / method).exists()

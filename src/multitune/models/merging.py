@@ -12,7 +12,10 @@ Methods (MERGE_METHODS), each called with a tensor's stacked task vectors [T, ..
   entries whose sign agrees with the elected (total-mass) sign (Yadav et al. 2023, "TIES-Merging", NeurIPS);
 - `dare`: λ·Σ DARE(τ_t): each entry dropped with probability 1 − `density` and the rest rescaled by
   1/`density` (Yu et al. 2024, "Language Models are Super Mario", ICML), seeded;
-- `dare_ties`: DARE's drop and rescale, then TIES' sign election and disjoint mean, times λ.
+- `dare_ties`: DARE's drop and rescale, then TIES' sign election and disjoint mean, times λ;
+- `tsv` (TSV-Merge) and `iso_c` (Iso-C): per weight matrix, from singular value decompositions, our own
+  (neither library has them): each task's top singular vectors decorrelated across tasks (Gargiulo et al.
+  2025), or the summed task vectors' spectrum made flat (Marczak et al. 2025).
 
 Two methods look at more than the weights: `adamerging` learns its coefficients from the model's predictions
 on unlabelled inputs, and `regmean` merges each linear layer from the inputs that layer saw in each model
@@ -129,6 +132,77 @@ class DareTies(_Dare):
 
     paper = "Yu et al. 2024"
     arithmetic = "dare_ties"
+
+
+def _as_matrices(vectors: Tensor) -> Tensor | None:
+    """Stacked task vectors of a weight tensor as matrices, [T, out, in...] -> [T, out, in·...]; None for
+    vectors (biases, norms: [T, d]), which have no singular vectors."""
+    return vectors.reshape(vectors.shape[0], vectors.shape[1], -1) if vectors.dim() >= 3 else None
+
+
+def _nearest_orthonormal(matrix: Tensor) -> Tensor:
+    """The (semi-)orthogonal matrix nearest to `matrix` [m, k] in Frobenius norm: P·Qᵀ from its SVD P·Σ·Qᵀ
+    (the orthogonal Procrustes / polar factor)."""
+    left, _, right = torch.linalg.svd(matrix, full_matrices=False)
+    return left @ right
+
+
+@MERGE_METHODS.register("tsv")
+class TaskSingularVectors:
+    """λ · each matrix from every task's top singular vectors, made orthogonal across tasks (Gargiulo et al. 2025)."""
+
+    paper = "Gargiulo et al. 2025"
+
+    def __init__(self, scaling: float = 1.0) -> None:
+        """TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference in Model
+        Merging"). For a weight matrix with task vectors τ_t = U_t·S_t·V_tᵀ ([out, in]; a convolution's
+        kernel is taken as [out, in·k·k]), keep each task's top k = ⌊min(out, in) / T⌋ singular triplets,
+        concatenate them (U [out, T·k], S [T·k], V [in, T·k]), replace U and V by their nearest orthonormal
+        matrices (polar factors, which removes the overlap between tasks' subspaces) and return
+        λ·U⊥·diag(S)·V⊥ᵀ. Tensors that are not matrices (biases, norms) are averaged, times λ. When the
+        tasks' singular vectors are already orthogonal to each other and each τ_t has rank ≤ k, the result
+        is exactly λ·Σ τ_t. Raises ValueError for a scaling that is not positive."""
+        _checked(scaling)
+        self.scaling = scaling
+
+    def __call__(self, vectors: Tensor) -> Tensor:
+        matrices = _as_matrices(vectors)
+        if matrices is None:
+            return self.scaling * vectors.mean(0)
+        tasks, rows, columns = matrices.shape
+        keep = max(1, min(rows, columns) // tasks)
+        left, values, right = torch.linalg.svd(matrices.double(), full_matrices=False)  # [T, m, r] [T, r] [T, r, n]
+        u = left[:, :, :keep].permute(1, 0, 2).reshape(rows, tasks * keep)  # [m, T·k]
+        s = values[:, :keep].reshape(tasks * keep)  # [T·k]
+        v = right[:, :keep, :].permute(2, 0, 1).reshape(columns, tasks * keep)  # [n, T·k]
+        merged = _nearest_orthonormal(u) @ torch.diag(s) @ _nearest_orthonormal(v).T  # [m, n]
+        return (self.scaling * merged).reshape(vectors.shape[1:]).to(vectors.dtype)
+
+
+@MERGE_METHODS.register("iso_c")
+class IsoC:
+    """λ · Σ τ_t with its singular values replaced by their mean: an isotropic spectrum (Marczak et al. 2025)."""
+
+    paper = "Marczak et al. 2025"
+
+    def __init__(self, scaling: float = 1.0) -> None:
+        """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging with Common and
+        Task-Specific Subspaces"). For a weight matrix, the task arithmetic sum Δ = Σ_t τ_t = U·S·Vᵀ
+        ([out, in]; a convolution's kernel as [out, in·k·k]) becomes λ·mean(S)·U·Vᵀ: every direction of the
+        merged update gets the same strength, so the directions one task dominates no longer drown the
+        others'. Tensors that are not matrices are the plain sum, times λ. Raises ValueError for a scaling
+        that is not positive."""
+        _checked(scaling)
+        self.scaling = scaling
+
+    def __call__(self, vectors: Tensor) -> Tensor:
+        total = vectors.sum(0)
+        matrices = _as_matrices(vectors)
+        if matrices is None:
+            return self.scaling * total
+        left, values, right = torch.linalg.svd(total.reshape(matrices.shape[1:]).double(), full_matrices=False)
+        merged = values.mean() * (left @ right)  # [m, n]
+        return (self.scaling * merged).reshape(total.shape).to(vectors.dtype)
 
 
 def merge_weights(
