@@ -79,22 +79,68 @@ def test_tsv_turns_overlapping_task_directions_orthogonal():
     assert torch.allclose(merged, expected, atol=1e-5)
 
 
-def test_tsv_averages_tensors_that_are_not_matrices_and_keeps_a_kernel_shape():
-    assert torch.allclose(MERGE_METHODS.build("tsv", scaling=2.0)(VECTORS), 2.0 * torch.tensor([2.0, 0.5, 0.125, -1.0]))
-    kernels = torch.randn(3, 4, 2, 3, 3)  # three tasks' convolution kernels [out, in, kh, kw]
-    assert MERGE_METHODS.build("tsv")(kernels).shape == (4, 2, 3, 3)
+def test_tsv_turns_overlapping_right_vectors_orthogonal_too():
+    """The transposes of the tasks above: the overlap is now between the right singular vectors, and the
+    merge is the transpose of that one."""
+    import math
+
+    c = torch.tensor([math.cos(math.pi / 3), math.sin(math.pi / 3)])
+    first = 2.0 * torch.outer(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]))
+    second = torch.outer(torch.tensor([0.0, 1.0]), c)
+    rad = math.radians
+    expected = torch.tensor([[2 * math.cos(rad(-15)), 2 * math.sin(rad(-15))], [math.cos(rad(75)), math.sin(rad(75))]])
+    assert torch.allclose(MERGE_METHODS.build("tsv")(torch.stack([first, second])), expected, atol=1e-5)
+
+
+def test_tsv_keeps_the_floor_of_min_over_t_triplets_per_task():
+    """Three tasks on a 5 x 5 matrix keep ⌊5 / 3⌋ = 1 triplet each: 3·e1e1ᵀ, 2·e3e3ᵀ and 4·e5e5ᵀ; their second
+    triplets (1, 0.5, 0.25) are dropped."""
+    e = torch.eye(5)
+    tasks = [
+        3 * torch.outer(e[0], e[0]) + torch.outer(e[1], e[1]),
+        2 * torch.outer(e[2], e[2]) + 0.5 * torch.outer(e[3], e[3]),
+        4 * torch.outer(e[4], e[4]) + 0.25 * torch.outer(e[1], e[3]),
+    ]
+    merged = MERGE_METHODS.build("tsv")(torch.stack(tasks))
+    assert torch.allclose(merged, torch.diag(torch.tensor([3.0, 0.0, 2.0, 0.0, 4.0])), atol=1e-6)
+
+
+def test_tsv_leaves_out_zero_singular_values_so_low_rank_tasks_add_exactly():
+    """Two orthogonal rank-1 tasks on a 4 x 4 matrix keep k = 2 triplets each, one of them zero: left in, its
+    arbitrary vectors would turn the others; left out, the merge is the exact sum. A zero task adds nothing."""
+    e = torch.eye(4)
+    first, second = 2 * torch.outer(e[0], e[1]), -3 * torch.outer(e[2], e[3])
+    merged = MERGE_METHODS.build("tsv")(torch.stack([first, second]))
+    assert torch.allclose(merged, first + second, atol=1e-6)
+    alone = MERGE_METHODS.build("tsv")(torch.stack([first, torch.zeros(4, 4)]))
+    assert torch.allclose(alone, first, atol=1e-6)
+    assert torch.equal(MERGE_METHODS.build("tsv")(torch.zeros(2, 4, 4)), torch.zeros(4, 4))
+
+
+def test_svd_merges_average_what_is_not_a_matrix_that_holds_t_directions():
+    """Biases, a ViT class token [1, 1, d], a convolution kernel and a [2, d] matrix merged from three tasks
+    (min(out, in) = 2 < T): λ · the mean task vector, as the methods' authors treat them."""
+    for name in ("tsv", "iso_c"):
+        method = MERGE_METHODS.build(name, scaling=2.0)
+        assert torch.allclose(method(VECTORS), 2.0 * torch.tensor([2.0, 0.5, 0.125, -1.0]))
+        for shape in ((3, 1, 1, 6), (3, 4, 2, 3, 3), (3, 2, 6)):
+            tensors = torch.randn(shape)
+            assert torch.allclose(method(tensors), 2.0 * tensors.mean(0), atol=1e-6), (name, shape)
 
 
 def test_iso_c_flattens_the_summed_spectrum_to_its_mean():
     """τ1 + τ2 = diag(3, −1): singular values 3 and 1 (mean 2), U·Vᵀ = diag(1, −1), so the merge is
-    diag(2, −2); rotated by R the sum is R·diag(3, 1) and the merge 2·R. Vectors are summed."""
+    diag(2, −2); rotated by R the sum is R·diag(3, 1) and the merge 2·R. A rank-1 sum 3·e1e2ᵀ keeps its one
+    direction at strength 3 (the zero singular values are no directions)."""
     first, second = torch.tensor([[3.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, -1.0]])
     merged = MERGE_METHODS.build("iso_c")(torch.stack([first, second]))
     assert torch.allclose(merged, torch.tensor([[2.0, 0.0], [0.0, -2.0]]), atol=1e-6)
     rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]])
     pair = torch.stack([rotation @ torch.diag(torch.tensor(d)) for d in ([3.0, 0.0], [0.0, 1.0])])
     assert torch.allclose(MERGE_METHODS.build("iso_c", scaling=0.5)(pair), rotation, atol=1e-6)
-    assert MERGE_METHODS.build("iso_c", scaling=0.5)(VECTORS).tolist() == [2.0, 0.5, 0.125, -1.0]
+    e = torch.eye(4)
+    rank_one = torch.stack([2 * torch.outer(e[0], e[1]), torch.outer(e[0], e[1])])
+    assert torch.allclose(MERGE_METHODS.build("iso_c")(rank_one), 3 * torch.outer(e[0], e[1]), atol=1e-6)
 
 
 PER_TENSOR = [

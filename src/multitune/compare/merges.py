@@ -19,8 +19,8 @@ GRIDS: dict[str, dict[str, list[float]]] = {
     "dare": {"scaling": [0.3, 0.5, 0.7, 1.0]},
     "dare_ties": {"scaling": [0.5, 0.7, 1.0]},
     "regmean": {"alpha": [0.3, 0.6, 0.9, 1.0]},
-    "tsv": {"scaling": [0.75, 1.0, 1.5, 2.0, 3.0]},
-    "iso_c": {"scaling": [1.0, 2.0, 3.0, 4.0, 6.0]},
+    "tsv": {"scaling": [0.5, 1.0, 1.5, 2.0, 3.0]},
+    "iso_c": {"scaling": [0.5, 1.0, 1.5, 2.0, 3.0]},
 }
 FIXED: dict[str, dict[str, float]] = {"ties": {"density": 0.2}, "dare": {"density": 0.5}, "dare_ties": {"density": 0.5}}
 

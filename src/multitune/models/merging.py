@@ -14,8 +14,8 @@ Methods (MERGE_METHODS), each called with a tensor's stacked task vectors [T, ..
   1/`density` (Yu et al. 2024, "Language Models are Super Mario", ICML), seeded;
 - `dare_ties`: DARE's drop and rescale, then TIES' sign election and disjoint mean, times λ;
 - `tsv` (TSV-Merge) and `iso_c` (Iso-C): per weight matrix, from singular value decompositions, our own
-  (neither library has them): each task's top singular vectors decorrelated across tasks (Gargiulo et al.
-  2025), or the summed task vectors' spectrum made flat (Marczak et al. 2025).
+  (neither library has them): each task's top singular vectors made orthogonal across tasks (Gargiulo et
+  al. 2025), or the summed task vectors' spectrum made flat (Marczak et al. 2025).
 
 Two methods look at more than the weights: `adamerging` learns its coefficients from the model's predictions
 on unlabelled inputs, and `regmean` merges each linear layer from the inputs that layer saw in each model
@@ -134,15 +134,23 @@ class DareTies(_Dare):
     arithmetic = "dare_ties"
 
 
+_RANK_TOLERANCE = 1e-10  # a singular value below this fraction of the largest counts as zero
+
+
 def _as_matrices(vectors: Tensor) -> Tensor | None:
-    """Stacked task vectors of a weight tensor as matrices, [T, out, in...] -> [T, out, in·...]; None for
-    vectors (biases, norms: [T, d]), which have no singular vectors."""
-    return vectors.reshape(vectors.shape[0], vectors.shape[1], -1) if vectors.dim() >= 3 else None
+    """Stacked task vectors [T, ...] as matrices [T, out, in] when each is a weight matrix (two dimensions
+    once singleton ones are dropped: a ViT's class token [1, 1, d] is a vector) with min(out, in) ≥ T;
+    None otherwise (biases, norms, convolution kernels, T above the rank a matrix can hold): the SVD merges
+    leave those to the mean, as their authors do."""
+    shape = [size for size in vectors.shape[1:] if size != 1]
+    if len(shape) != 2 or min(shape) < vectors.shape[0]:
+        return None
+    return vectors.reshape(vectors.shape[0], *shape)
 
 
 def _nearest_orthonormal(matrix: Tensor) -> Tensor:
-    """The (semi-)orthogonal matrix nearest to `matrix` [m, k] in Frobenius norm: P·Qᵀ from its SVD P·Σ·Qᵀ
-    (the orthogonal Procrustes / polar factor)."""
+    """The matrix with orthonormal columns nearest to `matrix` [m, k] (k ≤ m) in Frobenius norm: P·Qᵀ from
+    its SVD P·Σ·Qᵀ (the orthogonal Procrustes solution, `matrix`'s polar factor)."""
     left, _, right = torch.linalg.svd(matrix, full_matrices=False)
     return left @ right
 
@@ -155,13 +163,16 @@ class TaskSingularVectors:
 
     def __init__(self, scaling: float = 1.0) -> None:
         """TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference in Model
-        Merging"). For a weight matrix with task vectors τ_t = U_t·S_t·V_tᵀ ([out, in]; a convolution's
-        kernel is taken as [out, in·k·k]), keep each task's top k = ⌊min(out, in) / T⌋ singular triplets,
-        concatenate them (U [out, T·k], S [T·k], V [in, T·k]), replace U and V by their nearest orthonormal
-        matrices (polar factors, which removes the overlap between tasks' subspaces) and return
-        λ·U⊥·diag(S)·V⊥ᵀ. Tensors that are not matrices (biases, norms) are averaged, times λ. When the
-        tasks' singular vectors are already orthogonal to each other and each τ_t has rank ≤ k, the result
-        is exactly λ·Σ τ_t. Raises ValueError for a scaling that is not positive."""
+        Merging"). For a weight matrix with task vectors τ_t = U_t·S_t·V_tᵀ ([out, in]), keep each task's top
+        k = ⌊min(out, in) / T⌋ singular triplets, concatenate them task by task (U [out, T·k], S [T·k],
+        V [in, T·k]), replace U and V by their nearest matrices with orthonormal columns (polar factors:
+        the tasks' directions made orthogonal to each other, each moved as little as possible) and return
+        λ·U⊥·diag(S)·V⊥ᵀ. Triplets whose singular value is zero (a task vector of lower rank than k) are left
+        out: their vectors are arbitrary and would turn the others. Every other tensor (biases, norms,
+        convolution kernels, a matrix with min(out, in) < T) is λ · the mean task vector, as in the authors'
+        code. When the tasks' kept singular vectors are orthogonal to each other and each τ_t has rank ≤ k,
+        the result is exactly λ·Σ τ_t. Raises ValueError for a scaling that is not positive, and torch's
+        LinAlgError for a task vector holding NaN or inf."""
         _checked(scaling)
         self.scaling = scaling
 
@@ -170,12 +181,19 @@ class TaskSingularVectors:
         if matrices is None:
             return self.scaling * vectors.mean(0)
         tasks, rows, columns = matrices.shape
-        keep = max(1, min(rows, columns) // tasks)
-        left, values, right = torch.linalg.svd(matrices.double(), full_matrices=False)  # [T, m, r] [T, r] [T, r, n]
-        u = left[:, :, :keep].permute(1, 0, 2).reshape(rows, tasks * keep)  # [m, T·k]
-        s = values[:, :keep].reshape(tasks * keep)  # [T·k]
-        v = right[:, :keep, :].permute(2, 0, 1).reshape(columns, tasks * keep)  # [n, T·k]
-        merged = _nearest_orthonormal(u) @ torch.diag(s) @ _nearest_orthonormal(v).T  # [m, n]
+        keep = min(rows, columns) // tasks
+        lefts, values, rights = [], [], []
+        for matrix in matrices:  # one task at a time: only its top k vectors are kept
+            left, value, right = torch.linalg.svd(matrix.double(), full_matrices=False)
+            nonzero = value[:keep] > _RANK_TOLERANCE * float(value[0])  # all False for a zero vector
+            lefts.append(left[:, :keep][:, nonzero])  # [m, ≤k]
+            values.append(value[:keep][nonzero])
+            rights.append(right[:keep][nonzero].T)  # [n, ≤k]
+        s = torch.cat(values)  # [≤T·k]
+        if not len(s):  # every task vector of this tensor is zero
+            return torch.zeros_like(vectors[0])
+        u, v = _nearest_orthonormal(torch.cat(lefts, 1)), _nearest_orthonormal(torch.cat(rights, 1))
+        merged = (u * s) @ v.T  # [m, n]
         return (self.scaling * merged).reshape(vectors.shape[1:]).to(vectors.dtype)
 
 
@@ -187,22 +205,26 @@ class IsoC:
 
     def __init__(self, scaling: float = 1.0) -> None:
         """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging with Common and
-        Task-Specific Subspaces"). For a weight matrix, the task arithmetic sum Δ = Σ_t τ_t = U·S·Vᵀ
-        ([out, in]; a convolution's kernel as [out, in·k·k]) becomes λ·mean(S)·U·Vᵀ: every direction of the
-        merged update gets the same strength, so the directions one task dominates no longer drown the
-        others'. Tensors that are not matrices are the plain sum, times λ. Raises ValueError for a scaling
-        that is not positive."""
+        Task-Specific Subspaces"). For a weight matrix ([out, in]), the task arithmetic sum
+        Δ = Σ_t τ_t = U·S·Vᵀ becomes λ·mean(S)·U·Vᵀ: every direction of the merged update gets the same
+        strength, so the directions one task dominates no longer drown the others'. Directions with a zero
+        singular value (an exactly rank-deficient sum) are left out of both the mean and the update. Every
+        other tensor (biases, norms, convolution kernels, a matrix with min(out, in) < T) is λ · the mean task
+        vector, as in the authors' code. Raises ValueError for a scaling that is not positive, and torch's
+        LinAlgError for a task vector holding NaN or inf."""
         _checked(scaling)
         self.scaling = scaling
 
     def __call__(self, vectors: Tensor) -> Tensor:
-        total = vectors.sum(0)
         matrices = _as_matrices(vectors)
         if matrices is None:
-            return self.scaling * total
-        left, values, right = torch.linalg.svd(total.reshape(matrices.shape[1:]).double(), full_matrices=False)
-        merged = values.mean() * (left @ right)  # [m, n]
-        return (self.scaling * merged).reshape(total.shape).to(vectors.dtype)
+            return self.scaling * vectors.mean(0)
+        left, values, right = torch.linalg.svd(matrices.double().sum(0), full_matrices=False)
+        kept = values > _RANK_TOLERANCE * float(values[0])
+        if not kept.any():  # the task vectors sum to zero
+            return torch.zeros_like(vectors[0])
+        merged = values[kept].mean() * (left[:, kept] @ right[kept])  # [m, n]
+        return (self.scaling * merged).reshape(vectors.shape[1:]).to(vectors.dtype)
 
 
 def merge_weights(
