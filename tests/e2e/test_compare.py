@@ -240,6 +240,11 @@ def test_compare_merges_the_baselines_into_rows_beside_joint_training(tmp_path, 
     for name in ("one model per task", "joint multi-task", "merge: average", "merge: ties"):
         assert f"<td>{name}</td>" in report
     assert f"<td>{result['merges']['ties']['delta_m_percent']:+.2f}%</td>" in report
+    weights = (run / "model.safetensors").stat().st_size
+    assert result["storage_bytes"]["multi"] == weights
+    assert main(["compare", "--from-run", str(run), "--merge", "average"]) == 0  # the merges above now lie inside
+    again = json.loads((run / "comparison.json").read_text())
+    assert again["storage_bytes"]["multi"] == weights
 
 
 def test_merging_a_randomly_initialised_backbone_is_refused_before_anything_trains(
@@ -316,3 +321,25 @@ def test_a_finished_two_stage_run_is_compared_without_training_it_again_and_its_
     assert "give the run's own" in capsys.readouterr().err
     assert main(["compare", "--from-run", str(tmp_path)]) == 2  # not a run
     assert main(["compare", "--from-run", str(run), str(path)]) == 2  # a config too
+
+
+def test_deployment_bytes_count_the_run_its_adapters_and_copies_not_checkpoints_or_runs_kept_inside(tmp_path):
+    """A run with a 100-byte model, a 7-byte adapter and a 30-byte full copy per task keeps 137 bytes; its
+    checkpoints and the merges compare wrote under merged/ (runs of their own: config.yaml) are not its."""
+    from multitune.compare.measures import deployment_bytes
+
+    sizes = {
+        "model.safetensors": 100,
+        "finetuned/a/adapter/adapter_model.safetensors": 7,
+        "finetuned/b/model.safetensors": 30,
+        "checkpoints/step-10/model.safetensors": 100,
+        "merged/ties/model.safetensors": 100,
+        "merged/ties/backbone/extra.safetensors": 3,
+    }
+    for name, size in sizes.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * size)
+    (tmp_path / "config.yaml").write_text("run: {}\n", encoding="utf-8")
+    (tmp_path / "merged" / "ties" / "config.yaml").write_text("run: {}\n", encoding="utf-8")
+    assert deployment_bytes(tmp_path) == 137
+    assert deployment_bytes(tmp_path / "merged" / "ties") == 103

@@ -25,9 +25,12 @@ def delta_m_tasks(tasks: dict[str, dict[str, Any]]) -> list[str]:
 
 def deployment_bytes(run_dir: Path) -> int:
     """What a run's deployment keeps on disk: its weight files (the model, per-task adapters, per-task
-    fine-tuned copies), not its training checkpoints."""
-    return sum(
-        path.stat().st_size
-        for path in run_dir.rglob("*.safetensors")
-        if "checkpoints" not in path.relative_to(run_dir).parts
-    )
+    fine-tuned copies), not its training checkpoints, nor another run kept inside its folder (a folder with
+    its own config.yaml, such as the merges `compare --merge` writes under `merged/`)."""
+
+    def own(path: Path) -> bool:
+        parts = path.relative_to(run_dir).parts[:-1]
+        nested = (run_dir.joinpath(*parts[: i + 1]) / "config.yaml" for i in range(len(parts)))
+        return "checkpoints" not in parts and not any(config.is_file() for config in nested)
+
+    return sum(path.stat().st_size for path in run_dir.rglob("*.safetensors") if own(path))
