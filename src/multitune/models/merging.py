@@ -155,8 +155,28 @@ def _nearest_orthonormal(matrix: Tensor) -> Tensor:
     return left @ right
 
 
+class _SpectralMerge:
+    """A merge that rebuilds each weight matrix from singular value decompositions (`rebuild`: the task
+    vectors [T, out, in] in float64 -> the merged update [out, in]), times λ = `scaling`; every other tensor
+    is λ · the mean task vector."""
+
+    def __init__(self, scaling: float = 1.0) -> None:
+        _checked(scaling)
+        self.scaling = scaling
+
+    def rebuild(self, matrices: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, vectors: Tensor) -> Tensor:
+        matrices = _as_matrices(vectors)
+        if matrices is None:
+            return self.scaling * vectors.mean(0)
+        merged = self.rebuild(matrices.double())  # [m, n]
+        return (self.scaling * merged).reshape(vectors.shape[1:]).to(vectors.dtype)
+
+
 @MERGE_METHODS.register("tsv")
-class TaskSingularVectors:
+class TaskSingularVectors(_SpectralMerge):
     """λ · each matrix from every task's top singular vectors, made orthogonal across tasks (Gargiulo et al. 2025)."""
 
     paper = "Gargiulo et al. 2025"
@@ -173,32 +193,27 @@ class TaskSingularVectors:
         code. When the tasks' kept singular vectors are orthogonal to each other and each τ_t has rank ≤ k,
         the result is exactly λ·Σ τ_t. Raises ValueError for a scaling that is not positive, and torch's
         LinAlgError for a task vector holding NaN or inf."""
-        _checked(scaling)
-        self.scaling = scaling
+        super().__init__(scaling)
 
-    def __call__(self, vectors: Tensor) -> Tensor:
-        matrices = _as_matrices(vectors)
-        if matrices is None:
-            return self.scaling * vectors.mean(0)
+    def rebuild(self, matrices: Tensor) -> Tensor:
         tasks, rows, columns = matrices.shape
         keep = min(rows, columns) // tasks
         lefts, values, rights = [], [], []
         for matrix in matrices:  # one task at a time: only its top k vectors are kept
-            left, value, right = torch.linalg.svd(matrix.double(), full_matrices=False)
+            left, value, right = torch.linalg.svd(matrix, full_matrices=False)
             nonzero = value[:keep] > _RANK_TOLERANCE * float(value[0])  # all False for a zero vector
             lefts.append(left[:, :keep][:, nonzero])  # [m, ≤k]
             values.append(value[:keep][nonzero])
             rights.append(right[:keep][nonzero].T)  # [n, ≤k]
         s = torch.cat(values)  # [≤T·k]
         if not len(s):  # every task vector of this tensor is zero
-            return torch.zeros_like(vectors[0])
+            return torch.zeros_like(matrices[0])
         u, v = _nearest_orthonormal(torch.cat(lefts, 1)), _nearest_orthonormal(torch.cat(rights, 1))
-        merged = (u * s) @ v.T  # [m, n]
-        return (self.scaling * merged).reshape(vectors.shape[1:]).to(vectors.dtype)
+        return (u * s) @ v.T
 
 
 @MERGE_METHODS.register("iso_c")
-class IsoC:
+class IsoC(_SpectralMerge):
     """λ · Σ τ_t with its singular values replaced by their mean: an isotropic spectrum (Marczak et al. 2025)."""
 
     paper = "Marczak et al. 2025"
@@ -212,19 +227,14 @@ class IsoC:
         other tensor (biases, norms, convolution kernels, a matrix with min(out, in) < T) is λ · the mean task
         vector, as in the authors' code. Raises ValueError for a scaling that is not positive, and torch's
         LinAlgError for a task vector holding NaN or inf."""
-        _checked(scaling)
-        self.scaling = scaling
+        super().__init__(scaling)
 
-    def __call__(self, vectors: Tensor) -> Tensor:
-        matrices = _as_matrices(vectors)
-        if matrices is None:
-            return self.scaling * vectors.mean(0)
-        left, values, right = torch.linalg.svd(matrices.double().sum(0), full_matrices=False)
+    def rebuild(self, matrices: Tensor) -> Tensor:
+        left, values, right = torch.linalg.svd(matrices.sum(0), full_matrices=False)
         kept = values > _RANK_TOLERANCE * float(values[0])
         if not kept.any():  # the task vectors sum to zero
-            return torch.zeros_like(vectors[0])
-        merged = values[kept].mean() * (left[:, kept] @ right[kept])  # [m, n]
-        return (self.scaling * merged).reshape(vectors.shape[1:]).to(vectors.dtype)
+            return torch.zeros_like(matrices[0])
+        return values[kept].mean() * (left[:, kept] @ right[kept])
 
 
 def merge_weights(
