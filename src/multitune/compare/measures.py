@@ -28,9 +28,9 @@ def deployment_bytes(run_dir: Path) -> int:
     fine-tuned copies), not its training checkpoints, nor another run kept inside its folder (a folder with
     its own config.yaml, such as the merges `compare --merge` writes under `merged/`)."""
 
+    inner = {config.parent for config in run_dir.rglob("config.yaml") if config.parent != run_dir}
+
     def own(path: Path) -> bool:
-        parts = path.relative_to(run_dir).parts[:-1]
-        nested = (run_dir.joinpath(*parts[: i + 1]) / "config.yaml" for i in range(len(parts)))
-        return "checkpoints" not in parts and not any(config.is_file() for config in nested)
+        return "checkpoints" not in path.relative_to(run_dir).parts and inner.isdisjoint(path.parents)
 
     return sum(path.stat().st_size for path in run_dir.rglob("*.safetensors") if own(path))
