@@ -349,3 +349,93 @@ def test_regmean_refuses_models_whose_forwards_went_through_other_layers():
         add_layer_inputs(sums, _gram_of(two, torch.randn(3, 2)), two.state_dict())
     with pytest.raises(ValueError, match="the inputs of 1 models, not 2"):
         MERGE_METHODS.build("regmean").merge(one.state_dict(), [one.state_dict(), one.state_dict()], sums)
+
+
+# --- RegMean++: the blocks merged in order, each from what the merged blocks before it give ---------------
+
+
+class _Chain(torch.nn.Module):
+    """x · scale, two residual blocks (Linear 2→3, tanh, Linear 3→2), then a linear layer outside the blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.rand(2) + 0.5)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)) for _ in range(2)
+        )
+        self.pool = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.scale
+        for block in self.layers:
+            x = x + block(x)
+        return self.pool(x)
+
+
+def _np_chain_regmean_plusplus(states, inputs):
+    """RegMean++ at α = 1, written out in numpy from the paper: the scale is the models' mean; block 0's first
+    linear layer is the weighted least-squares fit of each model's outputs on the merged scale's outputs, and its
+    second on what model t's own first layer and tanh make of them (model t's block, the merged inputs); block 1
+    the same on block 0 merged; `pool` on both blocks merged. Returns {name: (W, b)} and the mean scale."""
+    import numpy as np
+
+    def lin(state, name):
+        return state[f"{name}.weight"].double().numpy(), state[f"{name}.bias"].double().numpy()
+
+    def fit(pairs):  # [(inputs, targets)] per model -> the weighted least-squares (W, b)
+        design = np.concatenate([np.c_[x, np.ones(len(x))] / np.sqrt(len(x)) for x, _ in pairs])
+        targets = np.concatenate([y / np.sqrt(len(y)) for _, y in pairs])
+        theta = np.linalg.lstsq(design, targets, rcond=None)[0]
+        return theta[:-1].T, theta[-1]
+
+    scale = np.mean([s["scale"].double().numpy() for s in states], axis=0)
+    current = [x.double().numpy() * scale for x in inputs]  # each model's rows as the merged model has them
+    merged = {}
+    for block in ("layers.0", "layers.1"):
+        first_pairs, second_pairs = [], []
+        for state, x in zip(states, current, strict=True):
+            (a, a0), (b, b0) = lin(state, f"{block}.0"), lin(state, f"{block}.2")
+            hidden = np.tanh(x @ a.T + a0)  # model t's own first layer: the block's intra-layer dependency
+            first_pairs.append((x, x @ a.T + a0))
+            second_pairs.append((hidden, hidden @ b.T + b0))
+        merged[f"{block}.0"], merged[f"{block}.2"] = fit(first_pairs), fit(second_pairs)
+        (a, a0), (b, b0) = merged[f"{block}.0"], merged[f"{block}.2"]
+        current = [x + np.tanh(x @ a.T + a0) @ b.T + b0 for x in current]  # the merged block's outputs
+    pools = [lin(state, "pool") for state in states]
+    merged["pool"] = fit([(x, x @ w.T + w0) for x, (w, w0) in zip(current, pools, strict=True)])
+    return merged, scale
+
+
+def test_regmean_plusplus_merges_each_block_from_the_merged_blocks_outputs():
+    """Two models of a two-block chain, 7 and 5 input rows: every linear layer of the RegMean++ merge equals
+    numpy's least squares on the inputs the paper prescribes (above), the scale outside any linear layer is the
+    mean; plain RegMean (each model's own inputs throughout) gives another block 1, so the order is seen."""
+    import numpy as np
+
+    torch.manual_seed(3)
+    base, models = _Chain(), [_Chain(), _Chain()]
+    inputs = [torch.randn(7, 2), torch.randn(5, 2) * 1.5 + 0.5]
+    states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
+    work = _Chain()
+
+    def forward(index, grams):
+        work(inputs[index])
+
+    method = MERGE_METHODS.build("regmean_plusplus", alpha=1.0)
+    merged = method.merge_in_order(work, base.state_dict(), states, forward)
+    want, scale = _np_chain_regmean_plusplus(states, inputs)
+    for name, (weight, bias) in want.items():  # float32 forwards against float64: 1e-4
+        assert np.allclose(merged[f"{name}.weight"].double().numpy(), weight, atol=1e-4), name
+        assert np.allclose(merged[f"{name}.bias"].double().numpy(), bias, atol=1e-4), name
+    assert np.allclose(merged["scale"].double().numpy(), scale, atol=1e-6)
+    plain = _regmean(1.0, base.state_dict(), states, [_gram_of(m, x) for m, x in zip(models, inputs, strict=True)])
+    assert not np.allclose(plain["layers.1.2.weight"].numpy(), merged["layers.1.2.weight"].numpy(), atol=1e-3)
+
+
+def test_regmean_plusplus_needs_blocks():
+    from multitune.models.merging import layer_blocks
+
+    assert layer_blocks(_Chain()) == ["layers.0", "layers.1"]
+    flat = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="no list of blocks"):
+        MERGE_METHODS.build("regmean_plusplus").merge_in_order(flat, flat.state_dict(), [flat.state_dict()], print)

@@ -279,3 +279,29 @@ def test_lora_adapters_refuse_the_svd_merges(lora_run, capsys):
         assert main(["merge", str(run), "--method", method, "--output-dir", str(folder / method)]) == 2
         assert "does not merge LoRA adapters" in capsys.readouterr().err
         assert not (folder / method).exists()
+
+
+def test_regmean_plusplus_merges_block_by_block_and_differs_from_regmean(single_runs):
+    """RegMean++ through `multitune merge`: alpha chosen on validation, the paper recorded; the embeddings and
+    every norm are the models' average as in RegMean; each block's linear layers are solved from the merged
+    blocks' outputs, so they differ from RegMean's solve on the same rows and alpha; the run evaluates."""
+    folder, runs = single_runs
+    merged = {}
+    for method in ("regmean", "regmean_plusplus"):
+        out = folder / method
+        argv = ["merge", *map(str, runs), "--method", method, "--set", "rows=24", "--set", "alpha=1.0"]
+        assert main([*argv, "--output-dir", str(out)]) == 0
+        merged[method] = load_file(str(out / "merged" / "model.safetensors"))
+    merge = json.loads((folder / "regmean_plusplus" / "merged" / "metrics.json").read_text())["merge"]
+    assert merge["paper"] == "Nguyen et al. 2025" and merge["settings"] == {"rows": 24, "alpha": 1.0}
+    first, second = (load_file(str(run / "model.safetensors")) for run in runs)
+    plus, plain = merged["regmean_plusplus"], merged["regmean"]
+    for key, value in plus.items():
+        if key.startswith("backbone.") and ("embeddings" in key or "LayerNorm" in key):
+            assert torch.allclose(value, (first[key] + second[key]) / 2, atol=1e-6), key
+    blocks = sorted({key.split(".layer.")[1].split(".")[0] for key in plus if ".encoder.layer." in key})
+    assert len(blocks) >= 2
+    for block in blocks:
+        key = f"backbone.encoder.layer.{block}.output.dense.weight"
+        assert torch.isfinite(plus[key]).all() and not torch.allclose(plus[key], plain[key], atol=1e-6), key
+    assert main(["evaluate", str(folder / "regmean_plusplus" / "merged"), "--split", "test"]) == 0

@@ -19,6 +19,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
     "dare": {"scaling": [0.3, 0.5, 0.7, 1.0]},
     "dare_ties": {"scaling": [0.5, 0.7, 1.0]},
     "regmean": {"alpha": [0.3, 0.6, 0.9, 1.0]},
+    "regmean_plusplus": {"alpha": [0.3, 0.6, 0.9, 1.0]},
     "tsv": {"scaling": [0.5, 1.0, 1.5, 2.0, 3.0]},
     "iso_c": {"scaling": [0.5, 1.0, 1.5, 2.0, 3.0]},
 }

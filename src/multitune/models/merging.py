@@ -17,14 +17,15 @@ Methods (MERGE_METHODS), each called with a tensor's stacked task vectors [T, ..
   (neither library has them): each task's top singular vectors made orthogonal across tasks (Gargiulo et
   al. 2025), or the summed task vectors' spectrum made flat (Marczak et al. 2025).
 
-Two methods look at more than the weights: `adamerging` learns its coefficients from the model's predictions
-on unlabelled inputs, and `regmean` merges each linear layer from the inputs that layer saw in each model
-(its Gram matrices, collected by `InputGrams`), every other tensor averaged.
+Three methods look at more than the weights: `adamerging` learns its coefficients from the model's
+predictions on unlabelled inputs; `regmean` merges each linear layer from the inputs that layer saw in each
+model (its Gram matrices, collected by `InputGrams`), every other tensor averaged; and `regmean_plusplus`
+does the same block by block on the inputs each layer sees in the merged model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -440,6 +441,14 @@ def prediction_entropy(outputs: Tensor, batch: object) -> Tensor:
     return entropy.mean()
 
 
+def linear_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """`module`'s linear layers (nn.Linear, and transformers' Conv1D as GPT-2 has them) by name, in the order
+    `named_modules` gives (the order of definition)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {name: layer for name, layer in module.named_modules() if isinstance(layer, (nn.Linear, Conv1D))}
+
+
 @dataclass
 class LayerInputs:
     """What one linear layer saw: `gram` = X̃ᵀX̃ [d, d] (float64) over its input rows X [N, in], with X̃ = X
@@ -456,17 +465,17 @@ class InputGrams:
     """Forward hooks on every linear layer of `module` (nn.Linear, and transformers' Conv1D) that add each
     forward's input rows to the layer's Gram matrix (`LayerInputs`), keyed by the layer's name in `module`.
     Set `mask` ([B, L] bool or 0/1) before a forward whose linear inputs are [B, L, in] to count only the
-    real tokens; inputs of any other shape count every row of their last dimension. Use as a context
-    manager: the hooks are removed on exit."""
+    real tokens; inputs of any other shape count every row of their last dimension. `only` (layer names)
+    limits the hooks to those layers. Use as a context manager: the hooks are removed on exit."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, only: Collection[str] | None = None) -> None:
         from transformers.pytorch_utils import Conv1D
 
         self.layers: dict[str, LayerInputs] = {}
         self.mask: Tensor | None = None
         self._hooks = []
-        for name, layer in module.named_modules():
-            if isinstance(layer, (nn.Linear, Conv1D)):
+        for name, layer in linear_layers(module).items():
+            if only is None or name in only:
                 transposed = isinstance(layer, Conv1D)
                 self._hooks.append(layer.register_forward_hook(self._hook(name, layer.bias is not None, transposed)))
 
@@ -602,3 +611,80 @@ class RegMean:
             weight = f"{prefix}weight"
             merged[weight] = (solved if total.transposed else solved.T).contiguous().to(base[weight].dtype)
         return merged
+
+
+def layer_blocks(module: nn.Module) -> list[str]:
+    """The names of `module`'s repeated blocks in forward order: the children of its longest nn.ModuleList
+    whose entries are all of one class and hold linear layers (a transformer's layers: BERT's
+    `encoder.layer.0`, ..., GPT-2's `h.0`, ...). Raises ValueError when it has none."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, candidate in module.named_modules():
+        if not isinstance(candidate, nn.ModuleList) or not len(candidate):
+            continue
+        if len({type(block) for block in candidate}) > 1 or not all(linear_layers(b) for b in candidate):
+            continue
+        if best is None or len(candidate) > len(best[1]):
+            best = (name, candidate)
+    if best is None:
+        raise ValueError(f"{type(module).__name__} has no list of blocks with linear layers to merge in order")
+    prefix = f"{best[0]}." if best[0] else ""
+    return [f"{prefix}{index}" for index in range(len(best[1]))]
+
+
+@MERGE_METHODS.register("regmean_plusplus")
+class RegMeanPlusPlus(RegMean):
+    """RegMean block by block, each block's inputs taken from the blocks already merged (Nguyen et al. 2025)."""
+
+    paper = "Nguyen et al. 2025"
+    in_order = True  # runs/merge.py calls `merge_in_order` with a forward over each model's inputs
+
+    def __init__(self, alpha: float = 0.9, rows: int = 256) -> None:
+        """RegMean++ (Nguyen et al. 2025, arXiv 2508.03121, TMLR 2026, "RegMean++: Enhancing Effectiveness
+        and Generalization of Regression Mean for Model Merging"). RegMean (see `RegMean`) fits each linear
+        layer to model t's outputs on the inputs that layer saw in model t itself; RegMean++ fits it on the
+        inputs it sees in the merged model. The blocks (`layer_blocks`: a transformer's layers) are merged
+        first to last: the embeddings and every tensor outside a linear layer are first averaged; then for
+        block l, each model t runs its own block l (intra-layer dependencies: a block's later layers see its
+        earlier ones' outputs in model t) on what the merged blocks 0..l−1 make of its tasks' inputs
+        (cross-layer dependencies), which gives block l's Gram matrices, and the block is merged by RegMean's
+        solve with `alpha`. The linear layers outside the blocks (BERT's pooler) are merged last, from the
+        inputs they see with every block merged."""
+        super().__init__(alpha, rows)
+
+    def merge_in_order(
+        self,
+        module: nn.Module,
+        base: Mapping[str, Tensor],
+        tuned: Sequence[Mapping[str, Tensor]],
+        forward: Callable[[int, InputGrams], None],
+        statistics: Collection[str] = (),
+    ) -> dict[str, Tensor]:
+        """The merged weights of `module` (a backbone, used as the working copy: its weights are overwritten).
+        `forward(t)` runs model t's forward over its tasks' inputs through `module`, the way `InputGrams`
+        reads them (setting its `mask` is the caller's: it receives the InputGrams as second argument).
+        Raises ValueError when the module has no blocks (`layer_blocks`) or a model is another backbone."""
+        blocks = layer_blocks(module)
+        linear = linear_layers(module)
+        inside = {block: [name for name in linear if name.startswith(f"{block}.")] for block in blocks}
+        outside = [name for name in linear if not any(name in names for names in inside.values())]
+        outside_keys = {key for name in outside for key in (f"{name}.weight", f"{name}.bias")}
+        done = merge_weights(base, tuned, Average(), statistics)  # the average: final for what no layer solves
+        fixed = {key for key in base if not any(key.startswith(f"{block}.") for block in blocks)} - outside_keys
+        for block in [*blocks, None]:
+            layers = inside[block] if block is not None else outside
+            if not layers:
+                continue
+            sums: dict[str, LayerSums] = {}
+            for index, state in enumerate(tuned):
+                # merged: the tensors outside any linear layer and every block before this one; model t's: the rest
+                module.load_state_dict({key: done[key] if key in fixed else value for key, value in state.items()})
+                with InputGrams(module, only=layers) as grams, torch.no_grad():
+                    forward(index, grams)
+                add_layer_inputs(sums, grams.layers, state)
+            solved = self.merge(base, tuned, sums, statistics)
+            owned = (
+                {key for key in base if key.startswith(f"{block}.")} if block is not None else outside_keys & set(base)
+            )
+            done.update({key: solved[key] for key in owned})
+            fixed |= owned
+        return done

@@ -107,6 +107,8 @@ def merge_runs(
             model, batches = _unlabelled(config, loaded, heads)
             weights, learned = merger.learn(model, base_state, tuned, batches, statistics)  # type: ignore[attr-defined]
             chosen = {**chosen, "coefficients": learned}
+        elif getattr(merger, "in_order", False):  # RegMean++: block by block, on the merged blocks' outputs
+            weights = _merge_in_order(merger, config, loaded, heads, base_state, tuned, statistics, run_dirs)
         elif getattr(merger, "needs_inputs", False):  # RegMean: from each model's own layer inputs
             rows = merger.rows  # type: ignore[attr-defined]
             if rows not in layer_sums:  # collected once for every setting of the grid that reads as many
@@ -150,21 +152,53 @@ def merge_runs(
     return run_dir
 
 
-def _unlabelled(config: Config, loaded: list[Any], heads: dict[str, torch.Tensor], rows: int = 16) -> tuple[Any, Any]:
-    """The merged run's model (the first run's backbone module, every run's head) and each task's validation
-    inputs in batches of `rows` (their labels are not read): what a merge that learns its coefficients needs."""
+def _merged_model(config: Config, loaded: list[Any], heads: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+    """The merged run's model (the first run's backbone module, every run's head) and its scored tasks."""
     from multitune.models.assemble import build_model
     from multitune.runs.load import scored_tasks
 
-    backbone = loaded[0][3]
     manifest = {task: entry for _, own, _, _ in loaded for task, entry in own.items()}
     tasks = scored_tasks(config, manifest)
-    model = build_model(config.model, tasks, backbone)
+    model = build_model(config.model, tasks, loaded[0][3])
     model.load_state_dict(heads, strict=False)
+    return model, tasks
+
+
+def _unlabelled(config: Config, loaded: list[Any], heads: dict[str, torch.Tensor], rows: int = 16) -> tuple[Any, Any]:
+    """The merged run's model (`_merged_model`) and each task's validation inputs in batches of `rows` (their
+    labels are not read): what a merge that learns its coefficients needs."""
+    model, tasks = _merged_model(config, loaded, heads)
+    backbone = loaded[0][3]
     batches = {
         name: _batches(task.splits["validation"], name, task, config, backbone, rows) for name, task in tasks.items()
     }
     return model, batches
+
+
+def _merge_in_order(
+    merger: Any,
+    config: Config,
+    loaded: list[Any],
+    heads: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
+    tuned: list[dict[str, torch.Tensor]],
+    statistics: set[str],
+    runs: Sequence[str | Path],
+) -> dict[str, torch.Tensor]:
+    """RegMean++'s merge (models/merging.py): a copy of the merged run's model carries each model's weights in
+    turn, with the blocks merged so far, over up to `merger.rows` of that model's tasks' training inputs."""
+    model = copy.deepcopy(_merged_model(config, loaded, heads)[0]).eval()  # a copy: the runs' tensors stay intact
+    inputs = [_input_batches(entry, merger.rows) for entry in loaded]
+
+    def forward(index: int, grams: InputGrams) -> None:
+        for batch in inputs[index]:
+            grams.mask = batch.inputs.get("attention_mask")
+            model(batch)
+
+    try:
+        return merger.merge_in_order(model.backbone, base, tuned, forward, statistics)  # type: ignore[no-any-return]
+    except ValueError as error:  # no blocks, or a forward through other layers than the runs before it
+        raise ConfigError(str(error), file=str(runs[0])) from None
 
 
 def _batches(examples: Sequence[Any], name: str, task: Any, config: Config, backbone: Any, rows: int) -> list[Any]:
@@ -177,25 +211,32 @@ def _batches(examples: Sequence[Any], name: str, task: Any, config: Config, back
     return [collate({name: encoded[start : start + rows]}, backbone.pad_id) for start in range(0, len(encoded), rows)]
 
 
-def _layer_inputs(entry: Any, rows: int, batch_rows: int = 16) -> dict[str, LayerInputs]:
-    """One run's linear-layer input Gram matrices (RegMean): its own model's forward over up to `rows` of each
-    of its tasks' training inputs, drawn with the run's seed (labels not read); a streamed training split,
-    which is not held in memory, gives its validation inputs instead."""
+def _input_batches(entry: Any, rows: int, batch_rows: int = 16) -> list[Any]:
+    """Up to `rows` of each of one run's tasks' training inputs, drawn with the run's seed (labels not read),
+    in batches of `batch_rows`; a streamed training split, which is not held in memory, gives its validation
+    inputs instead."""
     from multitune.data.tasks import seeded_subsample
     from multitune.runs.load import scored_tasks
 
-    config, manifest, model, backbone = entry
-    tasks = scored_tasks(config, manifest)
+    config, manifest, _, backbone = entry
+    batches = []
+    for name, task in scored_tasks(config, manifest).items():
+        train = task.splits.get("train")
+        pool = train if isinstance(train, list) and train else task.splits["validation"]
+        drawn = seeded_subsample(pool, rows, config.run.seed)
+        batches += _batches(drawn, name, task, config, backbone, batch_rows)
+    return batches
+
+
+def _layer_inputs(entry: Any, rows: int) -> dict[str, LayerInputs]:
+    """One run's linear-layer input Gram matrices (RegMean): its own model's forward over `_input_batches`."""
+    model = entry[2]
     was_training = model.training
     model.eval()
     with InputGrams(model.backbone) as grams, torch.no_grad():
-        for name, task in tasks.items():
-            train = task.splits.get("train")
-            pool = train if isinstance(train, list) and train else task.splits["validation"]
-            drawn = seeded_subsample(pool, rows, config.run.seed)
-            for batch in _batches(drawn, name, task, config, backbone, batch_rows):
-                grams.mask = batch.inputs.get("attention_mask")
-                model(batch)
+        for batch in _input_batches(entry, rows):
+            grams.mask = batch.inputs.get("attention_mask")
+            model(batch)
     model.train(was_training)
     return grams.layers
 
