@@ -21,7 +21,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
     "regmean": {"alpha": [0.3, 0.6, 0.9, 1.0]},
     "regmean_plusplus": {"alpha": [0.3, 0.6, 0.9, 1.0]},
     "tsv": {"scaling": [0.5, 1.0, 1.5, 2.0, 3.0]},
-    "iso_c": {"scaling": [0.5, 1.0, 1.5, 2.0, 3.0]},
+    "iso_c": {"scaling": [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]},
 }
 FIXED: dict[str, dict[str, float]] = {"ties": {"density": 0.2}, "dare": {"density": 0.5}, "dare_ties": {"density": 0.5}}
 
