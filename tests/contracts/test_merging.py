@@ -436,6 +436,11 @@ def test_regmean_plusplus_needs_blocks():
     from multitune.models.merging import layer_blocks
 
     assert layer_blocks(_Chain()) == ["layers.0", "layers.1"]
+    two = torch.nn.Module()  # an encoder's and a decoder's blocks, the first holding an expert list of its own
+    two.encoder = torch.nn.ModuleList([torch.nn.Module()])
+    two.encoder[0].experts = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+    two.decoder = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(2, 2)) for _ in range(2)])
+    assert layer_blocks(two) == ["encoder.0", "decoder.0", "decoder.1"]
     flat = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="no list of blocks"):
         MERGE_METHODS.build("regmean_plusplus").merge_in_order(flat, flat.state_dict(), [flat.state_dict()], print)

@@ -614,21 +614,23 @@ class RegMean:
 
 
 def layer_blocks(module: nn.Module) -> list[str]:
-    """The names of `module`'s repeated blocks in forward order: the children of its longest nn.ModuleList
-    whose entries are all of one class and hold linear layers (a transformer's layers: BERT's
-    `encoder.layer.0`, ..., GPT-2's `h.0`, ...). Raises ValueError when it has none."""
-    best: tuple[str, nn.ModuleList] | None = None
+    """The names of `module`'s blocks in the order they are defined (the order a forward reaches them in a
+    transformer): the entries of every nn.ModuleList whose entries are all of one class and each hold linear
+    layers, and which is not inside another such list (BERT's `encoder.layer.0`, ..., GPT-2's `h.0`, ...; T5's
+    encoder blocks, then its decoder blocks; a mixture of experts' expert lists stay inside their layer).
+    Raises ValueError when it has none."""
+    lists: list[tuple[str, nn.ModuleList]] = []
     for name, candidate in module.named_modules():
         if not isinstance(candidate, nn.ModuleList) or not len(candidate):
             continue
         if len({type(block) for block in candidate}) > 1 or not all(linear_layers(b) for b in candidate):
             continue
-        if best is None or len(candidate) > len(best[1]):
-            best = (name, candidate)
-    if best is None:
+        if any(name.startswith(f"{outer}.") for outer, _ in lists):
+            continue
+        lists.append((name, candidate))
+    if not lists:
         raise ValueError(f"{type(module).__name__} has no list of blocks with linear layers to merge in order")
-    prefix = f"{best[0]}." if best[0] else ""
-    return [f"{prefix}{index}" for index in range(len(best[1]))]
+    return [f"{name}.{index}" if name else str(index) for name, blocks in lists for index in range(len(blocks))]
 
 
 @MERGE_METHODS.register("regmean_plusplus")
