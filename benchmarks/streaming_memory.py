@@ -55,8 +55,12 @@ from multitune.cli import main
 code = main(["train", sys.argv[1]])
 done.set()
 wall = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest tokenizing process, if any
+from multitune.recipe.session import peak_memory_bytes
+import torch
+peak = peak_memory_bytes(torch.device("cpu")) / 2**20  # this process's own high-water mark
+# the largest tokenizing process, if any: an upper bound, since a forked worker's figure includes what it
+# shared with this process when it was forked
+worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps({"code": code, "wall_seconds": wall, "peak_rss_mb": peak, "worker_peak_rss_mb": worker, "seen": seen}))
 """
 

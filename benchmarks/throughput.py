@@ -35,7 +35,6 @@ import math
 import os
 import platform
 import random
-import resource
 import statistics
 import sys
 import time
@@ -329,9 +328,9 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    from multitune.recipe.session import peak_memory_bytes
+
+    return peak_memory_bytes(device)
 
 
 @dataclass

@@ -54,12 +54,22 @@ def write_scalars(writer: Any, entry: dict[str, Any]) -> None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak accelerator memory of this process, or on the CPU its peak resident set size."""
+    """Peak accelerator memory of this process (bytes), or on the CPU its own peak resident set size: Linux's
+    VmHWM, the high-water mark of this program's address space. getrusage's ru_maxrss is not used there: a
+    process started by another (compare's baselines, after merges grew the parent) inherits the parent's
+    size at the fork in it, even across exec. Elsewhere ru_maxrss (KiB, bytes on macOS)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
     import resource
+    import sys
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def loop_settings(training: TrainingConfig, seed: int, pad_id: int) -> LoopSettings:
