@@ -210,7 +210,7 @@ def test_a_baseline_another_comparison_is_training_is_left_for_later(tmp_path):
     assert _baseline("t", None, cache, Quiet(), False, wait=False) == (record, True)
 
 
-def test_compare_merges_the_baselines_into_rows_beside_joint_training(tmp_path, tiny_backbone, write_jsonl):
+def test_compare_merges_the_baselines_into_rows_beside_joint_training(tmp_path, tiny_backbone, write_jsonl, capsys):
     """--merge: each method merges the very baselines of the comparison; its row's Δm is against them,
     computed here from the scores; storage is the merged run's weights; comparison.md shows the table."""
     a, b = write_jsonl("a.jsonl", classification_rows(40)), write_jsonl("b.jsonl", token_rows(40))
@@ -242,9 +242,20 @@ def test_compare_merges_the_baselines_into_rows_beside_joint_training(tmp_path, 
     assert f"<td>{result['merges']['ties']['delta_m_percent']:+.2f}%</td>" in report
     weights = (run / "model.safetensors").stat().st_size
     assert result["storage_bytes"]["multi"] == weights
-    assert main(["compare", "--from-run", str(run), "--merge", "average"]) == 0  # the merges above now lie inside
+    earlier = (run / "merged" / "average" / "model.safetensors").read_bytes()
+    # the merges above now lie inside; a method named twice merges once, into the folder it had
+    assert main(["compare", "--from-run", str(run), "--merge", "average,average"]) == 0
     again = json.loads((run / "comparison.json").read_text())
     assert again["storage_bytes"]["multi"] == weights
+    assert sorted(path.name for path in (run / "merged").iterdir()) == ["average", "ties"]
+    assert set(again["merges"]) == {"average"}
+    assert again["merges"]["average"]["run"] == str((run / "merged" / "average").resolve())
+    assert again["multi_run"] == str(run.resolve())
+    assert (run / "merged" / "average" / "model.safetensors").read_bytes() == earlier  # the same merge again
+    capsys.readouterr()
+    assert main(["compare", "--from-run", str(run / "merged" / "average")]) == 2  # a merged run: no traceback
+    error = capsys.readouterr().err.strip()
+    assert "a merged run: --from-run takes a trained multi-task run" in error and "\n" not in error
 
 
 def test_merging_a_randomly_initialised_backbone_is_refused_before_anything_trains(

@@ -5,6 +5,7 @@ storage is the merged run's weight files; its time the baselines' training plus 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,12 @@ def merge_rows(
     "storage_bytes", "wall_seconds"}} for the baselines in `baseline_runs` (task -> run directory); Δm is
     against the same baselines (`single_scores`: comparison.json's task entries)."""
     rows = {}
-    for method in methods:
-        run = merge_runs(list(baseline_runs.values()), method, FIXED.get(method), GRIDS.get(method), folder, method)
+    for method in dict.fromkeys(methods):  # each method once, in the order given
+        fresh = merge_runs(list(baseline_runs.values()), method, FIXED.get(method), GRIDS.get(method), folder, method)
+        run = (folder / method).resolve()
+        if fresh.resolve() != run:  # an earlier comparison's merge by this method: replaced once this one is done
+            shutil.rmtree(run, ignore_errors=True)
+            fresh.rename(run)
         metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
         scores = {task: metrics["tasks"][task]["main_score"] for task in baseline_runs}
         entries = {task: {**single_scores[task], "multi": score} for task, score in scores.items()}

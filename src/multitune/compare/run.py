@@ -218,6 +218,9 @@ def compare_run(run_dir: str | Path, budget: Budget | float = 1.0, merges: Seque
                 field="--from-run",
             )
     multi = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    if "merge" in multi or "train_seconds" not in multi:  # a merged run, or another kind of metrics.json
+        what = "a merged run" if "merge" in multi else "not a trained run (metrics.json has no train_seconds)"
+        raise MultitunError(f"{what}: --from-run takes a trained multi-task run", file=str(run / "metrics.json"))
     return compare_once(config, budget, merges, trained=(run, loop_seconds(multi)))
 
 
@@ -277,7 +280,7 @@ def compare_once(
         "rule": budget.rule(config.training),
     }
     result["seed"] = config.run.seed
-    result["multi_run"] = str(multi_dir)
+    result["multi_run"] = str(Path(multi_dir).resolve())
     if trained is not None:
         result["budget"]["multi_time"] = "an existing run: its training loops' time (every stage), not a wall time"
     if merges:  # the other road to one model: the baselines merged, each method a row
