@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -344,11 +346,12 @@ def _number_setting(item: str, flag: str, many: bool = False) -> tuple[str, Any]
         except ValueError:
             numbers = []
             break
+    if any(not math.isfinite(number) for number in numbers):
+        raise ConfigError(f"settings are finite numbers, got {item!r}", field=flag)
     if many and key and numbers:
         return key, numbers
     if not many and key and len(parts) == 1:
         if not numbers:
             return key, value
-        number = numbers[0]
-        return key, int(number) if number.is_integer() and "." not in value else number
+        return key, int(value) if re.fullmatch(r"[+-]?\d+", value.strip()) else numbers[0]  # 1e38 stays a float
     raise ConfigError(f"expected KEY={'V1,V2 (numbers)' if many else 'VALUE'}, got {item!r}", field=flag)

@@ -83,6 +83,49 @@ def test_runs_that_do_not_fit_together_are_refused(single_runs, tmp_path, capsys
     assert main(["merge", *map(str, runs), "--method", "soup", "--output-dir", str(tmp_path)]) == 2
     assert main(["merge", *map(str, runs), "--set", "density=much", "--output-dir", str(tmp_path)]) == 2
     assert list(tmp_path.iterdir()) == []
+    out = tmp_path / "out"
+    for argv, said in (
+        (["--name", "a/b"], "run.name"),  # a one-line error, as in a config, not a validation traceback
+        (["--method", "tsv", "--set", "scaling=inf"], "finite"),
+        (["--method", "task_arithmetic", "--set", "scaling=1e300"], "finite in float32"),
+    ):
+        capsys.readouterr()
+        assert main(["merge", *map(str, runs), *argv, "--output-dir", str(out)]) == 2, argv
+        error = capsys.readouterr().err.strip()
+        assert said in error and "\n" not in error and "Traceback" not in error, error
+        assert not out.exists() or list(out.iterdir()) == [], argv  # a failed merge leaves no partial run
+
+
+def test_a_merge_that_gives_non_finite_weights_is_refused_and_leaves_nothing(
+    single_runs, tmp_path, capsys, monkeypatch
+):
+    from multitune.models.merging import TaskArithmetic
+
+    _, runs = single_runs
+    monkeypatch.setattr(TaskArithmetic, "__call__", lambda self, vectors: torch.full_like(vectors[0], float("nan")))
+    out = tmp_path / "out"
+    assert main(["merge", *map(str, runs), "--method", "task_arithmetic", "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "the merge with settings {} gives" in error and "holding NaN or infinity" in error and "\n" not in error
+    assert "diverged" not in error and list(out.iterdir()) == []
+
+
+def test_runs_with_other_model_settings_are_refused(single_runs, tmp_path, capsys):
+    """A run whose backbone pooled otherwise, read other lengths or started from random weights computes
+    something else: merging it with the others is refused, naming the setting."""
+    import shutil
+
+    _, runs = single_runs
+    for setting, value in (("pooling", "cls"), ("max_length", 16), ("random_init", True)):
+        other = tmp_path / setting
+        shutil.copytree(runs[1], other)
+        config = yaml.safe_load((other / "config.yaml").read_text())
+        config["model"][setting] = value
+        (other / "config.yaml").write_text(yaml.safe_dump(config))
+        capsys.readouterr()
+        assert main(["merge", str(runs[0]), str(other), "--output-dir", str(tmp_path / "out")]) == 2
+        assert f"model.{setting}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("granularity", ["task", "layer"])

@@ -38,8 +38,8 @@ MERGE_METHODS: Registry[object] = Registry("merge method")
 
 
 def _checked(scaling: float, density: float | None = None) -> None:
-    if not scaling > 0:
-        raise ValueError(f"scaling must be positive, got {scaling}")
+    if not 0 < scaling <= torch.finfo(torch.float32).max:  # the task vectors are float32
+        raise ValueError(f"scaling must be positive and finite in float32, got {scaling}")
     if density is not None and not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
 
@@ -364,8 +364,9 @@ class AdaMerging:
         one coefficient per task vector (`granularity` "task") or per task vector and layer ("layer"),
         started at `init` (task arithmetic's usual λ) and trained with Adam (`lr`, `steps` steps) to lower
         the entropy of every task head's predictions on its own unlabelled inputs."""
-        if granularity not in ("task", "layer") or steps < 1 or not lr > 0 or not init > 0:
-            raise ValueError("granularity must be task or layer, steps >= 1, lr and init positive")
+        finite = 0 < lr < float("inf") and 0 < init < float("inf")
+        if granularity not in ("task", "layer") or steps < 1 or not finite:
+            raise ValueError("granularity must be task or layer, steps >= 1, lr and init positive and finite")
         self.granularity, self.steps, self.lr, self.init = granularity, steps, lr, init
 
     def __call__(self, vectors: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from multitune.catalogue import check_methods
 from multitune.config import Config
-from multitune.config.loading import dump_config
+from multitune.config.loading import dump_config, validate_config
 from multitune.core.files import WEIGHTS_FILE, write_json, write_text
 from multitune.errors import ConfigError
 from multitune.models.assemble import LOADERS
@@ -46,7 +46,10 @@ from multitune.models.merging import (
 from multitune.runs.evaluate import evaluate_run
 from multitune.runs.layout import create_run_dir
 from multitune.runs.load import load_run
-from multitune.training.checkpoint import save_weights
+from multitune.training.checkpoint import nonfinite_tensors, save_weights
+
+# model settings that change what a fine-tuned backbone computes or started from: merged runs must share them
+SAME_MODEL_SETTINGS = ("revision", "pooling", "max_length", "random_init", "trust_remote_code")
 
 
 def merge_runs(
@@ -87,68 +90,76 @@ def merge_runs(
         key: value for _, _, model, _ in loaded for key, value in model.state_dict().items() if key.startswith("heads.")
     }
     run_dir = create_run_dir(str(config.run.output_dir), config.run.name)
-    write_text(run_dir / "config.yaml", dump_config(config))
-    manifest = {task: entry for _, own, _, _ in loaded for task, entry in own.items()}
-    write_json(run_dir / "tasks.json", manifest)
-    shutil.copytree(Path(run_dirs[0]) / "backbone", run_dir / "backbone")
-    candidates = []
-    best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
-    layer_sums: dict[int, dict[str, LayerSums]] = {}  # RegMean's sums over the models, by rows read
-    for chosen in combos or [settings]:
-        merger = MERGE_METHODS.build(method, field="--method", **chosen)
-        if lora:
-            merged = merge_lora_adapters(copy.deepcopy(base), adapters, merger)
-            from peft import get_peft_model_state_dict
+    try:  # a merge that fails leaves nothing behind: the folder is this call's own
+        write_text(run_dir / "config.yaml", dump_config(config))
+        manifest = {task: entry for _, own, _, _ in loaded for task, entry in own.items()}
+        write_json(run_dir / "tasks.json", manifest)
+        shutil.copytree(Path(run_dirs[0]) / "backbone", run_dir / "backbone")
+        candidates = []
+        best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
+        layer_sums: dict[int, dict[str, LayerSums]] = {}  # RegMean's sums over the models, by rows read
+        for chosen in combos or [settings]:
+            merger = MERGE_METHODS.build(method, field="--method", **chosen)
+            if lora:
+                merged = merge_lora_adapters(copy.deepcopy(base), adapters, merger)
+                from peft import get_peft_model_state_dict
 
-            saved = get_peft_model_state_dict(merged, adapter_name=MERGED)  # SVD factors may be views: copied whole
-            adapter = ({k: v.detach().contiguous().clone() for k, v in saved.items()}, merged.peft_config[MERGED])
-            weights = merged.merge_and_unload().state_dict()
-        elif getattr(merger, "learns", False):  # AdaMerging: coefficients learned on unlabelled validation inputs
-            model, batches = _unlabelled(config, loaded, heads)
-            weights, learned = merger.learn(model, base_state, tuned, batches, statistics)  # type: ignore[attr-defined]
-            chosen = {**chosen, "coefficients": learned}
-        elif getattr(merger, "in_order", False):  # RegMean++: block by block, on the merged blocks' outputs
-            weights = _merge_in_order(merger, config, loaded, heads, base_state, tuned, statistics, run_dirs)
-        elif getattr(merger, "needs_inputs", False):  # RegMean: from each model's own layer inputs
-            rows = merger.rows  # type: ignore[attr-defined]
-            if rows not in layer_sums:  # collected once for every setting of the grid that reads as many
-                layer_sums[rows] = {}
-                for entry, state, run in zip(loaded, tuned, run_dirs, strict=True):  # one model's Grams at a time
-                    try:
-                        add_layer_inputs(layer_sums[rows], _layer_inputs(entry, rows), state)
-                    except ValueError as error:  # a forward through other layers than the runs before it
-                        raise ConfigError(str(error), file=str(run)) from None
-            weights = merger.merge(base_state, tuned, layer_sums[rows], statistics)  # type: ignore[attr-defined]
-        else:
-            weights = merge_weights(base_state, tuned, merger, statistics)
-        state = {f"backbone.{key}": value for key, value in weights.items()}
-        save_weights({**state, **heads}, run_dir / WEIGHTS_FILE)
-        score = evaluate_run(run_dir, "validation")["average_main_score"]
-        candidates.append({"settings": chosen, "validation_average_main_score": score})
-        if best is None or score > best[0]:
-            best = (score, chosen, {**state, **heads})
-            if lora:  # the chosen adapter, in peft's format
-                _save_adapter(*adapter, run_dir / "adapter")
-    assert best is not None
-    save_weights(best[2], run_dir / WEIGHTS_FILE)
-    test = evaluate_run(run_dir, "test")
-    metrics = {
-        "tasks": test["tasks"],
-        "average_main_score": test["average_main_score"],
-        "merge": {
-            "method": method,
-            "paper": getattr(MERGE_METHODS.get(method), "paper", None),
-            "settings": best[1],
-            "candidates": candidates,
-            "runs": [str(run) for run in run_dirs],
-            "chosen_on": "validation",
-            # rows and columns: the runs in order (their tasks: `task_order`)
-            "task_vector_cosine": {"overall": overall, "per_layer": per_layer},
-            "task_order": [list(config.tasks) for config, *_ in loaded],
-        },
-        "wall_seconds": round(time.perf_counter() - started, 2),
-    }
-    write_json(run_dir / "metrics.json", metrics)
+                saved = get_peft_model_state_dict(merged, adapter_name=MERGED)  # SVD factors may be views: copied whole
+                adapter = ({k: v.detach().contiguous().clone() for k, v in saved.items()}, merged.peft_config[MERGED])
+                weights = merged.merge_and_unload().state_dict()
+            elif getattr(merger, "learns", False):  # AdaMerging: coefficients learned on unlabelled validation inputs
+                model, batches = _unlabelled(config, loaded, heads)
+                weights, learned = merger.learn(model, base_state, tuned, batches, statistics)  # type: ignore[attr-defined]
+                chosen = {**chosen, "coefficients": learned}
+            elif getattr(merger, "in_order", False):  # RegMean++: block by block, on the merged blocks' outputs
+                weights = _merge_in_order(merger, config, loaded, heads, base_state, tuned, statistics, run_dirs)
+            elif getattr(merger, "needs_inputs", False):  # RegMean: from each model's own layer inputs
+                rows = merger.rows  # type: ignore[attr-defined]
+                if rows not in layer_sums:  # collected once for every setting of the grid that reads as many
+                    layer_sums[rows] = {}
+                    for entry, state, run in zip(loaded, tuned, run_dirs, strict=True):  # one model's Grams at a time
+                        try:
+                            add_layer_inputs(layer_sums[rows], _layer_inputs(entry, rows), state)
+                        except ValueError as error:  # a forward through other layers than the runs before it
+                            raise ConfigError(str(error), file=str(run)) from None
+                weights = merger.merge(base_state, tuned, layer_sums[rows], statistics)  # type: ignore[attr-defined]
+            else:
+                weights = merge_weights(base_state, tuned, merger, statistics)
+            state = {f"backbone.{key}": value for key, value in weights.items()}
+            bad, total = nonfinite_tensors(state)
+            if bad:  # a setting that overflows (a huge λ), said as a merge's fault, not a diverged training's
+                message = f"the merge with settings {chosen} gives {len(bad)} of {total} tensors holding NaN"
+                raise ConfigError(f"{message} or infinity (first: {bad[0]})", field="--set")
+            save_weights({**state, **heads}, run_dir / WEIGHTS_FILE)
+            score = evaluate_run(run_dir, "validation")["average_main_score"]
+            candidates.append({"settings": chosen, "validation_average_main_score": score})
+            if best is None or score > best[0]:
+                best = (score, chosen, {**state, **heads})
+                if lora:  # the chosen adapter, in peft's format
+                    _save_adapter(*adapter, run_dir / "adapter")
+        assert best is not None
+        save_weights(best[2], run_dir / WEIGHTS_FILE)
+        test = evaluate_run(run_dir, "test")
+        metrics = {
+            "tasks": test["tasks"],
+            "average_main_score": test["average_main_score"],
+            "merge": {
+                "method": method,
+                "paper": getattr(MERGE_METHODS.get(method), "paper", None),
+                "settings": best[1],
+                "candidates": candidates,
+                "runs": [str(run) for run in run_dirs],
+                "chosen_on": "validation",
+                # rows and columns: the runs in order (their tasks: `task_order`)
+                "task_vector_cosine": {"overall": overall, "per_layer": per_layer},
+                "task_order": [list(config.tasks) for config, *_ in loaded],
+            },
+            "wall_seconds": round(time.perf_counter() - started, 2),
+        }
+        write_json(run_dir / "metrics.json", metrics)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return run_dir
 
 
@@ -310,6 +321,14 @@ def _combined(loaded: list[Any], runs: Sequence[Path], output_dir: str | Path, n
         model_config = config.model
         if (model_config.backbone, model_config.kind) != (first.model.backbone, first.model.kind):
             raise ConfigError(f"not fine-tuned from {first.model.backbone}: {model_config.backbone}", file=str(run))
+        for setting in SAME_MODEL_SETTINGS:  # what the backbone computes, or starts from, must be the same
+            own, want = getattr(model_config, setting), getattr(first.model, setting)
+            if own != want:
+                raise ConfigError(
+                    f"model.{setting} is {own!r} here and {want!r} in {runs[0]}: the runs must share it to merge",
+                    file=str(run),
+                    field=f"model.{setting}",
+                )
         peft = model_config.peft
         if lora and (peft is None or peft.method != "lora" or peft.shared or peft.train_backbone):
             message = "a LoRA merge takes runs whose every task has its own LoRA adapter on a frozen backbone"
@@ -335,6 +354,6 @@ def _combined(loaded: list[Any], runs: Sequence[Path], output_dir: str | Path, n
     data["run"].update(name=name, output_dir=str(output_dir), resume=None)
     data["recipe"] = None
     data["training"]["schedule"] = {"name": "joint"}
-    merged = Config.model_validate(data)
+    merged = validate_config(data)  # a bad --name is a one-line error, as run.name is in a config
     check_methods(merged)
     return merged
