@@ -52,7 +52,9 @@ def _add_compare(commands: Any) -> None:
         action="store_true",
         help="train each side to convergence instead: early stopping on its validation score, best checkpoint",
     )
-    compare.add_argument("--patience", type=int, default=3, metavar="N", help="--converge: validations without a gain")
+    compare.add_argument(
+        "--patience", type=int, default=None, metavar="N", help="--converge: validations without a gain (default 3)"
+    )
     compare.add_argument(
         "--max-steps", type=int, default=None, metavar="N", help="--converge: the step limit (default training.steps)"
     )
@@ -221,7 +223,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "compare":
         from multitune.compare import Budget, compare, compare_run
 
-        budget = Budget(args.baseline_budget, args.converge, args.patience, args.max_steps)
+        if not args.converge and (args.patience is not None or args.max_steps is not None):
+            flag = "--patience" if args.patience is not None else "--max-steps"
+            raise ConfigError(f"{flag} sets the rule of --converge: add --converge, or leave it out", field=flag)
+        if args.converge and args.baseline_budget != 1.0:
+            message = "--baseline-budget sets the equal-rows budget; --converge trains each side to convergence"
+            raise ConfigError(message, field="--baseline-budget")
+        patience = 3 if args.patience is None else args.patience
+        budget = Budget(args.baseline_budget, args.converge, patience, args.max_steps)
         if args.from_run is not None:
             if args.config is not None or args.overrides or args.seeds:
                 raise ConfigError(

@@ -41,7 +41,7 @@ def test_malformed_row(setup, capsys):
     bad = tmp_path / "broken.jsonl"
     bad.write_text('{"text": "fine", "label": "pos"}\n{"text": "oops", "label": \n', encoding="utf-8")
     config["tasks"]["sentiment"]["source"]["train"] = str(bad)
-    assert run_bad(tmp_path, config, capsys) == f"multitune: error: {bad}:2: invalid JSON: Expecting value at column 27"
+    assert run_bad(tmp_path, config, capsys) == f"multitune: error: {bad}:2: invalid JSON: Expecting value (column 27)"
 
 
 def test_missing_field(setup, capsys):

@@ -332,6 +332,16 @@ def test_a_finished_two_stage_run_is_compared_without_training_it_again_and_its_
     assert "give the run's own" in capsys.readouterr().err
     assert main(["compare", "--from-run", str(tmp_path)]) == 2  # not a run
     assert main(["compare", "--from-run", str(run), str(path)]) == 2  # a config too
+    before = sorted(path.name for path in (tmp_path / "runs").iterdir())
+    for argv, said in (  # options that --converge alone reads, and the one it ignores: refused, not dropped
+        (["--patience", "2"], "--patience sets the rule of --converge"),
+        (["--max-steps", "9"], "--max-steps sets the rule of --converge"),
+        (["--converge", "--baseline-budget", "2"], "--baseline-budget sets the equal-rows budget"),
+    ):
+        capsys.readouterr()
+        assert main(["compare", str(path), *argv]) == 2
+        assert said in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == before  # nothing trained
 
 
 def test_deployment_bytes_count_the_run_its_adapters_and_copies_not_checkpoints_or_runs_kept_inside(tmp_path):

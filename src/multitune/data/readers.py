@@ -196,7 +196,7 @@ def json_rows(lines: Iterable[tuple[int, str]], path: str) -> Iterator[Row]:
         except DuplicateKey as error:
             raise DataError(f"the key {error.key!r} appears twice in one object", file=path, line=number) from None
         except json.JSONDecodeError as error:
-            raise DataError(f"invalid JSON: {error.msg} at column {error.colno}", file=path, line=number) from None
+            raise DataError(f"invalid JSON: {error.msg} (column {error.colno})", file=path, line=number) from None
         except RecursionError:
             raise DataError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", file=path, line=number) from None
         except ValueError as error:  # an integer of more digits than Python converts
