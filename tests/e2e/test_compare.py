@@ -252,6 +252,9 @@ def test_compare_merges_the_baselines_into_rows_beside_joint_training(tmp_path, 
     assert again["merges"]["average"]["run"] == str((run / "merged" / "average").resolve())
     assert again["multi_run"] == str(run.resolve())
     assert (run / "merged" / "average" / "model.safetensors").read_bytes() == earlier  # the same merge again
+    joint = next(line for line in (run / "comparison.md").read_text().splitlines() if line.startswith("| joint"))
+    assert joint.endswith(f"{again['wall_seconds']['multi']:.1f}* |")  # its loops' time, marked as such
+    assert "an existing run (`--from-run`): its training loops' time" in (run / "comparison.md").read_text()
     capsys.readouterr()
     assert main(["compare", "--from-run", str(run / "merged" / "average")]) == 2  # a merged run: no traceback
     error = capsys.readouterr().err.strip()

@@ -65,6 +65,8 @@ def format_merges(result: dict[str, Any]) -> list[str]:
     if not merges:
         return []
     tasks = list(result["tasks"])
+    loops_only = bool(result.get("budget", {}).get("multi_time"))  # --from-run: the joint run's loops, not its wall
+    mark = "*" if loops_only else ""
     lines = [
         "",
         "Merged from the single-task baselines (settings chosen on validation):",
@@ -77,7 +79,7 @@ def format_merges(result: dict[str, Any]) -> list[str]:
         "| joint multi-task | "
         + " | ".join(f"{result['tasks'][t]['multi']:.4f}" for t in tasks)
         + f" | {result['delta_m_percent']:+.2f}% | {result['storage_bytes']['multi']:,} | "
-        f"{result['wall_seconds']['multi']:.1f} |",
+        f"{result['wall_seconds']['multi']:.1f}{mark} |",
     ]
     for method, row in merges.items():
         settings = ", ".join(f"{k}={_setting(v)}" for k, v in row["settings"].items())
@@ -86,6 +88,8 @@ def format_merges(result: dict[str, Any]) -> list[str]:
             + " | ".join(f"{row['tasks'][t]:.4f}" for t in tasks)
             + f" | {row['delta_m_percent']:+.2f}% | {row['storage_bytes']:,} | {row['wall_seconds']:.1f} |"
         )
+    if loops_only:
+        lines += ["", "\\* an existing run (`--from-run`): its training loops' time, not a wall time like the others."]
     return lines
 
 
