@@ -126,7 +126,13 @@ def test_seeds_aggregate_means_spreads_and_delta_m():
     assert summary["storage_bytes"] == {"single_total": 800, "multi": 442}  # round(mean(441, 442)) = 442 (banker's)
     assert summary["wall_seconds"]["single_total"] == {"mean": 11.5, "std": pytest.approx(0.707107, abs=1e-6)}
     assert summary["runs"] == ["runs/x-seed1", "runs/x-seed2"] and "steps" not in summary["budget"]
-    assert "merges" not in summary
+    assert "merges" not in summary and "delta_m_excluded" not in summary
+    from multitune.compare.seeds import format_seeds
+
+    left_out = [result(1, 0.84, 1.8, 4.0), {**result(2, 0.88, 2.2, 1.0), "delta_m_excluded": ["sts"]}]
+    summary_left = aggregate(left_out, [1, 2])
+    assert summary_left["delta_m_excluded"] == {"2": ["sts"]}  # seed 2's Δm averaged one task, seed 1's two
+    assert "Δm leaves out tasks whose single-task score is 0: seed 2: sts" in format_seeds(summary_left)
 
     def merged(seed, sst, dm):
         row = {"tasks": {"sst": sst, "sts": 2.5}, "delta_m_percent": dm, "average_main_score": (sst + 2.5) / 2,
@@ -143,8 +149,6 @@ def test_seeds_aggregate_means_spreads_and_delta_m():
     assert ties["tasks"]["sst"] == {"mean": 0.72, "std": pytest.approx(0.028284, abs=1e-6)}
     assert ties["average_main_score"]["mean"] == pytest.approx((0.72 + 2.5) / 2)
     assert ties["settings"] == [{"scaling": 0.3}, {"scaling": 0.6}] and ties["storage_bytes"] == 403
-    from multitune.compare.seeds import format_seeds
-
     assert "| ties | 0.7200 ± 0.0283 | 2.5000 ± 0.0000 | 1.6100 | -8.00% ± 2.83 |" in format_seeds(summary)
 
 

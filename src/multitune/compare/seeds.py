@@ -46,10 +46,15 @@ def aggregate(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]
             "verdict": task_verdict([sign * (m - s) for m, s in zip(multi, single, strict=True)]),
         }
     per_seed = [r["delta_m_percent"] for r in results]
+    # each seed's Δm leaves out the tasks whose single-task score is 0 there: say which, per seed
+    excluded = {
+        str(seed): r["delta_m_excluded"] for seed, r in zip(seeds, results, strict=True) if r.get("delta_m_excluded")
+    }
     return {
         "seeds": seeds,
         "tasks": tasks,
         "delta_m_percent": {"per_seed": per_seed, **_spread(per_seed)},
+        **({"delta_m_excluded": excluded} if excluded else {}),
         "params": results[0]["params"],
         "storage_bytes": {
             k: round(statistics.fmean(r["storage_bytes"][k] for r in results)) for k in ("single_total", "multi")
@@ -98,6 +103,11 @@ def format_seeds(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"Δm: {dm['mean']:+.2f}% ± {dm['std']:.2f} (per seed: {', '.join(f'{d:+.2f}%' for d in dm['per_seed'])})",
+        *(
+            [f"Δm leaves out tasks whose single-task score is 0: {_excluded(summary['delta_m_excluded'])}"]
+            if summary.get("delta_m_excluded")
+            else []
+        ),
         f"stored on disk: {storage['single_total']:,} bytes (one model per task) vs {storage['multi']:,} bytes",
         f"time in all (wall): {wall['single_total']['mean']:.1f} s (all single-task runs) "
         f"vs {wall['multi']['mean']:.1f} s",
@@ -117,3 +127,8 @@ def format_seeds(summary: dict[str, Any]) -> str:
                 f"| {method} | {' | '.join(cells)} | {average['mean']:.4f} | {dm['mean']:+.2f}% ± {dm['std']:.2f} |"
             )
     return "\n".join(lines)
+
+
+def _excluded(excluded: dict[str, list[str]]) -> str:
+    """ "seed 13: cola; seed 14: cola, rte"."""
+    return "; ".join(f"seed {seed}: {', '.join(tasks)}" for seed, tasks in excluded.items())
