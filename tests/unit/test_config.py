@@ -89,6 +89,14 @@ def test_bad_override_names_the_override(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["training.nope=1"])
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(write(tmp_path, MINIMAL), ["training.steps"])
+    # keys and tasks the file never had, brought in by an override: the override is named, not a line of the
+    # file (the file's nearest written key, `tasks.a` on line 6 or `tasks` on line 5, holds no fault)
+    with pytest.raises(ConfigError, match=r"^override: field 'tasks.a.max_rowz': unknown key"):
+        load_config(write(tmp_path, MINIMAL), ["tasks.a.max_rowz.train=3"])
+    with pytest.raises(ConfigError, match=r"^override: field 'tasks.b.source'"):
+        load_config(write(tmp_path, MINIMAL), ["tasks.b.type=classification"])
+    with pytest.raises(ConfigError, match=r"config.yaml:7: field 'tasks.a.type'"):  # the file's own fault, still
+        load_config(write(tmp_path, MINIMAL.replace("type: classification", "type: clasification")), ["tasks.a.lr=1"])
 
 
 def test_unknown_method_and_parameter(tmp_path):

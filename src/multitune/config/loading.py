@@ -456,15 +456,15 @@ def validate_config(
 def _locate(
     key: tuple[str, ...], file: str | None, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]
 ) -> tuple[str | None, int | None]:
-    """Where a key's value came from: (the config file, the line of its nearest written key) or ("override", None)."""
+    """Where a key's value came from: (the config file, the line of its nearest written key) or ("override", None)
+    when an override set the key, or wrote the part of its path below the file's nearest written key (a task or
+    a key the file never had: `tasks.new.type=...`, `tasks.trec.max_rowz.train=3`)."""
     if any(key[: len(o)] == o for o in overridden):
         return "override", None
-    for n in range(len(key), 0, -1):
-        if key[:n] in lines:
-            return file, lines[key[:n]]
-    if any(o[: len(key)] == key for o in overridden):  # a group the file never wrote, set by overrides
+    written = next((n for n in range(len(key), 0, -1) if key[:n] in lines), 0)
+    if written < len(key) and any(o[: written + 1] == key[: written + 1] for o in overridden):
         return "override", None
-    return file, None
+    return (file, lines[key[:written]]) if written else (file, None)
 
 
 def package_path(relative: str) -> Path:
