@@ -50,6 +50,16 @@ def test_tsv_with_bom_header_and_raw_quotes(tmp_path):
     assert rows[0].line == 2
 
 
+@pytest.mark.parametrize(("delimiter", "name"), [(",", "a.csv"), ("\t", "a.tsv")])
+def test_a_quote_that_never_closes_is_reported_on_the_row_it_opened(tmp_path, delimiter, name):
+    """The quote opens on line 3; the reader only finds out at the end of the file (line 7)."""
+    path = tmp_path / name
+    rows = ["text,label", "good,pos", '"open quote,pos', "more,neg", "and,pos", "more,neg", "end,pos"]
+    path.write_text("\n".join(row.replace(",", delimiter) for row in rows) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{name}:3: .*a quoted field opened on this row never closes"):
+        list(read_delimited(str(path), delimiter))
+
+
 def test_csv_quoted_field_spanning_lines_reports_its_first_line(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text('text,label\n"one\ntwo",a\nthree,b\n', encoding="utf-8")

@@ -256,6 +256,9 @@ def read_delimited(
         except StopIteration:
             return
         except csv.Error as error:
+            if "unexpected end of data" in str(error):  # a quote that never closes: name the row it opened on
+                message = f"malformed {delimiter!r}-separated row: a quoted field opened on this row never closes"
+                raise DataError(message, file=path, line=line) from None
             raise DataError(
                 f"malformed {delimiter!r}-separated row: {error}", file=path, line=position["line"]
             ) from None
