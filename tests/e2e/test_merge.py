@@ -73,6 +73,10 @@ def test_settings_are_chosen_on_validation(single_runs):
     scores = {c["settings"]["scaling"]: c["validation_average_main_score"] for c in merge["candidates"]}
     assert set(scores) == {0.2, 1.0} and merge["chosen_on"] == "validation"
     assert merge["settings"] == {"density": 0.5, "scaling": max(scores, key=scores.get)}
+    argv = ["merge", *map(str, runs), "--method", "dare", "--output-dir", str(folder / "grid"), "--name", "dare"]
+    assert main(argv) == 0  # no --set: the defaults it merged with are recorded, not {}
+    merge = json.loads((folder / "grid" / "dare" / "metrics.json").read_text())["merge"]
+    assert merge["settings"] == {"density": 0.5, "scaling": 1.0, "seed": 0}
 
 
 def test_runs_that_do_not_fit_together_are_refused(single_runs, tmp_path, capsys):
@@ -88,6 +92,8 @@ def test_runs_that_do_not_fit_together_are_refused(single_runs, tmp_path, capsys
         (["--name", "a/b"], "run.name"),  # a one-line error, as in a config, not a validation traceback
         (["--method", "tsv", "--set", "scaling=inf"], "finite"),
         (["--method", "task_arithmetic", "--set", "scaling=1e300"], "finite in float32"),
+        (["--method", "ties", "--set", "scaling=1", "--grid", "scaling=1,2"], "given by --set and by --grid"),
+        (["--method", "ties", "--grid", "scaling=1,1"], "lists a value twice"),
     ):
         capsys.readouterr()
         assert main(["merge", *map(str, runs), *argv, "--output-dir", str(out)]) == 2, argv
@@ -106,8 +112,8 @@ def test_a_merge_that_gives_non_finite_weights_is_refused_and_leaves_nothing(
     out = tmp_path / "out"
     assert main(["merge", *map(str, runs), "--method", "task_arithmetic", "--output-dir", str(out)]) == 2
     error = capsys.readouterr().err.strip()
-    assert "the merge with settings {} gives" in error and "holding NaN or infinity" in error and "\n" not in error
-    assert "diverged" not in error and list(out.iterdir()) == []
+    assert "the merge with settings {'scaling': 0.3} gives" in error and "holding NaN or infinity" in error
+    assert "\n" not in error and "diverged" not in error and list(out.iterdir()) == []
 
 
 def test_runs_with_other_model_settings_are_refused(single_runs, tmp_path, capsys):

@@ -65,6 +65,13 @@ def merge_runs(
     of one backbone and seed with distinct task names."""
     started = time.perf_counter()
     settings, grid = dict(settings or {}), dict(grid or {})
+    for key in grid:
+        if key in settings:
+            raise ConfigError(f"'{key}' is given by --set and by --grid: name it once", field="--grid")
+        if len(set(grid[key])) != len(grid[key]):
+            raise ConfigError(f"--grid {key} lists a value twice: {grid[key]}", field="--grid")
+    MERGE_METHODS.get(method, field="--method")  # an unknown method is refused before its defaults are read
+    settings = {**_defaults(method), **settings}  # recorded as used, defaults included
     combos = [{**settings, **dict(zip(grid, values, strict=True))} for values in itertools.product(*grid.values())]
     for chosen in combos or [settings]:  # every setting checked before anything is loaded or written
         MERGE_METHODS.build(method, field="--method", **chosen)
@@ -161,6 +168,14 @@ def merge_runs(
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return run_dir
+
+
+def _defaults(method: str) -> dict[str, Any]:
+    """A merge method's settings with a default value (its constructor's keyword defaults)."""
+    import inspect
+
+    parameters = MERGE_METHODS.parameters(method).values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _merged_model(config: Config, loaded: list[Any], heads: dict[str, torch.Tensor]) -> tuple[Any, Any]:
