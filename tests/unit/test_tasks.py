@@ -161,6 +161,15 @@ def test_unified_file_routes_records_by_task(tmp_path):
         load_tasks(tasks, seed=0)
 
 
+def test_unified_regression_input_of_three_texts_names_what_it_takes(tmp_path):
+    mix = jsonl(tmp_path / "mix.jsonl", [{"task": "sim", "input": ["a", "b", "c"], "output": 1.0}])
+    tasks = {"sim": task(type="regression", source={"format": "unified", "train": mix, "validation": mix})}
+    with pytest.raises(
+        DataError, match=r"mix.jsonl:1: field 'input': expected 1 or 2 texts for a regression task, got 3"
+    ):
+        load_tasks(tasks, seed=0)
+
+
 def test_unified_task_key_renames_the_route(tmp_path):
     mix = jsonl(
         tmp_path / "mix.jsonl",

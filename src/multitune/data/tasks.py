@@ -190,8 +190,10 @@ def example_from_record(row: Row, task: TaskConfig) -> Example:
         value = list(value.values())
     texts = tuple(_text(row, v, "input") for v in value) if isinstance(value, list) else (_text(row, value, "input"),)
     want = 2 if task.type == "pair_classification" else len(task.text_fields or [1])
-    if len(texts) != want and not (task.type in ("classification", "regression") and len(texts) in (1, 2)):
-        raise row.error(f"expected {want} text(s) for a {task.type} task, got {len(texts)}", "input")
+    either = task.type in ("classification", "regression")  # one text, or a pair of texts
+    if len(texts) != want and not (either and len(texts) in (1, 2)):
+        expected = "1 or 2 texts" if either else f"{want} text(s)"
+        raise row.error(f"expected {expected} for a {task.type} task, got {len(texts)}", "input")
     return Example(texts, _label(row, row.get("output"), "output", task), row.file, row.line)
 
 
