@@ -418,8 +418,11 @@ def test_regmean_plusplus_merges_each_block_from_the_merged_blocks_outputs():
     states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
     work = _Chain()
 
+    calls = []
+
     def forward(index, grams):
-        work(inputs[index])
+        calls.append(0)
+        grams.run(lambda: calls.__setitem__(-1, work(inputs[index])))  # set only when the forward ran to its end
 
     method = MERGE_METHODS.build("regmean_plusplus", alpha=1.0)
     merged = method.merge_in_order(work, base.state_dict(), states, forward)
@@ -428,6 +431,7 @@ def test_regmean_plusplus_merges_each_block_from_the_merged_blocks_outputs():
         assert np.allclose(merged[f"{name}.weight"].double().numpy(), weight, atol=1e-4), name
         assert np.allclose(merged[f"{name}.bias"].double().numpy(), bias, atol=1e-4), name
     assert np.allclose(merged["scale"].double().numpy(), scale, atol=1e-6)
+    assert [isinstance(c, torch.Tensor) for c in calls] == [False] * 4 + [True] * 2  # each block's forwards end there
     plain = _regmean(1.0, base.state_dict(), states, [_gram_of(m, x) for m, x in zip(models, inputs, strict=True)])
     assert not np.allclose(plain["layers.1.2.weight"].numpy(), merged["layers.1.2.weight"].numpy(), atol=1e-3)
 

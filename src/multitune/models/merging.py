@@ -25,6 +25,7 @@ does the same block by block on the inputs each layer sees in the merged model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -467,9 +468,12 @@ class InputGrams:
     forward's input rows to the layer's Gram matrix (`LayerInputs`), keyed by the layer's name in `module`.
     Set `mask` ([B, L] bool or 0/1) before a forward whose linear inputs are [B, L, in] to count only the
     real tokens; inputs of any other shape count every row of their last dimension. `only` (layer names)
-    limits the hooks to those layers. Use as a context manager: the hooks are removed on exit."""
+    limits the hooks to those layers; `stop_after` (a submodule) ends a forward run through `run` once that
+    module has run, since nothing after it is read. Use as a context manager: the hooks are removed on exit."""
 
-    def __init__(self, module: nn.Module, only: Collection[str] | None = None) -> None:
+    def __init__(
+        self, module: nn.Module, only: Collection[str] | None = None, stop_after: nn.Module | None = None
+    ) -> None:
         from transformers.pytorch_utils import Conv1D
 
         self.layers: dict[str, LayerInputs] = {}
@@ -479,6 +483,13 @@ class InputGrams:
             if only is None or name in only:
                 transposed = isinstance(layer, Conv1D)
                 self._hooks.append(layer.register_forward_hook(self._hook(name, layer.bias is not None, transposed)))
+        if stop_after is not None:
+            self._hooks.append(stop_after.register_forward_hook(_stop))
+
+    def run(self, forward: Callable[[], Any]) -> None:
+        """`forward()`, ended early where `stop_after` says."""
+        with contextlib.suppress(_Stopped):
+            forward()
 
     def _hook(self, name: str, bias: bool, transposed: bool) -> Any:
         def add(_module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
@@ -506,6 +517,14 @@ class InputGrams:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+
+
+class _Stopped(Exception):
+    """Raised by `stop_after`'s hook: the rest of the forward is not needed."""
+
+
+def _stop(*_: object) -> None:
+    raise _Stopped
 
 
 @dataclass
@@ -663,8 +682,9 @@ class RegMeanPlusPlus(RegMean):
         statistics: Collection[str] = (),
     ) -> dict[str, Tensor]:
         """The merged weights of `module` (a backbone, used as the working copy: its weights are overwritten).
-        `forward(t)` runs model t's forward over its tasks' inputs through `module`, the way `InputGrams`
-        reads them (setting its `mask` is the caller's: it receives the InputGrams as second argument).
+        `forward(t, grams)` runs model t's forward over its tasks' inputs through `module`, each batch as
+        `grams.run(lambda: ...)` (which ends it after the block being merged), setting `grams.mask` first
+        where the inputs are padded token rows.
         Raises ValueError when the module has no blocks (`layer_blocks`) or a model is another backbone."""
         blocks = layer_blocks(module)
         linear = linear_layers(module)
@@ -681,7 +701,8 @@ class RegMeanPlusPlus(RegMean):
             for index, state in enumerate(tuned):
                 # merged: the tensors outside any linear layer and every block before this one; model t's: the rest
                 module.load_state_dict({key: done[key] if key in fixed else value for key, value in state.items()})
-                with InputGrams(module, only=layers) as grams, torch.no_grad():
+                stop = module.get_submodule(block) if block is not None else None  # nothing after it is read
+                with InputGrams(module, only=layers, stop_after=stop) as grams, torch.no_grad():
                     forward(index, grams)
                 add_layer_inputs(sums, grams.layers, state)
             solved = self.merge(base, tuned, sums, statistics)

@@ -15,6 +15,7 @@ validation score, the chosen settings, and the chosen model's test scores.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import shutil
 import time
@@ -219,7 +220,7 @@ def _merge_in_order(
     def forward(index: int, grams: InputGrams) -> None:
         for batch in inputs[index]:
             grams.mask = batch.inputs.get("attention_mask")
-            model(batch)
+            grams.run(functools.partial(model, batch))
 
     try:
         return merger.merge_in_order(model.backbone, base, tuned, forward, statistics)  # type: ignore[no-any-return]
