@@ -5,12 +5,12 @@ storage is the merged run's weight files; its time the baselines' training plus 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from multitune.compare.measures import delta_m, deployment_bytes
+from multitune.core.files import replace_folder
 from multitune.runs.merge import merge_runs
 
 # the settings each method's choice on validation tries (the papers' usual ranges), and those it fixes
@@ -42,8 +42,7 @@ def merge_rows(
         fresh = merge_runs(list(baseline_runs.values()), method, FIXED.get(method), GRIDS.get(method), folder, method)
         run = (folder / method).resolve()
         if fresh.resolve() != run:  # an earlier comparison's merge by this method: replaced once this one is done
-            shutil.rmtree(run, ignore_errors=True)
-            fresh.rename(run)
+            replace_folder(fresh, run)
         metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
         scores = {task: metrics["tasks"][task]["main_score"] for task in baseline_runs}
         entries = {task: {**single_scores[task], "multi": score} for task, score in scores.items()}

@@ -90,6 +90,18 @@ def staged_folder(target: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; ignored when never made
 
 
+def discard_folder(folder: Path) -> None:
+    """Remove a folder this program made itself and gives up: a run folder whose writing failed."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def replace_folder(fresh: Path, target: Path) -> None:
+    """Put the folder `fresh`, just written by this program, in the place of `target`, an earlier one it wrote
+    (a comparison's merge by the same method): `target` is removed only now that `fresh` is complete."""
+    shutil.rmtree(target, ignore_errors=True)
+    fresh.rename(target)
+
+
 def write_text(path: Path, text: str) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")

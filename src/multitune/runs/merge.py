@@ -28,7 +28,7 @@ import torch
 from multitune.catalogue import check_methods
 from multitune.config import Config
 from multitune.config.loading import dump_config, validate_config
-from multitune.core.files import WEIGHTS_FILE, write_json, write_text
+from multitune.core.files import WEIGHTS_FILE, discard_folder, write_json, write_text
 from multitune.errors import ConfigError
 from multitune.models.assemble import LOADERS
 from multitune.models.backbone import load_backbone
@@ -166,7 +166,7 @@ def merge_runs(
         }
         write_json(run_dir / "metrics.json", metrics)
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        discard_folder(run_dir)
         raise
     return run_dir
 
