@@ -609,10 +609,12 @@ class RegMean:
         tuned: Sequence[Mapping[str, Tensor]],
         sums: Mapping[str, LayerSums],
         statistics: Collection[str] = (),
+        averaged: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """The merged backbone weights from the models' `sums` (`add_layer_inputs` over every model in
-        `tuned`); a tensor outside the summed layers is the models' average."""
-        merged = merge_weights(base, tuned, Average(), statistics)
+        `tuned`); a tensor outside the summed layers is the models' average (`averaged`, when the caller has
+        it already)."""
+        merged = dict(averaged) if averaged is not None else merge_weights(base, tuned, Average(), statistics)
         for name, total in sorted(sums.items()):
             if total.models != len(tuned):
                 raise ValueError(f"layer '{name}' has the inputs of {total.models} models, not {len(tuned)}")
@@ -689,9 +691,11 @@ class RegMeanPlusPlus(RegMean):
         blocks = layer_blocks(module)
         linear = linear_layers(module)
         inside = {block: [name for name in linear if name.startswith(f"{block}.")] for block in blocks}
-        outside = [name for name in linear if not any(name in names for names in inside.values())]
+        in_blocks = {name for names in inside.values() for name in names}
+        outside = [name for name in linear if name not in in_blocks]
         outside_keys = {key for name in outside for key in (f"{name}.weight", f"{name}.bias")}
-        done = merge_weights(base, tuned, Average(), statistics)  # the average: final for what no layer solves
+        average = merge_weights(base, tuned, Average(), statistics)  # computed once for every block's solve
+        done = dict(average)  # final for what no layer solves
         fixed = {key for key in base if not any(key.startswith(f"{block}.") for block in blocks)} - outside_keys
         for block in [*blocks, None]:
             layers = inside[block] if block is not None else outside
@@ -705,7 +709,7 @@ class RegMeanPlusPlus(RegMean):
                 with InputGrams(module, only=layers, stop_after=stop) as grams, torch.no_grad():
                     forward(index, grams)
                 add_layer_inputs(sums, grams.layers, state)
-            solved = self.merge(base, tuned, sums, statistics)
+            solved = self.merge(base, tuned, sums, statistics, average)
             owned = (
                 {key for key in base if key.startswith(f"{block}.")} if block is not None else outside_keys & set(base)
             )
