@@ -265,6 +265,21 @@ def test_compare_merges_the_baselines_into_rows_beside_joint_training(tmp_path, 
     assert "a merged run: --from-run takes a trained multi-task run" in error and "\n" not in error
 
 
+def test_a_task_the_multi_task_run_never_drew_gets_no_one_row_baseline(tmp_path, tiny_backbone, write_jsonl, capsys):
+    # one step of one task's batch (batches are not mixed): the other task sees 0 rows, and an equal budget of
+    # 0 rows has no baseline; before, it got a 1-step baseline as if it had been drawn once
+    a, b = write_jsonl("a.jsonl", classification_rows(20)), write_jsonl("b.jsonl", token_rows(20))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_backbone, a, b, tmp_path / "runs", steps=1, eval_every=1)))
+    assert main(["compare", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's progress lines
+    run = tmp_path / "runs" / "tiny"
+    rows = json.loads((run / "metrics.json").read_text())["task_rows"]
+    undrawn = next(task for task in ("sentiment", "ner") if rows.get(task, 0) == 0)
+    assert error.startswith(f"multitune: error: {run / 'metrics.json'}: the multi-task run never drew '{undrawn}' in")
+    assert not (run / "comparison.json").exists() and not (tmp_path / "runs" / ".baselines").exists()
+
+
 def test_merging_a_randomly_initialised_backbone_is_refused_before_anything_trains(
     tmp_path, tiny_backbone, write_jsonl, capsys
 ):

@@ -31,6 +31,53 @@ def test_validation_is_carved_from_train_with_a_seed(tmp_path):
     assert first.labels == ["a", "b"] and "carved" in first.notes[0]
 
 
+def test_the_label_set_is_the_whole_train_files_not_its_max_rows_sample(tmp_path):
+    # 99 rows of "a" or "b" and one "rare" that validation also has; a 5-row train sample mostly misses it
+    records = [{"text": str(i), "label": "ab"[i % 2]} for i in range(99)] + [{"text": "x", "label": "rare"}]
+    train = jsonl(tmp_path / "t.jsonl", records)
+    validation = jsonl(tmp_path / "v.jsonl", [{"text": "v", "label": "rare"}, {"text": "w", "label": "a"}])
+    config = task(
+        type="classification",
+        source={"format": "jsonl", "train": train, "validation": validation},
+        max_rows={"train": 5},
+    )
+    missed = [s for s in range(1, 6) if "rare" not in {e.label for e in load("t", config, s).splits["train"]}]
+    assert missed  # a 5-row sample holds the one rare row with probability 5/100
+    for seed in missed:
+        assert load("t", config, seed).labels == ["a", "b", "rare"]
+    # a label in no train row at all is still refused, on its own line of the validation file
+    unknown = jsonl(tmp_path / "u.jsonl", [{"text": "v", "label": "a"}, {"text": "w", "label": "never"}])
+    bad = task(type="classification", source={"format": "jsonl", "train": train, "validation": unknown})
+    with pytest.raises(DataError, match=r"u.jsonl:2: field 'label': unknown label 'never' in validation"):
+        load("t", bad)
+
+
+def test_a_class_carved_into_validation_only_is_still_a_label(tmp_path):
+    # one "rare" row among 40: whichever seed carves it into validation, train keeps no "rare" row
+    records = [{"text": str(i), "label": "ab"[i % 2]} for i in range(39)] + [{"text": "x", "label": "rare"}]
+    train = jsonl(tmp_path / "t.jsonl", records)
+    config = task(type="classification", source={"format": "jsonl", "train": train}, validation_fraction=0.25)
+    carved = [s for s in range(1, 30) if any(e.label == "rare" for e in load("t", config, s).splits["validation"])]
+    assert carved  # 10 of 40 rows are carved, so some seed in 29 carves the rare row
+    assert load("t", config, carved[0]).labels == ["a", "b", "rare"]
+
+
+def test_a_tag_only_outside_the_train_sample_is_still_in_the_vocabulary(tmp_path):
+    rows = [{"tokens": ["a", "b"], "tags": ["B-PER", "O"]} for _ in range(30)] + [{"tokens": ["c"], "tags": ["B-LOC"]}]
+    train = jsonl(tmp_path / "t.jsonl", rows)
+    validation = jsonl(tmp_path / "v.jsonl", [{"tokens": ["c"], "tags": ["B-LOC"]}])
+    config = task(
+        type="token_classification",
+        source={"format": "jsonl", "train": train, "validation": validation},
+        text_fields=["tokens"],
+        label_field="tags",
+        max_rows={"train": 3},
+    )
+    data = load("t", config)
+    assert all(e.label != ("B-LOC",) for e in data.splits["train"])
+    assert data.labels == ["O", "B-LOC", "B-PER"]
+
+
 def test_max_rows_is_a_seeded_subsample_in_original_order(tmp_path):
     train = jsonl(tmp_path / "t.jsonl", [{"text": str(i), "label": "ab"[i % 2]} for i in range(100)])
     config = task(

@@ -245,6 +245,14 @@ def compare_once(
     else:
         (multi_dir, multi_seconds), progress.done = trained, 1
     multi = json.loads((multi_dir / "metrics.json").read_text(encoding="utf-8"))
+    undrawn = [task for task in config.tasks if int(multi["task_rows"].get(task, 0)) == 0]
+    if undrawn and not budget.converge:  # an equal budget of no rows: there is no baseline to train
+        raise MultitunError(
+            f"the multi-task run never drew {', '.join(map(repr, undrawn))} in its {multi['steps']} step(s), so an "
+            "equal-budget baseline would train on no rows: give training.steps room for every task, or compare "
+            f"it to convergence (multitune compare --from-run {multi_dir} --converge)",
+            file=str(multi_dir / "metrics.json"),
+        )
     tasks: dict[str, dict[str, Any]] = {}
     single_wall: dict[str, float] = {}
     baselines = {

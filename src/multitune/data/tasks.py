@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -414,6 +414,10 @@ def load_task(
             raise DataError(f"task '{name}' has no {split} rows", file=split_source(task, split))
     if task.type == "token_classification" and task.tag_scheme == "iob1":
         splits = {s: [Example(e.texts, to_iob2(e.label), e.file, e.line) for e in xs] for s, xs in splits.items()}  # type: ignore[arg-type]
+    # the label set is the train file's, read before any validation is carved from it or any max_rows sample is
+    # drawn: a class that a small sample happens to miss is still one of the task's classes
+    named = task.labels is not None or task.type in ("regression", "generation")
+    train_labels = None if named else _seen(splits["train"])
     if "validation" not in splits:
         splits["train"], splits["validation"] = carve(splits["train"], task.validation_fraction, f"{seed}:{name}:carve")
         notes.append(f"validation: {len(splits['validation'])} rows carved from train")
@@ -436,8 +440,13 @@ def load_task(
         if not task.normalize_targets:
             data.target_mean, data.target_std = 0.0, 1.0
     elif task.type != "generation":  # a generation task's targets are free text
-        data.labels = label_vocabulary(data)
+        data.labels = label_vocabulary(data, train_labels)
     return data
+
+
+def _seen(examples: Iterable[Example]) -> set[str]:
+    """Every label (tag) the examples carry."""
+    return {label for e in examples for label in (e.label if isinstance(e.label, tuple) else (str(e.label),))}
 
 
 # --- streamed tasks (data/streaming.py) ----------------------------------------------------------------
@@ -598,12 +607,7 @@ def _streamed_statistics(data: TaskData, rows: Iterator[Example]) -> None:
             data.target_mean = mean
             data.target_std = math.sqrt(square / count) if square > 0 else 1.0
         return
-    seen: set[str] | None = None
-    if task.labels is None:
-        seen = set()
-        for example in rows:
-            seen.update(example.label if isinstance(example.label, tuple) else (str(example.label),))
-    data.labels = label_vocabulary(data, seen)
+    data.labels = label_vocabulary(data, None if task.labels is not None else _seen(rows))
 
 
 def carve(examples: list[Example], fraction: float, seed: str) -> tuple[list[Example], list[Example]]:
@@ -621,7 +625,8 @@ def label_field_name(task: TaskConfig) -> str:
 
 def label_vocabulary(data: TaskData, seen_in_train: set[str] | None = None) -> list[str]:
     """The configured labels, or those seen in train (sorted; `O` first for tags); others are errors.
-    `seen_in_train`: a streamed task's train labels, gathered in its pass over the split."""
+    `seen_in_train`: the labels of the whole train split (a streamed task's gathered in its pass over it, a
+    read task's taken before max_rows sampled it); default: those of `data.splits["train"]`."""
     task = data.config
     field_name = label_field_name(task)
 
@@ -632,11 +637,7 @@ def label_vocabulary(data: TaskData, seen_in_train: set[str] | None = None) -> l
         vocabulary = list(task.labels)
         check = list(data.splits)
     else:
-        seen = (
-            seen_in_train
-            if seen_in_train is not None
-            else {label for example in data.splits["train"] for label in labels_of(example)}
-        )
+        seen = seen_in_train if seen_in_train is not None else _seen(data.splits["train"])
         vocabulary = sorted(
             seen, key=lambda tag: (tag != "O", tag[2:], tag) if task.type == "token_classification" else tag
         )
