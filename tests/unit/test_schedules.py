@@ -148,6 +148,48 @@ def test_two_stage_lora_refinement_stores_an_adapter_and_head_that_loading_merge
     assert "refinement.json" in capsys.readouterr().err
 
 
+def test_a_lora_refinement_of_the_top_blocks_adapts_only_them_and_backpropagates_no_lower(run_with, tiny_backbone):
+    """refine_layers: 1 on the two-layer tiny BERT: the adapter holds layer 1's projections only, layer 0 runs
+    without a graph (its output needs no gradient), and the stored refinement loads back to the same scores."""
+    from safetensors.torch import load_file
+
+    from multitune.models.refinement import add_lora, lora_targets, unload
+    from multitune.runs.load import load_run
+
+    schedule = {"name": "two_stage", "finetune_steps": 4, "finetune_lr": 5e-3, "refine": "lora", "refine_r": 2}
+    run_dir, metrics, _ = run_with({"steps": 6, "schedule": {**schedule, "refine_layers": 1}})
+    for name in ("sentiment", "ner"):
+        settings = json.loads((run_dir / "finetuned" / name / "refinement.json").read_text())
+        assert settings["target_modules"] and all(t.startswith("encoder.layer.1.") for t in settings["target_modules"])
+        assert len(settings["target_modules"]) == 6  # query, key, value, attention output, intermediate, output
+        lora = [k for k in load_file(str(run_dir / "finetuned" / name / "refinement.safetensors")) if "lora_" in k]
+        assert lora and all(k.startswith("backbone.encoder.layer.1.") for k in lora)
+    assert main(["evaluate", str(run_dir), "--split", "test"]) == 0
+    again = json.loads((run_dir / "evaluation_test.json").read_text())
+    assert all(again["tasks"][n]["metrics"] == metrics["tasks"][n]["metrics"] for n in ("sentiment", "ner"))
+
+    _, _, model, backbone = load_run(run_dir)
+    batch = backbone.tokenizer(["a short text", "another one"], return_tensors="pt", padding=True)
+    for top, needs_grad in ((1, False), (None, True)):
+        lora = add_lora(model, "sentiment", 2, 4, lora_targets(model, top))
+        outputs = {}
+        hook = model.backbone.encoder.layer[0].register_forward_hook(lambda m, i, o: outputs.update(low=o[0]))
+        model.backbone(**batch)
+        hook.remove()
+        assert outputs["low"].requires_grad is needs_grad  # a graph below the adapted block, or none
+        unload(lora, merge=False)
+
+
+def test_refine_layers_needs_a_lora_refinement(tmp_path, tiny_backbone, write_jsonl):
+    a, b = write_jsonl("a.jsonl", classification_rows(4)), write_jsonl("b.jsonl", token_rows(4))
+    schedule = {"name": "two_stage", "refine": "lora", "refine_layers": 1}
+    validate_config(tiny_config(tiny_backbone, a, b, tmp_path / "runs", schedule=schedule))
+    data = tiny_config(tiny_backbone, a, b, tmp_path / "runs", schedule={**schedule, "refine": "full"})
+    with pytest.raises(ConfigError, match="refine_layers chooses the blocks a LoRA refinement adapts") as error:
+        validate_config(data)
+    assert error.value.field == "training.schedule.refine_layers"
+
+
 def test_early_stopping_on_the_average_ends_the_run(run_with):
     _, metrics, history = run_with(
         {"steps": 60, "eval_every": 1, "lr": 1e-6, "early_stopping": {"patience": 2, "min_delta": 0.5}}

@@ -40,13 +40,20 @@ def check_numbers(value: Any, field: str) -> None:
 
 
 def check_refinement(config: Config) -> None:
-    """A LoRA refinement adapts the shared backbone's own projections: not on top of per-task adapters."""
+    """A LoRA refinement adapts the shared backbone's own projections: not on top of per-task adapters; only a
+    LoRA refinement chooses the blocks it adapts (refine_layers)."""
     schedule = config.training.schedule
     if schedule.refine == "lora" and config.model.peft is not None:
         raise ConfigError(
             "a LoRA refinement adapts the shared backbone; this model already gives each task its own adapter "
             "(model.peft): use refine: full, or no model.peft",
             field="training.schedule.refine",
+        )
+    if schedule.refine_layers is not None and schedule.refine != "lora":
+        raise ConfigError(
+            "refine_layers chooses the blocks a LoRA refinement adapts; a full refinement trains every weight: "
+            "use refine: lora, or no refine_layers",
+            field="training.schedule.refine_layers",
         )
 
 

@@ -161,6 +161,10 @@ class ScheduleConfig(Group):
     # adapter of rank refine_r on the frozen shared backbone plus the task's head ("lora": a few MB per task)
     refine: Literal["full", "lora"] = "full"
     refine_r: int = Field(8, ge=1)
+    # two_stage with refine "lora": adapt only the linear projections of the backbone's top N blocks (a
+    # transformer's last N layers), so no gradient flows below them and each step's backward is shorter;
+    # none: every linear projection of the backbone
+    refine_layers: int | None = Field(None, ge=1)
     inner_steps: int = Field(5, ge=1)  # reptile
     meta_lr: float = Field(0.5, gt=0, le=1)  # reptile: ε in θ ← θ + ε(θ' − θ)
 

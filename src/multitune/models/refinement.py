@@ -28,14 +28,26 @@ ADAPTER = "refine"  # the adapter's name inside peft's layers while it trains or
 TARGETS = "all-linear"
 
 
-def lora_targets(model: nn.Module) -> Any:
+def lora_targets(model: nn.Module, top_blocks: int | None = None) -> Any:
     """The projections a refinement adapts: peft's "all-linear" on a transformers model with linear layers (its
     LM head left out), else every linear and convolution layer of the backbone, by name (any backbone of `fit`,
-    a ResNet).
-    Raises MultitunError where there is none."""
+    a ResNet). With `top_blocks` N: by name, the linear layers of the backbone's last N blocks only
+    (models/merging.py's `layer_blocks`: a transformer's layers, an encoder-decoder's decoder layers last), so
+    the frozen blocks below run without a graph and the backward pass stops at the lowest adapted block.
+    Raises MultitunError where there is nothing to adapt, or no blocks to choose from."""
     from transformers import PreTrainedModel
 
     backbone = model.get_submodule("backbone")
+    if top_blocks is not None:
+        from multitune.models.merging import layer_blocks
+
+        try:
+            blocks = layer_blocks(backbone)
+        except ValueError as error:
+            raise MultitunError(f"refine_layers: {error}", field="training.schedule.refine_layers") from None
+        chosen = tuple(f"{block}." for block in blocks[-top_blocks:])
+        linear = (name for name, module in backbone.named_modules() if isinstance(module, nn.Linear))
+        return sorted(name for name in linear if name.startswith(chosen))
     if isinstance(backbone, PreTrainedModel) and any(isinstance(m, nn.Linear) for m in backbone.modules()):
         return TARGETS
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # a CNN (ResNet, ConvNeXt's stem) has convolutions

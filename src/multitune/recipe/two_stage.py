@@ -98,9 +98,10 @@ def refine_per_task(
 ) -> tuple[dict[str, Any], float, dict[str, str]]:
     """The second stage of `two_stage` (as MT-DNN): from the multi-task weights, a copy fine-tuned on each task
     alone, best on its own validation score, saved to RUN_DIR/finetuned/TASK (in memory without a run
-    directory): the whole model, or with schedule.refine "lora" only a LoRA adapter and the task's head
-    (models/refinement.py). Each copy trains schedule.finetune_steps, or with schedule.finetune_patience until
-    its validation score stalls for that many validations (finetune_steps at most). With `shared` (the multi-
+    directory): the whole model, or with schedule.refine "lora" only a LoRA adapter (of the top
+    schedule.refine_layers blocks, or of every projection) and the task's head (models/refinement.py). Each
+    copy trains schedule.finetune_steps, or with schedule.finetune_patience until its validation score stalls
+    for that many validations (finetune_steps at most). With `shared` (the multi-
     task model's per-task {"validation", "test"} results) and schedule.keep "best", a copy is kept only where
     its validation score beats the shared model's; elsewhere the shared model answers the task. Returns the
     answering predictors' test results, the copies' training seconds, and per task which predictor answers it
@@ -116,7 +117,8 @@ def refine_per_task(
     seconds = 0.0
     for name in parts.tasks:
         model.load_state_dict(start)
-        lora = None if lora_rank is None else add_lora(model, name, lora_rank, 2 * lora_rank, lora_targets(model))
+        targets = None if lora_rank is None else lora_targets(model, schedule.refine_layers)
+        lora = None if lora_rank is None else add_lora(model, name, lora_rank, 2 * lora_rank, targets)
         folder = None if run_dir is None else run_dir / FINETUNED / name
         stage = training.model_copy(update={"lr": schedule.finetune_lr or training.lr})
         balancer = build_balancer(parts.loss_weighting, None, [name], {name: parts.loss_weights[name]}, parts.seed)

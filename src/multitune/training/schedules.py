@@ -50,6 +50,7 @@ def two_stage(
     keep: str = "refined",
     refine: str = "full",
     refine_r: int = 8,
+    refine_layers: int | None = None,
 ) -> None:
     """Joint training, then per task a fine-tuned copy or a LoRA refinement (MT-DNN, Liu et al. 2019)."""
     return None
