@@ -446,5 +446,5 @@ def test_regmean_plusplus_needs_blocks():
     two.decoder = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(2, 2)) for _ in range(2)])
     assert layer_blocks(two) == ["encoder.0", "decoder.0", "decoder.1"]
     flat = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="no list of blocks"):
+    with pytest.raises(ValueError, match="no list of like blocks"):
         MERGE_METHODS.build("regmean_plusplus").merge_in_order(flat, flat.state_dict(), [flat.state_dict()], print)

@@ -170,9 +170,10 @@ def test_a_lora_refinement_of_the_top_blocks_adapts_only_them_and_backpropagates
 
     _, _, model, backbone = load_run(run_dir)
     batch = backbone.tokenizer(["a short text", "another one"], return_tensors="pt", padding=True)
+    outputs: dict[str, torch.Tensor] = {}
     for top, needs_grad in ((1, False), (None, True)):
         lora = add_lora(model, "sentiment", 2, 4, lora_targets(model, top))
-        outputs = {}
+        outputs.clear()
         hook = model.backbone.encoder.layer[0].register_forward_hook(lambda m, i, o: outputs.update(low=o[0]))
         model.backbone(**batch)
         hook.remove()

@@ -651,7 +651,9 @@ def layer_blocks(module: nn.Module) -> list[str]:
             continue
         lists.append((name, candidate))
     if not lists:
-        raise ValueError(f"{type(module).__name__} has no list of blocks with linear layers to merge in order")
+        raise ValueError(
+            f"{type(module).__name__} has no list of like blocks holding linear layers (a transformer's layers)"
+        )
     return [f"{name}.{index}" if name else str(index) for name, blocks in lists for index in range(len(blocks))]
 
 
