@@ -276,7 +276,13 @@ def test_a_task_the_multi_task_run_never_drew_gets_no_one_row_baseline(tmp_path,
     run = tmp_path / "runs" / "tiny"
     rows = json.loads((run / "metrics.json").read_text())["task_rows"]
     undrawn = next(task for task in ("sentiment", "ner") if rows.get(task, 0) == 0)
-    assert error.startswith(f"multitune: error: {run / 'metrics.json'}: the multi-task run never drew '{undrawn}' in")
+    assert error.startswith(f"multitune: error: {run / 'metrics.json'}: the multi-task run drew '{undrawn}' (0 rows)")
+    assert "--converge" in error
+    drawn = next(task for task in ("sentiment", "ner") if task != undrawn)
+    assert rows[drawn] == 4  # one batch of 4 rows: a tenth of it rounds to no rows, so it has no baseline either
+    assert main(["compare", "--from-run", str(run), "--baseline-budget", "0.1"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"'{drawn}' (4 rows)" in error and f"'{undrawn}' (0 rows)" in error and "0.1x those rows" in error
     assert not (run / "comparison.json").exists() and not (tmp_path / "runs" / ".baselines").exists()
 
 

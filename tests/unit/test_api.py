@@ -529,3 +529,19 @@ def test_the_digits_example_ablation_prints_the_recipe_without_each_stage() -> N
         [sys.executable, str(REPO / "examples" / "digits_multitask.py"), "--ablation"], capture_output=True, text=True
     )
     assert alone.returncode == 2 and "--ablation takes --seeds and --recipe" in alone.stderr
+
+
+@pytest.mark.parametrize("labels", [["a"] * 10 + ["b"] * 9 + ["c"], [0] * 10 + [1] * 9 + [2]])
+def test_a_class_held_out_into_validation_is_still_a_class(labels):
+    """As the YAML route: the classes are those of the whole train split given, so the one row of class c that
+    the seeded hold-out puts in validation is scored, not refused as unknown."""
+    from multitune.api.tensors import prepare_task
+
+    held = []
+    for seed in range(40):
+        task = prepare_task(Task("t", "classification", (np.zeros((20, 4)), labels)), seed)
+        if 2 in task.splits["validation"].labels.tolist():
+            held.append(seed)
+            assert task.labels == ["a", "b", "c"] if isinstance(labels[0], str) else ["0", "1", "2"]
+            assert 2 not in task.splits["train"].labels.tolist()
+    assert held  # 2 of 20 rows are held out: some seed of 40 holds out the one row of c

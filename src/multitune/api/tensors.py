@@ -212,6 +212,7 @@ def prepare_task(task: Task, seed: int) -> TensorTask:
         if len(labels) == 0:
             raise DataError(f"{what}: no rows")
         raw[split] = (inputs, labels)
+    whole_train = raw["train"][1]  # its classes are the task's, whichever rows validation holds out
     if task.validation is None:
         inputs, labels = raw["train"]
         if len(labels) < 2 or not 0 < task.validation_fraction < 1:
@@ -235,7 +236,7 @@ def prepare_task(task: Task, seed: int) -> TensorTask:
     if task.type == "regression":
         _regression(prepared, raw)
     else:
-        _classes(prepared, raw)
+        _classes(prepared, raw, whole_train)
         if task.type == "token_classification" and "entity_f1" in metrics:
             _require_iob2(name, prepared.labels or [])
     if task.positive_label is not None and task.positive_label not in (prepared.labels or []):
@@ -278,10 +279,11 @@ def _regression(task: TensorTask, raw: dict[str, tuple[dict[str, Tensor], np.nda
         task.splits[split] = Rows(inputs, torch.tensor(scaled, dtype=torch.float32), targets[split].tolist())
 
 
-def _classes(task: TensorTask, raw: dict[str, tuple[dict[str, Tensor], np.ndarray]]) -> None:
+def _classes(task: TensorTask, raw: dict[str, tuple[dict[str, Tensor], np.ndarray]], train: np.ndarray) -> None:
+    """`train`: the labels of the whole train split as given, before any validation rows were held out of it."""
     name, token = task.spec.name, task.spec.type == "token_classification"
-    task.labels = label_names(task.spec, raw["train"][1])
-    train, named = raw["train"][1], task.spec.labels is not None and not isinstance(task.spec.labels, int)
+    task.labels = label_names(task.spec, train)
+    named = task.spec.labels is not None and not isinstance(task.spec.labels, int)
     if task.spec.labels is None and not token:  # as the YAML route: one class in train teaches nothing
         seen = np.unique(train.astype(str) if _is_text(train) else train)
         if len(seen) < 2:

@@ -245,20 +245,20 @@ def compare_once(
     else:
         (multi_dir, multi_seconds), progress.done = trained, 1
     multi = json.loads((multi_dir / "metrics.json").read_text(encoding="utf-8"))
-    undrawn = [task for task in config.tasks if int(multi["task_rows"].get(task, 0)) == 0]
-    if undrawn and not budget.converge:  # an equal budget of no rows: there is no baseline to train
+    seen = {task: int(multi["task_rows"].get(task, 0)) for task in config.tasks}
+    empty = [task for task in config.tasks if budget.baseline_rows(config.training, seen[task]) == 0]
+    if empty:  # an equal budget of no rows: there is no baseline to train
+        rows = ", ".join(f"'{task}' ({seen[task]} rows)" for task in empty)
         raise MultitunError(
-            f"the multi-task run never drew {', '.join(map(repr, undrawn))} in its {multi['steps']} step(s), so an "
-            "equal-budget baseline would train on no rows: give training.steps room for every task, or compare "
-            f"it to convergence (multitune compare --from-run {multi_dir} --converge)",
+            f"the multi-task run drew {rows} in its {multi['steps']} step(s), so an equal-budget baseline of "
+            f"{budget.factor:g}x those rows would train on none: give training.steps room for every task, or "
+            "train each side to convergence (--converge)",
             file=str(multi_dir / "metrics.json"),
         )
     tasks: dict[str, dict[str, Any]] = {}
     single_wall: dict[str, float] = {}
     baselines = {
-        task: single_task_config(
-            config, task, budget.baseline_rows(config.training, int(multi["task_rows"].get(task, 0)))
-        )
+        task: single_task_config(config, task, budget.baseline_rows(config.training, seen[task]))
         for task in config.tasks
     }
     caches = {task: root / BASELINES / f"{task}-{_fingerprint(b, task)}" for task, b in baselines.items()}
