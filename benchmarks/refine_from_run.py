@@ -1,7 +1,9 @@
 """The two-stage refinement applied to a finished joint run: each task refined alone from the run's weights,
 kept where it beats the shared model on validation, scored on test, timed; optionally Δm against the
 baselines of a comparison.json. Refinement settings differ between calls, the joint weights do not, so two
-settings compared this way differ only in their refinement.
+settings compared this way differ only in their refinement. The adapters' random start differs from the one a
+two-stage run draws after its joint stage, so a call reproduces such a run's refinement in distribution, not
+to the digit.
 
     multitune train configs/eight_real_tasks.yaml recipe=recommended run.seed=14 training.eval_every=200 \\
         training.early_stopping.patience=2 training.schedule.name=joint run.name=joint14
@@ -25,7 +27,7 @@ import yaml
 
 from multitune.catalogue import load_run_config
 from multitune.compare import delta_m
-from multitune.config import ScheduleConfig
+from multitune.config import ScheduleConfig, check_refinement
 from multitune.config.recipes import RECIPES
 from multitune.core.files import WEIGHTS_FILE
 from multitune.evaluation.evaluate import evaluate
@@ -55,9 +57,11 @@ def main() -> int:
     config = load_run_config(args.run / "config.yaml")
     schedule = settings(args.set)
     config.training.schedule = ScheduleConfig.model_validate(schedule)
+    check_refinement(config)
     prepared = prepare(config)
     load_weights(prepared.model, args.run / WEIGHTS_FILE)
     accelerator = build_accelerator(config.training)[0]
+    prepared.model.to(accelerator.device)
     training = config.training
 
     def score(split: str) -> dict[str, dict[str, Any]]:

@@ -181,6 +181,57 @@ def test_a_lora_refinement_of_the_top_blocks_adapts_only_them_and_backpropagates
         unload(lora, merge=False)
 
 
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        # GPT-2's projections are transformers' Conv1D, which peft adapts as it does nn.Linear
+        ("gpt2", {"transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_fc"}),
+        # an encoder-decoder: the last block of each stack, the encoder's (which classification heads read) too
+        ("t5", {"encoder.block.1.layer.0.SelfAttention.q", "decoder.block.1.layer.1.EncDecAttention.o"}),
+    ],
+)
+def test_refine_layers_takes_the_top_blocks_of_every_stack(kind, expected):
+    from torch import nn
+    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+    from multitune.models.refinement import add_lora, lora_targets, unload
+
+    if kind == "gpt2":
+        backbone = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16))
+    else:
+        config = T5Config(num_layers=2, d_model=16, d_kv=4, num_heads=2, d_ff=32, vocab_size=40)
+        backbone = T5ForConditionalGeneration(config)
+    holder = nn.Module()
+    holder.backbone, holder.heads = backbone, nn.ModuleDict({"t": nn.Linear(16, 2)})
+    targets = lora_targets(holder, 1)
+    assert expected <= set(targets)
+    tops = ("transformer.h.1.",) if kind == "gpt2" else ("encoder.block.1.", "decoder.block.1.")
+    assert all(name.startswith(tops) for name in targets)  # nothing of a lower block, nor outside the blocks
+    lora = add_lora(holder, "t", 2, 4, targets)
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in backbone.named_parameters() if "lora_A" in name}
+    assert adapted == set(targets)
+    unload(lora, merge=False)
+    with pytest.raises(ConfigError, match="refine_layers is 3, more blocks than a stack holds") as error:
+        lora_targets(holder, 3)
+    assert error.value.field == "training.schedule.refine_layers"
+
+
+def test_refine_layers_beyond_the_backbone_fails_before_training(tmp_path, tiny_backbone, write_jsonl, capsys):
+    from multitune import Task, fit
+
+    a, b = write_jsonl("a.jsonl", classification_rows(8)), write_jsonl("b.jsonl", token_rows(8))
+    schedule = {"name": "two_stage", "refine": "lora", "refine_layers": 3}  # the tiny BERT has 2 layers
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_backbone, a, b, tmp_path / "runs", schedule=schedule)))
+    assert main(["train", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "refine_layers is 3, more blocks than a stack holds: encoder.layer has 2" in error
+    assert not (tmp_path / "runs").exists()
+    rows = (torch.zeros(8, 4), [0, 1] * 4)
+    with pytest.raises(ConfigError, match="refine_layers chooses the blocks a LoRA refinement adapts"):
+        fit(torch.nn.Linear(4, 4), [Task("t", "classification", rows)], schedule={**schedule, "refine": "full"})
+
+
 def test_refine_layers_needs_a_lora_refinement(tmp_path, tiny_backbone, write_jsonl):
     a, b = write_jsonl("a.jsonl", classification_rows(4)), write_jsonl("b.jsonl", token_rows(4))
     schedule = {"name": "two_stage", "refine": "lora", "refine_layers": 1}

@@ -45,6 +45,7 @@ from multitune.config import (
     MethodConfig,
     TrainingConfig,
     check_numbers,
+    check_refine_layers,
 )
 from multitune.data.collate import Batch
 from multitune.data.samplers import TaskSampler
@@ -57,7 +58,7 @@ from multitune.models.multitask import MultiTaskModel
 from multitune.recipe.components import build_balancer, build_optimizer, build_sampler, require_shared_parameters
 from multitune.recipe.launch import fresh_accelerator
 from multitune.recipe.session import Session, loop_settings
-from multitune.recipe.two_stage import Refinement, record_finetune, refine_per_task
+from multitune.recipe.two_stage import Refinement, record_finetune, refine_per_task, refinement_targets
 from multitune.runs.layout import create_run_dir, manifest_entry
 from multitune.training.loop import LoopParts, TrainState, train
 
@@ -173,11 +174,13 @@ def fit(
     training = validated(TrainingConfig, settings)
     if training.schedule.name not in ("joint", "two_stage"):
         raise ConfigError("fit trains the joint or the two_stage schedule", field="schedule.name")
+    check_refine_layers(training.schedule)
     methods = _checked_methods(
         sampling, loss_weighting, gradient_aggregation, architecture, pooling, dropout, names, training
     )
     prepared = {task.name: prepare_task(task, seed) for task in tasks}
     model, length = _fit_model(backbone, prepared, methods.architecture, pooling, dropout, seed)
+    refinement_targets(model, training.schedule)  # a refinement the backbone cannot take fails before training
     sizes = {name: len(task.splits["train"]) for name, task in prepared.items()}
     sampler = build_sampler(methods.sampling, sizes, {n: t.spec.sampling_weight for n, t in prepared.items()}, steps)
     loss_weights = {n: t.spec.loss_weight for n, t in prepared.items()}

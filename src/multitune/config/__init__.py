@@ -12,7 +12,7 @@ from multitune.config.loading import (
     resolve_paths,
 )
 from multitune.config.recipes import RECIPES
-from multitune.config.rules import check_numbers, check_refinement, check_speed_options
+from multitune.config.rules import check_numbers, check_refine_layers, check_refinement, check_speed_options
 from multitune.config.schema import (
     CLASS_TASKS,
     DEFAULT_METRICS,
@@ -67,6 +67,7 @@ __all__ = [
     "TaskConfig",
     "TrainingConfig",
     "check_numbers",
+    "check_refine_layers",
     "check_refinement",
     "check_speed_options",
     "dump_config",

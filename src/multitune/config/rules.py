@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from multitune.config.schema import Config
+from multitune.config.schema import Config, ScheduleConfig
 from multitune.errors import ConfigError
 from multitune.registry import Capabilities
 
@@ -41,7 +41,7 @@ def check_numbers(value: Any, field: str) -> None:
 
 def check_refinement(config: Config) -> None:
     """A LoRA refinement adapts the shared backbone's own projections: not on top of per-task adapters; only a
-    LoRA refinement chooses the blocks it adapts (refine_layers)."""
+    LoRA refinement chooses the blocks it adapts (`check_refine_layers`)."""
     schedule = config.training.schedule
     if schedule.refine == "lora" and config.model.peft is not None:
         raise ConfigError(
@@ -49,6 +49,11 @@ def check_refinement(config: Config) -> None:
             "(model.peft): use refine: full, or no model.peft",
             field="training.schedule.refine",
         )
+    check_refine_layers(schedule)
+
+
+def check_refine_layers(schedule: ScheduleConfig) -> None:
+    """refine_layers chooses the blocks of a LoRA refinement: with a full refinement it means nothing."""
     if schedule.refine_layers is not None and schedule.refine != "lora":
         raise ConfigError(
             "refine_layers chooses the blocks a LoRA refinement adapts; a full refinement trains every weight: "

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from multitune.errors import MultitunError
+from multitune.errors import ConfigError, MultitunError
 
 REFINEMENT_FILE = "refinement.safetensors"
 REFINEMENT_CONFIG = "refinement.json"
@@ -31,23 +31,17 @@ TARGETS = "all-linear"
 def lora_targets(model: nn.Module, top_blocks: int | None = None) -> Any:
     """The projections a refinement adapts: peft's "all-linear" on a transformers model with linear layers (its
     LM head left out), else every linear and convolution layer of the backbone, by name (any backbone of `fit`,
-    a ResNet). With `top_blocks` N: by name, the linear layers of the backbone's last N blocks only
-    (models/merging.py's `layer_blocks`: a transformer's layers, an encoder-decoder's decoder layers last), so
-    the frozen blocks below run without a graph and the backward pass stops at the lowest adapted block.
-    Raises MultitunError where there is nothing to adapt, or no blocks to choose from."""
+    a ResNet). With `top_blocks` N: by name, the linear layers (GPT-2's Conv1D too) of the last N blocks of
+    each of the backbone's stacks of blocks (models/merging.py's `layer_blocks`: a transformer's layers; an
+    encoder-decoder's last N encoder and last N decoder layers), so the frozen blocks below run without a
+    graph and the backward pass stops at the lowest adapted block; layers outside the blocks (a pooler) are
+    not adapted. Raises ConfigError where N exceeds a stack or there are no blocks, MultitunError where there
+    is nothing to adapt."""
     from transformers import PreTrainedModel
 
     backbone = model.get_submodule("backbone")
     if top_blocks is not None:
-        from multitune.models.merging import layer_blocks
-
-        try:
-            blocks = layer_blocks(backbone)
-        except ValueError as error:
-            raise MultitunError(f"refine_layers: {error}", field="training.schedule.refine_layers") from None
-        chosen = tuple(f"{block}." for block in blocks[-top_blocks:])
-        linear = (name for name, module in backbone.named_modules() if isinstance(module, nn.Linear))
-        return sorted(name for name in linear if name.startswith(chosen))
+        return _top_block_targets(backbone, top_blocks)
     if isinstance(backbone, PreTrainedModel) and any(isinstance(m, nn.Linear) for m in backbone.modules()):
         return TARGETS
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # a CNN (ResNet, ConvNeXt's stem) has convolutions
@@ -55,6 +49,25 @@ def lora_targets(model: nn.Module, top_blocks: int | None = None) -> Any:
     if not names:
         raise MultitunError("the backbone has no linear or convolution layer to refine with LoRA", field="refine")
     return names
+
+
+def _top_block_targets(backbone: nn.Module, top_blocks: int) -> list[str]:
+    from multitune.models.merging import layer_blocks, linear_layers
+
+    field = "training.schedule.refine_layers"
+    try:
+        blocks = layer_blocks(backbone)
+    except ValueError as error:
+        raise ConfigError(f"refine_layers: {error}", field=field) from None
+    stacks: dict[str, list[str]] = {}
+    for block in blocks:  # "encoder.layer.3" -> stack "encoder.layer"
+        stacks.setdefault(block.rpartition(".")[0], []).append(block)
+    short = {stack: len(found) for stack, found in stacks.items() if len(found) < top_blocks}
+    if short:
+        sizes = ", ".join(f"{stack or 'the backbone'} has {size}" for stack, size in short.items())
+        raise ConfigError(f"refine_layers is {top_blocks}, more blocks than a stack holds: {sizes}", field=field)
+    chosen = tuple(f"{block}." for found in stacks.values() for block in found[-top_blocks:])
+    return sorted(name for name in linear_layers(backbone) if name.startswith(chosen))
 
 
 def add_lora(model: nn.Module, task: str, r: int, alpha: int, target_modules: Any = TARGETS) -> Any:

@@ -43,7 +43,7 @@ from multitune.recipe.prepare import Prepared, prepare
 from multitune.recipe.probes import format_relations, measure_relations, probe_batches
 from multitune.recipe.resume import TrainingParts, find_resume, keep_history_until, run_is_complete
 from multitune.recipe.session import Session, loop_settings
-from multitune.recipe.two_stage import finetune_per_task, record_finetune
+from multitune.recipe.two_stage import finetune_per_task, record_finetune, refinement_targets
 from multitune.runs.layout import (
     create_run_dir,
     task_manifest,
@@ -78,6 +78,7 @@ def _train_run(config: Config, stop: StopSignal, scratch: contextlib.ExitStack) 
         return resume_dir
     prepared = prepare(config, resume_dir)
     scratch.callback(prepared.close)  # the streamed splits' reader thread and tokenizing processes
+    refinement_targets(prepared.model, config.training.schedule)  # a refinement it cannot take fails first
     training = config.training
     sampler, balancer, streams = _components(config, prepared)
     accelerator, group, zero = _launch(config, balancer)

@@ -52,6 +52,14 @@ class Refinement:
     keep: Callable[[str, MultiTaskModel], None] | None = None  # sees each kept refined predictor (merged)
 
 
+def refinement_targets(model: MultiTaskModel, schedule: ScheduleConfig) -> Any:
+    """What a LoRA refinement of `model` adapts (`lora_targets`), or None for a whole-copy refinement or another
+    schedule. Both routes call it before training, so a refine_layers the backbone cannot take fails first."""
+    if schedule.name != "two_stage" or schedule.refine != "lora":
+        return None
+    return lora_targets(model, schedule.refine_layers)
+
+
 def finetune_per_task(
     config: Config,
     prepared: Prepared,
@@ -117,7 +125,7 @@ def refine_per_task(
     seconds = 0.0
     for name in parts.tasks:
         model.load_state_dict(start)
-        targets = None if lora_rank is None else lora_targets(model, schedule.refine_layers)
+        targets = refinement_targets(model, schedule)
         lora = None if lora_rank is None else add_lora(model, name, lora_rank, 2 * lora_rank, targets)
         folder = None if run_dir is None else run_dir / FINETUNED / name
         stage = training.model_copy(update={"lr": schedule.finetune_lr or training.lr})
