@@ -11,7 +11,9 @@ against one model per task trained to convergence (BENCHMARKS.md, "The recommend
   step in eight stopped after an eighth of the training it gets alone (measured: CoLA left the mix after 116
   of its own steps where its baseline needed 1,000). On the eight real tasks it stopped no task within 3,000
   steps, and it paid by keeping the joint stage going: the run's own rule in its place ended seed 15's joint
-  stage at its first plateau (step 1,400), Δm -13.33% against -0.50% (BENCHMARKS.md, "What each stage");
+  stage at its first plateau (step 1,400), Δm -13.33% against -0.50%; over seeds 13-15 it is worth +5.1 ± 6.8
+  points of Δm, 0 on seed 13, where the average never plateaued and both rules kept one step (BENCHMARKS.md,
+  "What each stage");
 - two-stage refinement as MT-DNN (Liu et al. 2019), stored small: per task a LoRA adapter (rank 8) on the
   frozen shared model and its head, 400 steps, kept only where it beats the shared model on the task's
   validation split (`keep: best`), so each task is answered by whichever predictor is better there. Refining
