@@ -87,3 +87,20 @@ def test_a_recipes_baseline_is_the_plain_configs_baseline(tmp_path, tiny_backbon
         assert _fingerprint(shown, task) == _fingerprint(mine, task)
         shown.training.lr *= 2
         assert _fingerprint(shown, task) != _fingerprint(mine, task)
+
+
+def test_learnable_loss_weights_that_cannot_move_are_named():
+    """AdamW moves a parameter by at most about its rate per step: at 5e-5 for 240 steps uncertainty
+    weighting's log-variances move by at most 0.012, so its weights stay within e^0.012 - 1 = 1.2% of equal."""
+    from multitune.balancing.losses import LOSS_WEIGHTINGS
+    from multitune.config import TrainingConfig
+    from multitune.recipe.components import still_loss_weights
+
+    uncertainty = LOSS_WEIGHTINGS.build("uncertainty", injected={"task_names": ["a", "b"]})
+    slow = TrainingConfig(steps=240, lr=5e-5)
+    warning = still_loss_weights(uncertainty, slow)
+    assert warning is not None and "at most 0.012" in warning and "within 1.2% of their start" in warning
+    assert still_loss_weights(uncertainty, TrainingConfig(steps=240, lr=5e-5, head_lr=1e-2)) is None  # 2.4
+    assert still_loss_weights(uncertainty, TrainingConfig(steps=2000, lr=5e-5)) is None  # reach 0.1: can move
+    equal = LOSS_WEIGHTINGS.build("equal", injected={"task_names": ["a", "b"]})
+    assert still_loss_weights(equal, slow) is None  # nothing to learn

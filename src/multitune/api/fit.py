@@ -15,6 +15,7 @@ inputs have the same shape per row.
 from __future__ import annotations
 
 import copy
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
@@ -55,12 +56,20 @@ from multitune.evaluation.evaluate import average_main_score
 from multitune.models.architectures import ARCHITECTURE_INJECTED, ARCHITECTURES
 from multitune.models.heads import HEADS
 from multitune.models.multitask import MultiTaskModel
-from multitune.recipe.components import build_balancer, build_optimizer, build_sampler, require_shared_parameters
+from multitune.recipe.components import (
+    build_balancer,
+    build_optimizer,
+    build_sampler,
+    require_shared_parameters,
+    still_loss_weights,
+)
 from multitune.recipe.launch import fresh_accelerator
 from multitune.recipe.session import Session, loop_settings
 from multitune.recipe.two_stage import Refinement, record_finetune, refine_per_task, refinement_targets
 from multitune.runs.layout import create_run_dir, manifest_entry
 from multitune.training.loop import LoopParts, TrainState, train
+
+log = logging.getLogger(__name__)
 
 # --- checking and converting the user's data ---------------------------------------------------------
 
@@ -186,6 +195,8 @@ def fit(
     loss_weights = {n: t.spec.loss_weight for n, t in prepared.items()}
     balancer = build_balancer(methods.loss_weighting, methods.gradient, list(prepared), loss_weights, seed)
     require_shared_parameters(model, balancer)
+    if (still := still_loss_weights(balancer.weighting, training)) is not None:
+        log.warning(still)
     run_dir = create_run_dir(str(output_dir), name) if output_dir is not None else None
     return _train_fitted(model, prepared, length, sampler, balancer, methods, training, seed, cpu, run_dir)
 

@@ -4,6 +4,7 @@ task streams, batch collation, the negative-transfer guard."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,6 +101,26 @@ def require_shared_parameters(model: MultiTaskModel, balancer: Balancer) -> None
             "peft.shared=true",
             field="gradient_aggregation.source",
         )
+
+
+def still_loss_weights(weighting: LossWeighting, training: TrainingConfig) -> str | None:
+    """A warning when a learnable loss weighting (uncertainty weighting's log-variances) cannot move far from
+    its start in this run: AdamW moves a parameter by about its learning rate per step at most, so over
+    training.steps steps each learned log-weight changes by at most rate × steps, and the task weights stay
+    within a factor exp(rate × steps) of their start. Under 0.1 (weights within ~10% of equal) the weighting
+    is in effect equal weighting; None otherwise, or for a weighting with nothing to learn."""
+    if not isinstance(weighting, torch.nn.Module) or not any(p.requires_grad for p in weighting.parameters()):
+        return None
+    rate = training.head_lr or training.lr
+    reach = rate * training.steps
+    if reach >= 0.1:
+        return None
+    return (
+        f"the learnable loss weights learn at {rate:g} (training.head_lr, else training.lr) for {training.steps} "
+        f"steps: each log-weight moves by at most {reach:.3g}, so the task weights stay within "
+        f"{math.expm1(reach):.1%} of their start and the run trains as with equal weights; give training.head_lr "
+        "a rate at which they can move (it also sets the heads' rate)"
+    )
 
 
 def build_optimizer(

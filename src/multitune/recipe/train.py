@@ -37,6 +37,7 @@ from multitune.recipe.components import (
     build_regularizers,
     build_sampler,
     require_shared_parameters,
+    still_loss_weights,
 )
 from multitune.recipe.launch import build_accelerator, check_distributed
 from multitune.recipe.prepare import Prepared, prepare
@@ -157,6 +158,8 @@ def _components(config: Config, prepared: Prepared) -> tuple[TaskSampler, Balanc
         config.loss_weighting, config.gradient_aggregation, list(tasks), loss_weights, config.run.seed
     )
     require_shared_parameters(prepared.model, balancer)
+    if (still := still_loss_weights(balancer.weighting, training)) is not None:
+        log.warning(still)
     streams = {name: prepared.training_stream(name, f"{config.run.seed}:{name}:stream") for name in tasks}
     return sampler, balancer, streams
 
