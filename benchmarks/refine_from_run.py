@@ -30,7 +30,6 @@ from multitune.compare import delta_m
 from multitune.config import ScheduleConfig, check_refinement
 from multitune.config.recipes import RECIPES
 from multitune.core.files import WEIGHTS_FILE
-from multitune.evaluation.evaluate import evaluate
 from multitune.recipe.launch import build_accelerator
 from multitune.recipe.prepare import prepare
 from multitune.recipe.two_stage import finetune_per_task, record_finetune
@@ -62,21 +61,8 @@ def main() -> int:
     load_weights(prepared.model, args.run / WEIGHTS_FILE)
     accelerator = build_accelerator(config.training)[0]
     prepared.model.to(accelerator.device)
-    training = config.training
 
-    def score(split: str) -> dict[str, dict[str, Any]]:
-        return evaluate(
-            prepared.model,
-            prepared.tasks,
-            prepared.scored,
-            split,
-            training.eval_batch_size,
-            accelerator.device,
-            prepared.pad_id,
-            progress=False,
-        )
-
-    test, validation = score("test"), score("validation")
+    test, validation = (prepared.score(split, accelerator.device) for split in ("test", "validation"))
     shared = {name: {"validation": validation[name], "test": test[name]} for name in test}
     folder = args.out.with_suffix("")  # the refinements it keeps, beside the results
     folder.mkdir(parents=True, exist_ok=True)

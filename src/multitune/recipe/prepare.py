@@ -122,6 +122,17 @@ class Prepared:
     def pad_id(self) -> int:
         return self.backbone.pad_id
 
+    def score(
+        self, split: str, device: torch.device, model: Any = None, progress: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """Every task's results on `split` (evaluation/evaluate.py) by `model` (default: the prepared model;
+        a run passes the one it trains, wrapped for its processes), at training.eval_batch_size rows a batch."""
+        from multitune.evaluation.evaluate import evaluate
+
+        chosen = self.model if model is None else model
+        size = self.config.training.eval_batch_size
+        return evaluate(chosen, self.tasks, self.scored, split, size, device, self.pad_id, progress=progress)
+
 
 def prepare(config: Config, resumed: Path | None = None) -> Prepared:
     """`resumed`: the run directory being resumed, whose data the tasks must still match."""

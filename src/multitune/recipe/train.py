@@ -26,7 +26,7 @@ from multitune.data.samplers import TaskSampler, token_mix
 from multitune.data.streams import RowStream
 from multitune.data.tokens import Encoded
 from multitune.errors import MultitunError
-from multitune.evaluation.evaluate import PRINTED_TASKS, average_main_score, evaluate, format_table
+from multitune.evaluation.evaluate import PRINTED_TASKS, average_main_score, format_table
 from multitune.evaluation.report import write_report
 from multitune.models.multitask import MultiTaskModel
 from multitune.recipe.components import (
@@ -100,16 +100,7 @@ def _train_run(config: Config, stop: StopSignal, scratch: contextlib.ExitStack) 
     relations = Relations.for_run(config, prepared, guard, accelerator.device, state, session)
 
     def score(split: str) -> dict[str, dict[str, Any]]:
-        return evaluate(
-            model,
-            prepared.tasks,
-            prepared.scored,
-            split,
-            training.eval_batch_size,
-            accelerator.device,
-            prepared.pad_id,
-            progress=training.progress and group.main,
-        )
+        return prepared.score(split, accelerator.device, model, progress=training.progress and group.main)
 
     hooks = session.hooks(
         score,
