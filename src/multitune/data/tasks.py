@@ -416,8 +416,8 @@ def load_task(
         splits = {s: [Example(e.texts, to_iob2(e.label), e.file, e.line) for e in xs] for s, xs in splits.items()}  # type: ignore[arg-type]
     # the label set is the train file's, read before any validation is carved from it or any max_rows sample is
     # drawn: a class that a small sample happens to miss is still one of the task's classes
-    named = task.labels is not None or task.type in ("regression", "generation")
-    train_labels = None if named else _seen(splits["train"])
+    no_vocabulary = task.labels is not None or task.type in ("regression", "generation")
+    train_labels = None if no_vocabulary else _seen(splits["train"])
     if "validation" not in splits:
         splits["train"], splits["validation"] = carve(splits["train"], task.validation_fraction, f"{seed}:{name}:carve")
         notes.append(f"validation: {len(splits['validation'])} rows carved from train")
@@ -444,9 +444,14 @@ def load_task(
     return data
 
 
+def labels_of(example: Example) -> tuple[str, ...]:
+    """The example's label as a tuple: its tags (token classification), or its one class."""
+    return example.label if isinstance(example.label, tuple) else (str(example.label),)
+
+
 def _seen(examples: Iterable[Example]) -> set[str]:
     """Every label (tag) the examples carry."""
-    return {label for e in examples for label in (e.label if isinstance(e.label, tuple) else (str(e.label),))}
+    return {label for example in examples for label in labels_of(example)}
 
 
 # --- streamed tasks (data/streaming.py) ----------------------------------------------------------------
@@ -630,9 +635,6 @@ def label_vocabulary(data: TaskData, seen_in_train: set[str] | None = None) -> l
     task = data.config
     field_name = label_field_name(task)
 
-    def labels_of(example: Example) -> tuple[str, ...]:
-        return example.label if isinstance(example.label, tuple) else (str(example.label),)
-
     if task.labels is not None:
         vocabulary = list(task.labels)
         check = list(data.splits)
@@ -647,7 +649,7 @@ def label_vocabulary(data: TaskData, seen_in_train: set[str] | None = None) -> l
                 f"task '{data.name}' has only one label in train: {vocabulary}", file=str(task.source.train)
             )
     if task.type == "token_classification" and "entity_f1" in (task.metrics or []):
-        _check_iob2(data, vocabulary, labels_of)
+        _check_iob2(data, vocabulary)
     known = set(vocabulary)
     if task.positive_label is not None and task.positive_label not in known:
         raise DataError(
@@ -664,7 +666,7 @@ def label_vocabulary(data: TaskData, seen_in_train: set[str] | None = None) -> l
     return vocabulary
 
 
-def _check_iob2(data: TaskData, vocabulary: list[str], labels_of: Callable[[Example], tuple[str, ...]]) -> None:
+def _check_iob2(data: TaskData, vocabulary: list[str]) -> None:
     """entity_f1 reads tags as IOB2 and refuses any other at scoring time, which would be the first validation
     of a run already under way: a tag that is not `O`, `B-X` or `I-X` is refused here, where it was read."""
 

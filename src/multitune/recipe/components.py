@@ -103,6 +103,11 @@ def require_shared_parameters(model: MultiTaskModel, balancer: Balancer) -> None
         )
 
 
+def loss_weights_rate(training: TrainingConfig) -> float:
+    """The rate learnable loss weights train at: the heads' (training.head_lr), else training.lr."""
+    return training.head_lr or training.lr
+
+
 def still_loss_weights(weighting: LossWeighting, training: TrainingConfig) -> str | None:
     """A warning when a learnable loss weighting (uncertainty weighting's log-variances) cannot move far from
     its start in this run: AdamW moves a parameter by about its learning rate per step at most, so over
@@ -111,7 +116,7 @@ def still_loss_weights(weighting: LossWeighting, training: TrainingConfig) -> st
     is in effect equal weighting; None otherwise, or for a weighting with nothing to learn."""
     if not isinstance(weighting, torch.nn.Module) or not any(p.requires_grad for p in weighting.parameters()):
         return None
-    rate = training.head_lr or training.lr
+    rate = loss_weights_rate(training)
     reach = rate * training.steps
     if reach >= 0.1:
         return None
@@ -141,7 +146,7 @@ def build_optimizer(
     if isinstance(weighting, torch.nn.Module):  # learnable loss weights learn at the heads' rate
         learnable = [p for p in weighting.parameters() if p.requires_grad]
         if learnable:
-            groups.setdefault((head_lr or lr, 0.0, False), []).extend(learnable)
+            groups.setdefault((loss_weights_rate(training), 0.0, False), []).extend(learnable)
     param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd, _), ps in groups.items()]
     try:  # the fused kernel: on 2 CPU cores it takes the optimizer step of MiniLM from ~0.16 s to ~0.02 s
         return torch.optim.AdamW(param_groups, fused=True)

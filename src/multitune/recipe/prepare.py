@@ -25,6 +25,7 @@ from multitune.data.tokens import Encoded
 from multitune.data.windows import PredictionRow, scoring_rows
 from multitune.data.workers import TokenizerPool
 from multitune.errors import ConfigError
+from multitune.evaluation.evaluate import evaluate
 from multitune.models.assemble import (
     LOADERS,
     backbone_modules,
@@ -127,8 +128,6 @@ class Prepared:
     ) -> dict[str, dict[str, Any]]:
         """Every task's results on `split` (evaluation/evaluate.py) by `model` (default: the prepared model;
         a run passes the one it trains, wrapped for its processes), at training.eval_batch_size rows a batch."""
-        from multitune.evaluation.evaluate import evaluate
-
         chosen = self.model if model is None else model
         size = self.config.training.eval_batch_size
         return evaluate(chosen, self.tasks, self.scored, split, size, device, self.pad_id, progress=progress)

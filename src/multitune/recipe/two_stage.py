@@ -120,12 +120,12 @@ def refine_per_task(
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     lora_rank = schedule.refine_r if schedule.refine == "lora" else None
+    targets = refinement_targets(model, schedule)  # the same projections for every task
     results: dict[str, Any] = {}
     kept: dict[str, str] = {}
     seconds = 0.0
     for name in parts.tasks:
         model.load_state_dict(start)
-        targets = refinement_targets(model, schedule)
         lora = None if lora_rank is None else add_lora(model, name, lora_rank, 2 * lora_rank, targets)
         folder = None if run_dir is None else run_dir / FINETUNED / name
         stage = training.model_copy(update={"lr": schedule.finetune_lr or training.lr})
