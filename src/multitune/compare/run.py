@@ -261,17 +261,9 @@ def compare_once(
         task: single_task_config(config, task, budget.baseline_rows(config.training, seen[task]))
         for task in config.tasks
     }
-    caches = {task: root / BASELINES / f"{task}-{_fingerprint(b, task)}" for task, b in baselines.items()}
-    progress.steps_left = sum(
-        b.training.steps for task, b in baselines.items() if not (caches[task] / "baseline.json").is_file()
-    )
+    records = trained_baselines(baselines, root, progress, live)
     singles: dict[str, dict[str, Any]] = {}
     single_bytes = 0
-    records: dict[str, tuple[dict[str, Any], bool]] = {}
-    for wait in (False, True):  # a baseline another comparison is training now: the others first, then wait
-        for task, baseline in baselines.items():
-            if task not in records and (found := _baseline(task, baseline, caches[task], progress, live, wait)):
-                records[task] = found
     for task, baseline in baselines.items():
         cached, was_cached = records[task]
         singles[task] = cached["metrics"]
@@ -300,6 +292,25 @@ def compare_once(
     write_report(multi_dir)
     print(format_comparison(result))
     return result
+
+
+def trained_baselines(
+    baselines: dict[str, Config], root: Path, progress: Progress, live: bool = False
+) -> dict[str, tuple[dict[str, Any], bool]]:
+    """{task: (its baseline's record, whether it came from the cache)} for the single-task configs in
+    `baselines` (`single_task_config`), cached under root/.baselines. A baseline another process is training
+    now is waited for after the others, so several comparisons (or benchmark scripts) of one config share the
+    work."""
+    caches = {task: root / BASELINES / f"{task}-{_fingerprint(b, task)}" for task, b in baselines.items()}
+    progress.steps_left = sum(
+        b.training.steps for task, b in baselines.items() if not (caches[task] / "baseline.json").is_file()
+    )
+    records: dict[str, tuple[dict[str, Any], bool]] = {}
+    for wait in (False, True):  # a baseline another comparison is training now: the others first, then wait
+        for task, baseline in baselines.items():
+            if task not in records and (found := _baseline(task, baseline, caches[task], progress, live, wait)):
+                records[task] = found
+    return records
 
 
 def _baseline(
